@@ -1,0 +1,478 @@
+//! The `DeepSeekDeployment` custom resource (`serving.deepseek-operator.io/v1alpha1`).
+//!
+//! Doc comments on every field become the OpenAPI descriptions that `kubectl explain` shows.
+//! Validation that the API server can do on its own (ranges, CEL rules) lives here in the
+//! schema; what needs cluster state (GPU product known, PVC present) is checked by the
+//! controller and reported in `status`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "serving.deepseek-operator.io";
+
+/// A DeepSeek mixture-of-experts model served by expert-parallel worker groups in one or more
+/// GPU node pools, behind one router endpoint (gRPC and OpenAI-compatible HTTP).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "serving.deepseek-operator.io",
+    version = "v1alpha1",
+    kind = "DeepSeekDeployment",
+    plural = "deepseekdeployments",
+    shortname = "dsd",
+    namespaced,
+    status = "DeepSeekDeploymentStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(name = "Pools", type_ = "string", json_path = ".status.poolSummary"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoints.grpc"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new(
+    "!has(self.parallelism.expertParallelRanks) || self.pools.all(p, self.parallelism.expertParallelRanks % p.gpusPerPod == 0)"
+).message("parallelism.expertParallelRanks must be divisible by every pool's gpusPerPod").field_path(".parallelism.expertParallelRanks"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.parallelism.expertParallelRanks) || self.pools.all(p, !has(p.podsPerGroup) || p.podsPerGroup * p.gpusPerPod == self.parallelism.expertParallelRanks)"
+).message("pools[].podsPerGroup × gpusPerPod must equal parallelism.expertParallelRanks when both are set").field_path(".pools"))]
+#[serde(rename_all = "camelCase")]
+pub struct DeepSeekDeploymentSpec {
+    /// The model to serve and where its weights come from.
+    pub model: ModelSpec,
+
+    /// Node pools that run expert-parallel groups, in preference order: the router prefers
+    /// earlier pools (by weight) and `spec.replicas` fills them first. Pool names are unique.
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[schemars(length(min = 1, max = 16))]
+    pub pools: Vec<PoolSpec>,
+
+    /// Expert-parallel layout shared by every pool.
+    #[serde(default)]
+    pub parallelism: ParallelismSpec,
+
+    /// The router Deployment that fronts all pools with one endpoint.
+    #[serde(default)]
+    pub router: RouterSpec,
+
+    /// Settings for every worker rank (pools may override some of them).
+    #[serde(default)]
+    pub worker: WorkerSpec,
+
+    /// Total number of expert-parallel groups across all pools, for `kubectl scale` and the
+    /// HorizontalPodAutoscaler. When set it overrides `pools[].replicas`: each pool first gets
+    /// its `minReplicas`, then the rest fill pools in order up to their `maxReplicas`. When
+    /// unset, each pool runs its own `replicas`.
+    #[schemars(range(min = 0))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+}
+
+/// The served model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.architecture) || has(self.routedExperts)")
+    .message("set model.architecture or model.routedExperts so experts can be placed on ranks"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Name clients use in requests (`model` in OpenAI requests). Defaults to the resource name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_name: Option<String>,
+
+    /// Where the checkpoint comes from: exactly one of `huggingFace` or `pvc`.
+    pub source: ModelSource,
+
+    /// Weight precision on the GPUs. `auto` picks FP8 on Hopper and newer (H100, H200) and
+    /// bf16 on Ampere (A100). Pools may override it.
+    #[serde(default)]
+    pub dtype: Dtype,
+
+    /// Architecture hint (`config.json` `model_type`); sets the routed expert count when
+    /// `routedExperts` is not given. The worker checks it against the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<Architecture>,
+
+    /// Routed experts per MoE layer (`n_routed_experts` in `config.json`), e.g. 64 for
+    /// DeepSeek-V2-Lite. Overrides the architecture's default.
+    #[schemars(range(min = 1))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_experts: Option<u32>,
+}
+
+/// Checkpoint location.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.huggingFace) != has(self.pvc)")
+    .message("model.source needs exactly one of huggingFace or pvc"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// Download from a Hugging Face repository into each pod before the worker starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugging_face: Option<HuggingFaceSource>,
+
+    /// Mount an existing PersistentVolumeClaim that already holds the checkpoint (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+}
+
+/// A Hugging Face Hub repository.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HuggingFaceSource {
+    /// Repository id, e.g. `deepseek-ai/DeepSeek-V3`.
+    #[schemars(length(min = 1))]
+    pub repo: String,
+
+    /// Branch, tag or commit. Pin a commit for reproducible rollouts.
+    #[serde(default = "default_revision")]
+    pub revision: String,
+
+    /// Secret key holding a Hugging Face token, for gated or private repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+
+    /// Size limit of the per-pod download volume (emptyDir), e.g. `800Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<Quantity>,
+
+    /// Image of the init container that downloads the checkpoint; it needs `python3` and
+    /// network access to PyPI and the Hub.
+    #[serde(default = "default_downloader_image")]
+    pub downloader_image: String,
+}
+
+/// A key in a Secret of the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key within the Secret.
+    #[serde(default = "default_token_key")]
+    pub key: String,
+}
+
+/// An existing PersistentVolumeClaim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    /// Claim name in the deployment's namespace. It must allow many readers (ReadOnlyMany or
+    /// ReadWriteMany) when groups span nodes.
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+
+    /// Directory inside the volume that holds `config.json` and the safetensors files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Weight precision.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// FP8 on GPUs that have it (sm_89 and newer), bf16 otherwise.
+    #[default]
+    Auto,
+    /// FP8 e4m3 weights with 128×128 block scales.
+    Fp8,
+    /// bfloat16 weights.
+    Bf16,
+}
+
+/// Model family, as `model_type` in `config.json`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// DeepSeek-V3, R1 and V3.1 (256 routed experts).
+    #[serde(rename = "deepseek_v3")]
+    DeepseekV3,
+    /// DeepSeek-V2 (160 routed experts; set routedExperts to 64 for V2-Lite).
+    #[serde(rename = "deepseek_v2")]
+    DeepseekV2,
+}
+
+impl Architecture {
+    pub fn routed_experts(self) -> u32 {
+        match self {
+            Architecture::DeepseekV3 => 256,
+            Architecture::DeepseekV2 => 160,
+        }
+    }
+}
+
+/// A node pool that runs expert-parallel groups of one kind of GPU.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.replicas")
+    .message("minReplicas must be ≤ replicas").field_path(".minReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.maxReplicas) || self.replicas <= self.maxReplicas")
+    .message("replicas must be ≤ maxReplicas").field_path(".maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSpec {
+    /// Pool name (DNS label), unique within the deployment; used in object names and labels.
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// GPU product as the `nvidia.com/gpu.product` node label spells it, e.g.
+    /// `NVIDIA-H100-80GB-HBM3` or `NVIDIA-A100-SXM4-80GB`. Omit it for a CPU pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_product: Option<String>,
+
+    /// GPUs per pod, one expert-parallel rank per GPU. On a CPU pool: ranks per pod.
+    #[schemars(range(min = 1, max = 16))]
+    #[serde(default = "one")]
+    pub gpus_per_pod: i32,
+
+    /// Pods per expert-parallel group. Defaults to
+    /// `parallelism.expertParallelRanks / gpusPerPod`, or 1.
+    #[schemars(range(min = 1, max = 64))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_per_group: Option<i32>,
+
+    /// Number of expert-parallel groups (each a full copy of the model) in this pool.
+    #[schemars(range(min = 0))]
+    #[serde(default = "one")]
+    pub replicas: i32,
+
+    /// Lowest replica count `spec.replicas` may give this pool.
+    #[schemars(range(min = 0))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<i32>,
+
+    /// Highest replica count `spec.replicas` may give this pool.
+    #[schemars(range(min = 0))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replicas: Option<i32>,
+
+    /// Relative share of traffic the router sends to this pool (0 = only on spill-over).
+    #[schemars(range(min = 0, max = 1000))]
+    #[serde(default = "one")]
+    pub weight: i32,
+
+    /// Weight precision for this pool; overrides `model.dtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+
+    /// Extra node labels the pods require, merged over the GPU product selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations for the pool's node taints (e.g. `nvidia.com/gpu:NoSchedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Affinity; replaces the default (keep a group's pods in one zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Worker container resources for this pool; replaces `worker.resources`. The GPU limit
+    /// is always `gpusPerPod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Expert-parallel layout.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ParallelismSpec {
+    /// Expert-parallel ranks per group. Defaults to each pool's `podsPerGroup × gpusPerPod`.
+    #[schemars(range(min = 1, max = 1024))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel_ranks: Option<i32>,
+
+    /// Extra expert copies per MoE layer, spread over ranks to even out hot experts.
+    #[schemars(range(min = 0, max = 1024))]
+    #[serde(default)]
+    pub redundant_experts: i32,
+}
+
+/// The router in front of all pools.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Router pods.
+    #[schemars(range(min = 0, max = 64))]
+    #[serde(default = "default_router_replicas")]
+    pub replicas: i32,
+
+    /// How a request picks a pool and a rank.
+    #[serde(default)]
+    pub policy: RoutingPolicy,
+
+    /// gRPC port of the router Service (`deepseek.v1.Inference`).
+    #[schemars(range(min = 1, max = 65535))]
+    #[serde(default = "default_grpc_port")]
+    pub grpc_port: i32,
+
+    /// HTTP port of the router Service (OpenAI-compatible API).
+    #[schemars(range(min = 1, max = 65535))]
+    #[serde(default = "default_http_port")]
+    pub http_port: i32,
+
+    /// Router image; defaults to the release matching the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Router container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        RouterSpec {
+            replicas: default_router_replicas(),
+            policy: RoutingPolicy::default(),
+            grpc_port: default_grpc_port(),
+            http_port: default_http_port(),
+            image: None,
+            resources: None,
+        }
+    }
+}
+
+/// Routing policy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingPolicy {
+    /// Pool by weight, then the rank with the least outstanding work.
+    #[default]
+    LeastLoad,
+    /// Like least-load, but requests sharing a prompt prefix go to the same rank (KV reuse).
+    PrefixAffinity,
+    /// Pool and rank strictly by weight, ignoring load.
+    Weighted,
+}
+
+/// Settings for every worker rank.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Worker image; defaults to the release matching the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Worker container resources (pools may replace them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Token budget of one scheduler step (prefill chunks plus decodes).
+    #[schemars(range(min = 1))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<i32>,
+
+    /// Fraction of free accelerator memory (after weights) given to the KV cache.
+    #[schemars(range(min = 0.01, max = 1.0))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_fraction: Option<f64>,
+
+    /// Size of the `/dev/shm` memory volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<Quantity>,
+
+    /// Extra environment variables for the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+}
+
+/// Observed state, computed from the objects the operator owns.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeepSeekDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default)]
+    pub observed_generation: i64,
+
+    /// `Ready`, `Progressing` and `Degraded`, with reasons.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+
+    /// Per-pool group counts.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+
+    /// Expert-parallel groups that exist, across pools (the scale subresource's replicas).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Groups whose every rank is ready on the current revision.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Label selector of the worker pods, for the scale subresource.
+    #[serde(default)]
+    pub selector: String,
+
+    /// `pool:ready/desired` for every pool, for `kubectl get`.
+    #[serde(default)]
+    pub pool_summary: String,
+
+    /// Where clients reach the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+}
+
+/// Per-pool status.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// Desired groups.
+    pub replicas: i32,
+    /// Groups whose every rank is ready on the current revision.
+    pub ready_replicas: i32,
+    /// Groups whose every rank runs the current revision.
+    pub updated_replicas: i32,
+    /// Current revision hash of the pool's pod template.
+    pub revision: String,
+}
+
+/// Client endpoints (router Service addresses).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Endpoints {
+    /// `host:port` of the `deepseek.v1.Inference` gRPC service.
+    pub grpc: String,
+    /// Base URL of the OpenAI-compatible HTTP API.
+    pub http: String,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_revision() -> String {
+    "main".into()
+}
+fn default_token_key() -> String {
+    "token".into()
+}
+fn default_downloader_image() -> String {
+    "python:3.12-slim".into()
+}
+fn default_router_replicas() -> i32 {
+    2
+}
+fn default_grpc_port() -> i32 {
+    50051
+}
+fn default_http_port() -> i32 {
+    8000
+}

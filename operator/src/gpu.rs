@@ -1,0 +1,95 @@
+//! GPU products as the `nvidia.com/gpu.product` node label names them, and what they can run.
+
+use crate::api::Dtype;
+
+/// GPU generations the worker has kernels for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuArch {
+    /// sm_80: A100, A800, A30. bf16 compute; FP8 checkpoints are dequantised.
+    Ampere,
+    /// sm_89: L40S, L4. Native FP8.
+    Ada,
+    /// sm_90: H100, H200, H800, H20, GH200. Native FP8.
+    Hopper,
+    /// sm_100: B200, GB200. Native FP8.
+    Blackwell,
+}
+
+/// Product families by the model token in the label, most specific first
+/// (`GH200` before `H200`, `H200` before `H20`).
+const FAMILIES: &[(&str, GpuArch)] = &[
+    ("GB200", GpuArch::Blackwell),
+    ("B200", GpuArch::Blackwell),
+    ("B100", GpuArch::Blackwell),
+    ("GH200", GpuArch::Hopper),
+    ("H200", GpuArch::Hopper),
+    ("H100", GpuArch::Hopper),
+    ("H800", GpuArch::Hopper),
+    ("H20", GpuArch::Hopper),
+    ("L40S", GpuArch::Ada),
+    ("L40", GpuArch::Ada),
+    ("L4", GpuArch::Ada),
+    ("A100", GpuArch::Ampere),
+    ("A800", GpuArch::Ampere),
+    ("A30", GpuArch::Ampere),
+];
+
+/// The architecture of a GPU product label such as `NVIDIA-H100-80GB-HBM3`; `None` when the
+/// product is not one the worker has kernels for.
+pub fn arch_of(product: &str) -> Option<GpuArch> {
+    let mut tokens = product.split('-');
+    if tokens.next() != Some("NVIDIA") {
+        return None;
+    }
+    let model = tokens.next()?;
+    FAMILIES
+        .iter()
+        .find(|(family, _)| model == *family)
+        .map(|&(_, arch)| arch)
+}
+
+impl GpuArch {
+    /// `auto` resolves to FP8 where the hardware has it and bf16 elsewhere.
+    pub fn resolve(self, dtype: Dtype) -> Dtype {
+        match (dtype, self) {
+            (Dtype::Auto, GpuArch::Ampere) => Dtype::Bf16,
+            (Dtype::Auto, _) => Dtype::Fp8,
+            (explicit, _) => explicit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_labels_map_to_architectures() {
+        let cases = [
+            ("NVIDIA-H100-80GB-HBM3", Some(GpuArch::Hopper)),
+            ("NVIDIA-H200", Some(GpuArch::Hopper)),
+            ("NVIDIA-H20", Some(GpuArch::Hopper)),
+            ("NVIDIA-GH200-480GB", Some(GpuArch::Hopper)),
+            ("NVIDIA-A100-SXM4-80GB", Some(GpuArch::Ampere)),
+            ("NVIDIA-A100-PCIE-40GB", Some(GpuArch::Ampere)),
+            ("NVIDIA-L40S", Some(GpuArch::Ada)),
+            ("NVIDIA-B200", Some(GpuArch::Blackwell)),
+            ("NVIDIA-H100-80GB-HBM3-MIG-1g.10gb", Some(GpuArch::Hopper)),
+            ("NVIDIA-V100-SXM2-16GB", None),
+            ("Tesla-T4", None),
+            ("H100", None),
+            ("", None),
+        ];
+        for (product, arch) in cases {
+            assert_eq!(arch_of(product), arch, "{product}");
+        }
+    }
+
+    #[test]
+    fn auto_dtype_follows_fp8_support() {
+        assert_eq!(GpuArch::Hopper.resolve(Dtype::Auto), Dtype::Fp8);
+        assert_eq!(GpuArch::Ampere.resolve(Dtype::Auto), Dtype::Bf16);
+        assert_eq!(GpuArch::Ampere.resolve(Dtype::Fp8), Dtype::Fp8);
+        assert_eq!(GpuArch::Hopper.resolve(Dtype::Bf16), Dtype::Bf16);
+    }
+}

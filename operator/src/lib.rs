@@ -1,0 +1,8 @@
+//! The deepseek-operator: the `DeepSeekDeployment` API, the pure builders that turn it into
+//! Kubernetes objects, status computation, and the controller that applies them.
+
+pub mod api;
+pub mod desired;
+pub mod gpu;
+pub mod names;
+pub mod resolve;

@@ -1,0 +1,109 @@
+//! Object names, labels, ports and images shared by the builders and the controller.
+
+use std::collections::BTreeMap;
+
+pub const FIELD_MANAGER: &str = "deepseek-operator";
+pub const MANAGED_BY: &str = "deepseek-operator";
+pub const PART_OF: &str = "deepseek-operator";
+
+pub const LABEL_DEPLOYMENT: &str = "serving.deepseek-operator.io/deployment";
+pub const LABEL_POOL: &str = "serving.deepseek-operator.io/pool";
+pub const LABEL_GROUP: &str = "serving.deepseek-operator.io/group";
+/// Pod template hash of a pool; pods carrying another value run an old revision.
+pub const LABEL_REVISION: &str = "serving.deepseek-operator.io/revision";
+pub const LABEL_GPU_PRODUCT: &str = "serving.deepseek-operator.io/gpu-product";
+/// Set by the StatefulSet controller on every pod (Kubernetes ≥ 1.28).
+pub const LABEL_POD_INDEX: &str = "apps.kubernetes.io/pod-index";
+pub const NODE_LABEL_GPU_PRODUCT: &str = "nvidia.com/gpu.product";
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+pub const COMPONENT_WORKER: &str = "worker";
+pub const COMPONENT_ROUTER: &str = "router";
+
+/// Worker gRPC (`deepseek.v1.Inference` + health); also the readiness probe target.
+pub const WORKER_GRPC_PORT: i32 = 50051;
+/// First expert-parallel transport port; local rank `i` of a pod listens on `+ i`.
+pub const WORKER_EP_PORT: i32 = 50061;
+pub const METRICS_PORT: i32 = 9090;
+/// gRPC health service name the liveness probe asks for: SERVING while the process runs,
+/// even when the group is down (readiness covers that), so a lost peer does not restart pods.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
+pub const MODEL_MOUNT: &str = "/models";
+pub const PLACEMENT_MOUNT: &str = "/etc/deepseek/placement";
+
+/// Unprivileged uid/gid of every container (distroless `nonroot`).
+pub const RUN_AS: i64 = 65532;
+
+pub const IMAGE_REGISTRY: &str = "ghcr.io/deepseek-operator";
+
+/// Release image of one of the workspace binaries, matching this operator's version.
+pub fn default_image(binary: &str) -> String {
+    format!("{IMAGE_REGISTRY}/{binary}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+pub fn group_name(deployment: &str, pool: &str, group: i32) -> String {
+    format!("{deployment}-{pool}-g{group}")
+}
+
+pub fn placement_name(deployment: &str, pool: &str) -> String {
+    format!("{deployment}-{pool}-placement")
+}
+
+pub fn router_name(deployment: &str) -> String {
+    format!("{deployment}-router")
+}
+
+/// The `app.kubernetes.io` labels every object of a deployment carries.
+pub fn common_labels(deployment: &str, component: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "deepseek"),
+        ("app.kubernetes.io/instance", deployment),
+        ("app.kubernetes.io/component", component),
+        ("app.kubernetes.io/part-of", PART_OF),
+        ("app.kubernetes.io/managed-by", MANAGED_BY),
+        (LABEL_DEPLOYMENT, deployment),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Selector of every worker pod of a deployment (the scale subresource's selector).
+pub fn workers_selector(deployment: &str) -> BTreeMap<String, String> {
+    labels(&[
+        (LABEL_DEPLOYMENT, deployment),
+        ("app.kubernetes.io/component", COMPONENT_WORKER),
+    ])
+}
+
+/// Selector of the pods of one group.
+pub fn group_selector(deployment: &str, pool: &str, group: i32) -> BTreeMap<String, String> {
+    let mut selector = workers_selector(deployment);
+    selector.insert(LABEL_POOL.into(), pool.into());
+    selector.insert(LABEL_GROUP.into(), group.to_string());
+    selector
+}
+
+pub fn router_selector(deployment: &str) -> BTreeMap<String, String> {
+    labels(&[
+        (LABEL_DEPLOYMENT, deployment),
+        ("app.kubernetes.io/component", COMPONENT_ROUTER),
+    ])
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `k=v,k=v`, the string form of an equality label selector.
+pub fn selector_string(selector: &BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,191 @@
+//! Resolve a spec into concrete per-pool numbers, or say why it cannot be realised.
+//!
+//! The CRD schema rejects most bad specs at admission; this repeats the checks that matter
+//! (an older CRD may be installed) and adds the ones the schema cannot express.
+
+use crate::api::{DeepSeekDeployment, Dtype, PoolSpec};
+use crate::gpu::{self, GpuArch};
+
+/// A pool with every default applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedPool {
+    pub name: String,
+    /// `None` for a CPU pool.
+    pub gpu_product: Option<String>,
+    pub arch: Option<GpuArch>,
+    pub dtype: Dtype,
+    /// Ranks per pod (one per GPU).
+    pub ranks_per_pod: i32,
+    pub pods_per_group: i32,
+    /// Expert-parallel ranks per group.
+    pub group_size: i32,
+    /// Desired groups.
+    pub replicas: i32,
+    pub weight: i32,
+}
+
+/// Why a spec cannot be realised. `reason()` is the condition reason; the message names the
+/// field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error(
+        "spec.pools[{pool}].gpuProduct: unknown GPU product {product:?}; expected an \
+         nvidia.com/gpu.product label value of an Ampere, Ada, Hopper or Blackwell GPU, \
+         such as NVIDIA-H100-80GB-HBM3 or NVIDIA-A100-SXM4-80GB"
+    )]
+    UnknownGpuProduct { pool: String, product: String },
+    #[error("spec.pools[{pool}]: {message}")]
+    InvalidPool { pool: String, message: String },
+    #[error(
+        "spec.model: cannot place experts without their count; set model.architecture or \
+         model.routedExperts"
+    )]
+    UnknownExpertCount,
+    #[error("spec.pools: pool name {0:?} is used twice")]
+    DuplicatePool(String),
+    #[error("spec.pools: at least one pool is required")]
+    NoPools,
+    #[error("metadata.name: {0:?} is too long; names of its objects must stay DNS labels (≤ 63)")]
+    NameTooLong(String),
+}
+
+impl SpecError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::UnknownGpuProduct { .. } => "UnknownGpuProduct",
+            SpecError::UnknownExpertCount => "UnknownExpertCount",
+            _ => "InvalidSpec",
+        }
+    }
+}
+
+/// Pods of a StatefulSet get `{sts}-{index}` names and a `controller-revision-hash` label that
+/// must fit in 63 characters; leave room for the pool, group, index and suffix.
+const MAX_NAME: usize = 30;
+
+pub fn resolve(dsd: &DeepSeekDeployment) -> Result<Vec<ResolvedPool>, SpecError> {
+    let spec = &dsd.spec;
+    let name = dsd.metadata.name.clone().unwrap_or_default();
+    if name.len() > MAX_NAME {
+        return Err(SpecError::NameTooLong(name));
+    }
+    if spec.pools.is_empty() {
+        return Err(SpecError::NoPools);
+    }
+    for (i, pool) in spec.pools.iter().enumerate() {
+        if spec.pools[..i].iter().any(|p| p.name == pool.name) {
+            return Err(SpecError::DuplicatePool(pool.name.clone()));
+        }
+    }
+    routed_experts(dsd)?;
+    let replicas = pool_replicas(spec.replicas, &spec.pools);
+    spec.pools
+        .iter()
+        .zip(replicas)
+        .map(|(pool, replicas)| resolve_pool(dsd, pool, replicas))
+        .collect()
+}
+
+pub fn routed_experts(dsd: &DeepSeekDeployment) -> Result<u32, SpecError> {
+    let model = &dsd.spec.model;
+    model
+        .routed_experts
+        .or(model.architecture.map(|a| a.routed_experts()))
+        .ok_or(SpecError::UnknownExpertCount)
+}
+
+fn resolve_pool(
+    dsd: &DeepSeekDeployment,
+    pool: &PoolSpec,
+    replicas: i32,
+) -> Result<ResolvedPool, SpecError> {
+    let invalid = |message: String| SpecError::InvalidPool {
+        pool: pool.name.clone(),
+        message,
+    };
+    let arch = match &pool.gpu_product {
+        Some(product) => {
+            Some(
+                gpu::arch_of(product).ok_or_else(|| SpecError::UnknownGpuProduct {
+                    pool: pool.name.clone(),
+                    product: product.clone(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    let dtype = pool.dtype.unwrap_or(dsd.spec.model.dtype);
+    let dtype = match arch {
+        Some(arch) => arch.resolve(dtype),
+        // The CPU path computes in f32 from whatever the checkpoint holds.
+        None => dtype,
+    };
+    let ranks_per_pod = pool.gpus_per_pod;
+    if ranks_per_pod < 1 {
+        return Err(invalid(format!(
+            "gpusPerPod must be ≥ 1, got {ranks_per_pod}"
+        )));
+    }
+    let group_size = match (
+        dsd.spec.parallelism.expert_parallel_ranks,
+        pool.pods_per_group,
+    ) {
+        (Some(ranks), Some(pods)) if ranks != pods * ranks_per_pod => {
+            return Err(invalid(format!(
+                "podsPerGroup × gpusPerPod = {pods} × {ranks_per_pod} differs from \
+                 parallelism.expertParallelRanks = {ranks}"
+            )));
+        }
+        (Some(ranks), _) if ranks % ranks_per_pod != 0 => {
+            return Err(invalid(format!(
+                "parallelism.expertParallelRanks = {ranks} is not divisible by \
+                 gpusPerPod = {ranks_per_pod}"
+            )));
+        }
+        (Some(ranks), _) => ranks,
+        (None, pods) => pods.unwrap_or(1) * ranks_per_pod,
+    };
+    if group_size < 1 {
+        return Err(invalid(format!(
+            "a group needs at least one rank, got {group_size}"
+        )));
+    }
+    if let (Some(min), Some(max)) = (pool.min_replicas, pool.max_replicas)
+        && min > max
+    {
+        return Err(invalid(format!("minReplicas {min} > maxReplicas {max}")));
+    }
+    Ok(ResolvedPool {
+        name: pool.name.clone(),
+        gpu_product: pool.gpu_product.clone(),
+        arch,
+        dtype,
+        ranks_per_pod,
+        pods_per_group: group_size / ranks_per_pod,
+        group_size,
+        replicas: replicas.max(0),
+        weight: pool.weight,
+    })
+}
+
+/// Groups per pool. Without a total, each pool runs its own `replicas`. With one, every pool
+/// first gets its `minReplicas` and the rest fills pools in order up to their `maxReplicas`
+/// (a pool without a maximum takes all that is left); the total is clamped to what the
+/// bounds allow.
+pub fn pool_replicas(total: Option<i32>, pools: &[PoolSpec]) -> Vec<i32> {
+    let Some(total) = total else {
+        return pools.iter().map(|p| p.replicas).collect();
+    };
+    let mut counts: Vec<i32> = pools.iter().map(|p| p.min_replicas.unwrap_or(0)).collect();
+    let mut left = total - counts.iter().sum::<i32>();
+    for (count, pool) in counts.iter_mut().zip(pools) {
+        if left <= 0 {
+            break;
+        }
+        let room = pool.max_replicas.map_or(left, |max| (max - *count).max(0));
+        let add = room.min(left);
+        *count += add;
+        left -= add;
+    }
+    counts
+}

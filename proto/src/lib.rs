@@ -1,0 +1,13 @@
+//! Contracts between clients, the router, the workers and the operator: the `deepseek.v1`
+//! gRPC services and the expert placement plan.
+
+pub mod placement;
+
+/// Generated `deepseek.v1` messages, client and server.
+pub mod v1 {
+    tonic::include_proto!("deepseek.v1");
+
+    /// Encoded `FileDescriptorSet` of `deepseek.v1`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("deepseek_descriptor");
+}
