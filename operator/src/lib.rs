@@ -2,7 +2,11 @@
 //! Kubernetes objects, status computation, and the controller that applies them.
 
 pub mod api;
+pub mod controller;
 pub mod desired;
 pub mod gpu;
+pub mod leader;
+pub mod metrics;
 pub mod names;
 pub mod resolve;
+pub mod status;

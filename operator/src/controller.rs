@@ -1,0 +1,370 @@
+//! The controller: thin I/O around `desired()` and `status::compute()`.
+//!
+//! One reconciliation reads what exists (group StatefulSets, pods, the router Deployment,
+//! the model PVC), applies the desired objects with server-side apply under one field
+//! manager, deletes groups that are no longer wanted, replaces old-revision groups one per
+//! pool at a time, and writes status. Owner references make deletion of the custom resource
+//! remove everything, so no finalizer is needed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::DeepSeekDeployment;
+use crate::desired::Desired;
+use crate::metrics::Metrics;
+use crate::names::*;
+use crate::status::{self, Blocked, Observed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0} has no namespace")]
+    NotNamespaced(String),
+}
+
+impl Error {
+    /// Stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "client",
+            Error::NotNamespaced(_) => "not_namespaced",
+        }
+    }
+}
+
+/// What reconciliations share.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<DeepSeekDeployment>, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: String) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(instance),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// Requeue intervals. Watches on owned objects and pods trigger reconciles on every change,
+/// so these only bound how stale status can get.
+const RESYNC: Duration = Duration::from_secs(300);
+const NOT_READY_RESYNC: Duration = Duration::from_secs(30);
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Runs the controller until the stream ends (it does not, short of a shutdown signal).
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    fn api<K: Resource<DynamicType = ()>>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let managed =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    Controller::new(
+        api::<DeepSeekDeployment>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .owns(api::<StatefulSet>(&client, &namespace), managed.clone())
+    .owns(api::<Deployment>(&client, &namespace), managed.clone())
+    .owns(api::<Service>(&client, &namespace), managed.clone())
+    .owns(api::<ConfigMap>(&client, &namespace), managed.clone())
+    // Pods belong to the StatefulSets; map them back to their deployment by label so
+    // readiness changes update status at once.
+    .watches(api::<Pod>(&client, &namespace), managed, |pod: Pod| {
+        let deployment = pod.labels().get(LABEL_DEPLOYMENT)?.clone();
+        Some(ObjectRef::new(&deployment).within(&pod.namespace()?))
+    })
+    .shutdown_on_signal()
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "reconcile stream error");
+        }
+    })
+    .await;
+}
+
+pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.start_reconcile();
+    let name = dsd.name_any();
+    let ns = dsd
+        .namespace()
+        .ok_or_else(|| Error::NotNamespaced(name.clone()))?;
+    if dsd.metadata.deletion_timestamp.is_some() {
+        // Garbage collection follows the owner references.
+        return Ok(Action::await_change());
+    }
+    let span = tracing::info_span!("reconcile", deployment = %name, namespace = %ns);
+    let _enter = span.enter();
+
+    let desired = match dsd.desired() {
+        Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
+            .await?
+            .map(|()| desired),
+        Err(err) => Err(Blocked {
+            reason: err.reason(),
+            message: err.to_string(),
+        }),
+    };
+    let observed = observe(&ctx.client, &ns, &name).await?;
+    if let Ok(desired) = &desired {
+        apply_all(&ctx.client, &ns, desired).await?;
+        prune(&ctx.client, &ns, desired, &observed).await?;
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        for pod in status::pods_to_replace(desired, &observed.pods) {
+            tracing::info!(%pod, "replacing pod of an old revision");
+            delete_ignoring_missing(&pods, &pod).await?;
+        }
+    }
+
+    let status = status::compute(&dsd, desired.as_ref(), &observed, &Time(Timestamp::now()));
+    publish_transitions(&ctx, &dsd, &status).await;
+    if dsd.status.as_ref() != Some(&status) {
+        let api: Api<DeepSeekDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({ "status": status });
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+
+    ctx.failures
+        .lock()
+        .expect("not poisoned")
+        .remove(&ObjectRef::from(dsd.as_ref()));
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True");
+    Ok(match desired {
+        // Nothing will change until the spec (or the PVC) does; do not spin.
+        Err(_) => Action::requeue(RESYNC),
+        Ok(_) if ready => Action::requeue(RESYNC),
+        Ok(_) => Action::requeue(NOT_READY_RESYNC),
+    })
+}
+
+pub fn error_policy(dsd: Arc<DeepSeekDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(err.metric_label());
+    let mut failures = ctx.failures.lock().expect("not poisoned");
+    let count = failures.entry(ObjectRef::from(dsd.as_ref())).or_insert(0);
+    *count = count.saturating_add(1);
+    let delay = backoff(*count);
+    tracing::warn!(deployment = %dsd.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// 5 s, 10 s, 20 s, … capped at 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+async fn model_volume_present(
+    client: &Client,
+    dsd: &DeepSeekDeployment,
+    ns: &str,
+) -> Result<Result<(), Blocked>, Error> {
+    let Some(pvc) = &dsd.spec.model.source.pvc else {
+        return Ok(Ok(()));
+    };
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    Ok(match api.get_opt(&pvc.claim_name).await? {
+        Some(_) => Ok(()),
+        None => Err(Blocked {
+            reason: "ModelVolumeMissing",
+            message: format!(
+                "spec.model.source.pvc.claimName: PersistentVolumeClaim {:?} not found in namespace {ns}",
+                pvc.claim_name
+            ),
+        }),
+    })
+}
+
+async fn observe(client: &Client, ns: &str, name: &str) -> Result<Observed, Error> {
+    let workers = ListParams::default().labels(&selector_string(&workers_selector(name)));
+    let deployment = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
+    let stateful_sets = Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .list(&workers)
+        .await?
+        .items;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&deployment)
+        .await?
+        .items;
+    let router = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get_opt(&router_name(name))
+        .await?;
+    Ok(Observed {
+        stateful_sets,
+        pods,
+        router,
+    })
+}
+
+async fn apply_all(client: &Client, ns: &str, desired: &Desired) -> Result<(), Error> {
+    apply_each(client, ns, &desired.service_accounts).await?;
+    apply_each(client, ns, &desired.roles).await?;
+    apply_each(client, ns, &desired.role_bindings).await?;
+    apply_each(client, ns, &desired.config_maps).await?;
+    apply_each(client, ns, &desired.services).await?;
+    apply_each(client, ns, &desired.stateful_sets).await?;
+    apply_each(client, ns, &desired.pod_disruption_budgets).await?;
+    apply_each(client, ns, &desired.network_policies).await?;
+    apply_each(client, ns, &desired.deployments).await?;
+    Ok(())
+}
+
+async fn apply_each<K>(client: &Client, ns: &str, objects: &[K]) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for object in objects {
+        api.patch(&object.name_any(), &params, &Patch::Apply(object))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the objects of groups (and pools) that the spec no longer asks for. Each group's
+/// objects share the group's name.
+async fn prune(
+    client: &Client,
+    ns: &str,
+    desired: &Desired,
+    observed: &Observed,
+) -> Result<(), Error> {
+    let wanted: BTreeSet<String> = desired.stateful_sets.iter().map(|s| s.name_any()).collect();
+    let wanted_pools: BTreeSet<&str> = desired.pools.iter().map(|(p, _)| p.name.as_str()).collect();
+    let deployment = observed
+        .stateful_sets
+        .first()
+        .and_then(|s| s.labels().get(LABEL_DEPLOYMENT).cloned());
+    let mut gone_pools = BTreeSet::new();
+    for sts in &observed.stateful_sets {
+        let name = sts.name_any();
+        if wanted.contains(&name) {
+            continue;
+        }
+        tracing::info!(group = %name, "removing group no longer in the spec");
+        delete_ignoring_missing(&Api::<StatefulSet>::namespaced(client.clone(), ns), &name).await?;
+        delete_ignoring_missing(&Api::<Service>::namespaced(client.clone(), ns), &name).await?;
+        delete_ignoring_missing(
+            &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+            &name,
+        )
+        .await?;
+        delete_ignoring_missing(&Api::<NetworkPolicy>::namespaced(client.clone(), ns), &name)
+            .await?;
+        if let Some(pool) = sts
+            .labels()
+            .get(LABEL_POOL)
+            .filter(|p| !wanted_pools.contains(p.as_str()))
+        {
+            gone_pools.insert(pool.clone());
+        }
+    }
+    if let Some(deployment) = deployment {
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        for pool in gone_pools {
+            delete_ignoring_missing(&config_maps, &placement_name(&deployment, &pool)).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// One Event per condition that changed, so `kubectl describe` tells the story. Failing to
+/// publish an Event is logged, never fatal.
+async fn publish_transitions(
+    ctx: &Context,
+    dsd: &DeepSeekDeployment,
+    status: &crate::api::DeepSeekDeploymentStatus,
+) {
+    for condition in status::transitions(dsd.status.as_ref(), status) {
+        let bad = match condition.type_.as_str() {
+            status::DEGRADED => condition.status == "True",
+            status::READY => condition.status == "False",
+            _ => false,
+        };
+        let event = Event {
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: condition.reason.clone(),
+            note: Some(truncate(
+                &format!(
+                    "{}={}: {}",
+                    condition.type_, condition.status, condition.message
+                ),
+                1024,
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &dsd.object_ref(&())).await {
+            tracing::warn!(error = %err, "publishing event failed");
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => text[..i].to_string(),
+        None => text.to_string(),
+    }
+}

@@ -1,0 +1,367 @@
+//! Pure status and rollout logic: what the operator observed in, status and actions out.
+//!
+//! A group counts as ready only when every one of its ranks is Ready *and* runs the pool's
+//! current revision; a half-started or half-updated group is not.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus, PoolStatus};
+use crate::desired::Desired;
+use crate::names::*;
+use crate::resolve::ResolvedPool;
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// What the controller read from the cluster for one deployment.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Worker StatefulSets (one per group).
+    pub stateful_sets: Vec<StatefulSet>,
+    /// Worker and router pods.
+    pub pods: Vec<Pod>,
+    pub router: Option<Deployment>,
+}
+
+/// Why the deployment cannot be realised right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Container states that will not resolve without a change from the user.
+const FAILING_WAIT_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// The status to write, given the desired state (or why there is none) and what exists.
+pub fn compute(
+    dsd: &DeepSeekDeployment,
+    desired: Result<&Desired, &Blocked>,
+    observed: &Observed,
+    now: &Time,
+) -> DeepSeekDeploymentStatus {
+    let name = dsd.name_any();
+    let generation = dsd.metadata.generation.unwrap_or_default();
+    let previous = dsd
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let condition = |type_: &str, status: bool, reason: &str, message: String| {
+        make_condition(previous, type_, status, reason, message, generation, now)
+    };
+    let mut status = DeepSeekDeploymentStatus {
+        observed_generation: generation,
+        selector: selector_string(&workers_selector(&name)),
+        replicas: observed.stateful_sets.len() as i32,
+        endpoints: Some(dsd.endpoints()),
+        ..Default::default()
+    };
+
+    let desired = match desired {
+        Ok(desired) => desired,
+        Err(blocked) => {
+            status.conditions = vec![
+                condition(READY, false, blocked.reason, blocked.message.clone()),
+                condition(PROGRESSING, false, blocked.reason, blocked.message.clone()),
+                condition(DEGRADED, true, blocked.reason, blocked.message.clone()),
+            ];
+            return status;
+        }
+    };
+
+    status.pools = desired
+        .pools
+        .iter()
+        .map(|(pool, revision)| pool_status(pool, revision, &observed.pods))
+        .collect();
+    status.ready_replicas = status.pools.iter().map(|p| p.ready_replicas).sum();
+    status.pool_summary = status
+        .pools
+        .iter()
+        .map(|p| format!("{}:{}/{}", p.name, p.ready_replicas, p.replicas))
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    let wanted: i32 = status.pools.iter().map(|p| p.replicas).sum();
+    let lagging: Vec<String> = status
+        .pools
+        .iter()
+        .filter(|p| p.ready_replicas < p.replicas)
+        .map(|p| {
+            format!(
+                "{}: {}/{} groups ready on revision {}",
+                p.name, p.ready_replicas, p.replicas, p.revision
+            )
+        })
+        .collect();
+    let router_ready = router_ready(dsd, observed.router.as_ref());
+    let ready = if wanted == 0 {
+        condition(
+            READY,
+            false,
+            "ScaledToZero",
+            "no expert-parallel groups are requested".into(),
+        )
+    } else if !lagging.is_empty() {
+        condition(READY, false, "GroupsNotReady", lagging.join("; "))
+    } else if !router_ready {
+        condition(
+            READY,
+            false,
+            "RouterNotReady",
+            format!("router {} has no available replica", router_name(&name)),
+        )
+    } else {
+        condition(
+            READY,
+            true,
+            "AllGroupsReady",
+            format!("{wanted} of {wanted} groups ready on the current revision"),
+        )
+    };
+
+    let updating = status.pools.iter().any(|p| p.updated_replicas < p.replicas);
+    let scaling = lagging.len() > 0 || status.replicas != wanted;
+    let progressing = if updating {
+        condition(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            "replacing groups that run an old revision, one per pool at a time".into(),
+        )
+    } else if scaling {
+        condition(
+            PROGRESSING,
+            true,
+            "Scaling",
+            format!("{} groups exist, {wanted} wanted", status.replicas),
+        )
+    } else {
+        condition(
+            PROGRESSING,
+            false,
+            "Complete",
+            "every group runs the current revision".into(),
+        )
+    };
+
+    let failures = failing_pods(&observed.pods);
+    let degraded = match failures.first() {
+        Some((_, reason, _)) => condition(
+            DEGRADED,
+            true,
+            reason,
+            failures
+                .iter()
+                .take(3)
+                .map(|(pod, reason, msg)| format!("pod {pod}: {reason}: {msg}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        None => condition(DEGRADED, false, "AsExpected", "no failing pods".into()),
+    };
+    status.conditions = vec![ready, progressing, degraded];
+    status
+}
+
+fn pool_status(pool: &ResolvedPool, revision: &str, pods: &[Pod]) -> PoolStatus {
+    let mut ready_replicas = 0;
+    let mut updated_replicas = 0;
+    for group in 0..pool.replicas {
+        let ranks: Vec<&Pod> = group_pods(pods, &pool.name, group)
+            .filter(|p| !terminating(p))
+            .collect();
+        let current: Vec<&&Pod> = ranks
+            .iter()
+            .filter(|p| revision_of(p) == Some(revision))
+            .collect();
+        if current.len() as i32 >= pool.pods_per_group && current.len() == ranks.len() {
+            updated_replicas += 1;
+            if current.iter().all(|p| pod_ready(p)) {
+                ready_replicas += 1;
+            }
+        }
+    }
+    PoolStatus {
+        name: pool.name.clone(),
+        replicas: pool.replicas,
+        ready_replicas,
+        updated_replicas,
+        revision: revision.to_string(),
+    }
+}
+
+/// Pods of old revisions to delete now so that their StatefulSets recreate them on the
+/// current one. Per pool, at most one serving group is taken down at a time, and only while
+/// every other group of the pool is ready; groups that are not serving anyway are replaced
+/// at once.
+pub fn pods_to_replace(desired: &Desired, pods: &[Pod]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (pool, revision) in &desired.pools {
+        let groups: Vec<(Vec<&Pod>, bool)> = (0..pool.replicas)
+            .map(|group| {
+                let ranks: Vec<&Pod> = group_pods(pods, &pool.name, group).collect();
+                let serving = ranks.len() as i32 >= pool.pods_per_group
+                    && ranks.iter().all(|p| !terminating(p) && pod_ready(p));
+                (ranks, serving)
+            })
+            .collect();
+        let mut pool_disrupted = groups.iter().any(|(_, serving)| !serving);
+        for (ranks, serving) in &groups {
+            let stale: Vec<&&Pod> = ranks
+                .iter()
+                .filter(|p| !terminating(p) && revision_of(p) != Some(revision.as_str()))
+                .collect();
+            if stale.is_empty() || (*serving && pool_disrupted) {
+                continue;
+            }
+            pool_disrupted |= *serving;
+            out.extend(stale.iter().map(|p| p.name_any()));
+        }
+    }
+    out
+}
+
+/// `(pod, reason, message)` for every pod that is stuck in a way that needs a human.
+pub fn failing_pods(pods: &[Pod]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let Some(status) = &pod.status else { continue };
+        if status.phase.as_deref() == Some("Failed") {
+            let reason = status.reason.clone().unwrap_or_else(|| "PodFailed".into());
+            out.push((
+                pod.name_any(),
+                reason,
+                status.message.clone().unwrap_or_default(),
+            ));
+            continue;
+        }
+        let containers = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten());
+        let waiting = containers
+            .filter_map(|c| c.state.as_ref()?.waiting.as_ref().map(|w| (c, w)))
+            .find(|(_, w)| FAILING_WAIT_REASONS.contains(&w.reason.as_deref().unwrap_or_default()));
+        if let Some((container, waiting)) = waiting {
+            let message = format!(
+                "container {}: {}",
+                container.name,
+                waiting.message.clone().unwrap_or_default()
+            );
+            out.push((
+                pod.name_any(),
+                waiting.reason.clone().unwrap_or_default(),
+                message,
+            ));
+            continue;
+        }
+        let unschedulable = status.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        });
+        if let Some(c) = unschedulable {
+            out.push((
+                pod.name_any(),
+                "Unschedulable".into(),
+                c.message.clone().unwrap_or_default(),
+            ));
+        }
+    }
+    out
+}
+
+fn router_ready(dsd: &DeepSeekDeployment, router: Option<&Deployment>) -> bool {
+    if dsd.spec.router.replicas == 0 {
+        return true;
+    }
+    router
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+        > 0
+}
+
+fn group_pods<'a>(pods: &'a [Pod], pool: &'a str, group: i32) -> impl Iterator<Item = &'a Pod> {
+    let group = group.to_string();
+    pods.iter().filter(move |p| {
+        let labels = p.labels();
+        labels.get(LABEL_POOL).map(String::as_str) == Some(pool)
+            && labels.get(LABEL_GROUP) == Some(&group)
+    })
+}
+
+fn revision_of(pod: &Pod) -> Option<&str> {
+    pod.labels().get(LABEL_REVISION).map(String::as_str)
+}
+
+fn terminating(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A condition that keeps its previous transition time unless its status flips.
+fn make_condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time,
+    }
+}
+
+/// Conditions whose status or reason changed between two statuses: `(type, new condition)`.
+pub fn transitions<'a>(
+    old: Option<&DeepSeekDeploymentStatus>,
+    new: &'a DeepSeekDeploymentStatus,
+) -> Vec<&'a Condition> {
+    let old: BTreeMap<&str, (&str, &str)> = old
+        .map(|s| {
+            s.conditions
+                .iter()
+                .map(|c| (c.type_.as_str(), (c.status.as_str(), c.reason.as_str())))
+                .collect()
+        })
+        .unwrap_or_default();
+    new.conditions
+        .iter()
+        .filter(|c| old.get(c.type_.as_str()) != Some(&(c.status.as_str(), c.reason.as_str())))
+        .collect()
+}
