@@ -28,7 +28,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::DeepSeekDeployment;
+use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus};
 use crate::desired::Desired;
 use crate::metrics::Metrics;
 use crate::names::*;
@@ -326,31 +326,31 @@ where
     }
 }
 
-/// One Event per condition that changed, so `kubectl describe` tells the story. Failing to
-/// publish an Event is logged, never fatal.
+/// One Event per new condition reason, so `kubectl describe` tells the story without
+/// repeating itself; Warning only for degradation. Failing to publish is logged, never fatal.
 async fn publish_transitions(
     ctx: &Context,
     dsd: &DeepSeekDeployment,
-    status: &crate::api::DeepSeekDeploymentStatus,
+    status: &DeepSeekDeploymentStatus,
 ) {
-    for condition in status::transitions(dsd.status.as_ref(), status) {
-        let bad = match condition.type_.as_str() {
-            status::DEGRADED => condition.status == "True",
-            status::READY => condition.status == "False",
-            _ => false,
-        };
+    for (reason, conditions) in status::events(dsd.status.as_ref(), status) {
+        let degraded = conditions
+            .iter()
+            .any(|c| c.type_ == status::DEGRADED && c.status == "True");
+        let summary = conditions
+            .iter()
+            .map(|c| format!("{}={}", c.type_, c.status))
+            .collect::<Vec<_>>()
+            .join(", ");
         let event = Event {
-            type_: if bad {
+            type_: if degraded {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: condition.reason.clone(),
+            reason: reason.to_string(),
             note: Some(truncate(
-                &format!(
-                    "{}={}: {}",
-                    condition.type_, condition.status, condition.message
-                ),
+                &format!("{summary}: {}", conditions[0].message),
                 1024,
             )),
             action: "Reconcile".into(),

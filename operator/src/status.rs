@@ -134,8 +134,12 @@ pub fn compute(
         )
     };
 
-    let updating = status.pools.iter().any(|p| p.updated_replicas < p.replicas);
-    let scaling = lagging.len() > 0 || status.replicas != wanted;
+    let updating = desired.pools.iter().any(|(pool, revision)| {
+        (0..pool.replicas).any(|group| {
+            group_pods(&observed.pods, &pool.name, group)
+                .any(|p| !terminating(p) && revision_of(p) != Some(revision))
+        })
+    });
     let progressing = if updating {
         condition(
             PROGRESSING,
@@ -143,13 +147,15 @@ pub fn compute(
             "RollingOut",
             "replacing groups that run an old revision, one per pool at a time".into(),
         )
-    } else if scaling {
+    } else if status.replicas != wanted {
         condition(
             PROGRESSING,
             true,
             "Scaling",
             format!("{} groups exist, {wanted} wanted", status.replicas),
         )
+    } else if !lagging.is_empty() {
+        condition(PROGRESSING, true, "GroupsStarting", lagging.join("; "))
     } else {
         condition(
             PROGRESSING,
@@ -347,12 +353,13 @@ fn make_condition(
     }
 }
 
-/// Conditions whose status or reason changed between two statuses: `(type, new condition)`.
-pub fn transitions<'a>(
+/// Conditions whose status or reason changed, grouped by reason in condition order. On the
+/// first status, "not degraded" is not news and is left out.
+pub fn events<'a>(
     old: Option<&DeepSeekDeploymentStatus>,
     new: &'a DeepSeekDeploymentStatus,
-) -> Vec<&'a Condition> {
-    let old: BTreeMap<&str, (&str, &str)> = old
+) -> Vec<(&'a str, Vec<&'a Condition>)> {
+    let before: BTreeMap<&str, (&str, &str)> = old
         .map(|s| {
             s.conditions
                 .iter()
@@ -360,8 +367,22 @@ pub fn transitions<'a>(
                 .collect()
         })
         .unwrap_or_default();
-    new.conditions
-        .iter()
-        .filter(|c| old.get(c.type_.as_str()) != Some(&(c.status.as_str(), c.reason.as_str())))
-        .collect()
+    let mut out: Vec<(&str, Vec<&Condition>)> = Vec::new();
+    for condition in &new.conditions {
+        let unchanged = before.get(condition.type_.as_str())
+            == Some(&(condition.status.as_str(), condition.reason.as_str()));
+        let first_healthy =
+            old.is_none() && condition.type_ == DEGRADED && condition.status == "False";
+        if unchanged || first_healthy {
+            continue;
+        }
+        match out
+            .iter_mut()
+            .find(|(reason, _)| *reason == condition.reason)
+        {
+            Some((_, group)) => group.push(condition),
+            None => out.push((condition.reason.as_str(), vec![condition])),
+        }
+    }
+    out
 }

@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+#
+# One multi-stage build for the three images; pick one with --target:
+#
+#   docker build --target operator -t ghcr.io/deepseek-operator/deepseek-operator:0.1.0 .
+#   docker build --target router   -t ghcr.io/deepseek-operator/deepseek-router:0.1.0 .
+#   docker build --target worker   -t ghcr.io/deepseek-operator/deepseek-worker:0.1.0 .
+#
+# All images run as uid/gid 65532 (non-root) with the binary as the entrypoint.
+
+# ---------------------------------------------------------------------------------------
+# Builder: the whole workspace, all three binaries in one cargo invocation.
+# ---------------------------------------------------------------------------------------
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY proto proto
+COPY operator operator
+COPY router router
+COPY worker worker
+# Registry and target dir are BuildKit cache mounts, so the binaries are copied out of
+# target/ inside the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release --locked -p deepseek-operator -p deepseek-router -p deepseek-worker \
+ && mkdir -p /out \
+ && cp target/release/deepseek-operator target/release/deepseek-router target/release/deepseek-worker /out/
+
+# ---------------------------------------------------------------------------------------
+# Router: gRPC/OpenAI-compatible front end. Distroless (glibc, libgcc), no shell.
+# ---------------------------------------------------------------------------------------
+FROM gcr.io/distroless/cc-debian12:nonroot AS router
+LABEL org.opencontainers.image.title="deepseek-router" \
+      org.opencontainers.image.description="Router in front of DeepSeek expert-parallel worker groups" \
+      org.opencontainers.image.source="https://github.com/deepseek-operator/deepseek-operator" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=builder /out/deepseek-router /usr/local/bin/deepseek-router
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/deepseek-router"]
+
+# ---------------------------------------------------------------------------------------
+# Worker: runs on GPU nodes, so it starts from the CUDA runtime (Ubuntu 24.04, glibc 2.39,
+# newer than the builder's 2.36). The image has no uid 65532; create it.
+# ---------------------------------------------------------------------------------------
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS worker
+LABEL org.opencontainers.image.title="deepseek-worker" \
+      org.opencontainers.image.description="Expert-parallel DeepSeek MoE worker (CUDA runtime)" \
+      org.opencontainers.image.source="https://github.com/deepseek-operator/deepseek-operator" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 65532 nonroot \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin nonroot
+COPY --from=builder /out/deepseek-worker /usr/local/bin/deepseek-worker
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/deepseek-worker"]
+
+# ---------------------------------------------------------------------------------------
+# Operator (last, so a plain `docker build .` produces it).
+# ---------------------------------------------------------------------------------------
+FROM gcr.io/distroless/cc-debian12:nonroot AS operator
+LABEL org.opencontainers.image.title="deepseek-operator" \
+      org.opencontainers.image.description="Kubernetes operator for DeepSeek mixture-of-experts serving" \
+      org.opencontainers.image.source="https://github.com/deepseek-operator/deepseek-operator" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=builder /out/deepseek-operator /usr/local/bin/deepseek-operator
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/deepseek-operator"]

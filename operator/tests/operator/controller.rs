@@ -1,0 +1,426 @@
+//! The controller's I/O against a scripted API server: every call it makes, in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deepseek_operator::api::DeepSeekDeployment;
+use deepseek_operator::controller::{self, Context, Error, backoff};
+use deepseek_operator::metrics::Metrics;
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use tower_test::mock::Handle;
+
+use crate::fixtures::*;
+
+enum Reply {
+    /// 200 with this body.
+    Json(Value),
+    /// 200 with the request body, as an apply or create answers.
+    Echo,
+    /// An API error with this HTTP code.
+    Status(u16),
+}
+
+struct FakeApi {
+    handle: Handle<Request<Body>, Response<Body>>,
+}
+
+impl FakeApi {
+    /// Like `expect`, answering 200 with a body made from the request body.
+    async fn expect_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        reply: impl FnOnce(&Value) -> Value,
+    ) -> (String, Value) {
+        self.answer(method, path, |body| (200, reply(body))).await
+    }
+
+    /// Waits (at most a second) for the next call, checks it, answers it, and returns the
+    /// request URI and JSON body.
+    async fn expect(&mut self, method: &str, path: &str, reply: Reply) -> (String, Value) {
+        self.answer(method, path, |body| match reply {
+            Reply::Json(value) => (200, value),
+            Reply::Echo => (200, body.clone()),
+            Reply::Status(code) => (code, json!({
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code,
+                "reason": if code == 404 { "NotFound" } else { "Conflict" }, "message": format!("scripted {code}"),
+            })),
+        })
+        .await
+    }
+
+    async fn answer(
+        &mut self,
+        method: &str,
+        path: &str,
+        reply: impl FnOnce(&Value) -> (u16, Value),
+    ) -> (String, Value) {
+        let next = tokio::time::timeout(Duration::from_secs(1), self.handle.next_request());
+        let (request, send) = next
+            .await
+            .unwrap_or_else(|_| panic!("expected {method} {path}"))
+            .expect("client alive");
+        let uri = request.uri().to_string();
+        assert_eq!(
+            (request.method().as_str(), uri.starts_with(path)),
+            (method, true),
+            "expected {method} {path}, got {uri}"
+        );
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let (code, reply) = reply(&body);
+        let response = Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap();
+        send.send_response(response);
+        (uri, body)
+    }
+
+    async fn expect_no_more_calls(&mut self) {
+        let next =
+            tokio::time::timeout(Duration::from_millis(100), self.handle.next_request()).await;
+        if let Ok(Some((request, _))) = next {
+            panic!("unexpected call {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn setup() -> (Arc<Context>, FakeApi) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Arc::new(Context::new(
+        client,
+        Arc::new(Metrics::default()),
+        "test".into(),
+    ));
+    (ctx, FakeApi { handle })
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Reply {
+    Reply::Json(
+        json!({ "apiVersion": "v1", "kind": kind, "metadata": { "resourceVersion": "1" }, "items": items }),
+    )
+}
+
+const NS: &str = "/namespaces/default";
+const APPS: &str = "/apis/apps/v1/namespaces/default";
+const CORE: &str = "/api/v1/namespaces/default";
+
+/// The reads at the start of a reconcile of the tiny sample.
+async fn observe(api: &mut FakeApi, stateful_sets: Vec<Value>, pods: Vec<Value>) {
+    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
+    observe_children(api, stateful_sets, pods).await;
+}
+
+async fn observe_children(api: &mut FakeApi, stateful_sets: Vec<Value>, pods: Vec<Value>) {
+    let (uri, _) = api
+        .expect(
+            "GET",
+            &format!("{APPS}/statefulsets?"),
+            list("StatefulSetList", stateful_sets),
+        )
+        .await;
+    assert!(uri.contains("labelSelector=app.kubernetes.io%2Fcomponent%3Dworker%2Cserving.deepseek-operator.io%2Fdeployment%3Dtiny"), "{uri}");
+    api.expect("GET", &format!("{CORE}/pods?"), list("PodList", pods))
+        .await;
+    api.expect(
+        "GET",
+        &format!("{APPS}/deployments/tiny-router"),
+        Reply::Status(404),
+    )
+    .await;
+}
+
+/// Server-side applies of every object of the tiny sample, in order.
+async fn applies(api: &mut FakeApi) -> Vec<Value> {
+    let mut applied = Vec::new();
+    for path in [
+        format!("{CORE}/serviceaccounts/tiny-router"),
+        format!("/apis/rbac.authorization.k8s.io/v1{NS}/roles/tiny-router"),
+        format!("/apis/rbac.authorization.k8s.io/v1{NS}/rolebindings/tiny-router"),
+        format!("{CORE}/configmaps/tiny-cpu-placement"),
+        format!("{CORE}/services/tiny-cpu-g0"),
+        format!("{CORE}/services/tiny-router"),
+        format!("{APPS}/statefulsets/tiny-cpu-g0"),
+        format!("/apis/policy/v1{NS}/poddisruptionbudgets/tiny-cpu-g0"),
+        format!("/apis/networking.k8s.io/v1{NS}/networkpolicies/tiny-cpu-g0"),
+        format!("{APPS}/deployments/tiny-router"),
+    ] {
+        let (uri, body) = api.expect("PATCH", &path, Reply::Echo).await;
+        assert!(
+            uri.contains("fieldManager=deepseek-operator") && uri.contains("force=true"),
+            "{uri}"
+        );
+        applied.push(body);
+    }
+    applied
+}
+
+async fn events(api: &mut FakeApi, count: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        out.push(
+            api.expect(
+                "POST",
+                &format!("/apis/events.k8s.io/v1{NS}/events"),
+                Reply::Echo,
+            )
+            .await
+            .1,
+        );
+    }
+    out
+}
+
+async fn status_patch(api: &mut FakeApi) -> Value {
+    let path =
+        format!("/apis/serving.deepseek-operator.io/v1alpha1{NS}/deepseekdeployments/tiny/status");
+    let mut merged = serde_json::to_value(tiny()).unwrap();
+    let reply = move |patch: &Value| {
+        merged["status"] = patch["status"].clone();
+        merged
+    };
+    let (_, body) = api.expect_with("PATCH", &path, reply).await;
+    body["status"].clone()
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+fn run(
+    ctx: &Arc<Context>,
+    dsd: DeepSeekDeployment,
+) -> tokio::task::JoinHandle<Result<Action, Error>> {
+    tokio::spawn(controller::reconcile(Arc::new(dsd), ctx.clone()))
+}
+
+#[tokio::test]
+async fn create_applies_every_object_then_writes_status() {
+    let (ctx, mut api) = setup();
+    let task = run(&ctx, tiny());
+    observe(&mut api, vec![], vec![]).await;
+    let applied = applies(&mut api).await;
+    assert_eq!(applied[6]["kind"], "StatefulSet");
+    assert_eq!(
+        applied[6]["metadata"]["ownerReferences"][0]["kind"],
+        "DeepSeekDeployment"
+    );
+    let events = events(&mut api, 2).await;
+    assert_eq!(events[0]["reason"], "GroupsNotReady");
+    assert_eq!(events[0]["type"], "Normal");
+    assert_eq!(events[1]["reason"], "Scaling");
+    let status = status_patch(&mut api).await;
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    assert_eq!(condition(&status, "Progressing")["reason"], "Scaling");
+    assert_eq!(status["poolSummary"], "cpu:0/1");
+    assert_eq!(status["observedGeneration"], 1);
+    let action = task.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    api.expect_no_more_calls().await;
+}
+
+#[tokio::test]
+async fn a_ready_group_patches_status_ready_and_an_unchanged_world_writes_nothing() {
+    let (ctx, mut api) = setup();
+    let dsd = tiny();
+    let pods: Vec<Value> = all_ready_pods(&dsd)
+        .into_iter()
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
+    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "tiny-cpu-g0", "labels": {"serving.deepseek-operator.io/deployment": "tiny", "serving.deepseek-operator.io/pool": "cpu"}}});
+    let router = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "tiny-router"}, "status": {"availableReplicas": 1}});
+
+    let task = run(&ctx, dsd.clone());
+    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
+    observe_children_with_router(&mut api, vec![sts.clone()], pods.clone(), router.clone()).await;
+    applies(&mut api).await;
+    events(&mut api, 2).await;
+    let status = status_patch(&mut api).await;
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(condition(&status, "Ready")["reason"], "AllGroupsReady");
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(300))
+    );
+
+    // The same world again, with that status stored: applies (idempotent), no event, no status write.
+    let mut stored = dsd.clone();
+    stored.status = Some(serde_json::from_value(status).unwrap());
+    let task = run(&ctx, stored);
+    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
+    observe_children_with_router(&mut api, vec![sts.clone()], pods.clone(), router.clone()).await;
+    applies(&mut api).await;
+    task.await.unwrap().unwrap();
+    api.expect_no_more_calls().await;
+}
+
+async fn observe_children_with_router(
+    api: &mut FakeApi,
+    stateful_sets: Vec<Value>,
+    pods: Vec<Value>,
+    router: Value,
+) {
+    api.expect(
+        "GET",
+        &format!("{APPS}/statefulsets?"),
+        list("StatefulSetList", stateful_sets),
+    )
+    .await;
+    api.expect("GET", &format!("{CORE}/pods?"), list("PodList", pods))
+        .await;
+    api.expect(
+        "GET",
+        &format!("{APPS}/deployments/tiny-router"),
+        Reply::Json(router),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_conflict_on_apply_fails_the_reconcile_and_backs_off() {
+    let (ctx, mut api) = setup();
+    let dsd = tiny();
+    let task = run(&ctx, dsd.clone());
+    observe(&mut api, vec![], vec![]).await;
+    api.expect(
+        "PATCH",
+        &format!("{CORE}/serviceaccounts/tiny-router"),
+        Reply::Status(409),
+    )
+    .await;
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::Kube(kube::Error::Api(s)) if s.code == 409),
+        "{err}"
+    );
+    api.expect_no_more_calls().await;
+
+    let dsd = Arc::new(dsd);
+    assert_eq!(
+        controller::error_policy(dsd.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        controller::error_policy(dsd.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("deepseek_operator_reconcile_failures_total{error=\"api\"} 2")
+    );
+    assert_eq!(backoff(30), Duration::from_secs(300));
+}
+
+#[tokio::test]
+async fn a_missing_model_volume_blocks_without_creating_anything() {
+    let (ctx, mut api) = setup();
+    let task = run(&ctx, tiny());
+    api.expect(
+        "GET",
+        &format!("{CORE}/persistentvolumeclaims/tiny-model"),
+        Reply::Status(404),
+    )
+    .await;
+    observe_children(&mut api, vec![], vec![]).await;
+    let events = events(&mut api, 1).await;
+    assert_eq!(events[0]["reason"], "ModelVolumeMissing");
+    assert_eq!(events[0]["type"], "Warning");
+    assert!(
+        events[0]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("Ready=False, Progressing=False, Degraded=True: spec.model")
+    );
+    let status = status_patch(&mut api).await;
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("ModelVolumeMissing"))
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.model.source.pvc.claimName")
+    );
+    // no hot loop: wait for a change or the slow resync
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(300))
+    );
+    api.expect_no_more_calls().await;
+}
+
+#[tokio::test]
+async fn groups_scaled_away_are_deleted_and_old_revision_pods_replaced() {
+    let (ctx, mut api) = setup();
+    let dsd = tiny();
+    let group = |i: i32| json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": format!("tiny-cpu-g{i}"), "labels": {"serving.deepseek-operator.io/deployment": "tiny", "serving.deepseek-operator.io/pool": "cpu"}}});
+    let stale =
+        serde_json::to_value(worker_pod(&dsd, "cpu", 0, 0, "0ld0ld0ld0").ready().build()).unwrap();
+    let task = run(&ctx, dsd);
+    observe(&mut api, vec![group(0), group(1)], vec![stale]).await;
+    applies(&mut api).await;
+    api.expect(
+        "DELETE",
+        &format!("{APPS}/statefulsets/tiny-cpu-g1"),
+        Reply::Json(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})),
+    )
+    .await;
+    api.expect(
+        "DELETE",
+        &format!("{CORE}/services/tiny-cpu-g1"),
+        Reply::Status(404),
+    )
+    .await;
+    api.expect(
+        "DELETE",
+        &format!("/apis/policy/v1{NS}/poddisruptionbudgets/tiny-cpu-g1"),
+        Reply::Status(404),
+    )
+    .await;
+    api.expect(
+        "DELETE",
+        &format!("/apis/networking.k8s.io/v1{NS}/networkpolicies/tiny-cpu-g1"),
+        Reply::Status(404),
+    )
+    .await;
+    api.expect(
+        "DELETE",
+        &format!("{CORE}/pods/tiny-cpu-g0-0"),
+        Reply::Json(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})),
+    )
+    .await;
+    events(&mut api, 2).await;
+    let status = status_patch(&mut api).await;
+    assert_eq!(condition(&status, "Progressing")["reason"], "RollingOut");
+    assert_eq!(status["replicas"], 2);
+    task.await.unwrap().unwrap();
+    api.expect_no_more_calls().await;
+}
+
+#[tokio::test]
+async fn deleting_the_resource_leaves_cleanup_to_owner_references() {
+    let (ctx, mut api) = setup();
+    let mut dsd = tiny();
+    dsd.metadata.deletion_timestamp = Some(now());
+    let action = run(&ctx, dsd).await.unwrap().unwrap();
+    assert_eq!(action, Action::await_change());
+    api.expect_no_more_calls().await;
+}

@@ -1,0 +1,549 @@
+//! The pure builders: spec in, objects out.
+
+use deepseek_operator::api::{DeepSeekDeployment, Dtype};
+use deepseek_operator::desired::Desired;
+use deepseek_operator::names::*;
+use deepseek_operator::resolve::pool_replicas;
+use deepseek_proto::placement::{PLAN_FILE, PlacementPlan};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use kube::ResourceExt;
+
+use crate::fixtures::*;
+
+fn desired(dsd: &DeepSeekDeployment) -> Desired {
+    dsd.desired().expect("sample is realisable")
+}
+
+fn pod_spec(sts: &StatefulSet) -> &PodSpec {
+    sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn worker(sts: &StatefulSet) -> &Container {
+    &pod_spec(sts).containers[0]
+}
+
+fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
+}
+
+fn sts<'a>(desired: &'a Desired, name: &str) -> &'a StatefulSet {
+    desired
+        .stateful_sets
+        .iter()
+        .find(|s| s.name_any() == name)
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn golden_tiny() {
+    assert_golden(
+        "operator/tests/golden/tiny.yaml",
+        &desired(&tiny()).to_yaml(),
+    );
+}
+
+#[test]
+fn golden_deepseek_v3_two_pools() {
+    assert_golden(
+        "operator/tests/golden/deepseek-v3-h100-a100.yaml",
+        &desired(&v3()).to_yaml(),
+    );
+}
+
+#[test]
+fn one_statefulset_per_pool_and_group_with_ranks_as_pods() {
+    let d = desired(&v3());
+    let names: Vec<String> = d.stateful_sets.iter().map(|s| s.name_any()).collect();
+    assert_eq!(
+        names,
+        [
+            "deepseek-v3-h100-g0",
+            "deepseek-v3-h100-g1",
+            "deepseek-v3-a100-g0"
+        ]
+    );
+    let h100 = sts(&d, "deepseek-v3-h100-g1");
+    let spec = h100.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(spec.service_name.as_deref(), Some("deepseek-v3-h100-g1"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(
+        spec.update_strategy.as_ref().unwrap().type_.as_deref(),
+        Some("OnDelete")
+    );
+    assert_eq!(
+        sts(&d, "deepseek-v3-a100-g0")
+            .spec
+            .as_ref()
+            .unwrap()
+            .replicas,
+        Some(4)
+    );
+    // each group has its headless Service, PDB and NetworkPolicy of the same name
+    for name in &names {
+        assert!(d.services.iter().any(|s| &s.name_any() == name));
+        assert!(
+            d.pod_disruption_budgets
+                .iter()
+                .any(|p| &p.name_any() == name)
+        );
+        assert!(d.network_policies.iter().any(|p| &p.name_any() == name));
+    }
+}
+
+#[test]
+fn gpu_pods_request_their_gpus_on_the_right_nodes() {
+    let d = desired(&v3());
+    let h100 = sts(&d, "deepseek-v3-h100-g0");
+    let spec = pod_spec(h100);
+    assert_eq!(
+        spec.node_selector.as_ref().unwrap()[NODE_LABEL_GPU_PRODUCT],
+        "NVIDIA-H100-80GB-HBM3"
+    );
+    let resources = worker(h100).resources.as_ref().unwrap();
+    assert_eq!(resources.limits.as_ref().unwrap()[GPU_RESOURCE].0, "8");
+    assert_eq!(resources.requests.as_ref().unwrap()["memory"].0, "512Gi");
+    assert_eq!(
+        spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some(GPU_RESOURCE)
+    );
+    // the a100 pool brings its own tolerations
+    let a100 = pod_spec(sts(&d, "deepseek-v3-a100-g0"));
+    assert_eq!(a100.tolerations.as_ref().unwrap().len(), 2);
+    let spread = &spec.topology_spread_constraints.as_ref().unwrap()[0];
+    assert_eq!(spread.topology_key, "kubernetes.io/hostname");
+    assert_eq!(spread.when_unsatisfiable, "DoNotSchedule");
+    assert_eq!(
+        spread.match_label_keys.as_deref(),
+        Some(&[LABEL_REVISION.to_string()][..])
+    );
+}
+
+#[test]
+fn auto_dtype_is_fp8_on_hopper_and_bf16_on_ampere() {
+    let d = desired(&v3());
+    assert_eq!(
+        env(worker(sts(&d, "deepseek-v3-h100-g0")), "DSD_DTYPE"),
+        Some("fp8")
+    );
+    assert_eq!(
+        env(worker(sts(&d, "deepseek-v3-a100-g0")), "DSD_DTYPE"),
+        Some("bf16")
+    );
+    let pools: Vec<Dtype> = d.pools.iter().map(|(p, _)| p.dtype).collect();
+    assert_eq!(pools, [Dtype::Fp8, Dtype::Bf16]);
+}
+
+#[test]
+fn ranks_find_their_peers_through_the_headless_service() {
+    let d = desired(&v3());
+    let w = worker(sts(&d, "deepseek-v3-h100-g1"));
+    assert_eq!(env(w, "DSD_GROUP_SIZE"), Some("16"));
+    assert_eq!(env(w, "DSD_RANKS_PER_POD"), Some("8"));
+    let peers: Vec<&str> = env(w, "DSD_PEERS").unwrap().split(',').collect();
+    assert_eq!(peers.len(), 16);
+    assert_eq!(
+        peers[0],
+        "deepseek-v3-h100-g1-0.deepseek-v3-h100-g1.inference.svc:50061"
+    );
+    assert_eq!(
+        peers[9],
+        "deepseek-v3-h100-g1-1.deepseek-v3-h100-g1.inference.svc:50062"
+    );
+    let pod_index = w
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "DSD_POD_INDEX")
+        .unwrap();
+    let field = &pod_index
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap()
+        .field_path;
+    assert_eq!(field, "metadata.labels['apps.kubernetes.io/pod-index']");
+    let service = d
+        .services
+        .iter()
+        .find(|s| s.name_any() == "deepseek-v3-h100-g1")
+        .unwrap();
+    let spec = service.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(spec.ports.as_ref().unwrap().len(), 9);
+}
+
+#[test]
+fn pods_run_restricted_with_grpc_probes_and_shared_memory() {
+    let d = desired(&v3());
+    let group = sts(&d, "deepseek-v3-h100-g0");
+    let spec = pod_spec(group);
+    let pod_security = spec.security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_eq!(
+        pod_security.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    for container in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let security = container.security_context.as_ref().unwrap();
+        assert_eq!(
+            security.allow_privilege_escalation,
+            Some(false),
+            "{}",
+            container.name
+        );
+        assert_eq!(
+            security.read_only_root_filesystem,
+            Some(true),
+            "{}",
+            container.name
+        );
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+    }
+    let w = worker(group);
+    let readiness = w.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+    assert_eq!(
+        (readiness.port, readiness.service.as_deref()),
+        (WORKER_GRPC_PORT, None)
+    );
+    let liveness = w.liveness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+    assert_eq!(liveness.service.as_deref(), Some(LIVENESS_SERVICE));
+    let shm = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "shm")
+        .unwrap();
+    let shm = shm.empty_dir.as_ref().unwrap();
+    assert_eq!(
+        (
+            shm.medium.as_deref(),
+            shm.size_limit.as_ref().map(|q| q.0.as_str())
+        ),
+        (Some("Memory"), Some("32Gi"))
+    );
+    assert!(
+        w.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_path == "/dev/shm")
+    );
+}
+
+#[test]
+fn hugging_face_models_download_in_an_init_container_with_the_token_secret() {
+    let d = desired(&v3());
+    let spec = pod_spec(sts(&d, "deepseek-v3-h100-g0"));
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(env(init, "HF_REPO"), Some("deepseek-ai/DeepSeek-V3"));
+    let token = init
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "HF_TOKEN")
+        .unwrap();
+    let secret = token
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (secret.name.as_str(), secret.key.as_str()),
+        ("hf-token", "token")
+    );
+    assert_eq!(env(&spec.containers[0], "DSD_MODEL"), Some("/models/model"));
+}
+
+#[test]
+fn pvc_models_mount_read_only_at_their_path() {
+    let d = desired(&tiny());
+    let spec = pod_spec(sts(&d, "tiny-cpu-g0"));
+    assert!(spec.init_containers.is_none());
+    let model = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "model")
+        .unwrap();
+    let claim = model.persistent_volume_claim.as_ref().unwrap();
+    assert_eq!(
+        (claim.claim_name.as_str(), claim.read_only),
+        ("tiny-model", Some(true))
+    );
+    assert_eq!(
+        env(&spec.containers[0], "DSD_MODEL"),
+        Some("/models/tiny-v3")
+    );
+    // a CPU pool asks for no GPUs and may share nodes
+    let resources = spec.containers[0].resources.as_ref().unwrap();
+    assert!(
+        resources
+            .limits
+            .as_ref()
+            .unwrap()
+            .get(GPU_RESOURCE)
+            .is_none()
+    );
+    assert!(spec.node_selector.is_none());
+    assert_eq!(
+        spec.topology_spread_constraints.as_ref().unwrap()[0].when_unsatisfiable,
+        "ScheduleAnyway"
+    );
+}
+
+#[test]
+fn only_group_members_reach_the_expert_parallel_ports() {
+    let d = desired(&v3());
+    let policy = d
+        .network_policies
+        .iter()
+        .find(|p| p.name_any() == "deepseek-v3-h100-g0")
+        .unwrap();
+    let spec = policy.spec.as_ref().unwrap();
+    let group = group_selector("deepseek-v3", "h100", 0);
+    assert_eq!(
+        spec.pod_selector.as_ref().unwrap().match_labels.as_ref(),
+        Some(&group)
+    );
+    let rules = spec.ingress.as_ref().unwrap();
+    let ep = &rules[0];
+    assert_eq!(
+        ep.from.as_ref().unwrap()[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref(),
+        Some(&group)
+    );
+    let port = &ep.ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.port.clone(), port.end_port),
+        (
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(50061)),
+            Some(50068)
+        )
+    );
+    // the other rule opens only gRPC and metrics
+    let open: Vec<_> = rules[1]
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.port.clone())
+        .collect();
+    assert_eq!(open.len(), 2);
+    assert!(rules[1].from.is_none());
+}
+
+#[test]
+fn every_object_is_owned_and_labelled() {
+    let d = desired(&v3());
+    let yaml = d.to_yaml();
+    let docs: Vec<serde_yaml::Value> = yaml
+        .split("---\n")
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| serde_yaml::from_str(s).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 3 + 2 + 3 * 4 + 1 + 1);
+    for doc in &docs {
+        let meta = &doc["metadata"];
+        let owner = &meta["ownerReferences"][0];
+        assert_eq!(
+            owner["kind"],
+            "DeepSeekDeployment",
+            "{}",
+            meta["name"].as_str().unwrap()
+        );
+        assert_eq!(owner["controller"], true);
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], MANAGED_BY);
+        assert_eq!(meta["labels"][LABEL_DEPLOYMENT], "deepseek-v3");
+        assert_eq!(meta["namespace"], "inference");
+    }
+}
+
+#[test]
+fn placement_plans_match_the_group_with_redundant_experts() {
+    let d = desired(&v3());
+    let cm = d
+        .config_maps
+        .iter()
+        .find(|c| c.name_any() == "deepseek-v3-a100-placement")
+        .unwrap();
+    let plan = PlacementPlan::from_json(&cm.data.as_ref().unwrap()[PLAN_FILE]).unwrap();
+    assert_eq!((plan.group_size, plan.routed_experts), (32, 256));
+    let copies: usize = plan.default.iter().map(Vec::len).sum();
+    assert_eq!(copies, 256 + 32);
+    assert!((0..32).all(|rank| plan.experts_on_rank(0, rank).len() == 9));
+}
+
+#[test]
+fn scaling_a_pool_adds_groups_without_a_new_revision() {
+    let before = desired(&v3());
+    let mut dsd = v3();
+    dsd.spec.pools[0].replicas = 3;
+    let after = desired(&dsd);
+    assert_eq!(after.stateful_sets.len(), before.stateful_sets.len() + 1);
+    assert!(
+        after
+            .stateful_sets
+            .iter()
+            .any(|s| s.name_any() == "deepseek-v3-h100-g2")
+    );
+    assert_eq!(after.pools[0].1, before.pools[0].1);
+}
+
+#[test]
+fn changing_the_model_rolls_a_new_revision() {
+    let before = desired(&v3());
+    let mut dsd = v3();
+    dsd.spec
+        .model
+        .source
+        .hugging_face
+        .as_mut()
+        .unwrap()
+        .revision = "9f3c1d2".into();
+    let after = desired(&dsd);
+    for ((_, old), (_, new)) in before.pools.iter().zip(&after.pools) {
+        assert_ne!(old, new);
+    }
+    let template = after.stateful_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        template.labels.as_ref().unwrap()[LABEL_REVISION],
+        after.pools[0].1
+    );
+    // a change to one pool leaves the other's revision alone
+    let mut dsd = v3();
+    dsd.spec.pools[1].resources = Some(Default::default());
+    let changed = desired(&dsd);
+    assert_eq!(changed.pools[0].1, before.pools[0].1);
+    assert_ne!(changed.pools[1].1, before.pools[1].1);
+}
+
+#[test]
+fn total_replicas_fill_pools_in_preference_order_within_bounds() {
+    let pools = v3().spec.pools; // h100 min 1 max 8, a100 min 0 max 4
+    assert_eq!(pool_replicas(None, &pools), [2, 1]);
+    assert_eq!(pool_replicas(Some(0), &pools), [1, 0]);
+    assert_eq!(pool_replicas(Some(5), &pools), [5, 0]);
+    assert_eq!(pool_replicas(Some(10), &pools), [8, 2]);
+    assert_eq!(pool_replicas(Some(99), &pools), [8, 4]);
+    let mut dsd = v3();
+    dsd.spec.replicas = Some(10);
+    let counts: Vec<i32> = desired(&dsd)
+        .pools
+        .iter()
+        .map(|(p, _)| p.replicas)
+        .collect();
+    assert_eq!(counts, [8, 2]);
+}
+
+#[test]
+fn unrealisable_specs_name_the_field() {
+    let mut dsd = v3();
+    dsd.spec.pools[1].gpu_product = Some("NVIDIA-V100-SXM2-16GB".into());
+    let err = dsd.desired().unwrap_err();
+    assert_eq!(err.reason(), "UnknownGpuProduct");
+    assert!(
+        err.to_string().starts_with(
+            "spec.pools[a100].gpuProduct: unknown GPU product \"NVIDIA-V100-SXM2-16GB\""
+        )
+    );
+
+    let mut dsd = v3();
+    dsd.spec.parallelism.expert_parallel_ranks = Some(12);
+    dsd.spec.pools[0].pods_per_group = None;
+    let err = dsd.desired().unwrap_err().to_string();
+    assert!(
+        err.contains("expertParallelRanks = 12 is not divisible by gpusPerPod = 8"),
+        "{err}"
+    );
+
+    let mut dsd = v3();
+    dsd.spec.parallelism.expert_parallel_ranks = Some(16);
+    assert!(
+        dsd.desired()
+            .unwrap_err()
+            .to_string()
+            .contains("podsPerGroup × gpusPerPod = 4 × 8 differs")
+    );
+
+    let mut dsd = tiny();
+    dsd.spec.model.architecture = None;
+    dsd.spec.model.routed_experts = None;
+    assert_eq!(dsd.desired().unwrap_err().reason(), "UnknownExpertCount");
+
+    let mut dsd = tiny();
+    dsd.spec.pools.push(dsd.spec.pools[0].clone());
+    assert!(
+        dsd.desired()
+            .unwrap_err()
+            .to_string()
+            .contains("\"cpu\" is used twice")
+    );
+}
+
+#[test]
+fn the_router_discovers_this_deployments_workers_with_pool_weights() {
+    let d = desired(&v3());
+    let router = &d.deployments[0];
+    let args = router
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let joined = args.join(" ");
+    assert!(joined.contains("--policy prefix-affinity"));
+    assert!(joined.contains("--discover-namespace inference"));
+    assert!(joined.contains("--discover-selector app.kubernetes.io/component=worker,serving.deepseek-operator.io/deployment=deepseek-v3"));
+    assert!(joined.contains("--pool h100=3 --pool a100=1"));
+    let role = &d.roles[0].rules.as_ref().unwrap()[0];
+    assert_eq!(
+        role.resources.as_deref(),
+        Some(&["endpointslices".to_string()][..])
+    );
+    assert_eq!(role.verbs, ["get", "list", "watch"]);
+    assert_eq!(
+        v3().endpoints().grpc,
+        "deepseek-v3-router.inference.svc:50051"
+    );
+}

@@ -1,0 +1,9 @@
+//! The operator's integration tests: one binary, one module per concern.
+
+mod cel;
+mod controller;
+mod crd;
+mod desired;
+mod fixtures;
+mod images;
+mod status;

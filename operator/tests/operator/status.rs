@@ -1,0 +1,303 @@
+//! Status and rollout: what was observed in, conditions and actions out.
+
+use deepseek_operator::api::{DeepSeekDeployment, DeepSeekDeploymentStatus};
+use deepseek_operator::status::{self, Blocked, Observed};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+
+use crate::fixtures::*;
+
+fn groups(count: usize) -> Vec<StatefulSet> {
+    (0..count)
+        .map(|i| StatefulSet {
+            metadata: ObjectMeta {
+                name: Some(format!("g{i}")),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn compute(dsd: &DeepSeekDeployment, pods: Vec<Pod>) -> DeepSeekDeploymentStatus {
+    let desired = dsd.desired().unwrap();
+    let existing = desired.stateful_sets.len();
+    let observed = Observed {
+        stateful_sets: groups(existing),
+        pods,
+        router: Some(available_router()),
+    };
+    status::compute(dsd, Ok(&desired), &observed, &now())
+}
+
+fn condition<'a>(status: &'a DeepSeekDeploymentStatus, type_: &str) -> &'a Condition {
+    status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+}
+
+fn state(status: &DeepSeekDeploymentStatus, type_: &str) -> (String, String) {
+    let c = condition(status, type_);
+    (c.status.clone(), c.reason.clone())
+}
+
+fn revision(dsd: &DeepSeekDeployment, pool: usize) -> String {
+    dsd.desired().unwrap().pools[pool].1.clone()
+}
+
+#[test]
+fn golden_status_of_a_ready_deployment() {
+    let dsd = v3();
+    let status = compute(&dsd, all_ready_pods(&dsd));
+    assert_golden(
+        "operator/tests/golden/status-ready.yaml",
+        &serde_yaml::to_string(&status).unwrap(),
+    );
+    assert_eq!(
+        state(&status, "Ready"),
+        ("True".into(), "AllGroupsReady".into())
+    );
+    assert_eq!(
+        state(&status, "Progressing"),
+        ("False".into(), "Complete".into())
+    );
+    assert_eq!(
+        state(&status, "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    assert_eq!(status.pool_summary, "h100:2/2 a100:1/1");
+    assert_eq!((status.replicas, status.ready_replicas), (3, 3));
+    assert_eq!(
+        status.selector,
+        "app.kubernetes.io/component=worker,serving.deepseek-operator.io/deployment=deepseek-v3"
+    );
+}
+
+#[test]
+fn golden_status_of_the_tiny_sample_starting() {
+    let dsd = tiny();
+    let status = compute(&dsd, vec![]);
+    assert_golden(
+        "operator/tests/golden/status-starting.yaml",
+        &serde_yaml::to_string(&status).unwrap(),
+    );
+}
+
+#[test]
+fn a_group_with_one_rank_missing_is_not_ready() {
+    let dsd = v3();
+    let mut pods = all_ready_pods(&dsd);
+    pods.retain(|p| p.metadata.name.as_deref() != Some("deepseek-v3-a100-g0-3"));
+    let status = compute(&dsd, pods);
+    assert_eq!(
+        state(&status, "Ready"),
+        ("False".into(), "GroupsNotReady".into())
+    );
+    assert!(
+        condition(&status, "Ready")
+            .message
+            .starts_with("a100: 0/1 groups ready on revision")
+    );
+    assert_eq!(status.pools[1].ready_replicas, 0);
+    assert_eq!(
+        state(&status, "Progressing"),
+        ("True".into(), "GroupsStarting".into())
+    );
+}
+
+#[test]
+fn a_group_half_updated_is_not_ready_even_if_every_pod_is() {
+    let dsd = v3();
+    let mut pods = all_ready_pods(&dsd);
+    // rank pod 1 of h100 group 0 still runs the old revision, and is Ready
+    pods[1] = worker_pod(&dsd, "h100", 0, 1, "0ld0ld0ld0").ready().build();
+    let status = compute(&dsd, pods);
+    assert_eq!(
+        state(&status, "Ready"),
+        ("False".into(), "GroupsNotReady".into())
+    );
+    assert_eq!(
+        state(&status, "Progressing"),
+        ("True".into(), "RollingOut".into())
+    );
+    let h100 = &status.pools[0];
+    assert_eq!((h100.ready_replicas, h100.updated_replicas), (1, 1));
+}
+
+#[test]
+fn status_reports_the_new_revision_not_the_old_one() {
+    // pods of the previous model revision are ready, but the spec moved on
+    let old = v3();
+    let old_pods = all_ready_pods(&old);
+    let mut dsd = v3();
+    dsd.spec
+        .model
+        .source
+        .hugging_face
+        .as_mut()
+        .unwrap()
+        .revision = "v3.1".into();
+    dsd.metadata.generation = Some(2);
+    let status = compute(&dsd, old_pods);
+    assert_eq!(status.observed_generation, 2);
+    assert_eq!(status.ready_replicas, 0);
+    assert_eq!(status.pools[0].revision, revision(&dsd, 0));
+    assert_eq!(state(&status, "Ready").0, "False");
+    assert_eq!(
+        state(&status, "Progressing"),
+        ("True".into(), "RollingOut".into())
+    );
+}
+
+#[test]
+fn a_crash_looping_rank_degrades_the_deployment() {
+    let dsd = tiny();
+    let pod = worker_pod(&dsd, "cpu", 0, 0, &revision(&dsd, 0))
+        .crash_looping()
+        .build();
+    let status = compute(&dsd, vec![pod]);
+    assert_eq!(
+        state(&status, "Degraded"),
+        ("True".into(), "CrashLoopBackOff".into())
+    );
+    let message = &condition(&status, "Degraded").message;
+    assert!(
+        message.starts_with("pod tiny-cpu-g0-0: CrashLoopBackOff: container worker: back-off"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unschedulable_ranks_are_reported() {
+    let dsd = v3();
+    let pod = worker_pod(&dsd, "h100", 0, 0, &revision(&dsd, 0))
+        .unschedulable()
+        .build();
+    let status = compute(&dsd, vec![pod]);
+    assert_eq!(
+        state(&status, "Degraded"),
+        ("True".into(), "Unschedulable".into())
+    );
+    assert!(
+        condition(&status, "Degraded")
+            .message
+            .contains("Insufficient nvidia.com/gpu")
+    );
+}
+
+#[test]
+fn blocked_specs_are_not_ready_with_the_reason() {
+    let dsd = tiny();
+    let blocked = Blocked {
+        reason: "ModelVolumeMissing",
+        message: "spec.model.source.pvc.claimName: missing".into(),
+    };
+    let status = status::compute(&dsd, Err(&blocked), &Observed::default(), &now());
+    assert_eq!(
+        state(&status, "Ready"),
+        ("False".into(), "ModelVolumeMissing".into())
+    );
+    assert_eq!(
+        state(&status, "Degraded"),
+        ("True".into(), "ModelVolumeMissing".into())
+    );
+    assert_eq!(condition(&status, "Ready").message, blocked.message);
+}
+
+#[test]
+fn transition_times_only_move_when_a_condition_flips() {
+    let mut dsd = v3();
+    let first = compute(&dsd, all_ready_pods(&dsd));
+    dsd.status = Some(first.clone());
+    let later = Time("2026-11-29T13:00:00Z".parse().unwrap());
+    let desired = dsd.desired().unwrap();
+    let observed = Observed {
+        stateful_sets: groups(3),
+        pods: all_ready_pods(&dsd),
+        router: Some(available_router()),
+    };
+    let again = status::compute(&dsd, Ok(&desired), &observed, &later);
+    assert_eq!(
+        again, first,
+        "an unchanged world must give an identical status (no write, no event)"
+    );
+    assert!(status::events(Some(&first), &again).is_empty());
+    let observed = Observed {
+        pods: vec![],
+        ..observed
+    };
+    let flipped = status::compute(&dsd, Ok(&desired), &observed, &later);
+    assert_eq!(condition(&flipped, "Ready").last_transition_time, later);
+    assert_eq!(condition(&flipped, "Degraded").last_transition_time, now());
+    let events: Vec<(&str, usize)> = status::events(Some(&first), &flipped)
+        .iter()
+        .map(|(r, cs)| (*r, cs.len()))
+        .collect();
+    assert_eq!(events, [("GroupsNotReady", 1), ("GroupsStarting", 1)]);
+}
+
+#[test]
+fn rollout_replaces_one_serving_group_per_pool_at_a_time() {
+    let old = v3();
+    let old_pods = all_ready_pods(&old);
+    let mut dsd = v3();
+    dsd.spec.worker.max_batch_tokens = Some(4096);
+    let desired = dsd.desired().unwrap();
+    let mut replace = status::pods_to_replace(&desired, &old_pods);
+    replace.sort();
+    // h100 g0 (both ranks) and a100 g0 (all four): one group per pool
+    assert_eq!(
+        replace,
+        [
+            "deepseek-v3-a100-g0-0",
+            "deepseek-v3-a100-g0-1",
+            "deepseek-v3-a100-g0-2",
+            "deepseek-v3-a100-g0-3",
+            "deepseek-v3-h100-g0-0",
+            "deepseek-v3-h100-g0-1"
+        ]
+    );
+    // while h100 g0 restarts (terminating, then new pods not yet ready), g1 waits
+    let mut pods: Vec<Pod> = old_pods
+        .iter()
+        .filter(|p| p.metadata.name.as_deref().unwrap().contains("h100-g1"))
+        .cloned()
+        .collect();
+    pods.push(
+        worker_pod(&dsd, "h100", 0, 0, "0ld0ld0ld0")
+            .terminating()
+            .build(),
+    );
+    pods.push(worker_pod(&dsd, "h100", 0, 1, &desired.pools[0].1).build());
+    assert!(status::pods_to_replace(&desired, &pods).is_empty());
+    // once g0 serves on the new revision, g1 goes
+    let mut pods: Vec<Pod> = old_pods
+        .iter()
+        .filter(|p| p.metadata.name.as_deref().unwrap().contains("h100-g1"))
+        .cloned()
+        .collect();
+    pods.extend((0..2).map(|i| {
+        worker_pod(&dsd, "h100", 0, i, &desired.pools[0].1)
+            .ready()
+            .build()
+    }));
+    assert_eq!(
+        status::pods_to_replace(&desired, &pods),
+        ["deepseek-v3-h100-g1-0", "deepseek-v3-h100-g1-1"]
+    );
+}
+
+#[test]
+fn broken_old_groups_are_replaced_at_once() {
+    let old = v3();
+    let mut old_pods = all_ready_pods(&old);
+    // both h100 groups have a rank down: neither serves, so both may restart now
+    old_pods.retain(|p| {
+        !p.metadata.name.as_deref().unwrap().ends_with("h100-g0-1")
+            && !p.metadata.name.as_deref().unwrap().ends_with("h100-g1-1")
+    });
+    let mut dsd = v3();
+    dsd.spec.worker.max_batch_tokens = Some(4096);
+    let replace = status::pods_to_replace(&dsd.desired().unwrap(), &old_pods);
+    assert!(replace.contains(&"deepseek-v3-h100-g0-0".to_string()));
+    assert!(replace.contains(&"deepseek-v3-h100-g1-0".to_string()));
+}
