@@ -18,6 +18,8 @@ pub const GROUP: &str = "serving.deepseek-operator.io";
 
 /// A DeepSeek mixture-of-experts model served by expert-parallel worker groups in one or more
 /// GPU node pools, behind one router endpoint (gRPC and OpenAI-compatible HTTP).
+// Several `printcolumn(type_ = ...)` entries read to clippy as repeated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "serving.deepseek-operator.io",

@@ -87,9 +87,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Runs the controller until the stream ends (it does not, short of a shutdown signal).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
-    fn api<K: Resource<DynamicType = ()>>(client: &Client, ns: &Option<String>) -> Api<K>
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
-        K: Resource<Scope = NamespaceResourceScope>,
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
     {
         match ns {
             Some(ns) => Api::namespaced(client.clone(), ns),

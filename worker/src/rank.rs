@@ -1,0 +1,221 @@
+//! Where this process sits in its expert-parallel group, from flags or the `DSD_*`
+//! environment the operator sets, checked against the placement plan.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use deepseek_proto::placement::PlacementPlan;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Checkpoint directory (config.json, safetensors).
+    #[arg(long, env = "DSD_MODEL")]
+    pub model: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "DSD_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: String,
+    /// Ranks in the expert-parallel group.
+    #[arg(long, env = "DSD_GROUP_SIZE", default_value_t = 1)]
+    pub group_size: u32,
+    /// First rank of this process. Defaults to pod index × ranks per pod.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// StatefulSet pod index (set by the operator through the downward API).
+    #[arg(long, env = "DSD_POD_INDEX", default_value_t = 0)]
+    pub pod_index: u32,
+    /// Ranks this process runs (one per local GPU).
+    #[arg(long, env = "DSD_RANKS_PER_POD", default_value_t = 1)]
+    pub ranks_per_pod: u32,
+    /// Expert-parallel address of every rank in rank order, this process's own included.
+    #[arg(long, env = "DSD_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Placement plan (JSON); round-robin when absent.
+    #[arg(long, env = "DSD_PLACEMENT")]
+    pub placement: Option<PathBuf>,
+}
+
+/// The ranks this process runs and the group around them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LocalRanks {
+    pub first: u32,
+    pub count: u32,
+    pub group_size: u32,
+    /// Expert-parallel listen address of each local rank.
+    pub listen: Vec<String>,
+}
+
+impl ServeArgs {
+    pub fn resolve(&self) -> anyhow::Result<LocalRanks> {
+        let ranks = resolve_ranks(self)?;
+        if let Some(path) = &self.placement {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--placement {}", path.display()))?;
+            let plan = PlacementPlan::from_json(&text)
+                .map_err(|e| anyhow::anyhow!("--placement {}: {e}", path.display()))?;
+            if plan.group_size != ranks.group_size {
+                bail!(
+                    "--placement {}: plan is for groupSize {}, but --group-size is {}",
+                    path.display(),
+                    plan.group_size,
+                    ranks.group_size
+                );
+            }
+        }
+        Ok(ranks)
+    }
+}
+
+fn resolve_ranks(args: &ServeArgs) -> anyhow::Result<LocalRanks> {
+    if args.group_size == 0 {
+        bail!("--group-size must be at least 1");
+    }
+    if args.ranks_per_pod == 0 {
+        bail!("--ranks-per-pod must be at least 1");
+    }
+    let first = args.rank.unwrap_or(args.pod_index * args.ranks_per_pod);
+    let end = first + args.ranks_per_pod;
+    if end > args.group_size {
+        bail!(
+            "ranks {first}..{end} do not fit in a group of {} (--rank/--pod-index, --ranks-per-pod)",
+            args.group_size
+        );
+    }
+    let listen = if args.group_size == 1 && args.peers.is_empty() {
+        vec![]
+    } else if args.peers.len() != args.group_size as usize {
+        bail!(
+            "--peers lists {} addresses, expected --group-size = {}",
+            args.peers.len(),
+            args.group_size
+        );
+    } else {
+        args.peers[first as usize..end as usize].to_vec()
+    };
+    Ok(LocalRanks {
+        first,
+        count: args.ranks_per_pod,
+        group_size: args.group_size,
+        listen,
+    })
+}
+
+impl fmt::Display for LocalRanks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let last = self.first + self.count - 1;
+        write!(f, "ranks {}..={last} of {}", self.first, self.group_size)?;
+        if !self.listen.is_empty() {
+            write!(f, ", expert-parallel on {}", self.listen.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn args(flags: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn the_pod_index_picks_this_pods_ranks_and_addresses() {
+        let peers = "a:1,a:2,b:1,b:2";
+        let ranks = resolve_ranks(&args(&[
+            "--group-size",
+            "4",
+            "--ranks-per-pod",
+            "2",
+            "--pod-index",
+            "1",
+            "--peers",
+            peers,
+        ]))
+        .unwrap();
+        assert_eq!(
+            ranks,
+            LocalRanks {
+                first: 2,
+                count: 2,
+                group_size: 4,
+                listen: vec!["b:1".into(), "b:2".into()]
+            }
+        );
+        assert_eq!(
+            ranks.to_string(),
+            "ranks 2..=3 of 4, expert-parallel on b:1, b:2"
+        );
+    }
+
+    #[test]
+    fn a_single_rank_needs_no_peers() {
+        assert_eq!(
+            resolve_ranks(&args(&[])).unwrap().to_string(),
+            "ranks 0..=0 of 1"
+        );
+    }
+
+    #[test]
+    fn inconsistent_groups_are_refused_naming_the_flag() {
+        let err = resolve_ranks(&args(&["--group-size", "4", "--peers", "a,b"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--peers lists 2 addresses, expected --group-size = 4"
+        );
+        let err = resolve_ranks(&args(&[
+            "--group-size",
+            "2",
+            "--ranks-per-pod",
+            "2",
+            "--pod-index",
+            "1",
+            "--peers",
+            "a,b",
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("ranks 2..4 do not fit in a group of 2")
+        );
+        assert!(resolve_ranks(&args(&["--group-size", "0"])).is_err());
+    }
+
+    #[test]
+    fn the_placement_plan_must_match_the_group() {
+        let dir = std::env::temp_dir().join(format!("dsd-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("plan.json");
+        let plan = PlacementPlan::round_robin(2, 8, 0);
+        std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
+        let mut serve = args(&["--group-size", "2", "--peers", "a,b"]);
+        serve.placement = Some(path.clone());
+        serve.resolve().unwrap();
+        serve.group_size = 4;
+        serve.peers = vec!["a".into(), "b".into(), "c".into(), "d".into()];
+        let err = serve.resolve().unwrap_err().to_string();
+        assert!(
+            err.ends_with("plan is for groupSize 2, but --group-size is 4"),
+            "{err}"
+        );
+        std::fs::write(&path, "{\"version\": 1}").unwrap();
+        assert!(
+            serve
+                .resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("missing field")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
