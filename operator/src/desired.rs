@@ -348,17 +348,7 @@ impl<'a> Ctx<'a> {
             spec: Some(PodSpec {
                 automount_service_account_token: Some(false),
                 enable_service_links: Some(false),
-                security_context: Some(PodSecurityContext {
-                    run_as_non_root: Some(true),
-                    run_as_user: Some(RUN_AS),
-                    run_as_group: Some(RUN_AS),
-                    fs_group: Some(RUN_AS),
-                    seccomp_profile: Some(SeccompProfile {
-                        type_: "RuntimeDefault".into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
+                security_context: Some(restricted_pod()),
                 init_containers: model.init_container.map(|c| vec![c]),
                 containers: vec![self.worker_container(pool, group, &model.path)],
                 node_selector: (!node_selector.is_empty()).then_some(node_selector),
@@ -670,16 +660,7 @@ impl<'a> Ctx<'a> {
                     spec: Some(PodSpec {
                         service_account_name: Some(name),
                         enable_service_links: Some(false),
-                        security_context: Some(PodSecurityContext {
-                            run_as_non_root: Some(true),
-                            run_as_user: Some(RUN_AS),
-                            run_as_group: Some(RUN_AS),
-                            seccomp_profile: Some(SeccompProfile {
-                                type_: "RuntimeDefault".into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
+                        security_context: Some(restricted_pod()),
                         containers: vec![container],
                         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
                             max_skew: 1,
@@ -780,6 +761,21 @@ fn same_zone_affinity(group: BTreeMap<String, String>) -> Affinity {
                     },
                 },
             ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The Pod Security "restricted" pod profile; `fsGroup` makes mounted volumes writable.
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
             ..Default::default()
         }),
         ..Default::default()

@@ -420,14 +420,7 @@ fn scaling_a_pool_adds_groups_without_a_new_revision() {
 #[test]
 fn changing_the_model_rolls_a_new_revision() {
     let before = desired(&v3());
-    let mut dsd = v3();
-    dsd.spec
-        .model
-        .source
-        .hugging_face
-        .as_mut()
-        .unwrap()
-        .revision = "9f3c1d2".into();
+    let dsd = v3_at_revision("9f3c1d2");
     let after = desired(&dsd);
     for ((_, old), (_, new)) in before.pools.iter().zip(&after.pools) {
         assert_ne!(old, new);

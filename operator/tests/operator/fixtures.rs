@@ -36,6 +36,20 @@ pub fn v3() -> DeepSeekDeployment {
     sample("deepseek-v3-h100-a100.yaml")
 }
 
+/// The v3 sample pointed at another checkpoint revision, as a user's edit would (generation 2).
+pub fn v3_at_revision(revision: &str) -> DeepSeekDeployment {
+    let mut dsd = v3();
+    dsd.spec
+        .model
+        .source
+        .hugging_face
+        .as_mut()
+        .unwrap()
+        .revision = revision.into();
+    dsd.metadata.generation = Some(2);
+    dsd
+}
+
 pub fn now() -> Time {
     Time("2026-11-29T12:00:00Z".parse().unwrap())
 }

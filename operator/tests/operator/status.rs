@@ -128,15 +128,7 @@ fn status_reports_the_new_revision_not_the_old_one() {
     // pods of the previous model revision are ready, but the spec moved on
     let old = v3();
     let old_pods = all_ready_pods(&old);
-    let mut dsd = v3();
-    dsd.spec
-        .model
-        .source
-        .hugging_face
-        .as_mut()
-        .unwrap()
-        .revision = "v3.1".into();
-    dsd.metadata.generation = Some(2);
+    let dsd = v3_at_revision("v3.1");
     let status = compute(&dsd, old_pods);
     assert_eq!(status.observed_generation, 2);
     assert_eq!(status.ready_replicas, 0);
