@@ -36,7 +36,7 @@ OPERATOR_PID=$!
 trap 'kill $OPERATOR_PID 2>/dev/null; "$KUBECTL" delete namespace "$NS" --wait=false >/dev/null 2>&1 || true' EXIT
 
 # Invalid: minReplicas above replicas is refused by the schema, naming the field.
-invalid=$(sed -e 's/namespace: default/namespace: '"$NS"'/' -e 's/replicas: 1$/replicas: 1\n      minReplicas: 2/' deploy/samples/tiny.yaml)
+invalid=$(sed -e 's/namespace: default/namespace: '"$NS"'/' -e 's/^      replicas: 1$/      replicas: 1\n      minReplicas: 2/' deploy/samples/tiny.yaml)
 if out=$(echo "$invalid" | "$KUBECTL" apply -f - 2>&1); then fail "invalid CR was accepted"; fi
 echo "$out" | grep -q "minReplicas" || fail "rejection does not name minReplicas: $out"
 

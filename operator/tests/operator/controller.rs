@@ -424,3 +424,52 @@ async fn deleting_the_resource_leaves_cleanup_to_owner_references() {
     assert_eq!(action, Action::await_change());
     api.expect_no_more_calls().await;
 }
+
+#[tokio::test]
+async fn leader_election_takes_a_free_lease_and_yields_to_a_live_holder() {
+    use deepseek_operator::leader::{self, LeaseConfig};
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = FakeApi { handle };
+    let config = |identity: &str| LeaseConfig {
+        name: "deepseek-operator".into(),
+        namespace: "default".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(15),
+        retry: Duration::from_millis(10),
+    };
+    let lease_path = format!("/apis/coordination.k8s.io/v1{NS}/leases");
+    let (tx, mut leading) = tokio::sync::watch::channel(false);
+    let client = Client::new(service, "default");
+    let elector = tokio::spawn(leader::run(client.clone(), config("a"), tx));
+    api.expect(
+        "GET",
+        &format!("{lease_path}/deepseek-operator"),
+        Reply::Status(404),
+    )
+    .await;
+    let (_, created) = api.expect("POST", &lease_path, Reply::Echo).await;
+    assert_eq!(created["spec"]["holderIdentity"], "a");
+    tokio::time::timeout(Duration::from_secs(1), leading.wait_for(|l| *l))
+        .await
+        .unwrap()
+        .unwrap();
+    elector.abort();
+
+    // A second replica sees a's fresh lease and follows without writing.
+    let (tx, leading) = tokio::sync::watch::channel(false);
+    let elector = tokio::spawn(leader::run(client, config("b"), tx));
+    api.expect(
+        "GET",
+        &format!("{lease_path}/deepseek-operator"),
+        Reply::Json(created.clone()),
+    )
+    .await;
+    api.expect(
+        "GET",
+        &format!("{lease_path}/deepseek-operator"),
+        Reply::Json(created),
+    )
+    .await;
+    assert!(!*leading.borrow());
+    elector.abort();
+}
