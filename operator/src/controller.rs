@@ -122,6 +122,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     .await;
 }
 
+#[tracing::instrument(skip_all, fields(deployment = %dsd.name_any(), namespace = ?dsd.namespace()))]
 pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.start_reconcile();
     let name = dsd.name_any();
@@ -132,9 +133,6 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         // Garbage collection follows the owner references.
         return Ok(Action::await_change());
     }
-    let span = tracing::info_span!("reconcile", deployment = %name, namespace = %ns);
-    let _enter = span.enter();
-
     let desired = match dsd.desired() {
         Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
             .await?

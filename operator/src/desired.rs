@@ -30,7 +30,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
-use crate::api::{DeepSeekDeployment, Dtype, Endpoints, HuggingFaceSource, RoutingPolicy};
+use crate::api::{
+    DeepSeekDeployment, Dtype, Endpoints, HuggingFaceSource, PoolSpec, RoutingPolicy,
+};
 use crate::names::*;
 use crate::resolve::{self, ResolvedPool, SpecError};
 
@@ -319,7 +321,7 @@ impl<'a> Ctx<'a> {
             .gpu_product
             .iter()
             .map(|p| (NODE_LABEL_GPU_PRODUCT.to_string(), p.clone()));
-        let pool_spec = spec.pools.iter().find(|p| p.name == pool.name);
+        let pool_spec = self.pool_spec(pool);
         let node_selector: BTreeMap<String, String> = gpu_node_selector
             .chain(
                 pool_spec
@@ -427,11 +429,7 @@ impl<'a> Ctx<'a> {
         );
         ports.push(container_port("metrics", METRICS_PORT));
 
-        let pool_resources = spec
-            .pools
-            .iter()
-            .find(|p| p.name == pool.name)
-            .and_then(|p| p.resources.clone());
+        let pool_resources = self.pool_spec(pool).and_then(|p| p.resources.clone());
         let mut resources = pool_resources
             .or_else(|| spec.worker.resources.clone())
             .unwrap_or_else(|| {
@@ -495,6 +493,11 @@ impl<'a> Ctx<'a> {
             ]),
             ..Default::default()
         }
+    }
+
+    /// The pool's own overrides (node selector, tolerations, affinity, resources).
+    fn pool_spec(&self, pool: &ResolvedPool) -> Option<&'a PoolSpec> {
+        self.dsd.spec.pools.iter().find(|p| p.name == pool.name)
     }
 
     fn served_name(&self) -> String {

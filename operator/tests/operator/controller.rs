@@ -473,3 +473,30 @@ async fn leader_election_takes_a_free_lease_and_yields_to_a_live_holder() {
     assert!(!*leading.borrow());
     elector.abort();
 }
+
+#[tokio::test]
+async fn an_unknown_gpu_product_is_reported_without_creating_anything() {
+    let (ctx, mut api) = setup();
+    let mut dsd = tiny();
+    dsd.spec.pools[0].gpu_product = Some("NVIDIA-V100-SXM2-16GB".into());
+    let task = run(&ctx, dsd);
+    observe_children(&mut api, vec![], vec![]).await;
+    let events = events(&mut api, 1).await;
+    assert_eq!(
+        (events[0]["reason"].as_str(), events[0]["type"].as_str()),
+        (Some("UnknownGpuProduct"), Some("Warning"))
+    );
+    let status = status_patch(&mut api).await;
+    let ready = condition(&status, "Ready");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.pools[cpu].gpuProduct: unknown GPU product")
+    );
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(300))
+    );
+    api.expect_no_more_calls().await;
+}

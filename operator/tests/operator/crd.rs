@@ -98,3 +98,19 @@ fn walk(schema: &serde_json::Value, path: &str, undocumented: &mut Vec<String>) 
         }
     }
 }
+
+#[test]
+fn pool_names_are_list_map_keys_so_duplicates_are_refused() {
+    let crd = serde_json::to_value(DeepSeekDeployment::crd()).unwrap();
+    let pools = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["pools"];
+    assert_eq!(pools["x-kubernetes-list-type"], "map");
+    assert_eq!(
+        pools["x-kubernetes-list-map-keys"],
+        serde_json::json!(["name"])
+    );
+    assert_eq!(
+        (pools["minItems"].as_f64(), pools["maxItems"].as_f64()),
+        (Some(1.0), Some(16.0))
+    );
+}

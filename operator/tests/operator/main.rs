@@ -6,4 +6,5 @@ mod crd;
 mod desired;
 mod fixtures;
 mod images;
+mod metrics;
 mod status;
