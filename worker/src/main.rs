@@ -6,6 +6,8 @@
 #[allow(dead_code)] // consumed by the engine, which lands next (issue: DeepSeek engine)
 mod config;
 mod rank;
+#[allow(dead_code)] // consumed by the engine, which lands next (issue: DeepSeek engine)
+mod weights;
 
 use clap::{Parser, Subcommand};
 
