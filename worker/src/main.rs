@@ -3,13 +3,8 @@
 //! Today it resolves and checks its place in the group (the contract with the operator);
 //! loading the model and serving gRPC come with the engine and service issues.
 
-#[allow(dead_code)] // consumed by the engine, which lands next (issue: DeepSeek engine)
-mod config;
-mod rank;
-#[allow(dead_code)] // consumed by the engine, which lands next (issue: DeepSeek engine)
-mod weights;
-
 use clap::{Parser, Subcommand};
+use deepseek_worker::rank;
 
 #[derive(Parser)]
 #[command(version, about)]

@@ -1,0 +1,7 @@
+//! The DeepSeek worker: configuration, checkpoint loading, the model on candle, and the
+//! rank's place in its expert-parallel group.
+
+pub mod config;
+pub mod model;
+pub mod rank;
+pub mod weights;

@@ -1,0 +1,146 @@
+//! The DeepSeek model (V2/V3 family) on candle, CPU path: embed → decoder layers (MLA
+//! attention, dense or mixture-of-experts MLP) → norm → lm_head. Structured after the
+//! Hugging Face `transformers` implementation it must match (see ARCHITECTURE.md).
+
+pub mod attention;
+pub mod cache;
+pub mod moe;
+pub mod ops;
+
+use anyhow::{Result, bail};
+use candle_core::{Device, Tensor};
+
+use self::attention::Attention;
+use self::cache::KvCache;
+use self::moe::{LocalExperts, MoeMlp, RoutedExperts};
+use self::ops::{Linear, Mlp, RmsNorm, Rope, load};
+use crate::config::Config;
+use crate::weights::Checkpoint;
+
+enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeMlp),
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attention: Attention,
+    post_attention_norm: RmsNorm,
+    mlp: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &Config, ckpt: &Checkpoint, layer: usize) -> Result<Self> {
+        let prefix = format!("model.layers.{layer}");
+        let (hidden, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let mlp = if cfg.is_moe_layer(layer) {
+            FeedForward::Moe(MoeMlp::load(cfg, ckpt, &format!("{prefix}.mlp"))?)
+        } else {
+            FeedForward::Dense(Mlp::load(
+                ckpt,
+                &format!("{prefix}.mlp"),
+                hidden,
+                cfg.intermediate_size,
+            )?)
+        };
+        Ok(DecoderLayer {
+            input_norm: RmsNorm::load(ckpt, &format!("{prefix}.input_layernorm"), hidden, eps)?,
+            attention: Attention::load(cfg, ckpt, &format!("{prefix}.self_attn"))?,
+            post_attention_norm: RmsNorm::load(
+                ckpt,
+                &format!("{prefix}.post_attention_layernorm"),
+                hidden,
+                eps,
+            )?,
+            mlp,
+        })
+    }
+}
+
+pub struct Model {
+    cfg: Config,
+    /// `[vocab, hidden]`
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    experts: Box<dyn RoutedExperts>,
+}
+
+impl Model {
+    /// Loads every layer with all routed experts in this process. Multi-token-prediction
+    /// layers (`num_nextn_predict_layers`, stored after the main stack) are not read.
+    pub fn load(cfg: Config, ckpt: &Checkpoint) -> Result<Self> {
+        let experts = Box::new(LocalExperts::load(&cfg, ckpt)?);
+        Self::load_with_experts(cfg, ckpt, experts)
+    }
+
+    /// Loads the replicated parts; routed experts come from `experts`.
+    pub fn load_with_experts(
+        cfg: Config,
+        ckpt: &Checkpoint,
+        experts: Box<dyn RoutedExperts>,
+    ) -> Result<Self> {
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = load(ckpt, "model.embed_tokens.weight", &[vocab, hidden])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(&cfg, ckpt, l))
+            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            Linear::load(ckpt, "model.embed_tokens", vocab, hidden)?
+        } else {
+            Linear::load(ckpt, "lm_head", vocab, hidden)?
+        };
+        Ok(Model {
+            norm: RmsNorm::load(ckpt, "model.norm", hidden, cfg.rms_norm_eps)?,
+            rope: Rope::new(&cfg),
+            embed,
+            layers,
+            lm_head,
+            experts,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Runs `tokens` of one sequence after what `cache` holds; returns their logits
+    /// `[tokens, vocab]` and extends the cache.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if tokens.is_empty() {
+            bail!("forward needs at least one token");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            );
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
+        {
+            let attn =
+                layer
+                    .attention
+                    .forward(&layer.input_norm.forward(&x)?, &self.rope, layer_cache)?;
+            x = (x + attn)?;
+            let h = layer.post_attention_norm.forward(&x)?;
+            let mlp = match &layer.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+                FeedForward::Moe(moe) => {
+                    moe.forward(i, &h, &self.cfg.moe, self.experts.as_ref())?
+                }
+            };
+            x = (x + mlp)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+}

@@ -1,0 +1,216 @@
+//! Mixture-of-experts MLP: router, routed experts behind [`RoutedExperts`] (so expert
+//! parallelism can put them on other ranks), and shared experts.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::ops::{Mlp, load};
+use crate::config::{Config, Moe as MoeConfig, ScoringFunc, TopkMethod};
+use crate::weights::Checkpoint;
+
+/// The experts each token goes to and their weights, `[tokens][top_k]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    pub experts: Vec<Vec<usize>>,
+    pub weights: Vec<Vec<f32>>,
+}
+
+/// Computes `Σₖ weights[t][k] · expert_{experts[t][k]}(x[t])` for every token of `x`
+/// (`[tokens, hidden]`). Local today; expert parallelism backs it with other ranks.
+pub trait RoutedExperts: Send + Sync {
+    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor>;
+}
+
+/// Every routed expert of every MoE layer, in this process.
+pub struct LocalExperts {
+    /// `layers[layer]` is empty for dense layers.
+    layers: Vec<Vec<Mlp>>,
+}
+
+impl LocalExperts {
+    pub fn load(cfg: &Config, ckpt: &Checkpoint) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|layer| {
+                if !cfg.is_moe_layer(layer) {
+                    return Ok(Vec::new());
+                }
+                (0..cfg.moe.n_routed_experts)
+                    .map(|e| {
+                        let prefix = format!("model.layers.{layer}.mlp.experts.{e}");
+                        Mlp::load(
+                            ckpt,
+                            &prefix,
+                            cfg.hidden_size,
+                            cfg.moe.moe_intermediate_size,
+                        )
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        Ok(LocalExperts { layers })
+    }
+}
+
+impl RoutedExperts for LocalExperts {
+    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let experts = &self.layers[layer];
+        let mut out = x.zeros_like()?;
+        for (e, expert) in experts.iter().enumerate() {
+            // tokens routed to expert e, with their gate weights
+            let (tokens, weights): (Vec<u32>, Vec<f32>) = routing
+                .experts
+                .iter()
+                .zip(&routing.weights)
+                .enumerate()
+                .filter_map(|(t, (ids, ws))| {
+                    ids.iter()
+                        .position(|&id| id == e)
+                        .map(|k| (t as u32, ws[k]))
+                })
+                .unzip();
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let index = Tensor::from_vec(tokens, n, &Device::Cpu)?;
+            let y = expert.forward(&x.index_select(&index, 0)?)?;
+            let y = y.broadcast_mul(&Tensor::from_vec(weights, (n, 1), &Device::Cpu)?)?;
+            out = out.index_add(&index, &y, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The router of one MoE layer.
+pub struct Router {
+    weight_t: Tensor,
+    /// V3: added to the scores for choosing experts only, never to their weights.
+    correction_bias: Option<Vec<f32>>,
+}
+
+impl Router {
+    pub fn load(cfg: &Config, ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
+        let experts = cfg.moe.n_routed_experts;
+        let weight = load(
+            ckpt,
+            &format!("{prefix}.weight"),
+            &[experts, cfg.hidden_size],
+        )?;
+        let bias_name = format!("{prefix}.e_score_correction_bias");
+        let correction_bias = match cfg.moe.topk_method {
+            TopkMethod::NoauxTc => Some(ckpt.load_f32(&bias_name, &[experts])?),
+            _ => None,
+        };
+        Ok(Router {
+            weight_t: weight.t()?.contiguous()?,
+            correction_bias,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, moe: &MoeConfig) -> Result<Routing> {
+        let logits: Vec<Vec<f32>> = x.matmul(&self.weight_t)?.to_vec2()?;
+        let mut routing = Routing {
+            experts: Vec::with_capacity(logits.len()),
+            weights: Vec::with_capacity(logits.len()),
+        };
+        for row in &logits {
+            let (experts, weights) = route(row, self.correction_bias.as_deref(), moe);
+            routing.experts.push(experts);
+            routing.weights.push(weights);
+        }
+        Ok(routing)
+    }
+}
+
+/// Picks one token's experts from its router logits, as the reference implementations do.
+pub fn route(logits: &[f32], bias: Option<&[f32]>, moe: &MoeConfig) -> (Vec<usize>, Vec<f32>) {
+    let scores: Vec<f32> = match moe.scoring_func {
+        ScoringFunc::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+        ScoringFunc::Softmax => {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            exp.iter().map(|e| e / sum).collect()
+        }
+    };
+    let mut choice: Vec<f32> = match bias {
+        Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
+        None => scores.clone(),
+    };
+    if moe.topk_method != TopkMethod::Greedy && moe.n_group > 1 {
+        let per_group = choice.len() / moe.n_group;
+        let group_score = |g: usize| {
+            let group = &choice[g * per_group..(g + 1) * per_group];
+            match moe.topk_method {
+                // V3: the sum of the group's two best
+                TopkMethod::NoauxTc => top_k(group, 2).iter().map(|&i| group[i]).sum::<f32>(),
+                // V2: the group's best
+                _ => group.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            }
+        };
+        let group_scores: Vec<f32> = (0..moe.n_group).map(group_score).collect();
+        let kept = top_k(&group_scores, moe.topk_group);
+        // The reference masks other groups with 0.0, not −∞; keep that.
+        for (g, group) in choice.chunks_mut(per_group).enumerate() {
+            if !kept.contains(&g) {
+                group.iter_mut().for_each(|s| *s = 0.0);
+            }
+        }
+    }
+    let experts = top_k(&choice, moe.num_experts_per_tok);
+    let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
+    if moe.norm_topk_prob {
+        let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+        weights.iter_mut().for_each(|w| *w /= sum);
+    }
+    let scale = moe.routed_scaling_factor as f32;
+    weights.iter_mut().for_each(|w| *w *= scale);
+    (experts, weights)
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
+/// A MoE layer's MLP.
+pub struct MoeMlp {
+    router: Router,
+    shared: Option<Mlp>,
+}
+
+impl MoeMlp {
+    pub fn load(cfg: &Config, ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
+        let shared = match cfg.moe.n_shared_experts {
+            0 => None,
+            n => Some(Mlp::load(
+                ckpt,
+                &format!("{prefix}.shared_experts"),
+                cfg.hidden_size,
+                n * cfg.moe.moe_intermediate_size,
+            )?),
+        };
+        Ok(MoeMlp {
+            router: Router::load(cfg, ckpt, &format!("{prefix}.gate"))?,
+            shared,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        moe: &MoeConfig,
+        experts: &dyn RoutedExperts,
+    ) -> Result<Tensor> {
+        let routing = self.router.forward(x, moe)?;
+        let routed = experts.forward(layer, x, &routing)?;
+        match &self.shared {
+            Some(shared) => Ok((routed + shared.forward(x)?)?),
+            None => Ok(routed),
+        }
+    }
+}

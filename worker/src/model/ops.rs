@@ -1,0 +1,249 @@
+//! Shared building blocks: linear layers, RMSNorm, SwiGLU MLPs, softmax and YaRN rotary
+//! embeddings. Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
+
+use anyhow::Result;
+use candle_core::{D, Device, Tensor};
+
+use crate::config::{Config, Yarn};
+use crate::weights::Checkpoint;
+
+/// `y = x Wᵀ`, with the weight kept transposed (`[in, out]`) so the product is one GEMM.
+pub struct Linear {
+    weight_t: Tensor,
+}
+
+impl Linear {
+    pub fn load(ckpt: &Checkpoint, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
+        let weight = load(ckpt, &format!("{name}.weight"), &[out_dim, in_dim])?;
+        Ok(Linear {
+            weight_t: weight.t()?.contiguous()?,
+        })
+    }
+
+    /// `x`: `[tokens, in]` → `[tokens, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight_t)?)
+    }
+
+    /// The weight as stored in the checkpoint, `[out, in]`.
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(self.weight_t.t()?)
+    }
+}
+
+/// A checkpoint tensor as an f32 tensor of the given shape.
+pub fn load(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let values = ckpt.load_f32(name, shape)?;
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+}
+
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(ckpt: &Checkpoint, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: load(ckpt, &format!("{name}.weight"), &[dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`. Dense MLPs, routed and shared experts.
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        Ok(Mlp {
+            gate: Linear::load(ckpt, &format!("{prefix}.gate_proj"), intermediate, hidden)?,
+            up: Linear::load(ckpt, &format!("{prefix}.up_proj"), intermediate, hidden)?,
+            down: Linear::load(ckpt, &format!("{prefix}.down_proj"), hidden, intermediate)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        self.down.forward(&gated)
+    }
+}
+
+/// Softmax over the last dimension, max-subtracted.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    let exp = shifted.exp()?;
+    Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Rotary embedding of the decoupled `qk_rope_head_dim` dims, with YaRN when configured.
+pub struct Rope {
+    /// `[rope_dim / 2]` inverse frequencies.
+    inv_freq: Vec<f32>,
+    /// YaRN's magnitude correction of cos/sin.
+    attention_factor: f32,
+}
+
+/// YaRN's attention magnitude scale (`yarn_get_mscale` in the reference).
+pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * factor.ln() + 1.0
+    }
+}
+
+impl Rope {
+    pub fn new(cfg: &Config) -> Self {
+        let dim = cfg.qk_rope_head_dim;
+        let base = cfg.rope_theta;
+        // base^(2i/dim), in f32 as the reference computes it
+        let pos_freqs: Vec<f32> = (0..dim / 2)
+            .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let Some(yarn) = &cfg.yarn else {
+            return Rope {
+                inv_freq: pos_freqs.iter().map(|p| 1.0 / p).collect(),
+                attention_factor: 1.0,
+            };
+        };
+        let (low, high) = yarn_correction_range(yarn, dim, base);
+        let inv_freq = pos_freqs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let extrapolation = 1.0 / p;
+                let interpolation = 1.0 / (yarn.factor as f32 * p);
+                // Fast-rotating dims (below `low`) keep their frequency, slow ones are
+                // interpolated, with a linear ramp between.
+                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                interpolation * (1.0 - keep) + extrapolation * keep
+            })
+            .collect();
+        let attention_factor = if yarn.mscale != 0.0 && yarn.mscale_all_dim != 0.0 {
+            yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+        } else {
+            yarn_mscale(yarn.factor, 1.0)
+        };
+        Rope {
+            inv_freq,
+            attention_factor: attention_factor as f32,
+        }
+    }
+
+    /// `cos` and `sin` tables, `[positions, rope_dim / 2]`.
+    pub fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for pos in start..start + len {
+            for f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos() * self.attention_factor);
+                sin.push(angle.sin() * self.attention_factor);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), &Device::Cpu)?,
+            Tensor::from_vec(sin, (len, half), &Device::Cpu)?,
+        ))
+    }
+
+    /// Rotates `x` (`[tokens, heads, rope_dim]`, pairs interleaved as the checkpoints store
+    /// them: (x0, x1), (x2, x3), …). The result is in half-split layout (all first elements,
+    /// then all second elements); queries and keys get the same layout, so their dot
+    /// products are unchanged.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (tokens, heads, dim) = x.dims3()?;
+        let pairs = x.reshape((tokens, heads, dim / 2, 2))?;
+        let even = pairs.narrow(3, 0, 1)?.squeeze(3)?;
+        let odd = pairs.narrow(3, 1, 1)?.squeeze(3)?;
+        let cos = cos.unsqueeze(1)?;
+        let sin = sin.unsqueeze(1)?;
+        let first = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+        let second = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[first, second], 2)?)
+    }
+}
+
+/// Dims whose rotation count over the original context falls between `beta_fast` and
+/// `beta_slow` get the ramp (`find_correction_range`, truncated to whole dims).
+fn yarn_correction_range(yarn: &Yarn, dim: usize, base: f64) -> (f32, f32) {
+    let correction_dim = |rotations: f64| {
+        dim as f64
+            * (yarn.original_max_position_embeddings as f64
+                / (rotations * 2.0 * std::f64::consts::PI))
+                .ln()
+            / (2.0 * base.ln())
+    };
+    let low = correction_dim(yarn.beta_fast).floor().max(0.0);
+    let high = correction_dim(yarn.beta_slow).ceil().min(dim as f64 - 1.0);
+    // equal ends would divide by zero in the ramp
+    let high = if low == high { high + 0.001 } else { high };
+    (low as f32, high as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yarn_mscale_matches_the_reference_formula() {
+        assert_eq!(yarn_mscale(1.0, 1.0), 1.0);
+        assert!((yarn_mscale(40.0, 1.0) - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
+        assert!((yarn_mscale(40.0, 0.707) - 1.2608).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rotation_of_pairs_preserves_norms_and_dot_products_shift_with_position() {
+        let mut cfg = crate::config::tests_support::tiny_config();
+        cfg.yarn = None;
+        let rope = Rope::new(&cfg);
+        let dim = cfg.qk_rope_head_dim;
+        let x: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let t = Tensor::from_vec(x.clone(), (1, 1, dim), &Device::Cpu).unwrap();
+        let (cos, sin) = rope.tables(5, 1).unwrap();
+        let r = rope
+            .apply(&t, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&r) - norm(&x)).abs() < 1e-5);
+        // position 0 is the identity (in half-split layout)
+        let (cos0, sin0) = rope.tables(0, 1).unwrap();
+        let r0 = rope
+            .apply(&t, &cos0, &sin0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let split: Vec<f32> = x
+            .iter()
+            .step_by(2)
+            .chain(x.iter().skip(1).step_by(2))
+            .copied()
+            .collect();
+        assert_eq!(r0, split);
+    }
+}

@@ -1,0 +1,3 @@
+//! The worker's integration tests: one binary, one module per concern.
+
+mod parity;

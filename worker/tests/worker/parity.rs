@@ -1,0 +1,108 @@
+//! The model against `transformers` on the committed tiny checkpoints
+//! (`tests/fixtures/make_fixtures.py`): prompt logits within 1e-4, the same 16 greedy
+//! tokens with their step logits, and incremental decode equal to recomputation.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use deepseek_worker::config::Config;
+use deepseek_worker::model::Model;
+use deepseek_worker::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
+use serde::Deserialize;
+
+const TOLERANCE: f32 = 1e-4;
+
+#[derive(Deserialize)]
+struct Reference {
+    prompt_ids: Vec<u32>,
+    prompt_logits: Vec<Vec<f32>>,
+    greedy_tokens: Vec<u32>,
+    step_logits: Vec<Vec<f32>>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn load(name: &str) -> (Model, Reference) {
+    let dir = fixture(name);
+    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
+    let ckpt = Checkpoint::open(&dir).unwrap().with_fp8_block(block);
+    let model = Model::load(cfg, &ckpt).unwrap();
+    let reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    (model, reference)
+}
+
+fn rows(logits: &Tensor) -> Vec<Vec<f32>> {
+    logits.to_vec2().unwrap()
+}
+
+/// Largest absolute difference between two logit matrices.
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+        .unwrap() as u32
+}
+
+fn check(name: &str) {
+    let (model, reference) = load(name);
+    let mut cache = model.new_cache();
+    let prompt = rows(&model.forward(&reference.prompt_ids, &mut cache).unwrap());
+    let diff = max_diff(&prompt, &reference.prompt_logits);
+    assert!(diff < TOLERANCE, "{name}: prompt logits differ by {diff}");
+
+    let mut tokens = Vec::new();
+    let mut steps = vec![prompt.last().unwrap().clone()];
+    for step in 0..reference.greedy_tokens.len() {
+        let next = argmax(&steps[step]);
+        tokens.push(next);
+        if step + 1 < reference.greedy_tokens.len() {
+            steps.push(rows(&model.forward(&[next], &mut cache).unwrap()).remove(0));
+        }
+    }
+    assert_eq!(tokens, reference.greedy_tokens, "{name}: greedy tokens");
+    let diff = max_diff(&steps, &reference.step_logits);
+    assert!(diff < TOLERANCE, "{name}: step logits differ by {diff}");
+
+    // One prefill over prompt + generated tokens gives the incremental steps' logits.
+    let mut all = reference.prompt_ids.clone();
+    all.extend(&tokens[..tokens.len() - 1]);
+    let full = rows(&model.forward(&all, &mut model.new_cache()).unwrap());
+    let recomputed = &full[reference.prompt_ids.len() - 1..];
+    let diff = max_diff(recomputed, &steps);
+    assert!(
+        diff < 1e-5,
+        "{name}: incremental decode differs from recomputation by {diff}"
+    );
+}
+
+#[test]
+fn tiny_v3_bf16_matches_transformers() {
+    check("tiny-v3-bf16");
+}
+
+#[test]
+fn tiny_v3_fp8_matches_transformers() {
+    check("tiny-v3-fp8");
+}
+
+#[test]
+fn tiny_v2_lite_matches_transformers() {
+    check("tiny-v2-lite");
+}
