@@ -93,6 +93,7 @@ pub struct Yarn {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Moe {
+    pub family: Family,
     pub n_routed_experts: usize,
     pub n_shared_experts: usize,
     pub num_experts_per_tok: usize,
@@ -332,6 +333,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         rope_theta,
         yarn,
         moe: Moe {
+            family,
             n_routed_experts,
             n_shared_experts: raw.n_shared_experts.unwrap_or(0),
             num_experts_per_tok,

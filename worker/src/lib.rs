@@ -4,4 +4,5 @@
 pub mod config;
 pub mod model;
 pub mod rank;
+pub mod sampling;
 pub mod weights;

@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::ops::{Mlp, load};
-use crate::config::{Config, Moe as MoeConfig, ScoringFunc, TopkMethod};
+use crate::config::{Config, Family, Moe as MoeConfig, ScoringFunc, TopkMethod};
 use crate::weights::Checkpoint;
 
 /// The experts each token goes to and their weights, `[tokens][top_k]`.
@@ -150,16 +150,24 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, moe: &MoeConfig) -> (Vec<usiz
         };
         let group_scores: Vec<f32> = (0..moe.n_group).map(group_score).collect();
         let kept = top_k(&group_scores, moe.topk_group);
-        // The reference masks other groups with 0.0, not −∞; keep that.
+        // As transformers does: V3 masks other groups with −∞, V2 with 0.0 (which a
+        // softmax score can never beat, so both exclude them).
+        let masked = if moe.topk_method == TopkMethod::NoauxTc {
+            f32::NEG_INFINITY
+        } else {
+            0.0
+        };
         for (g, group) in choice.chunks_mut(per_group).enumerate() {
             if !kept.contains(&g) {
-                group.iter_mut().for_each(|s| *s = 0.0);
+                group.iter_mut().for_each(|s| *s = masked);
             }
         }
     }
     let experts = top_k(&choice, moe.num_experts_per_tok);
     let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
-    if moe.norm_topk_prob {
+    // transformers normalises V3's weights only; its V2 ignores `norm_topk_prob` (released
+    // V2 checkpoints set it false, so the two agree there).
+    if moe.norm_topk_prob && moe.family == Family::V3 {
         let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
         weights.iter_mut().for_each(|w| *w /= sum);
     }
@@ -212,5 +220,51 @@ impl MoeMlp {
             Some(shared) => Ok((routed + shared.forward(x)?)?),
             None => Ok(routed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests_support::tiny_config;
+
+    #[test]
+    fn v3_routing_picks_from_the_best_groups_with_bias_for_choice_only() {
+        let mut moe = tiny_config().moe; // 4 experts, 2 groups, keep 1 group, top-2, norm
+        moe.routed_scaling_factor = 2.0;
+        let logits = [0.0, 0.0, 1.0, -1.0];
+        // bias lifts group 0 (experts 0, 1) above group 1
+        let bias = [0.5, 0.5, 0.0, 0.0];
+        let (experts, weights) = route(&logits, Some(&bias), &moe);
+        assert_eq!(experts, [0, 1]);
+        // weights come from the unbiased sigmoid scores (0.5 each), normalised, scaled
+        assert_eq!(weights, [1.0, 1.0]);
+    }
+
+    #[test]
+    fn v3_masks_other_groups_with_negative_infinity() {
+        let moe = tiny_config().moe;
+        // every choice score in the kept group is negative: masking with 0.0 would let an
+        // expert of the dropped group win the second slot
+        let logits = [0.0, 0.0, 0.0, 0.0];
+        let bias = [-0.6, -0.7, -2.0, -2.0];
+        let (experts, _) = route(&logits, Some(&bias), &moe);
+        assert_eq!(experts, [0, 1]);
+    }
+
+    #[test]
+    fn v2_softmax_greedy_uses_plain_top_k_without_normalising() {
+        let mut moe = tiny_config().moe;
+        moe.family = crate::config::Family::V2;
+        moe.scoring_func = ScoringFunc::Softmax;
+        moe.topk_method = TopkMethod::Greedy;
+        moe.routed_scaling_factor = 1.0;
+        let logits = [0.0, 2f32.ln(), 3f32.ln(), 4f32.ln()]; // softmax 0.1 0.2 0.3 0.4
+        let (experts, weights) = route(&logits, None, &moe);
+        assert_eq!(experts, [3, 2]);
+        assert!(
+            (weights[0] - 0.4).abs() < 1e-6 && (weights[1] - 0.3).abs() < 1e-6,
+            "{weights:?}"
+        );
     }
 }
