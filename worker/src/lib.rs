@@ -2,7 +2,9 @@
 //! rank's place in its expert-parallel group.
 
 pub mod config;
+pub mod generate;
 pub mod model;
 pub mod rank;
 pub mod sampling;
+pub mod tokenizer;
 pub mod weights;

@@ -1,3 +1,5 @@
 //! The worker's integration tests: one binary, one module per concern.
 
+mod cli;
 mod parity;
+mod tokenizer;

@@ -1,0 +1,253 @@
+//! Text in and out: the Hugging Face `tokenizer.json`, the chat template of
+//! `tokenizer_config.json` (rendered with minijinja, Python string methods included), UTF-8
+//! safe incremental detokenisation for streaming, and stop strings.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use minijinja::{Environment, context};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl Tokenizer {
+    /// `dir/tokenizer.json` (and `tokenizer_config.json` when present); `None` when the
+    /// model ships no tokenizer.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => {
+                serde_json::from_str(&text).with_context(|| format!("{}", config_path.display()))?
+            }
+            Err(_) => Value::Null,
+        };
+        Ok(Some(Tokenizer {
+            inner,
+            chat_template: chat_template(&config),
+            bos_token: special_token(&config, "bos_token"),
+            eos_token: special_token(&config, "eos_token"),
+        }))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`; `add_special` adds what the tokenizer's post-processor adds
+    /// (BOS for DeepSeek).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow!("detokenizing: {e}"))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders the conversation with the model's chat template. The template writes the BOS
+    /// token itself, so encode the result without special tokens.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| anyhow!("tokenizer_config.json has no chat_template"))?;
+        let mut env = Environment::new();
+        // `str.split`, `dict.get` and friends, which Hugging Face templates use.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template("chat", template)
+            .map_err(|e| anyhow!("chat_template: {e}"))?;
+        let rendered = env
+            .get_template("chat")
+            .and_then(|t| {
+                t.render(context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token,
+                    eos_token => self.eos_token,
+                })
+            })
+            .map_err(|e| anyhow!("rendering chat_template: {e}"))?;
+        Ok(rendered)
+    }
+
+    /// Ids of a chat conversation, ready to generate the assistant's reply.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages, true)?, false)
+    }
+}
+
+/// `chat_template` is a string, or a list of named templates of which "default" is used.
+fn chat_template(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(template) => Some(template.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// Special tokens are written as a string or as `{"content": ...}`.
+fn special_token(config: &Value, key: &str) -> String {
+    match config.get(key) {
+        Some(Value::String(token)) => token.clone(),
+        Some(token) => token
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        None => String::new(),
+    }
+}
+
+/// Turns a growing list of token ids into text deltas without ever emitting half a UTF-8
+/// character or a byte-fallback fragment: a delta is released only once the decoded text no
+/// longer ends in U+FFFD. Decoding a window from a few tokens back keeps word-boundary
+/// spacing right (the approach of text-generation-inference).
+#[derive(Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
+/// Finds stop strings in streamed text. Text that could be the start of a stop string is
+/// held back until it is known not to be.
+pub struct StopStrings {
+    stops: Vec<String>,
+    pending: String,
+}
+
+/// What a chunk of streamed text turned into.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopCheck {
+    /// Text safe to emit now (maybe empty).
+    Continue(String),
+    /// A stop string was reached: emit this text (before the stop) and finish.
+    Stopped(String),
+}
+
+impl StopStrings {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopStrings {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> StopCheck {
+        self.pending.push_str(text);
+        let first_stop = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
+        if let Some(at) = first_stop {
+            let before = self.pending[..at].to_string();
+            self.pending.clear();
+            return StopCheck::Stopped(before);
+        }
+        // Keep the longest tail that is a proper prefix of some stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|stop| {
+                (1..stop.len())
+                    .rev()
+                    .filter(|&n| stop.is_char_boundary(n))
+                    .find(|&n| self.pending.ends_with(&stop[..n]))
+            })
+            .max()
+            .unwrap_or(0);
+        let emit_to = self.pending.len() - keep;
+        let emitted = self.pending[..emit_to].to_string();
+        self.pending.drain(..emit_to);
+        StopCheck::Continue(emitted)
+    }
+
+    /// Text still held back when generation ends for another reason.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_hold_back_partial_matches() {
+        let mut stops = StopStrings::new(vec!["</s>".into(), "STOP".into()]);
+        assert_eq!(stops.push("hello <"), StopCheck::Continue("hello ".into()));
+        assert_eq!(stops.push("/"), StopCheck::Continue(String::new()));
+        assert_eq!(stops.push("x"), StopCheck::Continue("</x".into()));
+        assert_eq!(stops.push(" and ST"), StopCheck::Continue(" and ".into()));
+        assert_eq!(stops.push("OP more"), StopCheck::Stopped(String::new()));
+        let mut stops = StopStrings::new(vec!["é!".into()]);
+        assert_eq!(stops.push("café"), StopCheck::Continue("caf".into()));
+        assert_eq!(stops.flush(), "é");
+    }
+
+    #[test]
+    fn special_tokens_and_templates_in_both_spellings() {
+        let config = serde_json::json!({
+            "bos_token": {"content": "<s>", "lstrip": false},
+            "eos_token": "</s>",
+            "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "y"}],
+        });
+        assert_eq!(special_token(&config, "bos_token"), "<s>");
+        assert_eq!(special_token(&config, "eos_token"), "</s>");
+        assert_eq!(chat_template(&config).as_deref(), Some("y"));
+    }
+}

@@ -1,0 +1,160 @@
+//! The `generate` command-line contract, run as a process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn worker(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepseek-worker"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn greedy_generation_prints_the_reference_tokens_and_logits() {
+    let dir = fixture("tiny-v3-bf16");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<String> = reference["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let logits_file = std::env::temp_dir().join(format!("dsd-logits-{}.json", std::process::id()));
+    let out = json(&worker(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-new-tokens",
+        "16",
+        "--threads",
+        "1",
+        "--logits-out",
+        logits_file.to_str().unwrap(),
+    ]));
+    assert_eq!(out["tokens"], reference["greedy_tokens"]);
+    assert_eq!(out["prompt_ids"], reference["prompt_ids"]);
+    assert!(out["text"].is_string(), "the fixture has a tokenizer");
+    for key in ["load_s", "prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(out["timing"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    let logits: Value =
+        serde_json::from_str(&std::fs::read_to_string(&logits_file).unwrap()).unwrap();
+    std::fs::remove_file(&logits_file).unwrap();
+    for key in ["prompt_logits", "step_logits"] {
+        let ours = logits[key].as_array().unwrap();
+        let theirs = reference[key].as_array().unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{key}");
+        for (a, b) in ours.iter().zip(theirs) {
+            for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+                assert!(
+                    (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4,
+                    "{key}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn text_prompts_use_the_tokenizer() {
+    let out = json(&worker(&[
+        "generate",
+        "--model",
+        fixture("tiny-v3-bf16").to_str().unwrap(),
+        "--prompt",
+        "Hello world",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]));
+    assert_eq!(out["prompt_ids"].as_array().unwrap()[0], 0, "BOS first");
+    assert_eq!(out["tokens"].as_array().unwrap().len(), 4);
+    let again = json(&worker(&[
+        "generate",
+        "--model",
+        fixture("tiny-v3-bf16").to_str().unwrap(),
+        "--prompt",
+        "Hello world",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]));
+    assert_eq!(
+        out["tokens"], again["tokens"],
+        "a seed reproduces the tokens"
+    );
+}
+
+#[test]
+fn bad_input_fails_with_a_message_and_no_output() {
+    let v3 = fixture("tiny-v3-bf16");
+    let v3 = v3.to_str().unwrap();
+    let lite = fixture("tiny-v2-lite");
+    let lite = lite.to_str().unwrap();
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec!["--model", "/nonexistent", "--prompt-ids", "1"],
+            "/nonexistent/config.json",
+        ),
+        (
+            vec!["--model", lite, "--prompt", "hi"],
+            "has none, so give --prompt-ids",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "1,99999"],
+            "token id 99999 is outside the vocabulary",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "1", "--temperature", "-1"],
+            "temperature must be ≥ 0",
+        ),
+        (
+            vec![
+                "--model",
+                v3,
+                "--prompt-ids",
+                "1",
+                "--max-new-tokens",
+                "100000",
+            ],
+            "exceeds the context length 256",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = worker(&[&["generate"], &args[..]].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && output.stdout.is_empty(),
+            "{args:?}"
+        );
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
