@@ -669,4 +669,59 @@ mod tests {
             "{message}"
         );
     }
+
+    /// Seeded mutations of a real config: every case ends in Ok or an error naming something.
+    #[test]
+    fn ten_thousand_mutated_configs_never_panic() {
+        let base = v3().to_string().into_bytes();
+        let replacements: [&[u8]; 8] = [
+            b"0",
+            b"-1",
+            b"null",
+            b"1e400",
+            b"\"x\"",
+            b"[]",
+            b"{}",
+            b"18446744073709551616",
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut parsed = 0;
+        for _ in 0..10_000 {
+            let mut bytes = base.clone();
+            for _ in 0..1 + next() % 3 {
+                let at = next() as usize % bytes.len();
+                match next() % 3 {
+                    0 => bytes[at] = next() as u8,
+                    1 => bytes.truncate(at),
+                    _ => {
+                        // replace the value after a colon with an edge value
+                        if let Some(colon) = bytes[at..].iter().position(|&b| b == b':') {
+                            let start = at + colon + 1;
+                            let end = bytes[start..]
+                                .iter()
+                                .position(|&b| b == b',' || b == b'}')
+                                .map_or(bytes.len(), |e| start + e);
+                            let value = replacements[next() as usize % replacements.len()];
+                            bytes.splice(start..end, value.iter().copied());
+                        }
+                    }
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            match Config::from_json(&text) {
+                Ok(_) => parsed += 1,
+                Err(e) => assert!(e.to_string().starts_with("config.json: "), "{e}"),
+            }
+        }
+        assert!(parsed > 0 && parsed < 10_000, "{parsed}");
+    }
 }

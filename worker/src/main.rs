@@ -9,13 +9,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::model::Model;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
 use deepseek_worker::tokenizer::Tokenizer;
-use deepseek_worker::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -88,11 +86,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
     let start = Instant::now();
-    let cfg = Config::from_file(&args.model.join("config.json"))?;
-    let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
-    let ckpt = Checkpoint::open(&args.model)?.with_fp8_block(block);
-    let stop_ids = cfg.eos_token_ids.clone();
-    let model = Model::load(cfg, &ckpt)?;
+    let model = Model::open(&args.model)?;
+    let stop_ids = model.config().eos_token_ids.clone();
     let load_seconds = start.elapsed().as_secs_f64();
 
     let tokenizer = Tokenizer::from_dir(&args.model)?;

@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use memmap2::Mmap;
 use serde_json::Value;
@@ -94,7 +96,18 @@ pub struct Checkpoint {
     tensors: HashMap<String, TensorInfo>,
     /// FP8 block shape (`quantization_config.weight_block_size`).
     fp8_block: [usize; 2],
+    progress: Option<Progress>,
 }
+
+/// A one-line progress report on a terminal while a large checkpoint loads.
+struct Progress {
+    total: usize,
+    loaded: AtomicUsize,
+    shown_percent: AtomicUsize,
+}
+
+/// Below this a load is quick enough to need no progress line.
+const PROGRESS_MIN_BYTES: usize = 256 << 20;
 
 /// DeepSeek-V3's block size, used unless the config says otherwise.
 pub const DEFAULT_FP8_BLOCK: [usize; 2] = [128, 128];
@@ -124,6 +137,7 @@ impl Checkpoint {
             shards: Vec::new(),
             tensors: HashMap::new(),
             fp8_block: DEFAULT_FP8_BLOCK,
+            progress: None,
         };
         for (path, expected) in files {
             let file = File::open(&path).map_err(|e| file_error(&path, e))?;
@@ -158,6 +172,19 @@ impl Checkpoint {
     /// Sets the FP8 block shape from the model config.
     pub fn with_fp8_block(mut self, block: [usize; 2]) -> Self {
         self.fp8_block = block;
+        self
+    }
+
+    /// Shows progress on stderr while `total` bytes load, when stderr is a terminal and the
+    /// load is large; quiet otherwise.
+    pub fn with_progress(mut self, total: usize) -> Self {
+        if total >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal() {
+            self.progress = Some(Progress {
+                total,
+                loaded: AtomicUsize::new(0),
+                shown_percent: AtomicUsize::new(0),
+            });
+        }
         self
     }
 
@@ -202,6 +229,7 @@ impl Checkpoint {
             ));
         }
         let bytes = self.bytes(info);
+        self.advance(bytes.len());
         let mut values = to_f32(info.dtype, bytes);
         if info.dtype == Dtype::F8E4M3 {
             self.apply_block_scales(name, info, &mut values)?;
@@ -260,6 +288,23 @@ impl Checkpoint {
         let scales = to_f32(scale_info.dtype, self.bytes(scale_info));
         dequantise_blocks(values, cols, &scales, scale_cols, [block_rows, block_cols]);
         Ok(())
+    }
+
+    fn advance(&self, bytes: usize) {
+        let Some(p) = &self.progress else { return };
+        let loaded = p.loaded.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let percent = (loaded * 100 / p.total).min(100);
+        if p.shown_percent.swap(percent, Ordering::Relaxed) != percent {
+            let gb = |b: usize| b as f64 / 1e9;
+            eprint!(
+                "\rloading weights {percent:3}% ({:.1}/{:.1} GB)",
+                gb(loaded),
+                gb(p.total)
+            );
+            if percent == 100 {
+                eprintln!();
+            }
+        }
     }
 
     fn bytes(&self, info: &TensorInfo) -> &[u8] {

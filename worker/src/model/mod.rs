@@ -7,6 +7,8 @@ pub mod cache;
 pub mod moe;
 pub mod ops;
 
+use std::path::Path;
+
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
@@ -15,7 +17,19 @@ use self::cache::KvCache;
 use self::moe::{LocalExperts, MoeMlp, RoutedExperts};
 use self::ops::{Linear, Mlp, RmsNorm, Rope, load};
 use crate::config::Config;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
+
+/// The checkpoint tensors the model reads: all but the multi-token-prediction layers stored
+/// after the main stack.
+pub fn tensors_read<'a>(cfg: &Config, ckpt: &'a Checkpoint) -> impl Iterator<Item = &'a str> {
+    let layers = cfg.num_hidden_layers;
+    ckpt.names().filter(move |name| {
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok());
+        layer.is_none_or(|l| l < layers)
+    })
+}
 
 enum FeedForward {
     Dense(Mlp),
@@ -69,6 +83,17 @@ pub struct Model {
 }
 
 impl Model {
+    /// Opens a checkpoint directory (`config.json` and safetensors) and loads the whole
+    /// model, with a progress line on a terminal for large checkpoints.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let cfg = Config::from_file(&dir.join("config.json"))?;
+        let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
+        let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
+        let total = ckpt.bytes_of(tensors_read(&cfg, &ckpt));
+        let ckpt = ckpt.with_progress(total);
+        Self::load(cfg, &ckpt)
+    }
+
     /// Loads every layer with all routed experts in this process. Multi-token-prediction
     /// layers (`num_nextn_predict_layers`, stored after the main stack) are not read.
     pub fn load(cfg: Config, ckpt: &Checkpoint) -> Result<Self> {

@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use deepseek_worker::config::Config;
 use deepseek_worker::model::Model;
-use deepseek_worker::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -28,10 +26,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn load(name: &str) -> (Model, Reference) {
     let dir = fixture(name);
-    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
-    let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
-    let ckpt = Checkpoint::open(&dir).unwrap().with_fp8_block(block);
-    let model = Model::load(cfg, &ckpt).unwrap();
+    let model = Model::open(&dir).unwrap();
     let reference =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
