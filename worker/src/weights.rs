@@ -237,6 +237,21 @@ impl Checkpoint {
         Ok(values)
     }
 
+    /// The raw bits of a BF16 tensor checked to have `shape`, for weights kept in bf16.
+    pub fn load_bf16_bits(&self, name: &str, shape: &[usize]) -> Result<Vec<u16>, LoadError> {
+        let info = self.info(name)?;
+        if info.shape != shape || info.dtype != Dtype::Bf16 {
+            let message = format!("{:?} {:?}, expected BF16 {shape:?}", info.dtype, info.shape);
+            return Err(self.error(info, name, message));
+        }
+        let bytes = self.bytes(info);
+        self.advance(bytes.len());
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect())
+    }
+
     fn apply_block_scales(
         &self,
         name: &str,

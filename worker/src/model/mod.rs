@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod kernels;
 pub mod moe;
 pub mod ops;
 

@@ -4,30 +4,83 @@
 use anyhow::Result;
 use candle_core::{D, Device, Tensor};
 
+use super::kernels;
 use crate::config::{Config, Yarn};
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, Dtype};
 
-/// `y = x Wᵀ`, with the weight kept transposed (`[in, out]`) so the product is one GEMM.
+/// `y = x Wᵀ`. Weights stored as bf16 stay bf16 in memory (exact, half the bytes); decode
+/// steps read them through [`kernels::matmul_bf16`], larger batches widen them for one GEMM.
+/// Other dtypes (f32, f16, dequantised FP8) are kept as f32, transposed for the GEMM.
 pub struct Linear {
-    weight_t: Tensor,
+    storage: Storage,
 }
+
+enum Storage {
+    F32 {
+        weight_t: Tensor,
+    },
+    Bf16 {
+        bits: Vec<u16>,
+        out_dim: usize,
+        in_dim: usize,
+    },
+}
+
+/// Up to this many tokens the bf16 kernel beats widening the weight for a GEMM.
+const BF16_KERNEL_MAX_TOKENS: usize = 4;
 
 impl Linear {
     pub fn load(ckpt: &Checkpoint, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
-        let weight = load(ckpt, &format!("{name}.weight"), &[out_dim, in_dim])?;
-        Ok(Linear {
-            weight_t: weight.t()?.contiguous()?,
-        })
+        let name = format!("{name}.weight");
+        let storage = if ckpt.info(&name)?.dtype == Dtype::Bf16 {
+            Storage::Bf16 {
+                bits: ckpt.load_bf16_bits(&name, &[out_dim, in_dim])?,
+                out_dim,
+                in_dim,
+            }
+        } else {
+            Storage::F32 {
+                weight_t: load(ckpt, &name, &[out_dim, in_dim])?.t()?.contiguous()?,
+            }
+        };
+        Ok(Linear { storage })
     }
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight_t)?)
+        match &self.storage {
+            Storage::F32 { weight_t } => Ok(x.matmul(weight_t)?),
+            Storage::Bf16 {
+                bits,
+                out_dim,
+                in_dim,
+            } => {
+                let tokens = x.dim(0)?;
+                if tokens <= BF16_KERNEL_MAX_TOKENS {
+                    let input = x.flatten_all()?.to_vec1::<f32>()?;
+                    let y = kernels::matmul_bf16(&input, tokens, bits, *out_dim, *in_dim);
+                    Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?)
+                } else {
+                    Ok(x.matmul(&self.weight()?.t()?)?)
+                }
+            }
+        }
     }
 
-    /// The weight as stored in the checkpoint, `[out, in]`.
+    /// The weight as stored in the checkpoint, `[out, in]`, in f32.
     pub fn weight(&self) -> Result<Tensor> {
-        Ok(self.weight_t.t()?)
+        match &self.storage {
+            Storage::F32 { weight_t } => Ok(weight_t.t()?),
+            Storage::Bf16 {
+                bits,
+                out_dim,
+                in_dim,
+            } => Ok(Tensor::from_vec(
+                kernels::bf16_to_f32(bits),
+                (*out_dim, *in_dim),
+                &Device::Cpu,
+            )?),
+        }
     }
 }
 
