@@ -44,6 +44,35 @@ pub fn matmul_bf16(
     y
 }
 
+/// One matrix-vector product: `out[r] = Σᵢ weight[r][i] · x[i]`, `weight` row-major bf16.
+pub struct Gemv<'a> {
+    pub weight: &'a [u16],
+    pub x: &'a [f32],
+    pub out: &'a mut [f32],
+}
+
+/// Runs many products as one parallel dispatch: waking the thread pool once per layer step
+/// instead of once per matrix matters at decode, where each product takes microseconds.
+pub fn gemv_many(jobs: Vec<Gemv<'_>>) {
+    let mut tasks = Vec::new();
+    for job in jobs {
+        let in_dim = job.x.len();
+        debug_assert_eq!(job.weight.len(), job.out.len() * in_dim);
+        for (rows, out) in job
+            .weight
+            .chunks(ROWS_PER_TASK * in_dim)
+            .zip(job.out.chunks_mut(ROWS_PER_TASK))
+        {
+            tasks.push((rows, job.x, out));
+        }
+    }
+    tasks.into_par_iter().for_each(|(rows, x, out)| {
+        for (row, o) in rows.chunks_exact(x.len()).zip(out) {
+            *o = dot(row, x);
+        }
+    });
+}
+
 /// Widens bf16 weights to f32 (exact).
 pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
     bits.par_iter()
@@ -91,6 +120,29 @@ fn dot_portable(weights: &[u16], x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_products_in_one_dispatch_equal_one_at_a_time() {
+        let weight: Vec<u16> = (0..200 * 33)
+            .map(|i| half::bf16::from_f32((i % 17) as f32 * 0.01).to_bits())
+            .collect();
+        let x: Vec<f32> = (0..33).map(|i| i as f32 * 0.1).collect();
+        let (mut a, mut b) = (vec![0f32; 200], vec![0f32; 150]);
+        gemv_many(vec![
+            Gemv {
+                weight: &weight,
+                x: &x,
+                out: &mut a,
+            },
+            Gemv {
+                weight: &weight[..150 * 33],
+                x: &x,
+                out: &mut b,
+            },
+        ]);
+        assert_eq!(a, matmul_bf16(&x, 1, &weight, 200, 33));
+        assert_eq!(b[..], a[..150]);
+    }
 
     #[test]
     fn matches_a_plain_f32_product() {

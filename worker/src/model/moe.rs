@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::ops::{Mlp, load};
+use super::ops::{BF16_KERNEL_MAX_TOKENS, Mlp, load, mlps_bf16};
 use crate::config::{Config, Family, Moe as MoeConfig, ScoringFunc, TopkMethod};
 use crate::weights::Checkpoint;
 
@@ -54,6 +54,30 @@ impl LocalExperts {
 impl RoutedExperts for LocalExperts {
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let experts = &self.layers[layer];
+        let (tokens, hidden) = x.dims2()?;
+        if tokens <= BF16_KERNEL_MAX_TOKENS && experts.iter().all(Mlp::is_bf16) {
+            // Decode: every (token, expert) pair in two dispatches.
+            let rows: Vec<Vec<f32>> = x.to_vec2()?;
+            let items: Vec<(&Mlp, &[f32])> = routing
+                .experts
+                .iter()
+                .zip(&rows)
+                .flat_map(|(ids, row)| ids.iter().map(move |&e| (&experts[e], row.as_slice())))
+                .collect();
+            let outputs = mlps_bf16(&items);
+            let mut out = vec![0f32; tokens * hidden];
+            let weights = routing
+                .weights
+                .iter()
+                .enumerate()
+                .flat_map(|(t, ws)| ws.iter().map(move |&w| (t, w)));
+            for ((t, w), y) in weights.zip(&outputs) {
+                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
+                    *o += w * v;
+                }
+            }
+            return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);
+        }
         let mut out = x.zeros_like()?;
         for (e, expert) in experts.iter().enumerate() {
             // tokens routed to expert e, with their gate weights

@@ -27,7 +27,7 @@ enum Storage {
 }
 
 /// Up to this many tokens the bf16 kernel beats widening the weight for a GEMM.
-const BF16_KERNEL_MAX_TOKENS: usize = 4;
+pub const BF16_KERNEL_MAX_TOKENS: usize = 4;
 
 impl Linear {
     pub fn load(ckpt: &Checkpoint, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
@@ -64,6 +64,14 @@ impl Linear {
                     Ok(x.matmul(&self.weight()?.t()?)?)
                 }
             }
+        }
+    }
+
+    /// The bf16 weight bits and output rows, when stored as bf16.
+    fn bf16(&self) -> Option<(&[u16], usize)> {
+        match &self.storage {
+            Storage::Bf16 { bits, out_dim, .. } => Some((bits, *out_dim)),
+            Storage::F32 { .. } => None,
         }
     }
 
@@ -133,9 +141,78 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        if tokens <= BF16_KERNEL_MAX_TOKENS && self.is_bf16() {
+            let rows: Vec<Vec<f32>> = x.to_vec2()?;
+            let items: Vec<(&Mlp, &[f32])> = rows.iter().map(|r| (self, r.as_slice())).collect();
+            let out = mlps_bf16(&items).concat();
+            return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);
+        }
         let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
         self.down.forward(&gated)
     }
+
+    pub fn is_bf16(&self) -> bool {
+        self.bf16().is_some()
+    }
+
+    fn bf16(&self) -> Option<[(&[u16], usize); 3]> {
+        Some([self.gate.bf16()?, self.up.bf16()?, self.down.bf16()?])
+    }
+}
+
+/// `mlp(x)` for each `(mlp, x)` pair of single-token inputs, every MLP bf16 (check with
+/// [`Mlp::forward`]'s condition): all gate and up products in one dispatch, all down products
+/// in a second. Routed experts of a decode step go through here together.
+pub fn mlps_bf16(items: &[(&Mlp, &[f32])]) -> Vec<Vec<f32>> {
+    let weights: Vec<[(&[u16], usize); 3]> = items
+        .iter()
+        .map(|(mlp, _)| mlp.bf16().expect("bf16 MLP"))
+        .collect();
+    let mut gates: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|[(_, rows), _, _]| vec![0f32; *rows])
+        .collect();
+    let mut ups: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|[_, (_, rows), _]| vec![0f32; *rows])
+        .collect();
+    let mut jobs = Vec::with_capacity(2 * items.len());
+    for (((w, (_, x)), gate), up) in weights.iter().zip(items).zip(&mut gates).zip(&mut ups) {
+        jobs.push(kernels::Gemv {
+            weight: w[0].0,
+            x,
+            out: gate,
+        });
+        jobs.push(kernels::Gemv {
+            weight: w[1].0,
+            x,
+            out: up,
+        });
+    }
+    kernels::gemv_many(jobs);
+    // silu(gate) · up, as x / (1 + e^−x)
+    for (gate, up) in gates.iter_mut().zip(&ups) {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+    let mut outs: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|[_, _, (_, rows)]| vec![0f32; *rows])
+        .collect();
+    let jobs = weights
+        .iter()
+        .zip(&gates)
+        .zip(&mut outs)
+        .map(|((w, h), out)| kernels::Gemv {
+            weight: w[2].0,
+            x: h,
+            out,
+        })
+        .collect();
+    kernels::gemv_many(jobs);
+    outs
 }
 
 /// Softmax over the last dimension, max-subtracted.

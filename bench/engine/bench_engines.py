@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""Prefill and decode tokens/s of llama.cpp, transformers and deepseek-worker on one checkpoint.
+
+    .tools/fixtures-venv/bin/python bench/engine/bench_engines.py [--model DIR] [--engines ...]
+
+Same model (bench-small, see make_bench_model.py), same prompt (--prompt-len token ids drawn
+from a fixed seed, bos first), --gen-len greedy tokens, batch 1, --threads threads for every
+engine. Each engine is warmed up with one full run, then timed --runs times; the median is
+reported. Prefill = one forward pass over the whole prompt (its logits give the first generated
+token); decode = the remaining gen-len - 1 single-token forward passes, tokens/s = those steps /
+their summed time.
+
+  llama.cpp     llama-cpp-python (.tools/llamacpp-venv) on GGUF f16 and bf16 files made by
+                convert_to_gguf.py: Llama(n_threads=n_threads_batch=threads, n_batch=n_ubatch=
+                n_ctx=512, f32 KV cache, flash_attn off); prefill = Llama.eval(prompt),
+                decode = Llama.eval([token]) + argmax of llama_get_logits_ith(-1) per step.
+  transformers  DeepseekV3ForCausalLM.from_pretrained (.tools/fixtures-venv), CPU,
+                torch.set_num_threads(threads), attn_implementation="eager", experts
+                implementation = transformers' default (grouped_mm) unless --hf-experts;
+                float32 and bfloat16; prefill = model(prompt, logits_to_keep=1), decode =
+                model(token, past_key_values) per step, torch.inference_mode().
+  ours          $WORKER_BIN generate --model DIR --prompt-ids ... --max-new-tokens N
+                --threads T (default /work/main/target/release/deepseek-worker); its own
+                timing.prefill_tokens_per_s / timing.decode_tokens_per_s / timing.load_s.
+
+Also: this machine's memory read bandwidth (numpy float32 sum over 1 GiB, one thread, and
+torch.sum over the same array with `threads` threads; the larger is used) and the decode bound
+= bandwidth / weight bytes read per decoded token (active parameters, bf16 and f32), greedy
+token agreement of every engine with transformers float32, and the max |logit difference| of
+the prompt's last position against transformers float32.
+
+Writes bench/engine/results.json and prints a Markdown table. Engines run in subprocesses, one
+at a time, each under its own venv's Python (--llama-python, --hf-python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+DEFAULT_MODEL = os.path.join(ROOT, ".tools", "bench-model", "bench-small")
+LLAMA_PY = os.path.join(ROOT, ".tools", "llamacpp-venv", "bin", "python")
+HF_PY = os.path.join(ROOT, ".tools", "fixtures-venv", "bin", "python")
+WORKER_BIN = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target", "release", "deepseek-worker"))
+PROMPT_SEED = 7
+
+
+def make_prompt(vocab: int, n: int, bos: int) -> list[int]:
+    import random
+
+    rng = random.Random(PROMPT_SEED)
+    return [bos] + [rng.randrange(16, vocab) for _ in range(n - 1)]  # skip ids of specials
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {"runs": runs}
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s", "load_s"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if vals:
+            out[key] = statistics.median(vals)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Workers (run in a subprocess under the engine's venv); each prints one JSON line at the end
+# ------------------------------------------------------------------------------------------
+
+
+def worker_bandwidth(args) -> dict:
+    import numpy as np
+
+    n = 1 << 28  # 2^28 float32 = 1 GiB
+    a = np.ones(n, dtype=np.float32)
+    a.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    res = {"array_bytes": a.nbytes, "numpy_sum_1thread_gbs": a.nbytes / min(times) / 1e9}
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        ta = torch.from_numpy(a)
+        ta.sum()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            ta.sum()
+            times.append(time.perf_counter() - t)
+        res[f"torch_sum_{args.threads}threads_gbs"] = a.nbytes / min(times) / 1e9
+    except ImportError:
+        pass
+    res["read_gbs"] = max(v for k, v in res.items() if k.endswith("_gbs"))
+    return res
+
+
+def worker_llamacpp(args) -> dict:
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import Llama
+
+    prompt = json.loads(args.prompt_ids)
+    t0 = time.perf_counter()
+    llm = Llama(model_path=args.gguf, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=args.threads,
+                n_threads_batch=args.threads, type_k=llama_cpp.GGML_TYPE_F32,
+                type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, logits_all=False, verbose=False,
+                use_mmap=True)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def one_run():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        lg = last_logits()
+        prefill_s = time.perf_counter() - t
+        first = lg
+        toks = [int(lg.argmax())]
+        steps = []
+        for _ in range(args.gen_len - 1):
+            t = time.perf_counter()
+            llm.eval([toks[-1]])
+            tok = int(last_logits().argmax())
+            steps.append(time.perf_counter() - t)
+            toks.append(tok)
+        decode_s = sum(steps)
+        return {
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "prefill_tokens_per_s": len(prompt) / prefill_s,
+            "decode_tokens_per_s": len(steps) / decode_s if steps else None,
+            "tokens": toks,
+        }, first
+
+    one_run()  # warm-up
+    runs = []
+    first_logits = None
+    for _ in range(args.runs):
+        r, first_logits = one_run()
+        runs.append(r)
+    if args.logits_out:
+        np.save(args.logits_out, first_logits.astype(np.float32))
+    out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
+    out.update({"load_s": load_s, "tokens": runs[-1]["tokens"],
+                "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs),
+                "llama_cpp_python": llama_cpp.__version__,
+                "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()})
+    return out
+
+
+def worker_transformers(args) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    kw = {} if args.hf_experts == "default" else {"experts_implementation": args.hf_experts}
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="eager", **kw)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    prompt = json.loads(args.prompt_ids)
+    ids = torch.tensor([prompt])
+
+    @torch.inference_mode()
+    def one_run():
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        lg = out.logits[0, -1].float()
+        tok = int(lg.argmax())
+        prefill_s = time.perf_counter() - t
+        first = lg.numpy().copy()
+        cache = out.past_key_values
+        toks = [tok]
+        steps = []
+        for _ in range(args.gen_len - 1):
+            t = time.perf_counter()
+            out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tok = int(out.logits[0, -1].argmax())
+            steps.append(time.perf_counter() - t)
+            toks.append(tok)
+        decode_s = sum(steps)
+        return {
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "prefill_tokens_per_s": len(prompt) / prefill_s,
+            "decode_tokens_per_s": len(steps) / decode_s if steps else None,
+            "tokens": toks,
+        }, first
+
+    one_run()  # warm-up
+    runs = []
+    first_logits = None
+    for _ in range(args.runs):
+        r, first_logits = one_run()
+        runs.append(r)
+    if args.logits_out:
+        np.save(args.logits_out, first_logits.astype(np.float32))
+    out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
+    out.update({"load_s": load_s, "tokens": runs[-1]["tokens"],
+                "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs),
+                "transformers": transformers.__version__, "torch": torch.__version__,
+                "experts_implementation": model.config._experts_implementation,
+                "attn_implementation": model.config._attn_implementation})
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Orchestrator
+# ------------------------------------------------------------------------------------------
+
+
+def run_worker(python: str, name: str, extra: list[str], args, prompt: list[int]) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--worker", name, "--model", args.model,
+           "--threads", str(args.threads), "--runs", str(args.runs), "--gen-len", str(args.gen_len),
+           "--prompt-ids", json.dumps(prompt), *extra]
+    print(f"== {name} {' '.join(extra)}", flush=True)
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stderr[-4000:], file=sys.stderr)
+        return {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.time() - t
+    if "decode_tokens_per_s" in res:
+        print(f"   prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode "
+              f"{res['decode_tokens_per_s']:.2f} tok/s ({res['wall_s']:.0f} s)", flush=True)
+    return res
+
+
+def run_ours(args, prompt: list[int]) -> dict:
+    if not (os.path.isfile(WORKER_BIN) and os.access(WORKER_BIN, os.X_OK)):
+        msg = f"skipped: {WORKER_BIN} does not exist (build it with cargo build --release, or set WORKER_BIN)"
+        print(f"== ours: {msg}", flush=True)
+        return {"skipped": msg}
+    cmd = [WORKER_BIN, "generate", "--model", args.model, "--prompt-ids", ",".join(map(str, prompt)),
+           "--max-new-tokens", str(args.gen_len), "--threads", str(args.threads)]
+    print(f"== ours: {' '.join(cmd[:4])} --prompt-ids <{len(prompt)} ids> {' '.join(cmd[6:])}", flush=True)
+    runs = []
+    for i in range(args.runs + 1):  # the first is the warm-up
+        t = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.time() - t
+        if p.returncode != 0:
+            return {"error": f"exit {p.returncode}: {p.stderr.strip()[-2000:]}"}
+        doc = json.loads(p.stdout.strip().splitlines()[-1])
+        tm = doc["timing"]
+        r = {"prefill_tokens_per_s": tm["prefill_tokens_per_s"], "decode_tokens_per_s": tm["decode_tokens_per_s"],
+             "load_s": tm.get("load_s"), "wall_s": wall, "tokens": doc["tokens"]}
+        if i > 0:
+            runs.append(r)
+    out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
+    out.update({"tokens": runs[-1]["tokens"], "binary": WORKER_BIN,
+                "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs)})
+    if len(out["tokens"]) < args.gen_len:
+        out["note"] = f"stopped after {len(out['tokens'])} tokens (eos)"
+    print(f"   prefill {out['prefill_tokens_per_s']:.1f} tok/s, decode {out['decode_tokens_per_s']:.2f} tok/s",
+          flush=True)
+    return out
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "nproc": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache"):
+                info[k.strip()] = v.strip()
+        info["avx512_bf16"] = "avx512_bf16" in out
+    except FileNotFoundError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["MemTotal"] = f.readline().split(":")[1].strip()
+    except OSError:
+        pass
+    return info
+
+
+def agreement(ref: list[int], toks: list[int], n: int) -> dict:
+    k = min(n, len(ref), len(toks))
+    first_diff = next((i for i in range(min(len(ref), len(toks))) if ref[i] != toks[i]), None)
+    return {f"first_{n}_match": ref[:k] == toks[:k] and k == n,
+            "matching_prefix": first_diff if first_diff is not None else min(len(ref), len(toks))}
+
+
+def fmt(x, nd=1):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--engines", default="llamacpp,transformers,ours")
+    ap.add_argument("--gguf-types", default="f16,bf16", help="GGUF files bench-small-<type>.gguf in --model")
+    ap.add_argument("--hf-dtypes", default="float32,bfloat16")
+    ap.add_argument("--hf-experts", default="default", help="transformers experts_implementation")
+    ap.add_argument("--llama-python", default=LLAMA_PY)
+    ap.add_argument("--hf-python", default=HF_PY)
+    ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    # worker mode
+    ap.add_argument("--worker", choices=["bandwidth", "llamacpp", "transformers"])
+    ap.add_argument("--prompt-ids")
+    ap.add_argument("--gguf")
+    ap.add_argument("--dtype")
+    ap.add_argument("--logits-out")
+    args = ap.parse_args()
+    args.model = os.path.abspath(args.model)
+
+    if args.worker:
+        fn = {"bandwidth": worker_bandwidth, "llamacpp": worker_llamacpp, "transformers": worker_transformers}
+        print(json.dumps(fn[args.worker](args)))
+        return
+
+    import numpy as np
+
+    cfg = json.load(open(os.path.join(args.model, "config.json")))
+    params = json.load(open(os.path.join(args.model, "bench_params.json")))
+    prompt = make_prompt(cfg["vocab_size"], args.prompt_len, cfg["bos_token_id"])
+    engines = args.engines.split(",")
+    tmp = tempfile.mkdtemp(prefix="bench-engines-")
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(),
+        "model": {"dir": args.model, "total_params": params["total_params"],
+                  "active_params_per_token": params["active_params_per_token"],
+                  "bf16_bytes_per_token": params["bf16_bytes_per_token"],
+                  "f32_bytes_per_token": params["f32_bytes_per_token"],
+                  **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
+                                         "num_experts_per_tok", "n_group", "topk_group", "vocab_size")}},
+        "setup": {"prompt_len": args.prompt_len, "gen_len": args.gen_len, "threads": args.threads,
+                  "runs": args.runs, "batch": 1, "greedy": True, "prompt_seed": PROMPT_SEED,
+                  "prompt_ids": prompt},
+        "engines": {},
+    }
+
+    bw = run_worker(args.hf_python, "bandwidth", [], args, prompt)
+    results["bandwidth"] = bw
+    if "read_gbs" in bw:
+        g = bw["read_gbs"] * 1e9
+        results["decode_bound_tokens_per_s"] = {"bf16": g / params["bf16_bytes_per_token"],
+                                                "f32": g / params["f32_bytes_per_token"]}
+        print(f"   read bandwidth {bw['read_gbs']:.1f} GB/s -> decode bound bf16 "
+              f"{results['decode_bound_tokens_per_s']['bf16']:.1f} tok/s, f32 "
+              f"{results['decode_bound_tokens_per_s']['f32']:.1f} tok/s", flush=True)
+
+    logits = {}
+    if "transformers" in engines:
+        for dt in args.hf_dtypes.split(","):
+            lo = os.path.join(tmp, f"hf-{dt}.npy")
+            r = run_worker(args.hf_python, "transformers",
+                           ["--dtype", dt, "--hf-experts", args.hf_experts, "--logits-out", lo], args, prompt)
+            results["engines"][f"transformers-{dt}"] = r
+            if os.path.exists(lo):
+                logits[f"transformers-{dt}"] = np.load(lo)
+    if "llamacpp" in engines:
+        if not os.path.exists(args.llama_python):
+            results["engines"]["llamacpp"] = {"skipped": f"{args.llama_python} missing"}
+        for gt in args.gguf_types.split(","):
+            path = os.path.join(args.model, f"bench-small-{gt}.gguf")
+            if not os.path.exists(path):
+                results["engines"][f"llamacpp-{gt}"] = {"skipped": f"{path} missing (convert_to_gguf.py)"}
+                continue
+            lo = os.path.join(tmp, f"llamacpp-{gt}.npy")
+            r = run_worker(args.llama_python, "llamacpp", ["--gguf", path, "--logits-out", lo], args, prompt)
+            results["engines"][f"llamacpp-{gt}"] = r
+            if os.path.exists(lo):
+                logits[f"llamacpp-{gt}"] = np.load(lo)
+    if "ours" in engines:
+        results["engines"]["ours"] = run_ours(args, prompt)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    # correctness against transformers float32
+    ref_name = "transformers-float32"
+    ref = results["engines"].get(ref_name, {}).get("tokens")
+    if ref is not None:
+        for name, r in results["engines"].items():
+            if r.get("tokens") is not None:
+                r["agreement_vs_" + ref_name] = agreement(ref, r["tokens"], 8)
+                if name in logits and ref_name in logits:
+                    r["last_prompt_logits_max_abs_diff_vs_" + ref_name] = float(
+                        np.abs(logits[name] - logits[ref_name]).max())
+        if cfg["eos_token_id"] in ref:
+            results["note_eos"] = "transformers' greedy tokens contain eos; 'ours' stops there"
+
+    # ratios
+    ours = results["engines"].get("ours", {})
+    ratios = {}
+    if "decode_tokens_per_s" in ours:
+        for name, r in results["engines"].items():
+            if name != "ours" and "decode_tokens_per_s" in r:
+                ratios[f"ours/{name}"] = {
+                    "prefill": ours["prefill_tokens_per_s"] / r["prefill_tokens_per_s"],
+                    "decode": ours["decode_tokens_per_s"] / r["decode_tokens_per_s"]}
+    results["ratios"] = ratios
+
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+
+    # Markdown
+    bound = results.get("decode_bound_tokens_per_s", {})
+    lines = [f"bench-small: {params['total_params'] / 1e6:.0f} M params, {params['active_params_per_token'] / 1e6:.1f} M active "
+             f"({params['bf16_bytes_per_token'] / 1e6:.0f} MB/token bf16); prompt {args.prompt_len}, "
+             f"{args.gen_len} greedy tokens, {args.threads} threads, median of {args.runs} runs; "
+             f"{results['machine'].get('Model name', '?')}, {results['machine'].get('nproc')} cores",
+             "",
+             "| engine | weights | prefill tok/s | decode tok/s | decode / bound | first 8 tokens = HF f32 | "
+             "matching prefix (of {}) | last-prompt logits max abs diff vs HF f32 | load s |".format(args.gen_len),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["engines"].items():
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {name} | | {r.get('skipped') or r.get('error')} | | | | | | |")
+            continue
+        wt = "f32" if name.endswith("float32") else ("f16" if name.endswith("f16") and "bf16" not in name else "bf16")
+        b = bound.get("f32" if wt == "f32" else "bf16")
+        ag = r.get("agreement_vs_" + ref_name, {})
+        ld = r.get("last_prompt_logits_max_abs_diff_vs_" + ref_name)
+        lines.append(f"| {name} | {wt} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('decode_tokens_per_s'), 2)} | "
+                     f"{fmt(r['decode_tokens_per_s'] / b if b and r.get('decode_tokens_per_s') else None, 2)} | "
+                     f"{ag.get('first_8_match', '–')} | {ag.get('matching_prefix', '–')} | "
+                     f"{'–' if ld is None else f'{ld:.2e}'} | {fmt(r.get('load_s'), 2)} |")
+    lines.append("")
+    if bw.get("read_gbs"):
+        lines.append(f"Memory read bandwidth: {bw['read_gbs']:.1f} GB/s ("
+                     + ", ".join(f"{k} {v:.1f}" for k, v in bw.items() if k.endswith("_gbs") and k != "read_gbs")
+                     + f"); decode bound: bf16 {bound['bf16']:.1f} tok/s, f32 {bound['f32']:.1f} tok/s")
+    for k, v in ratios.items():
+        lines.append(f"{k}: prefill x{v['prefill']:.2f}, decode x{v['decode']:.2f}")
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
