@@ -140,6 +140,12 @@ impl Model {
     /// Runs `tokens` of one sequence after what `cache` holds; returns their logits
     /// `[tokens, vocab]` and extends the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        // Run the step on a pool thread: parallel kernels started from a pool thread share
+        // the work with it instead of parking the caller and waking it per kernel.
+        rayon::scope(|_| self.forward_on_pool(tokens, cache))
+    }
+
+    fn forward_on_pool(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         if tokens.is_empty() {
             bail!("forward needs at least one token");
         }
