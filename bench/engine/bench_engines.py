@@ -24,7 +24,7 @@ their summed time.
                 timing.prefill_tokens_per_s / timing.decode_tokens_per_s / timing.load_s.
 
 Also: this machine's memory read bandwidth (numpy float32 sum over 1 GiB, one thread, and
-torch.sum over the same array with `threads` threads; the larger is used) and the decode bound
+torch.sum over the same array with `threads` threads; median of 7 passes each; the larger is used) and the decode bound
 = bandwidth / weight bytes read per decoded token (active parameters, bf16 and f32), greedy
 token agreement of every engine with transformers float32, and the max |logit difference| of
 the prompt's last position against transformers float32.
@@ -83,11 +83,11 @@ def worker_bandwidth(args) -> dict:
     a = np.ones(n, dtype=np.float32)
     a.sum()
     times = []
-    for _ in range(5):
+    for _ in range(7):
         t = time.perf_counter()
         a.sum()
         times.append(time.perf_counter() - t)
-    res = {"array_bytes": a.nbytes, "numpy_sum_1thread_gbs": a.nbytes / min(times) / 1e9}
+    res = {"array_bytes": a.nbytes, "numpy_sum_1thread_gbs": a.nbytes / statistics.median(times) / 1e9}
     try:
         import torch
 
@@ -95,11 +95,11 @@ def worker_bandwidth(args) -> dict:
         ta = torch.from_numpy(a)
         ta.sum()
         times = []
-        for _ in range(5):
+        for _ in range(7):
             t = time.perf_counter()
             ta.sum()
             times.append(time.perf_counter() - t)
-        res[f"torch_sum_{args.threads}threads_gbs"] = a.nbytes / min(times) / 1e9
+        res[f"torch_sum_{args.threads}threads_gbs"] = a.nbytes / statistics.median(times) / 1e9
     except ImportError:
         pass
     res["read_gbs"] = max(v for k, v in res.items() if k.endswith("_gbs"))
@@ -190,6 +190,7 @@ def worker_transformers(args) -> dict:
         first = lg.numpy().copy()
         cache = out.past_key_values
         toks = [tok]
+        gaps = [lg.topk(2)[0]]
         steps = []
         for _ in range(args.gen_len - 1):
             t = time.perf_counter()
@@ -198,6 +199,7 @@ def worker_transformers(args) -> dict:
             tok = int(out.logits[0, -1].argmax())
             steps.append(time.perf_counter() - t)
             toks.append(tok)
+            gaps.append(out.logits[0, -1].float().topk(2)[0])
         decode_s = sum(steps)
         return {
             "prefill_s": prefill_s,
@@ -205,6 +207,8 @@ def worker_transformers(args) -> dict:
             "prefill_tokens_per_s": len(prompt) / prefill_s,
             "decode_tokens_per_s": len(steps) / decode_s if steps else None,
             "tokens": toks,
+            # top-1 minus top-2 logit of each greedy step: how close each choice was
+            "top1_top2_gaps": [round(float(g[0] - g[1]), 5) for g in gaps],
         }, first
 
     one_run()  # warm-up
@@ -215,8 +219,8 @@ def worker_transformers(args) -> dict:
         runs.append(r)
     if args.logits_out:
         np.save(args.logits_out, first_logits.astype(np.float32))
-    out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
-    out.update({"load_s": load_s, "tokens": runs[-1]["tokens"],
+    out = summarize([{k: v for k, v in r.items() if k not in ("tokens", "top1_top2_gaps")} for r in runs])
+    out.update({"load_s": load_s, "tokens": runs[-1]["tokens"], "top1_top2_gaps": runs[-1]["top1_top2_gaps"],
                 "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs),
                 "transformers": transformers.__version__, "torch": torch.__version__,
                 "experts_implementation": model.config._experts_implementation,
@@ -316,7 +320,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="llamacpp,transformers,ours")
-    ap.add_argument("--gguf-types", default="f16,bf16", help="GGUF files bench-small-<type>.gguf in --model")
+    ap.add_argument("--gguf-types", default="f16,bf16,f32", help="GGUF files bench-small-<type>.gguf in --model")
     ap.add_argument("--hf-dtypes", default="float32,bfloat16")
     ap.add_argument("--hf-experts", default="default", help="transformers experts_implementation")
     ap.add_argument("--llama-python", default=LLAMA_PY)
@@ -436,7 +440,8 @@ def main() -> None:
         if "skipped" in r or "error" in r:
             lines.append(f"| {name} | | {r.get('skipped') or r.get('error')} | | | | | | |")
             continue
-        wt = "f32" if name.endswith("float32") else ("f16" if name.endswith("f16") and "bf16" not in name else "bf16")
+        wt = ("f32" if name.endswith(("float32", "-f32")) else
+              "f16" if name.endswith("-f16") else "bf16")
         b = bound.get("f32" if wt == "f32" else "bf16")
         ag = r.get("agreement_vs_" + ref_name, {})
         ld = r.get("last_prompt_logits_max_abs_diff_vs_" + ref_name)

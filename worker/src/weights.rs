@@ -12,6 +12,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use memmap2::Mmap;
@@ -86,7 +87,53 @@ impl std::error::Error for LoadError {}
 
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
+}
+
+/// A BF16 tensor's elements, borrowed from the checkpoint's mapping when it is aligned (no
+/// copy, no extra memory: the page cache holds the weights), copied otherwise.
+pub struct Bf16Weights(Bf16Storage);
+
+enum Bf16Storage {
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<u16>),
+}
+
+impl Bf16Weights {
+    pub fn bits(&self) -> &[u16] {
+        match &self.0 {
+            Bf16Storage::Mapped { map, start, len } => {
+                let bytes = &map[*start..*start + 2 * len];
+                // SAFETY: `mapped` checked that these bytes are 2-aligned and the target is
+                // little-endian, so they are `len` valid u16 in place; the mapping is
+                // read-only and lives as long as `self`.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), *len) }
+            }
+            Bf16Storage::Owned(bits) => bits,
+        }
+    }
+
+    fn mapped(map: &Arc<Mmap>, start: usize, end: usize) -> Self {
+        let bytes = &map[start..end];
+        if cfg!(target_endian = "little") && bytes.as_ptr().align_offset(2) == 0 {
+            Bf16Weights(Bf16Storage::Mapped {
+                map: Arc::clone(map),
+                start,
+                len: bytes.len() / 2,
+            })
+        } else {
+            Bf16Weights(Bf16Storage::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ))
+        }
+    }
 }
 
 /// An opened checkpoint: every shard mapped and its header checked.
@@ -144,7 +191,7 @@ impl Checkpoint {
             // SAFETY: the mapping is read-only and every access below is bounds-checked
             // against its length; a file truncated by someone else while mapped is outside
             // what any loader can defend against.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(&path, e))?;
+            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| file_error(&path, e))?);
             let shard = checkpoint.shards.len();
             let tensors = parse_header(&map).map_err(|(tensor, message)| LoadError {
                 file: path.clone(),
@@ -237,19 +284,19 @@ impl Checkpoint {
         Ok(values)
     }
 
-    /// The raw bits of a BF16 tensor checked to have `shape`, for weights kept in bf16.
-    pub fn load_bf16_bits(&self, name: &str, shape: &[usize]) -> Result<Vec<u16>, LoadError> {
+    /// A BF16 tensor checked to have `shape`, kept in bf16 (for weights used as stored).
+    pub fn load_bf16(&self, name: &str, shape: &[usize]) -> Result<Bf16Weights, LoadError> {
         let info = self.info(name)?;
         if info.shape != shape || info.dtype != Dtype::Bf16 {
             let message = format!("{:?} {:?}, expected BF16 {shape:?}", info.dtype, info.shape);
             return Err(self.error(info, name, message));
         }
-        let bytes = self.bytes(info);
-        self.advance(bytes.len());
-        Ok(bytes
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect())
+        self.advance(info.end - info.start);
+        Ok(Bf16Weights::mapped(
+            &self.shards[info.shard].map,
+            info.start,
+            info.end,
+        ))
     }
 
     fn apply_block_scales(
@@ -623,6 +670,36 @@ pub mod tests {
         assert_eq!(ckpt.load_f32("a", &[2]).unwrap(), [1.0, 2.0]);
         assert_eq!(ckpt.load_f32("b", &[1, 2]).unwrap(), [1.5, -2.0]);
         assert_eq!(ckpt.load_f32("c", &[1]).unwrap(), [0.25]);
+    }
+
+    #[test]
+    fn bf16_weights_are_read_in_place_or_copied_when_unaligned() {
+        let bits: Vec<u8> = [1.5f32, -2.0, 0.25]
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        // a one-byte tensor first leaves the bf16 one at an odd offset: it must be copied
+        for tensors in [
+            vec![("b", "BF16", vec![3], bits.clone())],
+            vec![
+                ("pad", "F8_E4M3", vec![1], vec![0]),
+                ("b", "BF16", vec![3], bits.clone()),
+            ],
+        ] {
+            let ckpt = open(&safetensors(&tensors)).unwrap();
+            let weights = ckpt.load_bf16("b", &[3]).unwrap();
+            let values: Vec<f32> = weights
+                .bits()
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            assert_eq!(values, [1.5, -2.0, 0.25]);
+        }
+        let ckpt = open(&safetensors(&[("f", "F32", vec![1], f32_bytes(&[1.0]))])).unwrap();
+        assert!(
+            ckpt.load_bf16("f", &[1])
+                .is_err_and(|e| e.to_string().ends_with("F32 [1], expected BF16 [1]"))
+        );
     }
 
     #[test]

@@ -11,12 +11,12 @@ pub mod ops;
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use self::attention::Attention;
 use self::cache::KvCache;
 use self::moe::{LocalExperts, MoeMlp, RoutedExperts};
-use self::ops::{Linear, Mlp, RmsNorm, Rope, load};
+use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::config::Config;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
@@ -75,7 +75,7 @@ impl DecoderLayer {
 pub struct Model {
     cfg: Config,
     /// `[vocab, hidden]`
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -109,7 +109,7 @@ impl Model {
         experts: Box<dyn RoutedExperts>,
     ) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = load(ckpt, "model.embed_tokens.weight", &[vocab, hidden])?;
+        let embed = Embedding::load(ckpt, "model.embed_tokens.weight", vocab, hidden)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| DecoderLayer::load(&cfg, ckpt, l))
             .collect::<Result<_>>()?;
@@ -155,8 +155,7 @@ impl Model {
                 self.cfg.vocab_size
             );
         }
-        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.forward(tokens)?;
         for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
         {
             let attn =

@@ -6,7 +6,7 @@ use candle_core::{D, Device, Tensor};
 
 use super::kernels;
 use crate::config::{Config, Yarn};
-use crate::weights::{Checkpoint, Dtype};
+use crate::weights::{Bf16Weights, Checkpoint, Dtype};
 
 /// `y = x Wᵀ`. Weights stored as bf16 stay bf16 in memory (exact, half the bytes); decode
 /// steps read them through [`kernels::matmul_bf16`], larger batches widen them for one GEMM.
@@ -20,7 +20,7 @@ enum Storage {
         weight_t: Tensor,
     },
     Bf16 {
-        bits: Vec<u16>,
+        bits: Bf16Weights,
         out_dim: usize,
         in_dim: usize,
     },
@@ -34,7 +34,7 @@ impl Linear {
         let name = format!("{name}.weight");
         let storage = if ckpt.info(&name)?.dtype == Dtype::Bf16 {
             Storage::Bf16 {
-                bits: ckpt.load_bf16_bits(&name, &[out_dim, in_dim])?,
+                bits: ckpt.load_bf16(&name, &[out_dim, in_dim])?,
                 out_dim,
                 in_dim,
             }
@@ -58,7 +58,7 @@ impl Linear {
                 let tokens = x.dim(0)?;
                 if tokens <= BF16_KERNEL_MAX_TOKENS {
                     let input = x.flatten_all()?.to_vec1::<f32>()?;
-                    let y = kernels::matmul_bf16(&input, tokens, bits, *out_dim, *in_dim);
+                    let y = kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim);
                     Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?)
                 } else {
                     Ok(x.matmul(&self.weight()?.t()?)?)
@@ -70,7 +70,7 @@ impl Linear {
     /// The bf16 weight bits and output rows, when stored as bf16.
     fn bf16(&self) -> Option<(&[u16], usize)> {
         match &self.storage {
-            Storage::Bf16 { bits, out_dim, .. } => Some((bits, *out_dim)),
+            Storage::Bf16 { bits, out_dim, .. } => Some((bits.bits(), *out_dim)),
             Storage::F32 { .. } => None,
         }
     }
@@ -84,10 +84,47 @@ impl Linear {
                 out_dim,
                 in_dim,
             } => Ok(Tensor::from_vec(
-                kernels::bf16_to_f32(bits),
+                kernels::bf16_to_f32(bits.bits()),
                 (*out_dim, *in_dim),
                 &Device::Cpu,
             )?),
+        }
+    }
+}
+
+/// Token embeddings, kept as stored when bf16 (only looked-up rows are widened).
+pub enum Embedding {
+    F32(Tensor),
+    Bf16 { bits: Bf16Weights, hidden: usize },
+}
+
+impl Embedding {
+    pub fn load(ckpt: &Checkpoint, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
+        Ok(if ckpt.info(name)?.dtype == Dtype::Bf16 {
+            Embedding::Bf16 {
+                bits: ckpt.load_bf16(name, &[vocab, hidden])?,
+                hidden,
+            }
+        } else {
+            Embedding::F32(load(ckpt, name, &[vocab, hidden])?)
+        })
+    }
+
+    /// `[ids.len(), hidden]`; ids must be in the vocabulary.
+    pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Embedding::F32(table) => {
+                let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
+                Ok(table.index_select(&ids, 0)?)
+            }
+            Embedding::Bf16 { bits, hidden } => {
+                let rows: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&id| &bits.bits()[id as usize * hidden..][..*hidden])
+                    .map(|&b| f32::from_bits(u32::from(b) << 16))
+                    .collect();
+                Ok(Tensor::from_vec(rows, (ids.len(), *hidden), &Device::Cpu)?)
+            }
         }
     }
 }
