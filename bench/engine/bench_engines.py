@@ -31,6 +31,12 @@ the prompt's last position against transformers float32.
 
 Writes bench/engine/results.json and prints a Markdown table. Engines run in subprocesses, one
 at a time, each under its own venv's Python (--llama-python, --hf-python).
+
+The machine is shared (2 cores): before each engine the script waits (--quiet-wait s at most)
+until no compiler (rustc, cargo, rust-lld, cc1, ...) runs, and while the engine runs it samples
+/proc twice a second; each engine's `contended_fraction` (table column "compiler running") is
+the share of samples in which a compiler ran alongside it. Figures with a non-zero share are
+low by up to 2x.
 """
 
 from __future__ import annotations
@@ -233,18 +239,84 @@ def worker_transformers(args) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
+# Processes that mean someone else is compiling on this (shared, 2-core) machine.
+COMPETITORS = {"rustc", "cargo", "rust-lld", "ld", "cc1", "cc1plus", "cc", "c++", "ninja", "make"}
+
+
+def competitors() -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            if name in COMPETITORS:
+                found.append(name)
+    return found
+
+
+def wait_quiet(max_wait: float) -> float:
+    """Waits (up to max_wait s) until no compiler runs; returns the seconds waited."""
+    t = time.time()
+    while competitors() and time.time() - t < max_wait:
+        time.sleep(2)
+    return time.time() - t
+
+
+class ContentionMonitor:
+    """Samples /proc twice a second while an engine runs: the share of samples in which a
+    compiler (someone else's cargo build) was running too."""
+
+    def __init__(self):
+        import threading
+
+        self.samples = 0
+        self.busy = 0
+        self.names: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            c = competitors()
+            self.samples += 1
+            if c:
+                self.busy += 1
+                self.names.update(c)
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict:
+        return {"contended_fraction": round(self.busy / max(self.samples, 1), 3),
+                "competitors_seen": sorted(self.names)}
+
+
 def run_worker(python: str, name: str, extra: list[str], args, prompt: list[int]) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", name, "--model", args.model,
            "--threads", str(args.threads), "--runs", str(args.runs), "--gen-len", str(args.gen_len),
            "--prompt-ids", json.dumps(prompt), *extra]
+    waited = wait_quiet(args.quiet_wait)
     print(f"== {name} {' '.join(extra)}", flush=True)
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    with ContentionMonitor() as mon:
+        p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stderr[-4000:], file=sys.stderr)
         return {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.time() - t
+    res.update(mon.report(), waited_for_quiet_s=round(waited, 1))
+    if res["contended_fraction"]:
+        print(f"   note: a compiler ran during {100 * res['contended_fraction']:.0f}% of this measurement", flush=True)
     if "decode_tokens_per_s" in res:
         print(f"   prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode "
               f"{res['decode_tokens_per_s']:.2f} tok/s ({res['wall_s']:.0f} s)", flush=True)
@@ -260,11 +332,14 @@ def run_ours(args, prompt: list[int]) -> dict:
            "--max-new-tokens", str(args.gen_len), "--threads", str(args.threads)]
     print(f"== ours: {' '.join(cmd[:4])} --prompt-ids <{len(prompt)} ids> {' '.join(cmd[6:])}", flush=True)
     runs = []
+    waited = wait_quiet(args.quiet_wait)
+    mon = ContentionMonitor().__enter__()
     for i in range(args.runs + 1):  # the first is the warm-up
         t = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t
         if p.returncode != 0:
+            mon.__exit__(None, None, None)
             return {"error": f"exit {p.returncode}: {p.stderr.strip()[-2000:]}"}
         doc = json.loads(p.stdout.strip().splitlines()[-1])
         tm = doc["timing"]
@@ -272,7 +347,9 @@ def run_ours(args, prompt: list[int]) -> dict:
              "load_s": tm.get("load_s"), "wall_s": wall, "tokens": doc["tokens"]}
         if i > 0:
             runs.append(r)
+    mon.__exit__(None, None, None)
     out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
+    out.update(mon.report(), waited_for_quiet_s=round(waited, 1))
     out.update({"tokens": runs[-1]["tokens"], "binary": WORKER_BIN,
                 "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs)})
     if len(out["tokens"]) < args.gen_len:
@@ -326,6 +403,8 @@ def main() -> None:
     ap.add_argument("--llama-python", default=LLAMA_PY)
     ap.add_argument("--hf-python", default=HF_PY)
     ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--quiet-wait", type=float, default=180,
+                    help="before each engine, wait up to this many seconds for running compilers to finish")
     # worker mode
     ap.add_argument("--worker", choices=["bandwidth", "llamacpp", "transformers"])
     ap.add_argument("--prompt-ids")
@@ -360,6 +439,7 @@ def main() -> None:
                   "runs": args.runs, "batch": 1, "greedy": True, "prompt_seed": PROMPT_SEED,
                   "prompt_ids": prompt},
         "engines": {},
+        "loadavg_start": os.getloadavg(),
     }
 
     bw = run_worker(args.hf_python, "bandwidth", [], args, prompt)
@@ -396,6 +476,9 @@ def main() -> None:
                 logits[f"llamacpp-{gt}"] = np.load(lo)
     if "ours" in engines:
         results["engines"]["ours"] = run_ours(args, prompt)
+        if os.path.exists(WORKER_BIN):
+            results["engines"]["ours"]["binary_mtime"] = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(WORKER_BIN)))
     shutil.rmtree(tmp, ignore_errors=True)
 
     # correctness against transformers float32
@@ -422,6 +505,7 @@ def main() -> None:
                     "decode": ours["decode_tokens_per_s"] / r["decode_tokens_per_s"]}
     results["ratios"] = ratios
 
+    results["loadavg_end"] = os.getloadavg()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
         f.write("\n")
@@ -434,11 +518,11 @@ def main() -> None:
              f"{results['machine'].get('Model name', '?')}, {results['machine'].get('nproc')} cores",
              "",
              "| engine | weights | prefill tok/s | decode tok/s | decode / bound | first 8 tokens = HF f32 | "
-             "matching prefix (of {}) | last-prompt logits max abs diff vs HF f32 | load s |".format(args.gen_len),
-             "|---|---|---|---|---|---|---|---|---|"]
+             "matching prefix (of {}) | last-prompt logits max abs diff vs HF f32 | load s | compiler running |".format(args.gen_len),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["engines"].items():
         if "skipped" in r or "error" in r:
-            lines.append(f"| {name} | | {r.get('skipped') or r.get('error')} | | | | | | |")
+            lines.append(f"| {name} | | {r.get('skipped') or r.get('error')} | | | | | | | |")
             continue
         wt = ("f32" if name.endswith(("float32", "-f32")) else
               "f16" if name.endswith("-f16") else "bf16")
@@ -448,7 +532,8 @@ def main() -> None:
         lines.append(f"| {name} | {wt} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('decode_tokens_per_s'), 2)} | "
                      f"{fmt(r['decode_tokens_per_s'] / b if b and r.get('decode_tokens_per_s') else None, 2)} | "
                      f"{ag.get('first_8_match', '–')} | {ag.get('matching_prefix', '–')} | "
-                     f"{'–' if ld is None else f'{ld:.2e}'} | {fmt(r.get('load_s'), 2)} |")
+                     f"{'–' if ld is None else f'{ld:.2e}'} | {fmt(r.get('load_s'), 2)} | "
+                     f"{100 * r.get('contended_fraction', 0):.0f}% |")
     lines.append("")
     if bw.get("read_gbs"):
         lines.append(f"Memory read bandwidth: {bw['read_gbs']:.1f} GB/s ("
@@ -456,6 +541,8 @@ def main() -> None:
                      + f"); decode bound: bf16 {bound['bf16']:.1f} tok/s, f32 {bound['f32']:.1f} tok/s")
     for k, v in ratios.items():
         lines.append(f"{k}: prefill x{v['prefill']:.2f}, decode x{v['decode']:.2f}")
+    lines.append("load average (1/5/15 min) at start %s, at end %s" % (
+        "/".join(f"{x:.2f}" for x in results["loadavg_start"]), "/".join(f"{x:.2f}" for x in results["loadavg_end"])))
     print("\n".join(lines))
     print(f"\nwrote {args.out}")
 

