@@ -34,9 +34,11 @@ at a time, each under its own venv's Python (--llama-python, --hf-python).
 
 The machine is shared (2 cores): before each engine the script waits (--quiet-wait s at most)
 until no compiler (rustc, cargo, rust-lld, cc1, ...) runs, and while the engine runs it samples
-/proc twice a second; each engine's `contended_fraction` (table column "compiler running") is
-the share of samples in which a compiler ran alongside it. Figures with a non-zero share are
-low by up to 2x.
+/proc twice a second; each engine's `contended_fraction` is the share of samples in which a
+compiler ran alongside it, and `foreign_cpu_share` the CPU time all other processes used
+meanwhile (from /proc/stat less this script's own and its children's rusage) as a share of
+the machine (table column "compiler running / others' CPU"). Figures with a non-zero share
+are low, by up to 2x.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -287,17 +288,38 @@ class ContentionMonitor:
                 self.names.update(c)
             self._stop.wait(0.5)
 
+    @staticmethod
+    def _cpu():
+        import resource
+
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / hz  # user nice system irq softirq
+        steal = v[7] / hz if len(v) > 7 else 0.0
+        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for a in ("ru_utime", "ru_stime"))
+        return time.time(), busy, steal, own
+
     def __enter__(self):
+        self._t0 = self._cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self._t1 = self._cpu()
 
     def report(self) -> dict:
+        (w0, b0, s0, o0), (w1, b1, s1, o1) = self._t0, self._t1
+        cap = max(w1 - w0, 1e-9) * (os.cpu_count() or 1)
         return {"contended_fraction": round(self.busy / max(self.samples, 1), 3),
-                "competitors_seen": sorted(self.names)}
+                "competitors_seen": sorted(self.names),
+                # CPU time that other processes (not this script and its engine) used while the
+                # engine ran, as a share of the machine's capacity; and the hypervisor's steal
+                "foreign_cpu_share": round(max(0.0, (b1 - b0) - (o1 - o0)) / cap, 3),
+                "steal_share": round((s1 - s0) / cap, 3)}
 
 
 def run_worker(python: str, name: str, extra: list[str], args, prompt: list[int]) -> dict:
@@ -315,15 +337,16 @@ def run_worker(python: str, name: str, extra: list[str], args, prompt: list[int]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.time() - t
     res.update(mon.report(), waited_for_quiet_s=round(waited, 1))
-    if res["contended_fraction"]:
-        print(f"   note: a compiler ran during {100 * res['contended_fraction']:.0f}% of this measurement", flush=True)
+    if res["contended_fraction"] or res["foreign_cpu_share"] > 0.05:
+        print(f"   note: a compiler ran during {100 * res['contended_fraction']:.0f}% of this measurement; other "
+              f"processes used {100 * res['foreign_cpu_share']:.0f}% of the machine's CPU", flush=True)
     if "decode_tokens_per_s" in res:
         print(f"   prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode "
               f"{res['decode_tokens_per_s']:.2f} tok/s ({res['wall_s']:.0f} s)", flush=True)
     return res
 
 
-def run_ours(args, prompt: list[int]) -> dict:
+def run_ours(args, prompt: list[int], logits_npy: str) -> dict:
     if not (os.path.isfile(WORKER_BIN) and os.access(WORKER_BIN, os.X_OK)):
         msg = f"skipped: {WORKER_BIN} does not exist (build it with cargo build --release, or set WORKER_BIN)"
         print(f"== ours: {msg}", flush=True)
@@ -356,6 +379,18 @@ def run_ours(args, prompt: list[int]) -> dict:
         out["note"] = f"stopped after {len(out['tokens'])} tokens (eos)"
     print(f"   prefill {out['prefill_tokens_per_s']:.1f} tok/s, decode {out['decode_tokens_per_s']:.2f} tok/s",
           flush=True)
+    # one more, untimed run for the correctness check: the last prompt position's logits
+    with tempfile.TemporaryDirectory() as td:
+        lj = os.path.join(td, "logits.json")
+        p = subprocess.run(cmd[:-4] + ["--max-new-tokens", "1", "--threads", str(args.threads), "--logits-out", lj],
+                           capture_output=True, text=True)
+        if p.returncode == 0 and os.path.exists(lj):
+            import numpy as np
+
+            doc = json.load(open(lj))
+            np.save(logits_npy, np.asarray(doc["prompt_logits"][-1], dtype=np.float32))
+        else:
+            out["logits_note"] = f"--logits-out run failed: {p.stderr.strip()[-500:]}"
     return out
 
 
@@ -403,6 +438,8 @@ def main() -> None:
     ap.add_argument("--llama-python", default=LLAMA_PY)
     ap.add_argument("--hf-python", default=HF_PY)
     ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other engines' figures from an existing --out (same setup), replace these")
     ap.add_argument("--quiet-wait", type=float, default=180,
                     help="before each engine, wait up to this many seconds for running compilers to finish")
     # worker mode
@@ -425,7 +462,8 @@ def main() -> None:
     params = json.load(open(os.path.join(args.model, "bench_params.json")))
     prompt = make_prompt(cfg["vocab_size"], args.prompt_len, cfg["bos_token_id"])
     engines = args.engines.split(",")
-    tmp = tempfile.mkdtemp(prefix="bench-engines-")
+    ldir = os.path.join(args.model, "bench-logits")  # last prompt position's logits, per engine
+    os.makedirs(ldir, exist_ok=True)
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
@@ -441,6 +479,12 @@ def main() -> None:
         "engines": {},
         "loadavg_start": os.getloadavg(),
     }
+    if args.update and os.path.exists(args.out):
+        prev = json.load(open(args.out))
+        if prev.get("setup") != results["setup"]:
+            sys.exit(f"--update: {args.out} was measured with another setup; run without --update")
+        results["engines"] = prev["engines"]
+        results["updated_from"] = prev.get("date")
 
     bw = run_worker(args.hf_python, "bandwidth", [], args, prompt)
     results["bandwidth"] = bw
@@ -455,12 +499,10 @@ def main() -> None:
     logits = {}
     if "transformers" in engines:
         for dt in args.hf_dtypes.split(","):
-            lo = os.path.join(tmp, f"hf-{dt}.npy")
+            lo = os.path.join(ldir, f"transformers-{dt}.npy")
             r = run_worker(args.hf_python, "transformers",
                            ["--dtype", dt, "--hf-experts", args.hf_experts, "--logits-out", lo], args, prompt)
             results["engines"][f"transformers-{dt}"] = r
-            if os.path.exists(lo):
-                logits[f"transformers-{dt}"] = np.load(lo)
     if "llamacpp" in engines:
         if not os.path.exists(args.llama_python):
             results["engines"]["llamacpp"] = {"skipped": f"{args.llama_python} missing"}
@@ -469,17 +511,19 @@ def main() -> None:
             if not os.path.exists(path):
                 results["engines"][f"llamacpp-{gt}"] = {"skipped": f"{path} missing (convert_to_gguf.py)"}
                 continue
-            lo = os.path.join(tmp, f"llamacpp-{gt}.npy")
+            lo = os.path.join(ldir, f"llamacpp-{gt}.npy")
             r = run_worker(args.llama_python, "llamacpp", ["--gguf", path, "--logits-out", lo], args, prompt)
             results["engines"][f"llamacpp-{gt}"] = r
-            if os.path.exists(lo):
-                logits[f"llamacpp-{gt}"] = np.load(lo)
     if "ours" in engines:
-        results["engines"]["ours"] = run_ours(args, prompt)
+        results["engines"]["ours"] = run_ours(args, prompt, os.path.join(ldir, "ours.npy"))
         if os.path.exists(WORKER_BIN):
             results["engines"]["ours"]["binary_mtime"] = time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(WORKER_BIN)))
-    shutil.rmtree(tmp, ignore_errors=True)
+    for name, r in results["engines"].items():
+        r.setdefault("measured_at", results["date"])
+        f = os.path.join(ldir, f"{name}.npy")
+        if "tokens" in r and os.path.exists(f):
+            logits[name] = np.load(f)
 
     # correctness against transformers float32
     ref_name = "transformers-float32"
@@ -518,7 +562,7 @@ def main() -> None:
              f"{results['machine'].get('Model name', '?')}, {results['machine'].get('nproc')} cores",
              "",
              "| engine | weights | prefill tok/s | decode tok/s | decode / bound | first 8 tokens = HF f32 | "
-             "matching prefix (of {}) | last-prompt logits max abs diff vs HF f32 | load s | compiler running |".format(args.gen_len),
+             "matching prefix (of {}) | last-prompt logits max abs diff vs HF f32 | load s | compiler running / others' CPU |".format(args.gen_len),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["engines"].items():
         if "skipped" in r or "error" in r:
@@ -533,7 +577,7 @@ def main() -> None:
                      f"{fmt(r['decode_tokens_per_s'] / b if b and r.get('decode_tokens_per_s') else None, 2)} | "
                      f"{ag.get('first_8_match', '–')} | {ag.get('matching_prefix', '–')} | "
                      f"{'–' if ld is None else f'{ld:.2e}'} | {fmt(r.get('load_s'), 2)} | "
-                     f"{100 * r.get('contended_fraction', 0):.0f}% |")
+                     f"{100 * r.get('contended_fraction', 0):.0f}% / {100 * r.get('foreign_cpu_share', 0):.0f}% |")
     lines.append("")
     if bw.get("read_gbs"):
         lines.append(f"Memory read bandwidth: {bw['read_gbs']:.1f} GB/s ("

@@ -32,8 +32,13 @@ pub fn matmul_bf16(
                 }
             }
         });
+    untranspose(&transposed, tokens, out_dim)
+}
+
+/// `[out, tokens]` → `[tokens, out]`.
+fn untranspose(transposed: &[f32], tokens: usize, out_dim: usize) -> Vec<f32> {
     if tokens == 1 {
-        return transposed;
+        return transposed.to_vec();
     }
     let mut y = vec![0f32; tokens * out_dim];
     for (o, outputs) in transposed.chunks(tokens).enumerate() {
@@ -71,6 +76,60 @@ pub fn gemv_many(jobs: Vec<Gemv<'_>>) {
             *o = dot(row, x);
         }
     });
+}
+
+/// Rows of W widened per GEMM panel: 128 rows × 1024 inputs × 4 bytes = 512 KiB, so a panel
+/// stays in a core's L2 while the GEMM reuses it for every token.
+const PANEL_ROWS: usize = 128;
+
+/// `x`: `[tokens, in]`, `weight`: `[out, in]` bf16 → `[tokens, out]`, for prefill-sized
+/// batches. Each thread widens one panel of rows into its own buffer and multiplies it with
+/// all tokens, so the weights cross memory once, as bf16.
+pub fn matmul_bf16_panels(
+    x: &[f32],
+    tokens: usize,
+    weight: &[u16],
+    out_dim: usize,
+    in_dim: usize,
+) -> Vec<f32> {
+    // y^T ([out, tokens]): each panel owns a contiguous block of it.
+    let mut transposed = vec![0f32; out_dim * tokens];
+    transposed
+        .par_chunks_mut(PANEL_ROWS * tokens)
+        .enumerate()
+        .for_each_init(Vec::new, |panel, (p, out)| {
+            let rows = out.len() / tokens;
+            let bits = &weight[p * PANEL_ROWS * in_dim..][..rows * in_dim];
+            panel.clear();
+            panel.extend(bits.iter().map(|&b| f32::from_bits(u32::from(b) << 16)));
+            // SAFETY: dimensions and strides describe exactly the buffers passed: `out` is
+            // [rows, tokens] row-major, `panel` [rows, in] row-major, and x read as the
+            // [in, tokens] matrix xᵀ (row stride 1, column stride in_dim).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    tokens,
+                    in_dim,
+                    out.as_mut_ptr(),
+                    1,
+                    tokens as isize,
+                    false,
+                    panel.as_ptr(),
+                    1,
+                    in_dim as isize,
+                    x.as_ptr(),
+                    in_dim as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    untranspose(&transposed, tokens, out_dim)
 }
 
 /// Widens bf16 weights to f32 (exact).
@@ -143,6 +202,20 @@ mod tests {
         ]);
         assert_eq!(a, matmul_bf16(&x, 1, &weight, 200, 33));
         assert_eq!(b[..], a[..150]);
+    }
+
+    #[test]
+    fn panel_gemm_matches_the_decode_kernel() {
+        let (tokens, out_dim, in_dim) = (9, 300, 70);
+        let weight: Vec<u16> = (0..out_dim * in_dim)
+            .map(|i| half::bf16::from_f32(((i * 7) % 13) as f32 * 0.1 - 0.6).to_bits())
+            .collect();
+        let x: Vec<f32> = (0..tokens * in_dim)
+            .map(|i| ((i * 5) % 11) as f32 * 0.05 - 0.2)
+            .collect();
+        let a = matmul_bf16_panels(&x, tokens, &weight, out_dim, in_dim);
+        let b = matmul_bf16(&x, tokens, &weight, out_dim, in_dim);
+        assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4));
     }
 
     #[test]

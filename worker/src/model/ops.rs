@@ -9,7 +9,8 @@ use crate::config::{Config, Yarn};
 use crate::weights::{Bf16Weights, Checkpoint, Dtype};
 
 /// `y = x Wᵀ`. Weights stored as bf16 stay bf16 in memory (exact, half the bytes); decode
-/// steps read them through [`kernels::matmul_bf16`], larger batches widen them for one GEMM.
+/// steps read them through [`kernels::matmul_bf16`], larger batches through
+/// [`kernels::matmul_bf16_panels`], which widens them an L2-sized panel at a time.
 /// Other dtypes (f32, f16, dequantised FP8) are kept as f32, transposed for the GEMM.
 pub struct Linear {
     storage: Storage,
@@ -56,13 +57,13 @@ impl Linear {
                 in_dim,
             } => {
                 let tokens = x.dim(0)?;
-                if tokens <= BF16_KERNEL_MAX_TOKENS {
-                    let input = x.flatten_all()?.to_vec1::<f32>()?;
-                    let y = kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim);
-                    Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?)
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = if tokens <= BF16_KERNEL_MAX_TOKENS {
+                    kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim)
                 } else {
-                    Ok(x.matmul(&self.weight()?.t()?)?)
-                }
+                    kernels::matmul_bf16_panels(&input, tokens, bits.bits(), *out_dim, *in_dim)
+                };
+                Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?)
             }
         }
     }
