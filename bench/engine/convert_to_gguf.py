@@ -6,8 +6,10 @@
 The converter is the one vendored in the llama-cpp-python sdist that the llama.cpp venv was
 built from (vendor/llama.cpp/convert_hf_to_gguf.py + conversion/ + gguf-py/). It is looked for
 under .tools/llamacpp-src/llama_cpp_python-*/; if absent, the sdist is fetched with
-`.tools/llamacpp-venv/bin/pip download --no-deps --no-binary :all: llama-cpp-python==<installed>`
-and unpacked there. Run it with a Python that has torch and transformers (the fixtures venv).
+`.tools/llamacpp-venv/bin/pip download --no-deps --no-binary :all: --no-build-isolation
+llama-cpp-python==<installed>` and unpacked there (--no-build-isolation, or pip would build cmake
+from source just to read the sdist's metadata). Run it with a Python that has torch and
+transformers (the fixtures venv).
 
 One patch, and only one: llama.cpp identifies a BPE pre-tokenizer by hashing the ids the
 tokenizer gives for a fixed test string, and knows only the hashes of published tokenizers. The
@@ -41,7 +43,7 @@ def llama_cpp_dir() -> str:
     if not tarballs:
         version = subprocess.run([LLAMA_PY, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                  check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run([LLAMA_PIP, "download", "--no-deps", "--no-binary", ":all:",
+        subprocess.run([LLAMA_PIP, "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
                         f"llama-cpp-python=={version}", "-d", SRC], check=True)
         tarballs = sorted(glob.glob(os.path.join(SRC, "llama_cpp_python-*.tar.gz")))
     with tarfile.open(tarballs[-1]) as tf:

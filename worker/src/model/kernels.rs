@@ -92,27 +92,34 @@ pub fn matmul_bf16_panels(
     out_dim: usize,
     in_dim: usize,
 ) -> Vec<f32> {
-    // y^T ([out, tokens]): each panel owns a contiguous block of it.
-    let mut transposed = vec![0f32; out_dim * tokens];
-    transposed
-        .par_chunks_mut(PANEL_ROWS * tokens)
-        .enumerate()
-        .for_each_init(Vec::new, |panel, (p, out)| {
-            let rows = out.len() / tokens;
-            let bits = &weight[p * PANEL_ROWS * in_dim..][..rows * in_dim];
+    assert_eq!(x.len(), tokens * in_dim);
+    assert_eq!(weight.len(), out_dim * in_dim);
+    let mut y = vec![0f32; tokens * out_dim];
+    let y_ptr = SharedOut(y.as_mut_ptr());
+    let panels = out_dim.div_ceil(PANEL_ROWS);
+    (0..panels)
+        .into_par_iter()
+        .for_each_init(Vec::new, |panel, p| {
+            let first = p * PANEL_ROWS;
+            let rows = PANEL_ROWS.min(out_dim - first);
             panel.clear();
-            panel.extend(bits.iter().map(|&b| f32::from_bits(u32::from(b) << 16)));
-            // SAFETY: dimensions and strides describe exactly the buffers passed: `out` is
-            // [rows, tokens] row-major, `panel` [rows, in] row-major, and x read as the
-            // [in, tokens] matrix xᵀ (row stride 1, column stride in_dim).
+            panel.extend(
+                weight[first * in_dim..(first + rows) * in_dim]
+                    .iter()
+                    .map(|&b| f32::from_bits(u32::from(b) << 16)),
+            );
+            // SAFETY: panel p writes only columns first..first + rows of y ([tokens, out_dim]
+            // row-major), disjoint from every other panel's, and y outlives the loop. The strides
+            // describe the buffers exactly: dst(r, t) = y[t·out_dim + first + r], lhs(r, i) =
+            // panel[r·in_dim + i], rhs(i, t) = x[t·in_dim + i].
             unsafe {
                 gemm::gemm(
                     rows,
                     tokens,
                     in_dim,
-                    out.as_mut_ptr(),
+                    y_ptr.at(first),
+                    out_dim as isize,
                     1,
-                    tokens as isize,
                     false,
                     panel.as_ptr(),
                     1,
@@ -129,7 +136,22 @@ pub fn matmul_bf16_panels(
                 );
             }
         });
-    untranspose(&transposed, tokens, out_dim)
+    y
+}
+
+/// The output buffer shared by panels that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: only used by `matmul_bf16_panels`, whose tasks write disjoint elements.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A pointer `offset` elements in; a method so closures capture the Sync wrapper.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// Widens bf16 weights to f32 (exact).
