@@ -32,13 +32,8 @@ pub fn matmul_bf16(
                 }
             }
         });
-    untranspose(&transposed, tokens, out_dim)
-}
-
-/// `[out, tokens]` → `[tokens, out]`.
-fn untranspose(transposed: &[f32], tokens: usize, out_dim: usize) -> Vec<f32> {
     if tokens == 1 {
-        return transposed.to_vec();
+        return transposed;
     }
     let mut y = vec![0f32; tokens * out_dim];
     for (o, outputs) in transposed.chunks(tokens).enumerate() {
