@@ -684,13 +684,8 @@ mod tests {
             b"{}",
             b"18446744073709551616",
         ];
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut rng = crate::sampling::Rng::new(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next_u64();
         let mut parsed = 0;
         for _ in 0..10_000 {
             let mut bytes = base.clone();

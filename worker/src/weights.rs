@@ -862,13 +862,8 @@ pub mod tests {
             ("n", "BF16", vec![2, 2], vec![0; 8]),
         ]);
         let dir = TempDir::new("fuzz");
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut rng = crate::sampling::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next_u64();
         let mut opened = 0;
         for _ in 0..10_000 {
             let mut bytes = base.clone();

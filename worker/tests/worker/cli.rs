@@ -79,10 +79,11 @@ fn greedy_generation_prints_the_reference_tokens_and_logits() {
 
 #[test]
 fn text_prompts_use_the_tokenizer() {
-    let out = json(&worker(&[
+    let model = fixture("tiny-v3-bf16");
+    let args = [
         "generate",
         "--model",
-        fixture("tiny-v3-bf16").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--prompt",
         "Hello world",
         "--max-new-tokens",
@@ -91,24 +92,13 @@ fn text_prompts_use_the_tokenizer() {
         "0.8",
         "--seed",
         "3",
-    ]));
+    ];
+    let out = json(&worker(&args));
     assert_eq!(out["prompt_ids"].as_array().unwrap()[0], 0, "BOS first");
     assert_eq!(out["tokens"].as_array().unwrap().len(), 4);
-    let again = json(&worker(&[
-        "generate",
-        "--model",
-        fixture("tiny-v3-bf16").to_str().unwrap(),
-        "--prompt",
-        "Hello world",
-        "--max-new-tokens",
-        "4",
-        "--temperature",
-        "0.8",
-        "--seed",
-        "3",
-    ]));
     assert_eq!(
-        out["tokens"], again["tokens"],
+        out["tokens"],
+        json(&worker(&args))["tokens"],
         "a seed reproduces the tokens"
     );
 }
