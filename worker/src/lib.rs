@@ -6,5 +6,8 @@ pub mod generate;
 pub mod model;
 pub mod rank;
 pub mod sampling;
+pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
+pub mod validate;
 pub mod weights;

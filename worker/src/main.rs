@@ -1,18 +1,20 @@
 //! `deepseek-worker`: one expert-parallel rank set of a DeepSeek MoE model.
 //!
-//! `generate` runs the model on one prompt from the command line. `serve` resolves and checks
-//! the rank's place in its group (the contract with the operator); serving gRPC comes with
-//! the service issue.
+//! `generate` runs the model on one prompt from the command line; `serve` serves it over gRPC
+//! (`deepseek.v1.Inference`, health, reflection).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::model::Model;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
+use deepseek_worker::scheduler::{KV_BLOCK_TOKENS, SchedulerConfig};
+use deepseek_worker::server::{self, ServeConfig};
 use deepseek_worker::tokenizer::Tokenizer;
 use serde_json::json;
 
@@ -69,14 +71,7 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => {
-            let ranks = args.resolve()?;
-            eprintln!("{ranks}");
-            bail!(
-                "serving is not implemented yet: this build of deepseek-worker only checks its \
-                 group configuration (see README, \"Status\")"
-            )
-        }
+        Command::Serve(args) => run_serve(args),
     }
 }
 
@@ -141,4 +136,89 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     println!("{report}");
     Ok(())
+}
+
+/// The tiny checkpoint that ships with the repository, served when no --model is given.
+const TINY_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/tiny-v3-bf16"
+);
+
+fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let ranks = args.resolve()?;
+    let model_dir = args
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
+    let config = Config::from_file(&model_dir.join("config.json"))?;
+    let kv_capacity_tokens = kv_capacity_tokens(&args, &config)?;
+    let serve = ServeConfig {
+        served_name: args.served_name.clone().unwrap_or_else(|| {
+            model_dir
+                .file_name()
+                .map_or_else(|| "deepseek".into(), |n| n.to_string_lossy().into_owned())
+        }),
+        model_dir,
+        listen: args.listen,
+        scheduler: SchedulerConfig {
+            max_batch_tokens: args.max_batch_tokens.max(1),
+            max_seqs: args.max_seqs.max(1),
+            kv_capacity_tokens,
+            max_waiting: 4 * args.max_seqs.max(1),
+        },
+        rank: ranks.first,
+        group_size: ranks.group_size,
+        pool: args.pool.clone(),
+    };
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, model = %serve.model_dir.display(), "listening");
+        server::serve(serve, listener, shutdown_signal()).await
+    })
+}
+
+/// KV cache capacity in tokens, from --kv-cache-blocks or --kv-cache-fraction of the memory
+/// available now (default: 4096 blocks).
+fn kv_capacity_tokens(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
+    if let Some(blocks) = args.kv_cache_blocks {
+        return Ok(blocks.max(1) * KV_BLOCK_TOKENS);
+    }
+    let Some(fraction) = args.kv_cache_fraction else {
+        return Ok(4096 * KV_BLOCK_TOKENS);
+    };
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .context("--kv-cache-fraction needs /proc/meminfo")?;
+    let available_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no MemAvailable in /proc/meminfo")?;
+    // f32 latents: c_kv and k_pe per token per layer.
+    let bytes_per_token =
+        4 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim);
+    Ok(((available_kib * 1024.0 * fraction) as usize / bytes_per_token).max(KV_BLOCK_TOKENS))
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: no new requests, finishing open streams");
 }

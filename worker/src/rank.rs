@@ -14,7 +14,29 @@ pub struct ServeArgs {
     pub model: Option<PathBuf>,
     /// gRPC listen address.
     #[arg(long, env = "DSD_LISTEN", default_value = "0.0.0.0:50051")]
-    pub listen: String,
+    pub listen: std::net::SocketAddr,
+    /// Model name reported to clients (default: the model directory's name).
+    #[arg(long, env = "DSD_SERVED_NAME")]
+    pub served_name: Option<String>,
+    /// Token budget of one scheduler step (decodes plus prefill chunks).
+    #[arg(long, env = "DSD_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, env = "DSD_MAX_SEQS", default_value_t = 64)]
+    pub max_seqs: usize,
+    /// KV cache size in blocks of 16 tokens.
+    #[arg(
+        long,
+        env = "DSD_KV_CACHE_BLOCKS",
+        conflicts_with = "kv_cache_fraction"
+    )]
+    pub kv_cache_blocks: Option<usize>,
+    /// KV cache size as a fraction of the memory available at start.
+    #[arg(long, env = "DSD_KV_CACHE_FRACTION")]
+    pub kv_cache_fraction: Option<f64>,
+    /// Node pool this rank belongs to (reported by ModelInfo).
+    #[arg(long, env = "DSD_POOL", default_value = "")]
+    pub pool: String,
     /// Ranks in the expert-parallel group.
     #[arg(long, env = "DSD_GROUP_SIZE", default_value_t = 1)]
     pub group_size: u32,

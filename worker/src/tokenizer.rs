@@ -162,6 +162,17 @@ impl IncrementalDecoder {
     }
 }
 
+impl IncrementalDecoder {
+    /// Text still held back when generation ends (an incomplete character decodes as U+FFFD).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
+
 /// Finds stop strings in streamed text. Text that could be the start of a stop string is
 /// held back until it is known not to be.
 pub struct StopStrings {

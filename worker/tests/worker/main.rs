@@ -1,5 +1,6 @@
 //! The worker's integration tests: one binary, one module per concern.
 
 mod cli;
+mod grpc;
 mod parity;
 mod tokenizer;

@@ -1,0 +1,274 @@
+//! The worker's gRPC front: `deepseek.v1.Inference`, `grpc.health.v1.Health` and server
+//! reflection. Health answers SERVING for the service name `liveness` as soon as the process
+//! listens, and for the whole server only once the weights are loaded.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
+use deepseek_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, GetLoadRequest,
+    GetLoadResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse,
+    tokenize_request,
+};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::config::Family;
+use crate::model::Model;
+use crate::scheduler::{KV_BLOCK_TOKENS, Scheduler, SchedulerConfig, Submission};
+use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::validate::{Limits, validate};
+
+/// Everything `serve` was asked for.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub model_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub served_name: String,
+    pub scheduler: SchedulerConfig,
+    pub rank: u32,
+    pub group_size: u32,
+    pub pool: String,
+}
+
+/// What requests need once the model is loaded.
+struct Loaded {
+    model: Arc<Model>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    scheduler: Scheduler,
+    limits: Limits,
+}
+
+pub struct InferenceService {
+    config: ServeConfig,
+    loaded: Arc<OnceLock<Loaded>>,
+}
+
+impl InferenceService {
+    fn loaded(&self) -> Result<&Loaded, Status> {
+        self.loaded
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer, Status> {
+        self.loaded()?.tokenizer.as_deref().ok_or_else(|| {
+            Status::invalid_argument("this model has no tokenizer.json, so it takes token ids only")
+        })
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let loaded = self.loaded()?;
+        let deadline = grpc_timeout(&request).map(|t| std::time::Instant::now() + t);
+        let valid = validate(
+            request.into_inner(),
+            loaded.tokenizer.as_deref(),
+            &loaded.limits,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (respond, responses) = tokio::sync::mpsc::unbounded_channel();
+        loaded.scheduler.submit(Submission {
+            request: valid,
+            deadline,
+            respond,
+        })?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            responses,
+        ))))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let tokenizer = self.tokenizer()?;
+        let ids = match request.into_inner().input {
+            Some(tokenize_request::Input::Text(text)) => tokenizer.encode(&text, true),
+            Some(tokenize_request::Input::Chat(chat)) => {
+                let messages: Vec<ChatMessage> = chat
+                    .messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect();
+                tokenizer.encode_chat(&messages)
+            }
+            None => return Err(Status::invalid_argument("input: missing: set text or chat")),
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(TokenizeResponse { ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        let tokenizer = self.tokenizer()?;
+        let ids = request.into_inner().ids;
+        let vocab = self.loaded()?.limits.vocab_size;
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= vocab)
+        {
+            return Err(Status::invalid_argument(format!(
+                "ids[{i}] = {id} is not below the vocabulary size {vocab}"
+            )));
+        }
+        let text = tokenizer
+            .decode(&ids, true)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(DetokenizeResponse { text }))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        let cfg = self.loaded()?.model.config();
+        Ok(Response::new(ModelInfoResponse {
+            served_name: self.config.served_name.clone(),
+            architecture: match cfg.family {
+                Family::V3 => "deepseek_v3",
+                Family::V2 => "deepseek_v2",
+            }
+            .into(),
+            context_length: cfg.max_position_embeddings as u32,
+            vocab_size: cfg.vocab_size as u32,
+            dtype: if cfg.fp8.is_some() { "fp8" } else { "bf16" }.into(),
+            rank: self.config.rank,
+            group_size: self.config.group_size,
+            pool: self.config.pool.clone(),
+        }))
+    }
+
+    async fn get_load(
+        &self,
+        _: Request<GetLoadRequest>,
+    ) -> Result<Response<GetLoadResponse>, Status> {
+        let load = &self.loaded()?.scheduler.load;
+        let blocks = |tokens: usize| tokens.div_ceil(KV_BLOCK_TOKENS) as u32;
+        Ok(Response::new(GetLoadResponse {
+            waiting_sequences: load.waiting.load(Ordering::Relaxed) as u32,
+            running_sequences: load.running.load(Ordering::Relaxed) as u32,
+            kv_blocks_used: blocks(load.kv_tokens_reserved.load(Ordering::Relaxed)),
+            kv_blocks_total: blocks(load.kv_capacity_tokens.load(Ordering::Relaxed)),
+            tokens_per_second: load.milli_tokens_per_second.load(Ordering::Relaxed) as f64 / 1000.0,
+        }))
+    }
+}
+
+/// The `grpc-timeout` header as a duration ("100m", "5S", ...).
+fn grpc_timeout<T>(request: &Request<T>) -> Option<std::time::Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Serves until `shutdown` completes. Listening starts at once; the model loads in the
+/// background and health turns SERVING when it is ready.
+pub async fn serve(
+    config: ServeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<InferenceServer<InferenceService>>()
+        .await;
+
+    let loaded = Arc::new(OnceLock::new());
+    let service = InferenceService {
+        config: config.clone(),
+        loaded: loaded.clone(),
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(deepseek_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let load_health = health.clone();
+    tokio::spawn(async move {
+        let result = tokio::task::spawn_blocking(move || load(&config)).await;
+        match result {
+            Ok(Ok(ready)) => {
+                let _ = loaded.set(ready);
+                load_health
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+                load_health
+                    .set_serving::<InferenceServer<InferenceService>>()
+                    .await;
+                tracing::info!("model loaded; serving");
+            }
+            Ok(Err(err)) => tracing::error!(error = %err, "loading the model failed; not serving"),
+            Err(err) => tracing::error!(error = %err, "the loading task panicked"),
+        }
+    });
+
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+fn load(config: &ServeConfig) -> anyhow::Result<Loaded> {
+    let model = Arc::new(Model::open(&config.model_dir)?);
+    let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
+    let cfg = model.config();
+    let limits = Limits {
+        vocab_size: cfg.vocab_size,
+        context_length: cfg
+            .max_position_embeddings
+            .min(config.scheduler.kv_capacity_tokens),
+        default_max_new_tokens: 1024,
+        max_stop_strings: 16,
+        max_stop_string_bytes: 256,
+    };
+    let scheduler = Scheduler::start(model.clone(), tokenizer.clone(), config.scheduler.clone());
+    Ok(Loaded {
+        model,
+        tokenizer,
+        scheduler,
+        limits,
+    })
+}

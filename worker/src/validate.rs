@@ -1,0 +1,339 @@
+//! Parse, then validate: a `deepseek.v1.GenerateRequest` becomes a [`ValidRequest`] or an
+//! [`InvalidRequest`] naming the field and the limit. Only valid requests reach the scheduler.
+
+use deepseek_proto::v1::{GenerateRequest, generate_request::Prompt};
+
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+/// What the served model allows.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub vocab_size: usize,
+    pub context_length: usize,
+    /// Used when the request sets no `stopping.max_new_tokens`: the rest of the context, at
+    /// most this.
+    pub default_max_new_tokens: usize,
+    pub max_stop_strings: usize,
+    pub max_stop_string_bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidRequest {
+    pub request_id: String,
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub include_logprobs: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidRequest {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> InvalidRequest {
+    InvalidRequest {
+        field,
+        message: message.into(),
+    }
+}
+
+pub fn validate(
+    request: GenerateRequest,
+    tokenizer: Option<&Tokenizer>,
+    limits: &Limits,
+) -> Result<ValidRequest, InvalidRequest> {
+    let needs_tokenizer = |field: &'static str| {
+        invalid(
+            field,
+            "this model has no tokenizer.json, so it takes token_ids prompts only",
+        )
+    };
+    let prompt_ids = match request.prompt {
+        None => return Err(invalid("prompt", "missing: set text, token_ids or chat")),
+        Some(Prompt::TokenIds(ids)) => ids.ids,
+        Some(Prompt::Text(text)) => {
+            let tokenizer = tokenizer.ok_or_else(|| needs_tokenizer("prompt.text"))?;
+            if text.is_empty() {
+                return Err(invalid("prompt.text", "is empty"));
+            }
+            tokenizer
+                .encode(&text, true)
+                .map_err(|e| invalid("prompt.text", e.to_string()))?
+        }
+        Some(Prompt::Chat(chat)) => {
+            let tokenizer = tokenizer.ok_or_else(|| needs_tokenizer("prompt.chat"))?;
+            if chat.messages.is_empty() {
+                return Err(invalid("prompt.chat.messages", "is empty"));
+            }
+            if !tokenizer.has_chat_template() {
+                return Err(invalid(
+                    "prompt.chat",
+                    "this model's tokenizer_config.json has no chat_template",
+                ));
+            }
+            let messages: Vec<ChatMessage> = chat
+                .messages
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect();
+            tokenizer
+                .encode_chat(&messages)
+                .map_err(|e| invalid("prompt.chat", e.to_string()))?
+        }
+    };
+    if prompt_ids.is_empty() {
+        return Err(invalid("prompt", "is empty"));
+    }
+    if let Some((i, id)) = prompt_ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= limits.vocab_size)
+    {
+        return Err(invalid(
+            "prompt.token_ids",
+            format!(
+                "ids[{i}] = {id} is not below the vocabulary size {}",
+                limits.vocab_size
+            ),
+        ));
+    }
+    let context = limits.context_length;
+    if prompt_ids.len() >= context {
+        return Err(invalid(
+            "prompt",
+            format!(
+                "{} tokens leave no room in the context length {context}",
+                prompt_ids.len()
+            ),
+        ));
+    }
+    let room = context - prompt_ids.len();
+
+    let requested_max = request.stopping.as_ref().map(|s| s.max_new_tokens);
+    let stopping = request.stopping.unwrap_or_default();
+    let max_new_tokens = match requested_max {
+        None => room.min(limits.default_max_new_tokens),
+        Some(0) => return Err(invalid("stopping.max_new_tokens", "must be at least 1")),
+        Some(n) if n as usize > room => {
+            return Err(invalid(
+                "stopping.max_new_tokens",
+                format!(
+                    "{n} exceeds the {room} tokens the context length {context} leaves after a {}-token prompt",
+                    prompt_ids.len()
+                ),
+            ));
+        }
+        Some(n) => n as usize,
+    };
+    if stopping.stop.len() > limits.max_stop_strings {
+        return Err(invalid(
+            "stopping.stop",
+            format!(
+                "{} strings; at most {}",
+                stopping.stop.len(),
+                limits.max_stop_strings
+            ),
+        ));
+    }
+    if let Some(long) = stopping
+        .stop
+        .iter()
+        .find(|s| s.len() > limits.max_stop_string_bytes)
+    {
+        return Err(invalid(
+            "stopping.stop",
+            format!(
+                "a stop string of {} bytes; at most {}",
+                long.len(),
+                limits.max_stop_string_bytes
+            ),
+        ));
+    }
+    if !stopping.stop.is_empty() && tokenizer.is_none() {
+        return Err(needs_tokenizer("stopping.stop"));
+    }
+
+    Ok(ValidRequest {
+        request_id: request.request_id,
+        prompt_ids,
+        sampling: sampling(request.sampling.unwrap_or_default())?,
+        max_new_tokens,
+        stop: stopping.stop,
+        ignore_eos: stopping.ignore_eos,
+        include_logprobs: request.include_logprobs,
+    })
+}
+
+/// Proto3 cannot tell an unset float from 0, so 0 means "off" for top_p and
+/// repetition_penalty (their neutral values are 1); temperature 0 is greedy.
+fn sampling(p: deepseek_proto::v1::SamplingParams) -> Result<SamplingParams, InvalidRequest> {
+    const FIELDS: [&str; 4] = [
+        "sampling.temperature",
+        "sampling.top_p",
+        "sampling.min_p",
+        "sampling.repetition_penalty",
+    ];
+    let field_of = |message: &str| {
+        FIELDS
+            .into_iter()
+            .find(|f| message.starts_with(&f["sampling.".len()..]))
+            .unwrap_or("sampling")
+    };
+    let params = SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+        min_p: p.min_p,
+        repetition_penalty: if p.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            p.repetition_penalty
+        },
+        seed: p.seed,
+        ..Default::default()
+    };
+    params
+        .validate()
+        .map_err(|message| invalid(field_of(&message), message))?;
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use deepseek_proto::v1::{SamplingParams as ProtoSampling, StoppingCriteria, TokenIds};
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            vocab_size: 100,
+            context_length: 32,
+            default_max_new_tokens: 16,
+            max_stop_strings: 4,
+            max_stop_string_bytes: 8,
+        }
+    }
+
+    fn ids(ids: &[u32]) -> GenerateRequest {
+        GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids: ids.to_vec() })),
+            ..Default::default()
+        }
+    }
+
+    fn error(request: GenerateRequest) -> String {
+        validate(request, None, &limits()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_plain_request_gets_defaults() {
+        let valid = validate(ids(&[1, 2, 3]), None, &limits()).unwrap();
+        assert_eq!(valid.max_new_tokens, 16);
+        assert_eq!(valid.sampling, SamplingParams::default());
+        let mut near_end = ids(&[1; 20]);
+        near_end.sampling = Some(ProtoSampling {
+            temperature: 0.7,
+            top_p: 0.9,
+            ..Default::default()
+        });
+        let valid = validate(near_end, None, &limits()).unwrap();
+        assert_eq!(valid.max_new_tokens, 12, "the rest of the context");
+        assert_eq!(
+            (valid.sampling.temperature, valid.sampling.top_p),
+            (0.7, 0.9)
+        );
+    }
+
+    #[test]
+    fn every_bad_field_is_named_with_its_limit() {
+        assert_eq!(
+            error(GenerateRequest::default()),
+            "prompt: missing: set text, token_ids or chat"
+        );
+        assert_eq!(error(ids(&[])), "prompt: is empty");
+        assert_eq!(
+            error(ids(&[1, 100])),
+            "prompt.token_ids: ids[1] = 100 is not below the vocabulary size 100"
+        );
+        assert_eq!(
+            error(ids(&[1; 32])),
+            "prompt: 32 tokens leave no room in the context length 32"
+        );
+        let with = |stopping: StoppingCriteria| GenerateRequest {
+            stopping: Some(stopping),
+            ..ids(&[1; 30])
+        };
+        assert_eq!(
+            error(with(StoppingCriteria {
+                max_new_tokens: 0,
+                ..Default::default()
+            })),
+            "stopping.max_new_tokens: must be at least 1"
+        );
+        assert!(
+            error(with(StoppingCriteria {
+                max_new_tokens: 3,
+                ..Default::default()
+            }))
+            .starts_with("stopping.max_new_tokens: 3 exceeds the 2 tokens")
+        );
+        let sampled = |s: ProtoSampling| GenerateRequest {
+            sampling: Some(s),
+            ..ids(&[1])
+        };
+        assert_eq!(
+            error(sampled(ProtoSampling {
+                temperature: -0.5,
+                ..Default::default()
+            })),
+            "sampling.temperature: temperature must be ≥ 0, got -0.5"
+        );
+        assert!(
+            error(sampled(ProtoSampling {
+                temperature: f32::NAN,
+                ..Default::default()
+            }))
+            .starts_with("sampling.temperature: temperature must be a finite number")
+        );
+        assert_eq!(
+            error(sampled(ProtoSampling {
+                top_p: 1.5,
+                ..Default::default()
+            })),
+            "sampling.top_p: top_p must be in (0, 1], got 1.5"
+        );
+        assert!(
+            error(sampled(ProtoSampling {
+                top_p: -0.1,
+                ..Default::default()
+            }))
+            .starts_with("sampling.top_p")
+        );
+        let text = GenerateRequest {
+            prompt: Some(Prompt::Text("hi".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            error(text),
+            "prompt.text: this model has no tokenizer.json, so it takes token_ids prompts only"
+        );
+        let stops = with(StoppingCriteria {
+            max_new_tokens: 1,
+            stop: vec!["x".repeat(9)],
+            ..Default::default()
+        });
+        assert_eq!(
+            error(stops),
+            "stopping.stop: a stop string of 9 bytes; at most 8"
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! The gRPC service over a real loopback socket, against the tiny fixture.
+
+use std::path::Path;
+use std::time::Duration;
+
+use deepseek_proto::v1::inference_client::InferenceClient;
+use deepseek_proto::v1::{
+    ChatMessage, ChatMessages, DetokenizeRequest, FinishReason, GenerateRequest, GetLoadRequest,
+    ModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds, TokenizeRequest,
+    generate_request::Prompt, tokenize_request,
+};
+use deepseek_worker::scheduler::SchedulerConfig;
+use deepseek_worker::server::{ServeConfig, serve};
+use serde_json::Value;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn fixture() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-v3-bf16")
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+        .unwrap()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Starts a worker on 127.0.0.1:0 and waits until it is SERVING.
+async fn start(kv_capacity_tokens: usize) -> Channel {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ServeConfig {
+        model_dir: fixture(),
+        listen: addr,
+        served_name: "tiny".into(),
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 64,
+            max_seqs: 8,
+            kv_capacity_tokens,
+            max_waiting: 64,
+        },
+        rank: 0,
+        group_size: 1,
+        pool: "cpu".into(),
+    };
+    tokio::spawn(serve(config, listener, std::future::pending()));
+    let channel = loop {
+        match Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(channel) => break channel,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let mut health = HealthClient::new(channel.clone());
+    let status = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let liveness = health
+        .check(status("liveness"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(liveness, ServingStatus::Serving as i32);
+    for _ in 0..500 {
+        if health.check(status("")).await.unwrap().into_inner().status
+            == ServingStatus::Serving as i32
+        {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the worker never became SERVING");
+}
+
+fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
+        stopping: Some(StoppingCriteria {
+            max_new_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Every token of a stream, and its last message's finish reason.
+async fn collect(
+    client: &mut InferenceClient<Channel>,
+    request: GenerateRequest,
+) -> (Vec<u32>, i32) {
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let (mut tokens, mut finish) = (Vec::new(), 0);
+    while let Some(message) = stream.message().await.unwrap() {
+        tokens.extend(message.token_ids);
+        if message.finish_reason != 0 {
+            finish = message.finish_reason;
+            assert!(message.usage.is_some());
+        }
+    }
+    (tokens, finish)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_tokens_over_grpc_equal_the_reference() {
+    let mut client = InferenceClient::new(start(4096).await);
+    let reference = reference();
+    let (tokens, finish) = collect(&mut client, request(ids(&reference["prompt_ids"]), 16)).await;
+    assert_eq!(tokens, ids(&reference["greedy_tokens"]));
+    assert_eq!(finish, FinishReason::Length as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_get_exactly_their_tokens_alone() {
+    let channel = start(4096).await;
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| (0..3 + i).map(|t| (t * 37 + i * 11) % 384).collect())
+        .collect();
+    let mut alone = Vec::new();
+    for prompt in &prompts {
+        alone.push(
+            collect(
+                &mut InferenceClient::new(channel.clone()),
+                request(prompt.clone(), 8),
+            )
+            .await
+            .0,
+        );
+    }
+    let together = futures_join(prompts.iter().map(|prompt| {
+        let mut client = InferenceClient::new(channel.clone());
+        let request = request(prompt.clone(), 8);
+        async move { collect(&mut client, request).await.0 }
+    }))
+    .await;
+    assert_eq!(together, alone);
+}
+
+async fn futures_join<F: std::future::Future<Output = T> + Send + 'static, T: Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<T> {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_frees_its_kv_cache() {
+    let channel = start(4096).await;
+    let mut client = InferenceClient::new(channel.clone());
+    let mut stream = client
+        .generate(request(vec![0, 1, 2], 200))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let busy = client
+        .get_load(GetLoadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        busy.kv_blocks_used > 0 && busy.running_sequences == 1,
+        "{busy:?}"
+    );
+    drop(stream);
+    for _ in 0..200 {
+        let load = client
+            .get_load(GetLoadRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if load.kv_blocks_used == 0 && load.running_sequences == 0 {
+            assert_eq!(load.kv_blocks_total, 256);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the cancelled sequence kept its KV blocks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_invalid_argument_naming_the_field() {
+    let mut client = InferenceClient::new(start(4096).await);
+    let status = |r: Result<_, tonic::Status>| {
+        r.err()
+            .map(|s| (s.code(), s.message().to_string()))
+            .unwrap()
+    };
+    let (code, message) = status(client.generate(request(vec![], 4)).await);
+    assert_eq!(
+        (code, message.as_str()),
+        (Code::InvalidArgument, "prompt: is empty")
+    );
+    let (code, message) = status(client.generate(request(vec![1, 999], 4)).await);
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        message.starts_with("prompt.token_ids: ids[1] = 999"),
+        "{message}"
+    );
+    let mut hot = request(vec![1], 4);
+    hot.sampling = Some(SamplingParams {
+        temperature: -1.0,
+        ..Default::default()
+    });
+    assert_eq!(status(client.generate(hot).await).0, Code::InvalidArgument);
+    let (code, message) = status(client.generate(request(vec![1], 100_000)).await);
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        message.starts_with("stopping.max_new_tokens: 100000 exceeds"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_chat_and_model_info() {
+    let mut client = InferenceClient::new(start(4096).await);
+    let info = client
+        .model_info(ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.served_name.as_str(),
+            info.architecture.as_str(),
+            info.vocab_size,
+            info.context_length
+        ),
+        ("tiny", "deepseek_v3", 384, 256)
+    );
+    let text = tokenize_request::Input::Text("Hello world é".into());
+    let ids = client
+        .tokenize(TokenizeRequest { input: Some(text) })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    assert_eq!(ids, [0, 54, 326, 90, 93, 293, 285, 90, 82, 235, 142, 117]);
+    let text = client
+        .detokenize(DetokenizeRequest { ids })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert_eq!(text, "Hello world é");
+    let chat = GenerateRequest {
+        prompt: Some(Prompt::Chat(ChatMessages {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }],
+        })),
+        stopping: Some(StoppingCriteria {
+            max_new_tokens: 5,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client.generate(chat).await.unwrap().into_inner();
+    let (mut text, mut tokens) = (String::new(), Vec::new());
+    while let Some(message) = stream.message().await.unwrap() {
+        text.push_str(&message.text);
+        tokens.extend(message.token_ids);
+    }
+    assert_eq!(tokens.len(), 5);
+    // the streamed deltas add up to the whole decoding
+    let whole = client
+        .detokenize(DetokenizeRequest { ids: tokens })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert_eq!(text, whole);
+}
