@@ -151,6 +151,13 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         )
         .init();
     let ranks = args.resolve()?;
+    if ranks.group_size > 1 {
+        bail!(
+            "--group-size {}: expert parallelism across ranks is not implemented yet; this build \
+             serves a whole model per process (--group-size 1)",
+            ranks.group_size
+        );
+    }
     let model_dir = args
         .model
         .clone()

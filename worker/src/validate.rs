@@ -336,4 +336,72 @@ mod tests {
             "stopping.stop: a stop string of 9 bytes; at most 8"
         );
     }
+
+    /// 10,000 generated requests with edge values and long strings: each validates or is
+    /// refused with a message, none panics.
+    #[test]
+    fn ten_thousand_generated_requests_never_panic() {
+        let mut rng = crate::sampling::Rng::new(11);
+        let floats = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            1e-30,
+            1e30,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN,
+            f32::MAX,
+        ];
+        let mut accepted = 0;
+        for _ in 0..10_000 {
+            let mut next = || rng.next_u64();
+            let prompt = match next() % 4 {
+                0 => None,
+                1 => Some(Prompt::TokenIds(TokenIds {
+                    ids: (0..next() % 40).map(|_| (next() % 120) as u32).collect(),
+                })),
+                2 => Some(Prompt::TokenIds(TokenIds {
+                    ids: vec![u32::MAX; (next() % 3) as usize],
+                })),
+                _ => Some(Prompt::Text("x".repeat((next() % 5000) as usize))),
+            };
+            let pick = |n: u64| floats[(n % floats.len() as u64) as usize];
+            let request = GenerateRequest {
+                request_id: "r".repeat((next() % 100) as usize),
+                prompt,
+                sampling: (next() % 2 == 0).then(|| ProtoSampling {
+                    temperature: pick(next()),
+                    top_p: pick(next()),
+                    top_k: next() as u32,
+                    min_p: pick(next()),
+                    repetition_penalty: pick(next()),
+                    seed: (next() % 2 == 0).then(|| next()),
+                }),
+                stopping: (next() % 2 == 0).then(|| StoppingCriteria {
+                    max_new_tokens: [0, 1, 5, 40, u32::MAX][(next() % 5) as usize],
+                    stop: (0..next() % 6)
+                        .map(|_| "s".repeat((next() % 12) as usize))
+                        .collect(),
+                    ignore_eos: next() % 2 == 0,
+                }),
+                include_logprobs: next() % 2 == 0,
+            };
+            match validate(request, None, &limits()) {
+                Ok(valid) => {
+                    accepted += 1;
+                    assert!(
+                        valid.max_new_tokens >= 1
+                            && valid.prompt_ids.len() + valid.max_new_tokens <= 32
+                    );
+                    assert!(valid.sampling.validate().is_ok());
+                }
+                Err(err) => assert!(!err.message.is_empty()),
+            }
+        }
+        assert!(accepted > 100, "{accepted}");
+    }
 }
