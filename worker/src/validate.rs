@@ -379,7 +379,7 @@ mod tests {
                     top_k: next() as u32,
                     min_p: pick(next()),
                     repetition_penalty: pick(next()),
-                    seed: (next() % 2 == 0).then(|| next()),
+                    seed: (next() % 2 == 0).then(&mut next),
                 }),
                 stopping: (next() % 2 == 0).then(|| StoppingCriteria {
                     max_new_tokens: [0, 1, 5, 40, u32::MAX][(next() % 5) as usize],
