@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 pub mod rank;
 pub mod sampling;

@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// KV cache size as a fraction of the memory available at start.
     #[arg(long, env = "DSD_KV_CACHE_FRACTION")]
     pub kv_cache_fraction: Option<f64>,
+    /// Address for Prometheus `/metrics` (not served when unset).
+    #[arg(long, env = "DSD_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Node pool this rank belongs to (reported by ModelInfo).
     #[arg(long, env = "DSD_POOL", default_value = "")]
     pub pool: String,

@@ -20,6 +20,7 @@ use deepseek_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, Usage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::KvCache;
 use crate::sampling::Sampler;
@@ -72,6 +73,7 @@ impl Scheduler {
         model: Arc<Model>,
         tokenizer: Option<Arc<Tokenizer>>,
         config: SchedulerConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (submit, inbox) = mpsc::unbounded_channel();
         let load = Arc::new(Load::default());
@@ -83,6 +85,7 @@ impl Scheduler {
             tokenizer,
             config,
             load: load.clone(),
+            metrics,
             inbox,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -129,6 +132,7 @@ struct Sequence {
     stops: StopStrings,
     arrived: Instant,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 impl Sequence {
@@ -142,6 +146,7 @@ struct Engine {
     tokenizer: Option<Arc<Tokenizer>>,
     config: SchedulerConfig,
     load: Arc<Load>,
+    metrics: Arc<Metrics>,
     inbox: mpsc::UnboundedReceiver<Submission>,
     waiting: VecDeque<Submission>,
     running: Vec<Sequence>,
@@ -211,6 +216,9 @@ impl Engine {
             }
             let s = self.waiting.pop_front().expect("front exists");
             self.reserved += need;
+            self.metrics
+                .prompt_tokens
+                .inc_by(s.request.prompt_ids.len() as u64);
             self.running.push(Sequence {
                 sampler: Sampler::new(s.request.sampling.clone()),
                 stops: StopStrings::new(s.request.stop.clone()),
@@ -224,6 +232,7 @@ impl Engine {
                 decoder: IncrementalDecoder::default(),
                 arrived: Instant::now(),
                 first_token: None,
+                last_token: None,
             });
         }
     }
@@ -243,7 +252,7 @@ impl Engine {
             } else if seq.next_logits.is_some() && budget > 0 {
                 budget -= 1;
                 generated += 1;
-                decode(&self.model, self.tokenizer.as_deref(), seq)
+                decode(&self.model, self.tokenizer.as_deref(), &self.metrics, seq)
             } else {
                 Outcome::Continue
             };
@@ -273,12 +282,18 @@ impl Engine {
     fn finish(&mut self, i: usize, outcome: Outcome) -> bool {
         let message = match outcome {
             Outcome::Continue => return false,
-            Outcome::Failed(status) => Err(status),
-            Outcome::Finished(reason) => Ok(final_message(
-                self.tokenizer.as_deref(),
-                &mut self.running[i],
-                reason,
-            )),
+            Outcome::Failed(status) => {
+                self.metrics.finished("error");
+                Err(status)
+            }
+            Outcome::Finished(reason) => {
+                self.metrics.finished(finish_label(reason));
+                Ok(final_message(
+                    self.tokenizer.as_deref(),
+                    &mut self.running[i],
+                    reason,
+                ))
+            }
         };
         let seq = self.running.swap_remove(i);
         self.reserved -= seq.reservation();
@@ -317,7 +332,12 @@ fn prefill(model: &Model, seq: &mut Sequence, chunk: usize) -> Outcome {
 }
 
 /// Samples the next token, streams it, and runs it through the model unless that ends it.
-fn decode(model: &Model, tokenizer: Option<&Tokenizer>, seq: &mut Sequence) -> Outcome {
+fn decode(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    metrics: &Metrics,
+    seq: &mut Sequence,
+) -> Outcome {
     let logits = seq.next_logits.take().expect("decode only after prefill");
     let history: Vec<u32> = seq
         .request
@@ -328,7 +348,19 @@ fn decode(model: &Model, tokenizer: Option<&Tokenizer>, seq: &mut Sequence) -> O
         .collect();
     let token = seq.sampler.sample(&logits, &history);
     seq.generated.push(token);
-    seq.first_token.get_or_insert_with(Instant::now);
+    let now = Instant::now();
+    match seq.last_token.replace(now) {
+        Some(previous) => metrics
+            .inter_token_latency
+            .observe((now - previous).as_secs_f64()),
+        None => {
+            seq.first_token = Some(now);
+            metrics
+                .time_to_first_token
+                .observe((now - seq.arrived).as_secs_f64());
+        }
+    }
+    metrics.generation_tokens.inc();
     let eos = !seq.request.ignore_eos && model.config().eos_token_ids.contains(&token);
     let mut response = GenerateResponse {
         token_ids: vec![token],
@@ -410,6 +442,17 @@ fn final_message(
             total_seconds: seconds(seq.arrived, now),
         }),
         ..Default::default()
+    }
+}
+
+/// Stable metric label of a finish reason.
+fn finish_label(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+        FinishReason::Eos => "eos",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::Unspecified => "unspecified",
     }
 }
 

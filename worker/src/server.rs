@@ -20,8 +20,9 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::config::Family;
+use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::scheduler::{KV_BLOCK_TOKENS, Scheduler, SchedulerConfig, Submission};
+use crate::scheduler::{KV_BLOCK_TOKENS, Load, Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::validate::{Limits, validate};
 
@@ -30,6 +31,8 @@ use crate::validate::{Limits, validate};
 pub struct ServeConfig {
     pub model_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub served_name: String,
     pub scheduler: SchedulerConfig,
     pub rank: u32,
@@ -210,7 +213,24 @@ pub async fn serve(
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
 
-    let loaded = Arc::new(OnceLock::new());
+    let loaded: Arc<OnceLock<Loaded>> = Arc::new(OnceLock::new());
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+        let (metrics, loaded) = (metrics.clone(), loaded.clone());
+        let idle = Arc::new(Load::default());
+        let render = Arc::new(move || match loaded.get() {
+            Some(l) => metrics.render(&l.scheduler.load, Some(&l.model)),
+            None => metrics.render(&idle, None),
+        });
+        tokio::spawn(async move {
+            if let Err(err) = crate::metrics::serve(listener, render).await {
+                tracing::error!(error = %err, "metrics server stopped");
+            }
+        });
+    }
     let service = InferenceService {
         config: config.clone(),
         loaded: loaded.clone(),
@@ -223,7 +243,7 @@ pub async fn serve(
 
     let load_health = health.clone();
     tokio::spawn(async move {
-        let result = tokio::task::spawn_blocking(move || load(&config)).await;
+        let result = tokio::task::spawn_blocking(move || load(&config, metrics)).await;
         match result {
             Ok(Ok(ready)) => {
                 let _ = loaded.set(ready);
@@ -254,7 +274,7 @@ pub async fn serve(
     Ok(())
 }
 
-fn load(config: &ServeConfig) -> anyhow::Result<Loaded> {
+fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
     let model = Arc::new(Model::open(&config.model_dir)?);
     let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
     let cfg = model.config();
@@ -267,7 +287,12 @@ fn load(config: &ServeConfig) -> anyhow::Result<Loaded> {
         max_stop_strings: 16,
         max_stop_string_bytes: 256,
     };
-    let scheduler = Scheduler::start(model.clone(), tokenizer.clone(), config.scheduler.clone());
+    let scheduler = Scheduler::start(
+        model.clone(),
+        tokenizer.clone(),
+        config.scheduler.clone(),
+        metrics,
+    );
     Ok(Loaded {
         model,
         tokenizer,

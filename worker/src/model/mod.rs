@@ -15,7 +15,7 @@ use candle_core::Tensor;
 
 use self::attention::Attention;
 use self::cache::KvCache;
-use self::moe::{LocalExperts, MoeMlp, RoutedExperts};
+use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts};
 use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::config::Config;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
@@ -81,6 +81,7 @@ pub struct Model {
     lm_head: Linear,
     rope: Rope,
     experts: Box<dyn RoutedExperts>,
+    expert_load: ExpertLoad,
 }
 
 impl Model {
@@ -125,12 +126,18 @@ impl Model {
             layers,
             lm_head,
             experts,
+            expert_load: ExpertLoad::new(cfg.num_hidden_layers, cfg.moe.n_routed_experts),
             cfg,
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Tokens routed to each expert so far.
+    pub fn expert_load(&self) -> &ExpertLoad {
+        &self.expert_load
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -166,9 +173,13 @@ impl Model {
             let h = layer.post_attention_norm.forward(&x)?;
             let mlp = match &layer.mlp {
                 FeedForward::Dense(mlp) => mlp.forward(&h)?,
-                FeedForward::Moe(moe) => {
-                    moe.forward(i, &h, &self.cfg.moe, self.experts.as_ref())?
-                }
+                FeedForward::Moe(moe) => moe.forward(
+                    i,
+                    &h,
+                    &self.cfg.moe,
+                    self.experts.as_ref(),
+                    &self.expert_load,
+                )?,
             };
             x = (x + mlp)?;
         }

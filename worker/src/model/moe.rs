@@ -1,6 +1,8 @@
 //! Mixture-of-experts MLP: router, routed experts behind [`RoutedExperts`] (so expert
 //! parallelism can put them on other ranks), and shared experts.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
@@ -208,6 +210,45 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// Tokens routed to each expert of each layer since start: the load signal for expert
+/// placement and the worker's per-expert metric.
+pub struct ExpertLoad {
+    experts: usize,
+    /// `[layer × experts]`
+    counts: Vec<AtomicU64>,
+}
+
+impl ExpertLoad {
+    pub fn new(layers: usize, experts: usize) -> Self {
+        ExpertLoad {
+            experts,
+            counts: (0..layers * experts).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn record(&self, layer: usize, routing: &Routing) {
+        for &e in routing.experts.iter().flatten() {
+            self.counts[layer * self.experts + e].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(layer, expert, tokens)` for every expert that has seen a token.
+    pub fn snapshot(&self) -> Vec<(usize, usize, u64)> {
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    i / self.experts,
+                    i % self.experts,
+                    c.load(Ordering::Relaxed),
+                )
+            })
+            .filter(|&(_, _, n)| n > 0)
+            .collect()
+    }
+}
+
 /// A MoE layer's MLP.
 pub struct MoeMlp {
     router: Router,
@@ -237,8 +278,10 @@ impl MoeMlp {
         x: &Tensor,
         moe: &MoeConfig,
         experts: &dyn RoutedExperts,
+        load: &ExpertLoad,
     ) -> Result<Tensor> {
         let routing = self.router.forward(x, moe)?;
+        load.record(layer, &routing);
         let routed = experts.forward(layer, x, &routing)?;
         match &self.shared {
             Some(shared) => Ok((routed + shared.forward(x)?)?),

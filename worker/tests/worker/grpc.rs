@@ -38,11 +38,19 @@ fn ids(value: &Value) -> Vec<u32> {
 
 /// Starts a worker on 127.0.0.1:0 and waits until it is SERVING.
 async fn start(kv_capacity_tokens: usize) -> Channel {
+    start_with_metrics(kv_capacity_tokens, None).await
+}
+
+async fn start_with_metrics(
+    kv_capacity_tokens: usize,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> Channel {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ServeConfig {
         model_dir: fixture(),
         listen: addr,
+        metrics_listen,
         served_name: "tiny".into(),
         scheduler: SchedulerConfig {
             max_batch_tokens: 64,
@@ -291,4 +299,34 @@ async fn text_chat_and_model_info() {
         .into_inner()
         .text;
     assert_eq!(text, whole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_tokens_requests_and_expert_load() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut client = InferenceClient::new(start_with_metrics(4096, Some(metrics_addr)).await);
+    collect(&mut client, request(vec![0, 1, 2, 3], 5)).await;
+    let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    for expected in [
+        "deepseek_worker_generation_tokens_total 5",
+        "deepseek_worker_prompt_tokens_total 4",
+        "deepseek_worker_requests_total{finish_reason=\"length\"} 1",
+        "deepseek_worker_time_to_first_token_seconds_count 1",
+        "deepseek_worker_inter_token_latency_seconds_count 4",
+        "deepseek_worker_kv_blocks_total 256",
+        "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=",
+    ] {
+        assert!(body.contains(expected), "missing {expected:?} in\n{body}");
+    }
+    assert!(body.trim_end().ends_with("# EOF"));
 }

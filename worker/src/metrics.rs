@@ -1,0 +1,158 @@
+//! Prometheus metrics of one worker, served as text on `--metrics-listen`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::model::Model;
+use crate::scheduler::{KV_BLOCK_TOKENS, Load};
+
+pub struct Metrics {
+    registry: Registry,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    /// By finish reason (`length`, `stop`, `eos`, `cancelled`, `error`).
+    pub requests: Family<Vec<(String, String)>, Counter>,
+    waiting: Gauge,
+    running: Gauge,
+    kv_blocks_used: Gauge,
+    kv_blocks_total: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let (prompt_tokens, generation_tokens) = (Counter::default(), Counter::default());
+        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        let [waiting, running, kv_blocks_used, kv_blocks_total] =
+            std::array::from_fn(|_| Gauge::default());
+        let mut registry = Registry::with_prefix("deepseek_worker");
+        registry.register(
+            "time_to_first_token_seconds",
+            "Arrival to first generated token",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "inter_token_latency_seconds",
+            "Time between a sequence's generated tokens",
+            inter_token_latency.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens of admitted requests",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "generation_tokens",
+            "Generated tokens",
+            generation_tokens.clone(),
+        );
+        registry.register(
+            "requests",
+            "Finished requests by finish reason",
+            requests.clone(),
+        );
+        registry.register("waiting_sequences", "Requests queued", waiting.clone());
+        registry.register(
+            "running_sequences",
+            "Sequences being generated",
+            running.clone(),
+        );
+        registry.register(
+            "kv_blocks_used",
+            "KV cache blocks reserved",
+            kv_blocks_used.clone(),
+        );
+        registry.register(
+            "kv_blocks_total",
+            "KV cache blocks in all",
+            kv_blocks_total.clone(),
+        );
+        Metrics {
+            registry,
+            time_to_first_token,
+            inter_token_latency,
+            prompt_tokens,
+            generation_tokens,
+            requests,
+            waiting,
+            running,
+            kv_blocks_used,
+            kv_blocks_total,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn finished(&self, reason: &str) {
+        self.requests
+            .get_or_create(&vec![("finish_reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// The text exposition: the registry, then per-expert routed-token counters read from the
+    /// model (the load signal for expert placement).
+    pub fn render(&self, load: &Load, model: Option<&Model>) -> String {
+        let blocks = |tokens: usize| tokens.div_ceil(KV_BLOCK_TOKENS) as i64;
+        self.waiting
+            .set(load.waiting.load(Ordering::Relaxed) as i64);
+        self.running
+            .set(load.running.load(Ordering::Relaxed) as i64);
+        self.kv_blocks_used
+            .set(blocks(load.kv_tokens_reserved.load(Ordering::Relaxed)));
+        self.kv_blocks_total
+            .set(blocks(load.kv_capacity_tokens.load(Ordering::Relaxed)));
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        // `encode` ends with "# EOF"; keep it last.
+        let body_end = out.rfind("# EOF").unwrap_or(out.len());
+        let eof = out.split_off(body_end);
+        if let Some(model) = model {
+            out.push_str(
+                "# HELP deepseek_worker_expert_routed_tokens Tokens routed to each expert.\n",
+            );
+            out.push_str("# TYPE deepseek_worker_expert_routed_tokens counter\n");
+            for (layer, expert, tokens) in model.expert_load().snapshot() {
+                let _ = writeln!(
+                    out,
+                    "deepseek_worker_expert_routed_tokens_total{{layer=\"{layer}\",expert=\"{expert}\"}} {tokens}"
+                );
+            }
+        }
+        out + &eof
+    }
+}
+
+/// `/metrics` on its own port.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<()> {
+    use axum::http::header;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
