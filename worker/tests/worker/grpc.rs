@@ -330,3 +330,65 @@ async fn metrics_count_tokens_requests_and_expert_load() {
     }
     assert!(body.trim_end().ends_with("# EOF"));
 }
+
+/// Resident memory of this process (the in-process server included), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_of_short_requests_leaks_no_blocks_and_no_memory() {
+    let channel = start(4096).await;
+    let run = |count: u32| {
+        let channel = channel.clone();
+        async move {
+            let batches: Vec<_> = (0..8u32)
+                .map(|lane| {
+                    let mut client = InferenceClient::new(channel.clone());
+                    tokio::spawn(async move {
+                        for i in 0..count / 8 {
+                            let prompt = vec![0, (lane * 31 + i) % 384, (i * 7) % 384];
+                            let (tokens, _) =
+                                collect(&mut client, request(prompt, 1 + i % 3)).await;
+                            assert_eq!(tokens.len() as u32, 1 + i % 3);
+                        }
+                    })
+                })
+                .collect();
+            for batch in batches {
+                batch.await.unwrap();
+            }
+        }
+    };
+    run(400).await;
+    let warm = rss_kib();
+    run(2000).await;
+    let load = InferenceClient::new(channel.clone())
+        .get_load(GetLoadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            load.running_sequences,
+            load.waiting_sequences,
+            load.kv_blocks_used
+        ),
+        (0, 0, 0),
+        "{load:?}"
+    );
+    let grown = rss_kib().saturating_sub(warm);
+    assert!(
+        grown < 20 * 1024,
+        "resident memory grew by {grown} KiB over 2000 requests"
+    );
+}
