@@ -173,6 +173,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         model_dir,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
         scheduler: SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens.max(1),
             max_seqs: args.max_seqs.max(1),

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Address for Prometheus `/metrics` (not served when unset).
     #[arg(long, env = "DSD_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Seconds open streams may run after SIGTERM before they are ended.
+    #[arg(long, env = "DSD_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
     /// Node pool this rank belongs to (reported by ModelInfo).
     #[arg(long, env = "DSD_POOL", default_value = "")]
     pub pool: String,

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use deepseek_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, Usage};
@@ -49,6 +49,15 @@ pub struct Load {
     pub kv_capacity_tokens: AtomicUsize,
     /// Generated tokens per second over the last step, ×1000.
     pub milli_tokens_per_second: AtomicU64,
+    /// Set on shutdown once the grace period is over: every open request ends UNAVAILABLE.
+    pub abort: AtomicBool,
+}
+
+impl Load {
+    /// Requests queued or running.
+    pub fn busy(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)
+    }
 }
 
 pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
@@ -170,6 +179,10 @@ impl Engine {
             }
             while let Ok(submission) = self.inbox.try_recv() {
                 self.waiting.push_back(submission);
+            }
+            if self.load.abort.load(Ordering::Relaxed) {
+                self.abort_all();
+                continue;
             }
             self.admit();
             let started = Instant::now();
@@ -299,6 +312,18 @@ impl Engine {
         self.reserved -= seq.reservation();
         let _ = seq.respond.send(message);
         true
+    }
+
+    fn abort_all(&mut self) {
+        let unavailable =
+            || Status::unavailable("the worker shut down before the request finished");
+        for s in self.waiting.drain(..) {
+            let _ = s.respond.send(Err(unavailable()));
+        }
+        while !self.running.is_empty() {
+            self.finish(0, Outcome::Failed(unavailable()));
+        }
+        self.publish_load();
     }
 
     fn publish_load(&self) {

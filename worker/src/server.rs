@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
@@ -33,6 +33,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// After the shutdown signal, how long open streams may run before they are ended.
+    pub shutdown_grace: std::time::Duration,
     pub served_name: String,
     pub scheduler: SchedulerConfig,
     pub rank: u32,
@@ -51,10 +53,14 @@ struct Loaded {
 pub struct InferenceService {
     config: ServeConfig,
     loaded: Arc<OnceLock<Loaded>>,
+    draining: Arc<AtomicBool>,
 }
 
 impl InferenceService {
     fn loaded(&self) -> Result<&Loaded, Status> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("the worker is shutting down"));
+        }
         self.loaded
             .get()
             .ok_or_else(|| Status::unavailable("the model is still loading"))
@@ -231,7 +237,16 @@ pub async fn serve(
             }
         });
     }
+    let draining = Arc::new(AtomicBool::new(false));
+    let drain = drain_then_stop(
+        shutdown,
+        draining.clone(),
+        loaded.clone(),
+        health.clone(),
+        config.shutdown_grace,
+    );
     let service = InferenceService {
+        draining,
         config: config.clone(),
         loaded: loaded.clone(),
     };
@@ -268,10 +283,40 @@ pub async fn serve(
         .add_service(InferenceServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            drain,
         )
         .await?;
     Ok(())
+}
+
+/// On the shutdown signal: refuse new requests and report NOT_SERVING, let open streams
+/// finish within the grace period, then end the rest with UNAVAILABLE so the server can stop.
+async fn drain_then_stop(
+    shutdown: impl Future<Output = ()>,
+    draining: Arc<AtomicBool>,
+    loaded: Arc<OnceLock<Loaded>>,
+    health: tonic_health::server::HealthReporter,
+    grace: std::time::Duration,
+) {
+    shutdown.await;
+    draining.store(true, Ordering::Relaxed);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<InferenceServer<InferenceService>>()
+        .await;
+    let Some(loaded) = loaded.get() else { return };
+    let load = &loaded.scheduler.load;
+    let until = tokio::time::Instant::now() + grace;
+    while load.busy() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The scheduler is stepping while anything is open, and checks this every step.
+    load.abort.store(true, Ordering::Relaxed);
+    while load.busy() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {

@@ -45,12 +45,31 @@ async fn start_with_metrics(
     kv_capacity_tokens: usize,
     metrics_listen: Option<std::net::SocketAddr>,
 ) -> Channel {
+    launch(
+        kv_capacity_tokens,
+        metrics_listen,
+        Duration::from_secs(30),
+        std::future::pending(),
+    )
+    .await
+    .0
+}
+
+/// Starts a worker that stops when `shutdown` completes; returns a channel to it once it is
+/// SERVING, and the server task.
+async fn launch(
+    kv_capacity_tokens: usize,
+    metrics_listen: Option<std::net::SocketAddr>,
+    shutdown_grace: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Channel, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ServeConfig {
         model_dir: fixture(),
         listen: addr,
         metrics_listen,
+        shutdown_grace,
         served_name: "tiny".into(),
         scheduler: SchedulerConfig {
             max_batch_tokens: 64,
@@ -62,7 +81,7 @@ async fn start_with_metrics(
         group_size: 1,
         pool: "cpu".into(),
     };
-    tokio::spawn(serve(config, listener, std::future::pending()));
+    let server = tokio::spawn(serve(config, listener, shutdown));
     let channel = loop {
         match Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -88,7 +107,7 @@ async fn start_with_metrics(
         if health.check(status("")).await.unwrap().into_inner().status
             == ServingStatus::Serving as i32
         {
-            return channel;
+            return (channel, server);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -391,4 +410,37 @@ async fn a_soak_of_short_requests_leaks_no_blocks_and_no_memory() {
         grown < 20 * 1024,
         "resident memory grew by {grown} KiB over 2000 requests"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_new_work_and_ends_open_streams_after_the_grace_period() {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let (channel, server) = launch(4096, None, Duration::from_millis(50), shutdown).await;
+    let mut client = InferenceClient::new(channel);
+    let mut open = client
+        .generate(request(vec![0, 1, 2], 240))
+        .await
+        .unwrap()
+        .into_inner();
+    open.message().await.unwrap().unwrap();
+    stop.send(()).unwrap();
+    // the open stream is ended with UNAVAILABLE once the grace period is over
+    let ended = loop {
+        match open.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+    let refused = client.generate(request(vec![0, 1], 2)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 }
