@@ -1,6 +1,7 @@
 //! Contracts between clients, the router, the workers and the operator: the `deepseek.v1`
 //! gRPC services and the expert placement plan.
 
+pub mod codec;
 pub mod placement;
 
 /// Generated `deepseek.v1` messages, client and server.

@@ -444,3 +444,28 @@ async fn shutdown_refuses_new_work_and_ends_open_streams_after_the_grace_period(
     let refused = client.generate(request(vec![0, 1], 2)).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 }
+
+/// `GenerateRequest` with its `text` prompt as raw bytes, to send what a string cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawTextRequest {
+    #[prost(bytes = "vec", tag = "2")]
+    text: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_is_invalid_argument() {
+    let mut grpc = tonic::client::Grpc::new(start(4096).await);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/deepseek.v1.Inference/Generate");
+    let codec =
+        tonic_prost::ProstCodec::<RawTextRequest, deepseek_proto::v1::GenerateResponse>::default();
+    let request = tonic::Request::new(RawTextRequest {
+        text: vec![b'h', 0xff, 0xfe],
+    });
+    let status = grpc
+        .server_streaming(request, path, codec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("does not decode"), "{status:?}");
+}
