@@ -469,3 +469,82 @@ async fn invalid_utf8_is_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("does not decode"), "{status:?}");
 }
+
+/// 10,000 generated requests (edge numbers, long strings, ids past the vocabulary) through the
+/// server: each ends in a stream or a status, none takes the worker down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_generated_requests_through_the_server() {
+    let channel = start(4096).await;
+    let lanes: Vec<_> = (0..8u64)
+        .map(|lane| {
+            let mut client = InferenceClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut rng = deepseek_worker::sampling::Rng::new(lane);
+                let floats = [0.0, -1.0, 0.5, 1.0, 2.0, f32::NAN, f32::INFINITY, 1e-30];
+                let (mut streams, mut refusals) = (0, 0);
+                for _ in 0..1250 {
+                    let mut next = || rng.next_u64();
+                    let prompt = match next() % 5 {
+                        0 => None,
+                        1 => Some(Prompt::Text("é🦀 ".repeat((next() % 8) as usize))),
+                        2 => Some(Prompt::TokenIds(TokenIds {
+                            ids: vec![(next() % 500) as u32; (next() % 4) as usize],
+                        })),
+                        3 => Some(Prompt::Chat(ChatMessages {
+                            messages: vec![ChatMessage {
+                                role: "user".into(),
+                                content: "x".repeat((next() % 50) as usize),
+                            }],
+                        })),
+                        _ => Some(Prompt::TokenIds(TokenIds {
+                            ids: (0..next() % 24).map(|i| i as u32 % 384).collect(),
+                        })),
+                    };
+                    let pick = |n: u64| floats[(n % floats.len() as u64) as usize];
+                    let request = GenerateRequest {
+                        prompt,
+                        sampling: Some(SamplingParams {
+                            temperature: pick(next()),
+                            top_p: pick(next()),
+                            top_k: next() as u32 % 50,
+                            ..Default::default()
+                        }),
+                        stopping: Some(StoppingCriteria {
+                            max_new_tokens: [0, 1, 1, u32::MAX][(next() % 4) as usize],
+                            stop: vec!["s".repeat((next() % 300) as usize)],
+                            ignore_eos: next() % 2 == 0,
+                        }),
+                        ..Default::default()
+                    };
+                    match client.generate(request).await {
+                        Ok(stream) => {
+                            let mut stream = stream.into_inner();
+                            while stream.message().await.unwrap().is_some() {}
+                            streams += 1;
+                        }
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                            refusals += 1;
+                        }
+                    }
+                }
+                (streams, refusals)
+            })
+        })
+        .collect();
+    let (mut streams, mut refusals) = (0, 0);
+    for lane in lanes {
+        let (s, r) = lane.await.unwrap();
+        streams += s;
+        refusals += r;
+    }
+    assert_eq!(streams + refusals, 10_000);
+    assert!(
+        streams > 500 && refusals > 500,
+        "{streams} streams, {refusals} refusals"
+    );
+    let info = InferenceClient::new(channel)
+        .model_info(ModelInfoRequest {})
+        .await;
+    assert!(info.is_ok(), "the worker still serves");
+}
