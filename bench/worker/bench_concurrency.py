@@ -1,0 +1,134 @@
+"""Worker throughput and latency against concurrency, over real gRPC.
+
+Starts `deepseek-worker serve` on the bench model, then for each concurrency level runs that
+many streams at once (each: a 32-token prompt, 32 greedy tokens, ignore_eos) and reports total
+output tokens/s, and p50/p99 time to first token and inter-token latency as the client sees
+them. Writes bench/worker/results.json and prints a Markdown table.
+
+Rerun (from the repository root, after bench/engine's setup and model):
+  .tools/fixtures-venv/bin/pip install grpcio grpcio-tools
+  cargo build --release -p deepseek-worker
+  .tools/fixtures-venv/bin/python bench/worker/bench_concurrency.py
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def stubs(out_dir):
+    from grpc_tools import protoc
+
+    rc = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+                      "deepseek/v1/inference.proto"])
+    assert rc == 0, "protoc failed"
+    sys.path.insert(0, str(out_dir))
+    from deepseek.v1 import inference_pb2, inference_pb2_grpc
+
+    return inference_pb2, inference_pb2_grpc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def one_stream(stub, pb, prompt, new_tokens, out):
+    start = time.perf_counter()
+    times = []
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                 stopping=pb.StoppingCriteria(max_new_tokens=new_tokens, ignore_eos=True))
+    tokens = 0
+    for message in stub.Generate(request):
+        if message.token_ids:
+            times.append(time.perf_counter())
+            tokens += len(message.token_ids)
+    out.append({"start": start, "times": times, "tokens": tokens})
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=str(ROOT / ".tools/bench-model/bench-small"))
+    parser.add_argument("--worker-bin", default=os.environ.get("WORKER_BIN", str(ROOT / "target/release/deepseek-worker")))
+    parser.add_argument("--levels", default="1,4,16,64")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import grpc
+
+    pb, pb_grpc = stubs(pathlib.Path(tempfile.mkdtemp()))
+    port = free_port()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), RUST_LOG="warn")
+    worker = subprocess.Popen([args.worker_bin, "serve", "--model", args.model, "--listen", f"127.0.0.1:{port}",
+                               "--max-seqs", "64", "--max-batch-tokens", "4096"], env=env)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.InferenceStub(channel)
+        deadline = time.time() + 120
+        while True:
+            try:
+                stub.ModelInfo(pb.ModelInfoRequest())
+                break
+            except grpc.RpcError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        # warm up
+        one_stream(stub, pb, list(range(10, 10 + args.prompt_len)), 4, [])
+        rows = []
+        for level in [int(x) for x in args.levels.split(",")]:
+            results = []
+            threads = [threading.Thread(target=one_stream,
+                                        args=(stub, pb, [(7 * i + 13 * j) % 30000 + 10 for j in range(args.prompt_len)],
+                                              args.new_tokens, results)) for i in range(level)]
+            began = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - began
+            tokens = sum(r["tokens"] for r in results)
+            ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+            itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+            rows.append({"streams": level, "output_tokens_per_s": tokens / wall, "wall_s": wall,
+                         "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+                         "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    single = rows[0]["output_tokens_per_s"]
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": args.model,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads, "levels": rows,
+              "scaling_vs_one_stream": {str(r["streams"]): r["output_tokens_per_s"] / single for r in rows}}
+    out = ROOT / "bench/worker/results.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| streams | output tok/s | × one stream | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['streams']} | {r['output_tokens_per_s']:.1f} | {r['output_tokens_per_s'] / single:.2f} | "
+              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
