@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::scheduler::{KV_BLOCK_TOKENS, Load, Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
-use crate::validate::{Limits, validate};
+use crate::validate::{Limits, check_token_ids, validate};
 
 /// Everything `serve` was asked for.
 #[derive(Clone, Debug)]
@@ -110,14 +110,8 @@ impl Inference for InferenceService {
         let ids = match request.into_inner().input {
             Some(tokenize_request::Input::Text(text)) => tokenizer.encode(&text, true),
             Some(tokenize_request::Input::Chat(chat)) => {
-                let messages: Vec<ChatMessage> = chat
-                    .messages
-                    .into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect();
+                let messages: Vec<ChatMessage> =
+                    chat.messages.into_iter().map(ChatMessage::from).collect();
                 tokenizer.encode_chat(&messages)
             }
             None => return Err(Status::invalid_argument("input: missing: set text or chat")),
@@ -132,16 +126,8 @@ impl Inference for InferenceService {
     ) -> Result<Response<DetokenizeResponse>, Status> {
         let tokenizer = self.tokenizer()?;
         let ids = request.into_inner().ids;
-        let vocab = self.loaded()?.limits.vocab_size;
-        if let Some((i, id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, id)| **id as usize >= vocab)
-        {
-            return Err(Status::invalid_argument(format!(
-                "ids[{i}] = {id} is not below the vocabulary size {vocab}"
-            )));
-        }
+        check_token_ids(&ids, self.loaded()?.limits.vocab_size)
+            .map_err(Status::invalid_argument)?;
         let text = tokenizer
             .decode(&ids, true)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -15,6 +15,15 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+impl From<deepseek_proto::v1::ChatMessage> for ChatMessage {
+    fn from(m: deepseek_proto::v1::ChatMessage) -> Self {
+        ChatMessage {
+            role: m.role,
+            content: m.content,
+        }
+    }
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,

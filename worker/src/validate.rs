@@ -77,14 +77,8 @@ pub fn validate(
                     "this model's tokenizer_config.json has no chat_template",
                 ));
             }
-            let messages: Vec<ChatMessage> = chat
-                .messages
-                .into_iter()
-                .map(|m| ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                })
-                .collect();
+            let messages: Vec<ChatMessage> =
+                chat.messages.into_iter().map(ChatMessage::from).collect();
             tokenizer
                 .encode_chat(&messages)
                 .map_err(|e| invalid("prompt.chat", e.to_string()))?
@@ -93,19 +87,8 @@ pub fn validate(
     if prompt_ids.is_empty() {
         return Err(invalid("prompt", "is empty"));
     }
-    if let Some((i, id)) = prompt_ids
-        .iter()
-        .enumerate()
-        .find(|(_, id)| **id as usize >= limits.vocab_size)
-    {
-        return Err(invalid(
-            "prompt.token_ids",
-            format!(
-                "ids[{i}] = {id} is not below the vocabulary size {}",
-                limits.vocab_size
-            ),
-        ));
-    }
+    check_token_ids(&prompt_ids, limits.vocab_size)
+        .map_err(|message| invalid("prompt.token_ids", message))?;
     let context = limits.context_length;
     if prompt_ids.len() >= context {
         return Err(invalid(
@@ -171,6 +154,20 @@ pub fn validate(
         ignore_eos: stopping.ignore_eos,
         include_logprobs: request.include_logprobs,
     })
+}
+
+/// Every id must be below the vocabulary size.
+pub fn check_token_ids(ids: &[u32], vocab_size: usize) -> Result<(), String> {
+    match ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab_size)
+    {
+        Some((i, id)) => Err(format!(
+            "ids[{i}] = {id} is not below the vocabulary size {vocab_size}"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Proto3 cannot tell an unset float from 0, so 0 means "off" for top_p and
