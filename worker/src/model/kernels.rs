@@ -149,6 +149,24 @@ impl SharedOut {
     }
 }
 
+/// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never depends
+/// on what else is computed with it.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let whole = a.len().min(b.len()) / LANES * LANES;
+    for (x, y) in a[..whole]
+        .chunks_exact(LANES)
+        .zip(b[..whole].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Widens bf16 weights to f32 (exact).
 pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
     bits.par_iter()

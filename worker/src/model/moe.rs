@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::ops::{BF16_KERNEL_MAX_TOKENS, Mlp, load, mlps_bf16};
+use super::kernels;
+use super::ops::{BF16_KERNEL_MAX_TOKENS, Mlp, mlps_bf16};
 use crate::config::{Config, Family, Moe as MoeConfig, ScoringFunc, TopkMethod};
 use crate::weights::Checkpoint;
 
@@ -109,7 +110,10 @@ impl RoutedExperts for LocalExperts {
 
 /// The router of one MoE layer.
 pub struct Router {
-    weight_t: Tensor,
+    /// `[experts, hidden]`, row-major: logits are per-token dot products, so a token's routing
+    /// never depends on the batch it is in.
+    weight: Vec<f32>,
+    hidden: usize,
     /// V3: added to the scores for choosing experts only, never to their weights.
     correction_bias: Option<Vec<f32>>,
 }
@@ -117,24 +121,30 @@ pub struct Router {
 impl Router {
     pub fn load(cfg: &Config, ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
         let experts = cfg.moe.n_routed_experts;
-        let weight = load(
-            ckpt,
-            &format!("{prefix}.weight"),
-            &[experts, cfg.hidden_size],
-        )?;
+        let weight = ckpt.load_f32(&format!("{prefix}.weight"), &[experts, cfg.hidden_size])?;
         let bias_name = format!("{prefix}.e_score_correction_bias");
         let correction_bias = match cfg.moe.topk_method {
             TopkMethod::NoauxTc => Some(ckpt.load_f32(&bias_name, &[experts])?),
             _ => None,
         };
         Ok(Router {
-            weight_t: weight.t()?.contiguous()?,
+            weight,
+            hidden: cfg.hidden_size,
             correction_bias,
         })
     }
 
     pub fn forward(&self, x: &Tensor, moe: &MoeConfig) -> Result<Routing> {
-        let logits: Vec<Vec<f32>> = x.matmul(&self.weight_t)?.to_vec2()?;
+        let rows: Vec<Vec<f32>> = x.to_vec2()?;
+        let logits: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|row| {
+                self.weight
+                    .chunks_exact(self.hidden)
+                    .map(|w| kernels::dot_f32(w, row))
+                    .collect()
+            })
+            .collect();
         let mut routing = Routing {
             experts: Vec::with_capacity(logits.len()),
             weights: Vec::with_capacity(logits.len()),
