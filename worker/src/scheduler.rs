@@ -136,6 +136,8 @@ struct Sequence {
     prefilled: usize,
     /// Logits of the last position, once the prompt is in.
     next_logits: Option<Vec<f32>>,
+    /// The token just sampled, waiting for this step's forward pass.
+    pending: Option<u32>,
     generated: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
@@ -241,6 +243,7 @@ impl Engine {
                 respond: s.respond,
                 prefilled: 0,
                 next_logits: None,
+                pending: None,
                 generated: Vec::new(),
                 decoder: IncrementalDecoder::default(),
                 arrived: Instant::now(),
@@ -265,7 +268,12 @@ impl Engine {
             } else if seq.next_logits.is_some() && budget > 0 {
                 budget -= 1;
                 generated += 1;
-                decode(&self.model, self.tokenizer.as_deref(), &self.metrics, seq)
+                emit(
+                    &self.model.config().eos_token_ids,
+                    self.tokenizer.as_deref(),
+                    &self.metrics,
+                    seq,
+                )
             } else {
                 Outcome::Continue
             };
@@ -274,11 +282,12 @@ impl Engine {
             }
             i += 1;
         }
+        self.decode_together();
         // Prefill with what is left, oldest first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = &mut self.running[i];
-            if seq.next_logits.is_none() {
+            if seq.prefilled < seq.request.prompt_ids.len() {
                 let chunk = (seq.request.prompt_ids.len() - seq.prefilled).min(budget);
                 budget -= chunk;
                 let outcome = prefill(&self.model, seq, chunk);
@@ -289,6 +298,39 @@ impl Engine {
             i += 1;
         }
         generated
+    }
+
+    /// Runs every sequence's newly sampled token through the model in one batched step.
+    fn decode_together(&mut self) {
+        let waiting: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].pending.is_some())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let (tokens, mut caches): (Vec<u32>, Vec<&mut KvCache>) = self
+            .running
+            .iter_mut()
+            .filter_map(|seq| Some((seq.pending.take()?, &mut seq.cache)))
+            .unzip();
+        match self
+            .model
+            .forward_decode(&tokens, &mut caches)
+            .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        {
+            Ok(logits) => {
+                for (i, row) in waiting.into_iter().zip(logits) {
+                    self.running[i].next_logits = Some(row);
+                }
+            }
+            Err(err) => {
+                let status = internal(err);
+                // Highest index first, so swap_remove leaves the others where they are.
+                for i in waiting.into_iter().rev() {
+                    self.finish(i, Outcome::Failed(status.clone()));
+                }
+            }
+        }
     }
 
     /// Ends sequence `i` if the outcome says so; true when it was removed.
@@ -356,14 +398,15 @@ fn prefill(model: &Model, seq: &mut Sequence, chunk: usize) -> Outcome {
     }
 }
 
-/// Samples the next token, streams it, and runs it through the model unless that ends it.
-fn decode(
-    model: &Model,
+/// Samples the next token and streams it; unless that ends the sequence, the token waits in
+/// `pending` for the step's batched forward pass.
+fn emit(
+    eos_ids: &[u32],
     tokenizer: Option<&Tokenizer>,
     metrics: &Metrics,
     seq: &mut Sequence,
 ) -> Outcome {
-    let logits = seq.next_logits.take().expect("decode only after prefill");
+    let logits = seq.next_logits.take().expect("emit only after prefill");
     let history: Vec<u32> = seq
         .request
         .prompt_ids
@@ -386,7 +429,7 @@ fn decode(
         }
     }
     metrics.generation_tokens.inc();
-    let eos = !seq.request.ignore_eos && model.config().eos_token_ids.contains(&token);
+    let eos = !seq.request.ignore_eos && eos_ids.contains(&token);
     let mut response = GenerateResponse {
         token_ids: vec![token],
         ..Default::default()
@@ -424,16 +467,8 @@ fn decode(
     if seq.generated.len() >= seq.request.max_new_tokens {
         return Outcome::Finished(FinishReason::Length);
     }
-    match model
-        .forward(&[token], &mut seq.cache)
-        .and_then(|l| Ok(l.to_vec2::<f32>()?))
-    {
-        Ok(mut logits) => {
-            seq.next_logits = logits.pop();
-            Outcome::Continue
-        }
-        Err(err) => Outcome::Failed(internal(err)),
-    }
+    seq.pending = Some(token);
+    Outcome::Continue
 }
 
 /// The last message: held-back text, the finish reason and usage.

@@ -116,37 +116,58 @@ impl Attention {
         })
     }
 
-    /// `x`: `[tokens, hidden]` at positions `cache.tokens()..`; appends their latents to the
-    /// cache and returns `[tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
+    /// `x`: `[tokens, hidden]`, the rows of one or more sequences: `segments` gives each
+    /// sequence's row count and cache, in row order. Each sequence's rows sit at positions
+    /// `cache.tokens()..`; their latents are appended and `[tokens, hidden]` returned.
+    /// `per_row` computes every row independently of the others (batched decode).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        segments: &mut [(usize, &mut LayerCache)],
+        per_row: bool,
+    ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
-        let start = cache.tokens();
-        let (cos, sin) = rope.tables(start, tokens)?;
-
         let q = match &self.q {
-            QProj::Plain(proj) => proj.forward(x)?,
-            QProj::LowRank { down, norm, up } => up.forward(&norm.forward(&down.forward(x)?)?)?,
+            QProj::Plain(proj) => proj.forward_with(x, per_row)?,
+            QProj::LowRank { down, norm, up } => {
+                up.forward_with(&norm.forward(&down.forward_with(x, per_row)?)?, per_row)?
+            }
         };
         let q = q.reshape((tokens, self.heads, self.nope + self.rope_dim))?;
-        let q_nope = q.narrow(2, 0, self.nope)?;
-        let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope_dim)?, &cos, &sin)?;
-
-        let kv = self.kv_down.forward(x)?;
+        let kv = self.kv_down.forward_with(x, per_row)?;
         let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora)?)?;
-        let k_pe =
-            kv.narrow(1, self.kv_lora, self.rope_dim)?
-                .reshape((tokens, 1, self.rope_dim))?;
-        let k_pe = rope
-            .apply(&k_pe, &cos, &sin)?
-            .reshape((tokens, self.rope_dim))?;
-        cache.append(&c_kv, &k_pe)?;
 
-        let out = if tokens == 1 && start > 0 {
-            self.attend_absorbed(&q_nope, &q_pe, cache)?
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for (len, cache) in segments.iter_mut() {
+            let len = *len;
+            let start = cache.tokens();
+            let (cos, sin) = rope.tables(start, len)?;
+            let q = q.narrow(0, row, len)?;
+            let q_nope = q.narrow(2, 0, self.nope)?;
+            let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope_dim)?, &cos, &sin)?;
+            let k_pe = kv
+                .narrow(0, row, len)?
+                .narrow(1, self.kv_lora, self.rope_dim)?
+                .reshape((len, 1, self.rope_dim))?;
+            let k_pe = rope
+                .apply(&k_pe, &cos, &sin)?
+                .reshape((len, self.rope_dim))?;
+            cache.append(&c_kv.narrow(0, row, len)?, &k_pe)?;
+            outs.push(if len == 1 && start > 0 {
+                self.attend_absorbed(&q_nope, &q_pe, cache)?
+            } else {
+                self.attend_expanded(&q_nope, &q_pe, cache, start)?
+            });
+            row += len;
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one segment")
         } else {
-            self.attend_expanded(&q_nope, &q_pe, cache, start)?
+            Tensor::cat(&outs, 0)?
         };
-        self.o_proj.forward(&out)
+        self.o_proj.forward_with(&out, per_row)
     }
 
     /// Prefill: expand every cached latent into per-head keys and values.

@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 
 use self::attention::Attention;
-use self::cache::KvCache;
+use self::cache::{KvCache, LayerCache};
 use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts};
 use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::config::Config;
@@ -147,14 +147,37 @@ impl Model {
     /// Runs `tokens` of one sequence after what `cache` holds; returns their logits
     /// `[tokens, vocab]` and extends the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        // Run the step on a pool thread: parallel kernels started from a pool thread share
-        // the work with it instead of parking the caller and waking it per kernel.
-        rayon::scope(|_| self.forward_on_pool(tokens, cache))
+        self.forward_segments(tokens, &mut [(tokens.len(), cache)], false)
     }
 
-    fn forward_on_pool(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        if tokens.is_empty() {
-            bail!("forward needs at least one token");
+    /// One decode step for many sequences: `tokens[i]` extends `caches[i]`. Returns
+    /// `[sequences, vocab]`; every row equals what `forward` gives that sequence alone, while
+    /// each weight is read once for the whole step.
+    pub fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let mut segments: Vec<(usize, &mut KvCache)> =
+            caches.iter_mut().map(|c| (1, &mut **c)).collect();
+        self.forward_segments(tokens, &mut segments, true)
+    }
+
+    fn forward_segments(
+        &self,
+        tokens: &[u32],
+        segments: &mut [(usize, &mut KvCache)],
+        per_row: bool,
+    ) -> Result<Tensor> {
+        // Run the step on a pool thread: parallel kernels started from a pool thread share
+        // the work with it instead of parking the caller and waking it per kernel.
+        rayon::scope(|_| self.forward_on_pool(tokens, segments, per_row))
+    }
+
+    fn forward_on_pool(
+        &self,
+        tokens: &[u32],
+        segments: &mut [(usize, &mut KvCache)],
+        per_row: bool,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() || tokens.len() != segments.iter().map(|(n, _)| n).sum::<usize>() {
+            bail!("forward needs at least one token, and as many as the segments hold");
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             bail!(
@@ -163,26 +186,32 @@ impl Model {
             );
         }
         let mut x = self.embed.forward(tokens)?;
-        for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
-        {
-            let attn =
-                layer
-                    .attention
-                    .forward(&layer.input_norm.forward(&x)?, &self.rope, layer_cache)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut layer_segments: Vec<(usize, &mut LayerCache)> = segments
+                .iter_mut()
+                .map(|(n, cache)| (*n, &mut cache.layers[i]))
+                .collect();
+            let attn = layer.attention.forward(
+                &layer.input_norm.forward(&x)?,
+                &self.rope,
+                &mut layer_segments,
+                per_row,
+            )?;
             x = (x + attn)?;
             let h = layer.post_attention_norm.forward(&x)?;
             let mlp = match &layer.mlp {
-                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+                FeedForward::Dense(mlp) => mlp.forward_with(&h, per_row)?,
                 FeedForward::Moe(moe) => moe.forward(
                     i,
                     &h,
                     &self.cfg.moe,
                     self.experts.as_ref(),
                     &self.expert_load,
+                    per_row,
                 )?,
             };
             x = (x + mlp)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.lm_head.forward_with(&self.norm.forward(&x)?, per_row)
     }
 }

@@ -19,9 +19,11 @@ pub struct Routing {
 }
 
 /// Computes `Σₖ weights[t][k] · expert_{experts[t][k]}(x[t])` for every token of `x`
-/// (`[tokens, hidden]`). Local today; expert parallelism backs it with other ranks.
+/// (`[tokens, hidden]`); `per_row` computes each token exactly as it would be alone (batched
+/// decode). Local today; expert parallelism backs it with other ranks.
 pub trait RoutedExperts: Send + Sync {
-    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor>;
+    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing, per_row: bool)
+    -> Result<Tensor>;
 }
 
 /// Every routed expert of every MoE layer, in this process.
@@ -55,10 +57,29 @@ impl LocalExperts {
 }
 
 impl RoutedExperts for LocalExperts {
-    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+        per_row: bool,
+    ) -> Result<Tensor> {
         let experts = &self.layers[layer];
         let (tokens, hidden) = x.dims2()?;
-        if tokens <= BF16_KERNEL_MAX_TOKENS && experts.iter().all(Mlp::is_bf16) {
+        let bf16 = experts.iter().all(Mlp::is_bf16);
+        if per_row && tokens > 1 && !bf16 {
+            let rows = (0..tokens)
+                .map(|t| {
+                    let one = Routing {
+                        experts: vec![routing.experts[t].clone()],
+                        weights: vec![routing.weights[t].clone()],
+                    };
+                    self.forward(layer, &x.narrow(0, t, 1)?, &one, false)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&rows, 0)?);
+        }
+        if (per_row || tokens <= BF16_KERNEL_MAX_TOKENS) && bf16 {
             // Decode: every (token, expert) pair in two dispatches.
             let rows: Vec<Vec<f32>> = x.to_vec2()?;
             let items: Vec<(&Mlp, &[f32])> = routing
@@ -289,12 +310,13 @@ impl MoeMlp {
         moe: &MoeConfig,
         experts: &dyn RoutedExperts,
         load: &ExpertLoad,
+        per_row: bool,
     ) -> Result<Tensor> {
         let routing = self.router.forward(x, moe)?;
         load.record(layer, &routing);
-        let routed = experts.forward(layer, x, &routing)?;
+        let routed = experts.forward(layer, x, &routing, per_row)?;
         match &self.shared {
-            Some(shared) => Ok((routed + shared.forward(x)?)?),
+            Some(shared) => Ok((routed + shared.forward_with(x, per_row)?)?),
             None => Ok(routed),
         }
     }

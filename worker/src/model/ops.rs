@@ -49,6 +49,27 @@ impl Linear {
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// Like `forward`; with `per_row` every row's result is computed exactly as it would be
+    /// alone (a batched decode step must not change any sequence's numbers).
+    pub fn forward_with(&self, x: &Tensor, per_row: bool) -> Result<Tensor> {
+        let tokens = x.dim(0)?;
+        if per_row && tokens > 1 {
+            match &self.storage {
+                Storage::Bf16 {
+                    bits,
+                    out_dim,
+                    in_dim,
+                } => {
+                    let input = x.flatten_all()?.to_vec1::<f32>()?;
+                    let y = kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim);
+                    return Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?);
+                }
+                Storage::F32 { .. } => return each_row(x, |row| self.forward(row)),
+            }
+        }
         match &self.storage {
             Storage::F32 { weight_t } => Ok(x.matmul(weight_t)?),
             Storage::Bf16 {
@@ -179,8 +200,16 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// Like `forward`; with `per_row` every row is computed exactly as it would be alone.
+    pub fn forward_with(&self, x: &Tensor, per_row: bool) -> Result<Tensor> {
         let (tokens, hidden) = x.dims2()?;
-        if tokens <= BF16_KERNEL_MAX_TOKENS && self.is_bf16() {
+        if per_row && tokens > 1 && !self.is_bf16() {
+            return each_row(x, |row| self.forward(row));
+        }
+        if (per_row || tokens <= BF16_KERNEL_MAX_TOKENS) && self.is_bf16() {
             let rows: Vec<Vec<f32>> = x.to_vec2()?;
             let items: Vec<(&Mlp, &[f32])> = rows.iter().map(|r| (self, r.as_slice())).collect();
             let out = mlps_bf16(&items).concat();
@@ -197,6 +226,14 @@ impl Mlp {
     fn bf16(&self) -> Option<[(&[u16], usize); 3]> {
         Some([self.gate.bf16()?, self.up.bf16()?, self.down.bf16()?])
     }
+}
+
+/// Applies `f` to each row of `x` on its own and stacks the results.
+pub fn each_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let rows = (0..x.dim(0)?)
+        .map(|t| f(&x.narrow(0, t, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// `mlp(x)` for each `(mlp, x)` pair of single-token inputs, every MLP bf16 (check with

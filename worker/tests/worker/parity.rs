@@ -101,3 +101,34 @@ fn tiny_v3_fp8_matches_transformers() {
 fn tiny_v2_lite_matches_transformers() {
     check("tiny-v2-lite");
 }
+
+/// A batched decode step gives every sequence exactly (bit for bit) the logits it gets alone.
+fn batched_decode_equals_alone(name: &str) {
+    let (model, reference) = load(name);
+    let prompts: Vec<Vec<u32>> = (0..5)
+        .map(|i| reference.prompt_ids[..3 + i].to_vec())
+        .collect();
+    let mut alone = Vec::new();
+    let mut caches = Vec::new();
+    for prompt in &prompts {
+        let mut cache = model.new_cache();
+        model.forward(prompt, &mut cache).unwrap();
+        let mut solo = model.new_cache();
+        model.forward(prompt, &mut solo).unwrap();
+        alone.push(rows(&model.forward(&[7], &mut solo).unwrap()).remove(0));
+        caches.push(cache);
+    }
+    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+    let batched = rows(&model.forward_decode(&[7; 5], &mut refs).unwrap());
+    assert_eq!(batched, alone, "{name}");
+}
+
+#[test]
+fn batched_decode_is_batch_invariant_bf16() {
+    batched_decode_equals_alone("tiny-v3-bf16");
+}
+
+#[test]
+fn batched_decode_is_batch_invariant_fp8() {
+    batched_decode_equals_alone("tiny-v3-fp8");
+}
