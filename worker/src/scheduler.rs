@@ -146,12 +146,6 @@ struct Sequence {
     last_token: Option<Instant>,
 }
 
-impl Sequence {
-    fn reservation(&self) -> usize {
-        self.request.prompt_ids.len() + self.request.max_new_tokens
-    }
-}
-
 struct Engine {
     model: Arc<Model>,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -214,7 +208,7 @@ impl Engine {
             !expired && !s.respond.is_closed()
         });
         while let Some(next) = self.waiting.front() {
-            let need = next.request.prompt_ids.len() + next.request.max_new_tokens;
+            let need = next.request.kv_tokens();
             if self.running.len() >= self.config.max_seqs
                 || self.reserved + need > self.config.kv_capacity_tokens
             {
@@ -351,7 +345,7 @@ impl Engine {
             }
         };
         let seq = self.running.swap_remove(i);
-        self.reserved -= seq.reservation();
+        self.reserved -= seq.request.kv_tokens();
         let _ = seq.respond.send(message);
         true
     }

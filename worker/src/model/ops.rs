@@ -56,30 +56,16 @@ impl Linear {
     /// alone (a batched decode step must not change any sequence's numbers).
     pub fn forward_with(&self, x: &Tensor, per_row: bool) -> Result<Tensor> {
         let tokens = x.dim(0)?;
-        if per_row && tokens > 1 {
-            match &self.storage {
-                Storage::Bf16 {
-                    bits,
-                    out_dim,
-                    in_dim,
-                } => {
-                    let input = x.flatten_all()?.to_vec1::<f32>()?;
-                    let y = kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim);
-                    return Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?);
-                }
-                Storage::F32 { .. } => return each_row(x, |row| self.forward(row)),
-            }
-        }
         match &self.storage {
+            Storage::F32 { .. } if per_row && tokens > 1 => each_row(x, |row| self.forward(row)),
             Storage::F32 { weight_t } => Ok(x.matmul(weight_t)?),
             Storage::Bf16 {
                 bits,
                 out_dim,
                 in_dim,
             } => {
-                let tokens = x.dim(0)?;
                 let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = if tokens <= BF16_KERNEL_MAX_TOKENS {
+                let y = if per_row || tokens <= BF16_KERNEL_MAX_TOKENS {
                     kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim)
                 } else {
                     kernels::matmul_bf16_panels(&input, tokens, bits.bits(), *out_dim, *in_dim)
