@@ -13,7 +13,8 @@ use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::model::Model;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
-use deepseek_worker::scheduler::{KV_BLOCK_TOKENS, SchedulerConfig};
+use deepseek_worker::model::cache::BLOCK_TOKENS;
+use deepseek_worker::scheduler::SchedulerConfig;
 use deepseek_worker::server::{self, ServeConfig};
 use deepseek_worker::tokenizer::Tokenizer;
 use serde_json::json;
@@ -163,7 +164,8 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
     let config = Config::from_file(&model_dir.join("config.json"))?;
-    let kv_capacity_tokens = kv_capacity_tokens(&args, &config)?;
+    let kv_blocks = kv_blocks(&args, &config)?;
+    let max_batch_tokens = args.max_batch_tokens.max(1);
     let serve = ServeConfig {
         served_name: args.served_name.clone().unwrap_or_else(|| {
             model_dir
@@ -175,9 +177,10 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
         scheduler: SchedulerConfig {
-            max_batch_tokens: args.max_batch_tokens.max(1),
+            max_batch_tokens,
             max_seqs: args.max_seqs.max(1),
-            kv_capacity_tokens,
+            prefill_chunk: args.chunked_prefill_size.clamp(1, max_batch_tokens),
+            kv_blocks,
             max_waiting: 4 * args.max_seqs.max(1),
         },
         rank: ranks.first,
@@ -191,14 +194,14 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// KV cache capacity in tokens, from --kv-cache-blocks or --kv-cache-fraction of the memory
+/// KV pool size in blocks, from --kv-cache-blocks or --kv-cache-fraction of the memory
 /// available now (default: 4096 blocks).
-fn kv_capacity_tokens(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
+fn kv_blocks(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
     if let Some(blocks) = args.kv_cache_blocks {
-        return Ok(blocks.max(1) * KV_BLOCK_TOKENS);
+        return Ok(blocks.max(1));
     }
     let Some(fraction) = args.kv_cache_fraction else {
-        return Ok(4096 * KV_BLOCK_TOKENS);
+        return Ok(4096);
     };
     if !(fraction > 0.0 && fraction <= 1.0) {
         bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
@@ -211,9 +214,9 @@ fn kv_capacity_tokens(args: &rank::ServeArgs, config: &Config) -> anyhow::Result
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no MemAvailable in /proc/meminfo")?;
     // f32 latents: c_kv and k_pe per token per layer.
-    let bytes_per_token =
-        4 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim);
-    Ok(((available_kib * 1024.0 * fraction) as usize / bytes_per_token).max(KV_BLOCK_TOKENS))
+    let bytes_per_block =
+        4 * BLOCK_TOKENS * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim);
+    Ok(((available_kib * 1024.0 * fraction) as usize / bytes_per_block).max(1))
 }
 
 async fn shutdown_signal() {

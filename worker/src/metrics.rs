@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::model::Model;
-use crate::scheduler::{KV_BLOCK_TOKENS, Load};
+use crate::scheduler::Load;
 
 pub struct Metrics {
     registry: Registry,
@@ -22,6 +22,7 @@ pub struct Metrics {
     pub generation_tokens: Counter,
     /// By finish reason (`length`, `stop`, `eos`, `cancelled`, `error`).
     pub requests: Family<Vec<(String, String)>, Counter>,
+    pub preemptions: Counter,
     waiting: Gauge,
     running: Gauge,
     kv_blocks_used: Gauge,
@@ -32,7 +33,8 @@ impl Default for Metrics {
     fn default() -> Self {
         let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        let (prompt_tokens, generation_tokens) = (Counter::default(), Counter::default());
+        let [prompt_tokens, generation_tokens, preemptions] =
+            std::array::from_fn(|_| Counter::default());
         let requests = Family::<Vec<(String, String)>, Counter>::default();
         let [waiting, running, kv_blocks_used, kv_blocks_total] =
             std::array::from_fn(|_| Gauge::default());
@@ -62,6 +64,11 @@ impl Default for Metrics {
             "Finished requests by finish reason",
             requests.clone(),
         );
+        registry.register(
+            "preemptions",
+            "Sequences preempted for KV blocks (recomputed later)",
+            preemptions.clone(),
+        );
         registry.register("waiting_sequences", "Requests queued", waiting.clone());
         registry.register(
             "running_sequences",
@@ -70,7 +77,7 @@ impl Default for Metrics {
         );
         registry.register(
             "kv_blocks_used",
-            "KV cache blocks reserved",
+            "KV cache blocks in use",
             kv_blocks_used.clone(),
         );
         registry.register(
@@ -85,6 +92,7 @@ impl Default for Metrics {
             prompt_tokens,
             generation_tokens,
             requests,
+            preemptions,
             waiting,
             running,
             kv_blocks_used,
@@ -103,15 +111,14 @@ impl Metrics {
     /// The text exposition: the registry, then per-expert routed-token counters read from the
     /// model (the load signal for expert placement).
     pub fn render(&self, load: &Load, model: Option<&Model>) -> String {
-        let blocks = |tokens: usize| tokens.div_ceil(KV_BLOCK_TOKENS) as i64;
         self.waiting
             .set(load.waiting.load(Ordering::Relaxed) as i64);
         self.running
             .set(load.running.load(Ordering::Relaxed) as i64);
         self.kv_blocks_used
-            .set(blocks(load.kv_tokens_reserved.load(Ordering::Relaxed)));
+            .set(load.kv_blocks_used.load(Ordering::Relaxed) as i64);
         self.kv_blocks_total
-            .set(blocks(load.kv_capacity_tokens.load(Ordering::Relaxed)));
+            .set(load.kv_blocks_total.load(Ordering::Relaxed) as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         // `encode` ends with "# EOF"; keep it last.

@@ -24,6 +24,9 @@ pub struct ServeArgs {
     /// Sequences running at once.
     #[arg(long, env = "DSD_MAX_SEQS", default_value_t = 64)]
     pub max_seqs: usize,
+    /// Prompts run in chunks of this many tokens (at most --max-batch-tokens).
+    #[arg(long, env = "DSD_CHUNKED_PREFILL_SIZE", default_value_t = 512)]
+    pub chunked_prefill_size: usize,
     /// KV cache size in blocks of 16 tokens.
     #[arg(
         long,

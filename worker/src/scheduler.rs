@@ -1,15 +1,21 @@
-//! The scheduler: one thread owns the model, the queue and the running sequences, and steps
-//! them together (continuous batching at the iteration level: a new request joins the next
-//! step, a finished one leaves at once).
+//! The scheduler: one thread owns the model, the KV block pool, the queue and the running
+//! sequences, and steps them together (continuous batching at the iteration level: a new
+//! request joins the next step, a finished one leaves at once).
 //!
-//! Each step first decodes one token for every running sequence, then spends what is left of
-//! the token budget (`max_batch_tokens`) on prefill chunks, oldest request first. Admission
-//! reserves a sequence's whole KV footprint (prompt + max_new_tokens) against the cache
-//! capacity, so a running sequence never has to be preempted. A sequence whose client went
-//! away or whose deadline passed is dropped at the next step and its KV cache freed.
+//! Each step samples a token for every sequence whose logits are ready, runs all of those
+//! tokens through the model in one batched, batch-invariant decode pass, then spends what is
+//! left of the token budget (`max_batch_tokens`) on prompt chunks, oldest request first.
 //!
-//! Sequences run one forward pass each within a step, so greedy output cannot depend on what
-//! else is scheduled; batching them into shared kernels is the next step for throughput.
+//! KV memory is paged: a request is admitted when the pool has blocks for its prompt, and a
+//! sequence takes one more block each time it crosses a block boundary. When the pool runs
+//! dry the newest sequence is preempted: its blocks are freed and it waits at the front of
+//! the queue, keeping what it has streamed. Readmitted, it recomputes its cache (prompt
+//! chunks, then its generated tokens replayed as decode rows) and carries on with bit-equal
+//! numbers, because prompt chunks sit at fixed offsets and decode rows are batch-invariant:
+//! greedy output never depends on what else the worker is doing.
+//!
+//! A sequence whose client went away or whose deadline passed is dropped at the next step
+//! and its blocks freed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,20 +28,21 @@ use tonic::Status;
 
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::model::cache::KvCache;
+use crate::model::cache::{BlockTable, KvPool, blocks_for};
 use crate::sampling::Sampler;
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
 
-/// Tokens per reported KV block (the cache itself grows per token).
-pub const KV_BLOCK_TOKENS: usize = 16;
-
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
+    /// Tokens one step may run: decode rows plus prompt chunks. A step always runs at least
+    /// one waiting chunk, so prompts progress however many sequences decode.
     pub max_batch_tokens: usize,
     pub max_seqs: usize,
-    /// Tokens the KV cache may hold across all sequences.
-    pub kv_capacity_tokens: usize,
+    /// Prompts run in chunks of this many tokens at fixed offsets.
+    pub prefill_chunk: usize,
+    /// Blocks in the KV pool.
+    pub kv_blocks: usize,
     /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
     pub max_waiting: usize,
 }
@@ -45,8 +52,8 @@ pub struct SchedulerConfig {
 pub struct Load {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
-    pub kv_tokens_reserved: AtomicUsize,
-    pub kv_capacity_tokens: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
     /// Generated tokens per second over the last step, ×1000.
     pub milli_tokens_per_second: AtomicU64,
     /// Set on shutdown once the grace period is over: every open request ends UNAVAILABLE.
@@ -86,10 +93,11 @@ impl Scheduler {
     ) -> Self {
         let (submit, inbox) = mpsc::unbounded_channel();
         let load = Arc::new(Load::default());
-        load.kv_capacity_tokens
-            .store(config.kv_capacity_tokens, Ordering::Relaxed);
+        load.kv_blocks_total
+            .store(config.kv_blocks, Ordering::Relaxed);
         let max_waiting = config.max_waiting;
         let engine = Engine {
+            pool: model.new_pool(config.kv_blocks),
             model,
             tokenizer,
             config,
@@ -98,7 +106,6 @@ impl Scheduler {
             inbox,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            reserved: 0,
         };
         std::thread::Builder::new()
             .name("scheduler".into())
@@ -130,20 +137,68 @@ struct Sequence {
     request: ValidRequest,
     deadline: Option<Instant>,
     respond: ResponseSender,
-    cache: KvCache,
+    blocks: BlockTable,
     sampler: Sampler,
-    /// Prompt tokens already run through the model.
-    prefilled: usize,
-    /// Logits of the last position, once the prompt is in.
+    /// Logits of the last known token, once the cache holds every known token.
     next_logits: Option<Vec<f32>>,
-    /// The token just sampled, waiting for this step's forward pass.
-    pending: Option<u32>,
     generated: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
     arrived: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    span: tracing::Span,
+}
+
+impl Sequence {
+    fn new(s: Submission) -> Self {
+        let span = tracing::info_span!(
+            "request",
+            id = %s.request.request_id,
+            prompt_tokens = s.request.prompt_ids.len(),
+            max_new_tokens = s.request.max_new_tokens,
+        );
+        Sequence {
+            sampler: Sampler::new(s.request.sampling.clone()),
+            stops: StopStrings::new(s.request.stop.clone()),
+            blocks: BlockTable::default(),
+            request: s.request,
+            deadline: s.deadline,
+            respond: s.respond,
+            next_logits: None,
+            generated: Vec::new(),
+            decoder: IncrementalDecoder::default(),
+            arrived: Instant::now(),
+            first_token: None,
+            last_token: None,
+            span,
+        }
+    }
+
+    /// Tokens the sequence consists of: its prompt and what it generated.
+    fn known(&self) -> usize {
+        self.request.prompt_ids.len() + self.generated.len()
+    }
+
+    fn prefilling(&self) -> bool {
+        self.blocks.tokens() < self.request.prompt_ids.len()
+    }
+
+    /// The next known token the cache lacks, once the prompt is in: the token just sampled,
+    /// or one being replayed after preemption.
+    fn next_decode_token(&self) -> Option<u32> {
+        let position = self.blocks.tokens();
+        let generated = position.checked_sub(self.request.prompt_ids.len())?;
+        self.generated.get(generated).copied()
+    }
+
+    /// Takes the logits of a forward pass that ended at the cache's last position: they
+    /// predict the next token only when the cache holds every known token.
+    fn take_logits(&mut self, logits: Vec<f32>) {
+        if self.blocks.tokens() == self.known() {
+            self.next_logits = Some(logits);
+        }
+    }
 }
 
 struct Engine {
@@ -153,9 +208,11 @@ struct Engine {
     load: Arc<Load>,
     metrics: Arc<Metrics>,
     inbox: mpsc::UnboundedReceiver<Submission>,
-    waiting: VecDeque<Submission>,
+    pool: KvPool,
+    /// Oldest first; preempted sequences go back to the front.
+    waiting: VecDeque<Sequence>,
+    /// In arrival order, so the newest is last (the one preempted first).
     running: Vec<Sequence>,
-    reserved: usize,
 }
 
 enum Outcome {
@@ -169,12 +226,12 @@ impl Engine {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match self.inbox.blocking_recv() {
-                    Some(submission) => self.waiting.push_back(submission),
+                    Some(submission) => self.waiting.push_back(Sequence::new(submission)),
                     None => return,
                 }
             }
             while let Ok(submission) = self.inbox.try_recv() {
-                self.waiting.push_back(submission);
+                self.waiting.push_back(Sequence::new(submission));
             }
             if self.load.abort.load(Ordering::Relaxed) {
                 self.abort_all();
@@ -195,7 +252,9 @@ impl Engine {
     }
 
     /// FIFO: the oldest waiting request goes first, and nothing overtakes it while it waits
-    /// for room.
+    /// for room. A request needs blocks for every token it knows (prompt, and anything it
+    /// generated before a preemption); beyond the first, admission also leaves 1% of the pool
+    /// free so that running sequences can grow without preempting at once.
     fn admit(&mut self) {
         let now = Instant::now();
         self.waiting.retain(|s| {
@@ -207,49 +266,40 @@ impl Engine {
             }
             !expired && !s.respond.is_closed()
         });
-        while let Some(next) = self.waiting.front() {
-            let need = next.request.kv_tokens();
-            if self.running.len() >= self.config.max_seqs
-                || self.reserved + need > self.config.kv_capacity_tokens
-            {
+        let watermark = self.pool.total_blocks() / 100;
+        while let Some(next) = self.waiting.front_mut() {
+            let known = next.known();
+            let headroom = if self.running.is_empty() { 0 } else { watermark };
+            let fits = self.pool.free_blocks() >= blocks_for(known) + headroom;
+            if self.running.len() >= self.config.max_seqs || !fits {
                 if self.running.is_empty() {
                     // Alone it can never fit: validation should have stopped it.
                     let s = self.waiting.pop_front().expect("front exists");
                     let _ = s.respond.send(Err(Status::resource_exhausted(format!(
-                        "needs {need} KV tokens; the cache holds {}",
-                        self.config.kv_capacity_tokens
+                        "needs {} KV blocks; the pool has {}",
+                        blocks_for(known),
+                        self.pool.total_blocks()
                     ))));
                     continue;
                 }
                 break;
             }
-            let s = self.waiting.pop_front().expect("front exists");
-            self.reserved += need;
-            self.metrics
-                .prompt_tokens
-                .inc_by(s.request.prompt_ids.len() as u64);
-            self.running.push(Sequence {
-                sampler: Sampler::new(s.request.sampling.clone()),
-                stops: StopStrings::new(s.request.stop.clone()),
-                cache: self.model.new_cache(),
-                request: s.request,
-                deadline: s.deadline,
-                respond: s.respond,
-                prefilled: 0,
-                next_logits: None,
-                pending: None,
-                generated: Vec::new(),
-                decoder: IncrementalDecoder::default(),
-                arrived: Instant::now(),
-                first_token: None,
-                last_token: None,
-            });
+            let reserved = self.pool.reserve(&mut next.blocks, known);
+            debug_assert!(reserved, "checked above");
+            let seq = self.waiting.pop_front().expect("front exists");
+            if seq.generated.is_empty() {
+                self.metrics
+                    .prompt_tokens
+                    .inc_by(seq.request.prompt_ids.len() as u64);
+            }
+            seq.span.in_scope(|| tracing::debug!(replay = seq.generated.len(), "admitted"));
+            let at = self.running.partition_point(|r| r.arrived <= seq.arrived);
+            self.running.insert(at, seq);
         }
     }
 
     /// One step; returns the tokens generated.
     fn step(&mut self) -> usize {
-        let mut budget = self.config.max_batch_tokens;
         let mut generated = 0;
         let now = Instant::now();
         let mut i = 0;
@@ -259,70 +309,124 @@ impl Engine {
                 Outcome::Finished(FinishReason::Cancelled)
             } else if seq.deadline.is_some_and(|d| d <= now) {
                 Outcome::Failed(Status::deadline_exceeded("the request deadline passed"))
-            } else if seq.next_logits.is_some() && budget > 0 {
-                budget -= 1;
+            } else if let Some(logits) = seq.next_logits.take() {
                 generated += 1;
                 emit(
                     &self.model.config().eos_token_ids,
                     self.tokenizer.as_deref(),
                     &self.metrics,
                     seq,
+                    &logits,
                 )
             } else {
                 Outcome::Continue
             };
-            if self.finish(i, outcome) {
-                continue;
+            if !self.finish(i, outcome) {
+                i += 1;
             }
-            i += 1;
         }
-        self.decode_together();
-        // Prefill with what is left, oldest first.
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let seq = &mut self.running[i];
-            if seq.prefilled < seq.request.prompt_ids.len() {
-                let chunk = (seq.request.prompt_ids.len() - seq.prefilled).min(budget);
-                budget -= chunk;
-                let outcome = prefill(&self.model, seq, chunk);
-                if self.finish(i, outcome) {
-                    continue;
-                }
-            }
-            i += 1;
-        }
+        let decoded = self.decode_together();
+        self.prefill_chunks(self.config.max_batch_tokens.saturating_sub(decoded));
         generated
     }
 
-    /// Runs every sequence's newly sampled token through the model in one batched step.
-    fn decode_together(&mut self) {
-        let waiting: Vec<usize> = (0..self.running.len())
-            .filter(|&i| self.running[i].pending.is_some())
-            .collect();
-        if waiting.is_empty() {
-            return;
+    /// Gives every sequence with a token to decode the block it needs, preempting the newest
+    /// sequences while the pool is dry.
+    fn reserve_decode_blocks(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &mut self.running[i];
+            let position = seq.blocks.tokens();
+            if seq.next_decode_token().is_none() || self.pool.reserve(&mut seq.blocks, position + 1)
+            {
+                i += 1;
+                continue;
+            }
+            // Possibly `i` itself, which ends the loop.
+            self.preempt(self.running.len() - 1);
         }
-        let (tokens, mut caches): (Vec<u32>, Vec<&mut KvCache>) = self
+    }
+
+    /// Frees sequence `i`'s blocks and queues it first; it keeps what it generated.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        self.pool.release(&mut seq.blocks);
+        seq.next_logits = None;
+        self.metrics.preemptions.inc();
+        seq.span
+            .in_scope(|| tracing::debug!(generated = seq.generated.len(), "preempted"));
+        self.waiting.push_front(seq);
+    }
+
+    /// Runs every sequence's next known token through the model in one batched step;
+    /// returns the rows run.
+    fn decode_together(&mut self) -> usize {
+        self.reserve_decode_blocks();
+        let rows: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].next_decode_token().is_some())
+            .collect();
+        if rows.is_empty() {
+            return 0;
+        }
+        let (tokens, mut tables): (Vec<u32>, Vec<&mut BlockTable>) = self
             .running
             .iter_mut()
-            .filter_map(|seq| Some((seq.pending.take()?, &mut seq.cache)))
+            .filter_map(|seq| Some((seq.next_decode_token()?, &mut seq.blocks)))
             .unzip();
         match self
             .model
-            .forward_decode(&tokens, &mut caches)
+            .forward_decode(&tokens, &mut self.pool, &mut tables)
             .and_then(|l| Ok(l.to_vec2::<f32>()?))
         {
             Ok(logits) => {
-                for (i, row) in waiting.into_iter().zip(logits) {
-                    self.running[i].next_logits = Some(row);
+                for (&i, row) in rows.iter().zip(logits) {
+                    self.running[i].take_logits(row);
                 }
             }
             Err(err) => {
                 let status = internal(err);
-                // Highest index first, so swap_remove leaves the others where they are.
-                for i in waiting.into_iter().rev() {
+                // Highest index first, so removal leaves the others where they are.
+                for &i in rows.iter().rev() {
                     self.finish(i, Outcome::Failed(status.clone()));
                 }
+            }
+        }
+        rows.len()
+    }
+
+    /// Runs prompt chunks, oldest sequence first, while they fit in `budget`; the first
+    /// always runs. Chunks start at multiples of `prefill_chunk`, whatever the budget, so a
+    /// prompt is computed the same way in every batch and after every preemption.
+    fn prefill_chunks(&mut self, mut budget: usize) {
+        let mut first = true;
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &mut self.running[i];
+            if !seq.prefilling() {
+                i += 1;
+                continue;
+            }
+            let done = seq.blocks.tokens();
+            let chunk = (seq.request.prompt_ids.len() - done).min(self.config.prefill_chunk);
+            if !first && chunk > budget {
+                break;
+            }
+            first = false;
+            budget = budget.saturating_sub(chunk);
+            let tokens = &seq.request.prompt_ids[done..done + chunk];
+            let outcome = match self
+                .model
+                .forward_batch(tokens, &mut self.pool, &mut [(chunk, &mut seq.blocks)], false)
+                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+            {
+                Ok(mut logits) => {
+                    seq.take_logits(logits.pop().unwrap_or_default());
+                    Outcome::Continue
+                }
+                Err(err) => Outcome::Failed(internal(err)),
+            };
+            if !self.finish(i, outcome) {
+                i += 1;
             }
         }
     }
@@ -344,8 +448,17 @@ impl Engine {
                 ))
             }
         };
-        let seq = self.running.swap_remove(i);
-        self.reserved -= seq.request.kv_tokens();
+        let mut seq = self.running.remove(i);
+        self.pool.release(&mut seq.blocks);
+        seq.span.in_scope(|| match &message {
+            Ok(m) => tracing::info!(
+                finish_reason = finish_label(m.finish_reason()),
+                completion_tokens = seq.generated.len(),
+                seconds = seq.arrived.elapsed().as_secs_f64(),
+                "finished"
+            ),
+            Err(status) => tracing::info!(code = ?status.code(), message = status.message(), "failed"),
+        });
         let _ = seq.respond.send(message);
         true
     }
@@ -369,38 +482,22 @@ impl Engine {
         self.load
             .running
             .store(self.running.len(), Ordering::Relaxed);
-        self.load
-            .kv_tokens_reserved
-            .store(self.reserved, Ordering::Relaxed);
+        self.load.kv_blocks_used.store(
+            self.pool.total_blocks() - self.pool.free_blocks(),
+            Ordering::Relaxed,
+        );
     }
 }
 
-fn prefill(model: &Model, seq: &mut Sequence, chunk: usize) -> Outcome {
-    let tokens = &seq.request.prompt_ids[seq.prefilled..seq.prefilled + chunk];
-    match model
-        .forward(tokens, &mut seq.cache)
-        .and_then(|l| Ok(l.to_vec2::<f32>()?))
-    {
-        Ok(mut logits) => {
-            seq.prefilled += chunk;
-            if seq.prefilled == seq.request.prompt_ids.len() {
-                seq.next_logits = logits.pop();
-            }
-            Outcome::Continue
-        }
-        Err(err) => Outcome::Failed(internal(err)),
-    }
-}
-
-/// Samples the next token and streams it; unless that ends the sequence, the token waits in
-/// `pending` for the step's batched forward pass.
+/// Samples the next token and streams it; unless that ends the sequence, the token waits
+/// for the step's batched forward pass.
 fn emit(
     eos_ids: &[u32],
     tokenizer: Option<&Tokenizer>,
     metrics: &Metrics,
     seq: &mut Sequence,
+    logits: &[f32],
 ) -> Outcome {
-    let logits = seq.next_logits.take().expect("emit only after prefill");
     let history: Vec<u32> = seq
         .request
         .prompt_ids
@@ -408,7 +505,7 @@ fn emit(
         .chain(&seq.generated)
         .copied()
         .collect();
-    let token = seq.sampler.sample(&logits, &history);
+    let token = seq.sampler.sample(logits, &history);
     seq.generated.push(token);
     let now = Instant::now();
     match seq.last_token.replace(now) {
@@ -431,7 +528,7 @@ fn emit(
     if seq.request.include_logprobs {
         response.logprobs = vec![TokenLogprob {
             token_id: token,
-            logprob: log_softmax_at(&logits, token),
+            logprob: log_softmax_at(logits, token),
         }];
     }
     let mut stopped = false;
@@ -461,7 +558,6 @@ fn emit(
     if seq.generated.len() >= seq.request.max_new_tokens {
         return Outcome::Finished(FinishReason::Length);
     }
-    seq.pending = Some(token);
     Outcome::Continue
 }
 

@@ -22,7 +22,8 @@ use tonic_health::ServingStatus;
 use crate::config::Family;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::scheduler::{KV_BLOCK_TOKENS, Load, Scheduler, SchedulerConfig, Submission};
+use crate::model::cache::BLOCK_TOKENS;
+use crate::scheduler::{Load, Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::validate::{Limits, check_token_ids, validate};
 
@@ -160,12 +161,11 @@ impl Inference for InferenceService {
         _: Request<GetLoadRequest>,
     ) -> Result<Response<GetLoadResponse>, Status> {
         let load = &self.loaded()?.scheduler.load;
-        let blocks = |tokens: usize| tokens.div_ceil(KV_BLOCK_TOKENS) as u32;
         Ok(Response::new(GetLoadResponse {
             waiting_sequences: load.waiting.load(Ordering::Relaxed) as u32,
             running_sequences: load.running.load(Ordering::Relaxed) as u32,
-            kv_blocks_used: blocks(load.kv_tokens_reserved.load(Ordering::Relaxed)),
-            kv_blocks_total: blocks(load.kv_capacity_tokens.load(Ordering::Relaxed)),
+            kv_blocks_used: load.kv_blocks_used.load(Ordering::Relaxed) as u32,
+            kv_blocks_total: load.kv_blocks_total.load(Ordering::Relaxed) as u32,
             tokens_per_second: load.milli_tokens_per_second.load(Ordering::Relaxed) as f64 / 1000.0,
         }))
     }
@@ -313,7 +313,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
         vocab_size: cfg.vocab_size,
         context_length: cfg
             .max_position_embeddings
-            .min(config.scheduler.kv_capacity_tokens),
+            .min(config.scheduler.kv_blocks * BLOCK_TOKENS),
         default_max_new_tokens: 1024,
         max_stop_strings: 16,
         max_stop_string_bytes: 256,

@@ -29,13 +29,6 @@ pub struct ValidRequest {
     pub include_logprobs: bool,
 }
 
-impl ValidRequest {
-    /// KV cache tokens the request can occupy: its prompt and every token it may generate.
-    pub fn kv_tokens(&self) -> usize {
-        self.prompt_ids.len() + self.max_new_tokens
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct InvalidRequest {
@@ -397,7 +390,7 @@ mod tests {
             match validate(request, None, &limits()) {
                 Ok(valid) => {
                     accepted += 1;
-                    assert!(valid.max_new_tokens >= 1 && valid.kv_tokens() <= 32);
+                    assert!(valid.max_new_tokens >= 1 && valid.prompt_ids.len() + valid.max_new_tokens <= 32);
                     assert!(valid.sampling.validate().is_ok());
                 }
                 Err(err) => assert!(!err.message.is_empty()),

@@ -9,8 +9,10 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
-use super::cache::LayerCache;
+use super::cache::{BlockTable, LayerBlocks};
+use super::kernels::dot_f32;
 use super::ops::{Linear, RmsNorm, Rope, softmax_last, yarn_mscale};
 use crate::config::Config;
 use crate::weights::Checkpoint;
@@ -31,10 +33,11 @@ pub struct Attention {
     kv_norm: RmsNorm,
     /// `[heads × (nope + v), kv_lora_rank]`, kept for the prefill path.
     kv_up: Linear,
-    /// Key half of `kv_up` per head, `[heads, nope, kv_lora_rank]` (absorbed decode).
-    w_uk: Tensor,
-    /// Value half of `kv_up` per head, transposed: `[heads, kv_lora_rank, v]`.
-    w_uv_t: Tensor,
+    /// Key half of `kv_up` per head, transposed: `[heads, kv_lora_rank, nope]` (absorbed
+    /// decode).
+    w_uk_t: Vec<f32>,
+    /// Value half of `kv_up` per head: `[heads, v, kv_lora_rank]`.
+    w_uv: Vec<f32>,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -78,12 +81,12 @@ impl Attention {
             heads * (nope + v_dim),
             kv_lora,
         )?;
-        let per_head = kv_up.weight()?.reshape((heads, nope + v_dim, kv_lora))?;
-        let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = per_head
-            .narrow(1, nope, v_dim)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let per_head = kv_up
+            .weight()?
+            .reshape((heads, nope + v_dim, kv_lora))?;
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        let w_uk_t = flat(per_head.narrow(1, 0, nope)?.transpose(1, 2)?)?;
+        let w_uv = flat(per_head.narrow(1, nope, v_dim)?)?;
         let mut softmax_scale = 1.0 / (cfg.qk_head_dim() as f64).sqrt();
         if let Some(yarn) = cfg.yarn.as_ref().filter(|y| y.mscale_all_dim != 0.0) {
             let m = yarn_mscale(yarn.factor, yarn.mscale_all_dim);
@@ -104,8 +107,8 @@ impl Attention {
                 cfg.rms_norm_eps,
             )?,
             kv_up,
-            w_uk,
-            w_uv_t,
+            w_uk_t,
+            w_uv,
             o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), hidden, heads * v_dim)?,
             heads,
             nope,
@@ -117,14 +120,16 @@ impl Attention {
     }
 
     /// `x`: `[tokens, hidden]`, the rows of one or more sequences: `segments` gives each
-    /// sequence's row count and cache, in row order. Each sequence's rows sit at positions
-    /// `cache.tokens()..`; their latents are appended and `[tokens, hidden]` returned.
-    /// `per_row` computes every row independently of the others (batched decode).
+    /// sequence's row count and block table, in row order. Each sequence's rows sit at
+    /// positions `table.tokens()..`, for which its table has reserved blocks; their latents
+    /// are written to `store` and `[tokens, hidden]` returned. `per_row` computes every row
+    /// independently of the others (batched decode).
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        segments: &mut [(usize, &mut LayerCache)],
+        store: &mut LayerBlocks,
+        segments: &[(usize, &BlockTable)],
         per_row: bool,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
@@ -138,35 +143,59 @@ impl Attention {
         let kv = self.kv_down.forward_with(x, per_row)?;
         let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora)?)?;
 
-        let mut outs = Vec::with_capacity(segments.len());
+        // Each row's table and position.
+        let rows: Vec<(&BlockTable, usize)> = segments
+            .iter()
+            .flat_map(|&(len, table)| (table.tokens()..table.tokens() + len).map(move |p| (table, p)))
+            .collect();
+        let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
+        let (cos, sin) = rope.tables(&positions)?;
+        let q_nope = q.narrow(2, 0, self.nope)?;
+        let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope_dim)?, &cos, &sin)?;
+        let k_pe = kv
+            .narrow(1, self.kv_lora, self.rope_dim)?
+            .reshape((tokens, 1, self.rope_dim))?;
+        let k_pe = rope.apply(&k_pe, &cos, &sin)?;
+        let new_c_kv = c_kv.flatten_all()?.to_vec1::<f32>()?;
+        let new_k_pe = k_pe.flatten_all()?.to_vec1::<f32>()?;
+        for (row, &(table, position)) in rows.iter().enumerate() {
+            store.write(
+                table,
+                position,
+                &new_c_kv[row * self.kv_lora..][..self.kv_lora],
+                &new_k_pe[row * self.rope_dim..][..self.rope_dim],
+            );
+        }
+
+        // Single-token steps after a prompt attend over the latents directly; the rest
+        // (prompts, prompt chunks) expand them.
+        let width = self.heads * self.v_dim;
+        let mut out = vec![0f32; tokens * width];
+        let mut decode_rows = Vec::new();
         let mut row = 0;
-        for (len, cache) in segments.iter_mut() {
-            let len = *len;
-            let start = cache.tokens();
-            let (cos, sin) = rope.tables(start, len)?;
-            let q = q.narrow(0, row, len)?;
-            let q_nope = q.narrow(2, 0, self.nope)?;
-            let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope_dim)?, &cos, &sin)?;
-            let k_pe = kv
-                .narrow(0, row, len)?
-                .narrow(1, self.kv_lora, self.rope_dim)?
-                .reshape((len, 1, self.rope_dim))?;
-            let k_pe = rope
-                .apply(&k_pe, &cos, &sin)?
-                .reshape((len, self.rope_dim))?;
-            cache.append(&c_kv.narrow(0, row, len)?, &k_pe)?;
-            outs.push(if len == 1 && start > 0 {
-                self.attend_absorbed(&q_nope, &q_pe, cache)?
+        for &(len, table) in segments {
+            let start = table.tokens();
+            if len == 1 && start > 0 {
+                decode_rows.push((row, table));
             } else {
-                self.attend_expanded(&q_nope, &q_pe, cache, start)?
-            });
+                let expanded = self.attend_expanded(
+                    &q_nope.narrow(0, row, len)?,
+                    &q_pe.narrow(0, row, len)?,
+                    store,
+                    table,
+                    start,
+                )?;
+                out[row * width..(row + len) * width]
+                    .copy_from_slice(&expanded.flatten_all()?.to_vec1::<f32>()?);
+            }
             row += len;
         }
-        let out = if outs.len() == 1 {
-            outs.pop().expect("one segment")
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
+        if !decode_rows.is_empty() {
+            let q_nope = q_nope.flatten_all()?.to_vec1::<f32>()?;
+            let q_pe = q_pe.flatten_all()?.to_vec1::<f32>()?;
+            self.attend_absorbed(&q_nope, &q_pe, store, &decode_rows, &mut out);
+        }
+        let out = Tensor::from_vec(out, (tokens, width), &Device::Cpu)?;
         self.o_proj.forward_with(&out, per_row)
     }
 
@@ -175,12 +204,15 @@ impl Attention {
         &self,
         q_nope: &Tensor,
         q_pe: &Tensor,
-        cache: &LayerCache,
+        store: &LayerBlocks,
+        table: &BlockTable,
         start: usize,
     ) -> Result<Tensor> {
         let tokens = q_nope.dim(0)?;
-        let (c_kv, k_pe) = cache.tensors()?;
-        let total = c_kv.dim(0)?;
+        let total = start + tokens;
+        let (c_kv, k_pe) = store.gather(table, total);
+        let c_kv = Tensor::from_vec(c_kv, (total, self.kv_lora), &Device::Cpu)?;
+        let k_pe = Tensor::from_vec(k_pe, (total, self.rope_dim), &Device::Cpu)?;
         let kv = self
             .kv_up
             .forward(&c_kv)?
@@ -207,23 +239,65 @@ impl Attention {
             .reshape((tokens, self.heads * self.v_dim))?)
     }
 
-    /// Decode: attention over the latents themselves, `kv_b_proj` absorbed.
+    /// Decode: attention straight over the paged latents, `kv_b_proj` absorbed, for each
+    /// `(row, table)`; writes the row of `out` (`[tokens, heads × v]`). Every (row, head) is
+    /// one task of fixed-order dot products, so a row never depends on the others.
+    /// `q_nope`: `[tokens, heads, nope]`, `q_pe`: `[tokens, heads, rope]` (roped).
     fn attend_absorbed(
         &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        cache: &LayerCache,
-    ) -> Result<Tensor> {
-        let (c_kv, k_pe) = cache.tensors()?; // [total, kv_lora], [total, rope]
-        // q_nope [1, heads, nope] → per head [heads, 1, nope] @ w_uk [heads, nope, kv_lora]
-        let q_latent = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?; // [heads, 1, kv_lora]
-        let q_latent = q_latent.squeeze(1)?; // [heads, kv_lora]
-        let q_pe = q_pe.squeeze(0)?; // [heads, rope]
-        let scores = (q_latent.matmul(&c_kv.t()?)? + q_pe.matmul(&k_pe.t()?)?)?; // [heads, total]
-        let probs = softmax_last(&(scores * self.softmax_scale)?)?;
-        let latent_out = probs.matmul(&c_kv)?; // [heads, kv_lora]
-        let out = latent_out.unsqueeze(1)?.matmul(&self.w_uv_t)?; // [heads, 1, v]
-        Ok(out.reshape((1, self.heads * self.v_dim))?)
+        q_nope: &[f32],
+        q_pe: &[f32],
+        store: &LayerBlocks,
+        rows: &[(usize, &BlockTable)],
+        out: &mut [f32],
+    ) {
+        let (heads, nope, rope, v_dim, kv_lora) =
+            (self.heads, self.nope, self.rope_dim, self.v_dim, self.kv_lora);
+        let scale = self.softmax_scale as f32;
+        let mut results = vec![0f32; rows.len() * heads * v_dim];
+        results
+            .par_chunks_mut(v_dim)
+            .enumerate()
+            .for_each(|(task, head_out)| {
+                let ((row, table), h) = (rows[task / heads], task % heads);
+                let total = table.tokens() + 1;
+                let q_nope = &q_nope[(row * heads + h) * nope..][..nope];
+                let q_pe = &q_pe[(row * heads + h) * rope..][..rope];
+                // The query in latent space: W_UKᵀ q_nope.
+                let q_latent: Vec<f32> = self.w_uk_t[h * kv_lora * nope..][..kv_lora * nope]
+                    .chunks_exact(nope)
+                    .map(|w| dot_f32(w, q_nope))
+                    .collect();
+                let mut probs: Vec<f32> = (0..total)
+                    .map(|position| {
+                        let (c_kv, k_pe) = store.read(table, position);
+                        (dot_f32(&q_latent, c_kv) + dot_f32(q_pe, k_pe)) * scale
+                    })
+                    .collect();
+                let max = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for p in &mut probs {
+                    *p = (*p - max).exp();
+                    sum += *p;
+                }
+                let mut latent_out = vec![0f32; kv_lora];
+                for (position, p) in probs.iter().enumerate() {
+                    let weight = p / sum;
+                    for (o, c) in latent_out.iter_mut().zip(store.read(table, position).0) {
+                        *o = weight.mul_add(*c, *o);
+                    }
+                }
+                for (o, w) in head_out
+                    .iter_mut()
+                    .zip(self.w_uv[h * v_dim * kv_lora..].chunks_exact(kv_lora))
+                {
+                    *o = dot_f32(w, &latent_out);
+                }
+            });
+        let width = heads * v_dim;
+        for (i, &(row, _)) in rows.iter().enumerate() {
+            out[row * width..][..width].copy_from_slice(&results[i * width..][..width]);
+        }
     }
 }
 

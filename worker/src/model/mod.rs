@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 
 use self::attention::Attention;
-use self::cache::{KvCache, LayerCache};
+use self::cache::{BlockTable, KvCache, KvPool};
 use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts};
 use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::config::Config;
@@ -140,44 +140,61 @@ impl Model {
         &self.expert_load
     }
 
+    /// A pool of `blocks` KV blocks for this model.
+    pub fn new_pool(&self, blocks: usize) -> KvPool {
+        KvPool::new(
+            self.layers.len(),
+            self.cfg.kv_lora_rank,
+            self.cfg.qk_rope_head_dim,
+            blocks,
+        )
+    }
+
+    /// A single sequence's cache, growing as it needs.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::new(self.new_pool(0))
     }
 
     /// Runs `tokens` of one sequence after what `cache` holds; returns their logits
     /// `[tokens, vocab]` and extends the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_segments(tokens, &mut [(tokens.len(), cache)], false)
+        cache.make_room(tokens.len());
+        self.forward_batch(
+            tokens,
+            &mut cache.pool,
+            &mut [(tokens.len(), &mut cache.table)],
+            false,
+        )
     }
 
-    /// One decode step for many sequences: `tokens[i]` extends `caches[i]`. Returns
+    /// One decode step for many sequences: `tokens[i]` extends `tables[i]`. Returns
     /// `[sequences, vocab]`; every row equals what `forward` gives that sequence alone, while
     /// each weight is read once for the whole step.
-    pub fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let mut segments: Vec<(usize, &mut KvCache)> =
-            caches.iter_mut().map(|c| (1, &mut **c)).collect();
-        self.forward_segments(tokens, &mut segments, true)
-    }
-
-    fn forward_segments(
+    pub fn forward_decode(
         &self,
         tokens: &[u32],
-        segments: &mut [(usize, &mut KvCache)],
-        per_row: bool,
+        pool: &mut KvPool,
+        tables: &mut [&mut BlockTable],
     ) -> Result<Tensor> {
-        // Run the step on a pool thread: parallel kernels started from a pool thread share
-        // the work with it instead of parking the caller and waking it per kernel.
-        rayon::scope(|_| self.forward_on_pool(tokens, segments, per_row))
+        let mut segments: Vec<(usize, &mut BlockTable)> =
+            tables.iter_mut().map(|t| (1, &mut **t)).collect();
+        self.forward_batch(tokens, pool, &mut segments, true)
     }
 
-    fn forward_on_pool(
+    /// Runs the rows of several sequences: `segments` gives each one's row count and block
+    /// table, in row order; the tables must have blocks reserved for the new positions.
+    pub fn forward_batch(
         &self,
         tokens: &[u32],
-        segments: &mut [(usize, &mut KvCache)],
+        pool: &mut KvPool,
+        segments: &mut [(usize, &mut BlockTable)],
         per_row: bool,
     ) -> Result<Tensor> {
         if tokens.is_empty() || tokens.len() != segments.iter().map(|(n, _)| n).sum::<usize>() {
             bail!("forward needs at least one token, and as many as the segments hold");
+        }
+        if segments.iter().any(|(n, t)| t.tokens() + n > t.capacity()) {
+            bail!("a sequence has no KV blocks reserved for its new tokens");
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             bail!(
@@ -185,16 +202,30 @@ impl Model {
                 self.cfg.vocab_size
             );
         }
+        let tables: Vec<(usize, &BlockTable)> = segments.iter().map(|(n, t)| (*n, &**t)).collect();
+        // Run the step on a pool thread: parallel kernels started from a pool thread share
+        // the work with it instead of parking the caller and waking it per kernel.
+        let logits = rayon::scope(|_| self.forward_on_pool(tokens, pool, &tables, per_row))?;
+        for (n, table) in segments.iter_mut() {
+            table.advance(*n);
+        }
+        Ok(logits)
+    }
+
+    fn forward_on_pool(
+        &self,
+        tokens: &[u32],
+        pool: &mut KvPool,
+        segments: &[(usize, &BlockTable)],
+        per_row: bool,
+    ) -> Result<Tensor> {
         let mut x = self.embed.forward(tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let mut layer_segments: Vec<(usize, &mut LayerCache)> = segments
-                .iter_mut()
-                .map(|(n, cache)| (*n, &mut cache.layers[i]))
-                .collect();
             let attn = layer.attention.forward(
                 &layer.input_norm.forward(&x)?,
                 &self.rope,
-                &mut layer_segments,
+                pool.layer_mut(i),
+                segments,
                 per_row,
             )?;
             x = (x + attn)?;

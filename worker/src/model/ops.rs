@@ -340,11 +340,11 @@ impl Rope {
     }
 
     /// `cos` and `sin` tables, `[positions, rope_dim / 2]`.
-    pub fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    pub fn tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let (len, half) = (positions.len(), self.inv_freq.len());
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
+        for &pos in positions {
             for f in &self.inv_freq {
                 let angle = pos as f32 * f;
                 cos.push(angle.cos() * self.attention_factor);
@@ -410,7 +410,7 @@ mod tests {
         let dim = cfg.qk_rope_head_dim;
         let x: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
         let t = Tensor::from_vec(x.clone(), (1, 1, dim), &Device::Cpu).unwrap();
-        let (cos, sin) = rope.tables(5, 1).unwrap();
+        let (cos, sin) = rope.tables(&[5]).unwrap();
         let r = rope
             .apply(&t, &cos, &sin)
             .unwrap()
@@ -421,7 +421,7 @@ mod tests {
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&r) - norm(&x)).abs() < 1e-5);
         // position 0 is the identity (in half-split layout)
-        let (cos0, sin0) = rope.tables(0, 1).unwrap();
+        let (cos0, sin0) = rope.tables(&[0]).unwrap();
         let r0 = rope
             .apply(&t, &cos0, &sin0)
             .unwrap()

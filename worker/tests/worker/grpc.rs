@@ -37,16 +37,16 @@ fn ids(value: &Value) -> Vec<u32> {
 }
 
 /// Starts a worker on 127.0.0.1:0 and waits until it is SERVING.
-async fn start(kv_capacity_tokens: usize) -> Channel {
-    start_with_metrics(kv_capacity_tokens, None).await
+async fn start(kv_blocks: usize) -> Channel {
+    start_with_metrics(kv_blocks, None).await
 }
 
 async fn start_with_metrics(
-    kv_capacity_tokens: usize,
+    kv_blocks: usize,
     metrics_listen: Option<std::net::SocketAddr>,
 ) -> Channel {
     launch(
-        kv_capacity_tokens,
+        kv_blocks,
         metrics_listen,
         Duration::from_secs(30),
         std::future::pending(),
@@ -58,7 +58,7 @@ async fn start_with_metrics(
 /// Starts a worker that stops when `shutdown` completes; returns a channel to it once it is
 /// SERVING, and the server task.
 async fn launch(
-    kv_capacity_tokens: usize,
+    kv_blocks: usize,
     metrics_listen: Option<std::net::SocketAddr>,
     shutdown_grace: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -74,7 +74,8 @@ async fn launch(
         scheduler: SchedulerConfig {
             max_batch_tokens: 64,
             max_seqs: 8,
-            kv_capacity_tokens,
+            prefill_chunk: 32,
+            kv_blocks,
             max_waiting: 64,
         },
         rank: 0,
@@ -145,7 +146,7 @@ async fn collect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_tokens_over_grpc_equal_the_reference() {
-    let mut client = InferenceClient::new(start(4096).await);
+    let mut client = InferenceClient::new(start(256).await);
     let reference = reference();
     let (tokens, finish) = collect(&mut client, request(ids(&reference["prompt_ids"]), 16)).await;
     assert_eq!(tokens, ids(&reference["greedy_tokens"]));
@@ -154,7 +155,7 @@ async fn greedy_tokens_over_grpc_equal_the_reference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_get_exactly_their_tokens_alone() {
-    let channel = start(4096).await;
+    let channel = start(256).await;
     let prompts: Vec<Vec<u32>> = (0..12u32)
         .map(|i| (0..3 + i).map(|t| (t * 37 + i * 11) % 384).collect())
         .collect();
@@ -191,7 +192,7 @@ async fn futures_join<F: std::future::Future<Output = T> + Send + 'static, T: Se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_stream_frees_its_kv_cache() {
-    let channel = start(4096).await;
+    let channel = start(256).await;
     let mut client = InferenceClient::new(channel.clone());
     let mut stream = client
         .generate(request(vec![0, 1, 2], 200))
@@ -226,7 +227,7 @@ async fn a_cancelled_stream_frees_its_kv_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_invalid_argument_naming_the_field() {
-    let mut client = InferenceClient::new(start(4096).await);
+    let mut client = InferenceClient::new(start(256).await);
     let status = |r: Result<_, tonic::Status>| {
         r.err()
             .map(|s| (s.code(), s.message().to_string()))
@@ -259,7 +260,7 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_chat_and_model_info() {
-    let mut client = InferenceClient::new(start(4096).await);
+    let mut client = InferenceClient::new(start(256).await);
     let info = client
         .model_info(ModelInfoRequest {})
         .await
@@ -327,7 +328,7 @@ async fn metrics_count_tokens_requests_and_expert_load() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut client = InferenceClient::new(start_with_metrics(4096, Some(metrics_addr)).await);
+    let mut client = InferenceClient::new(start_with_metrics(256, Some(metrics_addr)).await);
     collect(&mut client, request(vec![0, 1, 2, 3], 5)).await;
     let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
     stream
@@ -366,7 +367,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_of_short_requests_leaks_no_blocks_and_no_memory() {
-    let channel = start(4096).await;
+    let channel = start(256).await;
     let run = |count: u32| {
         let channel = channel.clone();
         async move {
@@ -418,7 +419,7 @@ async fn shutdown_refuses_new_work_and_ends_open_streams_after_the_grace_period(
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let (channel, server) = launch(4096, None, Duration::from_millis(50), shutdown).await;
+    let (channel, server) = launch(256, None, Duration::from_millis(50), shutdown).await;
     let mut client = InferenceClient::new(channel);
     let mut open = client
         .generate(request(vec![0, 1, 2], 240))
@@ -454,7 +455,7 @@ struct RawTextRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_is_invalid_argument() {
-    let mut grpc = tonic::client::Grpc::new(start(4096).await);
+    let mut grpc = tonic::client::Grpc::new(start(256).await);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/deepseek.v1.Inference/Generate");
     let codec =
@@ -474,7 +475,7 @@ async fn invalid_utf8_is_invalid_argument() {
 /// server: each ends in a stream or a status, none takes the worker down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_generated_requests_through_the_server() {
-    let channel = start(4096).await;
+    let channel = start(256).await;
     let lanes: Vec<_> = (0..8u64)
         .map(|lane| {
             let mut client = InferenceClient::new(channel.clone());

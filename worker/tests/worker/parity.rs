@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use deepseek_worker::model::Model;
+use deepseek_worker::model::cache::BlockTable;
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -109,17 +110,20 @@ fn batched_decode_equals_alone(name: &str) {
         .map(|i| reference.prompt_ids[..3 + i].to_vec())
         .collect();
     let mut alone = Vec::new();
-    let mut caches = Vec::new();
-    for prompt in &prompts {
-        let mut cache = model.new_cache();
-        model.forward(prompt, &mut cache).unwrap();
+    // One shared pool, as the scheduler runs it: the sequences' blocks interleave.
+    let mut pool = model.new_pool(64);
+    let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::default()).collect();
+    for (prompt, table) in prompts.iter().zip(&mut tables) {
+        assert!(pool.reserve(table, prompt.len() + 1));
+        model
+            .forward_batch(prompt, &mut pool, &mut [(prompt.len(), table)], false)
+            .unwrap();
         let mut solo = model.new_cache();
         model.forward(prompt, &mut solo).unwrap();
         alone.push(rows(&model.forward(&[7], &mut solo).unwrap()).remove(0));
-        caches.push(cache);
     }
-    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
-    let batched = rows(&model.forward_decode(&[7; 5], &mut refs).unwrap());
+    let mut refs: Vec<&mut _> = tables.iter_mut().collect();
+    let batched = rows(&model.forward_decode(&[7; 5], &mut pool, &mut refs).unwrap());
     assert_eq!(batched, alone, "{name}");
 }
 
