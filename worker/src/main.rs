@@ -11,9 +11,9 @@ use clap::{Parser, Subcommand};
 use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::model::Model;
+use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
-use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::scheduler::SchedulerConfig;
 use deepseek_worker::server::{self, ServeConfig};
 use deepseek_worker::tokenizer::Tokenizer;
@@ -214,8 +214,10 @@ fn kv_blocks(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no MemAvailable in /proc/meminfo")?;
     // f32 latents: c_kv and k_pe per token per layer.
-    let bytes_per_block =
-        4 * BLOCK_TOKENS * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim);
+    let bytes_per_block = 4
+        * BLOCK_TOKENS
+        * config.num_hidden_layers
+        * (config.kv_lora_rank + config.qk_rope_head_dim);
     Ok(((available_kib * 1024.0 * fraction) as usize / bytes_per_block).max(1))
 }
 

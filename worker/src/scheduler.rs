@@ -269,7 +269,11 @@ impl Engine {
         let watermark = self.pool.total_blocks() / 100;
         while let Some(next) = self.waiting.front_mut() {
             let known = next.known();
-            let headroom = if self.running.is_empty() { 0 } else { watermark };
+            let headroom = if self.running.is_empty() {
+                0
+            } else {
+                watermark
+            };
             let fits = self.pool.free_blocks() >= blocks_for(known) + headroom;
             if self.running.len() >= self.config.max_seqs || !fits {
                 if self.running.is_empty() {
@@ -292,7 +296,8 @@ impl Engine {
                     .prompt_tokens
                     .inc_by(seq.request.prompt_ids.len() as u64);
             }
-            seq.span.in_scope(|| tracing::debug!(replay = seq.generated.len(), "admitted"));
+            seq.span
+                .in_scope(|| tracing::debug!(replay = seq.generated.len(), "admitted"));
             let at = self.running.partition_point(|r| r.arrived <= seq.arrived);
             self.running.insert(at, seq);
         }
@@ -416,7 +421,12 @@ impl Engine {
             let tokens = &seq.request.prompt_ids[done..done + chunk];
             let outcome = match self
                 .model
-                .forward_batch(tokens, &mut self.pool, &mut [(chunk, &mut seq.blocks)], false)
+                .forward_batch(
+                    tokens,
+                    &mut self.pool,
+                    &mut [(chunk, &mut seq.blocks)],
+                    false,
+                )
                 .and_then(|l| Ok(l.to_vec2::<f32>()?))
             {
                 Ok(mut logits) => {
@@ -457,7 +467,9 @@ impl Engine {
                 seconds = seq.arrived.elapsed().as_secs_f64(),
                 "finished"
             ),
-            Err(status) => tracing::info!(code = ?status.code(), message = status.message(), "failed"),
+            Err(status) => {
+                tracing::info!(code = ?status.code(), message = status.message(), "failed")
+            }
         });
         let _ = seq.respond.send(message);
         true

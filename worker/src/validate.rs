@@ -390,7 +390,10 @@ mod tests {
             match validate(request, None, &limits()) {
                 Ok(valid) => {
                     accepted += 1;
-                    assert!(valid.max_new_tokens >= 1 && valid.prompt_ids.len() + valid.max_new_tokens <= 32);
+                    assert!(
+                        valid.max_new_tokens >= 1
+                            && valid.prompt_ids.len() + valid.max_new_tokens <= 32
+                    );
                     assert!(valid.sampling.validate().is_ok());
                 }
                 Err(err) => assert!(!err.message.is_empty()),

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::cache::{BlockTable, LayerBlocks};
-use super::kernels::dot_f32;
+use super::kernels::{axpy, dot_f32};
 use super::ops::{Linear, RmsNorm, Rope, softmax_last, yarn_mscale};
 use crate::config::Config;
 use crate::weights::Checkpoint;
@@ -81,10 +81,9 @@ impl Attention {
             heads * (nope + v_dim),
             kv_lora,
         )?;
-        let per_head = kv_up
-            .weight()?
-            .reshape((heads, nope + v_dim, kv_lora))?;
-        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        let per_head = kv_up.weight()?.reshape((heads, nope + v_dim, kv_lora))?;
+        let flat =
+            |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
         let w_uk_t = flat(per_head.narrow(1, 0, nope)?.transpose(1, 2)?)?;
         let w_uv = flat(per_head.narrow(1, nope, v_dim)?)?;
         let mut softmax_scale = 1.0 / (cfg.qk_head_dim() as f64).sqrt();
@@ -146,15 +145,17 @@ impl Attention {
         // Each row's table and position.
         let rows: Vec<(&BlockTable, usize)> = segments
             .iter()
-            .flat_map(|&(len, table)| (table.tokens()..table.tokens() + len).map(move |p| (table, p)))
+            .flat_map(|&(len, table)| {
+                (table.tokens()..table.tokens() + len).map(move |p| (table, p))
+            })
             .collect();
         let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
         let (cos, sin) = rope.tables(&positions)?;
         let q_nope = q.narrow(2, 0, self.nope)?;
         let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope_dim)?, &cos, &sin)?;
-        let k_pe = kv
-            .narrow(1, self.kv_lora, self.rope_dim)?
-            .reshape((tokens, 1, self.rope_dim))?;
+        let k_pe =
+            kv.narrow(1, self.kv_lora, self.rope_dim)?
+                .reshape((tokens, 1, self.rope_dim))?;
         let k_pe = rope.apply(&k_pe, &cos, &sin)?;
         let new_c_kv = c_kv.flatten_all()?.to_vec1::<f32>()?;
         let new_k_pe = k_pe.flatten_all()?.to_vec1::<f32>()?;
@@ -251,8 +252,13 @@ impl Attention {
         rows: &[(usize, &BlockTable)],
         out: &mut [f32],
     ) {
-        let (heads, nope, rope, v_dim, kv_lora) =
-            (self.heads, self.nope, self.rope_dim, self.v_dim, self.kv_lora);
+        let (heads, nope, rope, v_dim, kv_lora) = (
+            self.heads,
+            self.nope,
+            self.rope_dim,
+            self.v_dim,
+            self.kv_lora,
+        );
         let scale = self.softmax_scale as f32;
         let mut results = vec![0f32; rows.len() * heads * v_dim];
         results
@@ -282,10 +288,7 @@ impl Attention {
                 }
                 let mut latent_out = vec![0f32; kv_lora];
                 for (position, p) in probs.iter().enumerate() {
-                    let weight = p / sum;
-                    for (o, c) in latent_out.iter_mut().zip(store.read(table, position).0) {
-                        *o = weight.mul_add(*c, *o);
-                    }
+                    axpy(p / sum, store.read(table, position).0, &mut latent_out);
                 }
                 for (o, w) in head_out
                     .iter_mut()

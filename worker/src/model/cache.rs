@@ -151,7 +151,8 @@ impl KvPool {
             layer.grow(total);
         }
         // Lowest ids on top of the stack, so a fresh pool hands out blocks in order.
-        self.free.splice(0..0, (self.total..total).rev().map(|b| b as u32));
+        self.free
+            .splice(0..0, (self.total..total).rev().map(|b| b as u32));
         self.total = total;
     }
 }

@@ -18,20 +18,12 @@ pub fn matmul_bf16(
 ) -> Vec<f32> {
     debug_assert_eq!(x.len(), tokens * in_dim);
     debug_assert_eq!(weight.len(), out_dim * in_dim);
-    // [out, tokens], so each task writes one contiguous block.
     let mut transposed = vec![0f32; out_dim * tokens];
-    transposed
-        .par_chunks_mut(ROWS_PER_TASK * tokens)
-        .enumerate()
-        .for_each(|(task, block)| {
-            let first_row = task * ROWS_PER_TASK;
-            for (r, outputs) in block.chunks_mut(tokens).enumerate() {
-                let row = &weight[(first_row + r) * in_dim..][..in_dim];
-                for (t, out) in outputs.iter_mut().enumerate() {
-                    *out = dot(row, &x[t * in_dim..][..in_dim]);
-                }
-            }
-        });
+    products(vec![Product {
+        weight,
+        inputs: x.chunks_exact(in_dim).collect(),
+        out: &mut transposed,
+    }]);
     if tokens == 1 {
         return transposed;
     }
@@ -44,31 +36,51 @@ pub fn matmul_bf16(
     y
 }
 
-/// One matrix-vector product: `out[r] = Σᵢ weight[r][i] · x[i]`, `weight` row-major bf16.
-pub struct Gemv<'a> {
+/// One weight matrix (row-major bf16) applied to a few inputs:
+/// `out[r · inputs + t] = Σᵢ weight[r][i] · inputs[t][i]`, so `out` is `[rows, inputs]`.
+pub struct Product<'a> {
     pub weight: &'a [u16],
-    pub x: &'a [f32],
+    pub inputs: Vec<&'a [f32]>,
     pub out: &'a mut [f32],
 }
 
 /// Runs many products as one parallel dispatch: waking the thread pool once per layer step
 /// instead of once per matrix matters at decode, where each product takes microseconds.
-pub fn gemv_many(jobs: Vec<Gemv<'_>>) {
+/// Every weight row is read once per pair of inputs, and every output is computed exactly as
+/// `dot` computes it alone, so no input's result depends on the others.
+pub fn products(mut jobs: Vec<Product<'_>>) {
     let mut tasks = Vec::new();
-    for job in jobs {
-        let in_dim = job.x.len();
-        debug_assert_eq!(job.weight.len(), job.out.len() * in_dim);
-        for (rows, out) in job
-            .weight
+    for Product {
+        weight,
+        inputs,
+        out,
+    } in &mut jobs
+    {
+        let n = inputs.len();
+        let Some(in_dim) = inputs.first().map(|x| x.len()) else {
+            continue;
+        };
+        debug_assert_eq!(weight.len() * n, out.len() * in_dim);
+        let inputs: &[&[f32]] = inputs;
+        for (rows, out) in weight
             .chunks(ROWS_PER_TASK * in_dim)
-            .zip(job.out.chunks_mut(ROWS_PER_TASK))
+            .zip(out.chunks_mut(ROWS_PER_TASK * n))
         {
-            tasks.push((rows, job.x, out));
+            tasks.push((rows, inputs, out));
         }
     }
-    tasks.into_par_iter().for_each(|(rows, x, out)| {
-        for (row, o) in rows.chunks_exact(x.len()).zip(out) {
-            *o = dot(row, x);
+    tasks.into_par_iter().for_each(|(rows, inputs, out)| {
+        let n = inputs.len();
+        let in_dim = inputs[0].len();
+        // Input pairs outermost: a pair stays in L1 while the task's rows (in L2) stream past.
+        for t in (0..n).step_by(2) {
+            for (row, out) in rows.chunks_exact(in_dim).zip(out.chunks_exact_mut(n)) {
+                if t + 1 < n {
+                    (out[t], out[t + 1]) = dot2(row, inputs[t], inputs[t + 1]);
+                } else {
+                    out[t] = dot(row, inputs[t]);
+                }
+            }
         }
     });
 }
@@ -101,7 +113,7 @@ pub fn matmul_bf16_panels(
             panel.extend(
                 weight[first * in_dim..(first + rows) * in_dim]
                     .iter()
-                    .map(|&b| f32::from_bits(u32::from(b) << 16)),
+                    .map(|&b| widen(b)),
             );
             // SAFETY: panel p writes only columns first..first + rows of y ([tokens, out_dim]
             // row-major), disjoint from every other panel's, and y outlives the loop. The strides
@@ -150,8 +162,25 @@ impl SharedOut {
 }
 
 /// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never depends
-/// on what else is computed with it.
+/// on what else is computed with it. (The AVX2 build runs the same eight lanes in one
+/// register: same operations, same bits.)
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { dot_f32_avx2(a, b) };
+    }
+    dot_f32_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 8;
     let mut acc = [0f32; LANES];
     let whole = a.len().min(b.len()) / LANES * LANES;
@@ -167,11 +196,32 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `y += a · x`, element by element (each element's sum keeps its order of terms).
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { axpy_avx2(a, x, y) };
+    }
+    axpy_portable(a, x, y);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_portable(a, x, y);
+}
+
+#[inline(always)]
+fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
 /// Widens bf16 weights to f32 (exact).
 pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
-    bits.par_iter()
-        .map(|&b| f32::from_bits(u32::from(b) << 16))
-        .collect()
+    bits.par_iter().map(|&b| widen(b)).collect()
 }
 
 fn dot(weights: &[u16], x: &[f32]) -> f32 {
@@ -190,11 +240,18 @@ fn dot_avx2_fma(weights: &[u16], x: &[f32]) -> f32 {
     dot_portable(weights, x)
 }
 
-/// 32 independent accumulators let the compiler keep four 8-wide vectors in flight, enough
-/// to cover FMA latency (16 measured 27 GB/s on 65 MB of weights, 32 measured 50).
+/// Lanes of a bf16 dot product: 32 independent accumulators let the compiler keep four
+/// 8-wide vectors in flight, enough to cover FMA latency (16 measured 27 GB/s on 65 MB of
+/// weights, 32 measured 50).
+const LANES: usize = 32;
+
+#[inline(always)]
+fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
 #[inline(always)]
 fn dot_portable(weights: &[u16], x: &[f32]) -> f32 {
-    const LANES: usize = 32;
     let mut acc = [0f32; LANES];
     let chunks = weights.len() / LANES * LANES;
     for (w, v) in weights[..chunks]
@@ -202,14 +259,60 @@ fn dot_portable(weights: &[u16], x: &[f32]) -> f32 {
         .zip(x[..chunks].chunks_exact(LANES))
     {
         for i in 0..LANES {
-            acc[i] = f32::from_bits(u32::from(w[i]) << 16).mul_add(v[i], acc[i]);
+            acc[i] = widen(w[i]).mul_add(v[i], acc[i]);
         }
     }
+    finish_dot(&acc, &weights[chunks..], &x[chunks..])
+}
+
+/// Sums the lanes, then the tail past the last whole chunk.
+#[inline(always)]
+fn finish_dot(acc: &[f32; LANES], weights: &[u16], x: &[f32]) -> f32 {
     let mut sum: f32 = acc.iter().sum();
-    for (w, v) in weights[chunks..].iter().zip(&x[chunks..]) {
-        sum += f32::from_bits(u32::from(*w) << 16) * v;
+    for (w, v) in weights.iter().zip(x) {
+        sum += widen(*w) * v;
     }
     sum
+}
+
+/// `dot` for two inputs at once: each gets exactly `dot`'s arithmetic (same lanes, same
+/// order, so a token's result does not depend on its neighbour), while each weight is
+/// loaded and widened once for both. Sixteen 8-wide accumulators would not fit the 16 AVX2
+/// registers, so pairs it is.
+fn dot2(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { dot2_avx2_fma(weights, x0, x1) };
+    }
+    dot2_portable(weights, x0, x1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot2_avx2_fma(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
+    dot2_portable(weights, x0, x1)
+}
+
+#[inline(always)]
+fn dot2_portable(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
+    let (mut acc0, mut acc1) = ([0f32; LANES], [0f32; LANES]);
+    let chunks = weights.len() / LANES * LANES;
+    for ((w, v0), v1) in weights[..chunks]
+        .chunks_exact(LANES)
+        .zip(x0[..chunks].chunks_exact(LANES))
+        .zip(x1[..chunks].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            let w = widen(w[i]);
+            acc0[i] = w.mul_add(v0[i], acc0[i]);
+            acc1[i] = w.mul_add(v1[i], acc1[i]);
+        }
+    }
+    (
+        finish_dot(&acc0, &weights[chunks..], &x0[chunks..]),
+        finish_dot(&acc1, &weights[chunks..], &x1[chunks..]),
+    )
 }
 
 #[cfg(test)]
@@ -223,20 +326,36 @@ mod tests {
             .collect();
         let x: Vec<f32> = (0..33).map(|i| i as f32 * 0.1).collect();
         let (mut a, mut b) = (vec![0f32; 200], vec![0f32; 150]);
-        gemv_many(vec![
-            Gemv {
+        products(vec![
+            Product {
                 weight: &weight,
-                x: &x,
+                inputs: vec![&x],
                 out: &mut a,
             },
-            Gemv {
+            Product {
                 weight: &weight[..150 * 33],
-                x: &x,
+                inputs: vec![&x],
                 out: &mut b,
             },
         ]);
         assert_eq!(a, matmul_bf16(&x, 1, &weight, 200, 33));
         assert_eq!(b[..], a[..150]);
+    }
+
+    #[test]
+    fn every_row_of_a_batch_is_bit_equal_to_that_row_alone() {
+        let (tokens, out_dim, in_dim) = (5, 70, 77); // odd sizes: a lone token and lane tails
+        let weight: Vec<u16> = (0..out_dim * in_dim)
+            .map(|i| half::bf16::from_f32(((i * 7) % 13) as f32 * 0.1 - 0.6).to_bits())
+            .collect();
+        let x: Vec<f32> = (0..tokens * in_dim)
+            .map(|i| ((i * 5) % 11) as f32 * 0.0537 - 0.2)
+            .collect();
+        let batch = matmul_bf16(&x, tokens, &weight, out_dim, in_dim);
+        for t in 0..tokens {
+            let alone = matmul_bf16(&x[t * in_dim..][..in_dim], 1, &weight, out_dim, in_dim);
+            assert_eq!(batch[t * out_dim..][..out_dim], alone[..], "token {t}");
+        }
     }
 
     #[test]

@@ -80,24 +80,44 @@ impl RoutedExperts for LocalExperts {
             return Ok(Tensor::cat(&rows, 0)?);
         }
         if (per_row || tokens <= BF16_KERNEL_MAX_TOKENS) && bf16 {
-            // Decode: every (token, expert) pair in two dispatches.
-            let rows: Vec<Vec<f32>> = x.to_vec2()?;
-            let items: Vec<(&Mlp, &[f32])> = routing
-                .experts
-                .iter()
-                .zip(&rows)
-                .flat_map(|(ids, row)| ids.iter().map(move |&e| (&experts[e], row.as_slice())))
-                .collect();
+            // Decode: each expert runs once on every token routed to it, all experts in two
+            // dispatches; a token's output then sums its experts in its own routing order.
+            let x = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut inputs: Vec<Vec<&[f32]>> = vec![Vec::new(); experts.len()];
+            // (expert, index among that expert's inputs) of every (token, k)
+            let mut slots: Vec<Vec<(usize, usize)>> = Vec::with_capacity(tokens);
+            for (ids, row) in routing.experts.iter().zip(x.chunks_exact(hidden)) {
+                slots.push(
+                    ids.iter()
+                        .map(|&e| {
+                            inputs[e].push(row);
+                            (e, inputs[e].len() - 1)
+                        })
+                        .collect(),
+                );
+            }
+            let mut item_of = vec![usize::MAX; experts.len()];
+            let mut items = Vec::new();
+            for (e, xs) in inputs
+                .into_iter()
+                .enumerate()
+                .filter(|(_, xs)| !xs.is_empty())
+            {
+                item_of[e] = items.len();
+                items.push((&experts[e], xs));
+            }
             let outputs = mlps_bf16(&items);
             let mut out = vec![0f32; tokens * hidden];
-            let weights = routing
-                .weights
+            for ((slots, weights), out) in slots
                 .iter()
-                .enumerate()
-                .flat_map(|(t, ws)| ws.iter().map(move |&w| (t, w)));
-            for ((t, w), y) in weights.zip(&outputs) {
-                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
-                    *o += w * v;
+                .zip(&routing.weights)
+                .zip(out.chunks_exact_mut(hidden))
+            {
+                for (&(e, i), &w) in slots.iter().zip(weights) {
+                    let y = &outputs[item_of[e]][i * hidden..][..hidden];
+                    for (o, v) in out.iter_mut().zip(y) {
+                        *o += w * v;
+                    }
                 }
             }
             return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);

@@ -196,9 +196,8 @@ impl Mlp {
             return each_row(x, |row| self.forward(row));
         }
         if (per_row || tokens <= BF16_KERNEL_MAX_TOKENS) && self.is_bf16() {
-            let rows: Vec<Vec<f32>> = x.to_vec2()?;
-            let items: Vec<(&Mlp, &[f32])> = rows.iter().map(|r| (self, r.as_slice())).collect();
-            let out = mlps_bf16(&items).concat();
+            let x = x.flatten_all()?.to_vec1::<f32>()?;
+            let out = mlps_bf16(&[(self, x.chunks_exact(hidden).collect())]).remove(0);
             return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);
         }
         let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
@@ -222,58 +221,73 @@ pub fn each_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Ten
     Ok(Tensor::cat(&rows, 0)?)
 }
 
-/// `mlp(x)` for each `(mlp, x)` pair of single-token inputs, every MLP bf16 (check with
-/// [`Mlp::forward`]'s condition): all gate and up products in one dispatch, all down products
-/// in a second. Routed experts of a decode step go through here together.
-pub fn mlps_bf16(items: &[(&Mlp, &[f32])]) -> Vec<Vec<f32>> {
+/// `mlp(x)` for each `(mlp, inputs)` pair, every MLP bf16 (check with [`Mlp::is_bf16`]):
+/// all gate and up products in one dispatch, all down products in a second; each MLP's
+/// weights are read once for all its inputs. Returns `[inputs, hidden]` per pair. The
+/// routed experts of a decode step go through here together.
+pub fn mlps_bf16(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
     let weights: Vec<[(&[u16], usize); 3]> = items
         .iter()
         .map(|(mlp, _)| mlp.bf16().expect("bf16 MLP"))
         .collect();
-    let mut gates: Vec<Vec<f32>> = weights
-        .iter()
-        .map(|[(_, rows), _, _]| vec![0f32; *rows])
-        .collect();
-    let mut ups: Vec<Vec<f32>> = weights
-        .iter()
-        .map(|[_, (_, rows), _]| vec![0f32; *rows])
-        .collect();
+    let buffers = |which: usize| -> Vec<Vec<f32>> {
+        weights
+            .iter()
+            .zip(items)
+            .map(|(w, (_, xs))| vec![0f32; w[which].1 * xs.len()])
+            .collect()
+    };
+    // [intermediate, inputs] each
+    let (mut gates, mut ups) = (buffers(0), buffers(1));
     let mut jobs = Vec::with_capacity(2 * items.len());
-    for (((w, (_, x)), gate), up) in weights.iter().zip(items).zip(&mut gates).zip(&mut ups) {
-        jobs.push(kernels::Gemv {
-            weight: w[0].0,
-            x,
-            out: gate,
-        });
-        jobs.push(kernels::Gemv {
-            weight: w[1].0,
-            x,
-            out: up,
-        });
-    }
-    kernels::gemv_many(jobs);
-    // silu(gate) · up, as x / (1 + e^−x)
-    for (gate, up) in gates.iter_mut().zip(&ups) {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
+    for (((w, (_, xs)), gate), up) in weights.iter().zip(items).zip(&mut gates).zip(&mut ups) {
+        for (weight, out) in [(w[0].0, gate), (w[1].0, up)] {
+            jobs.push(kernels::Product {
+                weight,
+                inputs: xs.clone(),
+                out,
+            });
         }
     }
-    let mut outs: Vec<Vec<f32>> = weights
+    kernels::products(jobs);
+    // silu(gate) · up, as x / (1 + e^−x), one row per input for the down products.
+    let hidden: Vec<Vec<f32>> = gates
         .iter()
-        .map(|[_, _, (_, rows)]| vec![0f32; *rows])
+        .zip(&ups)
+        .zip(items)
+        .map(|((gate, up), (_, xs))| {
+            transposed(gate, xs.len(), |g, u| g / (1.0 + (-g).exp()) * u, up)
+        })
         .collect();
+    let mut outs = buffers(2);
     let jobs = weights
         .iter()
-        .zip(&gates)
+        .zip(&hidden)
+        .zip(items)
         .zip(&mut outs)
-        .map(|((w, h), out)| kernels::Gemv {
+        .map(|(((w, h), (_, xs)), out)| kernels::Product {
             weight: w[2].0,
-            x: h,
+            inputs: h.chunks_exact(h.len() / xs.len()).collect(),
             out,
         })
         .collect();
-    kernels::gemv_many(jobs);
-    outs
+    kernels::products(jobs);
+    outs.iter()
+        .zip(items)
+        .map(|(out, (_, xs))| transposed(out, xs.len(), |o, _| o, out))
+        .collect()
+}
+
+/// `[rows, n]` → `[n, rows]`, combining each element of `a` with the same element of `b`.
+fn transposed(a: &[f32], n: usize, f: impl Fn(f32, f32) -> f32, b: &[f32]) -> Vec<f32> {
+    let rows = a.len() / n;
+    let mut out = vec![0f32; a.len()];
+    for r in 0..rows {
+        for t in 0..n {
+            out[t * rows + r] = f(a[r * n + t], b[r * n + t]);
+        }
+    }
+    out
 }
 
 /// Softmax over the last dimension, max-subtracted.

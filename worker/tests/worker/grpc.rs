@@ -321,15 +321,16 @@ async fn text_chat_and_model_info() {
     assert_eq!(text, whole);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_tokens_requests_and_expert_load() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+/// An unused loopback address for `/metrics`.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
-        .unwrap();
-    let mut client = InferenceClient::new(start_with_metrics(256, Some(metrics_addr)).await);
-    collect(&mut client, request(vec![0, 1, 2, 3], 5)).await;
+        .unwrap()
+}
+
+async fn scrape(metrics_addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
@@ -337,6 +338,52 @@ async fn metrics_count_tokens_requests_and_expert_load() {
         .unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_pool_preempts_and_every_stream_still_gets_its_tokens_alone() {
+    // 8 blocks of 16 tokens; each request grows to 40 + 40 tokens (5 blocks), and its
+    // 40-token prompt runs in two chunks (32 + 8).
+    let metrics_addr = free_addr();
+    let channel = start_with_metrics(8, Some(metrics_addr)).await;
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| (0..40).map(|t| (t * 29 + i * 13) % 384).collect())
+        .collect();
+    let mut alone = Vec::new();
+    for prompt in &prompts {
+        let mut client = InferenceClient::new(channel.clone());
+        alone.push(collect(&mut client, request(prompt.clone(), 40)).await.0);
+    }
+    let together = futures_join(prompts.iter().map(|prompt| {
+        let mut client = InferenceClient::new(channel.clone());
+        let request = request(prompt.clone(), 40);
+        async move { collect(&mut client, request).await.0 }
+    }))
+    .await;
+    assert_eq!(together, alone);
+    let body = scrape(metrics_addr).await;
+    let preemptions: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("deepseek_worker_preemptions_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(preemptions > 0, "the pool never ran dry:\n{body}");
+    let load = InferenceClient::new(channel)
+        .get_load(GetLoadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((load.kv_blocks_used, load.running_sequences), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_tokens_requests_and_expert_load() {
+    let metrics_addr = free_addr();
+    let mut client = InferenceClient::new(start_with_metrics(256, Some(metrics_addr)).await);
+    collect(&mut client, request(vec![0, 1, 2, 3], 5)).await;
+    let body = scrape(metrics_addr).await;
     for expected in [
         "deepseek_worker_generation_tokens_total 5",
         "deepseek_worker_prompt_tokens_total 4",
