@@ -1,7 +1,8 @@
 """Worker throughput and latency against concurrency, over real gRPC.
 
 Starts `deepseek-worker serve` on the bench model, then for each concurrency level runs that
-many streams at once (each: a 32-token prompt, 32 greedy tokens, ignore_eos) and reports total
+many streams at once (each: 3 requests back to back, each a 32-token prompt and 32 greedy
+tokens, ignore_eos) and reports total
 output tokens/s, and p50/p99 time to first token and inter-token latency as the client sees
 them. Writes bench/worker/results.json and prints a Markdown table.
 
@@ -72,6 +73,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests-per-stream", type=int, default=3,
+                        help="requests each stream sends back to back (steadies the figures)")
     args = parser.parse_args()
 
     import grpc
@@ -98,9 +101,12 @@ def main():
         rows = []
         for level in [int(x) for x in args.levels.split(",")]:
             results = []
-            threads = [threading.Thread(target=one_stream,
-                                        args=(stub, pb, [(7 * i + 13 * j) % 30000 + 10 for j in range(args.prompt_len)],
-                                              args.new_tokens, results)) for i in range(level)]
+            def client(i):
+                for k in range(args.requests_per_stream):
+                    prompt = [(7 * i + 13 * j + 101 * k) % 30000 + 10 for j in range(args.prompt_len)]
+                    one_stream(stub, pb, prompt, args.new_tokens, results)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(level)]
             began = time.perf_counter()
             for t in threads:
                 t.start()
@@ -119,7 +125,8 @@ def main():
         worker.wait(timeout=60)
     single = rows[0]["output_tokens_per_s"]
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": args.model,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads, "levels": rows,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads,
+              "requests_per_stream": args.requests_per_stream, "levels": rows,
               "scaling_vs_one_stream": {str(r["streams"]): r["output_tokens_per_s"] / single for r in rows}}
     out = ROOT / "bench/worker/results.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
