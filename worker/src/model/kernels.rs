@@ -4,6 +4,35 @@
 
 use rayon::prelude::*;
 
+/// Defines `fn name(args) = portable`: calls `portable` compiled for AVX2 and FMA when the CPU
+/// has them (x86-64 builds target the baseline otherwise), else the baseline build. Same
+/// source, same operations in the same order, and `mul_add` rounds once either way, so the
+/// bits never depend on the path taken.
+macro_rules! simd_fn {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $portable:ident
+    ) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn fast($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+
 /// Rows of W per parallel task: large enough to amortise scheduling, small enough to
 /// balance two to a few dozen threads.
 const ROWS_PER_TASK: usize = 64;
@@ -161,22 +190,10 @@ impl SharedOut {
     }
 }
 
-/// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never depends
-/// on what else is computed with it. (The AVX2 build runs the same eight lanes in one
-/// register: same operations, same bits.)
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { dot_f32_avx2(a, b) };
-    }
-    dot_f32_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_f32_portable(a, b)
+simd_fn! {
+    /// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never
+    /// depends on what else is computed with it.
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 = dot_f32_portable
 }
 
 #[inline(always)]
@@ -196,20 +213,9 @@ fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y += a · x`, element by element (each element's sum keeps its order of terms).
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { axpy_avx2(a, x, y) };
-    }
-    axpy_portable(a, x, y);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
-    axpy_portable(a, x, y);
+simd_fn! {
+    /// `y += a · x`, element by element (each element's sum keeps its order of terms).
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) = axpy_portable
 }
 
 #[inline(always)]
@@ -224,20 +230,8 @@ pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
     bits.par_iter().map(|&b| widen(b)).collect()
 }
 
-fn dot(weights: &[u16], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { dot_avx2_fma(weights, x) };
-    }
-    dot_portable(weights, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2_fma(weights: &[u16], x: &[f32]) -> f32 {
-    // The same code, compiled with 8-wide FMA.
-    dot_portable(weights, x)
+simd_fn! {
+    fn dot(weights: &[u16], x: &[f32]) -> f32 = dot_portable
 }
 
 /// Lanes of a bf16 dot product: 32 independent accumulators let the compiler keep four
@@ -275,23 +269,12 @@ fn finish_dot(acc: &[f32; LANES], weights: &[u16], x: &[f32]) -> f32 {
     sum
 }
 
-/// `dot` for two inputs at once: each gets exactly `dot`'s arithmetic (same lanes, same
-/// order, so a token's result does not depend on its neighbour), while each weight is
-/// loaded and widened once for both. Sixteen 8-wide accumulators would not fit the 16 AVX2
-/// registers, so pairs it is.
-fn dot2(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { dot2_avx2_fma(weights, x0, x1) };
-    }
-    dot2_portable(weights, x0, x1)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot2_avx2_fma(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
-    dot2_portable(weights, x0, x1)
+simd_fn! {
+    /// `dot` for two inputs at once: each gets exactly `dot`'s arithmetic (same lanes, same
+    /// order, so a token's result does not depend on its neighbour), while each weight is
+    /// loaded and widened once for both. Sixteen 8-wide accumulators would not fit the 16 AVX2
+    /// registers, so pairs it is.
+    fn dot2(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) = dot2_portable
 }
 
 #[inline(always)]

@@ -159,20 +159,23 @@ async fn concurrent_streams_get_exactly_their_tokens_alone() {
     let prompts: Vec<Vec<u32>> = (0..12u32)
         .map(|i| (0..3 + i).map(|t| (t * 37 + i * 11) % 384).collect())
         .collect();
+    assert_alone_equals_together(&channel, &prompts, 8).await;
+}
+
+/// Greedy tokens of each prompt run one at a time equal those of all of them at once.
+async fn assert_alone_equals_together(channel: &Channel, prompts: &[Vec<u32>], max_new: u32) {
     let mut alone = Vec::new();
-    for prompt in &prompts {
+    for prompt in prompts {
+        let mut client = InferenceClient::new(channel.clone());
         alone.push(
-            collect(
-                &mut InferenceClient::new(channel.clone()),
-                request(prompt.clone(), 8),
-            )
-            .await
-            .0,
+            collect(&mut client, request(prompt.clone(), max_new))
+                .await
+                .0,
         );
     }
     let together = futures_join(prompts.iter().map(|prompt| {
         let mut client = InferenceClient::new(channel.clone());
-        let request = request(prompt.clone(), 8);
+        let request = request(prompt.clone(), max_new);
         async move { collect(&mut client, request).await.0 }
     }))
     .await;
@@ -350,18 +353,7 @@ async fn a_full_kv_pool_preempts_and_every_stream_still_gets_its_tokens_alone() 
     let prompts: Vec<Vec<u32>> = (0..6u32)
         .map(|i| (0..40).map(|t| (t * 29 + i * 13) % 384).collect())
         .collect();
-    let mut alone = Vec::new();
-    for prompt in &prompts {
-        let mut client = InferenceClient::new(channel.clone());
-        alone.push(collect(&mut client, request(prompt.clone(), 40)).await.0);
-    }
-    let together = futures_join(prompts.iter().map(|prompt| {
-        let mut client = InferenceClient::new(channel.clone());
-        let request = request(prompt.clone(), 40);
-        async move { collect(&mut client, request).await.0 }
-    }))
-    .await;
-    assert_eq!(together, alone);
+    assert_alone_equals_together(&channel, &prompts, 40).await;
     let body = scrape(metrics_addr).await;
     let preemptions: u64 = body
         .lines()
