@@ -1,7 +1,8 @@
 //! Contracts between clients, the router, the workers and the operator: the `deepseek.v1`
-//! gRPC services and the expert placement plan.
+//! gRPC services, their deadline header and the expert placement plan.
 
 pub mod codec;
+pub mod deadline;
 pub mod placement;
 
 /// Generated `deepseek.v1` messages, client and server.

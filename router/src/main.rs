@@ -1,37 +1,64 @@
-//! `deepseek-router`: one endpoint over the worker pools of a DeepSeekDeployment.
-//!
-//! The flags below are the ones the operator passes; routing itself lands with the router
-//! issue, and until then the binary says so and exits.
+//! `deepseek-router`: one gRPC and OpenAI-compatible HTTP endpoint over the worker ranks of
+//! a DeepSeekDeployment's pools. See the crate docs and ARCHITECTURE.md.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use clap::Parser;
+use deepseek_router::auth::ApiKeys;
+use deepseek_router::backend::{BackendSpec, parse_backends_file};
+use deepseek_router::policy::Policy;
+use deepseek_router::proxy::RouterConfig;
+use deepseek_router::{RunConfig, serve};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// gRPC listen address (`deepseek.v1.Inference`).
+    /// gRPC listen address (`deepseek.v1.Inference`, health, reflection).
     #[arg(long, default_value = "0.0.0.0:50051")]
     grpc_listen: String,
     /// HTTP listen address (OpenAI-compatible API).
     #[arg(long, default_value = "0.0.0.0:8000")]
     http_listen: String,
-    /// Metrics listen address.
+    /// Metrics listen address (`/metrics`); empty turns it off.
     #[arg(long, default_value = "0.0.0.0:9090")]
     metrics_listen: String,
-    /// Model name clients use.
+    /// Model name clients use (default: what the workers report).
     #[arg(long)]
     served_name: Option<String>,
-    /// least-load, prefix-affinity or weighted.
-    #[arg(long, default_value = "least-load", value_parser = ["least-load", "prefix-affinity", "weighted"])]
-    policy: String,
-    /// Namespace of the worker EndpointSlices.
+    #[arg(long, value_enum, default_value = "least-load")]
+    policy: Policy,
+    /// Namespace of the worker EndpointSlices (discovery in a cluster).
     #[arg(long)]
     discover_namespace: Option<String>,
-    /// Label selector of the worker pods.
+    /// Label selector of the worker pods (discovery in a cluster).
     #[arg(long)]
     discover_selector: Option<String>,
-    /// `NAME=WEIGHT` for each pool, in preference order.
+    /// `NAME=WEIGHT` for each pool, in preference order (weight 0: spill-over only).
     #[arg(long = "pool", value_parser = parse_pool)]
     pools: Vec<(String, u32)>,
+    /// A worker rank: `pool=NAME,weight=W,addr=HOST:PORT` (repeatable).
+    #[arg(long = "backend")]
+    backends: Vec<BackendSpec>,
+    /// A file of `--backend` values, one per line.
+    #[arg(long)]
+    backends_file: Option<PathBuf>,
+    /// A file of API keys, one per line; when set, requests need `Authorization: Bearer KEY`.
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// Requests the router holds at once; beyond, RESOURCE_EXHAUSTED / HTTP 429.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
+    /// Streams one backend may have open before its pool counts as saturated there.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight_per_backend: usize,
+    /// Backends tried for a request that fails before its first token.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: usize,
+    /// Milliseconds between active health checks of every backend.
+    #[arg(long, default_value_t = 1000)]
+    health_interval_ms: u64,
 }
 
 fn parse_pool(value: &str) -> Result<(String, u32), String> {
@@ -42,14 +69,107 @@ fn parse_pool(value: &str) -> Result<(String, u32), String> {
     Ok((name.to_string(), weight))
 }
 
+impl Cli {
+    fn run_config(self) -> anyhow::Result<RunConfig> {
+        let mut backends = self.backends;
+        if let Some(path) = &self.backends_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--backends-file {}", path.display()))?;
+            backends.extend(
+                parse_backends_file(&text)
+                    .map_err(|e| anyhow::anyhow!("--backends-file {}: {e}", path.display()))?,
+            );
+        }
+        if backends.is_empty() {
+            if self.discover_namespace.is_some() || self.discover_selector.is_some() {
+                bail!(
+                    "EndpointSlice discovery (--discover-namespace, --discover-selector) is not \
+                     implemented yet; list the workers with --backend or --backends-file"
+                );
+            }
+            bail!(
+                "no backends: give --backend pool=NAME,weight=W,addr=HOST:PORT or --backends-file"
+            );
+        }
+        let keys = match &self.api_keys_file {
+            Some(path) => {
+                let keys = ApiKeys::parse(
+                    &std::fs::read_to_string(path)
+                        .with_context(|| format!("--api-keys-file {}", path.display()))?,
+                );
+                if keys.is_empty() {
+                    bail!("--api-keys-file {}: no keys in the file", path.display());
+                }
+                keys
+            }
+            None => ApiKeys::default(),
+        };
+        Ok(RunConfig {
+            backends,
+            routing: RouterConfig {
+                policy: self.policy,
+                pools: self.pools,
+                max_in_flight_per_backend: self.max_in_flight_per_backend.max(1),
+                max_in_flight: self.max_in_flight.max(1),
+                max_attempts: self.max_attempts.max(1),
+            },
+            keys,
+            served_name: self.served_name,
+            health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
+        })
+    }
+}
+
+async fn bind(flag: &str, addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{flag} {addr}"))
+}
+
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let cli = Cli::parse();
-    anyhow::bail!(
-        "routing is not implemented yet: this build of deepseek-router only accepts its flags \
-         ({} pools, policy {}); see README, \"Status\"",
-        cli.pools.len(),
-        cli.policy
-    )
+    let (grpc, http, metrics) = (
+        cli.grpc_listen.clone(),
+        cli.http_listen.clone(),
+        cli.metrics_listen.clone(),
+    );
+    let config = cli.run_config()?;
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let grpc = bind("--grpc-listen", &grpc).await?;
+        let http = bind("--http-listen", &http).await?;
+        let metrics = match metrics.as_str() {
+            "" => None,
+            addr => Some(bind("--metrics-listen", addr).await?),
+        };
+        tracing::info!(
+            grpc = %grpc.local_addr()?,
+            http = %http.local_addr()?,
+            backends = config.backends.len(),
+            "routing"
+        );
+        serve(config, grpc, http, metrics, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
 }
 
 #[cfg(test)]
@@ -64,22 +184,48 @@ mod tests {
     }
 
     #[test]
-    fn the_operators_arguments_are_accepted() {
+    fn the_operators_arguments_are_accepted_and_discovery_alone_is_refused() {
         let args = [
             "deepseek-router",
             "--grpc-listen",
             "0.0.0.0:50051",
             "--policy",
             "prefix-affinity",
+            "--discover-namespace",
+            "inference",
             "--pool",
             "h100=3",
             "--pool",
             "a100=1",
         ];
         let cli = Cli::try_parse_from(args).unwrap();
+        assert_eq!(cli.policy, Policy::PrefixAffinity);
         assert_eq!(
             cli.pools,
             [("h100".to_string(), 3), ("a100".to_string(), 1)]
+        );
+        let err = cli.run_config().err().unwrap().to_string();
+        assert!(err.contains("discovery"), "{err}");
+    }
+
+    #[test]
+    fn backends_come_from_flags() {
+        let cli = Cli::try_parse_from([
+            "deepseek-router",
+            "--backend",
+            "pool=h100,weight=2,addr=127.0.0.1:50051",
+            "--backend",
+            "addr=127.0.0.1:50052",
+        ])
+        .unwrap();
+        let config = cli.run_config().unwrap();
+        assert_eq!(config.backends.len(), 2);
+        assert_eq!(config.backends[1].pool, "default");
+        let bad = Cli::try_parse_from(["deepseek-router", "--backend", "pool=x"]);
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("addr=HOST:PORT is required")
         );
     }
 }

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use deepseek_proto::deadline::grpc_timeout;
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, GetLoadRequest,
@@ -85,7 +86,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let loaded = self.loaded()?;
-        let deadline = grpc_timeout(&request).map(|t| std::time::Instant::now() + t);
+        let deadline = grpc_timeout(request.metadata()).map(|t| std::time::Instant::now() + t);
         let valid = validate(
             request.into_inner(),
             loaded.tokenizer.as_deref(),
@@ -169,22 +170,6 @@ impl Inference for InferenceService {
             tokens_per_second: load.milli_tokens_per_second.load(Ordering::Relaxed) as f64 / 1000.0,
         }))
     }
-}
-
-/// The `grpc-timeout` header as a duration ("100m", "5S", ...).
-fn grpc_timeout<T>(request: &Request<T>) -> Option<std::time::Duration> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => std::time::Duration::from_secs(n * 3600),
-        "M" => std::time::Duration::from_secs(n * 60),
-        "S" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_millis(n),
-        "u" => std::time::Duration::from_micros(n),
-        "n" => std::time::Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// Serves until `shutdown` completes. Listening starts at once; the model loads in the

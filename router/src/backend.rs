@@ -1,0 +1,187 @@
+//! Backends: what the flags say about each worker rank (`BackendSpec`, pure parsing), and
+//! what the router knows about it at run time (`Backend`: a lazily connected channel,
+//! requests in flight, health and the load it last reported).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+use deepseek_proto::v1::inference_client::InferenceClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// One `--backend pool=NAME,weight=W,addr=HOST:PORT` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub pool: String,
+    /// Share of its pool's traffic under the `weighted` policy.
+    pub weight: u32,
+    pub addr: String,
+}
+
+impl std::str::FromStr for BackendSpec {
+    type Err = String;
+
+    /// `addr` is required; `pool` defaults to "default" and `weight` to 1.
+    fn from_str(value: &str) -> Result<Self, String> {
+        let (mut pool, mut weight, mut addr) = (None, None, None);
+        for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            let (key, v) = field
+                .split_once('=')
+                .ok_or_else(|| format!("{field:?}: expected KEY=VALUE (pool, weight, addr)"))?;
+            match key {
+                "pool" => pool = Some(v.to_string()),
+                "weight" => {
+                    weight =
+                        Some(v.parse().map_err(|_| {
+                            format!("weight={v:?}: expected a non-negative integer")
+                        })?)
+                }
+                "addr" => addr = Some(v.to_string()),
+                other => return Err(format!("unknown key {other:?} (pool, weight, addr)")),
+            }
+        }
+        let addr = addr.ok_or("addr=HOST:PORT is required")?;
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(format!("addr={addr:?}: expected HOST:PORT"));
+        }
+        Ok(BackendSpec {
+            pool: pool.unwrap_or_else(|| "default".into()),
+            weight: weight.unwrap_or(1),
+            addr,
+        })
+    }
+}
+
+/// Backends from a file: one `--backend` value per line; blank lines and `#` comments skipped.
+pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, String> {
+    text.lines()
+        .enumerate()
+        .map(|(n, line)| (n, line.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(n, line)| line.parse().map_err(|e| format!("line {}: {e}", n + 1)))
+        .collect()
+}
+
+/// A worker rank as the router sees it.
+pub struct Backend {
+    pub spec: BackendSpec,
+    client: InferenceClient<Channel>,
+    pub channel: Channel,
+    /// Streams this router has open on it.
+    in_flight: AtomicUsize,
+    /// Waiting + running sequences it last reported (all routers' requests).
+    reported_busy: AtomicUsize,
+    healthy: AtomicBool,
+    consecutive_failures: AtomicU32,
+}
+
+impl Backend {
+    pub fn new(spec: BackendSpec) -> Result<Self, String> {
+        let channel = Endpoint::from_shared(format!("http://{}", spec.addr))
+            .map_err(|e| format!("addr={}: {e}", spec.addr))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Backend {
+            client: InferenceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            channel,
+            spec,
+            in_flight: AtomicUsize::new(0),
+            reported_busy: AtomicUsize::new(0),
+            // Optimistic until the first health check says otherwise.
+            healthy: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+        })
+    }
+
+    pub fn client(&self) -> InferenceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Counts a stream as open until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Outstanding work: what it reported or what this router has open, whichever is more
+    /// (other routers' requests show only in the report, ours show at once locally).
+    pub fn load(&self) -> usize {
+        self.in_flight()
+            .max(self.reported_busy.load(Ordering::Relaxed))
+    }
+
+    /// An active health check's verdict and the load reported with it.
+    pub fn observed(&self, serving: bool, busy: Option<usize>) {
+        self.healthy.store(serving, Ordering::Relaxed);
+        if serving {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if let Some(busy) = busy {
+            self.reported_busy.store(busy, Ordering::Relaxed);
+        }
+    }
+
+    /// A request could not reach it: ejected until a health check finds it serving again.
+    pub fn failed(&self) {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        self.healthy.store(false, Ordering::Relaxed);
+    }
+}
+
+/// An open stream on a backend.
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_flags_parse_with_defaults_and_name_what_is_wrong() {
+        assert_eq!(
+            "pool=h100,weight=3,addr=10.0.0.1:50051".parse(),
+            Ok(BackendSpec {
+                pool: "h100".into(),
+                weight: 3,
+                addr: "10.0.0.1:50051".into()
+            })
+        );
+        let spec: BackendSpec = "addr=w-0.w:50051".parse().unwrap();
+        assert_eq!((spec.pool.as_str(), spec.weight), ("default", 1));
+        for (bad, says) in [
+            ("pool=a", "addr=HOST:PORT is required"),
+            ("addr=nohost", "expected HOST:PORT"),
+            ("addr=a:1,weight=-2", "weight=\"-2\""),
+            ("addr=a:1,zone=x", "unknown key \"zone\""),
+            ("addr=a:1,pool", "expected KEY=VALUE"),
+        ] {
+            let err = bad.parse::<BackendSpec>().unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_backends_file_skips_comments_and_numbers_its_errors() {
+        let text = "# h100 group\npool=h100,addr=a:1\n\n  pool=a100,weight=0,addr=b:2 # spill\n";
+        let specs = parse_backends_file(text).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[1].weight, 0);
+        assert_eq!(
+            parse_backends_file("addr=a:1\npool=x\n").unwrap_err(),
+            "line 2: addr=HOST:PORT is required"
+        );
+    }
+}

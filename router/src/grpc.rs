@@ -1,0 +1,103 @@
+//! The gRPC front: the same `deepseek.v1.Inference` service the workers serve, so a client
+//! cannot tell the router from a worker.
+
+use std::sync::Arc;
+
+use deepseek_proto::deadline::grpc_timeout;
+use deepseek_proto::v1::inference_server::Inference;
+use deepseek_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GetLoadRequest, GetLoadResponse,
+    ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::ApiKeys;
+use crate::proxy::{ResponseStream, Router};
+
+pub struct Front {
+    pub router: Arc<Router>,
+    pub keys: Arc<ApiKeys>,
+}
+
+impl Front {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if self.keys.allows(header) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "missing or unknown API key (metadata `authorization: Bearer KEY`)",
+            ))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for Front {
+    type GenerateStream = ResponseStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        self.authorize(&request)?;
+        let timeout = grpc_timeout(request.metadata());
+        let stream = self.router.generate(request.into_inner(), timeout).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let reply = self
+            .router
+            .unary(|mut c| {
+                let request = request.clone();
+                async move { c.tokenize(request).await }
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let reply = self
+            .router
+            .unary(|mut c| {
+                let request = request.clone();
+                async move { c.detokenize(request).await }
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn model_info(
+        &self,
+        request: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        self.authorize(&request)?;
+        let reply = self
+            .router
+            .unary(|mut c| async move { c.model_info(ModelInfoRequest {}).await })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_load(
+        &self,
+        request: Request<GetLoadRequest>,
+    ) -> Result<Response<GetLoadResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(self.router.load().await))
+    }
+}

@@ -1,0 +1,86 @@
+//! Active health checks: every interval each backend is asked for gRPC health and, when
+//! serving, its load (`GetLoad`) and, until known, the model name it serves. A backend that
+//! fails a request is ejected at once (`Backend::failed`) and readmitted here when it
+//! answers SERVING again. The router itself is SERVING while any backend is.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use deepseek_proto::v1::inference_server::InferenceServer;
+use deepseek_proto::v1::{GetLoadRequest, ModelInfoRequest};
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::server::HealthReporter;
+
+use crate::backend::Backend;
+use crate::grpc::Front;
+use crate::proxy::Router;
+
+/// How long one check may take before the backend counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub async fn watch(
+    router: Arc<Router>,
+    reporter: HealthReporter,
+    served_name: Arc<OnceLock<String>>,
+    interval: Duration,
+) {
+    let mut serving = None;
+    loop {
+        futures::future::join_all(router.backends.iter().map(|b| check(b, &served_name))).await;
+        let any = router.backends.iter().any(|b| b.healthy());
+        if serving != Some(any) {
+            serving = Some(any);
+            let status = if any {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(
+                    <InferenceServer<Front> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            tracing::info!(serving = any, "backends checked");
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn check(backend: &Backend, served_name: &OnceLock<String>) {
+    let mut health = HealthClient::new(backend.channel.clone());
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let serving = matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, health.check(request)).await,
+        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+    );
+    let busy = if serving {
+        let mut client = backend.client();
+        match tokio::time::timeout(CHECK_TIMEOUT, client.get_load(GetLoadRequest {})).await {
+            Ok(Ok(load)) => {
+                let load = load.into_inner();
+                Some((load.waiting_sequences + load.running_sequences) as usize)
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if serving && served_name.get().is_none() {
+        let mut client = backend.client();
+        if let Ok(Ok(info)) =
+            tokio::time::timeout(CHECK_TIMEOUT, client.model_info(ModelInfoRequest {})).await
+        {
+            let _ = served_name.set(info.into_inner().served_name);
+        }
+    }
+    if serving != backend.healthy() {
+        tracing::info!(backend = %backend.spec.addr, serving, "backend health changed");
+    }
+    backend.observed(serving, busy);
+}

@@ -1,0 +1,112 @@
+//! `deepseek-router`: one gRPC and OpenAI-compatible HTTP endpoint over the worker ranks of
+//! a DeepSeekDeployment's pools.
+
+pub mod auth;
+pub mod backend;
+pub mod grpc;
+pub mod health;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod proxy;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use deepseek_proto::v1::inference_server::InferenceServer;
+use tonic_health::ServingStatus;
+
+use crate::auth::ApiKeys;
+use crate::backend::BackendSpec;
+use crate::proxy::{Router, RouterConfig};
+
+/// Everything the router needs to run, flags resolved.
+pub struct RunConfig {
+    pub backends: Vec<BackendSpec>,
+    pub routing: RouterConfig,
+    pub keys: ApiKeys,
+    pub served_name: Option<String>,
+    pub health_interval: Duration,
+}
+
+/// Serves gRPC, HTTP and (when given) metrics on the listeners until `shutdown` completes.
+pub async fn serve(
+    config: RunConfig,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router =
+        Arc::new(Router::new(config.backends, config.routing).map_err(anyhow::Error::msg)?);
+    let keys = Arc::new(config.keys);
+    let served_name = Arc::new(OnceLock::new());
+    if let Some(name) = config.served_name {
+        let _ = served_name.set(name);
+    }
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    tokio::spawn(health::watch(
+        router.clone(),
+        reporter,
+        served_name.clone(),
+        config.health_interval,
+    ));
+    if let Some(listener) = metrics {
+        let router = router.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = router.metrics.render(&router.backends);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let http_app = openai::app(Arc::new(openai::Http {
+        router: router.clone(),
+        keys: keys.clone(),
+        served_name,
+    }));
+    let http_server = axum::serve(http, http_app).with_graceful_shutdown(stopped(stop.clone()));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(deepseek_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(InferenceServer::new(grpc::Front { router, keys }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            stopped(stop),
+        );
+    let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);
+    http_result?;
+    grpc_result?;
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! The routing core both fronts share: pick a backend, open the worker's stream, retry on
+//! another backend while nothing has been streamed, then pass messages through. Dropping the
+//! returned stream drops the worker's stream, which cancels the request there.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deepseek_proto::v1::generate_request::Prompt;
+use deepseek_proto::v1::inference_client::InferenceClient;
+use deepseek_proto::v1::{GenerateRequest, GenerateResponse, GetLoadRequest, GetLoadResponse};
+use futures::{Stream, StreamExt};
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use crate::backend::{Backend, BackendSpec, InFlight};
+use crate::metrics::Metrics;
+use crate::policy::{Picker, Policy, View, stable_hash};
+
+/// Bytes of the prompt that decide prefix affinity: enough for a system prompt's opening.
+const AFFINITY_PREFIX_BYTES: usize = 256;
+
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub policy: Policy,
+    /// `(pool, weight)` in preference order.
+    pub pools: Vec<(String, u32)>,
+    /// Streams a backend may have open before its pool counts as saturated there.
+    pub max_in_flight_per_backend: usize,
+    /// Requests the router holds at once; beyond, RESOURCE_EXHAUSTED (HTTP 429).
+    pub max_in_flight: usize,
+    /// Backends tried for one request before giving up.
+    pub max_attempts: usize,
+}
+
+pub struct Router {
+    pub backends: Vec<Arc<Backend>>,
+    picker: Mutex<Picker>,
+    open: Arc<AtomicUsize>,
+    config: RouterConfig,
+    pub metrics: Metrics,
+}
+
+/// A request counted against the router's limit until it drops.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Router {
+    pub fn new(specs: Vec<BackendSpec>, config: RouterConfig) -> Result<Self, String> {
+        let backends = specs
+            .into_iter()
+            .map(|spec| Backend::new(spec).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let names: Vec<(&str, &str)> = backends
+            .iter()
+            .map(|b| (b.spec.pool.as_str(), b.spec.addr.as_str()))
+            .collect();
+        let picker = Picker::new(
+            config.policy,
+            config.pools.clone(),
+            &names,
+            config.max_in_flight_per_backend,
+        );
+        Ok(Router {
+            picker: Mutex::new(picker),
+            metrics: Metrics::default(),
+            backends,
+            open: Arc::new(AtomicUsize::new(0)),
+            config,
+        })
+    }
+
+    fn admit(&self) -> Result<Admitted, Status> {
+        let open = self.open.fetch_add(1, Ordering::Relaxed);
+        let admitted = Admitted(self.open.clone());
+        if open >= self.config.max_in_flight {
+            return Err(Status::resource_exhausted(format!(
+                "the router is at its limit of {} open requests; retry later",
+                self.config.max_in_flight
+            )));
+        }
+        Ok(admitted)
+    }
+
+    fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        let views: Vec<View> = self
+            .backends
+            .iter()
+            .map(|b| View {
+                pool: &b.spec.pool,
+                weight: b.spec.weight,
+                healthy: b.healthy(),
+                load: b.load(),
+                in_flight: b.in_flight(),
+            })
+            .collect();
+        self.picker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pick(&views, key, tried)
+    }
+
+    /// Why no backend could be picked.
+    fn none_left(&self, last: Option<Status>) -> Status {
+        last.unwrap_or_else(|| {
+            if self.backends.iter().any(|b| b.healthy()) {
+                Status::resource_exhausted("every backend is saturated; retry later")
+            } else {
+                Status::unavailable("no healthy backend")
+            }
+        })
+    }
+
+    /// Opens a `Generate` stream on the best backend. A failure before the first message is
+    /// retried on another backend (up to `max_attempts`); after it, errors pass through.
+    pub async fn generate(
+        &self,
+        request: GenerateRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ResponseStream, Status> {
+        let opened = self.open_stream(request, timeout).await;
+        self.metrics.opened(opened.as_ref().err().map(Status::code));
+        opened
+    }
+
+    async fn open_stream(
+        &self,
+        request: GenerateRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ResponseStream, Status> {
+        let admitted = self.admit()?;
+        let started = Instant::now();
+        let key = affinity_key(&request);
+        let mut tried = Vec::new();
+        let mut last = None;
+        while tried.len() < self.config.max_attempts {
+            let Some(i) = self.pick(key, &tried) else {
+                break;
+            };
+            if !tried.is_empty() {
+                self.metrics.retries.inc();
+            }
+            tried.push(i);
+            let backend = &self.backends[i];
+            let in_flight = backend.start();
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(timeout) = timeout {
+                call.set_timeout(timeout.saturating_sub(started.elapsed()));
+            }
+            let opened = match backend.client().generate(call).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    stream.message().await.map(|first| (first, stream))
+                }
+                Err(status) => Err(status),
+            };
+            match opened {
+                Ok((first, rest)) => {
+                    self.metrics.first_message(started.elapsed());
+                    return Ok(pass_through(first, rest, (in_flight, admitted)));
+                }
+                Err(status) if retryable(&status) => {
+                    if status.code() != Code::ResourceExhausted {
+                        backend.failed();
+                    }
+                    tracing::warn!(backend = %backend.spec.addr, code = ?status.code(), message = status.message(), "backend failed before the first token; trying another");
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(self.none_left(last))
+    }
+
+    /// A unary call on the least-loaded healthy backend, failing over like `generate`.
+    pub async fn unary<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(InferenceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut tried = Vec::new();
+        let mut last = None;
+        while tried.len() < self.config.max_attempts {
+            let Some(i) = self.pick(None, &tried) else {
+                break;
+            };
+            tried.push(i);
+            let backend = &self.backends[i];
+            let _in_flight = backend.start();
+            match call(backend.client()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if retryable(&status) => {
+                    if status.code() != Code::ResourceExhausted {
+                        backend.failed();
+                    }
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(self.none_left(last))
+    }
+
+    /// The group's load: every healthy backend's report, summed.
+    pub async fn load(&self) -> GetLoadResponse {
+        let reports = futures::future::join_all(
+            self.backends
+                .iter()
+                .filter(|b| b.healthy())
+                .map(|b| async move { b.client().get_load(GetLoadRequest {}).await }),
+        )
+        .await;
+        reports
+            .into_iter()
+            .flatten()
+            .map(tonic::Response::into_inner)
+            .fold(GetLoadResponse::default(), |sum, r| GetLoadResponse {
+                waiting_sequences: sum.waiting_sequences + r.waiting_sequences,
+                running_sequences: sum.running_sequences + r.running_sequences,
+                kv_blocks_used: sum.kv_blocks_used + r.kv_blocks_used,
+                kv_blocks_total: sum.kv_blocks_total + r.kv_blocks_total,
+                tokens_per_second: sum.tokens_per_second + r.tokens_per_second,
+            })
+    }
+}
+
+/// Failures that say nothing about the request itself: another backend may serve it.
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::ResourceExhausted | Code::Aborted
+    )
+}
+
+/// The first message, then the rest of the worker's stream; the guards live as long as the
+/// stream, and an error ends it.
+fn pass_through(
+    first: Option<GenerateResponse>,
+    rest: Streaming<GenerateResponse>,
+    guards: (InFlight, Admitted),
+) -> ResponseStream {
+    let Some(first) = first else {
+        return Box::pin(futures::stream::empty());
+    };
+    let tail = futures::stream::unfold(Some((rest, guards)), |state| async move {
+        let (mut rest, guards) = state?;
+        match rest.message().await {
+            Ok(Some(message)) => Some((Ok(message), Some((rest, guards)))),
+            Ok(None) => None,
+            Err(status) => Some((Err(status), None)),
+        }
+    });
+    Box::pin(futures::stream::once(async move { Ok(first) }).chain(tail))
+}
+
+/// The hash of the prompt's opening bytes, for prefix affinity.
+pub fn affinity_key(request: &GenerateRequest) -> Option<u64> {
+    let mut bytes = Vec::with_capacity(AFFINITY_PREFIX_BYTES);
+    match request.prompt.as_ref()? {
+        Prompt::Text(text) => bytes.extend_from_slice(text.as_bytes()),
+        Prompt::TokenIds(ids) => {
+            for id in ids.ids.iter().take(AFFINITY_PREFIX_BYTES / 4) {
+                bytes.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        Prompt::Chat(chat) => {
+            for m in &chat.messages {
+                if bytes.len() >= AFFINITY_PREFIX_BYTES {
+                    break;
+                }
+                bytes.extend_from_slice(m.role.as_bytes());
+                bytes.push(0);
+                bytes.extend_from_slice(m.content.as_bytes());
+                bytes.push(0);
+            }
+        }
+    }
+    bytes.truncate(AFFINITY_PREFIX_BYTES);
+    Some(stable_hash(&bytes))
+}
