@@ -167,33 +167,35 @@ fn authorize(http: &Http, headers: &HeaderMap) -> Result<(), ApiError> {
     .with_code("invalid_api_key"))
 }
 
-/// Parses a JSON body; the error names the offending field (`messages[0].content: …`).
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data if path != "." => {
-                ApiError::invalid(&path, inner.to_string())
-            }
-            serde_json::error::Category::Data => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not a valid request: {inner}"),
-            ),
-            _ => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not valid JSON: {inner}"),
-            ),
-        }
-    })?;
-    de.end().map_err(|e| {
+/// Parses a JSON body into an object.
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("trailing data after the JSON body: {e}"),
+            format!("the body is not valid JSON: {e}"),
         )
     })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body is not a valid request: expected a JSON object",
+        ));
+    }
     Ok(value)
+}
+
+/// Reads some of a request's fields; the error names the offending one
+/// (`messages[0].content: …`). Fields the target does not know are left alone.
+fn fields<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if path == "." {
+            ApiError::new(StatusCode::BAD_REQUEST, message)
+        } else {
+            ApiError::invalid(&path, message)
+        }
+    })
 }
 
 /// A string or a list of strings (`stop`).
@@ -263,8 +265,6 @@ struct ChatRequest {
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     logprobs: bool,
-    #[serde(flatten)]
-    common: Common,
 }
 
 /// `prompt`: a string, token ids, or a one-element list of either.
@@ -284,8 +284,6 @@ struct CompletionRequest {
     echo: bool,
     logprobs: Option<u32>,
     suffix: Option<String>,
-    #[serde(flatten)]
-    common: Common,
 }
 
 /// The two endpoints' differences in the responses they write.
@@ -419,17 +417,17 @@ async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&http, &headers)?;
-    let request: ChatRequest = parse(&body)?;
-    request
-        .common
-        .check(http.served_name.get().map(String::as_str))?;
+    let body = parse_body(&body)?;
+    let common: Common = fields(&body)?;
+    common.check(http.served_name.get().map(String::as_str))?;
+    let request: ChatRequest = fields(&body)?;
     if request.logprobs {
         return Err(ApiError::invalid("logprobs", "not supported yet"));
     }
     let messages = chat_messages(request.messages)?;
-    let max_tokens = request.max_completion_tokens.or(request.common.max_tokens);
+    let max_tokens = request.max_completion_tokens.or(common.max_tokens);
     let prompt = Prompt::Chat(ChatMessages { messages });
-    respond(&http, Kind::Chat, request.common, prompt, max_tokens).await
+    respond(&http, Kind::Chat, common, prompt, max_tokens).await
 }
 
 async fn completions(
@@ -438,10 +436,10 @@ async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&http, &headers)?;
-    let request: CompletionRequest = parse(&body)?;
-    request
-        .common
-        .check(http.served_name.get().map(String::as_str))?;
+    let body = parse_body(&body)?;
+    let common: Common = fields(&body)?;
+    common.check(http.served_name.get().map(String::as_str))?;
+    let request: CompletionRequest = fields(&body)?;
     for (name, refused) in [
         ("echo", request.echo),
         ("logprobs", request.logprobs.is_some()),
@@ -476,8 +474,8 @@ async fn completions(
         }
     };
     // OpenAI's completions default to 16 tokens.
-    let max_tokens = Some(request.common.max_tokens.unwrap_or(16));
-    respond(&http, Kind::Completion, request.common, prompt, max_tokens).await
+    let max_tokens = Some(common.max_tokens.unwrap_or(16));
+    respond(&http, Kind::Completion, common, prompt, max_tokens).await
 }
 
 async fn models(State(http): State<Arc<Http>>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -673,17 +671,19 @@ mod tests {
 
     #[test]
     fn field_errors_name_the_json_path() {
-        let err = parse::<ChatRequest>(br#"{"model": "m", "messages": [{"role": 1}]}"#)
-            .err()
-            .unwrap();
+        let body = parse_body(br#"{"model": "m", "messages": [{"role": 1}]}"#).unwrap();
+        let err = fields::<ChatRequest>(&body).err().unwrap();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         assert_eq!(err.param.as_deref(), Some("messages[0].role"));
-        let err = parse::<ChatRequest>(b"{not json").err().unwrap();
+        let err = parse_body(b"{not json").unwrap_err();
         assert!(
             err.message.starts_with("the body is not valid JSON"),
             "{err:?}"
         );
-        let err = parse::<ChatRequest>(br#"{"messages": []}"#).err().unwrap();
+        let err = parse_body(b"[1]").unwrap_err();
+        assert!(err.message.contains("expected a JSON object"), "{err:?}");
+        let body = parse_body(br#"{"messages": []}"#).unwrap();
+        let err = fields::<Common>(&body).err().unwrap();
         assert!(err.message.contains("missing field `model`"), "{err:?}");
     }
 
@@ -708,14 +708,16 @@ mod tests {
 
     #[test]
     fn requests_map_to_generate_requests() {
-        let request: ChatRequest = parse(
+        let body = parse_body(
             br#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                  "max_completion_tokens": 5, "temperature": 0, "stop": "x", "seed": 7}"#,
         )
         .unwrap();
+        let (request, common): (ChatRequest, Common) =
+            (fields(&body).ok().unwrap(), fields(&body).ok().unwrap());
         let messages = chat_messages(request.messages).unwrap();
         assert_eq!(messages[0].content, "hi");
-        let g = request.common.into_request(
+        let g = common.into_request(
             Prompt::Chat(ChatMessages { messages }),
             request.max_completion_tokens,
             "id".into(),
@@ -724,23 +726,23 @@ mod tests {
         assert_eq!((s.temperature, s.seed), (0.0, Some(7)));
         assert_eq!((t.max_new_tokens, t.stop), (5, vec!["x".to_string()]));
         // Unset temperature is OpenAI's 1, not greedy.
-        let request: CompletionRequest = parse(br#"{"model": "m", "prompt": [1, 2, 3]}"#).unwrap();
+        let body = parse_body(br#"{"model": "m", "prompt": [1, 2, 3]}"#).unwrap();
+        let request: CompletionRequest = fields(&body).ok().unwrap();
         assert!(matches!(request.prompt, CompletionPrompt::Ids(ref ids) if ids == &[1, 2, 3]));
-        let g = request
-            .common
-            .into_request(Prompt::Text(String::new()), None, "id".into());
+        let common: Common = fields(&body).ok().unwrap();
+        let g = common.into_request(Prompt::Text(String::new()), None, "id".into());
         assert_eq!(g.sampling.unwrap().temperature, 1.0);
         assert!(g.stopping.is_none());
     }
 
     #[test]
     fn unsupported_options_are_refused_by_name() {
-        let common: Common = parse(br#"{"model": "m", "n": 2}"#).unwrap();
+        let common: Common = fields(&json!({"model": "m", "n": 2})).ok().unwrap();
         assert_eq!(
             common.check(None).err().unwrap().param.as_deref(),
             Some("n")
         );
-        let common: Common = parse(br#"{"model": "other"}"#).unwrap();
+        let common: Common = fields(&json!({"model": "other"})).ok().unwrap();
         let err = common.check(Some("deepseek")).err().unwrap();
         assert_eq!(
             (err.status, err.code),

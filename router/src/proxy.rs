@@ -233,11 +233,22 @@ impl Router {
 }
 
 /// Failures that say nothing about the request itself: another backend may serve it.
+/// A status with a `source` was made here from a transport error (a connection the backend
+/// dropped, whatever code it maps to); `Cancelled` is one too, since a client that goes away
+/// drops the router's call instead of seeing a status. A passed deadline is final.
 fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::ResourceExhausted | Code::Aborted
-    )
+    if status.code() == Code::DeadlineExceeded {
+        return false;
+    }
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::ResourceExhausted
+                | Code::Aborted
+                | Code::Cancelled
+        )
 }
 
 /// The first message, then the rest of the worker's stream; the guards live as long as the

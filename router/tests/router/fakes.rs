@@ -1,0 +1,334 @@
+//! Policy and resilience against fake backends: instant gRPC servers that answer with their
+//! own name, count their calls, and can be told to fail or to hold a stream open.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
+use deepseek_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, FinishReason, GenerateRequest, GenerateResponse,
+    GetLoadRequest, GetLoadResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest,
+    TokenizeResponse, Usage,
+};
+use deepseek_router::auth::ApiKeys;
+use deepseek_router::policy::Policy;
+use futures::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{collect, config, http, request, start};
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// One token carrying the backend's name, then the finish message.
+    Answer,
+    /// One token, then the stream fails.
+    TokenThenFail,
+    /// A token, then the stream stays open until the client goes away.
+    Hold,
+}
+
+pub struct Fake {
+    pub name: String,
+    pub calls: Arc<AtomicUsize>,
+    mode: Mode,
+}
+
+type Messages = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for Fake {
+    type GenerateStream = Messages;
+
+    async fn generate(&self, _: Request<GenerateRequest>) -> Result<Response<Messages>, Status> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let token = GenerateResponse {
+            token_ids: vec![1],
+            text: self.name.clone(),
+            ..Default::default()
+        };
+        let done = GenerateResponse {
+            finish_reason: FinishReason::Length as i32,
+            usage: Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stream: Messages = match self.mode {
+            Mode::Answer => Box::pin(futures::stream::iter([Ok(token), Ok(done)])),
+            Mode::TokenThenFail => Box::pin(futures::stream::iter([
+                Ok(token),
+                Err(Status::unavailable("the backend died mid-stream")),
+            ])),
+            Mode::Hold => Box::pin(futures::StreamExt::chain(
+                futures::stream::iter([Ok(token)]),
+                futures::stream::pending(),
+            )),
+        };
+        Ok(Response::new(stream))
+    }
+
+    async fn tokenize(
+        &self,
+        _: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        Ok(Response::new(TokenizeResponse { ids: vec![1, 2] }))
+    }
+
+    async fn detokenize(
+        &self,
+        _: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        Ok(Response::new(DetokenizeResponse {
+            text: self.name.clone(),
+        }))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        Ok(Response::new(ModelInfoResponse {
+            served_name: "fake".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_load(
+        &self,
+        _: Request<GetLoadRequest>,
+    ) -> Result<Response<GetLoadResponse>, Status> {
+        Ok(Response::new(GetLoadResponse::default()))
+    }
+}
+
+/// A fake backend serving on loopback until `kill` is sent.
+pub struct FakeServer {
+    pub addr: SocketAddr,
+    pub calls: Arc<AtomicUsize>,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeServer {
+    pub async fn start(name: &str, mode: Mode) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fake = Fake {
+            name: name.into(),
+            calls: calls.clone(),
+            mode,
+        };
+        let (_, health) = tonic_health::server::health_reporter();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(InferenceServer::new(fake))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = killed.await;
+                    },
+                )
+                .await;
+        });
+        FakeServer {
+            addr,
+            calls,
+            kill: Some(kill),
+            server,
+        }
+    }
+
+    /// Stops serving and closes the listener, as a crashed process would.
+    pub async fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        self.server.abort();
+        let _ = (&mut self.server).await;
+    }
+}
+
+/// Which backend answered: the text of the first message.
+async fn answer(
+    client: &mut deepseek_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
+    prompt: Vec<u32>,
+) -> String {
+    collect(client, request(prompt, 1)).await.unwrap()[0]
+        .text
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_share_traffic_by_weight_and_ranks_by_load() {
+    let fakes = [
+        FakeServer::start("h100-a", Mode::Answer).await,
+        FakeServer::start("h100-b", Mode::Answer).await,
+        FakeServer::start("a100-a", Mode::Answer).await,
+    ];
+    let router = start(config(
+        Policy::LeastLoad,
+        &[("h100", 3), ("a100", 1)],
+        &[
+            ("h100", fakes[0].addr),
+            ("h100", fakes[1].addr),
+            ("a100", fakes[2].addr),
+        ],
+    ))
+    .await;
+    let mut client = router.client().await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for i in 0..400 {
+        *counts
+            .entry(answer(&mut client, vec![i]).await)
+            .or_default() += 1;
+    }
+    let h100 = counts["h100-a"] + counts["h100-b"];
+    assert!((290..=310).contains(&h100), "{counts:?}");
+    assert!(
+        counts["h100-a"].abs_diff(counts["h100-b"]) <= 20,
+        "{counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_prefix_goes_to_the_same_rank() {
+    let mut fakes = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        fakes.push(FakeServer::start(name, Mode::Answer).await);
+    }
+    let backends: Vec<(&str, SocketAddr)> = fakes.iter().map(|f| ("h100", f.addr)).collect();
+    let router = start(config(Policy::PrefixAffinity, &[], &backends)).await;
+    let mut client = router.client().await;
+    let mut homes = HashMap::new();
+    for round in 0..5 {
+        for prefix in 0..12u32 {
+            // The same 80-token prefix, a different tail every round.
+            let prompt: Vec<u32> = (0..80).map(|t| prefix * 1000 + t).chain([round]).collect();
+            let backend = answer(&mut client, prompt).await;
+            assert_eq!(
+                homes.entry(prefix).or_insert_with(|| backend.clone()),
+                &backend
+            );
+        }
+    }
+    let used: std::collections::HashSet<_> = homes.values().collect();
+    assert!(used.len() >= 3, "prefixes spread over the ranks: {homes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_loses_no_request_that_had_not_started() {
+    let mut fakes = Vec::new();
+    for name in ["a", "b", "c"] {
+        fakes.push(FakeServer::start(name, Mode::Answer).await);
+    }
+    let backends: Vec<(&str, SocketAddr)> = fakes.iter().map(|f| ("h100", f.addr)).collect();
+    let router = start(config(Policy::LeastLoad, &[], &backends)).await;
+    let client = router.client().await;
+    let burst = |n: u32| {
+        let client = client.clone();
+        async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let mut client = client.clone();
+                    tokio::spawn(async move { collect(&mut client, request(vec![i], 1)).await })
+                })
+                .collect();
+            for task in tasks {
+                let messages = task.await.unwrap().expect("every request succeeds");
+                assert_eq!(messages.len(), 2);
+            }
+        }
+    };
+    burst(30).await;
+    assert!(
+        fakes[1].calls.load(Ordering::Relaxed) > 0,
+        "b took its share before"
+    );
+    fakes[1].kill().await;
+    // Until a health check notices, requests still pick b, find it dead before their first
+    // token and are retried on a or c.
+    burst(60).await;
+    burst(60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_after_its_first_token_is_not_retried() {
+    let broken = FakeServer::start("broken", Mode::TokenThenFail).await;
+    let router = start(config(Policy::LeastLoad, &[], &[("p", broken.addr)])).await;
+    let mut client = router.client().await;
+    let mut stream = client
+        .generate(request(vec![1], 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().text, "broken");
+    let err = stream.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(broken.calls.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_limit_refuses_with_resource_exhausted_and_429() {
+    let holder = FakeServer::start("holder", Mode::Hold).await;
+    let mut cfg = config(Policy::LeastLoad, &[], &[("p", holder.addr)]);
+    cfg.routing.max_in_flight = 1;
+    let router = start(cfg).await;
+    let mut client = router.client().await;
+    let mut open = client
+        .generate(request(vec![1], 4))
+        .await
+        .unwrap()
+        .into_inner();
+    open.message().await.unwrap().unwrap();
+    let refused = client.generate(request(vec![2], 4)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let body = br#"{"model": "fake", "prompt": "hi"}"#;
+    let (status, text) = http(router.http, "POST", "/v1/completions", &[], body).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("rate_limit_error"), "{text}");
+    drop(open); // the held stream ends, and with it the router's count
+    for _ in 0..100 {
+        if client.generate(request(vec![3], 4)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the router kept counting a stream its client dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_enforced_on_both_fronts() {
+    let fake = FakeServer::start("a", Mode::Answer).await;
+    let mut cfg = config(Policy::LeastLoad, &[], &[("p", fake.addr)]);
+    cfg.keys = ApiKeys::parse("sk-right\n");
+    let router = start(cfg).await;
+    let body = br#"{"model": "fake", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let path = "/v1/chat/completions";
+    let (status, text) = http(router.http, "POST", path, &[], body).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("invalid_api_key"), "{text}");
+    let wrong = [("Authorization", "Bearer sk-wrong")];
+    assert_eq!(http(router.http, "POST", path, &wrong, body).await.0, 401);
+    let right = [("Authorization", "Bearer sk-right")];
+    let (status, text) = http(router.http, "POST", path, &right, body).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"content\":\"a\""), "{text}");
+
+    let mut client = router.client().await;
+    let refused = client.generate(request(vec![1], 1)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let mut with_key = tonic::Request::new(request(vec![1], 1));
+    with_key
+        .metadata_mut()
+        .insert("authorization", "Bearer sk-right".parse().unwrap());
+    assert!(client.generate(with_key).await.is_ok());
+}

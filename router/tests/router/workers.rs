@@ -1,0 +1,140 @@
+//! The router in front of real worker processes serving the tiny fixture model.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use deepseek_proto::v1::GetLoadRequest;
+use deepseek_proto::v1::inference_client::InferenceClient;
+use deepseek_router::policy::Policy;
+use serde_json::Value;
+
+use crate::{collect, config, http, request, start, wait_serving};
+
+/// `target/<profile>/deepseek-worker`, which `cargo test --workspace` builds with this test.
+fn worker_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/router-<hash>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("deepseek-worker");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p deepseek-worker` (or `cargo test --workspace`)",
+        binary.display()
+    );
+    binary
+}
+
+struct Worker {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn spawn_worker() -> Worker {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = Command::new(worker_binary())
+        .args(["serve", "--listen", &addr.to_string()])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_serving(addr).await;
+    Worker { addr, child }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() {
+    let (first, mut second) = (spawn_worker().await, spawn_worker().await);
+    let router = start(config(
+        Policy::LeastLoad,
+        &[],
+        &[("h100", first.addr), ("a100", second.addr)],
+    ))
+    .await;
+    // Greedy tokens through the router equal the worker's own.
+    let mut direct = InferenceClient::connect(format!("http://{}", first.addr))
+        .await
+        .unwrap();
+    let mut routed = router.client().await;
+    let tokens = |messages: Vec<deepseek_proto::v1::GenerateResponse>| -> Vec<u32> {
+        messages.into_iter().flat_map(|m| m.token_ids).collect()
+    };
+    let want = tokens(
+        collect(&mut direct, request(vec![0, 1, 2, 3], 12))
+            .await
+            .unwrap(),
+    );
+    for _ in 0..4 {
+        let got = tokens(
+            collect(&mut routed, request(vec![0, 1, 2, 3], 12))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(got, want);
+    }
+
+    let body = br#"{"model": "tiny-v3-bf16", "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 6, "temperature": 0}"#;
+    let (status, text) = http(router.http, "POST", "/v1/chat/completions", &[], body).await;
+    assert_eq!(status, 200, "{text}");
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(reply["usage"]["completion_tokens"], 6);
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    let stream_body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 5,
+                           "stream": true, "stream_options": {"include_usage": true}}"#;
+    let (status, text) = http(router.http, "POST", "/v1/completions", &[], stream_body).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.contains("\"completion_tokens\":5"), "{text}");
+
+    // A client that goes away cancels the request on the worker.
+    let mut stream = routed
+        .generate(request(vec![1, 2], 200))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+    let mut loads = Vec::new();
+    for _ in 0..200 {
+        loads.clear();
+        for addr in [first.addr, second.addr] {
+            let mut c = InferenceClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            loads.push(c.get_load(GetLoadRequest {}).await.unwrap().into_inner());
+        }
+        if loads
+            .iter()
+            .all(|l| l.running_sequences == 0 && l.kv_blocks_used == 0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(loads.iter().all(|l| l.running_sequences == 0), "{loads:?}");
+
+    // Kill one worker process: every request still succeeds, on the other.
+    let _ = second.child.kill();
+    let _ = second.child.wait();
+    for i in 0..20 {
+        let messages = collect(&mut routed, request(vec![i, i + 1], 3))
+            .await
+            .unwrap();
+        assert_eq!(tokens(messages).len(), 3);
+    }
+}
