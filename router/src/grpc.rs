@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use deepseek_proto::deadline::grpc_timeout;
+use deepseek_proto::v1::inference_client::InferenceClient;
 use deepseek_proto::v1::inference_server::Inference;
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GetLoadRequest, GetLoadResponse,
     ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse,
 };
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::auth::ApiKeys;
@@ -35,6 +37,25 @@ impl Front {
     }
 }
 
+impl Front {
+    /// A unary call passed to a backend (failing over like `Generate`).
+    async fn forward<Q, A, F, Fut>(
+        &self,
+        request: Request<Q>,
+        call: F,
+    ) -> Result<Response<A>, Status>
+    where
+        Q: Clone,
+        F: Fn(InferenceClient<Channel>, Q) -> Fut,
+        Fut: Future<Output = Result<Response<A>, Status>>,
+    {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let reply = self.router.unary(|c| call(c, request.clone())).await?;
+        Ok(Response::new(reply))
+    }
+}
+
 #[tonic::async_trait]
 impl Inference for Front {
     type GenerateStream = ResponseStream;
@@ -53,44 +74,24 @@ impl Inference for Front {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
-        self.authorize(&request)?;
-        let request = request.into_inner();
-        let reply = self
-            .router
-            .unary(|mut c| {
-                let request = request.clone();
-                async move { c.tokenize(request).await }
-            })
-            .await?;
-        Ok(Response::new(reply))
+        self.forward(request, |mut c, r| async move { c.tokenize(r).await })
+            .await
     }
 
     async fn detokenize(
         &self,
         request: Request<DetokenizeRequest>,
     ) -> Result<Response<DetokenizeResponse>, Status> {
-        self.authorize(&request)?;
-        let request = request.into_inner();
-        let reply = self
-            .router
-            .unary(|mut c| {
-                let request = request.clone();
-                async move { c.detokenize(request).await }
-            })
-            .await?;
-        Ok(Response::new(reply))
+        self.forward(request, |mut c, r| async move { c.detokenize(r).await })
+            .await
     }
 
     async fn model_info(
         &self,
         request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
-        self.authorize(&request)?;
-        let reply = self
-            .router
-            .unary(|mut c| async move { c.model_info(ModelInfoRequest {}).await })
-            .await?;
-        Ok(Response::new(reply))
+        self.forward(request, |mut c, r| async move { c.model_info(r).await })
+            .await
     }
 
     async fn get_load(

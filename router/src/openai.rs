@@ -411,16 +411,25 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Authorises and parses a request: the shared fields, checked, and the endpoint's own.
+fn read_request<T: DeserializeOwned>(
+    http: &Http,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Common, T), ApiError> {
+    authorize(http, headers)?;
+    let body = parse_body(body)?;
+    let common: Common = fields(&body)?;
+    common.check(http.served_name.get().map(String::as_str))?;
+    Ok((common, fields(&body)?))
+}
+
 async fn chat_completions(
     State(http): State<Arc<Http>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&http, &headers)?;
-    let body = parse_body(&body)?;
-    let common: Common = fields(&body)?;
-    common.check(http.served_name.get().map(String::as_str))?;
-    let request: ChatRequest = fields(&body)?;
+    let (common, request): (Common, ChatRequest) = read_request(&http, &headers, &body)?;
     if request.logprobs {
         return Err(ApiError::invalid("logprobs", "not supported yet"));
     }
@@ -435,11 +444,7 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&http, &headers)?;
-    let body = parse_body(&body)?;
-    let common: Common = fields(&body)?;
-    common.check(http.served_name.get().map(String::as_str))?;
-    let request: CompletionRequest = fields(&body)?;
+    let (common, request): (Common, CompletionRequest) = read_request(&http, &headers, &body)?;
     for (name, refused) in [
         ("echo", request.echo),
         ("logprobs", request.logprobs.is_some()),
