@@ -1,0 +1,119 @@
+"""The official OpenAI Python client against deepseek-router in front of a real worker.
+
+Starts `deepseek-worker serve` (the tiny fixture model) and `deepseek-router` (with an API
+key file) as processes on loopback, then drives them only through `openai.OpenAI`: chat and
+completions, streaming and not, model listing, and the errors the client maps to its
+exception types. Exits non-zero on the first failed check.
+
+  python tests/openai/check_client.py --bin-dir target/debug
+"""
+
+import argparse
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import openai
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL = "tiny-v3-bf16"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(client, deadline_s=60):
+    deadline = time.time() + deadline_s
+    while True:
+        try:
+            if any(m.id == MODEL for m in client.models.list().data):
+                return
+        except openai.APIError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("the router never listed the model")
+        time.sleep(0.2)
+
+
+def check(condition, what):
+    if not condition:
+        raise SystemExit(f"FAILED: {what}")
+    print(f"ok: {what}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin-dir", default=str(ROOT / "target/debug"))
+    args = parser.parse_args()
+    bin_dir = pathlib.Path(args.bin_dir)
+    worker_port, grpc_port, http_port = free_port(), free_port(), free_port()
+    keys = tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False)
+    keys.write("sk-test-key\n")
+    keys.close()
+    procs = [
+        subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--listen", f"127.0.0.1:{worker_port}"], cwd=ROOT),
+        subprocess.Popen([bin_dir / "deepseek-router", "--grpc-listen", f"127.0.0.1:{grpc_port}",
+                          "--http-listen", f"127.0.0.1:{http_port}", "--metrics-listen", "",
+                          "--backend", f"pool=cpu,addr=127.0.0.1:{worker_port}",
+                          "--api-keys-file", keys.name, "--health-interval-ms", "100"], cwd=ROOT),
+    ]
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="sk-test-key", max_retries=0)
+        wait_ready(client)
+        messages = [{"role": "user", "content": "Say something about operators."}]
+
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        choice = reply.choices[0]
+        check(reply.object == "chat.completion" and choice.message.role == "assistant", "chat completion shape")
+        check(reply.usage.completion_tokens == 8 and choice.finish_reason == "length", "chat usage and finish reason")
+
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        check(streamed == choice.message.content, "streamed chat text equals the non-streamed text (greedy)")
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        check(finishes == ["length"], "one finish reason in the stream")
+        check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8, "usage chunk at the end")
+
+        completion = client.completions.create(model=MODEL, prompt="The operator", max_tokens=5, temperature=0)
+        check(completion.object == "text_completion" and completion.usage.completion_tokens == 5, "text completion")
+        by_ids = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0)
+        check(by_ids.usage.prompt_tokens == 3, "completion from token ids")
+        pieces = list(client.completions.create(model=MODEL, prompt="The operator", max_tokens=5, temperature=0,
+                                                stream=True))
+        check("".join(p.choices[0].text for p in pieces) == completion.choices[0].text,
+              "streamed completion equals the non-streamed one")
+
+        try:
+            client.chat.completions.create(model="gpt-4", messages=messages)
+            check(False, "unknown model refused")
+        except openai.NotFoundError as e:
+            check(e.status_code == 404, "unknown model is NotFoundError (404)")
+        try:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=100000)
+            check(False, "oversized max_tokens refused")
+        except openai.BadRequestError as e:
+            check(e.body.get("param") == "max_tokens", "oversized max_tokens is BadRequestError naming max_tokens")
+        try:
+            openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="sk-wrong",
+                          max_retries=0).models.list()
+            check(False, "wrong API key refused")
+        except openai.AuthenticationError as e:
+            check(e.status_code == 401, "wrong API key is AuthenticationError (401)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        pathlib.Path(keys.name).unlink()
+    print("the OpenAI Python client works against the router")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
