@@ -28,8 +28,9 @@ pub async fn watch(
 ) {
     let mut serving = None;
     loop {
-        futures::future::join_all(router.backends.iter().map(|b| check(b, &served_name))).await;
-        let any = router.backends.iter().any(|b| b.healthy());
+        let backends = router.backends();
+        futures::future::join_all(backends.iter().map(|b| check(b, &served_name))).await;
+        let any = backends.iter().any(|b| b.healthy());
         if serving != Some(any) {
             serving = Some(any);
             let status = if any {

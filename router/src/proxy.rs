@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use deepseek_proto::v1::generate_request::Prompt;
@@ -36,9 +36,15 @@ pub struct RouterConfig {
     pub max_attempts: usize,
 }
 
-pub struct Router {
-    pub backends: Vec<Arc<Backend>>,
+/// The backends in use and the picker built over them; replaced whole when discovery
+/// changes the set.
+struct Members {
+    backends: Vec<Arc<Backend>>,
     picker: Mutex<Picker>,
+}
+
+pub struct Router {
+    members: RwLock<Arc<Members>>,
     open: Arc<AtomicUsize>,
     config: RouterConfig,
     pub metrics: Metrics,
@@ -55,27 +61,62 @@ impl Drop for Admitted {
 
 impl Router {
     pub fn new(specs: Vec<BackendSpec>, config: RouterConfig) -> Result<Self, String> {
+        let router = Router {
+            members: RwLock::new(Arc::new(Members {
+                backends: Vec::new(),
+                picker: Mutex::new(Picker::new(config.policy, config.pools.clone(), &[], 1)),
+            })),
+            open: Arc::new(AtomicUsize::new(0)),
+            metrics: Metrics::default(),
+            config,
+        };
+        router.set_backends(specs)?;
+        Ok(router)
+    }
+
+    /// The backends in use now.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.members().backends.clone()
+    }
+
+    fn members(&self) -> Arc<Members> {
+        self.members
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the backend set. Backends that stay keep their connection, health and
+    /// in-flight count; streams open on removed ones run to their end.
+    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), String> {
+        let current = self.members();
         let backends = specs
             .into_iter()
-            .map(|spec| Backend::new(spec).map(Arc::new))
+            .map(
+                |spec| match current.backends.iter().find(|b| b.spec == spec) {
+                    Some(kept) => Ok(kept.clone()),
+                    None => Backend::new(spec).map(Arc::new),
+                },
+            )
             .collect::<Result<Vec<_>, _>>()?;
         let names: Vec<(&str, &str)> = backends
             .iter()
             .map(|b| (b.spec.pool.as_str(), b.spec.addr.as_str()))
             .collect();
         let picker = Picker::new(
-            config.policy,
-            config.pools.clone(),
+            self.config.policy,
+            self.config.pools.clone(),
             &names,
-            config.max_in_flight_per_backend,
+            self.config.max_in_flight_per_backend,
         );
-        Ok(Router {
-            picker: Mutex::new(picker),
-            metrics: Metrics::default(),
+        *self
+            .members
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(Members {
             backends,
-            open: Arc::new(AtomicUsize::new(0)),
-            config,
-        })
+            picker: Mutex::new(picker),
+        });
+        Ok(())
     }
 
     fn admit(&self) -> Result<Admitted, Status> {
@@ -90,8 +131,10 @@ impl Router {
         Ok(admitted)
     }
 
-    fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
-        let views: Vec<View> = self
+    /// The backend for a request with prefix hash `key`, other than those `tried` (by address).
+    fn pick(&self, key: Option<u64>, tried: &[String]) -> Option<Arc<Backend>> {
+        let members = self.members();
+        let views: Vec<View> = members
             .backends
             .iter()
             .map(|b| View {
@@ -102,16 +145,21 @@ impl Router {
                 in_flight: b.in_flight(),
             })
             .collect();
-        self.picker
+        let exclude: Vec<usize> = (0..members.backends.len())
+            .filter(|&i| tried.contains(&members.backends[i].spec.addr))
+            .collect();
+        let i = members
+            .picker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pick(&views, key, tried)
+            .pick(&views, key, &exclude)?;
+        Some(members.backends[i].clone())
     }
 
     /// Why no backend could be picked.
     fn none_left(&self, last: Option<Status>) -> Status {
         last.unwrap_or_else(|| {
-            if self.backends.iter().any(|b| b.healthy()) {
+            if self.backends().iter().any(|b| b.healthy()) {
                 Status::resource_exhausted("every backend is saturated; retry later")
             } else {
                 Status::unavailable("no healthy backend")
@@ -142,14 +190,13 @@ impl Router {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < self.config.max_attempts {
-            let Some(i) = self.pick(key, &tried) else {
+            let Some(backend) = self.pick(key, &tried) else {
                 break;
             };
             if !tried.is_empty() {
                 self.metrics.retries.inc();
             }
-            tried.push(i);
-            let backend = &self.backends[i];
+            tried.push(backend.spec.addr.clone());
             let in_flight = backend.start();
             let mut call = tonic::Request::new(request.clone());
             if let Some(timeout) = timeout {
@@ -189,11 +236,10 @@ impl Router {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < self.config.max_attempts {
-            let Some(i) = self.pick(None, &tried) else {
+            let Some(backend) = self.pick(None, &tried) else {
                 break;
             };
-            tried.push(i);
-            let backend = &self.backends[i];
+            tried.push(backend.spec.addr.clone());
             let _in_flight = backend.start();
             match call(backend.client()).await {
                 Ok(response) => return Ok(response.into_inner()),
@@ -212,8 +258,8 @@ impl Router {
     /// The group's load: every healthy backend's report, summed.
     pub async fn load(&self) -> GetLoadResponse {
         let reports = futures::future::join_all(
-            self.backends
-                .iter()
+            self.backends()
+                .into_iter()
                 .filter(|b| b.healthy())
                 .map(|b| async move { b.client().get_load(GetLoadRequest {}).await }),
         )
