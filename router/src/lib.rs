@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod discovery;
 pub mod grpc;
 pub mod health;
 pub mod metrics;
@@ -20,9 +21,18 @@ use crate::auth::ApiKeys;
 use crate::backend::BackendSpec;
 use crate::proxy::{Router, RouterConfig};
 
+/// Where the EndpointSlices of the workers are watched.
+pub struct Discovery {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub selector: String,
+}
+
 /// Everything the router needs to run, flags resolved.
 pub struct RunConfig {
+    /// Static backends; with `discovery` the watch replaces them.
     pub backends: Vec<BackendSpec>,
+    pub discovery: Option<Discovery>,
     pub routing: RouterConfig,
     pub keys: ApiKeys,
     pub served_name: Option<String>,
@@ -43,6 +53,12 @@ pub async fn serve(
     let served_name = Arc::new(OnceLock::new());
     if let Some(name) = config.served_name {
         let _ = served_name.set(name);
+    }
+    if let Some(d) = config.discovery {
+        let router = router.clone();
+        tokio::spawn(async move {
+            discovery::watch(d.client, &d.namespace, &d.selector, router).await;
+        });
     }
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter

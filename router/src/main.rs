@@ -70,7 +70,9 @@ fn parse_pool(value: &str) -> Result<(String, u32), String> {
 }
 
 impl Cli {
-    fn run_config(self) -> anyhow::Result<RunConfig> {
+    /// The run configuration, and where to discover workers (the client is made later, in
+    /// the runtime).
+    fn run_config(self) -> anyhow::Result<(RunConfig, Option<(String, String)>)> {
         let mut backends = self.backends;
         if let Some(path) = &self.backends_file {
             let text = std::fs::read_to_string(path)
@@ -80,15 +82,15 @@ impl Cli {
                     .map_err(|e| anyhow::anyhow!("--backends-file {}: {e}", path.display()))?,
             );
         }
-        if backends.is_empty() {
-            if self.discover_namespace.is_some() || self.discover_selector.is_some() {
-                bail!(
-                    "EndpointSlice discovery (--discover-namespace, --discover-selector) is not \
-                     implemented yet; list the workers with --backend or --backends-file"
-                );
-            }
+        let discovery = match (self.discover_namespace, self.discover_selector) {
+            (Some(namespace), Some(selector)) => Some((namespace, selector)),
+            (None, None) => None,
+            _ => bail!("--discover-namespace and --discover-selector go together"),
+        };
+        if backends.is_empty() && discovery.is_none() {
             bail!(
-                "no backends: give --backend pool=NAME,weight=W,addr=HOST:PORT or --backends-file"
+                "no backends: give --backend pool=NAME,weight=W,addr=HOST:PORT, --backends-file, \
+                 or --discover-namespace and --discover-selector"
             );
         }
         let keys = match &self.api_keys_file {
@@ -104,19 +106,23 @@ impl Cli {
             }
             None => ApiKeys::default(),
         };
-        Ok(RunConfig {
-            backends,
-            routing: RouterConfig {
-                policy: self.policy,
-                pools: self.pools,
-                max_in_flight_per_backend: self.max_in_flight_per_backend.max(1),
-                max_in_flight: self.max_in_flight.max(1),
-                max_attempts: self.max_attempts.max(1),
+        Ok((
+            RunConfig {
+                backends,
+                discovery: None,
+                routing: RouterConfig {
+                    policy: self.policy,
+                    pools: self.pools,
+                    max_in_flight_per_backend: self.max_in_flight_per_backend.max(1),
+                    max_in_flight: self.max_in_flight.max(1),
+                    max_attempts: self.max_attempts.max(1),
+                },
+                keys,
+                served_name: self.served_name,
+                health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
             },
-            keys,
-            served_name: self.served_name,
-            health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
-        })
+            discovery,
+        ))
     }
 }
 
@@ -138,8 +144,18 @@ fn main() -> anyhow::Result<()> {
         cli.http_listen.clone(),
         cli.metrics_listen.clone(),
     );
-    let config = cli.run_config()?;
+    let (mut config, discover) = cli.run_config()?;
     tokio::runtime::Runtime::new()?.block_on(async move {
+        if let Some((namespace, selector)) = discover {
+            let client = kube::Client::try_default()
+                .await
+                .context("EndpointSlice discovery needs a Kubernetes client configuration")?;
+            config.discovery = Some(deepseek_router::Discovery {
+                client,
+                namespace,
+                selector,
+            });
+        }
         let grpc = bind("--grpc-listen", &grpc).await?;
         let http = bind("--http-listen", &http).await?;
         let metrics = match metrics.as_str() {
@@ -184,7 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn the_operators_arguments_are_accepted_and_discovery_alone_is_refused() {
+    fn the_operators_arguments_are_accepted() {
         let args = [
             "deepseek-router",
             "--grpc-listen",
@@ -193,6 +209,8 @@ mod tests {
             "prefix-affinity",
             "--discover-namespace",
             "inference",
+            "--discover-selector",
+            "app=w",
             "--pool",
             "h100=3",
             "--pool",
@@ -204,8 +222,9 @@ mod tests {
             cli.pools,
             [("h100".to_string(), 3), ("a100".to_string(), 1)]
         );
-        let err = cli.run_config().err().unwrap().to_string();
-        assert!(err.contains("discovery"), "{err}");
+        let (config, discover) = cli.run_config().unwrap();
+        assert!(config.backends.is_empty());
+        assert_eq!(discover, Some(("inference".into(), "app=w".into())));
     }
 
     #[test]
@@ -218,7 +237,7 @@ mod tests {
             "addr=127.0.0.1:50052",
         ])
         .unwrap();
-        let config = cli.run_config().unwrap();
+        let config = cli.run_config().unwrap().0;
         assert_eq!(config.backends.len(), 2);
         assert_eq!(config.backends[1].pool, "default");
         let bad = Cli::try_parse_from(["deepseek-router", "--backend", "pool=x"]);

@@ -1,6 +1,7 @@
 //! The router over real loopback sockets: against fake backends (instant, scriptable) for
 //! policy, resilience and input handling, and against real worker processes.
 
+mod discovery;
 mod fakes;
 mod http_input;
 mod workers;
@@ -53,6 +54,7 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
                 addr: addr.to_string(),
             })
             .collect(),
+        discovery: None,
         routing: RouterConfig {
             policy,
             pools: pools.iter().map(|(n, w)| (n.to_string(), *w)).collect(),

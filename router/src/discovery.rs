@@ -1,0 +1,153 @@
+//! In a cluster, the worker ranks come from the EndpointSlices of the group Services (the
+//! operator's `--discover-namespace` and `--discover-selector`): each ready or starting
+//! endpoint's address on the `grpc` port is a backend, in the pool its Service's
+//! `serving.deepseek-operator.io/pool` label names (EndpointSlices carry their Service's
+//! labels). Whether a rank takes requests is left to the health checks.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+use crate::backend::BackendSpec;
+use crate::proxy::Router;
+
+/// The pool label the operator puts on group Services.
+pub const LABEL_POOL: &str = "serving.deepseek-operator.io/pool";
+/// The Service port the workers serve `deepseek.v1.Inference` on.
+pub const GRPC_PORT: &str = "grpc";
+
+/// The backends the slices describe, sorted by address. Terminating endpoints and slices
+/// without a pool label or a `grpc` port are left out.
+pub fn backends_from_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<BackendSpec> {
+    let mut backends: Vec<BackendSpec> = slices
+        .into_iter()
+        .flat_map(|slice| {
+            let pool = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_POOL));
+            let port = slice.ports.iter().flatten().find_map(|p| {
+                (p.name.as_deref() == Some(GRPC_PORT))
+                    .then_some(p.port)
+                    .flatten()
+            });
+            let (Some(pool), Some(port)) = (pool, port) else {
+                return Vec::new();
+            };
+            slice
+                .endpoints
+                .iter()
+                .filter(|e| {
+                    !e.conditions
+                        .as_ref()
+                        .and_then(|c| c.terminating)
+                        .unwrap_or(false)
+                })
+                .flat_map(|e| &e.addresses)
+                .map(|address| BackendSpec {
+                    pool: pool.clone(),
+                    weight: 1,
+                    addr: if address.contains(':') {
+                        format!("[{address}]:{port}")
+                    } else {
+                        format!("{address}:{port}")
+                    },
+                })
+                .collect()
+        })
+        .collect();
+    backends.sort_by(|a, b| a.addr.cmp(&b.addr));
+    backends.dedup_by(|a, b| a.addr == b.addr);
+    backends
+}
+
+/// Keeps the router's backends equal to what the matching EndpointSlices say, until the
+/// watch ends (it retries with backoff, so never in practice).
+pub async fn watch(client: kube::Client, namespace: &str, selector: &str, router: Arc<Router>) {
+    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+    let (reader, writer) = reflector::store();
+    let events = reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(selector)),
+    )
+    .default_backoff()
+    .touched_objects();
+    futures::pin_mut!(events);
+    let mut current = Vec::new();
+    while let Some(event) = events.next().await {
+        if let Err(err) = event {
+            tracing::warn!(error = %err, "watching EndpointSlices");
+            continue;
+        }
+        let slices = reader.state();
+        let backends = backends_from_slices(slices.iter().map(|s| s.as_ref()));
+        if backends != current {
+            tracing::info!(backends = backends.len(), "worker endpoints changed");
+            if let Err(err) = router.set_backends(backends.clone()) {
+                tracing::warn!(error = %err, "an endpoint address was not usable");
+            }
+            current = backends;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(pool: Option<&str>, port_name: &str, endpoints: serde_json::Value) -> EndpointSlice {
+        let mut labels = json!({"kubernetes.io/service-name": "tiny-h100-g0"});
+        if let Some(pool) = pool {
+            labels[LABEL_POOL] = pool.into();
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": "s", "labels": labels},
+            "addressType": "IPv4",
+            "ports": [{"name": port_name, "port": 50051, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn endpoints_become_backends_in_their_services_pool() {
+        let slices = [
+            slice(
+                Some("h100"),
+                "grpc",
+                json!([
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": false}},
+                    {"addresses": ["10.0.0.9"], "conditions": {"terminating": true}},
+                ]),
+            ),
+            slice(Some("a100"), "grpc", json!([{"addresses": ["fd00::5"]}])),
+            slice(None, "grpc", json!([{"addresses": ["10.0.0.7"]}])),
+            slice(
+                Some("h100"),
+                "metrics",
+                json!([{"addresses": ["10.0.0.8"]}]),
+            ),
+        ];
+        let backends = backends_from_slices(&slices);
+        let got: Vec<(&str, &str)> = backends
+            .iter()
+            .map(|b| (b.pool.as_str(), b.addr.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("h100", "10.0.0.1:50051"),
+                ("h100", "10.0.0.2:50051"),
+                ("a100", "[fd00::5]:50051"),
+            ]
+        );
+    }
+}
