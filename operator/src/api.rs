@@ -336,6 +336,11 @@ pub struct RouterSpec {
     /// Router container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Secret (in this namespace) whose `api-keys` entry lists the accepted API keys, one per
+    /// line; clients then send `Authorization: Bearer KEY`. Unset: no key is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys_secret: Option<String>,
 }
 
 impl Default for RouterSpec {
@@ -347,6 +352,7 @@ impl Default for RouterSpec {
             http_port: default_http_port(),
             image: None,
             resources: None,
+            api_keys_secret: None,
         }
     }
 }

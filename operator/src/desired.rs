@@ -12,11 +12,11 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, GRPCAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodAffinity, PodAffinityTerm, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
-    TopologySpreadConstraint, Volume, VolumeMount, WeightedPodAffinityTerm,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Toleration, TopologySpreadConstraint, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -607,6 +607,34 @@ impl<'a> Ctx<'a> {
                 format!("{}={}", pool.name, pool.weight),
             ]);
         }
+        // API keys from a Secret, mounted read-only as a file the router reads at start.
+        let api_keys = router.api_keys_secret.as_ref().map(|secret| {
+            args.extend([
+                "--api-keys-file".to_string(),
+                format!("{ROUTER_KEYS_DIR}/{ROUTER_KEYS_ENTRY}"),
+            ]);
+            (
+                Volume {
+                    name: "api-keys".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(secret.clone()),
+                        items: Some(vec![KeyToPath {
+                            key: ROUTER_KEYS_ENTRY.into(),
+                            path: ROUTER_KEYS_ENTRY.into(),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "api-keys".into(),
+                    mount_path: ROUTER_KEYS_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+            )
+        });
         let container = Container {
             name: "router".into(),
             image: Some(
@@ -646,6 +674,7 @@ impl<'a> Ctx<'a> {
                 ..Default::default()
             }),
             security_context: Some(restricted()),
+            volume_mounts: api_keys.as_ref().map(|(_, mount)| vec![mount.clone()]),
             ..Default::default()
         };
         let mut pod_labels = labels.clone();
@@ -665,6 +694,7 @@ impl<'a> Ctx<'a> {
                         enable_service_links: Some(false),
                         security_context: Some(restricted_pod()),
                         containers: vec![container],
+                        volumes: api_keys.map(|(volume, _)| vec![volume]),
                         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
                             max_skew: 1,
                             topology_key: "kubernetes.io/hostname".into(),

@@ -31,6 +31,9 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 
 pub const MODEL_MOUNT: &str = "/models";
 pub const PLACEMENT_MOUNT: &str = "/etc/deepseek/placement";
+/// Where the router finds its API keys, and the Secret entry that holds them.
+pub const ROUTER_KEYS_DIR: &str = "/etc/deepseek-router";
+pub const ROUTER_KEYS_ENTRY: &str = "api-keys";
 
 /// Unprivileged uid/gid of every container (distroless `nonroot`).
 pub const RUN_AS: i64 = 65532;

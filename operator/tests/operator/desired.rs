@@ -509,6 +509,45 @@ fn unrealisable_specs_name_the_field() {
 }
 
 #[test]
+fn an_api_keys_secret_is_mounted_and_passed_to_the_router() {
+    let mut dsd = v3();
+    dsd.spec.router.api_keys_secret = Some("deepseek-api-keys".into());
+    let d = desired(&dsd);
+    let pod = d.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap().join(" ");
+    assert!(
+        args.contains("--api-keys-file /etc/deepseek-router/api-keys"),
+        "{args}"
+    );
+    let mount = &container.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/etc/deepseek-router", Some(true))
+    );
+    let secret = pod.volumes.unwrap()[0].secret.clone().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("deepseek-api-keys"));
+    assert_eq!(secret.items.unwrap()[0].key, "api-keys");
+    // Without the field the router takes no keys and mounts nothing.
+    let plain = desired(&v3()).deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    assert!(plain.volumes.is_none());
+}
+
+#[test]
 fn the_router_discovers_this_deployments_workers_with_pool_weights() {
     let d = desired(&v3());
     let router = &d.deployments[0];
