@@ -8,25 +8,27 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use deepseek_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
 
-/// One `--backend pool=NAME,weight=W,addr=HOST:PORT` entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One `--backend pool=NAME,weight=W,addr=HOST:PORT[,gpu=PRODUCT]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BackendSpec {
     pub pool: String,
     /// Share of its pool's traffic under the `weighted` policy.
     pub weight: u32,
     pub addr: String,
+    /// GPU product (`NVIDIA-H100-80GB-HBM3`), when known; labels its metrics.
+    pub gpu: String,
 }
 
 impl std::str::FromStr for BackendSpec {
     type Err = String;
 
-    /// `addr` is required; `pool` defaults to "default" and `weight` to 1.
+    /// `addr` is required; `pool` defaults to "default", `weight` to 1, `gpu` to unknown.
     fn from_str(value: &str) -> Result<Self, String> {
-        let (mut pool, mut weight, mut addr) = (None, None, None);
+        let (mut pool, mut weight, mut addr, mut gpu) = (None, None, None, None);
         for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-            let (key, v) = field
-                .split_once('=')
-                .ok_or_else(|| format!("{field:?}: expected KEY=VALUE (pool, weight, addr)"))?;
+            let (key, v) = field.split_once('=').ok_or_else(|| {
+                format!("{field:?}: expected KEY=VALUE (pool, weight, addr, gpu)")
+            })?;
             match key {
                 "pool" => pool = Some(v.to_string()),
                 "weight" => {
@@ -36,7 +38,8 @@ impl std::str::FromStr for BackendSpec {
                         })?)
                 }
                 "addr" => addr = Some(v.to_string()),
-                other => return Err(format!("unknown key {other:?} (pool, weight, addr)")),
+                "gpu" => gpu = Some(v.to_string()),
+                other => return Err(format!("unknown key {other:?} (pool, weight, addr, gpu)")),
             }
         }
         let addr = addr.ok_or("addr=HOST:PORT is required")?;
@@ -47,6 +50,7 @@ impl std::str::FromStr for BackendSpec {
             pool: pool.unwrap_or_else(|| "default".into()),
             weight: weight.unwrap_or(1),
             addr,
+            gpu: gpu.unwrap_or_default(),
         })
     }
 }
@@ -152,11 +156,12 @@ mod tests {
     #[test]
     fn backend_flags_parse_with_defaults_and_name_what_is_wrong() {
         assert_eq!(
-            "pool=h100,weight=3,addr=10.0.0.1:50051".parse(),
+            "pool=h100,weight=3,addr=10.0.0.1:50051,gpu=NVIDIA-H100-80GB-HBM3".parse(),
             Ok(BackendSpec {
                 pool: "h100".into(),
                 weight: 3,
-                addr: "10.0.0.1:50051".into()
+                addr: "10.0.0.1:50051".into(),
+                gpu: "NVIDIA-H100-80GB-HBM3".into(),
             })
         );
         let spec: BackendSpec = "addr=w-0.w:50051".parse().unwrap();

@@ -1,8 +1,8 @@
 //! In a cluster, the worker ranks come from the EndpointSlices of the group Services (the
 //! operator's `--discover-namespace` and `--discover-selector`): each ready or starting
 //! endpoint's address on the `grpc` port is a backend, in the pool its Service's
-//! `serving.deepseek-operator.io/pool` label names (EndpointSlices carry their Service's
-//! labels). Whether a rank takes requests is left to the health checks.
+//! `serving.deepseek-operator.io/pool` label names, with the GPU product its `gpu-product`
+//! label names (EndpointSlices carry their Service's labels). Whether a rank takes requests is left to the health checks.
 
 use std::sync::Arc;
 
@@ -14,8 +14,9 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use crate::backend::BackendSpec;
 use crate::proxy::Router;
 
-/// The pool label the operator puts on group Services.
+/// The pool and GPU product labels the operator puts on group Services.
 pub const LABEL_POOL: &str = "serving.deepseek-operator.io/pool";
+pub const LABEL_GPU_PRODUCT: &str = "serving.deepseek-operator.io/gpu-product";
 /// The Service port the workers serve `deepseek.v1.Inference` on.
 pub const GRPC_PORT: &str = "grpc";
 
@@ -27,11 +28,8 @@ pub fn backends_from_slices<'a>(
     let mut backends: Vec<BackendSpec> = slices
         .into_iter()
         .flat_map(|slice| {
-            let pool = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_POOL));
+            let label = |key| slice.metadata.labels.as_ref().and_then(|l| l.get(key));
+            let (pool, gpu) = (label(LABEL_POOL), label(LABEL_GPU_PRODUCT));
             let port = slice.ports.iter().flatten().find_map(|p| {
                 (p.name.as_deref() == Some(GRPC_PORT))
                     .then_some(p.port)
@@ -52,6 +50,7 @@ pub fn backends_from_slices<'a>(
                 .flat_map(|e| &e.addresses)
                 .map(|address| BackendSpec {
                     pool: pool.clone(),
+                    gpu: gpu.cloned().unwrap_or_default(),
                     weight: 1,
                     addr: if address.contains(':') {
                         format!("[{address}]:{port}")
@@ -106,6 +105,7 @@ mod tests {
         let mut labels = json!({"kubernetes.io/service-name": "tiny-h100-g0"});
         if let Some(pool) = pool {
             labels[LABEL_POOL] = pool.into();
+            labels[LABEL_GPU_PRODUCT] = format!("gpu-of-{pool}").into();
         }
         serde_json::from_value(json!({
             "metadata": {"name": "s", "labels": labels},
@@ -137,6 +137,7 @@ mod tests {
             ),
         ];
         let backends = backends_from_slices(&slices);
+        assert_eq!(backends[0].gpu, "gpu-of-h100");
         let got: Vec<(&str, &str)> = backends
             .iter()
             .map(|b| (b.pool.as_str(), b.addr.as_str()))

@@ -83,9 +83,10 @@ impl Metrics {
             for b in backends {
                 let _ = writeln!(
                     out,
-                    "deepseek_router_{name}{{backend=\"{}\",pool=\"{}\"}} {}",
+                    "deepseek_router_{name}{{backend=\"{}\",pool=\"{}\",gpu=\"{}\"}} {}",
                     b.spec.addr,
                     b.spec.pool,
+                    b.spec.gpu,
                     value(b)
                 );
             }

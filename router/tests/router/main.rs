@@ -52,6 +52,7 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
                 pool: pool.to_string(),
                 weight: 1,
                 addr: addr.to_string(),
+                gpu: String::new(),
             })
             .collect(),
         discovery: None,
