@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deepseek_proto::deadline::grpc_timeout;
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, FinishReason, GenerateRequest, GenerateResponse,
@@ -35,6 +36,8 @@ pub struct Fake {
     pub name: String,
     pub calls: Arc<AtomicUsize>,
     mode: Mode,
+    /// The `grpc-timeout` of the last `Generate` call.
+    deadline: Arc<Mutex<Option<Duration>>>,
 }
 
 type Messages = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -43,8 +46,12 @@ type Messages = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Se
 impl Inference for Fake {
     type GenerateStream = Messages;
 
-    async fn generate(&self, _: Request<GenerateRequest>) -> Result<Response<Messages>, Status> {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Messages>, Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        *self.deadline.lock().unwrap() = grpc_timeout(request.metadata());
         let token = GenerateResponse {
             token_ids: vec![1],
             text: self.name.clone(),
@@ -111,6 +118,7 @@ impl Inference for Fake {
 pub struct FakeServer {
     pub addr: SocketAddr,
     pub calls: Arc<AtomicUsize>,
+    pub deadline: Arc<Mutex<Option<Duration>>>,
     kill: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -120,10 +128,12 @@ impl FakeServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
+        let deadline = Arc::new(Mutex::new(None));
         let fake = Fake {
             name: name.into(),
             calls: calls.clone(),
             mode,
+            deadline: deadline.clone(),
         };
         let (_, health) = tonic_health::server::health_reporter();
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
@@ -142,6 +152,7 @@ impl FakeServer {
         FakeServer {
             addr,
             calls,
+            deadline,
             kill: Some(kill),
             server,
         }
@@ -274,6 +285,31 @@ async fn a_stream_that_fails_after_its_first_token_is_not_retried() {
     let err = stream.message().await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(broken.calls.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_deadline_reaches_the_worker() {
+    let fake = FakeServer::start("a", Mode::Answer).await;
+    let router = start(config(Policy::LeastLoad, &[], &[("p", fake.addr)])).await;
+    let mut client = router.client().await;
+    let mut call = tonic::Request::new(request(vec![1], 1));
+    call.set_timeout(Duration::from_secs(5));
+    client.generate(call).await.unwrap();
+    let seen = fake
+        .deadline
+        .lock()
+        .unwrap()
+        .expect("a grpc-timeout header");
+    assert!(
+        seen <= Duration::from_secs(5) && seen > Duration::from_secs(4),
+        "{seen:?}"
+    );
+    client.generate(request(vec![1], 1)).await.unwrap();
+    assert_eq!(
+        *fake.deadline.lock().unwrap(),
+        None,
+        "no deadline, none invented"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
