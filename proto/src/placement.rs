@@ -90,6 +90,41 @@ impl PlacementPlan {
         }
     }
 
+    /// Balanced by measured load, as DeepSeek's EPLB does: for every layer in `loads`
+    /// (tokens routed to each expert), `redundant` extra copies go one at a time to the
+    /// expert with the most load per copy, then all copies (each carrying an equal share of
+    /// its expert's load) are packed heaviest first onto the least-loaded rank that has a
+    /// free slot and no copy of that expert yet. Every rank gets the same number of slots,
+    /// ⌈(experts + redundant) / group_size⌉. Layers without load data, and `default`, are
+    /// round-robin.
+    pub fn balanced(
+        group_size: u32,
+        routed_experts: u32,
+        redundant: u32,
+        loads: &BTreeMap<u32, Vec<u64>>,
+    ) -> Self {
+        let mut plan = Self::round_robin(group_size, routed_experts, redundant);
+        for (&layer, load) in loads {
+            if load.len() == routed_experts as usize && load.iter().any(|&l| l > 0) {
+                plan.layers
+                    .insert(layer, balance_layer(plan.group_size, load, redundant));
+            }
+        }
+        plan
+    }
+
+    /// The load each rank carries in one layer when expert `e` has `load[e]` tokens, split
+    /// evenly among its copies.
+    pub fn rank_loads(&self, layer: u32, load: &[u64]) -> Vec<f64> {
+        let mut per_rank = vec![0.0; self.group_size as usize];
+        for (ranks, &tokens) in self.layer(layer).iter().zip(load) {
+            for &rank in ranks {
+                per_rank[rank as usize] += tokens as f64 / ranks.len() as f64;
+            }
+        }
+        per_rank
+    }
+
     pub fn from_json(text: &str) -> Result<Self, String> {
         let plan: PlacementPlan = serde_json::from_str(text).map_err(|e| e.to_string())?;
         plan.validate().map_err(|e| e.to_string())?;
@@ -155,6 +190,48 @@ impl PlacementPlan {
     }
 }
 
+/// One layer of [`PlacementPlan::balanced`].
+fn balance_layer(group_size: u32, load: &[u64], redundant: u32) -> ExpertRanks {
+    let ranks = group_size as usize;
+    let mut copies = vec![1usize; load.len()];
+    for _ in 0..redundant {
+        // The expert whose copies carry the most, among those not yet on every rank.
+        let hottest = (0..load.len())
+            .filter(|&e| copies[e] < ranks)
+            .max_by(|&a, &b| {
+                let per_copy = |e: usize| load[e] as f64 / copies[e] as f64;
+                per_copy(a).total_cmp(&per_copy(b)).then(b.cmp(&a))
+            });
+        match hottest {
+            Some(e) => copies[e] += 1,
+            None => break,
+        }
+    }
+    let slots = copies.iter().sum::<usize>().div_ceil(ranks);
+    let mut items: Vec<(f64, usize)> = (0..load.len())
+        .flat_map(|e| std::iter::repeat_n((load[e] as f64 / copies[e] as f64, e), copies[e]))
+        .collect();
+    // Heaviest first; equal weights in expert order, so the plan is deterministic.
+    items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut rank_load = vec![0.0f64; ranks];
+    let mut rank_slots = vec![0usize; ranks];
+    let mut placement: ExpertRanks = vec![Vec::new(); load.len()];
+    for (weight, e) in items {
+        let free = |r: &usize| !placement[e].contains(&(*r as u32));
+        let least = |candidates: &mut dyn Iterator<Item = usize>| {
+            candidates.min_by(|&a, &b| rank_load[a].total_cmp(&rank_load[b]).then(a.cmp(&b)))
+        };
+        let rank = least(&mut (0..ranks).filter(|r| rank_slots[*r] < slots && free(r)))
+            // Every rank with a free slot already holds this expert: exceed a slot instead.
+            .or_else(|| least(&mut (0..ranks).filter(free)))
+            .expect("an expert has at most group_size copies");
+        rank_load[rank] += weight;
+        rank_slots[rank] += 1;
+        placement[e].push(rank as u32);
+    }
+    placement
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +265,44 @@ mod tests {
         let plan = PlacementPlan::round_robin(1, 4, 2);
         plan.validate().unwrap();
         assert!(plan.default.iter().all(|ranks| ranks == &[0]));
+    }
+
+    /// max / mean of the ranks' loads in one layer.
+    fn imbalance(plan: &PlacementPlan, layer: u32, load: &[u64]) -> f64 {
+        let per_rank = plan.rank_loads(layer, load);
+        let mean = per_rank.iter().sum::<f64>() / per_rank.len() as f64;
+        per_rank.iter().copied().fold(0.0, f64::max) / mean
+    }
+
+    #[test]
+    fn a_skewed_load_is_balanced_by_replicating_the_hottest_experts() {
+        // Zipf-like: expert e gets 1/(e+1) of the hottest expert's tokens, in a shuffled order.
+        let load: Vec<u64> = (0..64u64).map(|e| 1_000_000 / ((e * 37) % 64 + 1)).collect();
+        let loads = BTreeMap::from([(3, load.clone())]);
+        let plan = PlacementPlan::balanced(8, 64, 8, &loads);
+        plan.validate().unwrap();
+        let round_robin = PlacementPlan::round_robin(8, 64, 8);
+        let (before, after) = (imbalance(&round_robin, 3, &load), imbalance(&plan, 3, &load));
+        assert!(before > 1.5, "round-robin is skewed here: {before}");
+        assert!(after < 1.1, "balanced: {after}");
+        // The hottest expert got copies; every rank has the same number of slots.
+        let hottest = (0..64).max_by_key(|&e| load[e]).unwrap();
+        assert!(plan.layer(3)[hottest].len() > 1);
+        assert!((0..8).all(|r| plan.experts_on_rank(3, r).len() == 9));
+        // Layers without data keep round-robin.
+        assert_eq!(plan.layer(4), &round_robin.default);
+    }
+
+    #[test]
+    fn a_uniform_load_needs_no_copies_to_balance() {
+        let loads = BTreeMap::from([(1, vec![100; 16])]);
+        let plan = PlacementPlan::balanced(4, 16, 0, &loads);
+        plan.validate().unwrap();
+        assert_eq!(plan.rank_loads(1, &loads[&1]), [400.0; 4]);
+        // Too many copies asked for: never two on one rank.
+        let plan = PlacementPlan::balanced(2, 2, 10, &BTreeMap::from([(0, vec![5, 1])]));
+        plan.validate().unwrap();
+        assert!(plan.layer(0).iter().all(|ranks| ranks.len() <= 2));
     }
 
     #[test]
