@@ -277,12 +277,17 @@ mod tests {
     #[test]
     fn a_skewed_load_is_balanced_by_replicating_the_hottest_experts() {
         // Zipf-like: expert e gets 1/(e+1) of the hottest expert's tokens, in a shuffled order.
-        let load: Vec<u64> = (0..64u64).map(|e| 1_000_000 / ((e * 37) % 64 + 1)).collect();
+        let load: Vec<u64> = (0..64u64)
+            .map(|e| 1_000_000 / ((e * 37) % 64 + 1))
+            .collect();
         let loads = BTreeMap::from([(3, load.clone())]);
         let plan = PlacementPlan::balanced(8, 64, 8, &loads);
         plan.validate().unwrap();
         let round_robin = PlacementPlan::round_robin(8, 64, 8);
-        let (before, after) = (imbalance(&round_robin, 3, &load), imbalance(&plan, 3, &load));
+        let (before, after) = (
+            imbalance(&round_robin, 3, &load),
+            imbalance(&plan, 3, &load),
+        );
         assert!(before > 1.5, "round-robin is skewed here: {before}");
         assert!(after < 1.1, "balanced: {after}");
         // The hottest expert got copies; every rank has the same number of slots.

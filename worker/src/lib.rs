@@ -2,6 +2,7 @@
 //! rank's place in its expert-parallel group.
 
 pub mod config;
+pub mod ep;
 pub mod generate;
 pub mod metrics;
 pub mod model;

@@ -88,12 +88,23 @@ impl Model {
     /// Opens a checkpoint directory (`config.json` and safetensors) and loads the whole
     /// model, with a progress line on a terminal for large checkpoints.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_experts(dir, |cfg, ckpt| {
+            Ok(Box::new(LocalExperts::load(cfg, ckpt)?))
+        })
+    }
+
+    /// Like `open`, with the routed experts `experts` loads (an expert-parallel rank's).
+    pub fn open_with_experts(
+        dir: &Path,
+        experts: impl FnOnce(&Config, &Checkpoint) -> Result<Box<dyn RoutedExperts>>,
+    ) -> Result<Self> {
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
         let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
         let total = ckpt.bytes_of(tensors_read(&cfg, &ckpt));
         let ckpt = ckpt.with_progress(total);
-        Self::load(cfg, &ckpt)
+        let experts = experts(&cfg, &ckpt)?;
+        Self::load_with_experts(cfg, &ckpt, experts)
     }
 
     /// Loads every layer with all routed experts in this process. Multi-token-prediction

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use candle_core::{Device, Tensor};
 
 use super::kernels;
@@ -26,14 +26,24 @@ pub trait RoutedExperts: Send + Sync {
     -> Result<Tensor>;
 }
 
-/// Every routed expert of every MoE layer, in this process.
+/// The routed experts this process holds: all of them, or an expert-parallel rank's share.
 pub struct LocalExperts {
-    /// `layers[layer]` is empty for dense layers.
-    layers: Vec<Vec<Mlp>>,
+    /// `layers[layer][e]`; empty for dense layers, None for experts held elsewhere.
+    layers: Vec<Vec<Option<Mlp>>>,
 }
 
 impl LocalExperts {
+    /// Every routed expert.
     pub fn load(cfg: &Config, ckpt: &Checkpoint) -> Result<Self> {
+        Self::load_owned(cfg, ckpt, |_, _| true)
+    }
+
+    /// The experts `owns(layer, expert)` selects; the others are never read.
+    pub fn load_owned(
+        cfg: &Config,
+        ckpt: &Checkpoint,
+        owns: impl Fn(usize, usize) -> bool,
+    ) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|layer| {
                 if !cfg.is_moe_layer(layer) {
@@ -41,6 +51,9 @@ impl LocalExperts {
                 }
                 (0..cfg.moe.n_routed_experts)
                     .map(|e| {
+                        if !owns(layer, e) {
+                            return Ok(None);
+                        }
                         let prefix = format!("model.layers.{layer}.mlp.experts.{e}");
                         Mlp::load(
                             ckpt,
@@ -48,11 +61,19 @@ impl LocalExperts {
                             cfg.hidden_size,
                             cfg.moe.moe_intermediate_size,
                         )
+                        .map(Some)
                     })
                     .collect()
             })
             .collect::<Result<_>>()?;
         Ok(LocalExperts { layers })
+    }
+
+    fn expert(&self, layer: usize, e: usize) -> Result<&Mlp> {
+        self.layers[layer]
+            .get(e)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| anyhow!("layer {layer}: expert {e} is not held by this rank"))
     }
 }
 
@@ -66,7 +87,7 @@ impl RoutedExperts for LocalExperts {
     ) -> Result<Tensor> {
         let experts = &self.layers[layer];
         let (tokens, hidden) = x.dims2()?;
-        let bf16 = experts.iter().all(Mlp::is_bf16);
+        let bf16 = experts.iter().flatten().all(Mlp::is_bf16);
         if per_row && tokens > 1 && !bf16 {
             let rows = (0..tokens)
                 .map(|t| {
@@ -104,7 +125,7 @@ impl RoutedExperts for LocalExperts {
                 .filter(|(_, xs)| !xs.is_empty())
             {
                 item_of[e] = items.len();
-                items.push((&experts[e], xs));
+                items.push((self.expert(layer, e)?, xs));
             }
             let outputs = mlps_bf16(&items);
             let mut out = vec![0f32; tokens * hidden];
@@ -123,7 +144,7 @@ impl RoutedExperts for LocalExperts {
             return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);
         }
         let mut out = x.zeros_like()?;
-        for (e, expert) in experts.iter().enumerate() {
+        for e in 0..experts.len() {
             // tokens routed to expert e, with their gate weights
             let (tokens, weights): (Vec<u32>, Vec<f32>) = routing
                 .experts
@@ -141,7 +162,9 @@ impl RoutedExperts for LocalExperts {
             }
             let n = tokens.len();
             let index = Tensor::from_vec(tokens, n, &Device::Cpu)?;
-            let y = expert.forward(&x.index_select(&index, 0)?)?;
+            let y = self
+                .expert(layer, e)?
+                .forward(&x.index_select(&index, 0)?)?;
             let y = y.broadcast_mul(&Tensor::from_vec(weights, (n, 1), &Device::Cpu)?)?;
             out = out.index_add(&index, &y, 0)?;
         }

@@ -19,7 +19,7 @@ struct Reference {
     step_logits: Vec<Vec<f32>>,
 }
 
-fn fixture(name: &str) -> PathBuf {
+pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name)
@@ -34,12 +34,12 @@ fn load(name: &str) -> (Model, Reference) {
     (model, reference)
 }
 
-fn rows(logits: &Tensor) -> Vec<Vec<f32>> {
+pub fn rows(logits: &Tensor) -> Vec<Vec<f32>> {
     logits.to_vec2().unwrap()
 }
 
 /// Largest absolute difference between two logit matrices.
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
@@ -50,7 +50,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn argmax(row: &[f32]) -> u32 {
+pub fn argmax(row: &[f32]) -> u32 {
     (0..row.len())
         .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
         .unwrap() as u32
