@@ -12,9 +12,12 @@
 //! with an empty batch if it has no tokens, so the ranks of a group step in lockstep.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
@@ -91,6 +94,231 @@ impl Transport for ChannelTransport {
         from.iter()
             .map(|r| r.recv().context("a rank of the group has gone"))
             .collect()
+    }
+}
+
+/// What ranks check before forming a group: the same model and plan (a hash of both).
+pub fn group_identity(config_json: &[u8], plan: &PlacementPlan, wire: Wire) -> u64 {
+    let plan = serde_json::to_vec(plan).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in config_json
+        .iter()
+        .chain(&[0xff])
+        .chain(&plan)
+        .chain(&[wire as u8])
+    {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const HELLO_MAGIC: &[u8; 4] = b"DSEP";
+const HELLO_VERSION: u32 = 1;
+
+/// Ranks in different processes: a full mesh of TCP connections, one length-prefixed frame
+/// per message. Each peer has a writer thread, so a rank never blocks sending while its
+/// peer blocks sending to it; reads wait at most `stall_timeout`.
+pub struct TcpTransport {
+    rank: usize,
+    size: usize,
+    /// `writers[d]` queues frames for rank `d` (None for this rank).
+    writers: Vec<Option<Sender<Vec<u8>>>>,
+    /// `readers[s]` reads frames from rank `s` (None for this rank).
+    readers: Mutex<Vec<Option<TcpStream>>>,
+}
+
+impl TcpTransport {
+    /// Joins the group: listens on `peers[rank]`, dials every lower rank (retrying until
+    /// `connect_timeout`) and accepts every higher one. Each connection opens with a hello
+    /// (rank, group size, identity); a peer with another model or plan is refused.
+    pub fn connect(
+        rank: usize,
+        peers: &[String],
+        identity: u64,
+        connect_timeout: Duration,
+        stall_timeout: Duration,
+    ) -> Result<Self> {
+        let size = peers.len();
+        if rank >= size {
+            bail!("rank {rank} is not in a group of {size}");
+        }
+        let listener = TcpListener::bind(&peers[rank])
+            .with_context(|| format!("listening for peers on {}", peers[rank]))?;
+        let deadline = Instant::now() + connect_timeout;
+        let hello = |stream: &mut TcpStream| -> Result<()> {
+            let mut frame = HELLO_MAGIC.to_vec();
+            for v in [HELLO_VERSION, rank as u32, size as u32] {
+                put_u32(&mut frame, v);
+            }
+            frame.extend_from_slice(&identity.to_le_bytes());
+            write_frame(stream, &frame)?;
+            Ok(())
+        };
+        let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
+        for (peer, addr) in peers.iter().enumerate().take(rank) {
+            let mut stream = loop {
+                match TcpStream::connect(addr) {
+                    Ok(stream) => break stream,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(err) => bail!("rank {peer} at {addr} did not answer: {err}"),
+                }
+            };
+            stream.set_nodelay(true)?;
+            hello(&mut stream)?;
+            check_hello(&mut stream, Some(peer), size, identity, connect_timeout)?;
+            streams[peer] = Some(stream);
+        }
+        listener.set_nonblocking(true)?;
+        while streams[rank + 1..].iter().any(Option::is_none) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    stream.set_nodelay(true)?;
+                    let peer = check_hello(&mut stream, None, size, identity, connect_timeout)?;
+                    if peer <= rank || streams[peer].is_some() {
+                        bail!("rank {peer} connected twice or out of turn");
+                    }
+                    hello(&mut stream)?;
+                    streams[peer] = Some(stream);
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let missing: Vec<usize> =
+                            (rank + 1..size).filter(|&p| streams[p].is_none()).collect();
+                        bail!("ranks {missing:?} did not join within {connect_timeout:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let mut writers = Vec::with_capacity(size);
+        let mut readers = Vec::with_capacity(size);
+        for stream in streams {
+            let Some(stream) = stream else {
+                writers.push(None);
+                readers.push(None);
+                continue;
+            };
+            stream.set_read_timeout(Some(stall_timeout))?;
+            let mut writer = stream.try_clone()?;
+            let (tx, rx) = channel::<Vec<u8>>();
+            std::thread::Builder::new()
+                .name("ep-writer".into())
+                .spawn(move || {
+                    while let Ok(frame) = rx.recv() {
+                        if write_frame(&mut writer, &frame).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+            writers.push(Some(tx));
+            readers.push(Some(stream));
+        }
+        Ok(TcpTransport {
+            rank,
+            size,
+            writers,
+            readers: Mutex::new(readers),
+        })
+    }
+}
+
+/// Reads a peer's hello and checks it against this group; returns the peer's rank.
+fn check_hello(
+    stream: &mut TcpStream,
+    expected: Option<usize>,
+    size: usize,
+    identity: u64,
+    timeout: Duration,
+) -> Result<usize> {
+    stream.set_read_timeout(Some(timeout))?;
+    let frame = read_frame(stream).context("reading a peer's hello")?;
+    let mut bytes = frame.as_slice();
+    if bytes.len() != 24 || &bytes[..4] != HELLO_MAGIC {
+        bail!("a peer spoke something other than the expert-parallel protocol");
+    }
+    bytes = &bytes[4..];
+    let (version, peer, peer_size) = (
+        get_u32(&mut bytes)?,
+        get_u32(&mut bytes)?,
+        get_u32(&mut bytes)?,
+    );
+    let peer_identity = u64::from_le_bytes(bytes.try_into().expect("8 bytes left"));
+    let peer = peer as usize;
+    if version != HELLO_VERSION {
+        bail!("rank {peer} speaks protocol version {version}, this rank {HELLO_VERSION}");
+    }
+    if peer_size as usize != size || expected.is_some_and(|e| e != peer) || peer >= size {
+        bail!(
+            "rank {peer} of a group of {peer_size} answered where rank {expected:?} of {size} was expected"
+        );
+    }
+    if peer_identity != identity {
+        bail!(
+            "rank {peer} serves a different model or placement plan (identity {peer_identity:016x}, \
+             this rank {identity:016x}); every rank of a group needs the same checkpoint and plan"
+        );
+    }
+    Ok(peer)
+}
+
+fn write_frame(stream: &mut impl Write, frame: &[u8]) -> std::io::Result<()> {
+    stream.write_all(&(frame.len() as u64).to_le_bytes())?;
+    stream.write_all(frame)
+}
+
+fn read_frame(stream: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    // A frame is one layer's tokens for this rank; anything near this is corruption.
+    if len > 1 << 34 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a {len}-byte frame"),
+        ));
+    }
+    let mut frame = vec![0u8; len as usize];
+    stream.read_exact(&mut frame)?;
+    Ok(frame)
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_to_all(&self, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        if outgoing.len() != self.size {
+            bail!("all_to_all needs one message per rank");
+        }
+        let mut own = Vec::new();
+        for (d, message) in outgoing.into_iter().enumerate() {
+            match &self.writers[d] {
+                Some(writer) => writer
+                    .send(message)
+                    .map_err(|_| anyhow::anyhow!("the connection to rank {d} is closed"))?,
+                None => own = message,
+            }
+        }
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut incoming = Vec::with_capacity(self.size);
+        for (s, reader) in readers.iter_mut().enumerate() {
+            incoming.push(match reader {
+                Some(stream) => {
+                    read_frame(stream).with_context(|| format!("rank {s} stalled or went away"))?
+                }
+                None => std::mem::take(&mut own),
+            });
+        }
+        Ok(incoming)
     }
 }
 
@@ -360,6 +588,71 @@ mod tests {
             assert_eq!(routing.weights, [vec![0.25, 0.75]]);
             assert!(decode_dispatch(wire, &bytes[..bytes.len() - 1], 3).is_err());
         }
+    }
+
+    fn free_addrs(n: usize) -> Vec<String> {
+        let listeners: Vec<_> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn tcp_ranks_form_a_mesh_and_exchange_all_to_all() {
+        let peers = free_addrs(3);
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    let t = TcpTransport::connect(
+                        rank,
+                        &peers,
+                        7,
+                        Duration::from_secs(10),
+                        Duration::from_secs(10),
+                    )
+                    .unwrap();
+                    let me = rank as u8;
+                    // Two rounds, one large, so writes overlap reads.
+                    let big: Vec<Vec<u8>> = (0..3).map(|d| vec![me ^ d; 3 << 20]).collect();
+                    let got = t.all_to_all(big).unwrap();
+                    assert!(
+                        got.iter()
+                            .enumerate()
+                            .all(|(s, m)| m.len() == 3 << 20 && m[0] == s as u8 ^ me)
+                    );
+                    t.all_to_all((0..3).map(|d| vec![me, d]).collect()).unwrap()
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            let got = h.join().unwrap();
+            assert_eq!(got, (0..3).map(|s| vec![s, rank as u8]).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn ranks_with_another_model_or_plan_refuse_to_form_a_group() {
+        let peers = free_addrs(2);
+        let other = peers.clone();
+        let short = Duration::from_secs(5);
+        let rank1 =
+            std::thread::spawn(move || TcpTransport::connect(1, &other, 2, short, short).err());
+        let rank0 = TcpTransport::connect(0, &peers, 1, short, short).err();
+        let errors: Vec<String> = [rank0, rank1.join().unwrap()]
+            .into_iter()
+            .flatten()
+            .map(|e| format!("{e:#}"))
+            .collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("different model or placement plan")),
+            "{errors:?}"
+        );
     }
 
     #[test]
