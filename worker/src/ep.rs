@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +25,19 @@ use deepseek_proto::placement::PlacementPlan;
 
 use crate::model::Model;
 use crate::model::moe::{LocalExperts, RoutedExperts, Routing};
+
+/// The group could not exchange: a peer went away, stalled, or sent garbage. Every request
+/// on the group fails with it (UNAVAILABLE), unlike a failure of one request's step.
+#[derive(Debug, thiserror::Error)]
+#[error("expert-parallel group: {0}")]
+pub struct GroupError(pub String);
+
+impl GroupError {
+    /// Whether `err` (or what caused it) is a group failure.
+    pub fn is_in(err: &anyhow::Error) -> bool {
+        err.chain().any(|e| e.is::<GroupError>())
+    }
+}
 
 /// All-to-all among the ranks of a group.
 pub trait Transport: Send + Sync {
@@ -87,13 +100,15 @@ impl Transport for ChannelTransport {
         if outgoing.len() != self.size() {
             bail!("all_to_all needs one message per rank");
         }
+        let gone = |_| GroupError("a rank of the group has gone".into());
         for (to, message) in self.to.iter().zip(outgoing) {
-            to.send(message).context("a rank of the group has gone")?;
+            to.send(message).map_err(|_| gone(()))?;
         }
         let from = self.from.lock().unwrap_or_else(|p| p.into_inner());
-        from.iter()
-            .map(|r| r.recv().context("a rank of the group has gone"))
-            .collect()
+        Ok(from
+            .iter()
+            .map(|r| r.recv().map_err(|_| gone(())))
+            .collect::<Result<_, _>>()?)
     }
 }
 
@@ -142,8 +157,14 @@ impl TcpTransport {
         if rank >= size {
             bail!("rank {rank} is not in a group of {size}");
         }
-        let listener = TcpListener::bind(&peers[rank])
-            .with_context(|| format!("listening for peers on {}", peers[rank]))?;
+        // Every interface, on this rank's port: its entry may be a name (a pod's DNS name)
+        // that resolves to an address the process cannot bind by name.
+        let port = peers[rank]
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .with_context(|| format!("peer address {:?} has no port", peers[rank]))?;
+        let listener = TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("listening for peers on port {port}"))?;
         let deadline = Instant::now() + connect_timeout;
         let hello = |stream: &mut TcpStream| -> Result<()> {
             let mut frame = HELLO_MAGIC.to_vec();
@@ -304,7 +325,7 @@ impl Transport for TcpTransport {
             match &self.writers[d] {
                 Some(writer) => writer
                     .send(message)
-                    .map_err(|_| anyhow::anyhow!("the connection to rank {d} is closed"))?,
+                    .map_err(|_| GroupError(format!("the connection to rank {d} is closed")))?,
                 None => own = message,
             }
         }
@@ -323,7 +344,7 @@ impl Transport for TcpTransport {
 }
 
 /// How activations cross the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Wire {
     /// Exact: an expert-parallel group computes what one process would, up to the order of
     /// summation.
@@ -430,7 +451,7 @@ fn decode_dispatch(wire: Wire, mut bytes: &[u8], hidden: usize) -> Result<(Vec<f
 pub struct ExpertParallel {
     local: LocalExperts,
     plan: PlacementPlan,
-    transport: Box<dyn Transport>,
+    transport: Arc<dyn Transport>,
     wire: Wire,
     hidden: usize,
 }
@@ -439,7 +460,7 @@ impl ExpertParallel {
     pub fn new(
         local: LocalExperts,
         plan: PlacementPlan,
-        transport: Box<dyn Transport>,
+        transport: Arc<dyn Transport>,
         wire: Wire,
         hidden: usize,
     ) -> Self {
@@ -532,15 +553,18 @@ impl RoutedExperts for ExpertParallel {
 }
 
 /// Loads one rank of an expert-parallel group from a checkpoint directory: the replicated
-/// parts, and the routed experts `plan` gives rank `transport.rank()`; no other expert is
-/// read from disk.
+/// parts and the routed experts `plan` gives rank `rank`; no other expert is read from disk.
+/// `join` is called once the weights are in memory (ranks load at their own pace and meet
+/// only when ready) and returns the group's transport, which the model keeps.
 pub fn open_rank(
     dir: &Path,
     plan: PlacementPlan,
-    transport: Box<dyn Transport>,
+    rank: usize,
     wire: Wire,
-) -> Result<Model> {
-    Model::open_with_experts(dir, |cfg, ckpt| {
+    join: impl FnOnce() -> Result<Arc<dyn Transport>>,
+) -> Result<(Model, Arc<dyn Transport>)> {
+    let mut joined = None;
+    let model = Model::open_with_experts(dir, |cfg, ckpt| {
         if plan.routed_experts as usize != cfg.moe.n_routed_experts {
             bail!(
                 "the placement plan has {} routed experts, the model {}",
@@ -548,22 +572,25 @@ pub fn open_rank(
                 cfg.moe.n_routed_experts
             );
         }
-        if plan.group_size as usize != transport.size() {
+        let local = LocalExperts::load_owned(cfg, ckpt, |layer, e| {
+            plan.layer(layer as u32)[e].contains(&(rank as u32))
+        })?;
+        let transport = join()?;
+        if plan.group_size as usize != transport.size() || transport.rank() != rank {
             bail!(
-                "the placement plan is for {} ranks, the group has {}",
+                "the placement plan is for {} ranks, the group has {} (this is rank {})",
                 plan.group_size,
-                transport.size()
+                transport.size(),
+                transport.rank()
             );
         }
-        let rank = transport.rank() as u32;
-        let local = LocalExperts::load_owned(cfg, ckpt, |layer, e| {
-            plan.layer(layer as u32)[e].contains(&rank)
-        })?;
+        joined = Some(transport.clone());
         let hidden = cfg.hidden_size;
         Ok(Box::new(ExpertParallel::new(
             local, plan, transport, wire, hidden,
         )))
-    })
+    })?;
+    Ok((model, joined.expect("the experts were loaded")))
 }
 
 #[cfg(test)]

@@ -4,10 +4,11 @@
 //! (`deepseek.v1.Inference`, health, reflection).
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use deepseek_proto::placement::PlacementPlan;
 use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::model::Model;
@@ -15,7 +16,7 @@ use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
 use deepseek_worker::scheduler::SchedulerConfig;
-use deepseek_worker::server::{self, ServeConfig};
+use deepseek_worker::server::{self, GroupConfig, ServeConfig};
 use deepseek_worker::tokenizer::Tokenizer;
 use serde_json::json;
 
@@ -152,11 +153,11 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         )
         .init();
     let ranks = args.resolve()?;
-    if ranks.group_size > 1 {
+    if ranks.count > 1 {
         bail!(
-            "--group-size {}: expert parallelism across ranks is not implemented yet; this build \
-             serves a whole model per process (--group-size 1)",
-            ranks.group_size
+            "--ranks-per-pod {}: several ranks in one process (one per local GPU) come with the \
+             GPU path; on CPU run one process per rank (--ranks-per-pod 1)",
+            ranks.count
         );
     }
     let model_dir = args
@@ -186,6 +187,20 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         rank: ranks.first,
         group_size: ranks.group_size,
         pool: args.pool.clone(),
+        group: if ranks.group_size > 1 {
+            let experts = config.moe.n_routed_experts as u32;
+            Some(GroupConfig {
+                peers: args.peers.clone(),
+                plan: args
+                    .read_plan(ranks.group_size)?
+                    .unwrap_or_else(|| PlacementPlan::round_robin(ranks.group_size, experts, 0)),
+                wire: args.ep_wire,
+                connect_timeout: Duration::from_secs(args.ep_connect_timeout_seconds),
+                stall_timeout: Duration::from_secs(args.ep_stall_timeout_seconds),
+            })
+        } else {
+            None
+        },
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;

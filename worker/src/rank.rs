@@ -64,6 +64,15 @@ pub struct ServeArgs {
     /// Placement plan (JSON); round-robin when absent.
     #[arg(long, env = "DSD_PLACEMENT")]
     pub placement: Option<PathBuf>,
+    /// Activations between expert-parallel ranks: bf16 (half the bytes) or f32 (exact).
+    #[arg(long, env = "DSD_EP_WIRE", value_enum, default_value = "bf16")]
+    pub ep_wire: crate::ep::Wire,
+    /// Seconds to wait for the other ranks of the group to load and connect.
+    #[arg(long, env = "DSD_EP_CONNECT_TIMEOUT_SECONDS", default_value_t = 600)]
+    pub ep_connect_timeout_seconds: u64,
+    /// Seconds a peer may be silent mid-step before the group counts as failed.
+    #[arg(long, env = "DSD_EP_STALL_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub ep_stall_timeout_seconds: u64,
 }
 
 /// The ranks this process runs and the group around them.
@@ -79,21 +88,27 @@ pub struct LocalRanks {
 impl ServeArgs {
     pub fn resolve(&self) -> anyhow::Result<LocalRanks> {
         let ranks = resolve_ranks(self)?;
-        if let Some(path) = &self.placement {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--placement {}", path.display()))?;
-            let plan = PlacementPlan::from_json(&text)
-                .map_err(|e| anyhow::anyhow!("--placement {}: {e}", path.display()))?;
-            if plan.group_size != ranks.group_size {
-                bail!(
-                    "--placement {}: plan is for groupSize {}, but --group-size is {}",
-                    path.display(),
-                    plan.group_size,
-                    ranks.group_size
-                );
-            }
-        }
+        self.read_plan(ranks.group_size)?;
         Ok(ranks)
+    }
+
+    /// The plan from `--placement`, checked against the group size; None without the flag.
+    pub fn read_plan(&self, group_size: u32) -> anyhow::Result<Option<PlacementPlan>> {
+        let Some(path) = &self.placement else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--placement {}", path.display()))?;
+        let plan = PlacementPlan::from_json(&text)
+            .map_err(|e| anyhow::anyhow!("--placement {}: {e}", path.display()))?;
+        if plan.group_size != group_size {
+            bail!(
+                "--placement {}: plan is for groupSize {}, but --group-size is {group_size}",
+                path.display(),
+                plan.group_size,
+            );
+        }
+        Ok(Some(plan))
     }
 }
 

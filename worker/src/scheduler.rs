@@ -20,18 +20,24 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use deepseek_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, Usage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::ep::{GroupError, Transport};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::{BlockTable, KvPool, blocks_for};
 use crate::sampling::Sampler;
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
+
+/// How often an idle rank of an expert-parallel group checks in with its peers.
+const GROUP_IDLE_POLL: Duration = Duration::from_millis(2);
+/// How long a rank whose group failed waits before stepping again.
+const GROUP_FAILURE_PAUSE: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -84,12 +90,14 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler thread; it runs until every handle is dropped.
+    /// Starts the scheduler thread; it runs until every handle is dropped. With `group`
+    /// (an expert-parallel rank), every step is taken in lockstep with the other ranks.
     pub fn start(
         model: Arc<Model>,
         tokenizer: Option<Arc<Tokenizer>>,
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
+        group: Option<Arc<dyn Transport>>,
     ) -> Self {
         let (submit, inbox) = mpsc::unbounded_channel();
         let load = Arc::new(Load::default());
@@ -106,6 +114,7 @@ impl Scheduler {
             inbox,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            group,
         };
         std::thread::Builder::new()
             .name("scheduler".into())
@@ -213,6 +222,8 @@ struct Engine {
     waiting: VecDeque<Sequence>,
     /// In arrival order, so the newest is last (the one preempted first).
     running: Vec<Sequence>,
+    /// The expert-parallel group this rank steps with, if any.
+    group: Option<Arc<dyn Transport>>,
 }
 
 enum Outcome {
@@ -225,9 +236,16 @@ impl Engine {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
-                match self.inbox.blocking_recv() {
-                    Some(submission) => self.waiting.push_back(Sequence::new(submission)),
-                    None => return,
+                if self.group.is_none() {
+                    match self.inbox.blocking_recv() {
+                        Some(submission) => self.waiting.push_back(Sequence::new(submission)),
+                        None => return,
+                    }
+                } else if self.inbox.is_closed() && self.inbox.is_empty() {
+                    return;
+                } else {
+                    // Peers may have work: this rank keeps stepping (empty) with them.
+                    std::thread::sleep(GROUP_IDLE_POLL);
                 }
             }
             while let Ok(submission) = self.inbox.try_recv() {
@@ -330,9 +348,74 @@ impl Engine {
                 i += 1;
             }
         }
-        let decoded = self.decode_together();
-        self.prefill_chunks(self.config.max_batch_tokens.saturating_sub(decoded));
+        self.reserve_decode_blocks();
+        let decodes = self
+            .running
+            .iter()
+            .filter(|s| s.next_decode_token().is_some())
+            .count();
+        let chunks = self.plan_chunks(self.config.max_batch_tokens.saturating_sub(decodes));
+        let passes = usize::from(decodes > 0) + chunks.len();
+        let passes = match self.agree_on_passes(passes) {
+            Ok(passes) => passes,
+            Err(err) => {
+                self.group_failed(&err);
+                return generated;
+            }
+        };
+        if let Err(err) = self.run_passes(&chunks, passes) {
+            self.group_failed(&err);
+        }
         generated
+    }
+
+    /// The decode pass, the prompt chunks, then idle passes up to `passes`. Errs only when
+    /// the expert-parallel group failed.
+    fn run_passes(&mut self, chunks: &[usize], passes: usize) -> anyhow::Result<()> {
+        let mut done = usize::from(self.decode_together()?);
+        // Highest index first, so a failed chunk's removal moves none still to run.
+        for &i in chunks.iter().rev() {
+            done += usize::from(self.prefill_chunk(i)?);
+        }
+        for _ in done..passes {
+            self.model.forward_idle()?;
+        }
+        Ok(())
+    }
+
+    /// The passes (forward calls) this step runs: this rank's own, or in an expert-parallel
+    /// group the most any rank needs, since every rank takes part in every pass's exchanges.
+    fn agree_on_passes(&self, mine: usize) -> anyhow::Result<usize> {
+        let Some(group) = &self.group else {
+            return Ok(mine);
+        };
+        let counts = group.all_to_all(vec![(mine as u32).to_le_bytes().to_vec(); group.size()])?;
+        counts.iter().try_fold(mine, |most, count| {
+            let count: [u8; 4] = count
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("a malformed pass count from a peer"))?;
+            Ok(most.max(u32::from_le_bytes(count) as usize))
+        })
+    }
+
+    /// A peer of the group failed: every open request ends UNAVAILABLE, and the rank waits a
+    /// moment before stepping again, so it does not spin while the group is down.
+    fn group_failed(&mut self, err: &anyhow::Error) {
+        tracing::error!(
+            error = format!("{err:#}"),
+            "the expert-parallel group failed"
+        );
+        let unavailable = || {
+            Status::unavailable("an expert-parallel peer of this worker failed; retry elsewhere")
+        };
+        for s in self.waiting.drain(..) {
+            let _ = s.respond.send(Err(unavailable()));
+        }
+        while !self.running.is_empty() {
+            self.finish(0, Outcome::Failed(unavailable()));
+        }
+        std::thread::sleep(GROUP_FAILURE_PAUSE);
     }
 
     /// Gives every sequence with a token to decode the block it needs, preempting the newest
@@ -363,15 +446,14 @@ impl Engine {
         self.waiting.push_front(seq);
     }
 
-    /// Runs every sequence's next known token through the model in one batched step;
-    /// returns the rows run.
-    fn decode_together(&mut self) -> usize {
-        self.reserve_decode_blocks();
+    /// Runs every sequence's next known token through the model in one batched pass;
+    /// true when the pass ran, an error when the expert-parallel group failed.
+    fn decode_together(&mut self) -> anyhow::Result<bool> {
         let rows: Vec<usize> = (0..self.running.len())
             .filter(|&i| self.running[i].next_decode_token().is_some())
             .collect();
         if rows.is_empty() {
-            return 0;
+            return Ok(false);
         }
         let (tokens, mut tables): (Vec<u32>, Vec<&mut BlockTable>) = self
             .running
@@ -387,58 +469,70 @@ impl Engine {
                 for (&i, row) in rows.iter().zip(logits) {
                     self.running[i].take_logits(row);
                 }
+                Ok(true)
             }
+            Err(err) if GroupError::is_in(&err) => Err(err),
             Err(err) => {
                 let status = internal(err);
                 // Highest index first, so removal leaves the others where they are.
                 for &i in rows.iter().rev() {
                     self.finish(i, Outcome::Failed(status.clone()));
                 }
+                Ok(false)
             }
         }
-        rows.len()
     }
 
-    /// Runs prompt chunks, oldest sequence first, while they fit in `budget`; the first
-    /// always runs. Chunks start at multiples of `prefill_chunk`, whatever the budget, so a
-    /// prompt is computed the same way in every batch and after every preemption.
-    fn prefill_chunks(&mut self, mut budget: usize) {
-        let mut first = true;
-        let mut i = 0;
-        while i < self.running.len() {
-            let seq = &mut self.running[i];
+    /// The sequences whose next prompt chunk runs this step, oldest first, while the chunks
+    /// fit in `budget`; the first always runs. Chunks start at multiples of `prefill_chunk`,
+    /// whatever the budget, so a prompt is computed the same way in every batch and after
+    /// every preemption.
+    fn plan_chunks(&self, mut budget: usize) -> Vec<usize> {
+        let mut chosen = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
             if !seq.prefilling() {
-                i += 1;
                 continue;
             }
-            let done = seq.blocks.tokens();
-            let chunk = (seq.request.prompt_ids.len() - done).min(self.config.prefill_chunk);
-            if !first && chunk > budget {
+            let chunk = self.chunk_len(seq);
+            if !chosen.is_empty() && chunk > budget {
                 break;
             }
-            first = false;
             budget = budget.saturating_sub(chunk);
-            let tokens = &seq.request.prompt_ids[done..done + chunk];
-            let outcome = match self
-                .model
-                .forward_batch(
-                    tokens,
-                    &mut self.pool,
-                    &mut [(chunk, &mut seq.blocks)],
-                    false,
-                )
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
-            {
-                Ok(mut logits) => {
-                    seq.take_logits(logits.pop().unwrap_or_default());
-                    Outcome::Continue
-                }
-                Err(err) => Outcome::Failed(internal(err)),
-            };
-            if !self.finish(i, outcome) {
-                i += 1;
-            }
+            chosen.push(i);
         }
+        chosen
+    }
+
+    fn chunk_len(&self, seq: &Sequence) -> usize {
+        (seq.request.prompt_ids.len() - seq.blocks.tokens()).min(self.config.prefill_chunk)
+    }
+
+    /// Runs sequence `i`'s next prompt chunk; true when the pass ran, an error when the
+    /// expert-parallel group failed.
+    fn prefill_chunk(&mut self, i: usize) -> anyhow::Result<bool> {
+        let chunk = self.chunk_len(&self.running[i]);
+        let seq = &mut self.running[i];
+        let done = seq.blocks.tokens();
+        let tokens = &seq.request.prompt_ids[done..done + chunk];
+        let (outcome, ran) = match self
+            .model
+            .forward_batch(
+                tokens,
+                &mut self.pool,
+                &mut [(chunk, &mut seq.blocks)],
+                false,
+            )
+            .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        {
+            Ok(mut logits) => {
+                seq.take_logits(logits.pop().unwrap_or_default());
+                (Outcome::Continue, true)
+            }
+            Err(err) if GroupError::is_in(&err) => return Err(err),
+            Err(err) => (Outcome::Failed(internal(err)), false),
+        };
+        self.finish(i, outcome);
+        Ok(ran)
     }
 
     /// Ends sequence `i` if the outcome says so; true when it was removed.

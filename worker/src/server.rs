@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use deepseek_proto::deadline::grpc_timeout;
+use deepseek_proto::placement::PlacementPlan;
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, GetLoadRequest,
@@ -21,6 +22,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::config::Family;
+use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::BLOCK_TOKENS;
@@ -42,6 +44,21 @@ pub struct ServeConfig {
     pub rank: u32,
     pub group_size: u32,
     pub pool: String,
+    /// Set for a rank of an expert-parallel group (group_size > 1).
+    pub group: Option<GroupConfig>,
+}
+
+/// How a rank joins its expert-parallel group.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// Every rank's expert-parallel address, in rank order.
+    pub peers: Vec<String>,
+    pub plan: PlacementPlan,
+    pub wire: Wire,
+    /// How long to wait for the other ranks to come up.
+    pub connect_timeout: std::time::Duration,
+    /// How long a peer may be silent in the middle of a step before the group counts as failed.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// What requests need once the model is loaded.
@@ -291,7 +308,33 @@ async fn drain_then_stop(
 }
 
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
-    let model = Arc::new(Model::open(&config.model_dir)?);
+    let (model, group) = match &config.group {
+        None => (Model::open(&config.model_dir)?, None),
+        Some(g) => {
+            let config_json = std::fs::read(config.model_dir.join("config.json"))?;
+            let identity = group_identity(&config_json, &g.plan, g.wire);
+            let rank = config.rank as usize;
+            let (model, transport) = open_rank(
+                &config.model_dir,
+                g.plan.clone(),
+                rank,
+                g.wire,
+                || {
+                    tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
+                    let tcp = TcpTransport::connect(
+                        rank,
+                        &g.peers,
+                        identity,
+                        g.connect_timeout,
+                        g.stall_timeout,
+                    )?;
+                    Ok(Arc::new(tcp) as Arc<dyn Transport>)
+                },
+            )?;
+            (model, Some(transport))
+        }
+    };
+    let model = Arc::new(model);
     let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
     let cfg = model.config();
     let limits = Limits {
@@ -308,6 +351,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
         tokenizer.clone(),
         config.scheduler.clone(),
         metrics,
+        group,
     );
     Ok(Loaded {
         model,

@@ -11,11 +11,11 @@ pub mod ops;
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use self::attention::Attention;
 use self::cache::{BlockTable, KvCache, KvPool};
-use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts};
+use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts, Routing};
 use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::config::Config;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
@@ -93,7 +93,8 @@ impl Model {
         })
     }
 
-    /// Like `open`, with the routed experts `experts` loads (an expert-parallel rank's).
+    /// Like `open`, with the routed experts `experts` loads (an expert-parallel rank's),
+    /// called once every replicated part is in memory.
     pub fn open_with_experts(
         dir: &Path,
         experts: impl FnOnce(&Config, &Checkpoint) -> Result<Box<dyn RoutedExperts>>,
@@ -103,22 +104,22 @@ impl Model {
         let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
         let total = ckpt.bytes_of(tensors_read(&cfg, &ckpt));
         let ckpt = ckpt.with_progress(total);
-        let experts = experts(&cfg, &ckpt)?;
         Self::load_with_experts(cfg, &ckpt, experts)
     }
 
     /// Loads every layer with all routed experts in this process. Multi-token-prediction
     /// layers (`num_nextn_predict_layers`, stored after the main stack) are not read.
     pub fn load(cfg: Config, ckpt: &Checkpoint) -> Result<Self> {
-        let experts = Box::new(LocalExperts::load(&cfg, ckpt)?);
-        Self::load_with_experts(cfg, ckpt, experts)
+        Self::load_with_experts(cfg, ckpt, |cfg, ckpt| {
+            Ok(Box::new(LocalExperts::load(cfg, ckpt)?))
+        })
     }
 
-    /// Loads the replicated parts; routed experts come from `experts`.
+    /// Loads the replicated parts, then asks `experts` for the routed experts.
     pub fn load_with_experts(
         cfg: Config,
         ckpt: &Checkpoint,
-        experts: Box<dyn RoutedExperts>,
+        experts: impl FnOnce(&Config, &Checkpoint) -> Result<Box<dyn RoutedExperts>>,
     ) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = Embedding::load(ckpt, "model.embed_tokens.weight", vocab, hidden)?;
@@ -130,8 +131,10 @@ impl Model {
         } else {
             Linear::load(ckpt, "lm_head", vocab, hidden)?
         };
+        let norm = RmsNorm::load(ckpt, "model.norm", hidden, cfg.rms_norm_eps)?;
+        let experts = experts(&cfg, ckpt)?;
         Ok(Model {
-            norm: RmsNorm::load(ckpt, "model.norm", hidden, cfg.rms_norm_eps)?,
+            norm,
             rope: Rope::new(&cfg),
             embed,
             layers,
@@ -164,6 +167,22 @@ impl Model {
     /// A single sequence's cache, growing as it needs.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.new_pool(0))
+    }
+
+    /// An expert-parallel rank's part in a pass it has no tokens for: every MoE layer's
+    /// exchange with nothing to send, so that peers with tokens can go on.
+    pub fn forward_idle(&self) -> Result<()> {
+        let empty = Tensor::zeros((0, self.cfg.hidden_size), DType::F32, &Device::Cpu)?;
+        let nothing = Routing {
+            experts: Vec::new(),
+            weights: Vec::new(),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            if matches!(layer.mlp, FeedForward::Moe(_)) {
+                self.experts.forward(i, &empty, &nothing, false)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `tokens` of one sequence after what `cache` holds; returns their logits

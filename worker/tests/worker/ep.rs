@@ -1,8 +1,10 @@
 //! Expert parallelism in one process: ranks on their own threads, connected by channels,
 //! each holding only its experts. A group must compute what one process computes.
 
+use std::sync::Arc;
+
 use deepseek_proto::placement::PlacementPlan;
-use deepseek_worker::ep::{ChannelTransport, Wire, open_rank};
+use deepseek_worker::ep::{ChannelTransport, Transport, Wire, open_rank};
 use deepseek_worker::model::Model;
 
 use crate::parity::{argmax, fixture, max_diff, rows};
@@ -47,7 +49,9 @@ fn run_group(name: &str, plan: &PlacementPlan, wire: Wire, prompts: &[Vec<u32>])
                     .build()
                     .unwrap();
                 pool.install(|| {
-                    let model = open_rank(&dir, plan, Box::new(transport), wire).unwrap();
+                    let rank = transport.rank();
+                    let join = move || Ok(Arc::new(transport) as Arc<dyn Transport>);
+                    let (model, _) = open_rank(&dir, plan, rank, wire, join).unwrap();
                     generate(&model, &prompt, 6)
                 })
             })

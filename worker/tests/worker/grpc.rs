@@ -81,6 +81,7 @@ async fn launch(
         rank: 0,
         group_size: 1,
         pool: "cpu".into(),
+        group: None,
     };
     let server = tokio::spawn(serve(config, listener, shutdown));
     let channel = loop {
@@ -115,7 +116,7 @@ async fn launch(
     panic!("the worker never became SERVING");
 }
 
-fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
+pub fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
         stopping: Some(StoppingCriteria {

@@ -2,6 +2,7 @@
 
 mod cli;
 mod ep;
+mod group;
 mod grpc;
 mod parity;
 mod tokenizer;

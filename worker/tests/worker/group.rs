@@ -1,0 +1,155 @@
+//! An expert-parallel group of worker processes on loopback: each rank serves its own
+//! requests (data-parallel attention) and holds half the experts; the group's tokens equal
+//! one process's, an idle rank keeps stepping with a busy one, and a killed rank fails the
+//! others' requests promptly with UNAVAILABLE.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deepseek_proto::v1::inference_client::InferenceClient;
+use deepseek_worker::generate::{GenerateOptions, generate};
+use deepseek_worker::model::Model;
+use deepseek_worker::sampling::SamplingParams;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::grpc::request;
+use crate::parity::fixture;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Rank(Child);
+
+impl Drop for Rank {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts every rank of a group; returns them with their gRPC addresses.
+fn start_group(size: usize) -> (Vec<Rank>, Vec<String>) {
+    let grpc: Vec<String> = (0..size)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers: Vec<String> = (0..size)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let ranks = (0..size)
+        .map(|rank| {
+            let child = Command::new(env!("CARGO_BIN_EXE_deepseek-worker"))
+                .args([
+                    "serve",
+                    "--listen",
+                    &grpc[rank],
+                    "--group-size",
+                    &size.to_string(),
+                ])
+                .args(["--rank", &rank.to_string(), "--peers", &peers.join(",")])
+                .args(["--ep-wire", "f32", "--ep-stall-timeout-seconds", "5"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Rank(child)
+        })
+        .collect();
+    (ranks, grpc)
+}
+
+async fn serving(addr: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let status = HealthClient::new(channel.clone())
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status);
+            if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
+                return channel;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rank at {addr} never became SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn alone(prompt: &[u32], n: usize) -> Vec<u32> {
+    let model = Model::open(&fixture("tiny-v3-bf16")).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+        keep_logits: false,
+    };
+    generate(&model, prompt, &options).unwrap().tokens
+}
+
+async fn tokens(channel: Channel, prompt: Vec<u32>, n: u32) -> Result<Vec<u32>, tonic::Status> {
+    let mut stream = InferenceClient::new(channel)
+        .generate(request(prompt, n))
+        .await?
+        .into_inner();
+    let mut tokens = Vec::new();
+    while let Some(m) = stream.message().await? {
+        tokens.extend(m.token_ids);
+    }
+    Ok(tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_rank_group_serves_what_one_process_does_and_fails_fast_when_a_rank_dies() {
+    let (mut ranks, grpc) = start_group(2);
+    let channels = [serving(&grpc[0]).await, serving(&grpc[1]).await];
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| (0..4 + i).map(|t| (t * 41 + i * 17) % 300).collect())
+        .collect();
+
+    // Requests on both ranks at once, then on rank 0 alone (rank 1 idles along).
+    let both: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| tokio::spawn(tokens(channels[i % 2].clone(), p.clone(), 10)))
+        .collect();
+    for (p, task) in prompts.iter().zip(both) {
+        assert_eq!(task.await.unwrap().unwrap(), alone(p, 10));
+    }
+    assert_eq!(
+        tokens(channels[0].clone(), prompts[0].clone(), 10)
+            .await
+            .unwrap(),
+        alone(&prompts[0], 10)
+    );
+
+    // Kill rank 1 in the middle of a long generation on rank 0.
+    let long = tokio::spawn(tokens(channels[0].clone(), prompts[1].clone(), 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = ranks[1].0.kill();
+    let started = Instant::now();
+    let err = long.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed after {:?}",
+        started.elapsed()
+    );
+    ranks.truncate(1);
+}
