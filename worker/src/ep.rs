@@ -46,6 +46,12 @@ pub trait Transport: Send + Sync {
     /// Sends `outgoing[d]` to rank `d` (this rank included) and returns what every rank sent
     /// here, `incoming[s]` from rank `s`. Returns once every rank's message has arrived.
     fn all_to_all(&self, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+
+    /// After a failure: drops every connection and forms the group again, waiting for the
+    /// missing ranks to come back (within the transport's own timeout).
+    fn rejoin(&self) -> Result<()> {
+        bail!(GroupError("this transport cannot re-form its group".into()))
+    }
 }
 
 /// Ranks in one process, connected by channels (tests, and groups on one host).
@@ -100,14 +106,14 @@ impl Transport for ChannelTransport {
         if outgoing.len() != self.size() {
             bail!("all_to_all needs one message per rank");
         }
-        let gone = |_| GroupError("a rank of the group has gone".into());
+        let gone = || GroupError("a rank of the group has gone".into());
         for (to, message) in self.to.iter().zip(outgoing) {
-            to.send(message).map_err(|_| gone(()))?;
+            to.send(message).map_err(|_| gone())?;
         }
         let from = self.from.lock().unwrap_or_else(|p| p.into_inner());
         Ok(from
             .iter()
-            .map(|r| r.recv().map_err(|_| gone(())))
+            .map(|r| r.recv().map_err(|_| gone()))
             .collect::<Result<_, _>>()?)
     }
 }
@@ -135,11 +141,19 @@ const HELLO_VERSION: u32 = 1;
 /// peer blocks sending to it; reads wait at most `stall_timeout`.
 pub struct TcpTransport {
     rank: usize,
-    size: usize,
-    /// `writers[d]` queues frames for rank `d` (None for this rank).
+    peers: Vec<String>,
+    identity: u64,
+    connect_timeout: Duration,
+    stall_timeout: Duration,
+    links: Mutex<Links>,
+}
+
+/// The live connections of a rank, one per peer (None for itself).
+struct Links {
+    /// `writers[d]` queues frames for rank `d`.
     writers: Vec<Option<Sender<Vec<u8>>>>,
-    /// `readers[s]` reads frames from rank `s` (None for this rank).
-    readers: Mutex<Vec<Option<TcpStream>>>,
+    /// `readers[s]` reads frames from rank `s`.
+    readers: Vec<Option<TcpStream>>,
 }
 
 impl TcpTransport {
@@ -153,6 +167,25 @@ impl TcpTransport {
         connect_timeout: Duration,
         stall_timeout: Duration,
     ) -> Result<Self> {
+        let transport = TcpTransport {
+            rank,
+            peers: peers.to_vec(),
+            identity,
+            connect_timeout,
+            stall_timeout,
+            links: Mutex::new(Links {
+                writers: Vec::new(),
+                readers: Vec::new(),
+            }),
+        };
+        *transport.links.lock().unwrap_or_else(|p| p.into_inner()) = transport.mesh()?;
+        Ok(transport)
+    }
+
+    /// Connects to every peer afresh.
+    fn mesh(&self) -> Result<Links> {
+        let (rank, peers, identity) = (self.rank, &self.peers, self.identity);
+        let (connect_timeout, stall_timeout) = (self.connect_timeout, self.stall_timeout);
         let size = peers.len();
         if rank >= size {
             bail!("rank {rank} is not in a group of {size}");
@@ -238,12 +271,7 @@ impl TcpTransport {
             writers.push(Some(tx));
             readers.push(Some(stream));
         }
-        Ok(TcpTransport {
-            rank,
-            size,
-            writers,
-            readers: Mutex::new(readers),
-        })
+        Ok(Links { writers, readers })
     }
 }
 
@@ -313,33 +341,45 @@ impl Transport for TcpTransport {
     }
 
     fn size(&self) -> usize {
-        self.size
+        self.peers.len()
     }
 
     fn all_to_all(&self, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        if outgoing.len() != self.size {
-            bail!("all_to_all needs one message per rank");
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if outgoing.len() != self.size() || links.writers.len() != self.size() {
+            bail!(GroupError(
+                "not connected to every rank of the group".into()
+            ));
         }
         let mut own = Vec::new();
         for (d, message) in outgoing.into_iter().enumerate() {
-            match &self.writers[d] {
+            match &links.writers[d] {
                 Some(writer) => writer
                     .send(message)
                     .map_err(|_| GroupError(format!("the connection to rank {d} is closed")))?,
                 None => own = message,
             }
         }
-        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut incoming = Vec::with_capacity(self.size);
-        for (s, reader) in readers.iter_mut().enumerate() {
+        let mut incoming = Vec::with_capacity(self.size());
+        for (s, reader) in links.readers.iter_mut().enumerate() {
             incoming.push(match reader {
-                Some(stream) => {
-                    read_frame(stream).with_context(|| format!("rank {s} stalled or went away"))?
-                }
+                Some(stream) => read_frame(stream)
+                    .map_err(|e| GroupError(format!("rank {s} stalled or went away: {e}")))?,
                 None => std::mem::take(&mut own),
             });
         }
         Ok(incoming)
+    }
+
+    fn rejoin(&self) -> Result<()> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        // Close every old connection first, so peers see this rank leave and rejoin too.
+        *links = Links {
+            writers: Vec::new(),
+            readers: Vec::new(),
+        };
+        *links = self.mesh()?;
+        Ok(())
     }
 }
 

@@ -36,8 +36,8 @@ use crate::validate::ValidRequest;
 
 /// How often an idle rank of an expert-parallel group checks in with its peers.
 const GROUP_IDLE_POLL: Duration = Duration::from_millis(2);
-/// How long a rank whose group failed waits before stepping again.
-const GROUP_FAILURE_PAUSE: Duration = Duration::from_millis(200);
+/// How long a rank waits between attempts to re-form its failed group.
+const GROUP_REJOIN_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -64,6 +64,8 @@ pub struct Load {
     pub milli_tokens_per_second: AtomicU64,
     /// Set on shutdown once the grace period is over: every open request ends UNAVAILABLE.
     pub abort: AtomicBool,
+    /// Set while this rank's expert-parallel group is re-forming after a failure.
+    pub group_down: AtomicBool,
 }
 
 impl Load {
@@ -399,13 +401,36 @@ impl Engine {
         })
     }
 
-    /// A peer of the group failed: every open request ends UNAVAILABLE, and the rank waits a
-    /// moment before stepping again, so it does not spin while the group is down.
+    /// A peer of the group failed: every open request ends UNAVAILABLE, and the rank
+    /// re-forms the group with its peers (health is NOT_SERVING meanwhile), retrying until
+    /// the missing rank is back.
     fn group_failed(&mut self, err: &anyhow::Error) {
         tracing::error!(
             error = format!("{err:#}"),
             "the expert-parallel group failed"
         );
+        self.load.group_down.store(true, Ordering::Relaxed);
+        self.fail_open_requests();
+        let Some(group) = self.group.clone() else {
+            return;
+        };
+        while let Err(err) = group.rejoin() {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "re-forming the expert-parallel group"
+            );
+            self.fail_open_requests();
+            std::thread::sleep(GROUP_REJOIN_PAUSE);
+        }
+        tracing::info!("the expert-parallel group is back");
+        self.fail_open_requests();
+        self.load.group_down.store(false, Ordering::Relaxed);
+    }
+
+    fn fail_open_requests(&mut self) {
+        while let Ok(submission) = self.inbox.try_recv() {
+            self.waiting.push_back(Sequence::new(submission));
+        }
         let unavailable = || {
             Status::unavailable("an expert-parallel peer of this worker failed; retry elsewhere")
         };
@@ -415,7 +440,7 @@ impl Engine {
         while !self.running.is_empty() {
             self.finish(0, Outcome::Failed(unavailable()));
         }
-        std::thread::sleep(GROUP_FAILURE_PAUSE);
+        self.publish_load();
     }
 
     /// Gives every sequence with a token to decode the block it needs, preempting the newest

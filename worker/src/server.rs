@@ -80,9 +80,16 @@ impl InferenceService {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("the worker is shutting down"));
         }
-        self.loaded
+        let loaded = self
+            .loaded
             .get()
-            .ok_or_else(|| Status::unavailable("the model is still loading"))
+            .ok_or_else(|| Status::unavailable("the model is still loading"))?;
+        if loaded.scheduler.load.group_down.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(
+                "this rank's expert-parallel group is re-forming after a peer failed",
+            ));
+        }
+        Ok(loaded)
     }
 
     fn tokenizer(&self) -> Result<&Tokenizer, Status> {
@@ -234,7 +241,7 @@ pub async fn serve(
         config.shutdown_grace,
     );
     let service = InferenceService {
-        draining,
+        draining: draining.clone(),
         config: config.clone(),
         loaded: loaded.clone(),
     };
@@ -245,18 +252,15 @@ pub async fn serve(
     };
 
     let load_health = health.clone();
+    let stopping = draining.clone();
     tokio::spawn(async move {
         let result = tokio::task::spawn_blocking(move || load(&config, metrics)).await;
         match result {
             Ok(Ok(ready)) => {
+                let load = ready.scheduler.load.clone();
                 let _ = loaded.set(ready);
-                load_health
-                    .set_service_status("", ServingStatus::Serving)
-                    .await;
-                load_health
-                    .set_serving::<InferenceServer<InferenceService>>()
-                    .await;
                 tracing::info!("model loaded; serving");
+                follow_group_health(load, load_health, stopping).await;
             }
             Ok(Err(err)) => tracing::error!(error = %err, "loading the model failed; not serving"),
             Err(err) => tracing::error!(error = %err, "the loading task panicked"),
@@ -275,6 +279,36 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// SERVING while this rank can serve: always for a lone worker; for a rank of an
+/// expert-parallel group, NOT_SERVING while the group is re-forming after a failure.
+/// Stops once the worker is shutting down (which reports NOT_SERVING itself).
+async fn follow_group_health(
+    load: Arc<Load>,
+    health: tonic_health::server::HealthReporter,
+    stopping: Arc<AtomicBool>,
+) {
+    let mut serving = None;
+    while !stopping.load(Ordering::Relaxed) {
+        let now = !load.group_down.load(Ordering::Relaxed);
+        if serving != Some(now) {
+            serving = Some(now);
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health
+                .set_service_status(
+                    <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// On the shutdown signal: refuse new requests and report NOT_SERVING, let open streams

@@ -36,60 +36,76 @@ impl Drop for Rank {
     }
 }
 
-/// Starts every rank of a group; returns them with their gRPC addresses.
-fn start_group(size: usize) -> (Vec<Rank>, Vec<String>) {
-    let grpc: Vec<String> = (0..size)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let peers: Vec<String> = (0..size)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let ranks = (0..size)
-        .map(|rank| {
-            let child = Command::new(env!("CARGO_BIN_EXE_deepseek-worker"))
-                .args([
-                    "serve",
-                    "--listen",
-                    &grpc[rank],
-                    "--group-size",
-                    &size.to_string(),
-                ])
-                .args(["--rank", &rank.to_string(), "--peers", &peers.join(",")])
-                .args(["--ep-wire", "f32", "--ep-stall-timeout-seconds", "5"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            Rank(child)
-        })
-        .collect();
-    (ranks, grpc)
+/// The addresses of a group: each rank's gRPC and expert-parallel ones.
+struct Addrs {
+    grpc: Vec<String>,
+    peers: Vec<String>,
 }
 
-async fn serving(addr: &str) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            let status = HealthClient::new(channel.clone())
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map(|r| r.into_inner().status);
-            if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
-                return channel;
-            }
+impl Addrs {
+    fn new(size: usize) -> Self {
+        let addrs = || {
+            (0..size)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect()
+        };
+        Addrs {
+            grpc: addrs(),
+            peers: addrs(),
         }
+    }
+
+    fn spawn(&self, rank: usize) -> Rank {
+        let child = Command::new(env!("CARGO_BIN_EXE_deepseek-worker"))
+            .args(["serve", "--listen", &self.grpc[rank]])
+            .args(["--group-size", &self.peers.len().to_string()])
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--peers",
+                &self.peers.join(","),
+            ])
+            .args(["--ep-wire", "f32", "--ep-stall-timeout-seconds", "5"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Rank(child)
+    }
+}
+
+async fn health(addr: &str) -> Option<i32> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let reply = HealthClient::new(channel).check(request).await.ok()?;
+    Some(reply.into_inner().status)
+}
+
+/// Waits (at most a minute) until the rank at `addr` reports `status`.
+async fn reaches(addr: &str, status: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while health(addr).await != Some(status as i32) {
         assert!(
             Instant::now() < deadline,
-            "rank at {addr} never became SERVING"
+            "rank at {addr} never reported {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn serving(addr: &str) -> Channel {
+    reaches(addr, ServingStatus::Serving).await;
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 fn alone(prompt: &[u32], n: usize) -> Vec<u32> {
@@ -116,8 +132,10 @@ async fn tokens(channel: Channel, prompt: Vec<u32>, n: u32) -> Result<Vec<u32>, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_rank_group_serves_what_one_process_does_and_fails_fast_when_a_rank_dies() {
-    let (mut ranks, grpc) = start_group(2);
+async fn a_two_rank_group_serves_what_one_process_does_fails_fast_when_a_rank_dies_and_recovers() {
+    let addrs = Addrs::new(2);
+    let mut ranks = [addrs.spawn(0), addrs.spawn(1)];
+    let grpc = &addrs.grpc;
     let channels = [serving(&grpc[0]).await, serving(&grpc[1]).await];
     let prompts: Vec<Vec<u32>> = (0..6u32)
         .map(|i| (0..4 + i).map(|t| (t * 41 + i * 17) % 300).collect())
@@ -151,5 +169,18 @@ async fn a_two_rank_group_serves_what_one_process_does_and_fails_fast_when_a_ran
         "failed after {:?}",
         started.elapsed()
     );
-    ranks.truncate(1);
+
+    // The survivor says it cannot serve until the group is whole again, then serves.
+    reaches(&grpc[0], ServingStatus::NotServing).await;
+    let refused = tokens(channels[0].clone(), prompts[2].clone(), 4)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    ranks[1] = addrs.spawn(1);
+    let channel = serving(&grpc[0]).await;
+    serving(&grpc[1]).await;
+    assert_eq!(
+        tokens(channel, prompts[2].clone(), 10).await.unwrap(),
+        alone(&prompts[2], 10)
+    );
 }
