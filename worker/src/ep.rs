@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -494,6 +495,8 @@ pub struct ExpertParallel {
     transport: Arc<dyn Transport>,
     wire: Wire,
     hidden: usize,
+    /// Bytes of dispatch and combine messages sent to other ranks.
+    sent: AtomicU64,
 }
 
 impl ExpertParallel {
@@ -510,7 +513,21 @@ impl ExpertParallel {
             transport,
             wire,
             hidden,
+            sent: AtomicU64::new(0),
         }
+    }
+
+    /// An all-to-all, counting the bytes that leave this rank.
+    fn exchange(&self, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let rank = self.transport.rank();
+        let bytes: usize = outgoing
+            .iter()
+            .enumerate()
+            .filter(|(d, _)| *d != rank)
+            .map(|(_, m)| m.len())
+            .sum();
+        self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.transport.all_to_all(outgoing)
     }
 
     /// The rank that computes expert `expert` of `layer` for token `t`: this rank when it
@@ -526,6 +543,10 @@ impl ExpertParallel {
 }
 
 impl RoutedExperts for ExpertParallel {
+    fn bytes_sent(&self) -> Option<u64> {
+        Some(self.sent.load(Ordering::Relaxed))
+    }
+
     fn forward(
         &self,
         layer: usize,
@@ -561,7 +582,7 @@ impl RoutedExperts for ExpertParallel {
             .iter()
             .map(|tokens| encode_dispatch(self.wire, tokens, &rows, hidden))
             .collect();
-        let received = self.transport.all_to_all(outgoing)?;
+        let received = self.exchange(outgoing)?;
         let replies = received
             .iter()
             .map(|bytes| {
@@ -577,7 +598,7 @@ impl RoutedExperts for ExpertParallel {
                 Ok(reply)
             })
             .collect::<Result<Vec<_>>>()?;
-        let results = self.transport.all_to_all(replies)?;
+        let results = self.exchange(replies)?;
         let mut out = vec![0f32; tokens * hidden];
         // Ranks in order, so the sum is the same every time.
         for (sent, bytes) in sends.iter().zip(&results) {

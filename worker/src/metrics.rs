@@ -135,6 +135,14 @@ impl Metrics {
                     "deepseek_worker_expert_routed_tokens_total{{layer=\"{layer}\",expert=\"{expert}\"}} {tokens}"
                 );
             }
+            if let Some(bytes) = model.expert_bytes_sent() {
+                out.push_str("# HELP deepseek_worker_expert_parallel_bytes_sent Bytes of tokens and expert outputs sent to other ranks.\n");
+                out.push_str("# TYPE deepseek_worker_expert_parallel_bytes_sent counter\n");
+                let _ = writeln!(
+                    out,
+                    "deepseek_worker_expert_parallel_bytes_sent_total {bytes}"
+                );
+            }
         }
         out + &eof
     }

@@ -154,6 +154,11 @@ impl Model {
         &self.expert_load
     }
 
+    /// Bytes this rank has sent to the others of its expert-parallel group, if in one.
+    pub fn expert_bytes_sent(&self) -> Option<u64> {
+        self.experts.bytes_sent()
+    }
+
     /// A pool of `blocks` KV blocks for this model.
     pub fn new_pool(&self, blocks: usize) -> KvPool {
         KvPool::new(

@@ -24,6 +24,11 @@ pub struct Routing {
 pub trait RoutedExperts: Send + Sync {
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing, per_row: bool)
     -> Result<Tensor>;
+
+    /// Bytes sent to other ranks so far (expert parallelism); None when all are local.
+    fn bytes_sent(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The routed experts this process holds: all of them, or an expert-parallel rank's share.

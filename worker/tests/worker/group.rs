@@ -40,6 +40,8 @@ impl Drop for Rank {
 struct Addrs {
     grpc: Vec<String>,
     peers: Vec<String>,
+    /// More `serve` flags for every rank.
+    extra: Vec<String>,
 }
 
 impl Addrs {
@@ -52,6 +54,7 @@ impl Addrs {
         Addrs {
             grpc: addrs(),
             peers: addrs(),
+            extra: Vec::new(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Addrs {
                 &self.peers.join(","),
             ])
             .args(["--ep-wire", "f32", "--ep-stall-timeout-seconds", "5"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -109,14 +113,30 @@ async fn serving(addr: &str) -> Channel {
 }
 
 fn alone(prompt: &[u32], n: usize) -> Vec<u32> {
+    alone_with_logprobs(prompt, n).0
+}
+
+/// One process's greedy tokens and each one's log-probability.
+fn alone_with_logprobs(prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     let model = Model::open(&fixture("tiny-v3-bf16")).unwrap();
     let options = GenerateOptions {
         max_new_tokens: n,
         sampling: SamplingParams::default(),
         stop_ids: Vec::new(),
-        keep_logits: false,
+        keep_logits: true,
     };
-    generate(&model, prompt, &options).unwrap().tokens
+    let run = generate(&model, prompt, &options).unwrap();
+    let logprobs = run
+        .step_logits
+        .iter()
+        .zip(&run.tokens)
+        .map(|(logits, &token)| {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+            (f64::from(logits[token as usize] - max) - sum.ln()) as f32
+        })
+        .collect();
+    (run.tokens, logprobs)
 }
 
 async fn tokens(channel: Channel, prompt: Vec<u32>, n: u32) -> Result<Vec<u32>, tonic::Status> {
@@ -183,4 +203,52 @@ async fn a_two_rank_group_serves_what_one_process_does_fails_fast_when_a_rank_di
         tokens(channel, prompts[2].clone(), 10).await.unwrap(),
         alone(&prompts[2], 10)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_ranks_with_redundant_experts_match_one_process_to_1e_5() {
+    let plan = deepseek_proto::placement::PlacementPlan::round_robin(4, 8, 4);
+    let dir = tempfile_dir();
+    let plan_file = dir.join("plan.json");
+    std::fs::write(&plan_file, serde_json::to_string(&plan).unwrap()).unwrap();
+    let mut addrs = Addrs::new(4);
+    addrs.extra = vec!["--placement".into(), plan_file.display().to_string()];
+    let _ranks: Vec<Rank> = (0..4).map(|r| addrs.spawn(r)).collect();
+    let mut channels = Vec::new();
+    for addr in &addrs.grpc {
+        channels.push(serving(addr).await);
+    }
+    let streams: Vec<_> = (0..4u32)
+        .map(|r| {
+            let prompt: Vec<u32> = (0..3 + 2 * r).map(|t| (t * 53 + r * 29) % 300).collect();
+            let mut req = request(prompt.clone(), 8);
+            req.include_logprobs = true;
+            let mut client = InferenceClient::new(channels[r as usize].clone());
+            tokio::spawn(async move {
+                let mut stream = client.generate(req).await.unwrap().into_inner();
+                let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+                while let Some(m) = stream.message().await.unwrap() {
+                    tokens.extend(m.token_ids);
+                    logprobs.extend(m.logprobs.iter().map(|l| l.logprob));
+                }
+                (prompt, tokens, logprobs)
+            })
+        })
+        .collect();
+    for stream in streams {
+        let (prompt, tokens, logprobs) = stream.await.unwrap();
+        let (want_tokens, want_logprobs) = alone_with_logprobs(&prompt, 8);
+        assert_eq!(tokens, want_tokens);
+        for (got, want) in logprobs.iter().zip(&want_logprobs) {
+            assert!((got - want).abs() < 1e-5, "logprob {got} vs {want}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("dsd-group-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -1,0 +1,133 @@
+"""Expert parallelism on one machine: EP=1, EP=2 and EP=4 on the bench model, side by side.
+
+For each group size N, starts N `deepseek-worker serve` processes on loopback (one rank
+each, `--ep-wire bf16`, the machine's 2 cores shared: RAYON_NUM_THREADS = max(1, 2 / N)),
+spreads 8 concurrent streams over the ranks (each rank serves its own requests; every rank
+holds 1/N of the routed experts), and reports total output tokens/s, each rank's resident
+memory after the run, and the expert-parallel bytes each token moved per MoE layer against
+the bound top-k × hidden × 2 bytes (bf16) each way.
+Writes bench/ep/results.json and prints a Markdown table.
+
+Rerun (from the repository root, after bench/engine's setup and model):
+  cargo build --release -p deepseek-worker
+  .tools/fixtures-venv/bin/python bench/ep/bench_ep.py
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench/worker"))
+from bench_concurrency import free_port, one_stream, stubs  # noqa: E402
+
+
+def rss_mib(pid):
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+
+def counter(text, name):
+    match = re.search(rf"^{name}(?:_total)? (\d+)", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def run_group(args, pb, pb_grpc, size):
+    import grpc
+
+    grpc_ports = [free_port() for _ in range(size)]
+    metrics_ports = [free_port() for _ in range(size)]
+    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(size))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(max(1, args.threads // size)), RUST_LOG="warn")
+    procs = []
+    for rank in range(size):
+        cmd = [args.worker_bin, "serve", "--model", args.model, "--listen", f"127.0.0.1:{grpc_ports[rank]}",
+               "--metrics-listen", f"127.0.0.1:{metrics_ports[rank]}", "--max-seqs", "64"]
+        if size > 1:
+            cmd += ["--group-size", str(size), "--rank", str(rank), "--peers", peers, "--ep-wire", "bf16"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    try:
+        stubs_by_rank = [pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{p}")) for p in grpc_ports]
+        deadline = time.time() + 300
+        for stub in stubs_by_rank:
+            while True:
+                try:
+                    stub.ModelInfo(pb.ModelInfoRequest())
+                    break
+                except grpc.RpcError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.5)
+        for stub in stubs_by_rank:  # warm up (every rank takes part in every pass)
+            one_stream(stub, pb, list(range(10, 10 + args.prompt_len)), 4, [])
+        results = []
+
+        def client(i):
+            stub = stubs_by_rank[i % size]
+            for k in range(args.requests_per_stream):
+                prompt = [(7 * i + 13 * j + 101 * k) % 30000 + 10 for j in range(args.prompt_len)]
+                one_stream(stub, pb, prompt, args.new_tokens, results)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.streams)]
+        began = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+        scrapes = [urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics").read().decode() for p in metrics_ports]
+        sent = sum(counter(s, "deepseek_worker_expert_parallel_bytes_sent") for s in scrapes)
+        tokens_run = sum(counter(s, "deepseek_worker_prompt_tokens") + counter(s, "deepseek_worker_generation_tokens")
+                         for s in scrapes)
+        row = {"ranks": size, "output_tokens_per_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
+               "rss_mib": [round(rss_mib(p.pid)) for p in procs], "bytes_sent": sent, "tokens_run": tokens_run}
+        print(json.dumps(row), flush=True)
+        return row
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=str(ROOT / ".tools/bench-model/bench-small"))
+    parser.add_argument("--worker-bin", default=str(ROOT / "target/release/deepseek-worker"))
+    parser.add_argument("--sizes", default="1,2,4")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    pb, pb_grpc = stubs(pathlib.Path(tempfile.mkdtemp()))
+    config = json.loads((pathlib.Path(args.model) / "config.json").read_text())
+    moe_layers = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    bound = config["num_experts_per_tok"] * config["hidden_size"] * 2
+    rows = [run_group(args, pb, pb_grpc, int(n)) for n in args.sizes.split(",")]
+    single = rows[0]["output_tokens_per_s"]
+    for r in rows:
+        # Dispatch and combine each cross once per MoE layer: bytes per token per layer, each way.
+        r["bytes_per_token_layer_each_way"] = r["bytes_sent"] / max(1, r["tokens_run"]) / moe_layers / 2
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": args.model,
+              "streams": args.streams, "bound_bytes_per_token_layer_each_way": bound, "rows": rows}
+    (ROOT / "bench/ep/results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| ranks | output tok/s | × EP=1 | RSS per rank (MiB) | bytes / token / MoE layer, each way (bound) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        moved = f"{r['bytes_per_token_layer_each_way']:.0f} ({bound})" if r["ranks"] > 1 else "—"
+        print(f"| {r['ranks']} | {r['output_tokens_per_s']:.1f} | {r['output_tokens_per_s'] / single:.2f} | "
+              f"{', '.join(str(m) for m in r['rss_mib'])} | {moved} |")
+
+
+if __name__ == "__main__":
+    main()
