@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use deepseek_proto::placement::PlacementPlan;
 use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
+use deepseek_worker::metrics::expert_load_from_metrics;
 use deepseek_worker::model::Model;
 use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::rank;
@@ -33,6 +34,26 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the model over gRPC as ranks of an expert-parallel group.
     Serve(rank::ServeArgs),
+    /// Print an expert placement plan (JSON) for `serve --placement`: balanced from the
+    /// tokens each expert was routed (the ranks' `/metrics`), or round-robin without them.
+    Plan(PlanArgs),
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Checkpoint directory; its config.json gives the number of routed experts.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Ranks in the expert-parallel group.
+    #[arg(long)]
+    group_size: u32,
+    /// Extra copies of hot experts per MoE layer.
+    #[arg(long, default_value_t = 0)]
+    redundant: u32,
+    /// `/metrics` texts of the group's ranks (files, `-` for standard input); their
+    /// `deepseek_worker_expert_routed_tokens_total` counters are summed.
+    #[arg(long = "metrics")]
+    metrics: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -74,7 +95,32 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Plan(args) => run_plan(args),
     }
+}
+
+fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
+    if args.group_size == 0 {
+        bail!("--group-size must be at least 1");
+    }
+    let model_dir = args.model.unwrap_or_else(|| PathBuf::from(TINY_MODEL));
+    let experts = Config::from_file(&model_dir.join("config.json"))?
+        .moe
+        .n_routed_experts;
+    let mut texts = Vec::new();
+    for path in &args.metrics {
+        texts.push(if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("--metrics -")?
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--metrics {}", path.display()))?
+        });
+    }
+    let loads = expert_load_from_metrics(texts.iter().map(String::as_str), experts)
+        .map_err(|e| anyhow::anyhow!("--metrics: {e}"))?;
+    let plan = PlacementPlan::balanced(args.group_size, experts as u32, args.redundant, &loads);
+    println!("{}", serde_json::to_string_pretty(&plan)?);
+    Ok(())
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {

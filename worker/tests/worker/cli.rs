@@ -148,3 +148,53 @@ fn bad_input_fails_with_a_message_and_no_output() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn plan_balances_measured_expert_load_or_falls_back_to_round_robin() {
+    let dir = std::env::temp_dir().join(format!("dsd-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scrape = dir.join("rank0.txt");
+    // Layer 1: expert 3 carries almost everything.
+    let counts = [5, 5, 5, 900, 5, 5, 5, 5];
+    let text: String = counts
+        .iter()
+        .enumerate()
+        .map(|(e, n)| {
+            format!(
+                "deepseek_worker_expert_routed_tokens_total{{layer=\"1\",expert=\"{e}\"}} {n}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&scrape, text).unwrap();
+    let model = fixture("tiny-v3-bf16");
+    let args = [
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--group-size",
+        "4",
+        "--redundant",
+        "3",
+    ];
+    let plan = json(&worker(
+        &[&args[..], &["--metrics", scrape.to_str().unwrap()]].concat(),
+    ));
+    let plan = deepseek_proto::placement::PlacementPlan::from_json(&plan.to_string()).unwrap();
+    assert_eq!(plan.layer(1)[3].len(), 4, "the hot expert is on every rank");
+    assert_eq!(
+        plan.layer(2),
+        &plan.default,
+        "no data for layer 2: round-robin"
+    );
+    let round_robin = json(&worker(&args));
+    assert!(round_robin["layers"].is_null());
+    let bad = worker(&[
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--group-size",
+        "0",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--group-size must be at least 1"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
