@@ -159,10 +159,13 @@ struct Sequence {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     span: tracing::Span,
+    /// Unique in the process: names the sequence across removals from `running`.
+    id: u64,
 }
 
 impl Sequence {
     fn new(s: Submission) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let span = tracing::info_span!(
             "request",
             id = %s.request.request_id,
@@ -183,6 +186,7 @@ impl Sequence {
             first_token: None,
             last_token: None,
             span,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -373,11 +377,13 @@ impl Engine {
 
     /// The decode pass, the prompt chunks, then idle passes up to `passes`. Errs only when
     /// the expert-parallel group failed.
-    fn run_passes(&mut self, chunks: &[usize], passes: usize) -> anyhow::Result<()> {
+    fn run_passes(&mut self, chunks: &[u64], passes: usize) -> anyhow::Result<()> {
         let mut done = usize::from(self.decode_together()?);
-        // Highest index first, so a failed chunk's removal moves none still to run.
-        for &i in chunks.iter().rev() {
-            done += usize::from(self.prefill_chunk(i)?);
+        for id in chunks {
+            // By id: a failed decode may have removed sequences and moved the others.
+            if let Some(i) = self.running.iter().position(|s| s.id == *id) {
+                done += usize::from(self.prefill_chunk(i)?);
+            }
         }
         for _ in done..passes {
             self.model.forward_idle()?;
@@ -512,9 +518,9 @@ impl Engine {
     /// fit in `budget`; the first always runs. Chunks start at multiples of `prefill_chunk`,
     /// whatever the budget, so a prompt is computed the same way in every batch and after
     /// every preemption.
-    fn plan_chunks(&self, mut budget: usize) -> Vec<usize> {
+    fn plan_chunks(&self, mut budget: usize) -> Vec<u64> {
         let mut chosen = Vec::new();
-        for (i, seq) in self.running.iter().enumerate() {
+        for seq in &self.running {
             if !seq.prefilling() {
                 continue;
             }
@@ -523,13 +529,14 @@ impl Engine {
                 break;
             }
             budget = budget.saturating_sub(chunk);
-            chosen.push(i);
+            chosen.push(seq.id);
         }
         chosen
     }
 
     fn chunk_len(&self, seq: &Sequence) -> usize {
-        (seq.request.prompt_ids.len() - seq.blocks.tokens()).min(self.config.prefill_chunk)
+        let left = seq.request.prompt_ids.len().saturating_sub(seq.blocks.tokens());
+        left.min(self.config.prefill_chunk)
     }
 
     /// Runs sequence `i`'s next prompt chunk; true when the pass ran, an error when the
