@@ -535,7 +535,11 @@ impl Engine {
     }
 
     fn chunk_len(&self, seq: &Sequence) -> usize {
-        let left = seq.request.prompt_ids.len().saturating_sub(seq.blocks.tokens());
+        let left = seq
+            .request
+            .prompt_ids
+            .len()
+            .saturating_sub(seq.blocks.tokens());
         left.min(self.config.prefill_chunk)
     }
 
