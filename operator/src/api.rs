@@ -304,6 +304,14 @@ pub struct ParallelismSpec {
     #[schemars(range(min = 0, max = 1024))]
     #[serde(default)]
     pub redundant_experts: i32,
+
+    /// ConfigMap (in this namespace) whose `metrics` entry holds the workers' `/metrics`
+    /// text (scrapes of every rank, concatenated). Each pool's placement plan is then
+    /// balanced by the tokens routed to each expert: the hottest get the redundant copies,
+    /// and every rank carries a near-equal load. Changing it rolls the groups. Unset:
+    /// round-robin placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_load_config_map: Option<String>,
 }
 
 /// The router in front of all pools.

@@ -11,6 +11,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deepseek_proto::placement::expert_load_from_metrics;
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -29,9 +30,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus};
-use crate::desired::Desired;
+use crate::desired::{Desired, ExpertLoad};
 use crate::metrics::Metrics;
 use crate::names::*;
+use crate::resolve;
 use crate::status::{self, Blocked, Observed};
 
 #[derive(Debug, thiserror::Error)]
@@ -133,14 +135,17 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         // Garbage collection follows the owner references.
         return Ok(Action::await_change());
     }
-    let desired = match dsd.desired() {
-        Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
-            .await?
-            .map(|()| desired),
-        Err(err) => Err(Blocked {
-            reason: err.reason(),
-            message: err.to_string(),
-        }),
+    let desired = match expert_load(&ctx.client, &dsd, &ns).await? {
+        Err(blocked) => Err(blocked),
+        Ok(load) => match dsd.desired_with_load(&load) {
+            Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
+                .await?
+                .map(|()| desired),
+            Err(err) => Err(Blocked {
+                reason: err.reason(),
+                message: err.to_string(),
+            }),
+        },
     };
     let observed = observe(&ctx.client, &ns, &name).await?;
     if let Ok(desired) = &desired {
@@ -192,6 +197,41 @@ pub fn error_policy(dsd: Arc<DeepSeekDeployment>, err: &Error, ctx: Arc<Context>
 pub fn backoff(failures: u32) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
     BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// The measured expert load `spec.parallelism.expertLoadConfigMap` names (none when unset).
+async fn expert_load(
+    client: &Client,
+    dsd: &DeepSeekDeployment,
+    ns: &str,
+) -> Result<Result<ExpertLoad, Blocked>, Error> {
+    let Some(name) = &dsd.spec.parallelism.expert_load_config_map else {
+        return Ok(Ok(ExpertLoad::new()));
+    };
+    let field = "spec.parallelism.expertLoadConfigMap";
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let Some(config_map) = api.get_opt(name).await? else {
+        return Ok(Err(Blocked {
+            reason: "ExpertLoadMissing",
+            message: format!("{field}: ConfigMap {name:?} not found in namespace {ns}"),
+        }));
+    };
+    let text = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(EXPERT_LOAD_ENTRY))
+        .map_or("", String::as_str);
+    let experts = match resolve::routed_experts(dsd) {
+        Ok(experts) => experts as usize,
+        // desired() reports the spec error itself.
+        Err(_) => return Ok(Ok(ExpertLoad::new())),
+    };
+    Ok(
+        expert_load_from_metrics([text], experts).map_err(|e| Blocked {
+            reason: "ExpertLoadInvalid",
+            message: format!("{field}: ConfigMap {name:?}, entry {EXPERT_LOAD_ENTRY:?}: {e}"),
+        }),
+    )
 }
 
 async fn model_volume_present(

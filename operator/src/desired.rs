@@ -52,18 +52,29 @@ pub struct Desired {
     pub deployments: Vec<Deployment>,
 }
 
+/// Tokens routed to each expert: layer → count per expert.
+pub type ExpertLoad = BTreeMap<u32, Vec<u64>>;
+
 impl DeepSeekDeployment {
-    /// The objects that realise this deployment, or why it cannot be realised.
+    /// The objects that realise this deployment, or why it cannot be realised, with
+    /// round-robin expert placement.
     pub fn desired(&self) -> Result<Desired, SpecError> {
+        self.desired_with_load(&ExpertLoad::new())
+    }
+
+    /// Like `desired`, with each pool's placement balanced by measured expert load
+    /// (tokens routed per layer and expert; layers without data stay round-robin).
+    pub fn desired_with_load(&self, load: &ExpertLoad) -> Result<Desired, SpecError> {
         let pools = resolve::resolve(self)?;
         let experts = resolve::routed_experts(self)?;
         let ctx = Ctx::new(self);
         let mut out = Desired::default();
         for pool in pools {
-            let plan = PlacementPlan::round_robin(
+            let plan = PlacementPlan::balanced(
                 pool.group_size as u32,
                 experts,
                 self.spec.parallelism.redundant_experts.max(0) as u32,
+                load,
             );
             let plan_json = serde_json::to_string(&plan).expect("plan serialises");
             let revision = revision_hash(&ctx.pod_template(&pool, 0, None), &plan_json);

@@ -31,6 +31,8 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 
 pub const MODEL_MOUNT: &str = "/models";
 pub const PLACEMENT_MOUNT: &str = "/etc/deepseek/placement";
+/// The entry of the expert-load ConfigMap that holds the workers' `/metrics` text.
+pub const EXPERT_LOAD_ENTRY: &str = "metrics";
 /// Where the router finds its API keys, and the Secret entry that holds them.
 pub const ROUTER_KEYS_DIR: &str = "/etc/deepseek-router";
 pub const ROUTER_KEYS_ENTRY: &str = "api-keys";

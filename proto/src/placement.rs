@@ -14,6 +14,51 @@ pub const PLAN_FILE: &str = "plan.json";
 /// Current plan format.
 pub const PLAN_VERSION: u32 = 1;
 
+/// The worker counter of tokens routed to each expert (labels `layer`, `expert`): the load
+/// that placement is balanced by.
+pub const EXPERT_LOAD_METRIC: &str = "deepseek_worker_expert_routed_tokens_total";
+
+/// Tokens routed to each expert, summed over `/metrics` texts (one per rank): layer →
+/// counts of experts `0..experts`: the input of [`PlacementPlan::balanced`].
+pub fn expert_load_from_metrics<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
+    experts: usize,
+) -> Result<BTreeMap<u32, Vec<u64>>, String> {
+    let name = format!("{EXPERT_LOAD_METRIC}{{");
+    let mut loads: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (n, line) in texts.into_iter().flat_map(str::lines).enumerate() {
+        let Some(rest) = line.strip_prefix(name.as_str()) else {
+            continue;
+        };
+        let parsed = (|| {
+            let (labels, value) = rest.split_once("} ")?;
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
+                    .and_then(|v| v.parse::<usize>().ok())
+            };
+            Some((
+                label("layer")?,
+                label("expert")?,
+                value.trim().parse::<u64>().ok()?,
+            ))
+        })();
+        let (layer, expert, tokens) =
+            parsed.ok_or_else(|| format!("line {}: cannot read {line:?}", n + 1))?;
+        if expert >= experts {
+            return Err(format!(
+                "line {}: expert {expert}, but the model has {experts} routed experts",
+                n + 1
+            ));
+        }
+        loads
+            .entry(layer as u32)
+            .or_insert_with(|| vec![0; experts])[expert] += tokens;
+    }
+    Ok(loads)
+}
+
 /// `experts[e]` lists the ranks that hold expert `e`; the first is its primary owner and the
 /// rest are redundant copies.
 pub type ExpertRanks = Vec<Vec<u32>>;
@@ -296,6 +341,28 @@ mod tests {
         assert!((0..8).all(|r| plan.experts_on_rank(3, r).len() == 9));
         // Layers without data keep round-robin.
         assert_eq!(plan.layer(4), &round_robin.default);
+    }
+
+    #[test]
+    fn expert_load_is_read_back_from_several_ranks() {
+        let rank0 = "# TYPE x counter\ndeepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"2\"} 5\n";
+        let rank1 = "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"2\"} 3\n\
+                     deepseek_worker_expert_routed_tokens_total{layer=\"2\",expert=\"0\"} 7\n# EOF\n";
+        let loads = expert_load_from_metrics([rank0, rank1], 4).unwrap();
+        assert_eq!(loads[&1], [0, 0, 8, 0]);
+        assert_eq!(loads[&2], [7, 0, 0, 0]);
+        let bad = "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"9\"} 1";
+        assert!(
+            expert_load_from_metrics([bad], 4)
+                .unwrap_err()
+                .contains("expert 9")
+        );
+        let garbled = "deepseek_worker_expert_routed_tokens_total{layer=\"x\"} 1";
+        assert!(
+            expert_load_from_metrics([garbled], 4)
+                .unwrap_err()
+                .contains("line 1")
+        );
     }
 
     #[test]

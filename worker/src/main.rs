@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use deepseek_proto::placement::PlacementPlan;
+use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
 use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
-use deepseek_worker::metrics::expert_load_from_metrics;
 use deepseek_worker::model::Model;
 use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::rank;

@@ -1,6 +1,5 @@
 //! Prometheus metrics of one worker, served as text on `--metrics-listen`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use deepseek_proto::placement::EXPERT_LOAD_METRIC;
 
 use crate::model::Model;
 use crate::scheduler::Load;
@@ -133,7 +134,7 @@ impl Metrics {
             for (layer, expert, tokens) in model.expert_load().snapshot() {
                 let _ = writeln!(
                     out,
-                    "deepseek_worker_expert_routed_tokens_total{{layer=\"{layer}\",expert=\"{expert}\"}} {tokens}"
+                    "{EXPERT_LOAD_METRIC}{{layer=\"{layer}\",expert=\"{expert}\"}} {tokens}"
                 );
             }
             if let Some(bytes) = model.expert_bytes_sent() {
@@ -147,47 +148,6 @@ impl Metrics {
         }
         out + &eof
     }
-}
-
-/// Tokens routed to each expert, summed over `/metrics` texts (one per rank): layer →
-/// counts of experts `0..experts`. The input of `PlacementPlan::balanced`.
-pub fn expert_load_from_metrics<'a>(
-    texts: impl IntoIterator<Item = &'a str>,
-    experts: usize,
-) -> Result<BTreeMap<u32, Vec<u64>>, String> {
-    const NAME: &str = "deepseek_worker_expert_routed_tokens_total{";
-    let mut loads: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    for (n, line) in texts.into_iter().flat_map(str::lines).enumerate() {
-        let Some(rest) = line.strip_prefix(NAME) else {
-            continue;
-        };
-        let parsed = (|| {
-            let (labels, value) = rest.split_once("} ")?;
-            let label = |key: &str| {
-                labels
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
-                    .and_then(|v| v.parse::<usize>().ok())
-            };
-            Some((
-                label("layer")?,
-                label("expert")?,
-                value.trim().parse::<u64>().ok()?,
-            ))
-        })();
-        let (layer, expert, tokens) =
-            parsed.ok_or_else(|| format!("line {}: cannot read {line:?}", n + 1))?;
-        if expert >= experts {
-            return Err(format!(
-                "line {}: expert {expert}, but the model has {experts} routed experts",
-                n + 1
-            ));
-        }
-        loads
-            .entry(layer as u32)
-            .or_insert_with(|| vec![0; experts])[expert] += tokens;
-    }
-    Ok(loads)
 }
 
 /// `/metrics` on its own port.
@@ -212,31 +172,4 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expert_load_is_read_back_from_several_ranks() {
-        let rank0 = "# TYPE x counter\ndeepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"2\"} 5\n";
-        let rank1 = "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"2\"} 3\n\
-                     deepseek_worker_expert_routed_tokens_total{layer=\"2\",expert=\"0\"} 7\n# EOF\n";
-        let loads = expert_load_from_metrics([rank0, rank1], 4).unwrap();
-        assert_eq!(loads[&1], [0, 0, 8, 0]);
-        assert_eq!(loads[&2], [7, 0, 0, 0]);
-        let bad = "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"9\"} 1";
-        assert!(
-            expert_load_from_metrics([bad], 4)
-                .unwrap_err()
-                .contains("expert 9")
-        );
-        let garbled = "deepseek_worker_expert_routed_tokens_total{layer=\"x\"} 1";
-        assert!(
-            expert_load_from_metrics([garbled], 4)
-                .unwrap_err()
-                .contains("line 1")
-        );
-    }
 }

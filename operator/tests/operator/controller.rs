@@ -367,6 +367,61 @@ async fn a_missing_model_volume_blocks_without_creating_anything() {
     api.expect_no_more_calls().await;
 }
 
+fn with_expert_load() -> DeepSeekDeployment {
+    let mut dsd = tiny();
+    dsd.spec.parallelism.expert_load_config_map = Some("expert-load".into());
+    dsd
+}
+
+#[tokio::test]
+async fn the_expert_load_config_map_feeds_the_placement_plan() {
+    let (ctx, mut api) = setup();
+    let task = run(&ctx, with_expert_load());
+    let metrics = "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"3\"} 900\n";
+    let config_map = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "expert-load"}, "data": {"metrics": metrics}});
+    api.expect(
+        "GET",
+        &format!("{CORE}/configmaps/expert-load"),
+        Reply::Json(config_map),
+    )
+    .await;
+    observe(&mut api, vec![], vec![]).await;
+    let applied = applies(&mut api).await;
+    let plan = applied[3]["data"]["plan.json"].as_str().unwrap();
+    let plan: Value = serde_json::from_str(plan).unwrap();
+    assert!(plan["layers"]["1"].is_array(), "a balanced layer 1: {plan}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_missing_expert_load_config_map_blocks_naming_the_field() {
+    let (ctx, mut api) = setup();
+    let task = run(&ctx, with_expert_load());
+    api.expect(
+        "GET",
+        &format!("{CORE}/configmaps/expert-load"),
+        Reply::Status(404),
+    )
+    .await;
+    observe_children(&mut api, vec![], vec![]).await;
+    let events = events(&mut api, 1).await;
+    assert_eq!(events[0]["reason"], "ExpertLoadMissing");
+    let status = status_patch(&mut api).await;
+    let ready = condition(&status, "Ready");
+    assert!(
+        ready["message"].as_str().unwrap().starts_with(
+            "spec.parallelism.expertLoadConfigMap: ConfigMap \"expert-load\" not found"
+        ),
+        "{ready}"
+    );
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(300))
+    );
+    api.expect_no_more_calls().await;
+}
+
 #[tokio::test]
 async fn groups_scaled_away_are_deleted_and_old_revision_pods_replaced() {
     let (ctx, mut api) = setup();

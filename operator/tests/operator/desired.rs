@@ -509,6 +509,30 @@ fn unrealisable_specs_name_the_field() {
 }
 
 #[test]
+fn measured_expert_load_balances_each_pools_plan_and_rolls_the_groups() {
+    let mut dsd = v3();
+    dsd.spec.parallelism.redundant_experts = 16;
+    let plan_of = |d: &deepseek_operator::desired::Desired| {
+        let data = d.config_maps[0].data.as_ref().unwrap();
+        deepseek_proto::placement::PlacementPlan::from_json(data.values().next().unwrap()).unwrap()
+    };
+    let round_robin = desired(&dsd);
+    // Layer 3: expert 7 takes a fifth of all tokens.
+    let mut counts = vec![100u64; 256];
+    counts[7] = 6400;
+    let load = std::collections::BTreeMap::from([(3u32, counts.clone())]);
+    let balanced = dsd.desired_with_load(&load).unwrap();
+    let plan = plan_of(&balanced);
+    assert!(plan.layer(3)[7].len() > 1, "the hot expert has copies");
+    let per_rank = plan.rank_loads(3, &counts);
+    let mean = per_rank.iter().sum::<f64>() / per_rank.len() as f64;
+    assert!(per_rank.iter().all(|&l| l < 1.1 * mean), "{per_rank:?}");
+    assert_eq!(plan_of(&round_robin).layers.len(), 0);
+    // A new plan is a new revision: the groups roll.
+    assert_ne!(balanced.pools[0].1, round_robin.pools[0].1);
+}
+
+#[test]
 fn an_api_keys_secret_is_mounted_and_passed_to_the_router() {
     let mut dsd = v3();
     dsd.spec.router.api_keys_secret = Some("deepseek-api-keys".into());
