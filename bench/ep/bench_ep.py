@@ -27,7 +27,7 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench/worker"))
-from bench_concurrency import free_port, one_stream, stubs  # noqa: E402
+from bench_concurrency import free_port, one_stream, stubs, wait_ready  # noqa: E402
 
 
 def rss_mib(pid):
@@ -56,16 +56,8 @@ def run_group(args, pb, pb_grpc, size):
         procs.append(subprocess.Popen(cmd, env=env))
     try:
         stubs_by_rank = [pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{p}")) for p in grpc_ports]
-        deadline = time.time() + 300
         for stub in stubs_by_rank:
-            while True:
-                try:
-                    stub.ModelInfo(pb.ModelInfoRequest())
-                    break
-                except grpc.RpcError:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.5)
+            wait_ready(stub, pb, 300)
         for stub in stubs_by_rank:  # warm up (every rank takes part in every pass)
             one_stream(stub, pb, list(range(10, 10 + args.prompt_len)), 4, [])
         results = []

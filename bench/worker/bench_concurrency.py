@@ -52,6 +52,21 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+def wait_ready(stub, pb, seconds):
+    """Polls ModelInfo until the worker answers (it is loaded)."""
+    import grpc
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            stub.ModelInfo(pb.ModelInfoRequest())
+            return
+        except grpc.RpcError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def one_stream(stub, pb, prompt, new_tokens, out):
     start = time.perf_counter()
     times = []
@@ -87,15 +102,7 @@ def main():
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.InferenceStub(channel)
-        deadline = time.time() + 120
-        while True:
-            try:
-                stub.ModelInfo(pb.ModelInfoRequest())
-                break
-            except grpc.RpcError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_ready(stub, pb, 120)
         # warm up
         one_stream(stub, pb, list(range(10, 10 + args.prompt_len)), 4, [])
         rows = []
