@@ -411,9 +411,7 @@ impl Wire {
             Wire::F32 => 4,
             Wire::Bf16 => 2,
         };
-        let (data, rest) = bytes
-            .split_at_checked(n * width)
-            .context("a truncated expert-parallel message")?;
+        let (data, rest) = bytes.split_at_checked(n * width).ok_or_else(truncated)?;
         *bytes = rest;
         Ok(match self {
             Wire::F32 => data
@@ -428,14 +426,17 @@ impl Wire {
     }
 }
 
+/// A message shorter than it says: the group can no longer be trusted to agree.
+fn truncated() -> GroupError {
+    GroupError("a truncated expert-parallel message".into())
+}
+
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
 fn get_u32(bytes: &mut &[u8]) -> Result<u32> {
-    let (head, rest) = bytes
-        .split_at_checked(4)
-        .context("a truncated expert-parallel message")?;
+    let (head, rest) = bytes.split_at_checked(4).ok_or_else(truncated)?;
     *bytes = rest;
     Ok(u32::from_le_bytes([head[0], head[1], head[2], head[3]]))
 }
