@@ -4,6 +4,7 @@
 pub mod config;
 pub mod ep;
 pub mod generate;
+pub mod gpu;
 pub mod metrics;
 pub mod model;
 pub mod rank;

@@ -1,0 +1,16 @@
+// RMSNorm, one block per row: y = x / sqrt(mean(x²) + eps) · weight. Activations f32,
+// weights bf16 as the checkpoints store them.
+#include "common.cuh"
+
+extern "C" __global__ void rms_norm(const float* __restrict__ x,
+                                    const __nv_bfloat16* __restrict__ weight,
+                                    float* __restrict__ y, int cols, float eps) {
+    const float* row = x + (size_t)blockIdx.x * cols;
+    float* out = y + (size_t)blockIdx.x * cols;
+    float squares = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) squares += row[i] * row[i];
+    const float scale = rsqrtf(block_sum(squares) / cols + eps);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        out[i] = row[i] * scale * __bfloat162float(weight[i]);
+    }
+}
