@@ -84,6 +84,37 @@ def summarize(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
+def timings(prompt_len: int, prefill_s: float, steps: list, tokens: list) -> dict:
+    """One run's figures: prefill time, per-step decode times, greedy tokens."""
+    decode_s = sum(steps)
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "prefill_tokens_per_s": prompt_len / prefill_s,
+        "decode_tokens_per_s": len(steps) / decode_s if steps else None,
+        "tokens": tokens,
+    }
+
+
+def repeat(args, one_run, per_run_lists=("tokens",)) -> tuple[dict, list]:
+    """A warm-up, then `args.runs` runs of `one_run` (→ (figures, first logits)); saves the
+    last run's first logits when asked; returns the summary and the runs."""
+    import numpy as np
+
+    one_run()
+    runs = []
+    first_logits = None
+    for _ in range(args.runs):
+        r, first_logits = one_run()
+        runs.append(r)
+    if args.logits_out:
+        np.save(args.logits_out, first_logits.astype(np.float32))
+    out = summarize([{k: v for k, v in r.items() if k not in per_run_lists} for r in runs])
+    out.update({"tokens": runs[-1]["tokens"],
+                "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs)})
+    return out, runs
+
+
 def worker_bandwidth(args) -> dict:
     import numpy as np
 
@@ -147,33 +178,16 @@ def worker_llamacpp(args) -> dict:
             tok = int(last_logits().argmax())
             steps.append(time.perf_counter() - t)
             toks.append(tok)
-        decode_s = sum(steps)
-        return {
-            "prefill_s": prefill_s,
-            "decode_s": decode_s,
-            "prefill_tokens_per_s": len(prompt) / prefill_s,
-            "decode_tokens_per_s": len(steps) / decode_s if steps else None,
-            "tokens": toks,
-        }, first
+        return timings(len(prompt), prefill_s, steps, toks), first
 
-    one_run()  # warm-up
-    runs = []
-    first_logits = None
-    for _ in range(args.runs):
-        r, first_logits = one_run()
-        runs.append(r)
-    if args.logits_out:
-        np.save(args.logits_out, first_logits.astype(np.float32))
-    out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
-    out.update({"load_s": load_s, "tokens": runs[-1]["tokens"],
-                "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs),
+    out, _ = repeat(args, one_run)
+    out.update({"load_s": load_s,
                 "llama_cpp_python": llama_cpp.__version__,
                 "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()})
     return out
 
 
 def worker_transformers(args) -> dict:
-    import numpy as np
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -208,28 +222,13 @@ def worker_transformers(args) -> dict:
             steps.append(time.perf_counter() - t)
             toks.append(tok)
             gaps.append(out.logits[0, -1].float().topk(2)[0])
-        decode_s = sum(steps)
-        return {
-            "prefill_s": prefill_s,
-            "decode_s": decode_s,
-            "prefill_tokens_per_s": len(prompt) / prefill_s,
-            "decode_tokens_per_s": len(steps) / decode_s if steps else None,
-            "tokens": toks,
-            # top-1 minus top-2 logit of each greedy step: how close each choice was
-            "top1_top2_gaps": [round(float(g[0] - g[1]), 5) for g in gaps],
-        }, first
+        figures = timings(len(prompt), prefill_s, steps, toks)
+        # top-1 minus top-2 logit of each greedy step: how close each choice was
+        figures["top1_top2_gaps"] = [round(float(g[0] - g[1]), 5) for g in gaps]
+        return figures, first
 
-    one_run()  # warm-up
-    runs = []
-    first_logits = None
-    for _ in range(args.runs):
-        r, first_logits = one_run()
-        runs.append(r)
-    if args.logits_out:
-        np.save(args.logits_out, first_logits.astype(np.float32))
-    out = summarize([{k: v for k, v in r.items() if k not in ("tokens", "top1_top2_gaps")} for r in runs])
-    out.update({"load_s": load_s, "tokens": runs[-1]["tokens"], "top1_top2_gaps": runs[-1]["top1_top2_gaps"],
-                "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs),
+    out, runs = repeat(args, one_run, ("tokens", "top1_top2_gaps"))
+    out.update({"load_s": load_s, "top1_top2_gaps": runs[-1]["top1_top2_gaps"],
                 "transformers": transformers.__version__, "torch": torch.__version__,
                 "experts_implementation": model.config._experts_implementation,
                 "attn_implementation": model.config._attn_implementation})
