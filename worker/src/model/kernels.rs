@@ -47,22 +47,29 @@ pub fn matmul_bf16(
 ) -> Vec<f32> {
     debug_assert_eq!(x.len(), tokens * in_dim);
     debug_assert_eq!(weight.len(), out_dim * in_dim);
-    let mut transposed = vec![0f32; out_dim * tokens];
+    // [out, tokens], as `products` writes it.
+    let mut by_row = vec![0f32; out_dim * tokens];
     products(vec![Product {
         weight,
         inputs: x.chunks_exact(in_dim).collect(),
-        out: &mut transposed,
+        out: &mut by_row,
     }]);
     if tokens == 1 {
-        return transposed;
+        return by_row;
     }
-    let mut y = vec![0f32; tokens * out_dim];
-    for (o, outputs) in transposed.chunks(tokens).enumerate() {
-        for (t, &v) in outputs.iter().enumerate() {
-            y[t * out_dim + o] = v;
+    transpose(&by_row, tokens)
+}
+
+/// `[rows, n]` → `[n, rows]`.
+pub fn transpose(a: &[f32], n: usize) -> Vec<f32> {
+    let rows = a.len() / n;
+    let mut out = vec![0f32; a.len()];
+    for (r, row) in a.chunks_exact(n).enumerate() {
+        for (t, &v) in row.iter().enumerate() {
+            out[t * rows + r] = v;
         }
     }
-    y
+    out
 }
 
 /// One weight matrix (row-major bf16) applied to a few inputs:

@@ -252,11 +252,14 @@ pub fn mlps_bf16(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
     kernels::products(jobs);
     // silu(gate) · up, as x / (1 + e^−x), one row per input for the down products.
     let hidden: Vec<Vec<f32>> = gates
-        .iter()
+        .iter_mut()
         .zip(&ups)
         .zip(items)
         .map(|((gate, up), (_, xs))| {
-            transposed(gate, xs.len(), |g, u| g / (1.0 + (-g).exp()) * u, up)
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            kernels::transpose(gate, xs.len())
         })
         .collect();
     let mut outs = buffers(2);
@@ -274,20 +277,8 @@ pub fn mlps_bf16(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
     kernels::products(jobs);
     outs.iter()
         .zip(items)
-        .map(|(out, (_, xs))| transposed(out, xs.len(), |o, _| o, out))
+        .map(|(out, (_, xs))| kernels::transpose(out, xs.len()))
         .collect()
-}
-
-/// `[rows, n]` → `[n, rows]`, combining each element of `a` with the same element of `b`.
-fn transposed(a: &[f32], n: usize, f: impl Fn(f32, f32) -> f32, b: &[f32]) -> Vec<f32> {
-    let rows = a.len() / n;
-    let mut out = vec![0f32; a.len()];
-    for r in 0..rows {
-        for t in 0..n {
-            out[t * rows + r] = f(a[r * n + t], b[r * n + t]);
-        }
-    }
-    out
 }
 
 /// Softmax over the last dimension, max-subtracted.
