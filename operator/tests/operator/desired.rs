@@ -19,6 +19,12 @@ fn pod_spec(sts: &StatefulSet) -> &PodSpec {
     sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
 }
 
+/// The router Deployment's pod.
+fn router_pod(d: &Desired) -> &PodSpec {
+    let router = d.deployments[0].spec.as_ref().unwrap();
+    router.template.spec.as_ref().unwrap()
+}
+
 fn worker(sts: &StatefulSet) -> &Container {
     &pod_spec(sts).containers[0]
 }
@@ -537,14 +543,7 @@ fn an_api_keys_secret_is_mounted_and_passed_to_the_router() {
     let mut dsd = v3();
     dsd.spec.router.api_keys_secret = Some("deepseek-api-keys".into());
     let d = desired(&dsd);
-    let pod = d.deployments[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
+    let pod = router_pod(&d);
     let container = &pod.containers[0];
     let args = container.args.clone().unwrap().join(" ");
     assert!(
@@ -556,38 +555,17 @@ fn an_api_keys_secret_is_mounted_and_passed_to_the_router() {
         (mount.mount_path.as_str(), mount.read_only),
         ("/etc/deepseek-router", Some(true))
     );
-    let secret = pod.volumes.unwrap()[0].secret.clone().unwrap();
+    let secret = pod.volumes.as_ref().unwrap()[0].secret.clone().unwrap();
     assert_eq!(secret.secret_name.as_deref(), Some("deepseek-api-keys"));
     assert_eq!(secret.items.unwrap()[0].key, "api-keys");
     // Without the field the router takes no keys and mounts nothing.
-    let plain = desired(&v3()).deployments[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
-    assert!(plain.volumes.is_none());
+    assert!(router_pod(&desired(&v3())).volumes.is_none());
 }
 
 #[test]
 fn the_router_discovers_this_deployments_workers_with_pool_weights() {
     let d = desired(&v3());
-    let router = &d.deployments[0];
-    let args = router
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .args
-        .clone()
-        .unwrap();
-    let joined = args.join(" ");
+    let joined = router_pod(&d).containers[0].args.clone().unwrap().join(" ");
     assert!(joined.contains("--policy prefix-affinity"));
     assert!(joined.contains("--discover-namespace inference"));
     assert!(joined.contains("--discover-selector app.kubernetes.io/component=worker,serving.deepseek-operator.io/deployment=deepseek-v3"));
