@@ -21,13 +21,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench/worker"))
-from bench_concurrency import free_port, one_stream, stubs, wait_ready  # noqa: E402
+from bench_concurrency import free_port, one_stream, run_streams, stubs, wait_ready  # noqa: E402
 
 
 def rss_mib(pid):
@@ -60,21 +59,7 @@ def run_group(args, pb, pb_grpc, size):
             wait_ready(stub, pb, 300)
         for stub in stubs_by_rank:  # warm up (every rank takes part in every pass)
             one_stream(stub, pb, list(range(10, 10 + args.prompt_len)), 4, [])
-        results = []
-
-        def client(i):
-            stub = stubs_by_rank[i % size]
-            for k in range(args.requests_per_stream):
-                prompt = [(7 * i + 13 * j + 101 * k) % 30000 + 10 for j in range(args.prompt_len)]
-                one_stream(stub, pb, prompt, args.new_tokens, results)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.streams)]
-        began = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - began
+        results, wall = run_streams(lambda i: stubs_by_rank[i % size], pb, args.streams, args)
         scrapes = [urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics").read().decode() for p in metrics_ports]
         sent = sum(counter(s, "deepseek_worker_expert_parallel_bytes_sent") for s in scrapes)
         tokens_run = sum(counter(s, "deepseek_worker_prompt_tokens") + counter(s, "deepseek_worker_generation_tokens")

@@ -52,6 +52,26 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+def run_streams(stub_of, pb, streams, args):
+    """`streams` concurrent clients, client i on `stub_of(i)`, each sending
+    `args.requests_per_stream` requests back to back; returns every request's record and
+    the wall time."""
+    results = []
+
+    def client(i):
+        for k in range(args.requests_per_stream):
+            prompt = [(7 * i + 13 * j + 101 * k) % 30000 + 10 for j in range(args.prompt_len)]
+            one_stream(stub_of(i), pb, prompt, args.new_tokens, results)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - began
+
+
 def wait_ready(stub, pb, seconds):
     """Polls ModelInfo until the worker answers (it is loaded)."""
     import grpc
@@ -107,19 +127,7 @@ def main():
         one_stream(stub, pb, list(range(10, 10 + args.prompt_len)), 4, [])
         rows = []
         for level in [int(x) for x in args.levels.split(",")]:
-            results = []
-            def client(i):
-                for k in range(args.requests_per_stream):
-                    prompt = [(7 * i + 13 * j + 101 * k) % 30000 + 10 for j in range(args.prompt_len)]
-                    one_stream(stub, pb, prompt, args.new_tokens, results)
-
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(level)]
-            began = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - began
+            results, wall = run_streams(lambda i: stub, pb, level, args)
             tokens = sum(r["tokens"] for r in results)
             ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
             itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
