@@ -56,15 +56,13 @@ pub fn generate(model: &Model, prompt: &[u32], options: &GenerateOptions) -> Res
         out.prompt_logits = logits;
     }
 
-    let mut history = prompt.to_vec();
     let start = Instant::now();
     loop {
-        let token = sampler.sample(&last, &history);
+        let token = sampler.sample(&last, prompt.iter().chain(&out.tokens));
         if options.keep_logits {
             out.step_logits.push(std::mem::take(&mut last));
         }
         out.tokens.push(token);
-        history.push(token);
         if out.tokens.len() == options.max_new_tokens || options.stop_ids.contains(&token) {
             break;
         }

@@ -127,8 +127,13 @@ impl Sampler {
         }
     }
 
-    /// The next token given this step's logits and every token so far (prompt and output).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// The next token given this step's logits and every token so far (prompt and output;
+    /// only read when a penalty is set).
+    pub fn sample<'a>(
+        &mut self,
+        logits: &[f32],
+        history: impl IntoIterator<Item = &'a u32>,
+    ) -> u32 {
         let mut logits = logits.to_vec();
         self.apply_penalties(&mut logits, history);
         if self.params.temperature == 0.0 {
@@ -147,7 +152,7 @@ impl Sampler {
         last
     }
 
-    fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+    fn apply_penalties<'a>(&self, logits: &mut [f32], history: impl IntoIterator<Item = &'a u32>) {
         let p = &self.params;
         if p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
             return;

@@ -640,14 +640,8 @@ fn emit(
     seq: &mut Sequence,
     logits: &[f32],
 ) -> Outcome {
-    let history: Vec<u32> = seq
-        .request
-        .prompt_ids
-        .iter()
-        .chain(&seq.generated)
-        .copied()
-        .collect();
-    let token = seq.sampler.sample(logits, &history);
+    let history = seq.request.prompt_ids.iter().chain(&seq.generated);
+    let token = seq.sampler.sample(logits, history);
     seq.generated.push(token);
     let now = Instant::now();
     match seq.last_token.replace(now) {
