@@ -584,21 +584,39 @@ impl RoutedExperts for ExpertParallel {
             .map(|tokens| encode_dispatch(self.wire, tokens, &rows, hidden))
             .collect();
         let received = self.exchange(outgoing)?;
-        let replies = received
+        // Every rank's tokens in one pass, so each local expert's weights are read once.
+        let mut xs = Vec::new();
+        let mut routing = Routing {
+            experts: Vec::new(),
+            weights: Vec::new(),
+        };
+        let mut counts = Vec::with_capacity(received.len());
+        for bytes in &received {
+            let (x, r) = decode_dispatch(self.wire, bytes, hidden)?;
+            counts.push(r.experts.len());
+            xs.extend(x);
+            routing.experts.extend(r.experts);
+            routing.weights.extend(r.weights);
+        }
+        let n = routing.experts.len();
+        let ys = if n > 0 {
+            let xs = Tensor::from_vec(xs, (n, hidden), &Device::Cpu)?;
+            let ys = self.local.forward(layer, &xs, &routing, false)?;
+            ys.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            Vec::new()
+        };
+        let mut rows = ys.chunks_exact(hidden.max(1));
+        let replies = counts
             .iter()
-            .map(|bytes| {
-                let (xs, routing) = decode_dispatch(self.wire, bytes, hidden)?;
-                let n = routing.experts.len();
+            .map(|&count| {
                 let mut reply = Vec::new();
-                if n > 0 {
-                    let xs = Tensor::from_vec(xs, (n, hidden), &Device::Cpu)?;
-                    let ys = self.local.forward(layer, &xs, &routing, false)?;
-                    self.wire
-                        .put(&mut reply, &ys.flatten_all()?.to_vec1::<f32>()?);
+                for y in rows.by_ref().take(count) {
+                    self.wire.put(&mut reply, y);
                 }
-                Ok(reply)
+                reply
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         let results = self.exchange(replies)?;
         let mut out = vec![0f32; tokens * hidden];
         // Ranks in order, so the sum is the same every time.
