@@ -3,7 +3,7 @@
 //! requests in flight, health and the load it last reported).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use deepseek_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -75,7 +75,6 @@ pub struct Backend {
     /// Waiting + running sequences it last reported (all routers' requests).
     reported_busy: AtomicUsize,
     healthy: AtomicBool,
-    consecutive_failures: AtomicU32,
 }
 
 impl Backend {
@@ -93,7 +92,6 @@ impl Backend {
             reported_busy: AtomicUsize::new(0),
             // Optimistic until the first health check says otherwise.
             healthy: AtomicBool::new(true),
-            consecutive_failures: AtomicU32::new(0),
         })
     }
 
@@ -125,9 +123,6 @@ impl Backend {
     /// An active health check's verdict and the load reported with it.
     pub fn observed(&self, serving: bool, busy: Option<usize>) {
         self.healthy.store(serving, Ordering::Relaxed);
-        if serving {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-        }
         if let Some(busy) = busy {
             self.reported_busy.store(busy, Ordering::Relaxed);
         }
@@ -135,7 +130,6 @@ impl Backend {
 
     /// A request could not reach it: ejected until a health check finds it serving again.
     pub fn failed(&self) {
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         self.healthy.store(false, Ordering::Relaxed);
     }
 }
