@@ -215,9 +215,7 @@ impl Router {
                     return Ok(pass_through(first, rest, (in_flight, admitted)));
                 }
                 Err(status) if retryable(&status) => {
-                    if status.code() != Code::ResourceExhausted {
-                        backend.failed();
-                    }
+                    eject_unless_full(&backend, &status);
                     tracing::warn!(backend = %backend.spec.addr, code = ?status.code(), message = status.message(), "backend failed before the first token; trying another");
                     last = Some(status);
                 }
@@ -244,9 +242,7 @@ impl Router {
             match call(backend.client()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if retryable(&status) => {
-                    if status.code() != Code::ResourceExhausted {
-                        backend.failed();
-                    }
+                    eject_unless_full(&backend, &status);
                     last = Some(status);
                 }
                 Err(status) => return Err(status),
@@ -275,6 +271,14 @@ impl Router {
                 kv_blocks_total: sum.kv_blocks_total + r.kv_blocks_total,
                 tokens_per_second: sum.tokens_per_second + r.tokens_per_second,
             })
+    }
+}
+
+/// After a retryable failure: a backend that was merely full stays in; any other is ejected
+/// until a health check finds it serving.
+fn eject_unless_full(backend: &Backend, status: &Status) {
+    if status.code() != Code::ResourceExhausted {
+        backend.failed();
     }
 }
 
