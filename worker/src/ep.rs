@@ -122,16 +122,7 @@ impl Transport for ChannelTransport {
 /// What ranks check before forming a group: the same model and plan (a hash of both).
 pub fn group_identity(config_json: &[u8], plan: &PlacementPlan, wire: Wire) -> u64 {
     let plan = serde_json::to_vec(plan).unwrap_or_default();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in config_json
-        .iter()
-        .chain(&[0xff])
-        .chain(&plan)
-        .chain(&[wire as u8])
-    {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::fnv1a([config_json, &[0xff], &plan, &[wire as u8]])
 }
 
 const HELLO_MAGIC: &[u8; 4] = b"DSEP";

@@ -1,0 +1,224 @@
+// Grouped GEMM over experts: y[r] = x[r] · W_eᵀ for every row r of expert e's segment
+// [offsets[e], offsets[e+1]) of the expert-ordered batch (see moe_permute.cu). x is
+// [rows, K]; W is [experts, N, K], each expert's weight as checkpoints store it ([out, in]);
+// y is [rows, N] bf16 with f32 accumulation. A dense GEMM is the one-expert case.
+//
+// Tensor cores through mma.sync, which sm_80 and sm_90 both run: 128×128 output tiles,
+// 8 warps of 64×32, a 4-stage cp.async pipeline of 64-byte K slices (32 bf16 or 64 FP8
+// values: one shared-memory geometry for both), XOR-swizzled so ldmatrix is conflict-free.
+// The FP8 kernel (sm_89+) takes e4m3 activations with 1×128 scales and weights with
+// 128×128 block scales, DeepSeek-V3's format: each 128-deep K block accumulates on its own
+// and is added to the total times its two scales.
+//
+// Blocks: x = N tile, y = row tile over all experts (tile_start from moe_sort); blocks past
+// the last tile return at once, so the grid can be sized without reading counts back.
+#include "common.cuh"
+
+namespace {
+
+constexpr int BM = 128, BN = 128, SLICE = 64, STAGES = 4, THREADS = 256;
+constexpr int TILE_BYTES = BM * SLICE;          // one operand's slice; BN == BM
+constexpr int STAGE_BYTES = 2 * TILE_BYTES;     // x and W
+constexpr int SCALE_BLOCK = 128;                // FP8 scale granularity, in K values and N rows
+
+// Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row`: chunks rotate with the row
+// pair so that the 8 rows one ldmatrix reads fall in 8 different bank groups.
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+    return row * SLICE + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+__device__ __forceinline__ void cp_async16(void* shared, const void* global, bool valid) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+    const int bytes = valid ? 16 : 0;  // 0 fills the chunk with zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global),
+                 "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* shared) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+template <bool FP8>
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                    unsigned b1) {
+    if constexpr (FP8) {
+#if __CUDA_ARCH__ >= 890
+        asm volatile(
+            "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// The expert whose row tiles hold tile `tile`: the last e with tile_start[e] <= tile.
+__device__ __forceinline__ int expert_of_tile(const int* tile_start, int experts, int tile) {
+    int lo = 0, hi = experts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+template <bool FP8>
+__device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x,
+                                             const float* __restrict__ x_scale,
+                                             const unsigned char* __restrict__ w,
+                                             const float* __restrict__ w_scale,
+                                             __nv_bfloat16* __restrict__ y,
+                                             const int* __restrict__ offsets,
+                                             const int* __restrict__ tile_start, int experts,
+                                             int n, int k) {
+    extern __shared__ __align__(128) unsigned char shared[];
+    const int tile = blockIdx.y;
+    if (tile >= tile_start[experts]) return;
+    const int e = expert_of_tile(tile_start, experts, tile);
+    const int row0 = offsets[e] + (tile - tile_start[e]) * BM;
+    const int row_end = offsets[e + 1];
+    const int n0 = blockIdx.x * BN;
+    const int row_bytes = FP8 ? k : 2 * k;
+    const int slices = (row_bytes + SLICE - 1) / SLICE;
+    const unsigned char* weight = w + (size_t)e * n * row_bytes;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
+
+    auto load = [&](int slice, int stage) {
+        unsigned char* tile_x = shared + stage * STAGE_BYTES;
+        unsigned char* tile_w = tile_x + TILE_BYTES;
+        for (int c = threadIdx.x; c < BM * 4; c += THREADS) {
+            const int row = c / 4, chunk = c % 4;
+            const int byte = slice * SLICE + chunk * 16;
+            const bool in_k = byte < row_bytes;
+            const bool x_ok = in_k && row0 + row < row_end;
+            const bool w_ok = in_k && n0 + row < n;
+            cp_async16(tile_x + swizzle(row, chunk),
+                       x_ok ? x + (size_t)(row0 + row) * row_bytes + byte : x, x_ok);
+            cp_async16(tile_w + swizzle(row, chunk),
+                       w_ok ? weight + (size_t)(n0 + row) * row_bytes + byte : weight, w_ok);
+        }
+    };
+
+    float acc[4][4][4] = {};
+    float part[FP8 ? 4 : 1][FP8 ? 4 : 1][4] = {};  // the current 128-deep K block (FP8)
+
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < slices) load(s, s);
+        cp_async_commit();
+    }
+    for (int slice = 0; slice < slices; ++slice) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        // The stage refilled here was read in the previous iteration, which every thread
+        // has finished (the barrier above).
+        if (slice + STAGES - 1 < slices) load(slice + STAGES - 1, (slice + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        const unsigned char* tile_x = shared + (slice % STAGES) * STAGE_BYTES;
+        const unsigned char* tile_w = tile_x + TILE_BYTES;
+        for (int half = 0; half < 2; ++half) {  // 32 bytes: one k16 (bf16) or k32 (FP8) step
+            unsigned a[4][4], b[4][2];
+            for (int mi = 0; mi < 4; ++mi) {
+                const int row = warp_m + mi * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+                ldmatrix_x4(a[mi], tile_x + swizzle(row, 2 * half + lane / 16));
+            }
+            for (int nj = 0; nj < 2; ++nj) {
+                const int row = warp_n + nj * 16 + (lane % 8) + (lane / 16) * 8;
+                unsigned r[4];
+                ldmatrix_x4(r, tile_w + swizzle(row, 2 * half + (lane / 8) % 2));
+                b[2 * nj][0] = r[0];
+                b[2 * nj][1] = r[1];
+                b[2 * nj + 1][0] = r[2];
+                b[2 * nj + 1][1] = r[3];
+            }
+            for (int mi = 0; mi < 4; ++mi) {
+                for (int ni = 0; ni < 4; ++ni) {
+                    if constexpr (FP8) {
+                        mma<true>(part[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                    } else {
+                        mma<false>(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                    }
+                }
+            }
+        }
+
+        if constexpr (FP8) {
+            const int block_k = slice * SLICE / SCALE_BLOCK;
+            if ((slice + 1) * SLICE % SCALE_BLOCK == 0 || slice + 1 == slices) {
+                const int blocks_k = (k + SCALE_BLOCK - 1) / SCALE_BLOCK;
+                const int blocks_n = (n + SCALE_BLOCK - 1) / SCALE_BLOCK;
+                const float ws = w_scale[((size_t)e * blocks_n + n0 / SCALE_BLOCK) * blocks_k + block_k];
+                for (int mi = 0; mi < 4; ++mi) {
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = row0 + warp_m + mi * 16 + lane / 4 + h * 8;
+                        const float xs =
+                            row < row_end ? x_scale[(size_t)row * blocks_k + block_k] * ws : 0.f;
+                        for (int ni = 0; ni < 4; ++ni) {
+                            acc[mi][ni][2 * h] += part[mi][ni][2 * h] * xs;
+                            acc[mi][ni][2 * h + 1] += part[mi][ni][2 * h + 1] * xs;
+                            part[mi][ni][2 * h] = part[mi][ni][2 * h + 1] = 0.f;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    for (int mi = 0; mi < 4; ++mi) {
+        for (int h = 0; h < 2; ++h) {
+            const int row = row0 + warp_m + mi * 16 + lane / 4 + h * 8;
+            if (row >= row_end) continue;
+            for (int ni = 0; ni < 4; ++ni) {
+                const int col = n0 + warp_n + ni * 8 + 2 * (lane % 4);
+                if (col >= n) continue;  // n is even, so col + 1 < n too
+                *reinterpret_cast<__nv_bfloat162*>(y + (size_t)row * n + col) =
+                    __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// Dynamic shared memory: GROUPED_GEMM_SHARED_BYTES (64 KiB, above the default 48 KiB cap:
+// the host raises the kernel's limit). k is a multiple of 8 and n of 2.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    grouped_gemm_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                      __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
+                      const int* __restrict__ tile_start, int experts, int n, int k) {
+    grouped_gemm<false>(reinterpret_cast<const unsigned char*>(x), nullptr,
+                        reinterpret_cast<const unsigned char*>(w), nullptr, y, offsets,
+                        tile_start, experts, n, k);
+}
+
+// x_scale is [rows, ⌈k/128⌉], w_scale [experts, ⌈n/128⌉, ⌈k/128⌉]; k is a multiple of 16.
+// Compiled for every architecture, but it only computes on sm_89 and later: the host never
+// launches it on sm_80 (A100 runs FP8 checkpoints dequantised to bf16).
+extern "C" __global__ void __launch_bounds__(THREADS)
+    grouped_gemm_fp8(const __nv_fp8_e4m3* __restrict__ x, const float* __restrict__ x_scale,
+                     const __nv_fp8_e4m3* __restrict__ w, const float* __restrict__ w_scale,
+                     __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
+                     const int* __restrict__ tile_start, int experts, int n, int k) {
+#if __CUDA_ARCH__ >= 890
+    grouped_gemm<true>(reinterpret_cast<const unsigned char*>(x), x_scale,
+                       reinterpret_cast<const unsigned char*>(w), w_scale, y, offsets,
+                       tile_start, experts, n, k);
+#endif
+}

@@ -1,0 +1,297 @@
+//! The GPU path. Kernels are CUDA C sources in `worker/kernels/`, embedded in the binary and
+//! compiled at start-up with NVRTC into a cubin for the device's architecture (`sm_80` for
+//! A100, `sm_90a` for H100/H200), cached on disk. CUDA's libraries are loaded at run time, so
+//! the workspace builds and tests with no CUDA installed.
+//!
+//! - [`nvrtc`]: the compiler, CUDA 12 or 13;
+//! - [`runtime`]: a device, its kernels and cuBLAS, and typed launches;
+//! - [`check`]: every kernel against the CPU path, and benchmarks at DeepSeek-V3 shapes
+//!   (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
+
+pub mod nvrtc;
+pub mod runtime;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, Result, bail};
+
+pub use nvrtc::Nvrtc;
+
+/// Included textually into every kernel (NVRTC sees one source per program).
+const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+/// Every kernel source, by name.
+pub const KERNELS: &[(&str, &str)] = &[
+    ("rms_norm", include_str!("../../kernels/rms_norm.cu")),
+    ("silu_mul", include_str!("../../kernels/silu_mul.cu")),
+    ("rope", include_str!("../../kernels/rope.cu")),
+    ("moe_gate", include_str!("../../kernels/moe_gate.cu")),
+    ("moe_permute", include_str!("../../kernels/moe_permute.cu")),
+    (
+        "grouped_gemm",
+        include_str!("../../kernels/grouped_gemm.cu"),
+    ),
+    ("mla_decode", include_str!("../../kernels/mla_decode.cu")),
+    ("sampling", include_str!("../../kernels/sampling.cu")),
+    ("fp8", include_str!("../../kernels/fp8.cu")),
+    ("random", include_str!("../../kernels/random.cu")),
+];
+
+/// What CI compiles every kernel for: PTX for both generations, and the cubins the two
+/// GPU pools run.
+pub const CI_ARCHITECTURES: &[&str] = &["compute_80", "compute_90", "sm_80", "sm_90a"];
+
+/// A kernel's whole source, `common.cuh` included.
+pub fn full_source(source: &str) -> String {
+    format!(
+        "{COMMON}\n{}",
+        source.replace("#include \"common.cuh\"", "")
+    )
+}
+
+/// The cubin architecture for a compute capability: Hopper gets `sm_90a` (its own
+/// instructions, as CUTLASS and DeepGEMM build), others their plain `sm_XY`.
+pub fn architecture(major: i32, minor: i32) -> String {
+    match (major, minor) {
+        (9, 0) => "sm_90a".into(),
+        _ => format!("sm_{major}{minor}"),
+    }
+}
+
+/// Where the CUDA headers are: `DSD_CUDA_INCLUDE`, else `$CUDA_PATH/include`, else
+/// `/usr/local/cuda/include`; None when none holds `cuda_bf16.h`.
+pub fn cuda_include_dir() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("DSD_CUDA_INCLUDE").map(PathBuf::from),
+        std::env::var_os("CUDA_PATH").map(|p| PathBuf::from(p).join("include")),
+        Some(PathBuf::from("/usr/local/cuda/include")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.join("cuda_bf16.h").exists())
+}
+
+/// Compiled kernels on disk, keyed by a hash of the source, so a start-up after the first
+/// (or on a machine without NVRTC, given a directory filled by `deepseek-worker kernels`)
+/// compiles nothing.
+pub struct KernelCache {
+    dir: Option<PathBuf>,
+}
+
+impl KernelCache {
+    /// `DSD_KERNEL_CACHE`, else `$XDG_CACHE_HOME/deepseek-worker/kernels`, else
+    /// `~/.cache/deepseek-worker/kernels`; None when there is no home to cache in.
+    pub fn from_env() -> Self {
+        let dir = std::env::var_os("DSD_KERNEL_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .map(|d| d.join("deepseek-worker").join("kernels"))
+            });
+        KernelCache { dir }
+    }
+
+    pub fn at(dir: PathBuf) -> Self {
+        KernelCache { dir: Some(dir) }
+    }
+
+    /// The file a kernel's cubin for `architecture` is kept in.
+    pub fn path(&self, name: &str, source: &str, architecture: &str) -> Option<PathBuf> {
+        let hash = crate::fnv1a([source.as_bytes(), architecture.as_bytes()]);
+        self.dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{name}-{architecture}-{hash:016x}.cubin")))
+    }
+
+    /// Every kernel's cubin for `architecture`: from the cache, else compiled (and cached).
+    /// `nvrtc` is only needed for what the cache lacks.
+    pub fn cubins(
+        &self,
+        architecture: &str,
+        nvrtc: Option<&Nvrtc>,
+        include: Option<&Path>,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        KERNELS
+            .iter()
+            .map(|&(name, source)| {
+                let source = full_source(source);
+                let path = self.path(name, &source, architecture);
+                if let Some(cubin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+                    return Ok((name, cubin));
+                }
+                let (Some(nvrtc), Some(include)) = (nvrtc, include) else {
+                    bail!(
+                        "kernel {name} for {architecture} is not in the kernel cache ({}) and \
+                         NVRTC or the CUDA headers are missing to compile it",
+                        self.dir
+                            .as_ref()
+                            .map_or("none".into(), |d| d.display().to_string())
+                    );
+                };
+                let cubin = nvrtc.compile(name, &source, architecture, include)?;
+                if let Some(path) = path {
+                    store(&path, &cubin).with_context(|| format!("caching {}", path.display()))?;
+                }
+                Ok((name, cubin))
+            })
+            .collect()
+    }
+}
+
+/// Writes whole or not at all: a concurrent start-up never reads half a cubin.
+fn store(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension(format!("{}.partial", std::process::id()));
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path)?;
+    Ok(())
+}
+
+/// `--device`: `cpu`, or `cuda:N` (`cuda` is `cuda:0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("expected `cpu` or `cuda:N` (N a GPU ordinal), got `{s}`")),
+        }
+    }
+}
+
+/// `--dtype`: the precision of the expert GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// FP8 where the GPU has FP8 tensor cores (sm_89 and later) and the checkpoint is FP8;
+    /// bf16 otherwise.
+    Auto,
+    Bf16,
+    Fp8,
+}
+
+/// What `dtype` means on a GPU of compute capability `major.minor` for a checkpoint that is
+/// (or is not) FP8: never FP8 compute where there are no FP8 tensor cores.
+pub fn resolve_dtype(
+    dtype: Dtype,
+    (major, minor): (i32, i32),
+    fp8_checkpoint: bool,
+) -> Result<Dtype> {
+    let fp8_cores = (major, minor) >= (8, 9);
+    match dtype {
+        Dtype::Auto if fp8_cores && fp8_checkpoint => Ok(Dtype::Fp8),
+        Dtype::Auto | Dtype::Bf16 => Ok(Dtype::Bf16),
+        Dtype::Fp8 if !fp8_cores => bail!(
+            "--dtype fp8 needs FP8 tensor cores (sm_89 or later); this GPU is sm_{major}{minor}: \
+             use --dtype bf16 or auto (FP8 checkpoints are dequantised to bf16 at load)"
+        ),
+        Dtype::Fp8 => Ok(Dtype::Fp8),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_and_dtype_flags() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert!(
+            "gpu:1"
+                .parse::<DeviceSpec>()
+                .unwrap_err()
+                .contains("`gpu:1`")
+        );
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+
+        let h100 = (9, 0);
+        let a100 = (8, 0);
+        assert_eq!(resolve_dtype(Dtype::Auto, h100, true).unwrap(), Dtype::Fp8);
+        assert_eq!(
+            resolve_dtype(Dtype::Auto, h100, false).unwrap(),
+            Dtype::Bf16
+        );
+        assert_eq!(resolve_dtype(Dtype::Auto, a100, true).unwrap(), Dtype::Bf16);
+        let refused = resolve_dtype(Dtype::Fp8, a100, true)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("sm_80"), "{refused}");
+        assert_eq!(architecture(9, 0), "sm_90a");
+        assert_eq!(architecture(8, 0), "sm_80");
+        assert_eq!(architecture(8, 9), "sm_89");
+    }
+
+    #[test]
+    fn the_cache_serves_without_nvrtc_once_filled() {
+        let dir = std::env::temp_dir().join(format!("dsd-kernels-{}", std::process::id()));
+        let cache = KernelCache::at(dir.clone());
+        let missing = cache.cubins("sm_90a", None, None).unwrap_err().to_string();
+        assert!(missing.contains("not in the kernel cache"), "{missing}");
+        for &(name, source) in KERNELS {
+            let path = cache.path(name, &full_source(source), "sm_90a").unwrap();
+            store(&path, name.as_bytes()).unwrap();
+        }
+        let cubins = cache.cubins("sm_90a", None, None).unwrap();
+        assert!(cubins.iter().all(|(name, cubin)| cubin == name.as_bytes()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// CI installs NVRTC and the headers from PyPI and sets `DSD_REQUIRE_NVRTC`; elsewhere
+    /// the test says what it skipped.
+    #[test]
+    fn every_kernel_compiles_for_a100_and_h100() {
+        let required = std::env::var_os("DSD_REQUIRE_NVRTC").is_some();
+        let (nvrtc, include) = match (Nvrtc::load(), cuda_include_dir()) {
+            (Ok(nvrtc), Some(include)) => (nvrtc, include),
+            (nvrtc, include) => {
+                let why = format!(
+                    "NVRTC: {:?}, CUDA headers: {include:?}",
+                    nvrtc.err().map(|e| e.to_string())
+                );
+                assert!(!required, "DSD_REQUIRE_NVRTC is set but {why}");
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        eprintln!(
+            "NVRTC {}.{} ({})",
+            nvrtc.version.0, nvrtc.version.1, nvrtc.found
+        );
+        for (name, source) in KERNELS {
+            for architecture in CI_ARCHITECTURES {
+                let out = nvrtc
+                    .compile(name, &full_source(source), architecture, &include)
+                    .unwrap_or_else(|e| panic!("{e:#}"));
+                if architecture.starts_with("compute_") {
+                    let ptx = String::from_utf8_lossy(&out);
+                    assert!(
+                        ptx.contains(".entry"),
+                        "{name} for {architecture}: no entry"
+                    );
+                } else {
+                    assert!(
+                        out.starts_with(b"\x7fELF"),
+                        "{name} for {architecture}: no ELF"
+                    );
+                }
+            }
+        }
+    }
+}

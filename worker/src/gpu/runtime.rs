@@ -1,0 +1,743 @@
+//! A CUDA device with the kernels built for it, cuBLAS, and one typed launch per kernel.
+//! Launches check shapes first and answer a bad one with an error naming it; they queue on
+//! the device's stream and return at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail, ensure};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    sys::CUfunction_attribute,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+
+use super::{KernelCache, Nvrtc, architecture, cuda_include_dir};
+
+/// Shared memory of one grouped-GEMM block: 4 stages × (128 + 128) rows × 64 bytes.
+const GROUPED_GEMM_SHARED_BYTES: u32 = 4 * 2 * 128 * 64;
+/// Row tile of the grouped GEMM (BM in grouped_gemm.cu).
+pub const GEMM_TILE_ROWS: usize = 128;
+const GEMM_TILE_COLS: usize = 128;
+/// Largest kv_lora_rank and rope dims mla_decode.cu holds in registers.
+const MLA_MAX_RANK: usize = 512;
+const MLA_MAX_ROPE: usize = 128;
+
+/// FP8 e4m3 values, bytes on the device.
+pub type Fp8 = u8;
+
+pub struct Gpu {
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    pub name: String,
+    pub capability: (i32, i32),
+    pub architecture: String,
+    /// Which NVRTC compiled the kernels, or why none was needed or found.
+    pub compiler: String,
+    functions: HashMap<String, CudaFunction>,
+}
+
+/// A grid of at most `blocks` blocks of `threads`, for grid-stride loops over `n` items.
+fn strided(n: usize, threads: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn blocks(grid: (usize, usize), threads: u32, shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+/// Names of a source's kernels: what follows `extern "C" __global__ void` (and an optional
+/// `__launch_bounds__(…)`).
+pub fn entry_points(source: &str) -> Vec<&str> {
+    source
+        .split("extern \"C\" __global__ void")
+        .skip(1)
+        .filter_map(|rest| {
+            let rest = rest.trim_start();
+            let rest = match rest.strip_prefix("__launch_bounds__(") {
+                Some(bounded) => bounded.split_once(')')?.1.trim_start(),
+                None => rest,
+            };
+            let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_'))?;
+            Some(&rest[..end])
+        })
+        .collect()
+}
+
+/// The router's choice rule, as moe_gate.cu numbers it.
+#[derive(Clone, Copy, Debug)]
+pub struct GateRule {
+    pub sigmoid: bool,
+    /// 0: V3's noaux_tc, 1: V2's group-limited greedy, 2: plain top-k.
+    pub method: i32,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub topk: usize,
+    pub normalize: bool,
+    pub scale: f32,
+}
+
+impl GateRule {
+    pub fn of(moe: &crate::config::Moe) -> Self {
+        use crate::config::{Family, ScoringFunc, TopkMethod};
+        GateRule {
+            sigmoid: moe.scoring_func == ScoringFunc::Sigmoid,
+            method: match moe.topk_method {
+                TopkMethod::NoauxTc => 0,
+                TopkMethod::GroupLimitedGreedy => 1,
+                TopkMethod::Greedy => 2,
+            },
+            n_group: moe.n_group,
+            topk_group: moe.topk_group,
+            topk: moe.num_experts_per_tok,
+            // as the CPU path: transformers normalises V3's weights only
+            normalize: moe.norm_topk_prob && moe.family == Family::V3,
+            scale: moe.routed_scaling_factor as f32,
+        }
+    }
+}
+
+/// The expert-ordered layout of one MoE batch, from `moe_sort`.
+pub struct MoeOrder {
+    pub offsets: CudaSlice<i32>,
+    pub tile_start: CudaSlice<i32>,
+    pub source: CudaSlice<i32>,
+    pub row_of: CudaSlice<i32>,
+    pub rows: usize,
+    pub experts: usize,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads every kernel for its architecture (from the kernel
+    /// cache, else compiled with NVRTC).
+    pub fn open(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes for libcuda with dlopen.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("--device cuda:{ordinal}: no CUDA driver (libcuda.so.1) on this machine");
+        }
+        let context = CudaContext::new(ordinal)
+            .with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))?;
+        let capability = context.compute_capability()?;
+        let architecture = architecture(capability.0, capability.1);
+        let nvrtc = Nvrtc::load();
+        let compiler = match &nvrtc {
+            Ok(n) => format!("NVRTC {}.{} ({})", n.version.0, n.version.1, n.found),
+            Err(e) => format!("{e:#}"),
+        };
+        let include = cuda_include_dir();
+        let cubins = KernelCache::from_env()
+            .cubins(&architecture, nvrtc.as_ref().ok(), include.as_deref())
+            .with_context(|| format!("building the kernels for {architecture} ({compiler})"))?;
+        let mut functions = HashMap::new();
+        for (name, cubin) in cubins {
+            let module = context
+                .load_module(Ptx::from_binary(cubin))
+                .with_context(|| format!("loading kernel {name} for {architecture}"))?;
+            let source = super::KERNELS.iter().find(|(n, _)| *n == name).unwrap().1;
+            for entry in entry_points(source) {
+                functions.insert(entry.to_string(), module.load_function(entry)?);
+            }
+        }
+        for entry in ["grouped_gemm_bf16", "grouped_gemm_fp8"] {
+            functions[entry].set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                GROUPED_GEMM_SHARED_BYTES as i32,
+            )?;
+        }
+        let stream = context.default_stream();
+        Ok(Gpu {
+            blas: CudaBlas::new(stream.clone())?,
+            stream,
+            name: context.name()?,
+            capability,
+            architecture,
+            compiler,
+            functions,
+        })
+    }
+
+    pub fn has_fp8_tensor_cores(&self) -> bool {
+        self.capability >= (8, 9)
+    }
+
+    fn function(&self, name: &str) -> &CudaFunction {
+        &self.functions[name]
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// y[rows, cols] = rms_norm(x) · weight.
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<bf16>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let cols = weight.len();
+        ensure!(
+            x.len() == rows * cols && y.len() == x.len(),
+            "rms_norm: x, y must be [{rows}, {cols}]"
+        );
+        let cols = cols as i32;
+        let mut launch = self.stream.launch_builder(self.function("rms_norm"));
+        launch.arg(x).arg(weight).arg(y).arg(&cols).arg(&eps);
+        // SAFETY: the kernel's signature, with sizes checked above.
+        unsafe { launch.launch(blocks((rows, 1), 256, 0)) }?;
+        Ok(())
+    }
+
+    /// h[rows, width] = silu(gate) · up from gate_up[rows, 2·width].
+    pub fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<bf16>,
+        h: &mut CudaSlice<bf16>,
+        rows: usize,
+    ) -> Result<()> {
+        ensure!(
+            rows > 0 && h.len().is_multiple_of(rows) && gate_up.len() == 2 * h.len(),
+            "silu_mul: gate_up must be [{rows}, 2 × width] and h [{rows}, width]"
+        );
+        let width = (h.len() / rows) as i32;
+        let (rows_i, n) = (rows as i32, h.len());
+        let mut launch = self.stream.launch_builder(self.function("silu_mul"));
+        launch.arg(gate_up).arg(h).arg(&rows_i).arg(&width);
+        // SAFETY: as above.
+        unsafe { launch.launch(strided(n, 256)) }?;
+        Ok(())
+    }
+
+    /// y = rope(x) for x [tokens, heads, dim]; cos, sin [tokens, dim/2].
+    pub fn rope(
+        &self,
+        x: &CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (tokens, heads, dim): (usize, usize, usize),
+    ) -> Result<()> {
+        ensure!(
+            dim % 2 == 0
+                && x.len() == tokens * heads * dim
+                && y.len() == x.len()
+                && cos.len() == tokens * dim / 2
+                && sin.len() == cos.len(),
+            "rope: shapes do not match [{tokens}, {heads}, {dim}]"
+        );
+        let (t, h, d) = (tokens as i32, heads as i32, dim as i32);
+        let mut launch = self.stream.launch_builder(self.function("rope"));
+        launch
+            .arg(x)
+            .arg(cos)
+            .arg(sin)
+            .arg(y)
+            .arg(&t)
+            .arg(&h)
+            .arg(&d);
+        // SAFETY: as above.
+        unsafe { launch.launch(strided(tokens * heads * dim / 2, 256)) }?;
+        Ok(())
+    }
+
+    /// Each token's experts and weights ([tokens, topk]) from its router logits
+    /// ([tokens, experts]).
+    pub fn moe_gate(
+        &self,
+        logits: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        experts: usize,
+        rule: GateRule,
+        chosen: &mut CudaSlice<i32>,
+        weights: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let tokens = logits.len() / experts;
+        ensure!(
+            logits.len() == tokens * experts
+                && chosen.len() == tokens * rule.topk
+                && weights.len() == chosen.len(),
+            "moe_gate: logits must be [tokens, {experts}], experts and weights [tokens, {}]",
+            rule.topk
+        );
+        ensure!(
+            rule.n_group <= 32 && experts.is_multiple_of(rule.n_group.max(1)) && rule.topk <= experts,
+            "moe_gate: {experts} experts in {} groups, top-{}",
+            rule.n_group,
+            rule.topk
+        );
+        ensure!(
+            bias.is_none_or(|b| b.len() == experts),
+            "moe_gate: bias must hold {experts} values"
+        );
+        let null = self.stream.null::<f32>()?;
+        let scoring = if rule.sigmoid { 0 } else { 1 }; // moe_gate.cu's SIGMOID, SOFTMAX
+        let args = [
+            experts,
+            scoring,
+            rule.method as usize,
+            rule.n_group,
+            rule.topk_group,
+            rule.topk,
+            rule.normalize as usize,
+        ]
+        .map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(self.function("moe_gate"));
+        launch
+            .arg(logits)
+            .arg(bias.unwrap_or(&null))
+            .arg(chosen)
+            .arg(weights);
+        for arg in &args {
+            launch.arg(arg);
+        }
+        launch.arg(&rule.scale);
+        // SAFETY: as above; shared memory is 2 × experts floats and experts flags.
+        unsafe { launch.launch(blocks((tokens, 1), 256, experts * 9)) }?;
+        Ok(())
+    }
+
+    /// Orders `chosen` ([pairs] expert ids) by expert.
+    pub fn moe_sort(
+        &self,
+        chosen: &CudaSlice<i32>,
+        topk: usize,
+        experts: usize,
+    ) -> Result<MoeOrder> {
+        let rows = chosen.len();
+        let mut order = MoeOrder {
+            offsets: self.stream.alloc_zeros(experts + 1)?,
+            tile_start: self.stream.alloc_zeros(experts + 1)?,
+            source: self.stream.alloc_zeros(rows.max(1))?,
+            row_of: self.stream.alloc_zeros(rows.max(1))?,
+            rows,
+            experts,
+        };
+        let args = [rows, topk, experts].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(self.function("moe_sort"));
+        launch.arg(chosen).arg(&args[0]).arg(&args[1]).arg(&args[2]);
+        launch
+            .arg(&mut order.offsets)
+            .arg(&mut order.tile_start)
+            .arg(&mut order.source)
+            .arg(&mut order.row_of);
+        // SAFETY: as above; shared memory is 2 × experts ints.
+        unsafe { launch.launch(blocks((1, 1), 1024, experts * 8)) }?;
+        Ok(order)
+    }
+
+    /// The expert-ordered bf16 copy of x ([tokens, hidden]).
+    pub fn moe_permute(
+        &self,
+        x: &CudaSlice<f32>,
+        order: &MoeOrder,
+        out: &mut CudaSlice<bf16>,
+        hidden: usize,
+    ) -> Result<()> {
+        ensure!(
+            hidden.is_multiple_of(4) && out.len() == order.rows * hidden,
+            "moe_permute: hidden ({hidden}) must be a multiple of 4 and out [{}, {hidden}]",
+            order.rows
+        );
+        let h = hidden as i32;
+        let mut launch = self.stream.launch_builder(self.function("moe_permute"));
+        launch.arg(x).arg(&order.source).arg(out).arg(&h);
+        // SAFETY: as above.
+        unsafe { launch.launch(blocks((order.rows, 1), 256, 0)) }?;
+        Ok(())
+    }
+
+    /// The same, quantised to FP8 with 1×128 scales ([rows, ⌈hidden/128⌉]).
+    pub fn moe_permute_fp8(
+        &self,
+        x: &CudaSlice<f32>,
+        order: &MoeOrder,
+        out: &mut CudaSlice<Fp8>,
+        scale: &mut CudaSlice<f32>,
+        hidden: usize,
+    ) -> Result<()> {
+        ensure!(
+            out.len() == order.rows * hidden && scale.len() == order.rows * hidden.div_ceil(128),
+            "moe_permute_fp8: out must be [{}, {hidden}] and scale [{}, {}]",
+            order.rows,
+            order.rows,
+            hidden.div_ceil(128)
+        );
+        let h = hidden as i32;
+        let mut launch = self.stream.launch_builder(self.function("moe_permute_fp8"));
+        launch.arg(x).arg(&order.source).arg(out).arg(scale).arg(&h);
+        // SAFETY: as above.
+        unsafe { launch.launch(blocks((order.rows, 1), 128, 0)) }?;
+        Ok(())
+    }
+
+    /// y[t] = Σ_k weight[t, k] · expert_out[row_of[t, k]].
+    pub fn moe_unpermute(
+        &self,
+        expert_out: &CudaSlice<bf16>,
+        order: &MoeOrder,
+        weights: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        topk: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        let tokens = order.rows / topk;
+        ensure!(
+            hidden.is_multiple_of(4)
+                && expert_out.len() == order.rows * hidden
+                && weights.len() == order.rows
+                && y.len() == tokens * hidden,
+            "moe_unpermute: shapes do not match {tokens} tokens × top-{topk} × {hidden}"
+        );
+        let (k, h) = (topk as i32, hidden as i32);
+        let mut launch = self.stream.launch_builder(self.function("moe_unpermute"));
+        launch
+            .arg(expert_out)
+            .arg(&order.row_of)
+            .arg(weights)
+            .arg(y)
+            .arg(&k)
+            .arg(&h);
+        // SAFETY: as above.
+        unsafe { launch.launch(blocks((tokens, 1), 256, 0)) }?;
+        Ok(())
+    }
+
+    fn grouped_grid(order: &MoeOrder, n: usize) -> LaunchConfig {
+        // An upper bound on row tiles: blocks past the last return at once.
+        let tiles = order.rows.div_ceil(GEMM_TILE_ROWS) + order.experts;
+        blocks(
+            (n.div_ceil(GEMM_TILE_COLS), tiles),
+            256,
+            GROUPED_GEMM_SHARED_BYTES as usize,
+        )
+    }
+
+    /// y = x · W_eᵀ per expert segment: x [rows, k] bf16, w [experts, n, k], y [rows, n].
+    pub fn grouped_gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        order: &MoeOrder,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        ensure!(
+            k.is_multiple_of(8) && n.is_multiple_of(2),
+            "grouped_gemm: k ({k}) must be a multiple of 8 and n ({n}) even"
+        );
+        ensure!(
+            x.len() == order.rows * k
+                && w.len() == order.experts * n * k
+                && y.len() == order.rows * n,
+            "grouped_gemm: x must be [{}, {k}], w [{}, {n}, {k}], y [{}, {n}]",
+            order.rows,
+            order.experts,
+            order.rows
+        );
+        let args = [order.experts, n, k].map(|v| v as i32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("grouped_gemm_bf16"));
+        launch
+            .arg(x)
+            .arg(w)
+            .arg(y)
+            .arg(&order.offsets)
+            .arg(&order.tile_start)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        // SAFETY: as above.
+        unsafe { launch.launch(Self::grouped_grid(order, n)) }?;
+        Ok(())
+    }
+
+    /// The FP8 form: x [rows, k] e4m3 with x_scale [rows, ⌈k/128⌉]; w [experts, n, k] with
+    /// w_scale [experts, ⌈n/128⌉, ⌈k/128⌉]. Needs FP8 tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_fp8(
+        &self,
+        x: &CudaSlice<Fp8>,
+        x_scale: &CudaSlice<f32>,
+        w: &CudaSlice<Fp8>,
+        w_scale: &CudaSlice<f32>,
+        y: &mut CudaSlice<bf16>,
+        order: &MoeOrder,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        ensure!(
+            self.has_fp8_tensor_cores(),
+            "grouped_gemm_fp8 needs sm_89 or later; this GPU is {}",
+            self.architecture
+        );
+        ensure!(
+            k.is_multiple_of(16) && n.is_multiple_of(2),
+            "grouped_gemm_fp8: k ({k}) must be a multiple of 16 and n ({n}) even"
+        );
+        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+        ensure!(
+            x.len() == order.rows * k
+                && x_scale.len() == order.rows * kb
+                && w.len() == order.experts * n * k
+                && w_scale.len() == order.experts * nb * kb
+                && y.len() == order.rows * n,
+            "grouped_gemm_fp8: shapes do not match {} rows, {} experts, n {n}, k {k}",
+            order.rows,
+            order.experts
+        );
+        let args = [order.experts, n, k].map(|v| v as i32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("grouped_gemm_fp8"));
+        launch
+            .arg(x)
+            .arg(x_scale)
+            .arg(w)
+            .arg(w_scale)
+            .arg(y)
+            .arg(&order.offsets)
+            .arg(&order.tile_start)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        // SAFETY: as above.
+        unsafe { launch.launch(Self::grouped_grid(order, n)) }?;
+        Ok(())
+    }
+
+    /// Dense y[m, n] = x[m, k] · w[n, k]ᵀ through cuBLAS (bf16 in and out, f32 accumulate).
+    pub fn gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        ensure!(
+            x.len() == m * k && w.len() == n * k && y.len() == m * n,
+            "gemm: x must be [{m}, {k}], w [{n}, {k}], y [{m}, {n}]"
+        );
+        // Column-major cuBLAS computes yᵀ = w · xᵀ, which is y in row-major.
+        let config = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: sizes checked above.
+        unsafe { self.blas.gemm(config, w, x, y) }?;
+        Ok(())
+    }
+
+    /// Absorbed MLA decode attention: out [seqs, heads, rank] from q_lat [seqs, heads, rank],
+    /// q_pe [seqs, heads, rope] and the paged bf16 cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_decode(
+        &self,
+        q_lat: &CudaSlice<f32>,
+        q_pe: &CudaSlice<f32>,
+        c_kv: &CudaSlice<bf16>,
+        k_pe: &CudaSlice<bf16>,
+        block_table: &CudaSlice<i32>,
+        lengths: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        (seqs, heads, rank, rope): (usize, usize, usize, usize),
+        scale: f32,
+    ) -> Result<()> {
+        ensure!(
+            rank % 2 == 0 && rank <= MLA_MAX_RANK && rope % 2 == 0 && rope <= MLA_MAX_ROPE,
+            "mla_decode: kv_lora_rank ({rank}) must be even and ≤ {MLA_MAX_RANK}, rope dims ({rope}) even and ≤ {MLA_MAX_ROPE}"
+        );
+        ensure!(
+            seqs > 0
+                && lengths.len() == seqs
+                && block_table.len().is_multiple_of(seqs)
+                && q_lat.len() == seqs * heads * rank
+                && q_pe.len() == seqs * heads * rope
+                && out.len() == q_lat.len()
+                && c_kv.len() / rank == k_pe.len() / rope,
+            "mla_decode: shapes do not match {seqs} sequences × {heads} heads"
+        );
+        let max_blocks = (block_table.len() / seqs) as i32;
+        let args = [heads, rank, rope].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(self.function("mla_decode"));
+        launch
+            .arg(q_lat)
+            .arg(q_pe)
+            .arg(c_kv)
+            .arg(k_pe)
+            .arg(block_table)
+            .arg(&max_blocks)
+            .arg(lengths)
+            .arg(out)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2])
+            .arg(&scale);
+        // SAFETY: as above; block tables must name blocks inside the cache (the caller's).
+        unsafe { launch.launch(blocks((heads, seqs), 128, 0)) }?;
+        Ok(())
+    }
+
+    /// One token per row of logits [rows, vocab]; per-row parameters; probs is scratch of the
+    /// logits' size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        logits: &CudaSlice<f32>,
+        probs: &mut CudaSlice<f32>,
+        vocab: usize,
+        temperature: &CudaSlice<f32>,
+        top_k: &CudaSlice<i32>,
+        top_p: &CudaSlice<f32>,
+        min_p: &CudaSlice<f32>,
+        uniform: &CudaSlice<f64>,
+        tokens: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        let rows = tokens.len();
+        ensure!(
+            logits.len() == rows * vocab
+                && probs.len() == logits.len()
+                && [
+                    temperature.len(),
+                    top_k.len(),
+                    top_p.len(),
+                    min_p.len(),
+                    uniform.len()
+                ]
+                .iter()
+                .all(|&l| l == rows),
+            "sample: logits must be [{rows}, {vocab}] with {rows} of each parameter"
+        );
+        let v = vocab as i32;
+        let mut launch = self.stream.launch_builder(self.function("sample"));
+        launch
+            .arg(logits)
+            .arg(probs)
+            .arg(&v)
+            .arg(temperature)
+            .arg(top_k)
+            .arg(top_p)
+            .arg(min_p)
+            .arg(uniform)
+            .arg(tokens);
+        // SAFETY: as above.
+        unsafe { launch.launch(blocks((rows, 1), 1024, 0)) }?;
+        Ok(())
+    }
+
+    /// bf16 weights from an FP8 checkpoint's: `matrices` stacked [rows, cols] with scale_inv
+    /// [matrices, ⌈rows/128⌉, ⌈cols/128⌉].
+    pub fn dequant_fp8(
+        &self,
+        q: &CudaSlice<Fp8>,
+        scale_inv: &CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
+        (matrices, rows, cols): (usize, usize, usize),
+    ) -> Result<()> {
+        ensure!(
+            q.len() == matrices * rows * cols
+                && out.len() == q.len()
+                && scale_inv.len() == matrices * rows.div_ceil(128) * cols.div_ceil(128),
+            "dequant_fp8: shapes do not match {matrices} × [{rows}, {cols}]"
+        );
+        let args = [matrices, rows, cols].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(self.function("dequant_fp8"));
+        launch
+            .arg(q)
+            .arg(scale_inv)
+            .arg(out)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        // SAFETY: as above.
+        unsafe { launch.launch(strided(q.len(), 256)) }?;
+        Ok(())
+    }
+
+    /// `n` values uniform in [−scale, scale), made on the device.
+    pub fn random_bf16(&self, n: usize, seed: u64, scale: f32) -> Result<CudaSlice<bf16>> {
+        self.random("fill_random_bf16", n, seed, scale)
+    }
+    pub fn random_f32(&self, n: usize, seed: u64, scale: f32) -> Result<CudaSlice<f32>> {
+        self.random("fill_random_f32", n, seed, scale)
+    }
+    pub fn random_fp8(&self, n: usize, seed: u64, scale: f32) -> Result<CudaSlice<Fp8>> {
+        self.random("fill_random_fp8", n, seed, scale)
+    }
+
+    fn random<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        kernel: &str,
+        n: usize,
+        seed: u64,
+        scale: f32,
+    ) -> Result<CudaSlice<T>> {
+        let mut out = self.stream.alloc_zeros::<T>(n)?;
+        let mut launch = self.stream.launch_builder(self.function(kernel));
+        launch.arg(&mut out).arg(&n).arg(&seed).arg(&scale);
+        // SAFETY: the kernel writes n values of T.
+        unsafe { launch.launch(strided(n, 256)) }?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_points_are_read_from_the_sources() {
+        let gemm = super::super::KERNELS
+            .iter()
+            .find(|(n, _)| *n == "grouped_gemm")
+            .unwrap()
+            .1;
+        assert_eq!(
+            entry_points(gemm),
+            ["grouped_gemm_bf16", "grouped_gemm_fp8"]
+        );
+        let permute = super::super::KERNELS
+            .iter()
+            .find(|(n, _)| *n == "moe_permute")
+            .unwrap()
+            .1;
+        assert_eq!(
+            entry_points(permute),
+            [
+                "moe_sort",
+                "moe_permute",
+                "moe_permute_fp8",
+                "moe_unpermute"
+            ]
+        );
+        let total: usize = super::super::KERNELS
+            .iter()
+            .map(|(_, s)| entry_points(s).len())
+            .sum();
+        assert_eq!(total, 16);
+    }
+}
