@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
 use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
+use deepseek_worker::gpu::{self, DeviceSpec};
 use deepseek_worker::model::Model;
 use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::rank;
@@ -36,6 +37,37 @@ enum Command {
     /// Print an expert placement plan (JSON) for `serve --placement`: balanced from the
     /// tokens each expert was routed (the ranks' `/metrics`), or round-robin without them.
     Plan(PlanArgs),
+    /// Check every GPU kernel against the CPU path (and with --bench, benchmark them at
+    /// DeepSeek-V3 shapes); prints a JSON report and fails when a check does.
+    GpuCheck(GpuCheckArgs),
+    /// Compile every GPU kernel into the kernel cache, for machines without NVRTC.
+    Kernels(KernelsArgs),
+}
+
+#[derive(clap::Args)]
+struct GpuCheckArgs {
+    /// The GPU, `cuda:N`.
+    #[arg(long, default_value = "cuda:0")]
+    device: deepseek_worker::gpu::DeviceSpec,
+    /// Directory of the tiny fixture checkpoints (their router configurations are checked).
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    /// Also run the benchmarks at DeepSeek-V3 shapes.
+    #[arg(long)]
+    bench: bool,
+    /// Write the report here too.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct KernelsArgs {
+    /// Cubin architectures, e.g. sm_80 (A100) and sm_90a (H100/H200).
+    #[arg(long = "arch", required = true)]
+    architectures: Vec<String>,
+    /// The cache directory a worker later reads as DSD_KERNEL_CACHE.
+    #[arg(long)]
+    cache: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -95,7 +127,45 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
         Command::Plan(args) => run_plan(args),
+        Command::GpuCheck(args) => run_gpu_check(args),
+        Command::Kernels(args) => run_kernels(args),
     }
+}
+
+fn run_gpu_check(args: GpuCheckArgs) -> anyhow::Result<()> {
+    let DeviceSpec::Cuda(ordinal) = args.device else {
+        bail!("--device must name a GPU (cuda:N) for gpu-check");
+    };
+    let report = deepseek_worker::gpu::check::run(ordinal, &args.fixtures, args.bench)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, &text).with_context(|| format!("--report {}", path.display()))?;
+    }
+    if report["passed"] != true {
+        bail!("some GPU kernels do not match the CPU path (see \"checks\")");
+    }
+    Ok(())
+}
+
+fn run_kernels(args: KernelsArgs) -> anyhow::Result<()> {
+    let nvrtc = gpu::Nvrtc::load()?;
+    let include = gpu::cuda_include_dir()
+        .context("no CUDA headers (cuda_bf16.h): set DSD_CUDA_INCLUDE or CUDA_PATH")?;
+    let cache = gpu::KernelCache::at(args.cache.clone());
+    for architecture in &args.architectures {
+        cache.cubins(architecture, Some(&nvrtc), Some(&include))?;
+    }
+    eprintln!(
+        "compiled {} kernels for {} with NVRTC {}.{} ({}) into {}",
+        gpu::KERNELS.len(),
+        args.architectures.join(", "),
+        nvrtc.version.0,
+        nvrtc.version.1,
+        nvrtc.found,
+        args.cache.display()
+    );
+    Ok(())
 }
 
 fn run_plan(args: PlanArgs) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@
 //! - [`check`]: every kernel against the CPU path, and benchmarks at DeepSeek-V3 shapes
 //!   (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
 
+pub mod check;
 pub mod nvrtc;
 pub mod runtime;
 

@@ -273,7 +273,9 @@ impl Gpu {
             rule.topk
         );
         ensure!(
-            rule.n_group <= 32 && experts.is_multiple_of(rule.n_group.max(1)) && rule.topk <= experts,
+            rule.n_group <= 32
+                && experts.is_multiple_of(rule.n_group.max(1))
+                && rule.topk <= experts,
             "moe_gate: {experts} experts in {} groups, top-{}",
             rule.n_group,
             rule.topk

@@ -149,6 +149,10 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
     pub fn load(ckpt: &Checkpoint, name: &str, dim: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
             weight: load(ckpt, &format!("{name}.weight"), &[dim])?,

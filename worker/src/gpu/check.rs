@@ -1,0 +1,882 @@
+//! `deepseek-worker gpu-check`: every kernel against the CPU path (the reference) on small
+//! shapes, including the tiny fixtures' router configurations, then — with `--bench` —
+//! benchmarks at DeepSeek-V3 shapes on random weights made on the GPU. The result is one
+//! JSON report; `tests/gpu/run.sh` runs it.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use cudarc::driver::{CudaSlice, DeviceRepr, sys::CUevent_flags};
+use half::bf16;
+use serde_json::{Value, json};
+
+use super::runtime::{GateRule, Gpu};
+use crate::config::{Config, Moe};
+use crate::model::moe::route;
+use crate::model::ops::{RmsNorm, Rope};
+use crate::sampling::{Rng, Sampler, SamplingParams};
+use crate::weights::fp8_e4m3_to_f32;
+
+/// One kernel compared with the CPU path: the largest error and what it may be.
+struct Check {
+    name: String,
+    error: f64,
+    tolerance: f64,
+    detail: String,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, error: f64, tolerance: f64, detail: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            error,
+            tolerance,
+            detail: detail.into(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "passed": self.error <= self.tolerance,
+            "max_error": self.error,
+            "tolerance": self.tolerance,
+            "detail": self.detail,
+        })
+    }
+}
+
+/// Runs the checks (and the benchmarks when `bench`); `fixtures` holds the tiny checkpoints'
+/// directories. The report's `passed` is false when any check failed.
+pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
+    let gpu = Gpu::open(device)?;
+    let configs: Vec<(String, Config)> = ["tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2-lite"]
+        .iter()
+        .map(|name| {
+            let path = fixtures.join(name).join("config.json");
+            Config::from_file(&path)
+                .with_context(|| path.display().to_string())
+                .map(|c| (name.to_string(), c))
+        })
+        .collect::<Result<_>>()?;
+
+    let mut checks: Vec<Value> = Vec::new();
+    let mut record = |name: &str, result: Result<Vec<Check>>| match result {
+        Ok(list) => checks.extend(list.iter().map(Check::json)),
+        Err(e) => checks.push(json!({"name": name, "passed": false, "error": format!("{e:#}")})),
+    };
+    record("rms_norm", check_rms_norm(&gpu));
+    record("silu_mul", check_silu_mul(&gpu));
+    record("rope", check_rope(&gpu, &configs[0].1));
+    record("moe_gate", check_moe_gate(&gpu, &configs));
+    record("moe_sort_permute", check_permute(&gpu));
+    record("grouped_gemm_bf16", check_grouped_gemm_bf16(&gpu));
+    if gpu.has_fp8_tensor_cores() {
+        record("grouped_gemm_fp8", check_grouped_gemm_fp8(&gpu));
+    }
+    record("dequant_fp8", check_dequant_fp8(&gpu));
+    record("mla_decode", check_mla_decode(&gpu));
+    record("sample", check_sample(&gpu));
+    let passed = checks.iter().all(|c| c["passed"] == true);
+
+    let benchmarks = if bench {
+        benchmarks(&gpu).unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+    } else {
+        Value::Null
+    };
+    Ok(json!({
+        "device": gpu.name,
+        "architecture": gpu.architecture,
+        "compiler": gpu.compiler,
+        "passed": passed,
+        "checks": checks,
+        "model_step": "not checked: the GPU model step is not built yet (kernels only)",
+        "benchmarks": benchmarks,
+    }))
+}
+
+/// Host data: uniform in [−scale, scale), reproducible.
+fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * scale)
+        .collect()
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn up<T: DeviceRepr>(gpu: &Gpu, host: &[T]) -> Result<CudaSlice<T>> {
+    Ok(gpu.stream.clone_htod(host)?)
+}
+
+fn down<T: DeviceRepr + Default + Clone>(gpu: &Gpu, device: &CudaSlice<T>) -> Result<Vec<T>> {
+    Ok(gpu.stream.clone_dtoh(device)?)
+}
+
+/// Largest |a − b|.
+fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, f64::max)
+}
+
+/// Largest |a − b| relative to the largest |b|: for bf16 outputs of long sums.
+fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().map(|x| f64::from(x.abs())).fold(1e-30, f64::max);
+    max_diff(a, b) / scale
+}
+
+fn check_rms_norm(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (rows, cols) = (5, 144);
+    let x = uniform(rows * cols, 1, 2.0);
+    let weight = to_bf16(&uniform(cols, 2, 1.5));
+    let mut y = gpu.stream.alloc_zeros::<f32>(rows * cols)?;
+    gpu.rms_norm(&up(gpu, &x)?, &up(gpu, &weight)?, &mut y, rows, 1e-6)?;
+    let weight_f32: Vec<f32> = weight.iter().map(|w| w.to_f32()).collect();
+    let norm = RmsNorm::new(Tensor::from_vec(weight_f32, cols, &Device::Cpu)?, 1e-6);
+    let expected = norm
+        .forward(&Tensor::from_vec(x, (rows, cols), &Device::Cpu)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(vec![Check::new(
+        "rms_norm",
+        max_diff(&down(gpu, &y)?, &expected),
+        1e-5,
+        "5×144",
+    )])
+}
+
+fn check_silu_mul(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (rows, width) = (7, 136);
+    let gate_up = to_bf16(&uniform(rows * 2 * width, 3, 4.0));
+    let mut h = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+    gpu.silu_mul(&up(gpu, &gate_up)?, &mut h, rows)?;
+    let expected: Vec<f32> = (0..rows * width)
+        .map(|i| {
+            let (row, col) = (i / width, i % width);
+            let g = gate_up[row * 2 * width + col].to_f32();
+            let u = gate_up[row * 2 * width + width + col].to_f32();
+            g / (1.0 + (-g).exp()) * u
+        })
+        .collect();
+    let got: Vec<f32> = down(gpu, &h)?.iter().map(|v| v.to_f32()).collect();
+    // one bf16 rounding of the result
+    Ok(vec![Check::new(
+        "silu_mul",
+        relative_diff(&got, &expected),
+        1e-2,
+        "7×136",
+    )])
+}
+
+fn check_rope(gpu: &Gpu, cfg: &Config) -> Result<Vec<Check>> {
+    let (tokens, heads, dim) = (6, 4, cfg.qk_rope_head_dim);
+    let positions: Vec<usize> = (0..tokens).map(|t| t * 37 + 3).collect();
+    let rope = Rope::new(cfg);
+    let (cos, sin) = rope.tables(&positions)?;
+    let x = uniform(tokens * heads * dim, 4, 1.0);
+    let expected = rope
+        .apply(
+            &Tensor::from_vec(x.clone(), (tokens, heads, dim), &Device::Cpu)?,
+            &cos,
+            &sin,
+        )?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (cos, sin) = (
+        cos.flatten_all()?.to_vec1::<f32>()?,
+        sin.flatten_all()?.to_vec1::<f32>()?,
+    );
+    let mut y = gpu.stream.alloc_zeros::<f32>(x.len())?;
+    gpu.rope(
+        &up(gpu, &x)?,
+        &up(gpu, &cos)?,
+        &up(gpu, &sin)?,
+        &mut y,
+        (tokens, heads, dim),
+    )?;
+    Ok(vec![Check::new(
+        "rope",
+        max_diff(&down(gpu, &y)?, &expected),
+        1e-5,
+        "YaRN tables of tiny-v3-bf16",
+    )])
+}
+
+/// DeepSeek-V3's router: 256 experts in 8 groups, 4 groups kept, top-8.
+fn v3_moe(tiny_v3: &Moe) -> Moe {
+    Moe {
+        n_routed_experts: 256,
+        n_group: 8,
+        topk_group: 4,
+        num_experts_per_tok: 8,
+        routed_scaling_factor: 2.5,
+        ..tiny_v3.clone()
+    }
+}
+
+fn check_moe_gate(gpu: &Gpu, configs: &[(String, Config)]) -> Result<Vec<Check>> {
+    let mut cases: Vec<(String, Moe)> = configs
+        .iter()
+        .map(|(n, c)| (n.clone(), c.moe.clone()))
+        .collect();
+    cases.push(("deepseek-v3".into(), v3_moe(&configs[0].1.moe)));
+    let tokens = 33;
+    cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, moe))| {
+            let experts = moe.n_routed_experts;
+            let logits = uniform(tokens * experts, 10 + i as u64, 4.0);
+            let bias = (moe.topk_method == crate::config::TopkMethod::NoauxTc)
+                .then(|| uniform(experts, 20 + i as u64, 0.5));
+            let rule = GateRule::of(&moe);
+            let mut chosen = gpu.stream.alloc_zeros::<i32>(tokens * rule.topk)?;
+            let mut weights = gpu.stream.alloc_zeros::<f32>(tokens * rule.topk)?;
+            let bias_device = bias.as_ref().map(|b| up(gpu, b)).transpose()?;
+            gpu.moe_gate(
+                &up(gpu, &logits)?,
+                bias_device.as_ref(),
+                experts,
+                rule,
+                &mut chosen,
+                &mut weights,
+            )?;
+            let (chosen, weights) = (down(gpu, &chosen)?, down(gpu, &weights)?);
+            let mut wrong_experts = 0;
+            let mut weight_error = 0f64;
+            for t in 0..tokens {
+                let (e, w) = route(&logits[t * experts..][..experts], bias.as_deref(), &moe);
+                let got = &chosen[t * rule.topk..][..rule.topk];
+                wrong_experts += e.iter().zip(got).filter(|(a, b)| **a as i32 != **b).count();
+                weight_error =
+                    weight_error.max(max_diff(&weights[t * rule.topk..][..rule.topk], &w));
+            }
+            Ok(Check::new(
+                format!("moe_gate/{name}"),
+                if wrong_experts > 0 {
+                    f64::INFINITY
+                } else {
+                    weight_error
+                },
+                1e-5,
+                format!("{tokens} tokens, {experts} experts; experts that differ: {wrong_experts}"),
+            ))
+        })
+        .collect()
+}
+
+fn check_permute(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (tokens, topk, experts, hidden) = (37, 8, 64, 144);
+    let mut rng = Rng::new(5);
+    let chosen: Vec<i32> = (0..tokens * topk)
+        .map(|_| (rng.next_u64() % experts as u64) as i32)
+        .collect();
+    let order = gpu.moe_sort(&up(gpu, &chosen)?, topk, experts)?;
+    let offsets = down(gpu, &order.offsets)?;
+    let tile_start = down(gpu, &order.tile_start)?;
+    let source = down(gpu, &order.source)?;
+    let row_of = down(gpu, &order.row_of)?;
+    let mut counts = vec![0i32; experts];
+    chosen.iter().for_each(|&e| counts[e as usize] += 1);
+    let mut bad = 0usize;
+    for e in 0..experts {
+        bad += usize::from(offsets[e + 1] - offsets[e] != counts[e]);
+        let tiles = (counts[e] as usize).div_ceil(super::runtime::GEMM_TILE_ROWS) as i32;
+        bad += usize::from(tile_start[e + 1] - tile_start[e] != tiles);
+    }
+    for (p, &row) in row_of.iter().enumerate() {
+        let e = chosen[p] as usize;
+        let in_segment = offsets[e] <= row && row < offsets[e + 1];
+        bad += usize::from(!in_segment || source[row as usize] != (p / topk) as i32);
+    }
+    let sort = Check::new(
+        "moe_sort",
+        bad as f64,
+        0.0,
+        "37 tokens × top-8 over 64 experts: rows out of place",
+    );
+
+    let x = uniform(tokens * hidden, 6, 3.0);
+    let mut permuted = gpu.stream.alloc_zeros::<bf16>(order.rows * hidden)?;
+    gpu.moe_permute(&up(gpu, &x)?, &order, &mut permuted, hidden)?;
+    let permuted = down(gpu, &permuted)?;
+    let expected: Vec<f32> = (0..order.rows * hidden)
+        .map(|i| bf16::from_f32(x[source[i / hidden] as usize * hidden + i % hidden]).to_f32())
+        .collect();
+    let got: Vec<f32> = permuted.iter().map(|v| v.to_f32()).collect();
+    let permute = Check::new("moe_permute", max_diff(&got, &expected), 0.0, "bf16 gather");
+
+    let expert_out = to_bf16(&uniform(order.rows * hidden, 7, 2.0));
+    let weights = uniform(tokens * topk, 8, 1.0);
+    let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;
+    gpu.moe_unpermute(
+        &up(gpu, &expert_out)?,
+        &order,
+        &up(gpu, &weights)?,
+        &mut y,
+        topk,
+        hidden,
+    )?;
+    let expected: Vec<f32> = (0..tokens * hidden)
+        .map(|i| {
+            let (t, c) = (i / hidden, i % hidden);
+            (0..topk).fold(0.0, |sum, k| {
+                let row = row_of[t * topk + k] as usize;
+                sum + weights[t * topk + k] * expert_out[row * hidden + c].to_f32()
+            })
+        })
+        .collect();
+    let unpermute = Check::new(
+        "moe_unpermute",
+        max_diff(&down(gpu, &y)?, &expected),
+        1e-5,
+        "weighted combine in k order",
+    );
+
+    let mut quantised = gpu.stream.alloc_zeros::<u8>(order.rows * hidden)?;
+    let groups = hidden.div_ceil(128);
+    let mut scales = gpu.stream.alloc_zeros::<f32>(order.rows * groups)?;
+    gpu.moe_permute_fp8(&up(gpu, &x)?, &order, &mut quantised, &mut scales, hidden)?;
+    let (quantised, scales) = (down(gpu, &quantised)?, down(gpu, &scales)?);
+    let mut error = 0f64;
+    for row in 0..order.rows {
+        let from = &x[source[row] as usize * hidden..][..hidden];
+        for g in 0..groups {
+            let cols = g * 128..((g + 1) * 128).min(hidden);
+            let amax = from[cols.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+            for c in cols {
+                let value = fp8_e4m3_to_f32(quantised[row * hidden + c]) * scales[row * groups + g];
+                error = error.max(f64::from((value - from[c]).abs() / amax));
+            }
+        }
+    }
+    // e4m3 keeps 3 mantissa bits: half an ulp is 1/16 of the value, at most of amax
+    let fp8 = Check::new(
+        "moe_permute_fp8",
+        error,
+        1.0 / 16.0,
+        "1×128 scales; error relative to the group's max",
+    );
+    Ok(vec![sort, permute, unpermute, fp8])
+}
+
+/// Expert segments of uneven sizes (none, under one tile, several tiles) with
+/// shapes that are not multiples of the tile, as the tiny fixtures have.
+fn uneven_routing(gpu: &Gpu) -> Result<(super::runtime::MoeOrder, Vec<usize>)> {
+    let counts = [130usize, 0, 3, 64, 257];
+    let chosen: Vec<i32> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
+        .collect();
+    let order = gpu.moe_sort(&up(gpu, &chosen)?, 1, counts.len())?;
+    let expert_of_row: Vec<usize> = {
+        let offsets = down(gpu, &order.offsets)?;
+        (0..order.rows)
+            .map(|r| {
+                offsets
+                    .iter()
+                    .rposition(|&o| o as usize <= r)
+                    .unwrap()
+                    .min(counts.len() - 1)
+            })
+            .collect()
+    };
+    Ok((order, expert_of_row))
+}
+
+fn check_grouped_gemm_bf16(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (order, expert_of_row) = uneven_routing(gpu)?;
+    [(272usize, 136usize), (256, 512)]
+        .into_iter()
+        .map(|(n, k)| {
+            let x = to_bf16(&uniform(order.rows * k, 30, 1.0));
+            let w = to_bf16(&uniform(order.experts * n * k, 31, 1.0));
+            let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
+            gpu.grouped_gemm_bf16(&up(gpu, &x)?, &up(gpu, &w)?, &mut y, &order, n, k)?;
+            let got: Vec<f32> = down(gpu, &y)?.iter().map(|v| v.to_f32()).collect();
+            let expected = reference_gemm(
+                order.rows,
+                n,
+                k,
+                &expert_of_row,
+                |r, i| x[r * k + i].to_f32(),
+                |e, j, i| w[(e * n + j) * k + i].to_f32(),
+            );
+            Ok(Check::new(
+                format!("grouped_gemm_bf16/n{n}k{k}"),
+                relative_diff(&got, &expected),
+                1e-2,
+                "segments of 130, 0, 3, 64, 257 rows; bf16 output",
+            ))
+        })
+        .collect()
+}
+
+/// y[r, j] = Σ_i x(r, i) · w(expert of r, j, i), in f64.
+fn reference_gemm(
+    rows: usize,
+    n: usize,
+    k: usize,
+    expert_of_row: &[usize],
+    x: impl Fn(usize, usize) -> f32,
+    w: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
+    (0..rows * n)
+        .map(|o| {
+            let (r, j) = (o / n, o % n);
+            (0..k)
+                .map(|i| f64::from(x(r, i)) * f64::from(w(expert_of_row[r], j, i)))
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
+/// Random e4m3 bytes, never NaN (0x7f, 0xff).
+fn random_fp8(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| match (rng.next_u64() & 0xff) as u8 {
+            b @ (0x7f | 0xff) => b - 1,
+            b => b,
+        })
+        .collect()
+}
+
+fn check_grouped_gemm_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (order, expert_of_row) = uneven_routing(gpu)?;
+    [(272usize, 144usize), (256, 512)]
+        .into_iter()
+        .map(|(n, k)| {
+            let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+            let x = random_fp8(order.rows * k, 40);
+            let x_scale: Vec<f32> = uniform(order.rows * kb, 41, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.01)
+                .collect();
+            let w = random_fp8(order.experts * n * k, 42);
+            let w_scale: Vec<f32> = uniform(order.experts * nb * kb, 43, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.01)
+                .collect();
+            let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
+            gpu.grouped_gemm_fp8(
+                &up(gpu, &x)?,
+                &up(gpu, &x_scale)?,
+                &up(gpu, &w)?,
+                &up(gpu, &w_scale)?,
+                &mut y,
+                &order,
+                n,
+                k,
+            )?;
+            let got: Vec<f32> = down(gpu, &y)?.iter().map(|v| v.to_f32()).collect();
+            let expected = reference_gemm(
+                order.rows,
+                n,
+                k,
+                &expert_of_row,
+                |r, i| fp8_e4m3_to_f32(x[r * k + i]) * x_scale[r * kb + i / 128],
+                |e, j, i| {
+                    fp8_e4m3_to_f32(w[(e * n + j) * k + i])
+                        * w_scale[(e * nb + j / 128) * kb + i / 128]
+                },
+            );
+            Ok(Check::new(
+                format!("grouped_gemm_fp8/n{n}k{k}"),
+                relative_diff(&got, &expected),
+                1e-2,
+                "128×128 weight and 1×128 activation scales; bf16 output",
+            ))
+        })
+        .collect()
+}
+
+fn check_dequant_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (matrices, rows, cols) = (3, 200, 136);
+    let q = random_fp8(matrices * rows * cols, 50);
+    let (rb, cb) = (rows.div_ceil(128), cols.div_ceil(128));
+    let scale_inv = uniform(matrices * rb * cb, 51, 0.01);
+    let mut out = gpu.stream.alloc_zeros::<bf16>(q.len())?;
+    gpu.dequant_fp8(
+        &up(gpu, &q)?,
+        &up(gpu, &scale_inv)?,
+        &mut out,
+        (matrices, rows, cols),
+    )?;
+    let got: Vec<f32> = down(gpu, &out)?.iter().map(|v| v.to_f32()).collect();
+    let expected: Vec<f32> = (0..q.len())
+        .map(|i| {
+            let (m, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+            bf16::from_f32(fp8_e4m3_to_f32(q[i]) * scale_inv[(m * rb + r / 128) * cb + c / 128])
+                .to_f32()
+        })
+        .collect();
+    Ok(vec![Check::new(
+        "dequant_fp8",
+        max_diff(&got, &expected),
+        0.0,
+        "3 × [200, 136], partial edge blocks",
+    )])
+}
+
+fn check_mla_decode(gpu: &Gpu) -> Result<Vec<Check>> {
+    const BLOCK: usize = crate::model::cache::BLOCK_TOKENS;
+    let (heads, rank, rope) = (4, 136, 16);
+    let lengths = [1usize, 17, 40, 0];
+    let seqs = lengths.len();
+    let max_blocks = 3;
+    let pool = 12;
+    // blocks handed out in a shuffled order, as a pool does after some churn
+    let mut free: Vec<i32> = (0..pool as i32).rev().collect();
+    let mut rng = Rng::new(60);
+    for i in (1..free.len()).rev() {
+        free.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let table: Vec<i32> = (0..seqs * max_blocks)
+        .map(|_| free.pop().unwrap())
+        .collect();
+    let c_kv = to_bf16(&uniform(pool * BLOCK * rank, 61, 1.0));
+    let k_pe = to_bf16(&uniform(pool * BLOCK * rope, 62, 1.0));
+    let q_lat = uniform(seqs * heads * rank, 63, 0.3);
+    let q_pe = uniform(seqs * heads * rope, 64, 0.3);
+    let scale = 0.12;
+    let lengths_i32: Vec<i32> = lengths.iter().map(|&l| l as i32).collect();
+    let mut out = gpu.stream.alloc_zeros::<f32>(q_lat.len())?;
+    gpu.mla_decode(
+        &up(gpu, &q_lat)?,
+        &up(gpu, &q_pe)?,
+        &up(gpu, &c_kv)?,
+        &up(gpu, &k_pe)?,
+        &up(gpu, &table)?,
+        &up(gpu, &lengths_i32)?,
+        &mut out,
+        (seqs, heads, rank, rope),
+        scale,
+    )?;
+    let mut expected = vec![0f32; q_lat.len()];
+    for s in 0..seqs {
+        let slot = |j: usize| table[s * max_blocks + j / BLOCK] as usize * BLOCK + j % BLOCK;
+        for h in 0..heads {
+            let q = (s * heads + h) * rank;
+            let p = (s * heads + h) * rope;
+            let scores: Vec<f64> = (0..lengths[s])
+                .map(|j| {
+                    let latent: f64 = (0..rank)
+                        .map(|d| {
+                            f64::from(q_lat[q + d]) * f64::from(c_kv[slot(j) * rank + d].to_f32())
+                        })
+                        .sum();
+                    let positional: f64 = (0..rope)
+                        .map(|d| {
+                            f64::from(q_pe[p + d]) * f64::from(k_pe[slot(j) * rope + d].to_f32())
+                        })
+                        .sum();
+                    (latent + positional) * f64::from(scale)
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for d in 0..rank {
+                let value: f64 = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| w * f64::from(c_kv[slot(j) * rank + d].to_f32()))
+                    .sum();
+                expected[q + d] = if total > 0.0 {
+                    (value / total) as f32
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    Ok(vec![Check::new(
+        "mla_decode",
+        max_diff(&down(gpu, &out)?, &expected),
+        1e-4,
+        "lengths 1, 17, 40, 0 over shuffled 16-token blocks",
+    )])
+}
+
+fn check_sample(gpu: &Gpu) -> Result<Vec<Check>> {
+    let vocab = 129_280;
+    let cases = [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.9,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            min_p: 0.05,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 100,
+            top_p: 0.95,
+            min_p: 0.01,
+            ..Default::default()
+        },
+    ];
+    let draws = 8;
+    let rows = cases.len() * draws;
+    let logits = uniform(rows * vocab, 70, 6.0);
+    let params: Vec<SamplingParams> = (0..rows)
+        .map(|r| SamplingParams {
+            seed: Some(100 + r as u64),
+            ..cases[r / draws].clone()
+        })
+        .collect();
+    let column = |f: &dyn Fn(&SamplingParams) -> f32| params.iter().map(f).collect::<Vec<f32>>();
+    let uniform_draws: Vec<f64> = params
+        .iter()
+        .map(|p| Rng::new(p.seed.unwrap()).next_f64())
+        .collect();
+    let top_k: Vec<i32> = params.iter().map(|p| p.top_k as i32).collect();
+    let mut probs = gpu.stream.alloc_zeros::<f32>(rows * vocab)?;
+    let mut tokens = gpu.stream.alloc_zeros::<i32>(rows)?;
+    gpu.sample(
+        &up(gpu, &logits)?,
+        &mut probs,
+        vocab,
+        &up(gpu, &column(&|p| p.temperature))?,
+        &up(gpu, &top_k)?,
+        &up(gpu, &column(&|p| p.top_p))?,
+        &up(gpu, &column(&|p| p.min_p))?,
+        &up(gpu, &uniform_draws)?,
+        &mut tokens,
+    )?;
+    let tokens = down(gpu, &tokens)?;
+    let differing = params
+        .iter()
+        .enumerate()
+        .filter(|(r, p)| {
+            let cpu = Sampler::new((*p).clone()).sample(&logits[r * vocab..][..vocab], &[]);
+            cpu as i32 != tokens[*r]
+        })
+        .count();
+    Ok(vec![Check::new(
+        "sample",
+        differing as f64,
+        0.0,
+        format!(
+            "{rows} rows of {vocab} logits, greedy and top-k/top-p/min-p, each seed's first draw: tokens that differ from the CPU sampler"
+        ),
+    )])
+}
+
+/// Milliseconds per call of `f`, by CUDA events over `reps` calls after two warm-ups.
+fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    f()?;
+    let context = gpu.stream.context();
+    let start = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    start.record(&gpu.stream)?;
+    for _ in 0..reps {
+        f()?;
+    }
+    end.record(&gpu.stream)?;
+    Ok(f64::from(start.elapsed_ms(&end)?) / reps as f64)
+}
+
+/// DeepSeek-V3's MoE at its real sizes, on random weights made on the GPU.
+fn benchmarks(gpu: &Gpu) -> Result<Value> {
+    const HIDDEN: usize = 7168;
+    const WIDTH: usize = 2048; // moe_intermediate_size
+    const EXPERTS: usize = 256;
+    const TOPK: usize = 8;
+    let reps = 10;
+    let tflops = |flops: f64, ms: f64| flops / ms / 1e9;
+    let rule = GateRule {
+        sigmoid: true,
+        method: 0,
+        n_group: 8,
+        topk_group: 4,
+        topk: TOPK,
+        normalize: true,
+        scale: 2.5,
+    };
+
+    // HBM: a device-to-device copy reads and writes every byte.
+    let copy_bytes = 1usize << 32;
+    let from = gpu.random_bf16(copy_bytes / 2, 1, 1.0)?;
+    let mut to = gpu.stream.alloc_zeros::<bf16>(copy_bytes / 2)?;
+    let copy_ms = time_ms(gpu, reps, || Ok(gpu.stream.memcpy_dtod(&from, &mut to)?))?;
+    let hbm = 2.0 * copy_bytes as f64 / copy_ms / 1e6; // GB/s
+    drop((from, to));
+
+    let w_gate_up = gpu.random_bf16(EXPERTS * 2 * WIDTH * HIDDEN, 2, 1.0)?;
+    let w_down = gpu.random_bf16(EXPERTS * HIDDEN * WIDTH, 3, 1.0)?;
+    let dense_gate_up = gpu.random_bf16(2 * WIDTH * HIDDEN, 4, 1.0)?;
+    let dense_down = gpu.random_bf16(HIDDEN * WIDTH, 5, 1.0)?;
+
+    // A prefill-sized batch: grouped GEMM against cuBLAS, permute and combine bandwidth.
+    let tokens = 4096;
+    let logits = gpu.random_f32(tokens * EXPERTS, 6, 4.0)?;
+    let mut chosen = gpu.stream.alloc_zeros::<i32>(tokens * TOPK)?;
+    let mut weights = gpu.stream.alloc_zeros::<f32>(tokens * TOPK)?;
+    gpu.moe_gate(&logits, None, EXPERTS, rule, &mut chosen, &mut weights)?;
+    let order = gpu.moe_sort(&chosen, TOPK, EXPERTS)?;
+    let rows = order.rows;
+    let x = gpu.random_f32(tokens * HIDDEN, 7, 1.0)?;
+    let mut xp = gpu.stream.alloc_zeros::<bf16>(rows * HIDDEN)?;
+    let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * WIDTH)?;
+    let mut h = gpu.stream.alloc_zeros::<bf16>(rows * WIDTH)?;
+    let mut expert_out = gpu.stream.alloc_zeros::<bf16>(rows * HIDDEN)?;
+    let mut y = gpu.stream.alloc_zeros::<f32>(tokens * HIDDEN)?;
+
+    let permute_ms = time_ms(gpu, reps, || gpu.moe_permute(&x, &order, &mut xp, HIDDEN))?;
+    let permute_bytes = (rows * HIDDEN * (4 + 2)) as f64;
+    let gate_up_ms = time_ms(gpu, reps, || {
+        gpu.grouped_gemm_bf16(&xp, &w_gate_up, &mut gate_up, &order, 2 * WIDTH, HIDDEN)
+    })?;
+    gpu.silu_mul(&gate_up, &mut h, rows)?;
+    let down_ms = time_ms(gpu, reps, || {
+        gpu.grouped_gemm_bf16(&h, &w_down, &mut expert_out, &order, HIDDEN, WIDTH)
+    })?;
+    let unpermute_ms = time_ms(gpu, reps, || {
+        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, TOPK, HIDDEN)
+    })?;
+    let unpermute_bytes = (rows * HIDDEN * 2 + tokens * HIDDEN * 4) as f64;
+    let cublas_gate_up_ms = time_ms(gpu, reps, || {
+        gpu.gemm_bf16(&xp, &dense_gate_up, &mut gate_up, rows, 2 * WIDTH, HIDDEN)
+    })?;
+    let cublas_down_ms = time_ms(gpu, reps, || {
+        gpu.gemm_bf16(&h, &dense_down, &mut expert_out, rows, HIDDEN, WIDTH)
+    })?;
+    let gate_up_flops = 2.0 * (rows * 2 * WIDTH * HIDDEN) as f64;
+    let down_flops = 2.0 * (rows * HIDDEN * WIDTH) as f64;
+
+    let mut report = json!({
+        "shapes": format!("{tokens} tokens × top-{TOPK} = {rows} rows over {EXPERTS} experts; hidden {HIDDEN}, expert width {WIDTH}"),
+        "hbm_copy_gb_s": hbm,
+        "grouped_gemm_bf16": {
+            "gate_up_tflops": tflops(gate_up_flops, gate_up_ms),
+            "down_tflops": tflops(down_flops, down_ms),
+            "cublas_dense_gate_up_tflops": tflops(gate_up_flops, cublas_gate_up_ms),
+            "cublas_dense_down_tflops": tflops(down_flops, cublas_down_ms),
+            "ratio_to_cublas": (cublas_gate_up_ms + cublas_down_ms) / (gate_up_ms + down_ms),
+        },
+        "permute_gb_s": permute_bytes / permute_ms / 1e6,
+        "unpermute_gb_s": unpermute_bytes / unpermute_ms / 1e6,
+        "permute_fraction_of_hbm": permute_bytes / permute_ms / 1e6 / hbm,
+        "unpermute_fraction_of_hbm": unpermute_bytes / unpermute_ms / 1e6 / hbm,
+    });
+
+    if gpu.has_fp8_tensor_cores() {
+        let (kb_hidden, kb_width) = (HIDDEN.div_ceil(128), WIDTH.div_ceil(128));
+        let w8_gate_up = gpu.random_fp8(EXPERTS * 2 * WIDTH * HIDDEN, 8, 448.0)?;
+        let s_gate_up = gpu.random_f32(EXPERTS * (2 * WIDTH / 128) * kb_hidden, 9, 1e-3)?;
+        let w8_down = gpu.random_fp8(EXPERTS * HIDDEN * WIDTH, 10, 448.0)?;
+        let s_down = gpu.random_f32(EXPERTS * (HIDDEN / 128) * kb_width, 11, 1e-3)?;
+        let mut x8 = gpu.stream.alloc_zeros::<u8>(rows * HIDDEN)?;
+        let mut x8_scale = gpu.stream.alloc_zeros::<f32>(rows * kb_hidden)?;
+        gpu.moe_permute_fp8(&x, &order, &mut x8, &mut x8_scale, HIDDEN)?;
+        let h8 = gpu.random_fp8(rows * WIDTH, 12, 448.0)?;
+        let h8_scale = gpu.random_f32(rows * kb_width, 13, 1e-3)?;
+        let fp8_gate_up_ms = time_ms(gpu, reps, || {
+            gpu.grouped_gemm_fp8(
+                &x8,
+                &x8_scale,
+                &w8_gate_up,
+                &s_gate_up,
+                &mut gate_up,
+                &order,
+                2 * WIDTH,
+                HIDDEN,
+            )
+        })?;
+        let fp8_down_ms = time_ms(gpu, reps, || {
+            gpu.grouped_gemm_fp8(
+                &h8,
+                &h8_scale,
+                &w8_down,
+                &s_down,
+                &mut expert_out,
+                &order,
+                HIDDEN,
+                WIDTH,
+            )
+        })?;
+        report["grouped_gemm_fp8"] = json!({
+            "gate_up_tflops": tflops(gate_up_flops, fp8_gate_up_ms),
+            "down_tflops": tflops(down_flops, fp8_down_ms),
+            "overall_tflops": tflops(gate_up_flops + down_flops, fp8_gate_up_ms + fp8_down_ms),
+        });
+    }
+
+    // Decode: 64 sequences, one token each. The MoE block end to end (gate, sort, permute,
+    // both grouped GEMMs, SiLU, combine) and absorbed MLA attention over 4,096 positions.
+    let batch = 64;
+    let logits = gpu.random_f32(batch * EXPERTS, 14, 4.0)?;
+    let x = gpu.random_f32(batch * HIDDEN, 15, 1.0)?;
+    let mut chosen = gpu.stream.alloc_zeros::<i32>(batch * TOPK)?;
+    let mut weights = gpu.stream.alloc_zeros::<f32>(batch * TOPK)?;
+    let pairs = batch * TOPK;
+    let mut xp = gpu.stream.alloc_zeros::<bf16>(pairs * HIDDEN)?;
+    let mut gate_up = gpu.stream.alloc_zeros::<bf16>(pairs * 2 * WIDTH)?;
+    let mut h = gpu.stream.alloc_zeros::<bf16>(pairs * WIDTH)?;
+    let mut expert_out = gpu.stream.alloc_zeros::<bf16>(pairs * HIDDEN)?;
+    let mut y = gpu.stream.alloc_zeros::<f32>(batch * HIDDEN)?;
+    let moe_ms = time_ms(gpu, reps, || {
+        gpu.moe_gate(&logits, None, EXPERTS, rule, &mut chosen, &mut weights)?;
+        let order = gpu.moe_sort(&chosen, TOPK, EXPERTS)?;
+        gpu.moe_permute(&x, &order, &mut xp, HIDDEN)?;
+        gpu.grouped_gemm_bf16(&xp, &w_gate_up, &mut gate_up, &order, 2 * WIDTH, HIDDEN)?;
+        gpu.silu_mul(&gate_up, &mut h, pairs)?;
+        gpu.grouped_gemm_bf16(&h, &w_down, &mut expert_out, &order, HIDDEN, WIDTH)?;
+        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, TOPK, HIDDEN)
+    })?;
+    let (heads, rank, rope, context) = (128, 512, 64, 4096);
+    let per_seq = context / crate::model::cache::BLOCK_TOKENS;
+    let c_kv = gpu.random_bf16(batch * context * rank, 16, 1.0)?;
+    let k_pe = gpu.random_bf16(batch * context * rope, 17, 1.0)?;
+    let table: Vec<i32> = (0..(batch * per_seq) as i32).collect();
+    let table = up(gpu, &table)?;
+    let lengths = up(gpu, &vec![context as i32; batch])?;
+    let q_lat = gpu.random_f32(batch * heads * rank, 18, 0.1)?;
+    let q_pe = gpu.random_f32(batch * heads * rope, 19, 0.1)?;
+    let mut out = gpu.stream.alloc_zeros::<f32>(batch * heads * rank)?;
+    let mla_ms = time_ms(gpu, reps, || {
+        gpu.mla_decode(
+            &q_lat,
+            &q_pe,
+            &c_kv,
+            &k_pe,
+            &table,
+            &lengths,
+            &mut out,
+            (batch, heads, rank, rope),
+            0.1,
+        )
+    })?;
+    let cache_bytes = (batch * context * (rank + rope) * 2) as f64;
+    report["decode"] = json!({
+        "batch": batch,
+        "moe_block_ms": moe_ms,
+        "mla_attention_ms": mla_ms,
+        "mla_cache_gb_s": cache_bytes / mla_ms / 1e6,
+        "context": context,
+        "note": "one layer's MoE block and attention core; the dense projections are not in yet",
+    });
+    Ok(report)
+}
