@@ -120,6 +120,9 @@ struct GenerateArgs {
     /// Write every prompt position's and generated step's logits to this JSON file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Where the model runs: `cpu`, or `cuda:N` (not yet).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -193,6 +196,7 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    args.device.require_cpu()?;
     if let Some(threads) = args.threads.filter(|&n| n > 0) {
         // SAFETY: set before any other thread exists; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
@@ -267,6 +271,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    args.device.require_cpu()?;
     let ranks = args.resolve()?;
     if ranks.count > 1 {
         bail!(

@@ -7,8 +7,17 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use deepseek_proto::placement::PlacementPlan;
 
+use crate::gpu::{DeviceSpec, Dtype};
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Where the model runs: `cpu`, or `cuda:N` (not yet: the GPU model step is not built).
+    #[arg(long, env = "DSD_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,
+    /// else bf16), `bf16` or `fp8`. The CPU path computes in f32 whatever this says.
+    #[arg(long, env = "DSD_DTYPE", value_enum, default_value = "auto")]
+    pub dtype: Dtype,
     /// Checkpoint directory (config.json, safetensors).
     #[arg(long, env = "DSD_MODEL")]
     pub model: Option<PathBuf>,

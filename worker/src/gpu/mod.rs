@@ -176,6 +176,19 @@ impl FromStr for DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// Refuses a GPU until the model step runs there.
+    pub fn require_cpu(self) -> Result<()> {
+        match self {
+            DeviceSpec::Cpu => Ok(()),
+            DeviceSpec::Cuda(n) => bail!(
+                "--device cuda:{n}: the GPU model step is not built yet (its kernels are, and \
+                 `deepseek-worker gpu-check` checks them); use --device cpu"
+            ),
+        }
+    }
+}
+
 /// `--dtype`: the precision of the expert GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {

@@ -109,7 +109,15 @@ fn bad_input_fails_with_a_message_and_no_output() {
     let v3 = v3.to_str().unwrap();
     let lite = fixture("tiny-v2-lite");
     let lite = lite.to_str().unwrap();
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 7] = [
+        (
+            vec!["--model", v3, "--prompt-ids", "1", "--device", "tpu:0"],
+            "expected `cpu` or `cuda:N`",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "1", "--device", "cuda:0"],
+            "the GPU model step is not built yet",
+        ),
         (
             vec!["--model", "/nonexistent", "--prompt-ids", "1"],
             "/nonexistent/config.json",
@@ -197,4 +205,39 @@ fn plan_balances_measured_expert_load_or_falls_back_to_round_robin() {
     ]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--group-size must be at least 1"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Fills a kernel cache with NVRTC (CI installs it and sets DSD_REQUIRE_NVRTC); a GPU
+/// machine without NVRTC then loads the cubins from there.
+#[test]
+fn kernels_fills_the_cache_with_cubins_for_both_pools() {
+    let cache = std::env::temp_dir().join(format!("dsd-kernel-cache-{}", std::process::id()));
+    let output = worker(&[
+        "kernels",
+        "--arch",
+        "sm_80",
+        "--arch",
+        "sm_90a",
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() && std::env::var_os("DSD_REQUIRE_NVRTC").is_none() {
+        assert!(stderr.contains("NVRTC not found"), "{stderr}");
+        eprintln!("skipped: {stderr}");
+        return;
+    }
+    assert!(output.status.success(), "{stderr}");
+    let cubins: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    for arch in ["sm_80", "sm_90a"] {
+        let n = cubins
+            .iter()
+            .filter(|f| f.contains(&format!("-{arch}-")))
+            .count();
+        assert_eq!(n, deepseek_worker::gpu::KERNELS.len(), "{arch}: {cubins:?}");
+    }
+    std::fs::remove_dir_all(&cache).unwrap();
 }
