@@ -46,14 +46,18 @@ __device__ __forceinline__ T block_sum(T value) {
 }
 
 // The largest value and its index; the lower index wins ties, as the CPU path's top-k and
-// argmax do. Packed so one reduction carries both.
+// argmax do, and NaN loses to any number (so the result never depends on the reduction
+// order). Packed so one reduction carries both.
 struct Best {
     float value;
     int index;
 };
 struct BestOp {
     __device__ __forceinline__ Best operator()(Best a, Best b) const {
-        return (a.value > b.value || (a.value == b.value && a.index < b.index)) ? a : b;
+        const bool a_nan = isnan(a.value), b_nan = isnan(b.value);
+        if (a_nan != b_nan) return a_nan ? b : a;
+        return (a.value > b.value || (a.value == b.value && a.index < b.index) ||
+                (a_nan && a.index < b.index)) ? a : b;
     }
 };
 __device__ __forceinline__ Best shfl_xor(Best b, int offset) {

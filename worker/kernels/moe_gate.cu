@@ -20,16 +20,23 @@ extern "C" __global__ void moe_gate(const float* __restrict__ logits,
     bool* taken = reinterpret_cast<bool*>(shared + 2 * experts);
     const float* row = logits + (size_t)blockIdx.x * experts;
 
+    // exp in double and sums in index order, as the CPU computes them: a last-bit difference
+    // in a score could flip a near-tied choice.
     float local_max = -INFINITY;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) local_max = fmaxf(local_max, row[e]);
     const float max = scoring == SOFTMAX ? block_reduce(local_max, Max{}, -INFINITY) : 0.f;
-    float local_sum = 0.f;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        const float s = scoring == SOFTMAX ? expf(row[e] - max) : 1.f / (1.f + expf(-row[e]));
-        score[e] = s;
-        local_sum += s;
+        score[e] = scoring == SOFTMAX ? (float)exp((double)(row[e] - max))
+                                      : 1.f / (1.f + (float)exp(-(double)row[e]));
     }
-    const float sum = scoring == SOFTMAX ? block_sum(local_sum) : 1.f;
+    __syncthreads();
+    __shared__ float sum;
+    if (threadIdx.x == 0) {
+        float total = 0.f;
+        for (int e = 0; e < experts; ++e) total += score[e];
+        sum = total;
+    }
+    __syncthreads();
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
         if (scoring == SOFTMAX) score[e] /= sum;
         choice[e] = score[e] + (bias ? bias[e] : 0.f);

@@ -9,8 +9,8 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x,
     float* out = y + (size_t)blockIdx.x * cols;
     float squares = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) squares += row[i] * row[i];
-    const float scale = rsqrtf(block_sum(squares) / cols + eps);
+    const float root = sqrtf(block_sum(squares) / cols + eps);  // divided by, as the CPU does
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        out[i] = row[i] * scale * __bfloat162float(weight[i]);
+        out[i] = row[i] / root * __bfloat162float(weight[i]);
     }
 }

@@ -13,17 +13,18 @@
 namespace {
 
 constexpr int THREADS = 1024;
-constexpr unsigned ONE = 0x3f800000u;  // bits of 1.0f, the largest p (p_max = exp(0))
+using Bits = unsigned long long;
+constexpr Bits ONE = 0x3ff0000000000000ull;  // bits of 1.0, the largest p (p_max = exp(0))
 
-__device__ __forceinline__ float bits_to_float(unsigned bits) { return __uint_as_float(bits); }
+__device__ __forceinline__ double value_of(Bits bits) { return __longlong_as_double((long long)bits); }
 
 // Σ p over p ≥ threshold (and count), over the block's row.
-__device__ double sum_at_least(const float* p, int vocab, float threshold) {
+__device__ double sum_at_least(const double* p, int vocab, double threshold) {
     double sum = 0.0;
-    for (int i = threadIdx.x; i < vocab; i += THREADS) sum += p[i] >= threshold ? p[i] : 0.f;
+    for (int i = threadIdx.x; i < vocab; i += THREADS) sum += p[i] >= threshold ? p[i] : 0.0;
     return block_sum(sum);
 }
-__device__ int count_at_least(const float* p, int vocab, float threshold) {
+__device__ int count_at_least(const double* p, int vocab, double threshold) {
     int count = 0;
     for (int i = threadIdx.x; i < vocab; i += THREADS) count += p[i] >= threshold;
     return block_sum(count);
@@ -32,10 +33,10 @@ __device__ int count_at_least(const float* p, int vocab, float threshold) {
 // The largest bit pattern b in [lo, ONE] with keep(b) true, given keep(lo) is true and
 // keep is monotone (true up to some b, false after).
 template <typename Keep>
-__device__ unsigned largest_kept(unsigned lo, Keep keep) {
-    unsigned hi = ONE;
+__device__ Bits largest_kept(Bits lo, Keep keep) {
+    Bits hi = ONE;
     while (lo < hi) {
-        const unsigned mid = lo + (hi - lo + 1) / 2;
+        const Bits mid = lo + (hi - lo + 1) / 2;
         if (keep(mid)) lo = mid; else hi = mid - 1;
     }
     return lo;
@@ -43,16 +44,16 @@ __device__ unsigned largest_kept(unsigned lo, Keep keep) {
 
 }  // namespace
 
-// logits [rows, vocab]; probs [rows, vocab] is scratch. Per row: temperature, top_k (0: all),
+// logits [rows, vocab]; probs [rows, vocab] (f64) is scratch. Per row: temperature, top_k (0: all),
 // top_p (1: all), min_p (0: none), uniform in [0, 1). tokens [rows] receives the choice.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    sample(const float* __restrict__ logits, float* __restrict__ probs, int vocab,
+    sample(const float* __restrict__ logits, double* __restrict__ probs, int vocab,
            const float* __restrict__ temperature, const int* __restrict__ top_k,
            const float* __restrict__ top_p, const float* __restrict__ min_p,
            const double* __restrict__ uniform, int* __restrict__ tokens) {
     const int r = blockIdx.x;
     const float* row = logits + (size_t)r * vocab;
-    float* p = probs + (size_t)r * vocab;
+    double* p = probs + (size_t)r * vocab;
 
     Best best{-INFINITY, 0x7fffffff};
     for (int i = threadIdx.x; i < vocab; i += THREADS) best = BestOp{}(best, Best{row[i], i});
@@ -63,33 +64,33 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         return;
     }
     const double top = (double)best.value / t;
-    for (int i = threadIdx.x; i < vocab; i += THREADS) p[i] = (float)exp((double)row[i] / t - top);
+    for (int i = threadIdx.x; i < vocab; i += THREADS) p[i] = exp((double)row[i] / t - top);
     __syncthreads();
-    const double total = sum_at_least(p, vocab, 0.f);
+    const double total = sum_at_least(p, vocab, 0.0);
 
     // The cut: keep p ≥ bits_to_float(cut).
-    unsigned cut = 0;
+    Bits cut = 0;
     const int k = top_k[r];
     if (k > 0 && k < vocab) {
-        cut = largest_kept(cut, [&](unsigned b) { return count_at_least(p, vocab, bits_to_float(b)) >= k; });
+        cut = largest_kept(cut, [&](Bits b) { return count_at_least(p, vocab, value_of(b)) >= k; });
     }
     const float nucleus = top_p[r];
     if (nucleus < 1.f) {
         const double wanted = (double)nucleus * total;
-        cut = largest_kept(cut, [&](unsigned b) { return sum_at_least(p, vocab, bits_to_float(b)) >= wanted; });
+        cut = largest_kept(cut, [&](Bits b) { return sum_at_least(p, vocab, value_of(b)) >= wanted; });
     }
     const float floor = min_p[r];  // relative to the most likely token, whose p is 1
-    if (floor > 0.f) cut = max(cut, __float_as_uint(floor));
+    if (floor > 0.f) cut = max(cut, (Bits)__double_as_longlong((double)floor));
 
     // The walk: the token whose run of cumulative probability (most likely first) holds
     // target. `at` is the largest value v whose survivors p ≥ v already sum past target.
-    const float kept_from = bits_to_float(cut);
+    const double kept_from = value_of(cut);
     const double target = uniform[r] * sum_at_least(p, vocab, kept_from);
-    const unsigned at = largest_kept(cut, [&](unsigned b) { return sum_at_least(p, vocab, bits_to_float(b)) > target; });
-    const float v = bits_to_float(at);
-    const double before = at < ONE ? sum_at_least(p, vocab, bits_to_float(at + 1)) : 0.0;
+    const Bits at = largest_kept(cut, [&](Bits b) { return sum_at_least(p, vocab, value_of(b)) > target; });
+    const double v = value_of(at);
+    const double before = at < ONE ? sum_at_least(p, vocab, value_of(at + 1)) : 0.0;
     // Within a run of equal probabilities, the CPU walks in index order.
-    const int skip = v > 0.f ? (int)((target - before) / v) : 0;
+    const int skip = v > 0.0 ? (int)((target - before) / v) : 0;
     int from = -1;
     for (int n = 0; n <= skip; ++n) {
         Best first{-INFINITY, 0x7fffffff};

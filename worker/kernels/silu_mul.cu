@@ -10,6 +10,6 @@ extern "C" __global__ void silu_mul(const __nv_bfloat16* __restrict__ gate_up,
         const size_t row = i / width, col = i % width;
         const float g = __bfloat162float(gate_up[row * 2 * width + col]);
         const float u = __bfloat162float(gate_up[row * 2 * width + width + col]);
-        h[i] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+        h[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
     }
 }

@@ -319,7 +319,6 @@ fn check_permute(gpu: &Gpu) -> Result<Vec<Check>> {
         &order,
         &up(gpu, &weights)?,
         &mut y,
-        topk,
         hidden,
     )?;
     let expected: Vec<f32> = (0..tokens * hidden)
@@ -651,7 +650,7 @@ fn check_sample(gpu: &Gpu) -> Result<Vec<Check>> {
         .map(|p| Rng::new(p.seed.unwrap()).next_f64())
         .collect();
     let top_k: Vec<i32> = params.iter().map(|p| p.top_k as i32).collect();
-    let mut probs = gpu.stream.alloc_zeros::<f32>(rows * vocab)?;
+    let mut probs = gpu.stream.alloc_zeros::<f64>(rows * vocab)?;
     let mut tokens = gpu.stream.alloc_zeros::<i32>(rows)?;
     gpu.sample(
         &up(gpu, &logits)?,
@@ -754,7 +753,7 @@ fn benchmarks(gpu: &Gpu) -> Result<Value> {
         gpu.grouped_gemm_bf16(&h, &w_down, &mut expert_out, &order, HIDDEN, WIDTH)
     })?;
     let unpermute_ms = time_ms(gpu, reps, || {
-        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, TOPK, HIDDEN)
+        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, HIDDEN)
     })?;
     let unpermute_bytes = (rows * HIDDEN * 2 + tokens * HIDDEN * 4) as f64;
     let cublas_gate_up_ms = time_ms(gpu, reps, || {
@@ -844,7 +843,7 @@ fn benchmarks(gpu: &Gpu) -> Result<Value> {
         gpu.grouped_gemm_bf16(&xp, &w_gate_up, &mut gate_up, &order, 2 * WIDTH, HIDDEN)?;
         gpu.silu_mul(&gate_up, &mut h, pairs)?;
         gpu.grouped_gemm_bf16(&h, &w_down, &mut expert_out, &order, HIDDEN, WIDTH)?;
-        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, TOPK, HIDDEN)
+        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, HIDDEN)
     })?;
     let (heads, rank, rope, context) = (128, 512, 64, 4096);
     let per_seq = context / crate::model::cache::BLOCK_TOKENS;

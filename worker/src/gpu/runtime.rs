@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail, ensure};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
     sys::CUfunction_attribute,
 };
 use cudarc::nvrtc::Ptx;
@@ -41,7 +41,7 @@ pub struct Gpu {
 
 /// A grid of at most `blocks` blocks of `threads`, for grid-stride loops over `n` items.
 fn strided(n: usize, threads: u32) -> LaunchConfig {
-    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
+    let blocks = n.div_ceil(threads as usize).min(65_535 * 8) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),
@@ -55,6 +55,17 @@ fn blocks(grid: (usize, usize), threads: u32, shared: usize) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: shared as u32,
     }
+}
+
+/// Queues `launch`; a grid without blocks (an empty batch) has nothing to do.
+fn queue(mut launch: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
+    let (x, y, z) = config.grid_dim;
+    if x * y * z > 0 {
+        // SAFETY: every caller first checks its buffers against the shapes the kernel reads
+        // and writes, and pushes the arguments in the kernel's order and C types.
+        unsafe { launch.launch(config) }?;
+    }
+    Ok(())
 }
 
 /// Names of a source's kernels: what follows `extern "C" __global__ void` (and an optional
@@ -116,6 +127,7 @@ pub struct MoeOrder {
     pub row_of: CudaSlice<i32>,
     pub rows: usize,
     pub experts: usize,
+    pub topk: usize,
 }
 
 impl Gpu {
@@ -196,8 +208,7 @@ impl Gpu {
         let cols = cols as i32;
         let mut launch = self.stream.launch_builder(self.function("rms_norm"));
         launch.arg(x).arg(weight).arg(y).arg(&cols).arg(&eps);
-        // SAFETY: the kernel's signature, with sizes checked above.
-        unsafe { launch.launch(blocks((rows, 1), 256, 0)) }?;
+        queue(launch, blocks((rows, 1), 256, 0))?;
         Ok(())
     }
 
@@ -216,8 +227,7 @@ impl Gpu {
         let (rows_i, n) = (rows as i32, h.len());
         let mut launch = self.stream.launch_builder(self.function("silu_mul"));
         launch.arg(gate_up).arg(h).arg(&rows_i).arg(&width);
-        // SAFETY: as above.
-        unsafe { launch.launch(strided(n, 256)) }?;
+        queue(launch, strided(n, 256))?;
         Ok(())
     }
 
@@ -248,8 +258,7 @@ impl Gpu {
             .arg(&t)
             .arg(&h)
             .arg(&d);
-        // SAFETY: as above.
-        unsafe { launch.launch(strided(tokens * heads * dim / 2, 256)) }?;
+        queue(launch, strided(tokens * heads * dim / 2, 256))?;
         Ok(())
     }
 
@@ -275,9 +284,11 @@ impl Gpu {
         ensure!(
             rule.n_group <= 32
                 && experts.is_multiple_of(rule.n_group.max(1))
-                && rule.topk <= experts,
-            "moe_gate: {experts} experts in {} groups, top-{}",
+                && rule.topk_group <= rule.n_group
+                && (1..=experts).contains(&rule.topk),
+            "moe_gate: {experts} experts in {} groups keeping {}, top-{}",
             rule.n_group,
+            rule.topk_group,
             rule.topk
         );
         ensure!(
@@ -306,8 +317,7 @@ impl Gpu {
             launch.arg(arg);
         }
         launch.arg(&rule.scale);
-        // SAFETY: as above; shared memory is 2 × experts floats and experts flags.
-        unsafe { launch.launch(blocks((tokens, 1), 256, experts * 9)) }?;
+        queue(launch, blocks((tokens, 1), 256, experts * 9))?;
         Ok(())
     }
 
@@ -319,6 +329,10 @@ impl Gpu {
         experts: usize,
     ) -> Result<MoeOrder> {
         let rows = chosen.len();
+        ensure!(
+            topk > 0 && rows.is_multiple_of(topk),
+            "moe_sort: {rows} choices are not tokens × top-{topk}"
+        );
         let mut order = MoeOrder {
             offsets: self.stream.alloc_zeros(experts + 1)?,
             tile_start: self.stream.alloc_zeros(experts + 1)?,
@@ -326,6 +340,7 @@ impl Gpu {
             row_of: self.stream.alloc_zeros(rows.max(1))?,
             rows,
             experts,
+            topk,
         };
         let args = [rows, topk, experts].map(|v| v as i32);
         let mut launch = self.stream.launch_builder(self.function("moe_sort"));
@@ -335,8 +350,7 @@ impl Gpu {
             .arg(&mut order.tile_start)
             .arg(&mut order.source)
             .arg(&mut order.row_of);
-        // SAFETY: as above; shared memory is 2 × experts ints.
-        unsafe { launch.launch(blocks((1, 1), 1024, experts * 8)) }?;
+        queue(launch, blocks((1, 1), 1024, experts * 8))?;
         Ok(order)
     }
 
@@ -349,15 +363,18 @@ impl Gpu {
         hidden: usize,
     ) -> Result<()> {
         ensure!(
-            hidden.is_multiple_of(4) && out.len() == order.rows * hidden,
-            "moe_permute: hidden ({hidden}) must be a multiple of 4 and out [{}, {hidden}]",
+            hidden.is_multiple_of(4)
+                && x.len() == order.rows / order.topk * hidden
+                && out.len() == order.rows * hidden,
+            "moe_permute: hidden ({hidden}) must be a multiple of 4, x [{}, {hidden}] and out \
+             [{}, {hidden}]",
+            order.rows / order.topk,
             order.rows
         );
         let h = hidden as i32;
         let mut launch = self.stream.launch_builder(self.function("moe_permute"));
         launch.arg(x).arg(&order.source).arg(out).arg(&h);
-        // SAFETY: as above.
-        unsafe { launch.launch(blocks((order.rows, 1), 256, 0)) }?;
+        queue(launch, blocks((order.rows, 1), 256, 0))?;
         Ok(())
     }
 
@@ -371,8 +388,11 @@ impl Gpu {
         hidden: usize,
     ) -> Result<()> {
         ensure!(
-            out.len() == order.rows * hidden && scale.len() == order.rows * hidden.div_ceil(128),
-            "moe_permute_fp8: out must be [{}, {hidden}] and scale [{}, {}]",
+            x.len() == order.rows / order.topk * hidden
+                && out.len() == order.rows * hidden
+                && scale.len() == order.rows * hidden.div_ceil(128),
+            "moe_permute_fp8: x must be [{}, {hidden}], out [{}, {hidden}] and scale [{}, {}]",
+            order.rows / order.topk,
             order.rows,
             order.rows,
             hidden.div_ceil(128)
@@ -380,8 +400,7 @@ impl Gpu {
         let h = hidden as i32;
         let mut launch = self.stream.launch_builder(self.function("moe_permute_fp8"));
         launch.arg(x).arg(&order.source).arg(out).arg(scale).arg(&h);
-        // SAFETY: as above.
-        unsafe { launch.launch(blocks((order.rows, 1), 128, 0)) }?;
+        queue(launch, blocks((order.rows, 1), 128, 0))?;
         Ok(())
     }
 
@@ -392,10 +411,9 @@ impl Gpu {
         order: &MoeOrder,
         weights: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
-        topk: usize,
         hidden: usize,
     ) -> Result<()> {
-        let tokens = order.rows / topk;
+        let (tokens, topk) = (order.rows / order.topk, order.topk);
         ensure!(
             hidden.is_multiple_of(4)
                 && expert_out.len() == order.rows * hidden
@@ -412,8 +430,7 @@ impl Gpu {
             .arg(y)
             .arg(&k)
             .arg(&h);
-        // SAFETY: as above.
-        unsafe { launch.launch(blocks((tokens, 1), 256, 0)) }?;
+        queue(launch, blocks((tokens, 1), 256, 0))?;
         Ok(())
     }
 
@@ -463,8 +480,7 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        // SAFETY: as above.
-        unsafe { launch.launch(Self::grouped_grid(order, n)) }?;
+        queue(launch, Self::grouped_grid(order, n))?;
         Ok(())
     }
 
@@ -517,8 +533,7 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        // SAFETY: as above.
-        unsafe { launch.launch(Self::grouped_grid(order, n)) }?;
+        queue(launch, Self::grouped_grid(order, n))?;
         Ok(())
     }
 
@@ -570,8 +585,11 @@ impl Gpu {
         scale: f32,
     ) -> Result<()> {
         ensure!(
-            rank % 2 == 0 && rank <= MLA_MAX_RANK && rope % 2 == 0 && rope <= MLA_MAX_ROPE,
-            "mla_decode: kv_lora_rank ({rank}) must be even and ≤ {MLA_MAX_RANK}, rope dims ({rope}) even and ≤ {MLA_MAX_ROPE}"
+            (2..=MLA_MAX_RANK).contains(&rank)
+                && rank.is_multiple_of(2)
+                && (2..=MLA_MAX_ROPE).contains(&rope)
+                && rope.is_multiple_of(2),
+            "mla_decode: kv_lora_rank ({rank}) must be even and in 2..={MLA_MAX_RANK}, rope dims ({rope}) even and in 2..={MLA_MAX_ROPE}"
         );
         ensure!(
             seqs > 0
@@ -599,8 +617,7 @@ impl Gpu {
             .arg(&args[1])
             .arg(&args[2])
             .arg(&scale);
-        // SAFETY: as above; block tables must name blocks inside the cache (the caller's).
-        unsafe { launch.launch(blocks((heads, seqs), 128, 0)) }?;
+        queue(launch, blocks((heads, seqs), 128, 0))?;
         Ok(())
     }
 
@@ -610,7 +627,7 @@ impl Gpu {
     pub fn sample(
         &self,
         logits: &CudaSlice<f32>,
-        probs: &mut CudaSlice<f32>,
+        probs: &mut CudaSlice<f64>,
         vocab: usize,
         temperature: &CudaSlice<f32>,
         top_k: &CudaSlice<i32>,
@@ -646,8 +663,7 @@ impl Gpu {
             .arg(min_p)
             .arg(uniform)
             .arg(tokens);
-        // SAFETY: as above.
-        unsafe { launch.launch(blocks((rows, 1), 1024, 0)) }?;
+        queue(launch, blocks((rows, 1), 1024, 0))?;
         Ok(())
     }
 
@@ -675,8 +691,7 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        // SAFETY: as above.
-        unsafe { launch.launch(strided(q.len(), 256)) }?;
+        queue(launch, strided(q.len(), 256))?;
         Ok(())
     }
 
@@ -701,8 +716,7 @@ impl Gpu {
         let mut out = self.stream.alloc_zeros::<T>(n)?;
         let mut launch = self.stream.launch_builder(self.function(kernel));
         launch.arg(&mut out).arg(&n).arg(&seed).arg(&scale);
-        // SAFETY: the kernel writes n values of T.
-        unsafe { launch.launch(strided(n, 256)) }?;
+        queue(launch, strided(n, 256))?;
         Ok(out)
     }
 }
