@@ -3,7 +3,9 @@
 // kv_lora_rank), so keys and values are the cached latents themselves:
 //   s_j = scale · (q_lat · c_kv[j] + q_pe · k_pe[j]),  out = Σ_j softmax(s)_j · c_kv[j]
 // and W_UV is applied to `out` afterwards. The cache is bf16 blocks of 16 positions,
-// [blocks, 16, rank] and [blocks, 16, rope]; a sequence's block_table row lists its blocks.
+// [blocks, 16, rank] and [blocks, 16, rope]; query row s reads block table row
+// s · table_stride and sees its first lengths[s] positions. Prompt rows use the same kernel:
+// the rows of one sequence share its table (stride 0), each seeing up to its own position.
 //
 // One block of 4 warps per (head, sequence). Warps take positions round-robin, each with
 // its own running max and sum (online softmax); a lane holds 2 of every 64 latent dims;
@@ -20,14 +22,14 @@ constexpr int RANK_STEPS = MAX_RANK / 64, ROPE_STEPS = MAX_ROPE / 64;
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
     mla_decode(const float* __restrict__ q_lat, const float* __restrict__ q_pe,
                const __nv_bfloat16* __restrict__ c_kv, const __nv_bfloat16* __restrict__ k_pe,
-               const int* __restrict__ block_table, int max_blocks,
+               const int* __restrict__ block_table, int table_stride,
                const int* __restrict__ lengths, float* __restrict__ out, int heads, int rank,
                int rope, float scale) {
     const int head = blockIdx.x, seq = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t query = (size_t)seq * heads + head;
     const int length = lengths[seq];
-    const int* blocks = block_table + (size_t)seq * max_blocks;
+    const int* blocks = block_table + (size_t)seq * table_stride;
 
     float2 ql[RANK_STEPS], qp[ROPE_STEPS], acc[RANK_STEPS];
     for (int t = 0; t < RANK_STEPS; ++t) {

@@ -5,8 +5,67 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
+use crate::config::Config;
+use crate::gpu::model::{GpuCache, GpuModel};
 use crate::model::Model;
+use crate::model::cache::KvCache;
 use crate::sampling::{Sampler, SamplingParams};
+
+/// The forward passes of one sequence: the CPU model with its cache, or the GPU model.
+pub trait Sequence {
+    fn config(&self) -> &Config;
+    /// The logits ([tokens][vocab]) of `tokens`, appended to the sequence.
+    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+}
+
+pub struct CpuSequence<'a> {
+    model: &'a Model,
+    cache: KvCache,
+}
+
+impl<'a> CpuSequence<'a> {
+    pub fn new(model: &'a Model) -> Self {
+        CpuSequence {
+            model,
+            cache: model.new_cache(),
+        }
+    }
+}
+
+impl Sequence for CpuSequence<'_> {
+    fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.model.forward(tokens, &mut self.cache)?.to_vec2()?)
+    }
+}
+
+pub struct GpuSequence<'a> {
+    model: &'a GpuModel,
+    cache: GpuCache,
+}
+
+impl<'a> GpuSequence<'a> {
+    /// A sequence of at most `tokens` tokens.
+    pub fn new(model: &'a GpuModel, tokens: usize) -> Result<Self> {
+        Ok(GpuSequence {
+            model,
+            cache: model.new_cache(tokens)?,
+        })
+    }
+}
+
+impl Sequence for GpuSequence<'_> {
+    fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.model.forward(tokens, &mut self.cache)
+    }
+}
 
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -28,8 +87,12 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
-pub fn generate(model: &Model, prompt: &[u32], options: &GenerateOptions) -> Result<Generation> {
-    let context = model.config().max_position_embeddings;
+pub fn generate(
+    sequence: &mut dyn Sequence,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> Result<Generation> {
+    let context = sequence.config().max_position_embeddings;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -42,14 +105,13 @@ pub fn generate(model: &Model, prompt: &[u32], options: &GenerateOptions) -> Res
     }
     options.sampling.validate().map_err(anyhow::Error::msg)?;
     let mut sampler = Sampler::new(options.sampling.clone());
-    let mut cache = model.new_cache();
     let mut out = Generation::default();
     if options.max_new_tokens == 0 {
         return Ok(out);
     }
 
     let start = Instant::now();
-    let logits: Vec<Vec<f32>> = model.forward(prompt, &mut cache)?.to_vec2()?;
+    let logits = sequence.extend(prompt)?;
     out.prefill_seconds = start.elapsed().as_secs_f64();
     let mut last = logits.last().cloned().unwrap_or_default();
     if options.keep_logits {
@@ -66,10 +128,7 @@ pub fn generate(model: &Model, prompt: &[u32], options: &GenerateOptions) -> Res
         if out.tokens.len() == options.max_new_tokens || options.stop_ids.contains(&token) {
             break;
         }
-        last = model
-            .forward(&[token], &mut cache)?
-            .to_vec2::<f32>()?
-            .remove(0);
+        last = sequence.extend(&[token])?.remove(0);
     }
     out.decode_seconds = start.elapsed().as_secs_f64();
     Ok(out)

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
 use deepseek_worker::config::Config;
-use deepseek_worker::generate::{GenerateOptions, generate};
+use deepseek_worker::generate::{CpuSequence, GenerateOptions, GpuSequence, generate};
 use deepseek_worker::gpu::{self, DeviceSpec};
 use deepseek_worker::model::Model;
 use deepseek_worker::model::cache::BLOCK_TOKENS;
@@ -120,9 +120,18 @@ struct GenerateArgs {
     /// Write every prompt position's and generated step's logits to this JSON file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
-    /// Where the model runs: `cpu`, or `cuda:N` (not yet).
+    /// Where the model runs: `cpu`, or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Expert GEMM precision on a GPU: auto, bf16 or fp8 (not yet in the model step).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: gpu::Dtype,
+}
+
+/// A model on the CPU or on a GPU.
+enum Loaded {
+    Cpu(Model),
+    Gpu(gpu::model::GpuModel),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -196,14 +205,25 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    args.device.require_cpu()?;
     if let Some(threads) = args.threads.filter(|&n| n > 0) {
         // SAFETY: set before any other thread exists; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
     let start = Instant::now();
-    let model = Model::open(&args.model)?;
-    let stop_ids = model.config().eos_token_ids.clone();
+    let model = match args.device {
+        DeviceSpec::Cpu => Loaded::Cpu(Model::open(&args.model)?),
+        DeviceSpec::Cuda(ordinal) => Loaded::Gpu(gpu::model::GpuModel::open(
+            &args.model,
+            gpu::runtime::Gpu::open(ordinal)?,
+            args.dtype,
+        )?),
+    };
+    let stop_ids = match &model {
+        Loaded::Cpu(m) => m.config(),
+        Loaded::Gpu(m) => m.config(),
+    }
+    .eos_token_ids
+    .clone();
     let load_seconds = start.elapsed().as_secs_f64();
 
     let tokenizer = Tokenizer::from_dir(&args.model)?;
@@ -228,7 +248,13 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop_ids,
         keep_logits: args.logits_out.is_some(),
     };
-    let out = generate(&model, &prompt_ids, &options)?;
+    let out = match &model {
+        Loaded::Cpu(m) => generate(&mut CpuSequence::new(m), &prompt_ids, &options)?,
+        Loaded::Gpu(m) => {
+            let tokens = prompt_ids.len() + options.max_new_tokens;
+            generate(&mut GpuSequence::new(m, tokens)?, &prompt_ids, &options)?
+        }
+    };
     if let Some(path) = &args.logits_out {
         let logits = json!({"prompt_logits": out.prompt_logits, "step_logits": out.step_logits});
         std::fs::write(path, serde_json::to_vec(&logits)?)

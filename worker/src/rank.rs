@@ -11,7 +11,7 @@ use crate::gpu::{DeviceSpec, Dtype};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Where the model runs: `cpu`, or `cuda:N` (not yet: the GPU model step is not built).
+    /// Where the model runs: `cpu`, or `cuda:N` (not yet for serving: `generate` only).
     #[arg(long, env = "DSD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,

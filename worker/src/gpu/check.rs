@@ -1,5 +1,6 @@
 //! `deepseek-worker gpu-check`: every kernel against the CPU path (the reference) on small
-//! shapes, including the tiny fixtures' router configurations, then — with `--bench` —
+//! shapes, including the tiny fixtures' router configurations, and the whole model step on
+//! the three tiny fixtures (greedy tokens and logits); then — with `--bench` —
 //! benchmarks at DeepSeek-V3 shapes on random weights made on the GPU. The result is one
 //! JSON report; `tests/gpu/run.sh` runs it.
 
@@ -11,8 +12,12 @@ use cudarc::driver::{CudaSlice, DeviceRepr, sys::CUevent_flags};
 use half::bf16;
 use serde_json::{Value, json};
 
+use super::Dtype;
+use super::model::GpuModel;
 use super::runtime::{GateRule, Gpu};
 use crate::config::{Config, Moe};
+use crate::generate::{CpuSequence, GenerateOptions, GpuSequence, generate};
+use crate::model::Model;
 use crate::model::moe::route;
 use crate::model::ops::{RmsNorm, Rope};
 use crate::sampling::{Rng, Sampler, SamplingParams};
@@ -78,6 +83,12 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     record("dequant_fp8", check_dequant_fp8(&gpu));
     record("mla_decode", check_mla_decode(&gpu));
     record("sample", check_sample(&gpu));
+    for (name, _) in &configs {
+        record(
+            &format!("model_step/{name}"),
+            check_model_step(device, &fixtures.join(name)),
+        );
+    }
     let passed = checks.iter().all(|c| c["passed"] == true);
 
     let benchmarks = if bench {
@@ -91,9 +102,61 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
         "compiler": gpu.compiler,
         "passed": passed,
         "checks": checks,
-        "model_step": "not checked: the GPU model step is not built yet (kernels only)",
         "benchmarks": benchmarks,
     }))
+}
+
+/// The whole model on the GPU against the CPU path: a 12-token prompt and 16 greedy tokens,
+/// every logit of both; the tokens must be the same and the logits within bf16 rounding.
+fn check_model_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
+    let cpu = Model::open(dir)?;
+    let gpu = GpuModel::open(dir, Gpu::open(device)?, Dtype::Auto)?;
+    let vocab = cpu.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % vocab).collect();
+    let options = GenerateOptions {
+        max_new_tokens: 16,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+        keep_logits: true,
+    };
+    let reference = generate(&mut CpuSequence::new(&cpu), &prompt, &options)?;
+    let tokens = prompt.len() + options.max_new_tokens;
+    let got = generate(&mut GpuSequence::new(&gpu, tokens)?, &prompt, &options)?;
+    let differing = reference
+        .tokens
+        .iter()
+        .zip(&got.tokens)
+        .filter(|(a, b)| a != b)
+        .count();
+    let flatten = |g: &crate::generate::Generation| -> Vec<f32> {
+        g.prompt_logits
+            .iter()
+            .chain(&g.step_logits)
+            .flatten()
+            .copied()
+            .collect()
+    };
+    let (expected, actual) = (flatten(&reference), flatten(&got));
+    let name = dir
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    Ok(vec![
+        Check::new(
+            format!("model_step/{name}/greedy_tokens"),
+            differing as f64,
+            0.0,
+            format!(
+                "16 greedy tokens after a 12-token prompt; CPU {:?}, GPU {:?}",
+                reference.tokens, got.tokens
+            ),
+        ),
+        Check::new(
+            format!("model_step/{name}/logits"),
+            relative_diff(&actual, &expected),
+            3e-2,
+            "every prompt and step logit; error relative to the largest |logit|",
+        ),
+    ])
 }
 
 /// Host data: uniform in [−scale, scale), reproducible.
@@ -131,11 +194,23 @@ fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn check_rms_norm(gpu: &Gpu) -> Result<Vec<Check>> {
-    let (rows, cols) = (5, 144);
-    let x = uniform(rows * cols, 1, 2.0);
+    // rows 160 apart, as the latent sits in kv_a_proj's wider output
+    let (rows, cols, stride) = (5, 144, 160);
+    let wide = uniform(rows * stride, 1, 2.0);
+    let x: Vec<f32> = wide
+        .chunks(stride)
+        .flat_map(|r| r[..cols].to_vec())
+        .collect();
     let weight = to_bf16(&uniform(cols, 2, 1.5));
     let mut y = gpu.stream.alloc_zeros::<f32>(rows * cols)?;
-    gpu.rms_norm(&up(gpu, &x)?, &up(gpu, &weight)?, &mut y, rows, 1e-6)?;
+    gpu.rms_norm(
+        &up(gpu, &wide)?.as_view(),
+        stride,
+        &up(gpu, &weight)?,
+        &mut y,
+        rows,
+        1e-6,
+    )?;
     let weight_f32: Vec<f32> = weight.iter().map(|w| w.to_f32()).collect();
     let norm = RmsNorm::new(Tensor::from_vec(weight_f32, cols, &Device::Cpu)?, 1e-6);
     let expected = norm
@@ -146,7 +221,7 @@ fn check_rms_norm(gpu: &Gpu) -> Result<Vec<Check>> {
         "rms_norm",
         max_diff(&down(gpu, &y)?, &expected),
         1e-5,
-        "5×144",
+        "5×144, rows 160 apart",
     )])
 }
 
@@ -191,9 +266,16 @@ fn check_rope(gpu: &Gpu, cfg: &Config) -> Result<Vec<Check>> {
         cos.flatten_all()?.to_vec1::<f32>()?,
         sin.flatten_all()?.to_vec1::<f32>()?,
     );
+    // each (token, head) row sits after 8 other values, as q_pe does after q_nope
+    let wide: Vec<f32> = x
+        .chunks(dim)
+        .flat_map(|r| [vec![9.0; 8], r.to_vec()].concat())
+        .collect();
+    let wide = up(gpu, &wide)?;
     let mut y = gpu.stream.alloc_zeros::<f32>(x.len())?;
     gpu.rope(
-        &up(gpu, &x)?,
+        &wide.slice(8..),
+        dim + 8,
         &up(gpu, &cos)?,
         &up(gpu, &sin)?,
         &mut y,
@@ -552,7 +634,7 @@ fn check_mla_decode(gpu: &Gpu) -> Result<Vec<Check>> {
         &up(gpu, &q_pe)?,
         &up(gpu, &c_kv)?,
         &up(gpu, &k_pe)?,
-        &up(gpu, &table)?,
+        (&up(gpu, &table)?, max_blocks),
         &up(gpu, &lengths_i32)?,
         &mut out,
         (seqs, heads, rank, rope),
@@ -757,10 +839,10 @@ fn benchmarks(gpu: &Gpu) -> Result<Value> {
     })?;
     let unpermute_bytes = (rows * HIDDEN * 2 + tokens * HIDDEN * 4) as f64;
     let cublas_gate_up_ms = time_ms(gpu, reps, || {
-        gpu.gemm_bf16(&xp, &dense_gate_up, &mut gate_up, rows, 2 * WIDTH, HIDDEN)
+        gpu.linear(&xp, &dense_gate_up, &mut gate_up, (rows, 2 * WIDTH, HIDDEN))
     })?;
     let cublas_down_ms = time_ms(gpu, reps, || {
-        gpu.gemm_bf16(&h, &dense_down, &mut expert_out, rows, HIDDEN, WIDTH)
+        gpu.linear(&h, &dense_down, &mut expert_out, (rows, HIDDEN, WIDTH))
     })?;
     let gate_up_flops = 2.0 * (rows * 2 * WIDTH * HIDDEN) as f64;
     let down_flops = 2.0 * (rows * HIDDEN * WIDTH) as f64;
@@ -861,7 +943,7 @@ fn benchmarks(gpu: &Gpu) -> Result<Value> {
             &q_pe,
             &c_kv,
             &k_pe,
-            &table,
+            (&table, per_seq),
             &lengths,
             &mut out,
             (batch, heads, rank, rope),

@@ -9,6 +9,7 @@
 //!   (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
 
 pub mod check;
+pub mod model;
 pub mod nvrtc;
 pub mod runtime;
 
@@ -37,6 +38,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("sampling", include_str!("../../kernels/sampling.cu")),
     ("fp8", include_str!("../../kernels/fp8.cu")),
     ("random", include_str!("../../kernels/random.cu")),
+    ("elementwise", include_str!("../../kernels/elementwise.cu")),
 ];
 
 /// What CI compiles every kernel for: PTX for both generations, and the cubins the two
@@ -177,13 +179,14 @@ impl FromStr for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Refuses a GPU until the model step runs there.
+    /// Refuses a GPU where the batched scheduler would need one (serving).
     pub fn require_cpu(self) -> Result<()> {
         match self {
             DeviceSpec::Cpu => Ok(()),
             DeviceSpec::Cuda(n) => bail!(
-                "--device cuda:{n}: the GPU model step is not built yet (its kernels are, and \
-                 `deepseek-worker gpu-check` checks them); use --device cpu"
+                "--device cuda:{n}: serving from a GPU is not built yet (the model step runs \
+                 there one sequence at a time: `deepseek-worker generate --device cuda:{n}`); \
+                 use --device cpu"
             ),
         }
     }

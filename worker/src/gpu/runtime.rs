@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::cublas::{
+    CudaBlas,
+    sys::{cublasOperation_t, cudaDataType},
+};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
-    sys::CUfunction_attribute,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    LaunchArgs, LaunchConfig, PushKernelArg, sys::CUfunction_attribute,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -130,6 +133,61 @@ pub struct MoeOrder {
     pub topk: usize,
 }
 
+/// Element types cuBLAS multiplies here.
+pub trait GemmType: cudarc::driver::DeviceRepr {
+    const DTYPE: cudaDataType;
+}
+impl GemmType for f32 {
+    const DTYPE: cudaDataType = cudaDataType::CUDA_R_32F;
+}
+impl GemmType for bf16 {
+    const DTYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
+}
+
+/// A row-major GEMM operand: its device address, element type, row stride and the stride
+/// between the matrices of a batch (in elements).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub ptr: u64,
+    pub dtype: cudaDataType,
+    pub row_stride: usize,
+    pub batch_stride: usize,
+}
+
+impl Operand {
+    pub fn dense<T: GemmType>(ptr: u64, row_stride: usize) -> Self {
+        Operand {
+            ptr,
+            dtype: T::DTYPE,
+            row_stride,
+            batch_stride: 0,
+        }
+    }
+
+    /// Matrices `batch_stride` elements apart, starting `offset` elements in.
+    pub fn strided<T: GemmType>(
+        ptr: u64,
+        offset: usize,
+        row_stride: usize,
+        batch_stride: usize,
+    ) -> Self {
+        Operand {
+            ptr: ptr + (offset * std::mem::size_of::<T>()) as u64,
+            dtype: T::DTYPE,
+            row_stride,
+            batch_stride,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+}
+
 impl Gpu {
     /// Opens GPU `ordinal` and loads every kernel for its architecture (from the kernel
     /// cache, else compiled with NVRTC).
@@ -191,10 +249,11 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
-    /// y[rows, cols] = rms_norm(x) · weight.
+    /// y[rows, cols] = rms_norm(x) · weight; x's rows are x_stride apart.
     pub fn rms_norm(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
+        x_stride: usize,
         weight: &CudaSlice<bf16>,
         y: &mut CudaSlice<f32>,
         rows: usize,
@@ -202,14 +261,21 @@ impl Gpu {
     ) -> Result<()> {
         let cols = weight.len();
         ensure!(
-            x.len() == rows * cols && y.len() == x.len(),
-            "rms_norm: x, y must be [{rows}, {cols}]"
+            x_stride >= cols
+                && x.len() >= rows.saturating_sub(1) * x_stride + cols
+                && y.len() == rows * cols,
+            "rms_norm: x must hold {rows} rows of {cols} values {x_stride} apart and y [{rows}, {cols}]"
         );
-        let cols = cols as i32;
+        let (stride, cols) = (x_stride as i32, cols as i32);
         let mut launch = self.stream.launch_builder(self.function("rms_norm"));
-        launch.arg(x).arg(weight).arg(y).arg(&cols).arg(&eps);
-        queue(launch, blocks((rows, 1), 256, 0))?;
-        Ok(())
+        launch
+            .arg(x)
+            .arg(&stride)
+            .arg(weight)
+            .arg(y)
+            .arg(&cols)
+            .arg(&eps);
+        queue(launch, blocks((rows, 1), 256, 0))
     }
 
     /// h[rows, width] = silu(gate) · up from gate_up[rows, 2·width].
@@ -231,35 +297,39 @@ impl Gpu {
         Ok(())
     }
 
-    /// y = rope(x) for x [tokens, heads, dim]; cos, sin [tokens, dim/2].
+    /// y [tokens, heads, dim] = rope(x), x's (token, head) rows x_stride apart; cos, sin
+    /// [tokens, dim/2].
     pub fn rope(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
+        x_stride: usize,
         cos: &CudaSlice<f32>,
         sin: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         (tokens, heads, dim): (usize, usize, usize),
     ) -> Result<()> {
+        let rows = tokens * heads;
         ensure!(
-            dim % 2 == 0
-                && x.len() == tokens * heads * dim
-                && y.len() == x.len()
+            dim.is_multiple_of(2)
+                && x_stride >= dim
+                && x.len() >= rows.saturating_sub(1) * x_stride + dim
+                && y.len() == rows * dim
                 && cos.len() == tokens * dim / 2
                 && sin.len() == cos.len(),
-            "rope: shapes do not match [{tokens}, {heads}, {dim}]"
+            "rope: shapes do not match [{tokens}, {heads}, {dim}] with rows {x_stride} apart"
         );
-        let (t, h, d) = (tokens as i32, heads as i32, dim as i32);
+        let (stride, t, h, d) = (x_stride as i32, tokens as i32, heads as i32, dim as i32);
         let mut launch = self.stream.launch_builder(self.function("rope"));
         launch
             .arg(x)
+            .arg(&stride)
             .arg(cos)
             .arg(sin)
             .arg(y)
             .arg(&t)
             .arg(&h)
             .arg(&d);
-        queue(launch, strided(tokens * heads * dim / 2, 256))?;
-        Ok(())
+        queue(launch, strided(rows * dim / 2, 256))
     }
 
     /// Each token's experts and weights ([tokens, topk]) from its router logits
@@ -537,40 +607,176 @@ impl Gpu {
         Ok(())
     }
 
-    /// Dense y[m, n] = x[m, k] · w[n, k]ᵀ through cuBLAS (bf16 in and out, f32 accumulate).
-    pub fn gemm_bf16(
+    /// Dense y[rows, out] = x[rows, inp] · w[out, inp]ᵀ through cuBLAS, f32 accumulation;
+    /// bf16 or f32 in, bf16 or f32 out.
+    pub fn linear<X: GemmType, Y: GemmType>(
         &self,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<bf16>,
-        y: &mut CudaSlice<bf16>,
-        m: usize,
-        n: usize,
-        k: usize,
+        x: &CudaSlice<X>,
+        w: &CudaSlice<X>,
+        y: &mut CudaSlice<Y>,
+        (rows, out, inp): (usize, usize, usize),
     ) -> Result<()> {
         ensure!(
-            x.len() == m * k && w.len() == n * k && y.len() == m * n,
-            "gemm: x must be [{m}, {k}], w [{n}, {k}], y [{m}, {n}]"
+            x.len() == rows * inp && w.len() == out * inp && y.len() == rows * out,
+            "linear: x must be [{rows}, {inp}], w [{out}, {inp}], y [{rows}, {out}]"
         );
-        // Column-major cuBLAS computes yᵀ = w · xᵀ, which is y in row-major.
-        let config = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: bf16::ONE,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: bf16::ZERO,
-            ldc: n as i32,
+        let shape = GemmShape {
+            m: rows,
+            n: out,
+            k: inp,
+            batch: 1,
         };
-        // SAFETY: sizes checked above.
-        unsafe { self.blas.gemm(config, w, x, y) }?;
+        let (x, _x) = x.device_ptr(&self.stream);
+        let (w, _w) = w.device_ptr(&self.stream);
+        let (y, _y) = y.device_ptr_mut(&self.stream);
+        // SAFETY: the three buffers hold the matrices the shape describes (checked above).
+        unsafe {
+            self.gemm(
+                Operand::dense::<X>(x, inp),
+                Operand::dense::<X>(w, inp),
+                true,
+                Operand::dense::<Y>(y, out),
+                shape,
+            )
+        }
+    }
+
+    /// Row-major y[b] (m × n) = x[b] (m × k) · (w[b]ᵀ if `w_is_nk`, w[b] [k, n] otherwise)
+    /// for b < batch, with f32 accumulation: cuBLAS is column-major, so it computes
+    /// yᵀ = op(w)ᵀ · xᵀ on the same memory.
+    ///
+    /// # Safety
+    /// Every operand's pointer must hold its matrices as its strides and the shape say.
+    pub(crate) unsafe fn gemm(
+        &self,
+        x: Operand,
+        w: Operand,
+        w_is_nk: bool,
+        y: Operand,
+        GemmShape { m, n, k, batch }: GemmShape,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let (one, zero) = (1f32, 0f32);
+        let transpose = if w_is_nk {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        };
+        // SAFETY: the caller vouches for the operands; alpha and beta are f32 as the f32
+        // compute type requires.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                transpose,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&one as *const f32).cast(),
+                w.ptr as *const _,
+                w.dtype,
+                w.row_stride as i32,
+                w.batch_stride as i64,
+                x.ptr as *const _,
+                x.dtype,
+                x.row_stride as i32,
+                x.batch_stride as i64,
+                (&zero as *const f32).cast(),
+                y.ptr as *mut _,
+                y.dtype,
+                y.row_stride as i32,
+                y.batch_stride as i64,
+                batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
         Ok(())
     }
 
-    /// Absorbed MLA decode attention: out [seqs, heads, rank] from q_lat [seqs, heads, rank],
-    /// q_pe [seqs, heads, rope] and the paged bf16 cache.
+    /// out[r] = table[ids[r]] as f32.
+    pub fn embedding(
+        &self,
+        table: &CudaSlice<bf16>,
+        ids: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        hidden: usize,
+    ) -> Result<()> {
+        ensure!(
+            hidden > 0 && table.len().is_multiple_of(hidden) && out.len() == ids.len() * hidden,
+            "embedding: out must be [{}, {hidden}]",
+            ids.len()
+        );
+        let h = hidden as i32;
+        let mut launch = self.stream.launch_builder(self.function("embedding"));
+        launch.arg(table).arg(ids).arg(out).arg(&h);
+        queue(launch, blocks((ids.len(), 1), 256, 0))
+    }
+
+    /// x += y.
+    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+        ensure!(
+            x.len() == y.len(),
+            "add: {} and {} values",
+            x.len(),
+            y.len()
+        );
+        let n = x.len();
+        let mut launch = self.stream.launch_builder(self.function("add"));
+        launch.arg(x).arg(y).arg(&n);
+        queue(launch, strided(n, 256))
+    }
+
+    /// y = bf16(x).
+    pub fn to_bf16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<bf16>) -> Result<()> {
+        ensure!(
+            x.len() == y.len(),
+            "to_bf16: {} and {} values",
+            x.len(),
+            y.len()
+        );
+        let n = x.len();
+        let mut launch = self.stream.launch_builder(self.function("to_bf16"));
+        launch.arg(x).arg(y).arg(&n);
+        queue(launch, strided(n, 256))
+    }
+
+    /// Writes each row's latent (c_kv [rows, rank]) and roped key (k_pe [rows, rope]) into
+    /// cache slot slots[r] (block · 16 + offset).
+    pub fn kv_write(
+        &self,
+        (c_kv, k_pe): (&CudaSlice<f32>, &CudaSlice<f32>),
+        slots: &CudaSlice<i32>,
+        (cache_c, cache_pe): (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
+        (rank, rope): (usize, usize),
+    ) -> Result<()> {
+        let rows = slots.len();
+        ensure!(
+            c_kv.len() == rows * rank
+                && k_pe.len() == rows * rope
+                && cache_c.len() / rank.max(1) == cache_pe.len() / rope.max(1),
+            "kv_write: c_kv must be [{rows}, {rank}], k_pe [{rows}, {rope}], the caches as many slots"
+        );
+        let (r, p) = (rank as i32, rope as i32);
+        let mut launch = self.stream.launch_builder(self.function("kv_write"));
+        launch
+            .arg(c_kv)
+            .arg(k_pe)
+            .arg(slots)
+            .arg(cache_c)
+            .arg(cache_pe)
+            .arg(&r)
+            .arg(&p);
+        queue(launch, blocks((rows, 1), 256, 0))
+    }
+
+    /// Absorbed MLA attention: out [rows, heads, rank] from q_lat [rows, heads, rank], q_pe
+    /// [rows, heads, rope] and the paged bf16 cache; row s reads block table row
+    /// s · table_stride (0: every row shares one table, a prompt's rows) and sees its first
+    /// lengths[s] positions. The tables must name blocks inside the cache.
     #[allow(clippy::too_many_arguments)]
     pub fn mla_decode(
         &self,
@@ -578,7 +784,7 @@ impl Gpu {
         q_pe: &CudaSlice<f32>,
         c_kv: &CudaSlice<bf16>,
         k_pe: &CudaSlice<bf16>,
-        block_table: &CudaSlice<i32>,
+        (block_table, table_stride): (&CudaSlice<i32>, usize),
         lengths: &CudaSlice<i32>,
         out: &mut CudaSlice<f32>,
         (seqs, heads, rank, rope): (usize, usize, usize, usize),
@@ -594,14 +800,14 @@ impl Gpu {
         ensure!(
             seqs > 0
                 && lengths.len() == seqs
-                && block_table.len().is_multiple_of(seqs)
+                && block_table.len() > (seqs - 1) * table_stride
                 && q_lat.len() == seqs * heads * rank
                 && q_pe.len() == seqs * heads * rope
                 && out.len() == q_lat.len()
                 && c_kv.len() / rank == k_pe.len() / rope,
             "mla_decode: shapes do not match {seqs} sequences × {heads} heads"
         );
-        let max_blocks = (block_table.len() / seqs) as i32;
+        let table_stride = table_stride as i32;
         let args = [heads, rank, rope].map(|v| v as i32);
         let mut launch = self.stream.launch_builder(self.function("mla_decode"));
         launch
@@ -610,7 +816,7 @@ impl Gpu {
             .arg(c_kv)
             .arg(k_pe)
             .arg(block_table)
-            .arg(&max_blocks)
+            .arg(&table_stride)
             .arg(lengths)
             .arg(out)
             .arg(&args[0])
@@ -754,6 +960,6 @@ mod tests {
             .iter()
             .map(|(_, s)| entry_points(s).len())
             .sum();
-        assert_eq!(total, 16);
+        assert_eq!(total, 20);
     }
 }

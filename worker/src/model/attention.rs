@@ -86,11 +86,6 @@ impl Attention {
             |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
         let w_uk_t = flat(per_head.narrow(1, 0, nope)?.transpose(1, 2)?)?;
         let w_uv = flat(per_head.narrow(1, nope, v_dim)?)?;
-        let mut softmax_scale = 1.0 / (cfg.qk_head_dim() as f64).sqrt();
-        if let Some(yarn) = cfg.yarn.as_ref().filter(|y| y.mscale_all_dim != 0.0) {
-            let m = yarn_mscale(yarn.factor, yarn.mscale_all_dim);
-            softmax_scale *= m * m;
-        }
         Ok(Attention {
             q,
             kv_down: Linear::load(
@@ -114,7 +109,7 @@ impl Attention {
             rope_dim,
             v_dim,
             kv_lora,
-            softmax_scale,
+            softmax_scale: softmax_scale(cfg),
         })
     }
 
@@ -302,6 +297,16 @@ impl Attention {
             out[row * width..][..width].copy_from_slice(&results[i * width..][..width]);
         }
     }
+}
+
+/// The attention logits' scale: 1/√(qk head dim), times YaRN's mscale² when it applies.
+pub fn softmax_scale(cfg: &Config) -> f64 {
+    let mut scale = 1.0 / (cfg.qk_head_dim() as f64).sqrt();
+    if let Some(yarn) = cfg.yarn.as_ref().filter(|y| y.mscale_all_dim != 0.0) {
+        let m = yarn_mscale(yarn.factor, yarn.mscale_all_dim);
+        scale *= m * m;
+    }
+    scale
 }
 
 /// `[tokens, total]`: 0 where query `t` (at position `start + t`) may see key `s`, −∞ after.

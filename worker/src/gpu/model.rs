@@ -1,0 +1,561 @@
+//! The model step on a GPU: the CPU path's computation (`model/`) with the weights on the
+//! device as bf16 (FP8 checkpoints dequantised at load) and each step a sequence of the
+//! kernels in `kernels/` and cuBLAS GEMMs, activations f32 between them and bf16 into the
+//! tensor cores. Attention always runs in MLA's absorbed form over the latent cache, prompt
+//! rows too (each sees up to its own position), so one kernel serves prefill and decode.
+//!
+//! One sequence at a time (`generate --device cuda:N`, and `gpu-check`'s comparison with the
+//! CPU path); serving batches from the scheduler on the GPU is the next step.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use super::runtime::{GateRule, GemmShape, Gpu, Operand};
+use super::{Dtype, resolve_dtype};
+use crate::config::{Config, TopkMethod};
+use crate::model::attention::softmax_scale;
+use crate::model::cache::BLOCK_TOKENS;
+use crate::model::ops::Rope;
+use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
+
+/// A SwiGLU MLP: gate and up fused into one [2 × width, hidden] weight.
+struct Dense {
+    gate_up: CudaSlice<bf16>,
+    down: CudaSlice<bf16>,
+    width: usize,
+}
+
+struct Moe {
+    /// [experts, hidden], f32 as the CPU path routes (a near tie must break the same way).
+    router: CudaSlice<f32>,
+    bias: Option<CudaSlice<f32>>,
+    shared: Option<Dense>,
+    /// [experts, 2 × width, hidden] and [experts, hidden, width].
+    gate_up: CudaSlice<bf16>,
+    down: CudaSlice<bf16>,
+}
+
+enum FeedForward {
+    Dense(Dense),
+    Moe(Box<Moe>),
+}
+
+enum QProj {
+    Plain(CudaSlice<bf16>),
+    LowRank {
+        down: CudaSlice<bf16>,
+        norm: CudaSlice<bf16>,
+        up: CudaSlice<bf16>,
+        rank: usize,
+    },
+}
+
+struct Layer {
+    input_norm: CudaSlice<bf16>,
+    q: QProj,
+    /// [kv_lora + rope, hidden]
+    kv_down: CudaSlice<bf16>,
+    kv_norm: CudaSlice<bf16>,
+    /// [heads × (nope + v), kv_lora]: per head, nope key rows then v value rows.
+    kv_up: CudaSlice<bf16>,
+    o_proj: CudaSlice<bf16>,
+    post_norm: CudaSlice<bf16>,
+    ffn: FeedForward,
+}
+
+pub struct GpuModel {
+    gpu: Gpu,
+    cfg: Config,
+    embed: CudaSlice<bf16>,
+    layers: Vec<Layer>,
+    norm: CudaSlice<bf16>,
+    lm_head: CudaSlice<bf16>,
+    rope: Rope,
+    softmax_scale: f32,
+}
+
+/// One sequence's latent cache on the device: per layer [capacity, kv_lora] and
+/// [capacity, rope] bf16, in 16-token blocks that are simply in order.
+pub struct GpuCache {
+    c_kv: Vec<CudaSlice<bf16>>,
+    k_pe: Vec<CudaSlice<bf16>>,
+    table: CudaSlice<i32>,
+    len: usize,
+    capacity: usize,
+}
+
+/// Checkpoint tensors onto the device as bf16.
+struct Loader<'a> {
+    gpu: &'a Gpu,
+    ckpt: &'a Checkpoint,
+}
+
+impl Loader<'_> {
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<CudaSlice<f32>> {
+        Ok(self
+            .gpu
+            .stream
+            .clone_htod(&self.ckpt.load_f32(name, shape)?)?)
+    }
+
+    /// Several [rows, cols] tensors stacked in order into one device buffer, each converted
+    /// on its own (a whole layer's experts never sit on the host at once).
+    fn stacked(&self, names: &[String], rows: usize, cols: usize) -> Result<CudaSlice<bf16>> {
+        let mut out = self
+            .gpu
+            .stream
+            .alloc_zeros::<bf16>(names.len() * rows * cols)?;
+        for (i, name) in names.iter().enumerate() {
+            let values: Vec<bf16> = self
+                .ckpt
+                .load_f32(name, &[rows, cols])?
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let mut part = out.slice_mut(i * rows * cols..(i + 1) * rows * cols);
+            self.gpu.stream.memcpy_htod(&values, &mut part)?;
+        }
+        Ok(out)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<CudaSlice<bf16>> {
+        self.stacked(&[name.to_string()], rows, cols)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<CudaSlice<bf16>> {
+        self.stacked(&[name.to_string()], 1, len)
+    }
+
+    fn dense(&self, prefix: &str, hidden: usize, width: usize) -> Result<Dense> {
+        Ok(Dense {
+            gate_up: self.stacked(
+                &[
+                    format!("{prefix}.gate_proj.weight"),
+                    format!("{prefix}.up_proj.weight"),
+                ],
+                width,
+                hidden,
+            )?,
+            down: self.matrix(&format!("{prefix}.down_proj.weight"), hidden, width)?,
+            width,
+        })
+    }
+
+    fn layer(&self, cfg: &Config, layer: usize) -> Result<Layer> {
+        let p = format!("model.layers.{layer}");
+        let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let (kv_lora, rope) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        let q_out = heads * cfg.qk_head_dim();
+        let q = match cfg.q_lora_rank {
+            None => {
+                QProj::Plain(self.matrix(&format!("{p}.self_attn.q_proj.weight"), q_out, hidden)?)
+            }
+            Some(rank) => QProj::LowRank {
+                down: self.matrix(&format!("{p}.self_attn.q_a_proj.weight"), rank, hidden)?,
+                norm: self.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), rank)?,
+                up: self.matrix(&format!("{p}.self_attn.q_b_proj.weight"), q_out, rank)?,
+                rank,
+            },
+        };
+        let ffn = if cfg.is_moe_layer(layer) {
+            let moe = &cfg.moe;
+            let (experts, width) = (moe.n_routed_experts, moe.moe_intermediate_size);
+            let expert = |e: usize, part: &str| format!("{p}.mlp.experts.{e}.{part}.weight");
+            let gate_up: Vec<String> = (0..experts)
+                .flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")])
+                .collect();
+            let down: Vec<String> = (0..experts).map(|e| expert(e, "down_proj")).collect();
+            FeedForward::Moe(Box::new(Moe {
+                router: self.f32(&format!("{p}.mlp.gate.weight"), &[experts, hidden])?,
+                bias: match moe.topk_method {
+                    TopkMethod::NoauxTc => Some(
+                        self.f32(&format!("{p}.mlp.gate.e_score_correction_bias"), &[experts])?,
+                    ),
+                    _ => None,
+                },
+                shared: match moe.n_shared_experts {
+                    0 => None,
+                    n => Some(self.dense(&format!("{p}.mlp.shared_experts"), hidden, n * width)?),
+                },
+                gate_up: self.stacked(&gate_up, width, hidden)?,
+                down: self.stacked(&down, hidden, width)?,
+            }))
+        } else {
+            FeedForward::Dense(self.dense(&format!("{p}.mlp"), hidden, cfg.intermediate_size)?)
+        };
+        Ok(Layer {
+            input_norm: self.vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+            q,
+            kv_down: self.matrix(
+                &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
+                kv_lora + rope,
+                hidden,
+            )?,
+            kv_norm: self.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), kv_lora)?,
+            kv_up: self.matrix(
+                &format!("{p}.self_attn.kv_b_proj.weight"),
+                heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                kv_lora,
+            )?,
+            o_proj: self.matrix(
+                &format!("{p}.self_attn.o_proj.weight"),
+                hidden,
+                heads * cfg.v_head_dim,
+            )?,
+            post_norm: self.vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+            ffn,
+        })
+    }
+}
+
+impl GpuModel {
+    /// Loads a checkpoint directory onto `gpu`. `dtype` fp8 is refused for now: the step
+    /// runs bf16 weights (the FP8 grouped GEMM is built and checked, not yet wired in).
+    pub fn open(dir: &Path, gpu: Gpu, dtype: Dtype) -> Result<Self> {
+        let cfg = Config::from_file(&dir.join("config.json"))?;
+        let resolved = resolve_dtype(dtype, gpu.capability, cfg.fp8.is_some())?;
+        if dtype == Dtype::Fp8 && resolved == Dtype::Fp8 {
+            bail!(
+                "--dtype fp8: the GPU model step runs bf16 weights so far (FP8 checkpoints are \
+                 dequantised at load); use --dtype bf16 or auto"
+            );
+        }
+        let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
+        let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
+        let load = Loader {
+            gpu: &gpu,
+            ckpt: &ckpt,
+        };
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = load.matrix("model.embed_tokens.weight", vocab, hidden)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                load.layer(&cfg, l)
+                    .with_context(|| format!("layer {l} onto the GPU"))
+            })
+            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            load.matrix("model.embed_tokens.weight", vocab, hidden)?
+        } else {
+            load.matrix("lm_head.weight", vocab, hidden)?
+        };
+        let norm = load.vector("model.norm.weight", hidden)?;
+        Ok(GpuModel {
+            rope: Rope::new(&cfg),
+            softmax_scale: softmax_scale(&cfg) as f32,
+            gpu,
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// A cache for one sequence of up to `tokens` tokens.
+    pub fn new_cache(&self, tokens: usize) -> Result<GpuCache> {
+        let blocks = tokens.div_ceil(BLOCK_TOKENS).max(1);
+        let slots = blocks * BLOCK_TOKENS;
+        let stream = &self.gpu.stream;
+        let layers = self.layers.len();
+        Ok(GpuCache {
+            c_kv: (0..layers)
+                .map(|_| stream.alloc_zeros(slots * self.cfg.kv_lora_rank))
+                .collect::<Result<_, _>>()?,
+            k_pe: (0..layers)
+                .map(|_| stream.alloc_zeros(slots * self.cfg.qk_rope_head_dim))
+                .collect::<Result<_, _>>()?,
+            table: stream.clone_htod(&(0..blocks as i32).collect::<Vec<_>>())?,
+            len: 0,
+            capacity: slots,
+        })
+    }
+
+    /// Runs `tokens` after what `cache` holds; returns their logits [tokens][vocab].
+    pub fn forward(&self, tokens: &[u32], cache: &mut GpuCache) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let gpu = &self.gpu;
+        let stream = &gpu.stream;
+        let (n, start) = (tokens.len(), cache.len);
+        ensure!(n > 0, "forward needs at least one token");
+        ensure!(
+            start + n <= cache.capacity,
+            "the sequence would exceed its cache ({} tokens)",
+            cache.capacity
+        );
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            );
+        }
+        let (hidden, heads, eps) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.rms_norm_eps as f32,
+        );
+        let (nope, rope, v_dim, kv_lora) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
+        let qk = nope + rope;
+
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let positions: Vec<usize> = (start..start + n).collect();
+        let (cos, sin) = self.rope.tables(&positions)?;
+        let cos = stream.clone_htod(&cos.flatten_all()?.to_vec1::<f32>()?)?;
+        let sin = stream.clone_htod(&sin.flatten_all()?.to_vec1::<f32>()?)?;
+        // The blocks are in order, so a position is its own slot.
+        let slots = stream.clone_htod(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())?;
+        let lengths =
+            stream.clone_htod(&positions.iter().map(|&p| p as i32 + 1).collect::<Vec<_>>())?;
+
+        let mut x = stream.alloc_zeros::<f32>(n * hidden)?;
+        gpu.embedding(&self.embed, &stream.clone_htod(&ids)?, &mut x, hidden)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.norm_rows(&x, &layer.input_norm, n)?;
+            let hb = self.bf16(&h)?;
+            let mut q = stream.alloc_zeros::<f32>(n * heads * qk)?;
+            match &layer.q {
+                QProj::Plain(w) => gpu.linear(&hb, w, &mut q, (n, heads * qk, hidden))?,
+                QProj::LowRank {
+                    down,
+                    norm,
+                    up,
+                    rank,
+                } => {
+                    let mut qa = stream.alloc_zeros::<f32>(n * rank)?;
+                    gpu.linear(&hb, down, &mut qa, (n, *rank, hidden))?;
+                    let qa = self.bf16(&self.norm_rows(&qa, norm, n)?)?;
+                    gpu.linear(&qa, up, &mut q, (n, heads * qk, *rank))?;
+                }
+            }
+            let mut kv = stream.alloc_zeros::<f32>(n * (kv_lora + rope))?;
+            gpu.linear(&hb, &layer.kv_down, &mut kv, (n, kv_lora + rope, hidden))?;
+            let mut c_kv = stream.alloc_zeros::<f32>(n * kv_lora)?;
+            gpu.rms_norm(
+                &kv.as_view(),
+                kv_lora + rope,
+                &layer.kv_norm,
+                &mut c_kv,
+                n,
+                eps,
+            )?;
+            let mut k_pe = stream.alloc_zeros::<f32>(n * rope)?;
+            gpu.rope(
+                &kv.slice(kv_lora..),
+                kv_lora + rope,
+                &cos,
+                &sin,
+                &mut k_pe,
+                (n, 1, rope),
+            )?;
+            let mut q_pe = stream.alloc_zeros::<f32>(n * heads * rope)?;
+            gpu.rope(
+                &q.slice(nope..),
+                qk,
+                &cos,
+                &sin,
+                &mut q_pe,
+                (n, heads, rope),
+            )?;
+            gpu.kv_write(
+                (&c_kv, &k_pe),
+                &slots,
+                (&mut cache.c_kv[l], &mut cache.k_pe[l]),
+                (kv_lora, rope),
+            )?;
+
+            // Absorbed attention: q_lat = q_nope · W_UK per head, attention over the latents,
+            // then W_UV per head.
+            let qb = self.bf16(&q)?;
+            let mut q_lat = stream.alloc_zeros::<f32>(n * heads * kv_lora)?;
+            {
+                let (qp, _q) = qb.device_ptr(stream);
+                let (wp, _w) = layer.kv_up.device_ptr(stream);
+                let (yp, _y) = q_lat.device_ptr_mut(stream);
+                // SAFETY: per head h: q_nope rows at qb[r·heads·qk + h·qk ..][..nope]; W_UK
+                // rows at kv_up[(h·(nope+v) + j)·kv_lora ..][..kv_lora] for j < nope; output
+                // rows at q_lat[(r·heads + h)·kv_lora ..] — all inside their buffers.
+                unsafe {
+                    gpu.gemm(
+                        Operand::strided::<bf16>(qp, 0, heads * qk, qk),
+                        Operand::strided::<bf16>(wp, 0, kv_lora, (nope + v_dim) * kv_lora),
+                        false,
+                        Operand::strided::<f32>(yp, 0, heads * kv_lora, kv_lora),
+                        GemmShape {
+                            m: n,
+                            n: kv_lora,
+                            k: nope,
+                            batch: heads,
+                        },
+                    )?;
+                }
+            }
+            let mut latent = stream.alloc_zeros::<f32>(n * heads * kv_lora)?;
+            gpu.mla_decode(
+                &q_lat,
+                &q_pe,
+                &cache.c_kv[l],
+                &cache.k_pe[l],
+                (&cache.table, 0),
+                &lengths,
+                &mut latent,
+                (n, heads, kv_lora, rope),
+                self.softmax_scale,
+            )?;
+            let latent = self.bf16(&latent)?;
+            let mut o = stream.alloc_zeros::<f32>(n * heads * v_dim)?;
+            {
+                let (xp, _x) = latent.device_ptr(stream);
+                let (wp, _w) = layer.kv_up.device_ptr(stream);
+                let (yp, _y) = o.device_ptr_mut(stream);
+                // SAFETY: per head h: latent rows at latent[(r·heads + h)·kv_lora ..]; W_UV
+                // rows at kv_up[(h·(nope+v) + nope + j)·kv_lora ..] for j < v; output rows at
+                // o[(r·heads + h)·v ..] — all inside their buffers.
+                unsafe {
+                    gpu.gemm(
+                        Operand::strided::<bf16>(xp, 0, heads * kv_lora, kv_lora),
+                        Operand::strided::<bf16>(
+                            wp,
+                            nope * kv_lora,
+                            kv_lora,
+                            (nope + v_dim) * kv_lora,
+                        ),
+                        true,
+                        Operand::strided::<f32>(yp, 0, heads * v_dim, v_dim),
+                        GemmShape {
+                            m: n,
+                            n: v_dim,
+                            k: kv_lora,
+                            batch: heads,
+                        },
+                    )?;
+                }
+            }
+            let mut attention = stream.alloc_zeros::<f32>(n * hidden)?;
+            gpu.linear(
+                &self.bf16(&o)?,
+                &layer.o_proj,
+                &mut attention,
+                (n, hidden, heads * v_dim),
+            )?;
+            gpu.add(&mut x, &attention)?;
+
+            let h = self.norm_rows(&x, &layer.post_norm, n)?;
+            let hb = self.bf16(&h)?;
+            let y = match &layer.ffn {
+                FeedForward::Dense(mlp) => self.dense(mlp, &hb, n)?,
+                FeedForward::Moe(moe) => self.moe(moe, &h, &hb, n)?,
+            };
+            gpu.add(&mut x, &y)?;
+        }
+        let x = self.bf16(&self.norm_rows(&x, &self.norm, n)?)?;
+        let vocab = cfg.vocab_size;
+        let mut logits = stream.alloc_zeros::<f32>(n * vocab)?;
+        gpu.linear(&x, &self.lm_head, &mut logits, (n, vocab, hidden))?;
+        let logits = stream.clone_dtoh(&logits)?;
+        cache.len += n;
+        Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// RMSNorm of `rows` dense rows.
+    fn norm_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<bf16>,
+        rows: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let cols = weight.len();
+        let mut y = self.gpu.stream.alloc_zeros::<f32>(rows * cols)?;
+        self.gpu.rms_norm(
+            &x.as_view(),
+            cols,
+            weight,
+            &mut y,
+            rows,
+            self.cfg.rms_norm_eps as f32,
+        )?;
+        Ok(y)
+    }
+
+    fn bf16(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<bf16>> {
+        let mut y = self.gpu.stream.alloc_zeros::<bf16>(x.len())?;
+        self.gpu.to_bf16(x, &mut y)?;
+        Ok(y)
+    }
+
+    /// down(silu(gate(x)) · up(x)) for x [rows, hidden] bf16; f32 out.
+    fn dense(&self, mlp: &Dense, x: &CudaSlice<bf16>, rows: usize) -> Result<CudaSlice<f32>> {
+        let (gpu, hidden) = (&self.gpu, self.cfg.hidden_size);
+        let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * mlp.width)?;
+        gpu.linear(x, &mlp.gate_up, &mut gate_up, (rows, 2 * mlp.width, hidden))?;
+        let mut h = gpu.stream.alloc_zeros::<bf16>(rows * mlp.width)?;
+        gpu.silu_mul(&gate_up, &mut h, rows)?;
+        let mut y = gpu.stream.alloc_zeros::<f32>(rows * hidden)?;
+        gpu.linear(&h, &mlp.down, &mut y, (rows, hidden, mlp.width))?;
+        Ok(y)
+    }
+
+    /// The routed experts (gate, sort, permute, grouped GEMMs, combine) plus the shared ones.
+    fn moe(
+        &self,
+        moe: &Moe,
+        x: &CudaSlice<f32>,
+        xb: &CudaSlice<bf16>,
+        tokens: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let (gpu, cfg) = (&self.gpu, &self.cfg.moe);
+        let hidden = self.cfg.hidden_size;
+        let (experts, width) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
+        let rule = GateRule::of(cfg);
+        let mut logits = gpu.stream.alloc_zeros::<f32>(tokens * experts)?;
+        gpu.linear(x, &moe.router, &mut logits, (tokens, experts, hidden))?;
+        let mut chosen = gpu.stream.alloc_zeros::<i32>(tokens * rule.topk)?;
+        let mut weights = gpu.stream.alloc_zeros::<f32>(tokens * rule.topk)?;
+        gpu.moe_gate(
+            &logits,
+            moe.bias.as_ref(),
+            experts,
+            rule,
+            &mut chosen,
+            &mut weights,
+        )?;
+        let order = gpu.moe_sort(&chosen, rule.topk, experts)?;
+        let rows = order.rows;
+        let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
+        gpu.moe_permute(x, &order, &mut permuted, hidden)?;
+        let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * width)?;
+        gpu.grouped_gemm_bf16(
+            &permuted,
+            &moe.gate_up,
+            &mut gate_up,
+            &order,
+            2 * width,
+            hidden,
+        )?;
+        let mut h = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+        gpu.silu_mul(&gate_up, &mut h, rows)?;
+        let mut expert_out = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
+        gpu.grouped_gemm_bf16(&h, &moe.down, &mut expert_out, &order, hidden, width)?;
+        let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;
+        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, hidden)?;
+        if let Some(shared) = &moe.shared {
+            gpu.add(&mut y, &self.dense(shared, xb, tokens)?)?;
+        }
+        Ok(y)
+    }
+}
