@@ -6,9 +6,9 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 
 use crate::config::Config;
-use crate::gpu::model::{GpuCache, GpuModel};
+use crate::gpu::model::{GpuKv, GpuModel};
 use crate::model::Model;
-use crate::model::cache::KvCache;
+use crate::model::cache::{BlockTable, KvCache, KvPool, blocks_for};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// The forward passes of one sequence: the CPU model with its cache, or the GPU model.
@@ -44,15 +44,20 @@ impl Sequence for CpuSequence<'_> {
 
 pub struct GpuSequence<'a> {
     model: &'a GpuModel,
-    cache: GpuCache,
+    kv: GpuKv,
+    pool: KvPool,
+    table: BlockTable,
 }
 
 impl<'a> GpuSequence<'a> {
-    /// A sequence of at most `tokens` tokens.
+    /// A sequence of at most `tokens` tokens, with a device cache of its own.
     pub fn new(model: &'a GpuModel, tokens: usize) -> Result<Self> {
+        let (kv, pool) = model.new_kv(blocks_for(tokens).max(1))?;
         Ok(GpuSequence {
             model,
-            cache: model.new_cache(tokens)?,
+            kv,
+            pool,
+            table: BlockTable::default(),
         })
     }
 }
@@ -63,7 +68,12 @@ impl Sequence for GpuSequence<'_> {
     }
 
     fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.model.forward(tokens, &mut self.cache)
+        let needed = self.table.tokens() + tokens.len();
+        if !self.pool.reserve(&mut self.table, needed) {
+            bail!("the sequence would exceed its GPU cache");
+        }
+        self.model
+            .forward_batch(tokens, &mut self.kv, &mut [(tokens.len(), &mut self.table)])
     }
 }
 

@@ -297,8 +297,14 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    args.device.require_cpu()?;
     let ranks = args.resolve()?;
+    if let (DeviceSpec::Cuda(n), true) = (args.device, ranks.group_size > 1) {
+        bail!(
+            "--device cuda:{n} with --group-size {}: expert parallelism between GPUs needs the \
+             NCCL transport, which is not built yet",
+            ranks.group_size
+        );
+    }
     if ranks.count > 1 {
         bail!(
             "--ranks-per-pod {}: several ranks in one process (one per local GPU) come with the \
@@ -347,6 +353,8 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         } else {
             None
         },
+        device: args.device,
+        dtype: args.dtype,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;
@@ -364,6 +372,11 @@ fn kv_blocks(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
     let Some(fraction) = args.kv_cache_fraction else {
         return Ok(4096);
     };
+    if args.device != DeviceSpec::Cpu {
+        bail!(
+            "--kv-cache-fraction sizes the cache from host memory; on a GPU give --kv-cache-blocks"
+        );
+    }
     if !(fraction > 0.0 && fraction <= 1.0) {
         bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
     }

@@ -11,7 +11,8 @@ use crate::gpu::{DeviceSpec, Dtype};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Where the model runs: `cpu`, or `cuda:N` (not yet for serving: `generate` only).
+    /// Where the model runs: `cpu`, or `cuda:N` (on a GPU, one rank alone: expert
+    /// parallelism between GPUs needs the NCCL transport, not built yet).
     #[arg(long, env = "DSD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,

@@ -26,7 +26,9 @@ use deepseek_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, Usage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::config::Config;
 use crate::ep::{GroupError, Transport};
+use crate::gpu::model::{GpuKv, GpuModel};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::{BlockTable, KvPool, blocks_for};
@@ -95,19 +97,29 @@ impl Scheduler {
     /// Starts the scheduler thread; it runs until every handle is dropped. With `group`
     /// (an expert-parallel rank), every step is taken in lockstep with the other ranks.
     pub fn start(
-        model: Arc<Model>,
+        backend: Backend,
         tokenizer: Option<Arc<Tokenizer>>,
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
         group: Option<Arc<dyn Transport>>,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
+        let (model, pool) = match backend {
+            Backend::Cpu(model) => {
+                let pool = model.new_pool(config.kv_blocks);
+                (Compute::Cpu(model), pool)
+            }
+            Backend::Gpu(model) => {
+                let (kv, pool) = model.new_kv(config.kv_blocks)?;
+                (Compute::Gpu(model, kv), pool)
+            }
+        };
         let (submit, inbox) = mpsc::unbounded_channel();
         let load = Arc::new(Load::default());
         load.kv_blocks_total
             .store(config.kv_blocks, Ordering::Relaxed);
         let max_waiting = config.max_waiting;
         let engine = Engine {
-            pool: model.new_pool(config.kv_blocks),
+            pool,
             model,
             tokenizer,
             config,
@@ -122,11 +134,11 @@ impl Scheduler {
             .name("scheduler".into())
             .spawn(move || engine.run())
             .expect("spawning the scheduler thread");
-        Scheduler {
+        Ok(Scheduler {
             submit,
             load,
             max_waiting,
-        }
+        })
     }
 
     /// Queues a request; overload fails fast.
@@ -216,8 +228,65 @@ impl Sequence {
     }
 }
 
+/// What runs the steps.
+#[derive(Clone)]
+pub enum Backend {
+    Cpu(Arc<Model>),
+    Gpu(Arc<GpuModel>),
+}
+
+impl Backend {
+    pub fn config(&self) -> &Config {
+        match self {
+            Backend::Cpu(model) => model.config(),
+            Backend::Gpu(model) => model.config(),
+        }
+    }
+}
+
+/// A backend with its cache storage: the CPU model's lives in the pool, the GPU model's on
+/// the device (the pool then only hands out block ids).
+enum Compute {
+    Cpu(Arc<Model>),
+    Gpu(Arc<GpuModel>, GpuKv),
+}
+
+impl Compute {
+    fn config(&self) -> &Config {
+        match self {
+            Compute::Cpu(model) => model.config(),
+            Compute::Gpu(model, _) => model.config(),
+        }
+    }
+
+    /// One forward pass over the segments' rows; `per_row` keeps every row's numbers what
+    /// they would be alone (the CPU path's batched decode).
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pool: &mut KvPool,
+        segments: &mut [(usize, &mut BlockTable)],
+        per_row: bool,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        match self {
+            Compute::Cpu(model) => Ok(model
+                .forward_batch(tokens, pool, segments, per_row)?
+                .to_vec2()?),
+            Compute::Gpu(model, kv) => model.forward_batch(tokens, kv, segments),
+        }
+    }
+
+    /// An expert-parallel rank's empty pass (CPU groups only).
+    fn forward_idle(&self) -> anyhow::Result<()> {
+        match self {
+            Compute::Cpu(model) => model.forward_idle(),
+            Compute::Gpu(..) => Ok(()),
+        }
+    }
+}
+
 struct Engine {
-    model: Arc<Model>,
+    model: Compute,
     tokenizer: Option<Arc<Tokenizer>>,
     config: SchedulerConfig,
     load: Arc<Load>,
@@ -486,15 +555,14 @@ impl Engine {
         if rows.is_empty() {
             return Ok(false);
         }
-        let (tokens, mut tables): (Vec<u32>, Vec<&mut BlockTable>) = self
+        let (tokens, mut segments): (Vec<u32>, Vec<(usize, &mut BlockTable)>) = self
             .running
             .iter_mut()
-            .filter_map(|seq| Some((seq.next_decode_token()?, &mut seq.blocks)))
+            .filter_map(|seq| Some((seq.next_decode_token()?, (1, &mut seq.blocks))))
             .unzip();
         match self
             .model
-            .forward_decode(&tokens, &mut self.pool, &mut tables)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
+            .forward(&tokens, &mut self.pool, &mut segments, true)
         {
             Ok(logits) => {
                 for (&i, row) in rows.iter().zip(logits) {
@@ -550,16 +618,12 @@ impl Engine {
         let seq = &mut self.running[i];
         let done = seq.blocks.tokens();
         let tokens = &seq.request.prompt_ids[done..done + chunk];
-        let (outcome, ran) = match self
-            .model
-            .forward_batch(
-                tokens,
-                &mut self.pool,
-                &mut [(chunk, &mut seq.blocks)],
-                false,
-            )
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        {
+        let (outcome, ran) = match self.model.forward(
+            tokens,
+            &mut self.pool,
+            &mut [(chunk, &mut seq.blocks)],
+            false,
+        ) {
             Ok(mut logits) => {
                 seq.take_logits(logits.pop().unwrap_or_default());
                 (Outcome::Continue, true)

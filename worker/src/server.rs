@@ -23,10 +23,13 @@ use tonic_health::ServingStatus;
 
 use crate::config::Family;
 use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
+use crate::gpu::model::GpuModel;
+use crate::gpu::runtime::Gpu;
+use crate::gpu::{DeviceSpec, Dtype};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::BLOCK_TOKENS;
-use crate::scheduler::{Load, Scheduler, SchedulerConfig, Submission};
+use crate::scheduler::{Backend, Load, Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::validate::{Limits, check_token_ids, validate};
 
@@ -46,6 +49,8 @@ pub struct ServeConfig {
     pub pool: String,
     /// Set for a rank of an expert-parallel group (group_size > 1).
     pub group: Option<GroupConfig>,
+    pub device: DeviceSpec,
+    pub dtype: Dtype,
 }
 
 /// How a rank joins its expert-parallel group.
@@ -63,7 +68,7 @@ pub struct GroupConfig {
 
 /// What requests need once the model is loaded.
 struct Loaded {
-    model: Arc<Model>,
+    model: Backend,
     tokenizer: Option<Arc<Tokenizer>>,
     scheduler: Scheduler,
     limits: Limits,
@@ -223,7 +228,13 @@ pub async fn serve(
         let (metrics, loaded) = (metrics.clone(), loaded.clone());
         let idle = Arc::new(Load::default());
         let render = Arc::new(move || match loaded.get() {
-            Some(l) => metrics.render(&l.scheduler.load, Some(&l.model)),
+            Some(l) => {
+                let cpu = match &l.model {
+                    Backend::Cpu(model) => Some(model.as_ref()),
+                    Backend::Gpu(_) => None,
+                };
+                metrics.render(&l.scheduler.load, cpu)
+            }
             None => metrics.render(&idle, None),
         });
         tokio::spawn(async move {
@@ -342,9 +353,22 @@ async fn drain_then_stop(
 }
 
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
-    let (model, group) = match &config.group {
-        None => (Model::open(&config.model_dir)?, None),
-        Some(g) => {
+    let (model, group) = match (&config.group, config.device) {
+        (None, DeviceSpec::Cpu) => (
+            Backend::Cpu(Arc::new(Model::open(&config.model_dir)?)),
+            None,
+        ),
+        (None, DeviceSpec::Cuda(ordinal)) => {
+            let gpu = Gpu::open(ordinal)?;
+            tracing::info!(gpu = %gpu.name, architecture = %gpu.architecture, compiler = %gpu.compiler, "GPU opened");
+            let model = GpuModel::open(&config.model_dir, gpu, config.dtype)?;
+            (Backend::Gpu(Arc::new(model)), None)
+        }
+        (Some(_), DeviceSpec::Cuda(ordinal)) => anyhow::bail!(
+            "--device cuda:{ordinal} with a group: expert parallelism between GPUs needs the NCCL \
+             transport, which is not built yet"
+        ),
+        (Some(g), DeviceSpec::Cpu) => {
             let config_json = std::fs::read(config.model_dir.join("config.json"))?;
             let identity = group_identity(&config_json, &g.plan, g.wire);
             let rank = config.rank as usize;
@@ -365,10 +389,9 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
                     Ok(Arc::new(tcp) as Arc<dyn Transport>)
                 },
             )?;
-            (model, Some(transport))
+            (Backend::Cpu(Arc::new(model)), Some(transport))
         }
     };
-    let model = Arc::new(model);
     let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
     let cfg = model.config();
     let limits = Limits {
@@ -386,7 +409,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
         config.scheduler.clone(),
         metrics,
         group,
-    );
+    )?;
     Ok(Loaded {
         model,
         tokenizer,

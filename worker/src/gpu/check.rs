@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
 use cudarc::driver::{CudaSlice, DeviceRepr, sys::CUevent_flags};
 use half::bf16;
@@ -18,6 +18,7 @@ use super::runtime::{GateRule, Gpu};
 use crate::config::{Config, Moe};
 use crate::generate::{CpuSequence, GenerateOptions, GpuSequence, generate};
 use crate::model::Model;
+use crate::model::cache::BlockTable;
 use crate::model::moe::route;
 use crate::model::ops::{RmsNorm, Rope};
 use crate::sampling::{Rng, Sampler, SamplingParams};
@@ -89,6 +90,10 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
             check_model_step(device, &fixtures.join(name)),
         );
     }
+    record(
+        "model_step/batched",
+        check_batched_step(device, &fixtures.join("tiny-v3-bf16")),
+    );
     let passed = checks.iter().all(|c| c["passed"] == true);
 
     let benchmarks = if bench {
@@ -157,6 +162,63 @@ fn check_model_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
             "every prompt and step logit; error relative to the largest |logit|",
         ),
     ])
+}
+
+/// A scheduler-shaped pass against the CPU path's: three sequences' prompts (lengths 5, 19
+/// and 33, so block tables of 1–3 blocks from a shared pool), then one pass holding two
+/// decode rows and the third sequence's next chunk.
+fn check_batched_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
+    let cpu = Model::open(dir)?;
+    let gpu = GpuModel::open(dir, Gpu::open(device)?, Dtype::Auto)?;
+    let vocab = cpu.config().vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = [5u32, 19, 33]
+        .iter()
+        .map(|&len| (0..len).map(|i| (i * 31 + len) % vocab).collect())
+        .collect();
+    let blocks = 16;
+    let mut cpu_pool = cpu.new_pool(blocks);
+    let (mut kv, mut gpu_pool) = gpu.new_kv(blocks)?;
+    let mut cpu_tables: Vec<BlockTable> = (0..3).map(|_| BlockTable::default()).collect();
+    let mut gpu_tables: Vec<BlockTable> = (0..3).map(|_| BlockTable::default()).collect();
+    let (mut expected, mut actual) = (Vec::new(), Vec::new());
+    // The third prompt goes in two chunks: 20 tokens now, 13 in the mixed pass.
+    let first_pass: Vec<&[u32]> = vec![&prompts[0], &prompts[1], &prompts[2][..20]];
+    for (i, tokens) in first_pass.iter().enumerate() {
+        ensure!(
+            cpu_pool.reserve(&mut cpu_tables[i], 40) && gpu_pool.reserve(&mut gpu_tables[i], 40),
+            "pool too small"
+        );
+        let c = cpu.forward_batch(
+            tokens,
+            &mut cpu_pool,
+            &mut [(tokens.len(), &mut cpu_tables[i])],
+            false,
+        )?;
+        expected.extend(c.to_vec2::<f32>()?.into_iter().flatten());
+        let g = gpu.forward_batch(tokens, &mut kv, &mut [(tokens.len(), &mut gpu_tables[i])])?;
+        actual.extend(g.into_iter().flatten());
+    }
+    let mixed: Vec<u32> = [7, 11]
+        .into_iter()
+        .chain(prompts[2][20..].iter().copied())
+        .collect();
+    let [a, b, c] = &mut cpu_tables[..] else {
+        unreachable!()
+    };
+    let cpu_logits =
+        cpu.forward_batch(&mixed, &mut cpu_pool, &mut [(1, a), (1, b), (13, c)], false)?;
+    expected.extend(cpu_logits.to_vec2::<f32>()?.into_iter().flatten());
+    let [a, b, c] = &mut gpu_tables[..] else {
+        unreachable!()
+    };
+    let gpu_logits = gpu.forward_batch(&mixed, &mut kv, &mut [(1, a), (1, b), (13, c)])?;
+    actual.extend(gpu_logits.into_iter().flatten());
+    Ok(vec![Check::new(
+        "model_step/batched",
+        relative_diff(&actual, &expected),
+        3e-2,
+        "three sequences in one pool: prompts, then two decode rows and a prompt chunk in one pass",
+    )])
 }
 
 /// Host data: uniform in [−scale, scale), reproducible.

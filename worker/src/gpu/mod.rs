@@ -178,20 +178,6 @@ impl FromStr for DeviceSpec {
     }
 }
 
-impl DeviceSpec {
-    /// Refuses a GPU where the batched scheduler would need one (serving).
-    pub fn require_cpu(self) -> Result<()> {
-        match self {
-            DeviceSpec::Cpu => Ok(()),
-            DeviceSpec::Cuda(n) => bail!(
-                "--device cuda:{n}: serving from a GPU is not built yet (the model step runs \
-                 there one sequence at a time: `deepseek-worker generate --device cuda:{n}`); \
-                 use --device cpu"
-            ),
-        }
-    }
-}
-
 /// `--dtype`: the precision of the expert GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {

@@ -4,8 +4,9 @@
 //! tensor cores. Attention always runs in MLA's absorbed form over the latent cache, prompt
 //! rows too (each sees up to its own position), so one kernel serves prefill and decode.
 //!
-//! One sequence at a time (`generate --device cuda:N`, and `gpu-check`'s comparison with the
-//! CPU path); serving batches from the scheduler on the GPU is the next step.
+//! The latent cache lives on the device in the blocks a [`KvPool`] hands out (the pool does
+//! the bookkeeping, as on the CPU, with no host storage), so the scheduler batches GPU steps
+//! as it batches CPU ones.
 
 use std::path::Path;
 
@@ -17,7 +18,7 @@ use super::runtime::{GateRule, GemmShape, Gpu, Operand};
 use super::{Dtype, resolve_dtype};
 use crate::config::{Config, TopkMethod};
 use crate::model::attention::softmax_scale;
-use crate::model::cache::BLOCK_TOKENS;
+use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
 use crate::model::ops::Rope;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
@@ -77,14 +78,12 @@ pub struct GpuModel {
     softmax_scale: f32,
 }
 
-/// One sequence's latent cache on the device: per layer [capacity, kv_lora] and
-/// [capacity, rope] bf16, in 16-token blocks that are simply in order.
-pub struct GpuCache {
+/// The latent cache on the device: per layer [blocks × 16, kv_lora] and
+/// [blocks × 16, rope] bf16, indexed by the blocks of a [`KvPool`] of the same size.
+pub struct GpuKv {
     c_kv: Vec<CudaSlice<bf16>>,
     k_pe: Vec<CudaSlice<bf16>>,
-    table: CudaSlice<i32>,
-    len: usize,
-    capacity: usize,
+    blocks: usize,
 }
 
 /// Checkpoint tensors onto the device as bf16.
@@ -263,36 +262,54 @@ impl GpuModel {
         &self.gpu
     }
 
-    /// A cache for one sequence of up to `tokens` tokens.
-    pub fn new_cache(&self, tokens: usize) -> Result<GpuCache> {
-        let blocks = tokens.div_ceil(BLOCK_TOKENS).max(1);
+    /// Device storage for `blocks` cache blocks, and the pool that hands them out.
+    pub fn new_kv(&self, blocks: usize) -> Result<(GpuKv, KvPool)> {
         let slots = blocks * BLOCK_TOKENS;
         let stream = &self.gpu.stream;
         let layers = self.layers.len();
-        Ok(GpuCache {
+        let kv = GpuKv {
             c_kv: (0..layers)
                 .map(|_| stream.alloc_zeros(slots * self.cfg.kv_lora_rank))
                 .collect::<Result<_, _>>()?,
             k_pe: (0..layers)
                 .map(|_| stream.alloc_zeros(slots * self.cfg.qk_rope_head_dim))
                 .collect::<Result<_, _>>()?,
-            table: stream.clone_htod(&(0..blocks as i32).collect::<Vec<_>>())?,
-            len: 0,
-            capacity: slots,
-        })
+            blocks,
+        };
+        // bookkeeping only: the storage is `kv`
+        Ok((kv, KvPool::new(0, 0, 0, blocks)))
     }
 
-    /// Runs `tokens` after what `cache` holds; returns their logits [tokens][vocab].
-    pub fn forward(&self, tokens: &[u32], cache: &mut GpuCache) -> Result<Vec<Vec<f32>>> {
+    /// Runs the rows of several sequences, as the CPU path's `Model::forward_batch`:
+    /// `segments` gives each one's row count and block table, in row order; the tables must
+    /// have blocks reserved for the new positions, and advance past them. Returns the logits
+    /// [rows][vocab].
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        kv: &mut GpuKv,
+        segments: &mut [(usize, &mut BlockTable)],
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let gpu = &self.gpu;
         let stream = &gpu.stream;
-        let (n, start) = (tokens.len(), cache.len);
-        ensure!(n > 0, "forward needs at least one token");
+        let n = tokens.len();
         ensure!(
-            start + n <= cache.capacity,
-            "the sequence would exceed its cache ({} tokens)",
-            cache.capacity
+            n > 0 && n == segments.iter().map(|(rows, _)| rows).sum::<usize>(),
+            "forward needs at least one token, and as many as the segments hold"
+        );
+        ensure!(
+            segments
+                .iter()
+                .all(|(rows, t)| t.tokens() + rows <= t.capacity()),
+            "a sequence has no KV blocks reserved for its new tokens"
+        );
+        ensure!(
+            segments
+                .iter()
+                .flat_map(|(_, t)| t.blocks())
+                .all(|&b| (b as usize) < kv.blocks),
+            "a block table names blocks outside the GPU cache"
         );
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             bail!(
@@ -313,13 +330,30 @@ impl GpuModel {
         );
         let qk = nope + rope;
 
+        // Per row: its position, its cache slot, its sequence's block table (one table row
+        // each, `width` apart) and how many positions it sees.
+        let width = segments
+            .iter()
+            .map(|(_, t)| t.blocks().len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let (mut positions, mut slots, mut tables) = (Vec::new(), Vec::new(), Vec::new());
+        for (rows, table) in segments.iter() {
+            for position in table.tokens()..table.tokens() + rows {
+                positions.push(position);
+                slots.push(table.slot(position) as i32);
+                let mut row: Vec<i32> = table.blocks().iter().map(|&b| b as i32).collect();
+                row.resize(width, 0);
+                tables.extend(row);
+            }
+        }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let positions: Vec<usize> = (start..start + n).collect();
         let (cos, sin) = self.rope.tables(&positions)?;
         let cos = stream.clone_htod(&cos.flatten_all()?.to_vec1::<f32>()?)?;
         let sin = stream.clone_htod(&sin.flatten_all()?.to_vec1::<f32>()?)?;
-        // The blocks are in order, so a position is its own slot.
-        let slots = stream.clone_htod(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())?;
+        let slots = stream.clone_htod(&slots)?;
+        let tables = stream.clone_htod(&tables)?;
         let lengths =
             stream.clone_htod(&positions.iter().map(|&p| p as i32 + 1).collect::<Vec<_>>())?;
 
@@ -343,11 +377,11 @@ impl GpuModel {
                     gpu.linear(&qa, up, &mut q, (n, heads * qk, *rank))?;
                 }
             }
-            let mut kv = stream.alloc_zeros::<f32>(n * (kv_lora + rope))?;
-            gpu.linear(&hb, &layer.kv_down, &mut kv, (n, kv_lora + rope, hidden))?;
+            let mut kv_a = stream.alloc_zeros::<f32>(n * (kv_lora + rope))?;
+            gpu.linear(&hb, &layer.kv_down, &mut kv_a, (n, kv_lora + rope, hidden))?;
             let mut c_kv = stream.alloc_zeros::<f32>(n * kv_lora)?;
             gpu.rms_norm(
-                &kv.as_view(),
+                &kv_a.as_view(),
                 kv_lora + rope,
                 &layer.kv_norm,
                 &mut c_kv,
@@ -356,7 +390,7 @@ impl GpuModel {
             )?;
             let mut k_pe = stream.alloc_zeros::<f32>(n * rope)?;
             gpu.rope(
-                &kv.slice(kv_lora..),
+                &kv_a.slice(kv_lora..),
                 kv_lora + rope,
                 &cos,
                 &sin,
@@ -375,7 +409,7 @@ impl GpuModel {
             gpu.kv_write(
                 (&c_kv, &k_pe),
                 &slots,
-                (&mut cache.c_kv[l], &mut cache.k_pe[l]),
+                (&mut kv.c_kv[l], &mut kv.k_pe[l]),
                 (kv_lora, rope),
             )?;
 
@@ -409,9 +443,9 @@ impl GpuModel {
             gpu.mla_decode(
                 &q_lat,
                 &q_pe,
-                &cache.c_kv[l],
-                &cache.k_pe[l],
-                (&cache.table, 0),
+                &kv.c_kv[l],
+                &kv.k_pe[l],
+                (&tables, width),
                 &lengths,
                 &mut latent,
                 (n, heads, kv_lora, rope),
@@ -468,7 +502,9 @@ impl GpuModel {
         let mut logits = stream.alloc_zeros::<f32>(n * vocab)?;
         gpu.linear(&x, &self.lm_head, &mut logits, (n, vocab, hidden))?;
         let logits = stream.clone_dtoh(&logits)?;
-        cache.len += n;
+        for (rows, table) in segments.iter_mut() {
+            table.advance(*rows);
+        }
         Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
     }
 

@@ -82,7 +82,13 @@ impl BlockTable {
         self.tokens += n;
     }
 
-    fn slot(&self, position: usize) -> usize {
+    /// The blocks, in position order.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    /// Where position `position` sits in the pool: block · BLOCK_TOKENS + offset.
+    pub fn slot(&self, position: usize) -> usize {
         self.blocks[position / BLOCK_TOKENS] as usize * BLOCK_TOKENS + position % BLOCK_TOKENS
     }
 }

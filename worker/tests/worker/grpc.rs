@@ -9,6 +9,7 @@ use deepseek_proto::v1::{
     ModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds, TokenizeRequest,
     generate_request::Prompt, tokenize_request,
 };
+use deepseek_worker::gpu::{DeviceSpec, Dtype};
 use deepseek_worker::scheduler::SchedulerConfig;
 use deepseek_worker::server::{ServeConfig, serve};
 use serde_json::Value;
@@ -82,6 +83,8 @@ async fn launch(
         group_size: 1,
         pool: "cpu".into(),
         group: None,
+        device: DeviceSpec::Cpu,
+        dtype: Dtype::Auto,
     };
     let server = tokio::spawn(serve(config, listener, shutdown));
     let channel = loop {
