@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU check: every kernel against the CPU path, then benchmarks at DeepSeek-V3 shapes, on
-# one GPU, as one JSON report. Builds nothing: GPU machines may have no Rust toolchain, so
-# it takes a prebuilt release binary (`cargo build --release -p deepseek-worker` elsewhere).
+# GPU check: every kernel and the model step against the CPU path, serving from the GPU
+# through the router against a CPU worker, then benchmarks at DeepSeek-V3 shapes, on one
+# GPU, as one JSON report. Builds nothing: GPU machines may have no Rust toolchain, so it
+# takes prebuilt release binaries (`cargo build --release -p deepseek-worker -p
+# deepseek-router` elsewhere).
 #
 #   tests/gpu/run.sh [BIN_DIR] [REPORT]
-#     BIN_DIR  where deepseek-worker is (default target/release)
+#     BIN_DIR  where deepseek-worker and deepseek-router are (default target/release)
 #     REPORT   the JSON report (default $OUT/gpu-report.json, else gpu-report.json)
 #
 # Kernels compile at start with the machine's NVRTC (CUDA 12 or 13) into DSD_KERNEL_CACHE;
@@ -16,7 +18,9 @@ cd "$(dirname "$0")/../.."
 bin_dir=${1:-target/release}
 report=${2:-${OUT:+$OUT/}gpu-report.json}
 worker="$bin_dir/deepseek-worker"
-[[ -x $worker ]] || { echo "no $worker: build it with cargo build --release -p deepseek-worker" >&2; exit 2; }
+for bin in deepseek-worker deepseek-router; do
+    [[ -x $bin_dir/$bin ]] || { echo "no $bin_dir/$bin: build it with cargo build --release -p $bin" >&2; exit 2; }
+done
 
 # cudarc asks the dynamic loader for libcublas.so and friends; CUDA 13 images name them
 # .so.13. Give the newest of each an unversioned name on the library path.
@@ -51,8 +55,9 @@ export DSD_KERNEL_CACHE=${DSD_KERNEL_CACHE:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 start=$(date +%s)
 status=0
-timeout 450 "$worker" gpu-check --device cuda:0 --fixtures tests/fixtures --bench --report "$report" >/dev/null || status=$?
+timeout 330 "$worker" gpu-check --device cuda:0 --fixtures tests/fixtures --bench --report "$report" >/dev/null || status=$?
 echo "gpu-check exited $status after $(( $(date +%s) - start )) s; report: $report"
+timeout 120 python3 tests/gpu/serve_check.py "$bin_dir" "$report" || { [[ $status == 0 ]] && status=1; }
 if [[ -f $report ]]; then
     python3 - "$report" <<'PY' || cat "$report"
 import json, sys
@@ -60,7 +65,7 @@ r = json.load(open(sys.argv[1]))
 print(r["device"], r["architecture"], "|", r["compiler"])
 for c in r["checks"]:
     print(("PASS" if c["passed"] else "FAIL"), c["name"], c.get("max_error", c.get("error")), c.get("detail", ""))
-print("model step:", r["model_step"])
+print("serve:", r.get("serve"))
 print(json.dumps(r["benchmarks"], indent=1))
 PY
 fi
