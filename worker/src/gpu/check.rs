@@ -97,7 +97,10 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     let passed = checks.iter().all(|c| c["passed"] == true);
 
     let benchmarks = if bench {
-        benchmarks(&gpu).unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+        let mut report = benchmarks(&gpu).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        report["decode_layer"] =
+            layer_benchmark(device).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        report
     } else {
         Value::Null
     };
@@ -1022,4 +1025,73 @@ fn benchmarks(gpu: &Gpu) -> Result<Value> {
         "note": "one layer's MoE block and attention core; the dense projections are not in yet",
     });
     Ok(report)
+}
+
+/// DeepSeek-V3's shapes with `layers` MoE layers (a published config.json's fields).
+fn v3_config(layers: usize) -> Result<Config> {
+    Ok(Config::from_json(&format!(
+        r#"{{"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+            "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": {layers}, "num_attention_heads": 128, "n_shared_experts": 1,
+            "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+            "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+            "num_experts_per_tok": 8, "first_k_dense_replace": 0, "norm_topk_prob": true,
+            "scoring_func": "sigmoid", "max_position_embeddings": 163840, "rope_theta": 10000,
+            "rope_scaling": {{"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}}}"#
+    ))?)
+}
+
+/// One decode step of 64 sequences at 4,096 positions through the whole GPU model step
+/// (embedding, layers, final norm, lm_head, the logits' copy to the host), with two V3 MoE
+/// layers and with one: the difference is one layer's decode latency.
+fn layer_benchmark(device: usize) -> Result<Value> {
+    let (batch, context, reps) = (64, 4096, 5);
+    let mut step_ms = Vec::new();
+    for layers in [2, 1] {
+        let model = GpuModel::random(v3_config(layers)?, Gpu::open(device)?, 7)?;
+        let blocks = batch * (context / crate::model::cache::BLOCK_TOKENS + 1);
+        // context is a multiple of 16, so positions context..context + 16 share one block
+        let (mut kv, mut pool) = model.new_kv(blocks)?;
+        let mut tables: Vec<BlockTable> = (0..batch).map(|_| BlockTable::default()).collect();
+        for table in &mut tables {
+            ensure!(pool.reserve(table, context + 16), "pool too small");
+            table.advance(context); // stands for a prompt already in the cache
+        }
+        let tokens: Vec<u32> = (0..batch as u32).collect();
+        let mut time = || -> Result<f64> {
+            let started = std::time::Instant::now();
+            let mut segments: Vec<(usize, &mut BlockTable)> =
+                tables.iter_mut().map(|t| (1, t)).collect();
+            // each repetition decodes the next position (the block reserved covers 16)
+            model.forward_batch(&tokens, &mut kv, &mut segments)?;
+            Ok(started.elapsed().as_secs_f64() * 1e3)
+        };
+        time()?;
+        time()?;
+        let total: f64 = (0..reps).map(|_| time()).sum::<Result<f64>>()?;
+        step_ms.push(total / reps as f64);
+    }
+    Ok(json!({
+        "batch": batch,
+        "context": context,
+        "step_with_two_layers_ms": step_ms[0],
+        "step_with_one_layer_ms": step_ms[1],
+        "layer_ms": step_ms[0] - step_ms[1],
+        "note": "random V3-shaped weights; wall time of GpuModel::forward_batch, logits copied to the host",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_benchmark_model_is_deepseek_v3_shaped() {
+        let cfg = v3_config(1).unwrap();
+        assert_eq!((cfg.hidden_size, cfg.moe.n_routed_experts), (7168, 256));
+        assert!(cfg.is_moe_layer(0) && cfg.yarn.is_some());
+        assert_eq!(v3_config(2).unwrap().num_hidden_layers, 2);
+    }
 }

@@ -8,6 +8,7 @@
 //! the bookkeeping, as on the CPU, with no host storage), so the scheduler batches GPU steps
 //! as it batches CPU ones.
 
+use std::cell::Cell;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -86,30 +87,55 @@ pub struct GpuKv {
     blocks: usize,
 }
 
-/// Checkpoint tensors onto the device as bf16.
+/// Where the weights come from: a checkpoint, or random numbers made on the device (for
+/// benchmarks at full model shapes without the checkpoint).
+enum Source<'a> {
+    Checkpoint(&'a Checkpoint),
+    Random(Cell<u64>),
+}
+
+/// Weights onto the device: matrices as bf16, the router as f32.
 struct Loader<'a> {
     gpu: &'a Gpu,
-    ckpt: &'a Checkpoint,
+    source: Source<'a>,
 }
 
 impl Loader<'_> {
+    fn seed(counter: &Cell<u64>) -> u64 {
+        counter.set(counter.get() + 1);
+        counter.get()
+    }
+
     fn f32(&self, name: &str, shape: &[usize]) -> Result<CudaSlice<f32>> {
-        Ok(self
-            .gpu
-            .stream
-            .clone_htod(&self.ckpt.load_f32(name, shape)?)?)
+        match &self.source {
+            Source::Checkpoint(ckpt) => {
+                Ok(self.gpu.stream.clone_htod(&ckpt.load_f32(name, shape)?)?)
+            }
+            Source::Random(seed) => {
+                self.gpu
+                    .random_f32(shape.iter().product(), Self::seed(seed), 0.05)
+            }
+        }
     }
 
     /// Several [rows, cols] tensors stacked in order into one device buffer, each converted
     /// on its own (a whole layer's experts never sit on the host at once).
     fn stacked(&self, names: &[String], rows: usize, cols: usize) -> Result<CudaSlice<bf16>> {
+        let ckpt = match &self.source {
+            Source::Checkpoint(ckpt) => ckpt,
+            Source::Random(seed) => {
+                let scale = 1.0 / (cols as f32).sqrt(); // keeps activations in range
+                return self
+                    .gpu
+                    .random_bf16(names.len() * rows * cols, Self::seed(seed), scale);
+            }
+        };
         let mut out = self
             .gpu
             .stream
             .alloc_zeros::<bf16>(names.len() * rows * cols)?;
         for (i, name) in names.iter().enumerate() {
-            let values: Vec<bf16> = self
-                .ckpt
+            let values: Vec<bf16> = ckpt
                 .load_f32(name, &[rows, cols])?
                 .iter()
                 .map(|&v| bf16::from_f32(v))
@@ -118,6 +144,13 @@ impl Loader<'_> {
             self.gpu.stream.memcpy_htod(&values, &mut part)?;
         }
         Ok(out)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Checkpoint(ckpt) => ckpt.contains(name),
+            Source::Random(_) => true,
+        }
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<CudaSlice<bf16>> {
@@ -224,10 +257,17 @@ impl GpuModel {
         }
         let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
         let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
-        let load = Loader {
-            gpu: &gpu,
-            ckpt: &ckpt,
-        };
+        Self::build(cfg, gpu, Source::Checkpoint(&ckpt))
+    }
+
+    /// A model of `cfg`'s shapes with random weights made on the device: benchmarks at
+    /// DeepSeek-V3 size without its checkpoint.
+    pub fn random(cfg: Config, gpu: Gpu, seed: u64) -> Result<Self> {
+        Self::build(cfg, gpu, Source::Random(Cell::new(seed)))
+    }
+
+    fn build(cfg: Config, gpu: Gpu, source: Source<'_>) -> Result<Self> {
+        let load = Loader { gpu: &gpu, source };
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = load.matrix("model.embed_tokens.weight", vocab, hidden)?;
         let layers = (0..cfg.num_hidden_layers)
@@ -236,7 +276,7 @@ impl GpuModel {
                     .with_context(|| format!("layer {l} onto the GPU"))
             })
             .collect::<Result<_>>()?;
-        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+        let lm_head = if cfg.tie_word_embeddings && !load.contains("lm_head.weight") {
             load.matrix("model.embed_tokens.weight", vocab, hidden)?
         } else {
             load.matrix("lm_head.weight", vocab, hidden)?
