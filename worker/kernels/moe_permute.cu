@@ -57,24 +57,40 @@ extern "C" __global__ void moe_permute(const float* __restrict__ x, const int* _
     }
 }
 
-// The same gather quantised to FP8 e4m3 the way DeepSeek-V3 runs its activations: each
-// 128-wide group of a row gets scale = max|x| / 448, stored in scale[r, group]. One block of
-// 128 threads per row.
+// Quantises one row to FP8 e4m3 the way DeepSeek-V3 runs its activations: each 128-wide
+// group gets scale = max|x| / 448, stored in scale[group]. A block of 128 threads.
+template <typename Load>
+__device__ __forceinline__ void quantize_row(Load load, __nv_fp8_e4m3* __restrict__ to,
+                                             float* __restrict__ scale, int hidden) {
+    const int groups = (hidden + 127) / 128;
+    for (int g = 0; g < groups; ++g) {
+        const int i = g * 128 + threadIdx.x;
+        const float v = i < hidden ? load(i) : 0.f;
+        const float amax = block_reduce(fabsf(v), Max{}, 0.f);
+        const float s = amax > 0.f ? amax / FP8_MAX : 1.f;
+        if (i < hidden) to[i] = __nv_fp8_e4m3(v / s);
+        if (threadIdx.x == 0) scale[g] = s;
+    }
+}
+
+// The permute gather, quantised: out[r] = fp8(x[source[r]]) with scale [rows, ⌈hidden/128⌉].
 extern "C" __global__ void moe_permute_fp8(const float* __restrict__ x,
                                            const int* __restrict__ source,
                                            __nv_fp8_e4m3* __restrict__ out,
                                            float* __restrict__ scale, int hidden) {
     const float* from = x + (size_t)source[blockIdx.x] * hidden;
-    __nv_fp8_e4m3* to = out + (size_t)blockIdx.x * hidden;
-    const int groups = (hidden + 127) / 128;
-    for (int g = 0; g < groups; ++g) {
-        const int i = g * 128 + threadIdx.x;
-        const float v = i < hidden ? from[i] : 0.f;
-        const float amax = block_reduce(fabsf(v), Max{}, 0.f);
-        const float s = amax > 0.f ? amax / FP8_MAX : 1.f;
-        if (i < hidden) to[i] = __nv_fp8_e4m3(v / s);
-        if (threadIdx.x == 0) scale[(size_t)blockIdx.x * groups + g] = s;
-    }
+    quantize_row([&](int i) { return from[i]; }, out + (size_t)blockIdx.x * hidden,
+                 scale + (size_t)blockIdx.x * ((hidden + 127) / 128), hidden);
+}
+
+// bf16 rows (the experts' SiLU output) quantised the same way, for the FP8 down projection.
+extern "C" __global__ void quantize_fp8(const __nv_bfloat16* __restrict__ x,
+                                        __nv_fp8_e4m3* __restrict__ out,
+                                        float* __restrict__ scale, int hidden) {
+    const __nv_bfloat16* from = x + (size_t)blockIdx.x * hidden;
+    quantize_row([&](int i) { return __bfloat162float(from[i]); },
+                 out + (size_t)blockIdx.x * hidden,
+                 scale + (size_t)blockIdx.x * ((hidden + 127) / 128), hidden);
 }
 
 // y[t] = Σ_k weight[t·topk + k] · expert_out[row_of[t·topk + k]]; one block per token, four

@@ -299,12 +299,46 @@ impl Checkpoint {
         ))
     }
 
+    /// An FP8 tensor checked to have `shape`, kept as its e4m3 bytes, with its block scales
+    /// (`{name}_scale_inv`, [⌈rows/block⌉, ⌈cols/block⌉] as f32): for FP8 tensor cores.
+    pub fn load_fp8(&self, name: &str, shape: &[usize]) -> Result<(Vec<u8>, Vec<f32>), LoadError> {
+        let info = self.info(name)?;
+        if info.shape != shape || info.dtype != Dtype::F8E4M3 {
+            let message = format!(
+                "{:?} {:?}, expected F8E4M3 {shape:?}",
+                info.dtype, info.shape
+            );
+            return Err(self.error(info, name, message));
+        }
+        let bytes = self.bytes(info).to_vec();
+        self.advance(bytes.len());
+        let scales = self.block_scales(name, info)?;
+        Ok((bytes, scales))
+    }
+
     fn apply_block_scales(
         &self,
         name: &str,
         info: &TensorInfo,
         values: &mut [f32],
     ) -> Result<(), LoadError> {
+        let scales = self.block_scales(name, info)?;
+        if !values.is_empty() {
+            let [block_rows, block_cols] = self.fp8_block;
+            let scale_cols = info.shape[1].div_ceil(block_cols);
+            dequantise_blocks(
+                values,
+                info.shape[1],
+                &scales,
+                scale_cols,
+                [block_rows, block_cols],
+            );
+        }
+        Ok(())
+    }
+
+    /// The checked block scales of FP8 weight `name` (empty for an empty matrix).
+    fn block_scales(&self, name: &str, info: &TensorInfo) -> Result<Vec<f32>, LoadError> {
         let [rows, cols] = info.shape[..] else {
             return Err(self.error(
                 info,
@@ -325,7 +359,7 @@ impl Checkpoint {
             ));
         };
         if rows == 0 || cols == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         if scale_info.dtype == Dtype::F8E4M3 || scale_rows == 0 || scale_cols == 0 {
             return Err(self.error(
@@ -347,9 +381,7 @@ impl Checkpoint {
                 ),
             ));
         }
-        let scales = to_f32(scale_info.dtype, self.bytes(scale_info));
-        dequantise_blocks(values, cols, &scales, scale_cols, [block_rows, block_cols]);
-        Ok(())
+        Ok(to_f32(scale_info.dtype, self.bytes(scale_info)))
     }
 
     fn advance(&self, bytes: usize) {

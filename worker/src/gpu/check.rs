@@ -1045,17 +1045,35 @@ fn v3_config(layers: usize) -> Result<Config> {
 
 /// One decode step of 64 sequences at 4,096 positions through the whole GPU model step
 /// (embedding, layers, final norm, lm_head, the logits' copy to the host), with two V3 MoE
-/// layers and with one: the difference is one layer's decode latency.
+/// layers and with one: the difference is one layer's decode latency. Experts in bf16, and
+/// in FP8 where the GPU has FP8 tensor cores.
 fn layer_benchmark(device: usize) -> Result<Value> {
+    let gpu = Gpu::open(device)?;
+    let mut dtypes = vec![Dtype::Bf16];
+    if gpu.has_fp8_tensor_cores() {
+        dtypes.push(Dtype::Fp8);
+    }
+    drop(gpu);
+    let mut report = json!({"batch": 64, "context": 4096,
+        "note": "random V3-shaped weights; wall time of GpuModel::forward_batch, logits copied to the host"});
+    for dtype in dtypes {
+        let name = if dtype == Dtype::Fp8 { "fp8" } else { "bf16" };
+        report[name] =
+            layer_latency(device, dtype).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+    }
+    Ok(report)
+}
+
+fn layer_latency(device: usize, dtype: Dtype) -> Result<Value> {
     let (batch, context, reps) = (64, 4096, 5);
     let mut step_ms = Vec::new();
     for layers in [2, 1] {
-        let model = GpuModel::random(v3_config(layers)?, Gpu::open(device)?, 7)?;
+        let model = GpuModel::random(v3_config(layers)?, Gpu::open(device)?, dtype, 7)?;
         let blocks = batch * (context / crate::model::cache::BLOCK_TOKENS + 1);
-        // context is a multiple of 16, so positions context..context + 16 share one block
         let (mut kv, mut pool) = model.new_kv(blocks)?;
         let mut tables: Vec<BlockTable> = (0..batch).map(|_| BlockTable::default()).collect();
         for table in &mut tables {
+            // context is a multiple of 16, so positions context..context + 16 share one block
             ensure!(pool.reserve(table, context + 16), "pool too small");
             table.advance(context); // stands for a prompt already in the cache
         }
@@ -1064,7 +1082,7 @@ fn layer_benchmark(device: usize) -> Result<Value> {
             let started = std::time::Instant::now();
             let mut segments: Vec<(usize, &mut BlockTable)> =
                 tables.iter_mut().map(|t| (1, t)).collect();
-            // each repetition decodes the next position (the block reserved covers 16)
+            // each repetition decodes the next position
             model.forward_batch(&tokens, &mut kv, &mut segments)?;
             Ok(started.elapsed().as_secs_f64() * 1e3)
         };
@@ -1074,12 +1092,9 @@ fn layer_benchmark(device: usize) -> Result<Value> {
         step_ms.push(total / reps as f64);
     }
     Ok(json!({
-        "batch": batch,
-        "context": context,
         "step_with_two_layers_ms": step_ms[0],
         "step_with_one_layer_ms": step_ms[1],
         "layer_ms": step_ms[0] - step_ms[1],
-        "note": "random V3-shaped weights; wall time of GpuModel::forward_batch, logits copied to the host",
     }))
 }
 

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::runtime::{GateRule, GemmShape, Gpu, Operand};
+use super::runtime::{Fp8, GateRule, GemmShape, Gpu, Operand};
 use super::{Dtype, resolve_dtype};
 use crate::config::{Config, TopkMethod};
 use crate::model::attention::softmax_scale;
@@ -35,9 +35,30 @@ struct Moe {
     router: CudaSlice<f32>,
     bias: Option<CudaSlice<f32>>,
     shared: Option<Dense>,
+    experts: Experts,
+}
+
+/// The routed experts' weights, in the precision their GEMMs run.
+#[allow(clippy::large_enum_variant)] // one per layer, inside a Box already
+enum Experts {
     /// [experts, 2 × width, hidden] and [experts, hidden, width].
-    gate_up: CudaSlice<bf16>,
-    down: CudaSlice<bf16>,
+    Bf16 {
+        gate_up: CudaSlice<bf16>,
+        down: CudaSlice<bf16>,
+    },
+    /// As the checkpoint stores them, gate and up apart (a 128-row scale block may not end
+    /// where gate ends).
+    Fp8 {
+        gate: Fp8Weights,
+        up: Fp8Weights,
+        down: Fp8Weights,
+    },
+}
+
+/// Stacked e4m3 matrices and their 128×128 block scales.
+struct Fp8Weights {
+    q: CudaSlice<Fp8>,
+    scale: CudaSlice<f32>,
 }
 
 enum FeedForward {
@@ -70,6 +91,8 @@ struct Layer {
 
 pub struct GpuModel {
     gpu: Gpu,
+    /// The routed experts' GEMM precision (bf16 or FP8).
+    pub dtype: Dtype,
     cfg: Config,
     embed: CudaSlice<bf16>,
     layers: Vec<Layer>,
@@ -146,6 +169,39 @@ impl Loader<'_> {
         Ok(out)
     }
 
+    /// Several FP8 [rows, cols] tensors stacked, kept as e4m3 with their block scales.
+    fn fp8_stacked(&self, names: &[String], rows: usize, cols: usize) -> Result<Fp8Weights> {
+        let per_scale = rows.div_ceil(128) * cols.div_ceil(128);
+        let ckpt = match &self.source {
+            Source::Checkpoint(ckpt) => ckpt,
+            Source::Random(seed) => {
+                return Ok(Fp8Weights {
+                    q: self
+                        .gpu
+                        .random_fp8(names.len() * rows * cols, Self::seed(seed), 448.0)?,
+                    scale: self
+                        .gpu
+                        .random_f32(names.len() * per_scale, Self::seed(seed), 1e-3)?,
+                });
+            }
+        };
+        let stream = &self.gpu.stream;
+        let mut q = stream.alloc_zeros::<Fp8>(names.len() * rows * cols)?;
+        let mut scale = stream.alloc_zeros::<f32>(names.len() * per_scale)?;
+        for (i, name) in names.iter().enumerate() {
+            let (bytes, scales) = ckpt.load_fp8(name, &[rows, cols])?;
+            stream.memcpy_htod(
+                &bytes,
+                &mut q.slice_mut(i * rows * cols..(i + 1) * rows * cols),
+            )?;
+            stream.memcpy_htod(
+                &scales,
+                &mut scale.slice_mut(i * per_scale..(i + 1) * per_scale),
+            )?;
+        }
+        Ok(Fp8Weights { q, scale })
+    }
+
     fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Checkpoint(ckpt) => ckpt.contains(name),
@@ -176,7 +232,8 @@ impl Loader<'_> {
         })
     }
 
-    fn layer(&self, cfg: &Config, layer: usize) -> Result<Layer> {
+    /// Layer `layer`; `fp8` keeps the routed experts in FP8.
+    fn layer(&self, cfg: &Config, layer: usize, fp8: bool) -> Result<Layer> {
         let p = format!("model.layers.{layer}");
         let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
         let (kv_lora, rope) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
@@ -196,10 +253,23 @@ impl Loader<'_> {
             let moe = &cfg.moe;
             let (experts, width) = (moe.n_routed_experts, moe.moe_intermediate_size);
             let expert = |e: usize, part: &str| format!("{p}.mlp.experts.{e}.{part}.weight");
-            let gate_up: Vec<String> = (0..experts)
-                .flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")])
-                .collect();
-            let down: Vec<String> = (0..experts).map(|e| expert(e, "down_proj")).collect();
+            let all =
+                |part: &str| -> Vec<String> { (0..experts).map(|e| expert(e, part)).collect() };
+            let weights = if fp8 {
+                Experts::Fp8 {
+                    gate: self.fp8_stacked(&all("gate_proj"), width, hidden)?,
+                    up: self.fp8_stacked(&all("up_proj"), width, hidden)?,
+                    down: self.fp8_stacked(&all("down_proj"), hidden, width)?,
+                }
+            } else {
+                let gate_up: Vec<String> = (0..experts)
+                    .flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")])
+                    .collect();
+                Experts::Bf16 {
+                    gate_up: self.stacked(&gate_up, width, hidden)?,
+                    down: self.stacked(&all("down_proj"), hidden, width)?,
+                }
+            };
             FeedForward::Moe(Box::new(Moe {
                 router: self.f32(&format!("{p}.mlp.gate.weight"), &[experts, hidden])?,
                 bias: match moe.topk_method {
@@ -212,8 +282,7 @@ impl Loader<'_> {
                     0 => None,
                     n => Some(self.dense(&format!("{p}.mlp.shared_experts"), hidden, n * width)?),
                 },
-                gate_up: self.stacked(&gate_up, width, hidden)?,
-                down: self.stacked(&down, hidden, width)?,
+                experts: weights,
             }))
         } else {
             FeedForward::Dense(self.dense(&format!("{p}.mlp"), hidden, cfg.intermediate_size)?)
@@ -244,35 +313,53 @@ impl Loader<'_> {
 }
 
 impl GpuModel {
-    /// Loads a checkpoint directory onto `gpu`. `dtype` fp8 is refused for now: the step
-    /// runs bf16 weights (the FP8 grouped GEMM is built and checked, not yet wired in).
+    /// Loads a checkpoint directory onto `gpu`. With FP8 compute (`--dtype fp8`, or auto on
+    /// sm_89+ for an FP8 checkpoint) the routed experts stay FP8 and their GEMMs take FP8
+    /// activations; everything else runs bf16 weights (FP8 ones dequantised at load).
     pub fn open(dir: &Path, gpu: Gpu, dtype: Dtype) -> Result<Self> {
         let cfg = Config::from_file(&dir.join("config.json"))?;
-        let resolved = resolve_dtype(dtype, gpu.capability, cfg.fp8.is_some())?;
-        if dtype == Dtype::Fp8 && resolved == Dtype::Fp8 {
-            bail!(
-                "--dtype fp8: the GPU model step runs bf16 weights so far (FP8 checkpoints are \
-                 dequantised at load); use --dtype bf16 or auto"
-            );
+        let asked = dtype;
+        let mut dtype = resolve_dtype(asked, gpu.capability, cfg.fp8.is_some())?;
+        if dtype == Dtype::Fp8 {
+            // The FP8 GEMM reads 16-byte rows and 128×128 scale blocks.
+            let (hidden, width) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
+            let why = match &cfg.fp8 {
+                None => Some("needs an FP8 checkpoint".to_string()),
+                Some(fp8) if fp8.block != [128, 128] => Some(format!(
+                    "needs 128×128 weight blocks, this checkpoint has {:?}",
+                    fp8.block
+                )),
+                Some(_) if hidden % 16 != 0 || width % 16 != 0 => Some(format!(
+                    "needs hidden ({hidden}) and expert width ({width}) to be multiples of 16"
+                )),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                if asked == Dtype::Fp8 {
+                    bail!("--dtype fp8 {why}: use --dtype bf16");
+                }
+                tracing::info!("FP8 experts {why}; running them in bf16");
+                dtype = Dtype::Bf16;
+            }
         }
         let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
         let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
-        Self::build(cfg, gpu, Source::Checkpoint(&ckpt))
+        Self::build(cfg, gpu, dtype, Source::Checkpoint(&ckpt))
     }
 
     /// A model of `cfg`'s shapes with random weights made on the device: benchmarks at
     /// DeepSeek-V3 size without its checkpoint.
-    pub fn random(cfg: Config, gpu: Gpu, seed: u64) -> Result<Self> {
-        Self::build(cfg, gpu, Source::Random(Cell::new(seed)))
+    pub fn random(cfg: Config, gpu: Gpu, dtype: Dtype, seed: u64) -> Result<Self> {
+        Self::build(cfg, gpu, dtype, Source::Random(Cell::new(seed)))
     }
 
-    fn build(cfg: Config, gpu: Gpu, source: Source<'_>) -> Result<Self> {
+    fn build(cfg: Config, gpu: Gpu, dtype: Dtype, source: Source<'_>) -> Result<Self> {
         let load = Loader { gpu: &gpu, source };
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = load.matrix("model.embed_tokens.weight", vocab, hidden)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
-                load.layer(&cfg, l)
+                load.layer(&cfg, l, dtype == Dtype::Fp8)
                     .with_context(|| format!("layer {l} onto the GPU"))
             })
             .collect::<Result<_>>()?;
@@ -283,6 +370,7 @@ impl GpuModel {
         };
         let norm = load.vector("model.norm.weight", hidden)?;
         Ok(GpuModel {
+            dtype,
             rope: Rope::new(&cfg),
             softmax_scale: softmax_scale(&cfg) as f32,
             gpu,
@@ -612,21 +700,44 @@ impl GpuModel {
         )?;
         let order = gpu.moe_sort(&chosen, rule.topk, experts)?;
         let rows = order.rows;
-        let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
-        gpu.moe_permute(x, &order, &mut permuted, hidden)?;
-        let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * width)?;
-        gpu.grouped_gemm_bf16(
-            &permuted,
-            &moe.gate_up,
-            &mut gate_up,
-            &order,
-            2 * width,
-            hidden,
-        )?;
         let mut h = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-        gpu.silu_mul(&gate_up, &mut h, rows)?;
         let mut expert_out = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
-        gpu.grouped_gemm_bf16(&h, &moe.down, &mut expert_out, &order, hidden, width)?;
+        match &moe.experts {
+            Experts::Bf16 { gate_up, down } => {
+                let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
+                gpu.moe_permute(x, &order, &mut permuted, hidden)?;
+                let mut gu = gpu.stream.alloc_zeros::<bf16>(rows * 2 * width)?;
+                gpu.grouped_gemm_bf16(&permuted, gate_up, &mut gu, &order, 2 * width, hidden)?;
+                gpu.silu_mul(&gu, &mut h, rows)?;
+                gpu.grouped_gemm_bf16(&h, down, &mut expert_out, &order, hidden, width)?;
+            }
+            Experts::Fp8 { gate, up, down } => {
+                let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * hidden)?;
+                let mut x8_scale = gpu.stream.alloc_zeros::<f32>(rows * hidden.div_ceil(128))?;
+                gpu.moe_permute_fp8(x, &order, &mut x8, &mut x8_scale, hidden)?;
+                let mut g = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+                let mut u = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+                for (w, out) in [(gate, &mut g), (up, &mut u)] {
+                    gpu.grouped_gemm_fp8(
+                        &x8, &x8_scale, &w.q, &w.scale, out, &order, width, hidden,
+                    )?;
+                }
+                gpu.silu_mul_rows(&g.as_view(), &u.as_view(), width, &mut h, rows)?;
+                let mut h8 = gpu.stream.alloc_zeros::<Fp8>(rows * width)?;
+                let mut h8_scale = gpu.stream.alloc_zeros::<f32>(rows * width.div_ceil(128))?;
+                gpu.quantize_fp8(&h, &mut h8, &mut h8_scale, (rows, width))?;
+                gpu.grouped_gemm_fp8(
+                    &h8,
+                    &h8_scale,
+                    &down.q,
+                    &down.scale,
+                    &mut expert_out,
+                    &order,
+                    hidden,
+                    width,
+                )?;
+            }
+        }
         let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;
         gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, hidden)?;
         if let Some(shared) = &moe.shared {

@@ -278,7 +278,7 @@ impl Gpu {
         queue(launch, blocks((rows, 1), 256, 0))
     }
 
-    /// h[rows, width] = silu(gate) · up from gate_up[rows, 2·width].
+    /// h[rows, width] = silu(gate) · up from gate_up[rows, 2·width] (a fused GEMM's output).
     pub fn silu_mul(
         &self,
         gate_up: &CudaSlice<bf16>,
@@ -289,12 +289,66 @@ impl Gpu {
             rows > 0 && h.len().is_multiple_of(rows) && gate_up.len() == 2 * h.len(),
             "silu_mul: gate_up must be [{rows}, 2 × width] and h [{rows}, width]"
         );
-        let width = (h.len() / rows) as i32;
-        let (rows_i, n) = (rows as i32, h.len());
+        let width = h.len() / rows;
+        self.silu_mul_rows(
+            &gate_up.as_view(),
+            &gate_up.slice(width..),
+            2 * width,
+            h,
+            rows,
+        )
+    }
+
+    /// h[rows, width] = silu(gate) · up, where gate and up rows are `stride` apart.
+    pub fn silu_mul_rows(
+        &self,
+        gate: &CudaView<'_, bf16>,
+        up: &CudaView<'_, bf16>,
+        stride: usize,
+        h: &mut CudaSlice<bf16>,
+        rows: usize,
+    ) -> Result<()> {
+        ensure!(
+            rows > 0 && h.len().is_multiple_of(rows),
+            "silu_mul: h must be [{rows}, width]"
+        );
+        let width = h.len() / rows;
+        let reach = (rows - 1) * stride + width;
+        ensure!(
+            stride >= width && gate.len() >= reach && up.len() >= reach,
+            "silu_mul: gate and up must hold {rows} rows of {width}, {stride} apart"
+        );
+        let (stride, rows_i, width_i, n) = (stride as i32, rows as i32, width as i32, h.len());
         let mut launch = self.stream.launch_builder(self.function("silu_mul"));
-        launch.arg(gate_up).arg(h).arg(&rows_i).arg(&width);
-        queue(launch, strided(n, 256))?;
-        Ok(())
+        launch
+            .arg(gate)
+            .arg(up)
+            .arg(&stride)
+            .arg(h)
+            .arg(&rows_i)
+            .arg(&width_i);
+        queue(launch, strided(n, 256))
+    }
+
+    /// bf16 rows [rows, hidden] to FP8 with 1×128 scales ([rows, ⌈hidden/128⌉]).
+    pub fn quantize_fp8(
+        &self,
+        x: &CudaSlice<bf16>,
+        out: &mut CudaSlice<Fp8>,
+        scale: &mut CudaSlice<f32>,
+        (rows, hidden): (usize, usize),
+    ) -> Result<()> {
+        ensure!(
+            x.len() == rows * hidden
+                && out.len() == x.len()
+                && scale.len() == rows * hidden.div_ceil(128),
+            "quantize_fp8: x and out must be [{rows}, {hidden}], scale [{rows}, {}]",
+            hidden.div_ceil(128)
+        );
+        let h = hidden as i32;
+        let mut launch = self.stream.launch_builder(self.function("quantize_fp8"));
+        launch.arg(x).arg(out).arg(scale).arg(&h);
+        queue(launch, blocks((rows, 1), 128, 0))
     }
 
     /// y [tokens, heads, dim] = rope(x), x's (token, head) rows x_stride apart; cos, sin
@@ -953,6 +1007,7 @@ mod tests {
                 "moe_sort",
                 "moe_permute",
                 "moe_permute_fp8",
+                "quantize_fp8",
                 "moe_unpermute"
             ]
         );
@@ -960,6 +1015,6 @@ mod tests {
             .iter()
             .map(|(_, s)| entry_points(s).len())
             .sum();
-        assert_eq!(total, 20);
+        assert_eq!(total, 21);
     }
 }
