@@ -7,7 +7,7 @@
 // s · table_stride and sees its first lengths[s] positions. Prompt rows use the same kernel:
 // the rows of one sequence share its table (stride 0), each seeing up to its own position.
 //
-// One block of 4 warps per (head, sequence). Warps take positions round-robin, each with
+// One block of 4 warps per (row, head): rows on the grid's x, which has room for any prompt. Warps take positions round-robin, each with
 // its own running max and sum (online softmax); a lane holds 2 of every 64 latent dims;
 // the warps' partial results are merged at the end.
 #include "common.cuh"
@@ -25,7 +25,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
                const int* __restrict__ block_table, int table_stride,
                const int* __restrict__ lengths, float* __restrict__ out, int heads, int rank,
                int rope, float scale) {
-    const int head = blockIdx.x, seq = blockIdx.y;
+    const int seq = blockIdx.x, head = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t query = (size_t)seq * heads + head;
     const int length = lengths[seq];

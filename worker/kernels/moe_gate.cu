@@ -10,7 +10,7 @@ enum Method { NOAUX_TC = 0, GROUP_LIMITED_GREEDY = 1, GREEDY = 2 };
 
 // Dynamic shared memory: 2 × experts floats + experts bytes.
 extern "C" __global__ void moe_gate(const float* __restrict__ logits,
-                                    const float* __restrict__ bias,  // null: none
+                                    const float* __restrict__ bias, int has_bias,
                                     int* __restrict__ experts_out, float* __restrict__ weights_out,
                                     int experts, int scoring, int method, int n_group,
                                     int topk_group, int topk, int normalize, float scale) {
@@ -39,7 +39,7 @@ extern "C" __global__ void moe_gate(const float* __restrict__ logits,
     __syncthreads();
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
         if (scoring == SOFTMAX) score[e] /= sum;
-        choice[e] = score[e] + (bias ? bias[e] : 0.f);
+        choice[e] = score[e] + (has_bias ? bias[e] : 0.f);
         taken[e] = false;
     }
     __syncthreads();
@@ -82,6 +82,7 @@ extern "C" __global__ void moe_gate(const float* __restrict__ logits,
 
     float picked_sum = 0.f;
     int* chosen = experts_out + (size_t)blockIdx.x * topk;
+    __shared__ int picked;
     for (int k = 0; k < topk; ++k) {
         Best best{-INFINITY, 0x7fffffff};
         for (int e = threadIdx.x; e < experts; e += blockDim.x) {
@@ -89,10 +90,19 @@ extern "C" __global__ void moe_gate(const float* __restrict__ logits,
         }
         best = block_best(best);
         if (threadIdx.x == 0) {
-            taken[best.index] = true;
-            chosen[k] = best.index;
+            // Only NaN scores left (a broken checkpoint) leave no best: take the lowest
+            // untaken expert rather than an index out of range.
+            int e = best.index;
+            if (e >= experts) {
+                for (e = 0; taken[e]; ++e) {
+                }
+            }
+            taken[e] = true;
+            chosen[k] = e;
+            picked = e;
         }
-        picked_sum += score[best.index];
+        __syncthreads();
+        picked_sum += score[picked];
         __syncthreads();
     }
     if (threadIdx.x == 0) {

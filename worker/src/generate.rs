@@ -72,8 +72,12 @@ impl Sequence for GpuSequence<'_> {
         if !self.pool.reserve(&mut self.table, needed) {
             bail!("the sequence would exceed its GPU cache");
         }
-        self.model
-            .forward_batch(tokens, &mut self.kv, &mut [(tokens.len(), &mut self.table)])
+        self.model.forward_batch(
+            tokens,
+            &mut self.kv,
+            &mut [(tokens.len(), &mut self.table)],
+            false,
+        )
     }
 }
 

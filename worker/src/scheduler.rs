@@ -259,8 +259,10 @@ impl Compute {
         }
     }
 
-    /// One forward pass over the segments' rows; `per_row` keeps every row's numbers what
-    /// they would be alone (the CPU path's batched decode).
+    /// One forward pass over the segments' rows; returns at least each segment's last row's
+    /// logits, last. `per_row` keeps every row's numbers what they would be alone (the CPU
+    /// path's batched decode; the GPU's cuBLAS GEMMs pick kernels by batch size, so GPU rows
+    /// agree with their runs alone to rounding, not bit for bit).
     fn forward(
         &mut self,
         tokens: &[u32],
@@ -272,7 +274,7 @@ impl Compute {
             Compute::Cpu(model) => Ok(model
                 .forward_batch(tokens, pool, segments, per_row)?
                 .to_vec2()?),
-            Compute::Gpu(model, kv) => model.forward_batch(tokens, kv, segments),
+            Compute::Gpu(model, kv) => model.forward_batch(tokens, kv, segments, true),
         }
     }
 

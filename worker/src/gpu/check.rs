@@ -198,7 +198,12 @@ fn check_batched_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
             false,
         )?;
         expected.extend(c.to_vec2::<f32>()?.into_iter().flatten());
-        let g = gpu.forward_batch(tokens, &mut kv, &mut [(tokens.len(), &mut gpu_tables[i])])?;
+        let g = gpu.forward_batch(
+            tokens,
+            &mut kv,
+            &mut [(tokens.len(), &mut gpu_tables[i])],
+            false,
+        )?;
         actual.extend(g.into_iter().flatten());
     }
     let mixed: Vec<u32> = [7, 11]
@@ -214,7 +219,7 @@ fn check_batched_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
     let [a, b, c] = &mut gpu_tables[..] else {
         unreachable!()
     };
-    let gpu_logits = gpu.forward_batch(&mixed, &mut kv, &mut [(1, a), (1, b), (13, c)])?;
+    let gpu_logits = gpu.forward_batch(&mixed, &mut kv, &mut [(1, a), (1, b), (13, c)], false)?;
     actual.extend(gpu_logits.into_iter().flatten());
     Ok(vec![Check::new(
         "model_step/batched",
@@ -1083,7 +1088,7 @@ fn layer_latency(device: usize, dtype: Dtype) -> Result<Value> {
             let mut segments: Vec<(usize, &mut BlockTable)> =
                 tables.iter_mut().map(|t| (1, t)).collect();
             // each repetition decodes the next position
-            model.forward_batch(&tokens, &mut kv, &mut segments)?;
+            model.forward_batch(&tokens, &mut kv, &mut segments, true)?;
             Ok(started.elapsed().as_secs_f64() * 1e3)
         };
         time()?;

@@ -141,29 +141,28 @@ impl Loader<'_> {
         }
     }
 
-    /// Several [rows, cols] tensors stacked in order into one device buffer, each converted
-    /// on its own (a whole layer's experts never sit on the host at once).
-    fn stacked(&self, names: &[String], rows: usize, cols: usize) -> Result<CudaSlice<bf16>> {
+    /// Several tensors of `shape` stacked in order into one device buffer, each converted on
+    /// its own (a whole layer's experts never sit on the host at once).
+    fn stacked(&self, names: &[String], shape: &[usize]) -> Result<CudaSlice<bf16>> {
+        let size: usize = shape.iter().product();
         let ckpt = match &self.source {
             Source::Checkpoint(ckpt) => ckpt,
             Source::Random(seed) => {
-                let scale = 1.0 / (cols as f32).sqrt(); // keeps activations in range
+                // 1/√(input width) keeps the activations in range
+                let scale = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
                 return self
                     .gpu
-                    .random_bf16(names.len() * rows * cols, Self::seed(seed), scale);
+                    .random_bf16(names.len() * size, Self::seed(seed), scale);
             }
         };
-        let mut out = self
-            .gpu
-            .stream
-            .alloc_zeros::<bf16>(names.len() * rows * cols)?;
+        let mut out = self.gpu.stream.alloc_zeros::<bf16>(names.len() * size)?;
         for (i, name) in names.iter().enumerate() {
             let values: Vec<bf16> = ckpt
-                .load_f32(name, &[rows, cols])?
+                .load_f32(name, shape)?
                 .iter()
                 .map(|&v| bf16::from_f32(v))
                 .collect();
-            let mut part = out.slice_mut(i * rows * cols..(i + 1) * rows * cols);
+            let mut part = out.slice_mut(i * size..(i + 1) * size);
             self.gpu.stream.memcpy_htod(&values, &mut part)?;
         }
         Ok(out)
@@ -210,11 +209,12 @@ impl Loader<'_> {
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<CudaSlice<bf16>> {
-        self.stacked(&[name.to_string()], rows, cols)
+        self.stacked(&[name.to_string()], &[rows, cols])
     }
 
+    /// 1-D, as checkpoints store norm weights.
     fn vector(&self, name: &str, len: usize) -> Result<CudaSlice<bf16>> {
-        self.stacked(&[name.to_string()], 1, len)
+        self.stacked(&[name.to_string()], &[len])
     }
 
     fn dense(&self, prefix: &str, hidden: usize, width: usize) -> Result<Dense> {
@@ -224,8 +224,7 @@ impl Loader<'_> {
                     format!("{prefix}.gate_proj.weight"),
                     format!("{prefix}.up_proj.weight"),
                 ],
-                width,
-                hidden,
+                &[width, hidden],
             )?,
             down: self.matrix(&format!("{prefix}.down_proj.weight"), hidden, width)?,
             width,
@@ -266,8 +265,8 @@ impl Loader<'_> {
                     .flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")])
                     .collect();
                 Experts::Bf16 {
-                    gate_up: self.stacked(&gate_up, width, hidden)?,
-                    down: self.stacked(&all("down_proj"), hidden, width)?,
+                    gate_up: self.stacked(&gate_up, &[width, hidden])?,
+                    down: self.stacked(&all("down_proj"), &[hidden, width])?,
                 }
             };
             FeedForward::Moe(Box::new(Moe {
@@ -411,12 +410,13 @@ impl GpuModel {
     /// Runs the rows of several sequences, as the CPU path's `Model::forward_batch`:
     /// `segments` gives each one's row count and block table, in row order; the tables must
     /// have blocks reserved for the new positions, and advance past them. Returns the logits
-    /// [rows][vocab].
+    /// [rows][vocab], or with `last_only` each segment's last row's (what sampling needs).
     pub fn forward_batch(
         &self,
         tokens: &[u32],
         kv: &mut GpuKv,
         segments: &mut [(usize, &mut BlockTable)],
+        last_only: bool,
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let gpu = &self.gpu;
@@ -625,15 +625,42 @@ impl GpuModel {
             };
             gpu.add(&mut x, &y)?;
         }
-        let x = self.bf16(&self.norm_rows(&x, &self.norm, n)?)?;
+        // A prompt chunk alone needs its last row's logits only: 1 row through lm_head, not
+        // hundreds (and 1 row copied to the host).
+        let from = if last_only && segments.len() == 1 {
+            n - 1
+        } else {
+            0
+        };
+        let rows = n - from;
+        let mut normed = stream.alloc_zeros::<f32>(rows * hidden)?;
+        gpu.rms_norm(
+            &x.slice(from * hidden..),
+            hidden,
+            &self.norm,
+            &mut normed,
+            rows,
+            eps,
+        )?;
+        let x = self.bf16(&normed)?;
         let vocab = cfg.vocab_size;
-        let mut logits = stream.alloc_zeros::<f32>(n * vocab)?;
-        gpu.linear(&x, &self.lm_head, &mut logits, (n, vocab, hidden))?;
+        let mut logits = stream.alloc_zeros::<f32>(rows * vocab)?;
+        gpu.linear(&x, &self.lm_head, &mut logits, (rows, vocab, hidden))?;
         let logits = stream.clone_dtoh(&logits)?;
+        let mut logits: Vec<Vec<f32>> = logits.chunks(vocab).map(<[f32]>::to_vec).collect();
+        if last_only && from == 0 {
+            // each segment's last row
+            let mut end = 0;
+            let lasts = segments.iter().map(|(rows, _)| {
+                end += rows;
+                end - 1
+            });
+            logits = lasts.map(|r| std::mem::take(&mut logits[r])).collect();
+        }
         for (rows, table) in segments.iter_mut() {
             table.advance(*rows);
         }
-        Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+        Ok(logits)
     }
 
     /// RMSNorm of `rows` dense rows.

@@ -198,6 +198,9 @@ impl Gpu {
         }
         let context = CudaContext::new(ordinal)
             .with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))?;
+        // SAFETY: every buffer lives and is used on the one default stream, so the events
+        // cudarc records to order work between streams are not needed.
+        unsafe { context.disable_event_tracking() };
         let capability = context.compute_capability()?;
         let architecture = architecture(capability.0, capability.1);
         let nvrtc = Nvrtc::load();
@@ -419,7 +422,11 @@ impl Gpu {
             bias.is_none_or(|b| b.len() == experts),
             "moe_gate: bias must hold {experts} values"
         );
-        let null = self.stream.null::<f32>()?;
+        // Without a bias the kernel reads none; any valid pointer stands in.
+        let (bias, has_bias) = match bias {
+            Some(bias) => (bias, 1i32),
+            None => (logits, 0i32),
+        };
         let scoring = if rule.sigmoid { 0 } else { 1 }; // moe_gate.cu's SIGMOID, SOFTMAX
         let args = [
             experts,
@@ -434,7 +441,8 @@ impl Gpu {
         let mut launch = self.stream.launch_builder(self.function("moe_gate"));
         launch
             .arg(logits)
-            .arg(bias.unwrap_or(&null))
+            .arg(bias)
+            .arg(&has_bias)
             .arg(chosen)
             .arg(weights);
         for arg in &args {
@@ -877,7 +885,7 @@ impl Gpu {
             .arg(&args[1])
             .arg(&args[2])
             .arg(&scale);
-        queue(launch, blocks((heads, seqs), 128, 0))?;
+        queue(launch, blocks((seqs, heads), 128, 0))?;
         Ok(())
     }
 
