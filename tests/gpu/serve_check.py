@@ -1,7 +1,8 @@
-"""Serving from the GPU, end to end: `deepseek-worker serve --device cuda:0` and a CPU worker,
-each behind its own `deepseek-router`, asked the same greedy completions over the OpenAI HTTP
-API, eight at once so that the GPU worker batches them. The GPU's answers must equal the
-CPU's. Standard library only (GPU machines may lack our Python packages).
+"""Serving from the GPU, end to end: `deepseek-worker serve --device cuda:0`, an expert-parallel
+group of two GPU ranks (both on the one GPU, over the TCP mesh), and a CPU worker, each behind
+its own `deepseek-router`, asked the same greedy completions over the OpenAI HTTP API, eight
+at once so that the workers batch them. The GPU answers must equal the CPU's. Standard
+library only (GPU machines may lack our Python packages).
 
     python3 tests/gpu/serve_check.py BIN_DIR REPORT_JSON   # merges a "serve" entry into it
 """
@@ -49,27 +50,37 @@ def completions(port):
 
 def main():
     bin_dir, report_path = Path(sys.argv[1]), Path(sys.argv[2])
-    sides = {"gpu": ("cuda:0", 50161, 50171, 8171, 9171), "cpu": ("cpu", 50162, 50172, 8172, 9172)}
+    # name: ([(device, worker gRPC port, extra serve flags)], router gRPC, HTTP, metrics ports)
+    mesh = "127.0.0.1:50181,127.0.0.1:50182"
+    sides = {
+        "gpu": ([("cuda:0", 50161, [])], 50171, 8171, 9171),
+        "gpu-ep2": ([("cuda:0", 50163 + r, ["--group-size", "2", "--rank", str(r), "--peers", mesh])
+                     for r in range(2)], 50173, 8173, 9173),
+        "cpu": ([("cpu", 50162, [])], 50172, 8172, 9172),
+    }
     processes = []
     result = {}
     try:
-        for device, worker_port, grpc_port, http_port, metrics_port in sides.values():
-            processes.append(subprocess.Popen(
-                [bin_dir / "deepseek-worker", "serve", "--model", MODEL, "--device", device,
-                 "--listen", f"127.0.0.1:{worker_port}", "--kv-cache-blocks", "512"], cwd=ROOT))
+        for workers, grpc_port, http_port, metrics_port in sides.values():
+            backends = []
+            for device, worker_port, extra in workers:
+                processes.append(subprocess.Popen(
+                    [bin_dir / "deepseek-worker", "serve", "--model", MODEL, "--device", device,
+                     "--listen", f"127.0.0.1:{worker_port}", "--kv-cache-blocks", "512", *extra], cwd=ROOT))
+                backends += ["--backend", f"pool={device},addr=127.0.0.1:{worker_port}"]
             processes.append(subprocess.Popen(
                 [bin_dir / "deepseek-router", "--grpc-listen", f"127.0.0.1:{grpc_port}",
                  "--http-listen", f"127.0.0.1:{http_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
-                 "--backend", f"pool={device},addr=127.0.0.1:{worker_port}"], cwd=ROOT))
+                 *backends], cwd=ROOT))
         deadline = time.time() + 120
         texts = {}
-        for name, (_, _, _, http_port, _) in sides.items():
+        for name, (_, _, http_port, _) in sides.items():
             wait_ready(http_port, processes, deadline)
             texts[name] = completions(http_port)
-        differing = sum(g != c for g, c in zip(texts["gpu"], texts["cpu"]))
-        result = {"passed": differing == 0, "requests": len(PROMPTS), "differing": differing,
-                  "detail": "8 concurrent greedy completions of 16 tokens through deepseek-router, "
-                            "GPU worker against CPU worker"}
+        differing = {name: sum(g != c for g, c in zip(texts[name], texts["cpu"])) for name in ("gpu", "gpu-ep2")}
+        result = {"passed": not any(differing.values()), "requests": len(PROMPTS), "differing": differing,
+                  "detail": "8 concurrent greedy completions of 16 tokens through deepseek-router: one GPU "
+                            "worker, and two GPU ranks of an expert-parallel group, against a CPU worker"}
     except Exception as error:  # the report says what broke; the exit code fails the run
         result = {"passed": False, "error": repr(error)}
     finally:

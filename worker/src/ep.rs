@@ -482,7 +482,8 @@ fn decode_dispatch(wire: Wire, mut bytes: &[u8], hidden: usize) -> Result<(Vec<f
 
 /// The routed experts of one rank of an expert-parallel group.
 pub struct ExpertParallel {
-    local: LocalExperts,
+    /// This rank's experts: on the CPU, or a GPU's.
+    local: Box<dyn RoutedExperts>,
     plan: PlacementPlan,
     transport: Arc<dyn Transport>,
     wire: Wire,
@@ -493,7 +494,7 @@ pub struct ExpertParallel {
 
 impl ExpertParallel {
     pub fn new(
-        local: LocalExperts,
+        local: Box<dyn RoutedExperts>,
         plan: PlacementPlan,
         transport: Arc<dyn Transport>,
         wire: Wire,
@@ -636,32 +637,51 @@ pub fn open_rank(
 ) -> Result<(Model, Arc<dyn Transport>)> {
     let mut joined = None;
     let model = Model::open_with_experts(dir, |cfg, ckpt| {
-        if plan.routed_experts as usize != cfg.moe.n_routed_experts {
-            bail!(
-                "the placement plan has {} routed experts, the model {}",
-                plan.routed_experts,
-                cfg.moe.n_routed_experts
-            );
-        }
+        plan_matches_model(&plan, cfg.moe.n_routed_experts)?;
         let local = LocalExperts::load_owned(cfg, ckpt, |layer, e| {
             plan.layer(layer as u32)[e].contains(&(rank as u32))
         })?;
         let transport = join()?;
-        if plan.group_size as usize != transport.size() || transport.rank() != rank {
-            bail!(
-                "the placement plan is for {} ranks, the group has {} (this is rank {})",
-                plan.group_size,
-                transport.size(),
-                transport.rank()
-            );
-        }
+        plan_matches_group(&plan, transport.as_ref(), rank)?;
         joined = Some(transport.clone());
         let hidden = cfg.hidden_size;
         Ok(Box::new(ExpertParallel::new(
-            local, plan, transport, wire, hidden,
+            Box::new(local),
+            plan,
+            transport,
+            wire,
+            hidden,
         )))
     })?;
     Ok((model, joined.expect("the experts were loaded")))
+}
+
+/// The plan is for a model with `experts` routed experts.
+pub fn plan_matches_model(plan: &PlacementPlan, experts: usize) -> Result<()> {
+    if plan.routed_experts as usize != experts {
+        bail!(
+            "the placement plan has {} routed experts, the model {experts}",
+            plan.routed_experts
+        );
+    }
+    Ok(())
+}
+
+/// The plan is for this group, and the transport puts this process at rank `rank`.
+pub fn plan_matches_group(
+    plan: &PlacementPlan,
+    transport: &dyn Transport,
+    rank: usize,
+) -> Result<()> {
+    if plan.group_size as usize != transport.size() || transport.rank() != rank {
+        bail!(
+            "the placement plan is for {} ranks, the group has {} (this is rank {})",
+            plan.group_size,
+            transport.size(),
+            transport.rank()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

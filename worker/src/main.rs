@@ -298,13 +298,6 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         )
         .init();
     let ranks = args.resolve()?;
-    if let (DeviceSpec::Cuda(n), true) = (args.device, ranks.group_size > 1) {
-        bail!(
-            "--device cuda:{n} with --group-size {}: expert parallelism between GPUs needs the \
-             NCCL transport, which is not built yet",
-            ranks.group_size
-        );
-    }
     if ranks.count > 1 {
         bail!(
             "--ranks-per-pod {}: several ranks in one process (one per local GPU) come with the \

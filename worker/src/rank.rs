@@ -11,8 +11,8 @@ use crate::gpu::{DeviceSpec, Dtype};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Where the model runs: `cpu`, or `cuda:N` (on a GPU, one rank alone: expert
-    /// parallelism between GPUs needs the NCCL transport, not built yet).
+    /// Where the model runs: `cpu`, or `cuda:N`. GPU ranks of a group exchange tokens over
+    /// the same TCP mesh as CPU ranks (through host memory; NCCL is not built yet).
     #[arg(long, env = "DSD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,

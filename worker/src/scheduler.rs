@@ -278,11 +278,11 @@ impl Compute {
         }
     }
 
-    /// An expert-parallel rank's empty pass (CPU groups only).
+    /// An expert-parallel rank's empty pass.
     fn forward_idle(&self) -> anyhow::Result<()> {
         match self {
             Compute::Cpu(model) => model.forward_idle(),
-            Compute::Gpu(..) => Ok(()),
+            Compute::Gpu(model, _) => model.forward_idle(),
         }
     }
 }

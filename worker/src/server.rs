@@ -352,6 +352,22 @@ async fn drain_then_stop(
     }
 }
 
+fn open_gpu(ordinal: usize) -> anyhow::Result<Gpu> {
+    let gpu = Gpu::open(ordinal)?;
+    tracing::info!(gpu = %gpu.name, architecture = %gpu.architecture, compiler = %gpu.compiler, "GPU opened");
+    Ok(gpu)
+}
+
+/// Connects this rank to its expert-parallel group, once its weights are loaded.
+fn join_group(config: &ServeConfig, g: &GroupConfig) -> anyhow::Result<Arc<dyn Transport>> {
+    let config_json = std::fs::read(config.model_dir.join("config.json"))?;
+    let identity = group_identity(&config_json, &g.plan, g.wire);
+    let rank = config.rank as usize;
+    tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
+    let tcp = TcpTransport::connect(rank, &g.peers, identity, g.connect_timeout, g.stall_timeout)?;
+    Ok(Arc::new(tcp))
+}
+
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
     let (model, group) = match (&config.group, config.device) {
         (None, DeviceSpec::Cpu) => (
@@ -359,35 +375,27 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
             None,
         ),
         (None, DeviceSpec::Cuda(ordinal)) => {
-            let gpu = Gpu::open(ordinal)?;
-            tracing::info!(gpu = %gpu.name, architecture = %gpu.architecture, compiler = %gpu.compiler, "GPU opened");
-            let model = GpuModel::open(&config.model_dir, gpu, config.dtype)?;
+            let model = GpuModel::open(&config.model_dir, open_gpu(ordinal)?, config.dtype)?;
             (Backend::Gpu(Arc::new(model)), None)
         }
-        (Some(_), DeviceSpec::Cuda(ordinal)) => anyhow::bail!(
-            "--device cuda:{ordinal} with a group: expert parallelism between GPUs needs the NCCL \
-             transport, which is not built yet"
-        ),
-        (Some(g), DeviceSpec::Cpu) => {
-            let config_json = std::fs::read(config.model_dir.join("config.json"))?;
-            let identity = group_identity(&config_json, &g.plan, g.wire);
+        (Some(g), DeviceSpec::Cuda(ordinal)) => {
             let rank = config.rank as usize;
+            let (model, transport) = GpuModel::open_rank(
+                &config.model_dir,
+                open_gpu(ordinal)?,
+                config.dtype,
+                (g.plan.clone(), rank, g.wire),
+                || join_group(config, g),
+            )?;
+            (Backend::Gpu(Arc::new(model)), Some(transport))
+        }
+        (Some(g), DeviceSpec::Cpu) => {
             let (model, transport) = open_rank(
                 &config.model_dir,
                 g.plan.clone(),
-                rank,
+                config.rank as usize,
                 g.wire,
-                || {
-                    tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
-                    let tcp = TcpTransport::connect(
-                        rank,
-                        &g.peers,
-                        identity,
-                        g.connect_timeout,
-                        g.stall_timeout,
-                    )?;
-                    Ok(Arc::new(tcp) as Arc<dyn Transport>)
-                },
+                || join_group(config, g),
             )?;
             (Backend::Cpu(Arc::new(model)), Some(transport))
         }

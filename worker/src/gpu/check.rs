@@ -5,10 +5,12 @@
 //! JSON report; `tests/gpu/run.sh` runs it.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
 use cudarc::driver::{CudaSlice, DeviceRepr, sys::CUevent_flags};
+use deepseek_proto::placement::PlacementPlan;
 use half::bf16;
 use serde_json::{Value, json};
 
@@ -16,6 +18,7 @@ use super::Dtype;
 use super::model::GpuModel;
 use super::runtime::{GateRule, Gpu};
 use crate::config::{Config, Moe};
+use crate::ep::{ChannelTransport, Transport, Wire};
 use crate::generate::{CpuSequence, GenerateOptions, GpuSequence, generate};
 use crate::model::Model;
 use crate::model::cache::BlockTable;
@@ -90,10 +93,9 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
             check_model_step(device, &fixtures.join(name)),
         );
     }
-    record(
-        "model_step/batched",
-        check_batched_step(device, &fixtures.join("tiny-v3-bf16")),
-    );
+    let tiny = fixtures.join("tiny-v3-bf16");
+    record("model_step/batched", check_batched_step(device, &tiny));
+    record("expert_parallel", check_expert_parallel(device, &tiny));
     let passed = checks.iter().all(|c| c["passed"] == true);
 
     let benchmarks = if bench {
@@ -227,6 +229,73 @@ fn check_batched_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
         3e-2,
         "three sequences in one pool: prompts, then two decode rows and a prompt chunk in one pass",
     )])
+}
+
+/// Two GPU ranks of an expert-parallel group (threads, joined by channels), each holding
+/// half the experts and generating from its own prompt in lockstep, against one GPU
+/// holding them all.
+fn check_expert_parallel(device: usize, dir: &Path) -> Result<Vec<Check>> {
+    let whole = GpuModel::open(dir, Gpu::open(device)?, Dtype::Auto)?;
+    let experts = whole.config().moe.n_routed_experts as u32;
+    let vocab = whole.config().vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = (0..2u32)
+        .map(|r| (0..10).map(|i| (i * 13 + r * 101 + 3) % vocab).collect())
+        .collect();
+    let options = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+        keep_logits: true,
+    };
+    let tokens = 10 + options.max_new_tokens;
+    let plan = PlacementPlan::round_robin(2, experts, 0);
+    let runs: Vec<crate::generate::Generation> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ChannelTransport::group(2)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, transport)| {
+                let (plan, prompt, options) = (plan.clone(), &prompts[rank], &options);
+                scope.spawn(move || -> Result<crate::generate::Generation> {
+                    let (model, _) = GpuModel::open_rank(
+                        dir,
+                        Gpu::open(device)?,
+                        Dtype::Auto,
+                        (plan, rank, Wire::F32),
+                        || Ok(Arc::new(transport) as Arc<dyn Transport>),
+                    )?;
+                    generate(&mut GpuSequence::new(&model, tokens)?, prompt, options)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+            .collect::<Result<_>>()
+    })?;
+    let mut checks = Vec::new();
+    for (rank, run) in runs.iter().enumerate() {
+        let alone = generate(
+            &mut GpuSequence::new(&whole, tokens)?,
+            &prompts[rank],
+            &options,
+        )?;
+        let flatten = |g: &crate::generate::Generation| -> Vec<f32> {
+            g.prompt_logits
+                .iter()
+                .chain(&g.step_logits)
+                .flatten()
+                .copied()
+                .collect()
+        };
+        let same_tokens = run.tokens == alone.tokens;
+        checks.push(Check::new(
+            format!("expert_parallel/rank{rank}"),
+            if same_tokens { relative_diff(&flatten(run), &flatten(&alone)) } else { f64::INFINITY },
+            1e-3,
+            format!("EP=2 on one GPU, f32 wire: tokens {:?} (alone {:?}); logits against one GPU holding every expert", run.tokens, alone.tokens),
+        ));
+    }
+    Ok(checks)
 }
 
 /// Host data: uniform in [−scale, scale), reproducible.

@@ -9,6 +9,7 @@
 //!   (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
 
 pub mod check;
+pub mod experts;
 pub mod model;
 pub mod nvrtc;
 pub mod runtime;

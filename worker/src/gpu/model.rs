@@ -10,16 +10,22 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
+use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use deepseek_proto::placement::PlacementPlan;
 use half::bf16;
 
+use super::experts::{Fp8Weights, GpuExperts, LayerExperts, Weights};
 use super::runtime::{Fp8, GateRule, GemmShape, Gpu, Operand};
 use super::{Dtype, resolve_dtype};
 use crate::config::{Config, TopkMethod};
+use crate::ep::{ExpertParallel, Transport, Wire, plan_matches_group, plan_matches_model};
 use crate::model::attention::softmax_scale;
 use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
+use crate::model::moe::{RoutedExperts, Routing};
 use crate::model::ops::Rope;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
@@ -35,30 +41,6 @@ struct Moe {
     router: CudaSlice<f32>,
     bias: Option<CudaSlice<f32>>,
     shared: Option<Dense>,
-    experts: Experts,
-}
-
-/// The routed experts' weights, in the precision their GEMMs run.
-#[allow(clippy::large_enum_variant)] // one per layer, inside a Box already
-enum Experts {
-    /// [experts, 2 × width, hidden] and [experts, hidden, width].
-    Bf16 {
-        gate_up: CudaSlice<bf16>,
-        down: CudaSlice<bf16>,
-    },
-    /// As the checkpoint stores them, gate and up apart (a 128-row scale block may not end
-    /// where gate ends).
-    Fp8 {
-        gate: Fp8Weights,
-        up: Fp8Weights,
-        down: Fp8Weights,
-    },
-}
-
-/// Stacked e4m3 matrices and their 128×128 block scales.
-struct Fp8Weights {
-    q: CudaSlice<Fp8>,
-    scale: CudaSlice<f32>,
 }
 
 enum FeedForward {
@@ -89,8 +71,15 @@ struct Layer {
     ffn: FeedForward,
 }
 
+/// Where a model's routed experts run: all here, or spread over an expert-parallel group.
+enum Routed {
+    Local(GpuExperts),
+    Parallel(ExpertParallel),
+}
+
 pub struct GpuModel {
-    gpu: Gpu,
+    gpu: Arc<Gpu>,
+    routed: Routed,
     /// The routed experts' GEMM precision (bf16 or FP8).
     pub dtype: Dtype,
     cfg: Config,
@@ -201,6 +190,48 @@ impl Loader<'_> {
         Ok(Fp8Weights { q, scale })
     }
 
+    /// The routed experts of layer `layer` that `owns` selects, in FP8 when `fp8`; None for
+    /// a dense layer.
+    fn experts(
+        &self,
+        cfg: &Config,
+        layer: usize,
+        fp8: bool,
+        owns: &dyn Fn(usize, usize) -> bool,
+    ) -> Result<Option<LayerExperts>> {
+        if !cfg.is_moe_layer(layer) {
+            return Ok(None);
+        }
+        let (hidden, width) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
+        let held: Vec<usize> = (0..cfg.moe.n_routed_experts)
+            .filter(|&e| owns(layer, e))
+            .collect();
+        let mut slot = vec![-1; cfg.moe.n_routed_experts];
+        for (i, &e) in held.iter().enumerate() {
+            slot[e] = i as i32;
+        }
+        let name =
+            |e: usize, part: &str| format!("model.layers.{layer}.mlp.experts.{e}.{part}.weight");
+        let all = |part: &str| -> Vec<String> { held.iter().map(|&e| name(e, part)).collect() };
+        let weights = if fp8 {
+            Weights::Fp8 {
+                gate: self.fp8_stacked(&all("gate_proj"), width, hidden)?,
+                up: self.fp8_stacked(&all("up_proj"), width, hidden)?,
+                down: self.fp8_stacked(&all("down_proj"), hidden, width)?,
+            }
+        } else {
+            let gate_up: Vec<String> = held
+                .iter()
+                .flat_map(|&e| [name(e, "gate_proj"), name(e, "up_proj")])
+                .collect();
+            Weights::Bf16 {
+                gate_up: self.stacked(&gate_up, &[width, hidden])?,
+                down: self.stacked(&all("down_proj"), &[hidden, width])?,
+            }
+        };
+        Ok(Some(LayerExperts { weights, slot }))
+    }
+
     fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Checkpoint(ckpt) => ckpt.contains(name),
@@ -231,8 +262,8 @@ impl Loader<'_> {
         })
     }
 
-    /// Layer `layer`; `fp8` keeps the routed experts in FP8.
-    fn layer(&self, cfg: &Config, layer: usize, fp8: bool) -> Result<Layer> {
+    /// Layer `layer`, but its routed experts (see `experts`).
+    fn layer(&self, cfg: &Config, layer: usize) -> Result<Layer> {
         let p = format!("model.layers.{layer}");
         let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
         let (kv_lora, rope) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
@@ -251,24 +282,6 @@ impl Loader<'_> {
         let ffn = if cfg.is_moe_layer(layer) {
             let moe = &cfg.moe;
             let (experts, width) = (moe.n_routed_experts, moe.moe_intermediate_size);
-            let expert = |e: usize, part: &str| format!("{p}.mlp.experts.{e}.{part}.weight");
-            let all =
-                |part: &str| -> Vec<String> { (0..experts).map(|e| expert(e, part)).collect() };
-            let weights = if fp8 {
-                Experts::Fp8 {
-                    gate: self.fp8_stacked(&all("gate_proj"), width, hidden)?,
-                    up: self.fp8_stacked(&all("up_proj"), width, hidden)?,
-                    down: self.fp8_stacked(&all("down_proj"), hidden, width)?,
-                }
-            } else {
-                let gate_up: Vec<String> = (0..experts)
-                    .flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")])
-                    .collect();
-                Experts::Bf16 {
-                    gate_up: self.stacked(&gate_up, &[width, hidden])?,
-                    down: self.stacked(&all("down_proj"), &[hidden, width])?,
-                }
-            };
             FeedForward::Moe(Box::new(Moe {
                 router: self.f32(&format!("{p}.mlp.gate.weight"), &[experts, hidden])?,
                 bias: match moe.topk_method {
@@ -281,7 +294,6 @@ impl Loader<'_> {
                     0 => None,
                     n => Some(self.dense(&format!("{p}.mlp.shared_experts"), hidden, n * width)?),
                 },
-                experts: weights,
             }))
         } else {
             FeedForward::Dense(self.dense(&format!("{p}.mlp"), hidden, cfg.intermediate_size)?)
@@ -316,6 +328,51 @@ impl GpuModel {
     /// sm_89+ for an FP8 checkpoint) the routed experts stay FP8 and their GEMMs take FP8
     /// activations; everything else runs bf16 weights (FP8 ones dequantised at load).
     pub fn open(dir: &Path, gpu: Gpu, dtype: Dtype) -> Result<Self> {
+        let (cfg, ckpt, dtype) = Self::checkpoint(dir, &gpu, dtype)?;
+        Self::build(
+            cfg,
+            Arc::new(gpu),
+            dtype,
+            Source::Checkpoint(&ckpt),
+            &|_, _| true,
+            |e| Ok(Routed::Local(e)),
+        )
+    }
+
+    /// Loads rank `rank` of an expert-parallel group: the replicated parts and the routed
+    /// experts `plan` gives it. `join` is called once the weights are on the device and
+    /// returns the group's transport; tokens cross it through host memory.
+    pub fn open_rank(
+        dir: &Path,
+        gpu: Gpu,
+        dtype: Dtype,
+        (plan, rank, wire): (PlacementPlan, usize, Wire),
+        join: impl FnOnce() -> Result<Arc<dyn Transport>>,
+    ) -> Result<(Self, Arc<dyn Transport>)> {
+        let (cfg, ckpt, dtype) = Self::checkpoint(dir, &gpu, dtype)?;
+        plan_matches_model(&plan, cfg.moe.n_routed_experts)?;
+        let hidden = cfg.hidden_size;
+        let owns = |layer: usize, e: usize| plan.layer(layer as u32)[e].contains(&(rank as u32));
+        let mut joined = None;
+        let model = Self::build(
+            cfg,
+            Arc::new(gpu),
+            dtype,
+            Source::Checkpoint(&ckpt),
+            &owns,
+            |e| {
+                let transport = join()?;
+                plan_matches_group(&plan, transport.as_ref(), rank)?;
+                joined = Some(transport.clone());
+                let ep = ExpertParallel::new(Box::new(e), plan.clone(), transport, wire, hidden);
+                Ok(Routed::Parallel(ep))
+            },
+        )?;
+        Ok((model, joined.expect("the experts were loaded")))
+    }
+
+    /// The configuration, the opened checkpoint and the expert precision `dtype` comes to.
+    fn checkpoint(dir: &Path, gpu: &Gpu, dtype: Dtype) -> Result<(Config, Checkpoint, Dtype)> {
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let asked = dtype;
         let mut dtype = resolve_dtype(asked, gpu.capability, cfg.fp8.is_some())?;
@@ -343,22 +400,38 @@ impl GpuModel {
         }
         let block = cfg.fp8.as_ref().map_or(DEFAULT_FP8_BLOCK, |f| f.block);
         let ckpt = Checkpoint::open(dir)?.with_fp8_block(block);
-        Self::build(cfg, gpu, dtype, Source::Checkpoint(&ckpt))
+        Ok((cfg, ckpt, dtype))
     }
 
     /// A model of `cfg`'s shapes with random weights made on the device: benchmarks at
     /// DeepSeek-V3 size without its checkpoint.
     pub fn random(cfg: Config, gpu: Gpu, dtype: Dtype, seed: u64) -> Result<Self> {
-        Self::build(cfg, gpu, dtype, Source::Random(Cell::new(seed)))
+        Self::build(
+            cfg,
+            Arc::new(gpu),
+            dtype,
+            Source::Random(Cell::new(seed)),
+            &|_, _| true,
+            |e| Ok(Routed::Local(e)),
+        )
     }
 
-    fn build(cfg: Config, gpu: Gpu, dtype: Dtype, source: Source<'_>) -> Result<Self> {
+    /// Loads everything from `source`: the routed experts `owns` selects, handed to
+    /// `routed` once every other weight is on the device.
+    fn build(
+        cfg: Config,
+        gpu: Arc<Gpu>,
+        dtype: Dtype,
+        source: Source<'_>,
+        owns: &dyn Fn(usize, usize) -> bool,
+        routed: impl FnOnce(GpuExperts) -> Result<Routed>,
+    ) -> Result<Self> {
         let load = Loader { gpu: &gpu, source };
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = load.matrix("model.embed_tokens.weight", vocab, hidden)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
-                load.layer(&cfg, l, dtype == Dtype::Fp8)
+                load.layer(&cfg, l)
                     .with_context(|| format!("layer {l} onto the GPU"))
             })
             .collect::<Result<_>>()?;
@@ -368,7 +441,19 @@ impl GpuModel {
             load.matrix("lm_head.weight", vocab, hidden)?
         };
         let norm = load.vector("model.norm.weight", hidden)?;
+        let experts = GpuExperts {
+            layers: (0..cfg.num_hidden_layers)
+                .map(|l| {
+                    load.experts(&cfg, l, dtype == Dtype::Fp8, owns)
+                        .with_context(|| format!("layer {l}'s experts onto the GPU"))
+                })
+                .collect::<Result<_>>()?,
+            gpu: gpu.clone(),
+            hidden,
+            width: cfg.moe.moe_intermediate_size,
+        };
         Ok(GpuModel {
+            routed: routed(experts)?,
             dtype,
             rope: Rope::new(&cfg),
             softmax_scale: softmax_scale(&cfg) as f32,
@@ -621,7 +706,7 @@ impl GpuModel {
             let hb = self.bf16(&h)?;
             let y = match &layer.ffn {
                 FeedForward::Dense(mlp) => self.dense(mlp, &hb, n)?,
-                FeedForward::Moe(moe) => self.moe(moe, &h, &hb, n)?,
+                FeedForward::Moe(moe) => self.moe(l, moe, &h, &hb, n)?,
             };
             gpu.add(&mut x, &y)?;
         }
@@ -701,9 +786,11 @@ impl GpuModel {
         Ok(y)
     }
 
-    /// The routed experts (gate, sort, permute, grouped GEMMs, combine) plus the shared ones.
+    /// The routed experts (gate, then the experts here or across the group) plus the shared
+    /// ones.
     fn moe(
         &self,
+        layer: usize,
         moe: &Moe,
         x: &CudaSlice<f32>,
         xb: &CudaSlice<bf16>,
@@ -711,7 +798,7 @@ impl GpuModel {
     ) -> Result<CudaSlice<f32>> {
         let (gpu, cfg) = (&self.gpu, &self.cfg.moe);
         let hidden = self.cfg.hidden_size;
-        let (experts, width) = (cfg.n_routed_experts, cfg.moe_intermediate_size);
+        let experts = cfg.n_routed_experts;
         let rule = GateRule::of(cfg);
         let mut logits = gpu.stream.alloc_zeros::<f32>(tokens * experts)?;
         gpu.linear(x, &moe.router, &mut logits, (tokens, experts, hidden))?;
@@ -725,51 +812,52 @@ impl GpuModel {
             &mut chosen,
             &mut weights,
         )?;
-        let order = gpu.moe_sort(&chosen, rule.topk, experts)?;
-        let rows = order.rows;
-        let mut h = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-        let mut expert_out = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
-        match &moe.experts {
-            Experts::Bf16 { gate_up, down } => {
-                let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
-                gpu.moe_permute(x, &order, &mut permuted, hidden)?;
-                let mut gu = gpu.stream.alloc_zeros::<bf16>(rows * 2 * width)?;
-                gpu.grouped_gemm_bf16(&permuted, gate_up, &mut gu, &order, 2 * width, hidden)?;
-                gpu.silu_mul(&gu, &mut h, rows)?;
-                gpu.grouped_gemm_bf16(&h, down, &mut expert_out, &order, hidden, width)?;
+        let mut y = match &self.routed {
+            // every expert is here, so an expert's id is its slot
+            Routed::Local(local) => local.compute(layer, x, &chosen, &weights, rule.topk)?,
+            Routed::Parallel(ep) => {
+                let stream = &gpu.stream;
+                let (ids, gates) = (stream.clone_dtoh(&chosen)?, stream.clone_dtoh(&weights)?);
+                let routing = Routing {
+                    experts: ids
+                        .chunks(rule.topk)
+                        .map(|c| c.iter().map(|&e| e as usize).collect())
+                        .collect(),
+                    weights: gates.chunks(rule.topk).map(<[f32]>::to_vec).collect(),
+                };
+                let x = Tensor::from_vec(stream.clone_dtoh(x)?, (tokens, hidden), &Device::Cpu)?;
+                let y = ep.forward(layer, &x, &routing, false)?;
+                stream.clone_htod(&y.flatten_all()?.to_vec1::<f32>()?)?
             }
-            Experts::Fp8 { gate, up, down } => {
-                let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * hidden)?;
-                let mut x8_scale = gpu.stream.alloc_zeros::<f32>(rows * hidden.div_ceil(128))?;
-                gpu.moe_permute_fp8(x, &order, &mut x8, &mut x8_scale, hidden)?;
-                let mut g = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-                let mut u = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-                for (w, out) in [(gate, &mut g), (up, &mut u)] {
-                    gpu.grouped_gemm_fp8(
-                        &x8, &x8_scale, &w.q, &w.scale, out, &order, width, hidden,
-                    )?;
-                }
-                gpu.silu_mul_rows(&g.as_view(), &u.as_view(), width, &mut h, rows)?;
-                let mut h8 = gpu.stream.alloc_zeros::<Fp8>(rows * width)?;
-                let mut h8_scale = gpu.stream.alloc_zeros::<f32>(rows * width.div_ceil(128))?;
-                gpu.quantize_fp8(&h, &mut h8, &mut h8_scale, (rows, width))?;
-                gpu.grouped_gemm_fp8(
-                    &h8,
-                    &h8_scale,
-                    &down.q,
-                    &down.scale,
-                    &mut expert_out,
-                    &order,
-                    hidden,
-                    width,
-                )?;
-            }
-        }
-        let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;
-        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, hidden)?;
+        };
         if let Some(shared) = &moe.shared {
             gpu.add(&mut y, &self.dense(shared, xb, tokens)?)?;
         }
         Ok(y)
+    }
+
+    /// An expert-parallel rank's part in a pass it has no tokens for: every MoE layer's
+    /// exchange with nothing to send, so that peers with tokens can go on.
+    pub fn forward_idle(&self) -> Result<()> {
+        let Routed::Parallel(ep) = &self.routed else {
+            return Ok(());
+        };
+        let empty = Tensor::zeros((0, self.cfg.hidden_size), DType::F32, &Device::Cpu)?;
+        let nothing = Routing {
+            experts: Vec::new(),
+            weights: Vec::new(),
+        };
+        for layer in (0..self.layers.len()).filter(|&l| self.cfg.is_moe_layer(l)) {
+            ep.forward(layer, &empty, &nothing, false)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes this rank has sent to the others of its expert-parallel group, if in one.
+    pub fn expert_bytes_sent(&self) -> Option<u64> {
+        match &self.routed {
+            Routed::Local(_) => None,
+            Routed::Parallel(ep) => ep.bytes_sent(),
+        }
     }
 }
