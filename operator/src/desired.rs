@@ -426,6 +426,10 @@ impl<'a> Ctx<'a> {
             env_var("DSD_LISTEN", &format!("0.0.0.0:{WORKER_GRPC_PORT}")),
             env_var("DSD_METRICS_LISTEN", &format!("0.0.0.0:{METRICS_PORT}")),
         ];
+        if pool.gpu_product.is_some() {
+            // The device plugin shows a pod its own GPUs only, numbered from 0.
+            env.push(env_var("DSD_DEVICE", "cuda:0"));
+        }
         if let Some(tokens) = spec.worker.max_batch_tokens {
             env.push(env_var("DSD_MAX_BATCH_TOKENS", &tokens.to_string()));
         }

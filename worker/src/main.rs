@@ -310,7 +310,14 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
     let config = Config::from_file(&model_dir.join("config.json"))?;
-    let kv_blocks = kv_blocks(&args, &config)?;
+    if let Some(fraction) = args.kv_cache_fraction.filter(|f| !(*f > 0.0 && *f <= 1.0)) {
+        bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
+    }
+    // On a GPU the fraction is of device memory, sized once the weights are there.
+    let (kv_blocks, gpu_memory_fraction) = match (args.device, args.kv_cache_fraction) {
+        (DeviceSpec::Cuda(_), Some(fraction)) => (0, Some(fraction)),
+        _ => (kv_blocks(&args, &config)?, None),
+    };
     let max_batch_tokens = args.max_batch_tokens.max(1);
     let serve = ServeConfig {
         served_name: args.served_name.clone().unwrap_or_else(|| {
@@ -348,6 +355,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         },
         device: args.device,
         dtype: args.dtype,
+        gpu_memory_fraction,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;
@@ -356,7 +364,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// KV pool size in blocks, from --kv-cache-blocks or --kv-cache-fraction of the memory
+/// KV pool size in blocks, from --kv-cache-blocks or --kv-cache-fraction of the host memory
 /// available now (default: 4096 blocks).
 fn kv_blocks(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
     if let Some(blocks) = args.kv_cache_blocks {
@@ -365,14 +373,6 @@ fn kv_blocks(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
     let Some(fraction) = args.kv_cache_fraction else {
         return Ok(4096);
     };
-    if args.device != DeviceSpec::Cpu {
-        bail!(
-            "--kv-cache-fraction sizes the cache from host memory; on a GPU give --kv-cache-blocks"
-        );
-    }
-    if !(fraction > 0.0 && fraction <= 1.0) {
-        bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
-    }
     let meminfo = std::fs::read_to_string("/proc/meminfo")
         .context("--kv-cache-fraction needs /proc/meminfo")?;
     let available_kib: f64 = meminfo

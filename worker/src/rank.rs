@@ -44,7 +44,9 @@ pub struct ServeArgs {
         conflicts_with = "kv_cache_fraction"
     )]
     pub kv_cache_blocks: Option<usize>,
-    /// KV cache size as a fraction of the memory available at start.
+    /// KV cache size as a fraction of the memory available at start; on a GPU, the share of
+    /// device memory that weights, cache and working space may use together (vLLM's
+    /// `gpu_memory_utilization`).
     #[arg(long, env = "DSD_KV_CACHE_FRACTION")]
     pub kv_cache_fraction: Option<f64>,
     /// Address for Prometheus `/metrics` (not served when unset).

@@ -51,6 +51,9 @@ pub struct ServeConfig {
     pub group: Option<GroupConfig>,
     pub device: DeviceSpec,
     pub dtype: Dtype,
+    /// On a GPU: size the KV cache to this share of device memory once the weights are
+    /// loaded (instead of `scheduler.kv_blocks`).
+    pub gpu_memory_fraction: Option<f64>,
 }
 
 /// How a rank joins its expert-parallel group.
@@ -400,13 +403,21 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
             (Backend::Cpu(Arc::new(model)), Some(transport))
         }
     };
+    let mut scheduler_config = config.scheduler.clone();
+    if let (Backend::Gpu(gpu_model), Some(fraction)) = (&model, config.gpu_memory_fraction) {
+        scheduler_config.kv_blocks = gpu_model.kv_blocks_within(fraction)?;
+        tracing::info!(
+            blocks = scheduler_config.kv_blocks,
+            "KV cache sized from GPU memory"
+        );
+    }
     let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
     let cfg = model.config();
     let limits = Limits {
         vocab_size: cfg.vocab_size,
         context_length: cfg
             .max_position_embeddings
-            .min(config.scheduler.kv_blocks * BLOCK_TOKENS),
+            .min(scheduler_config.kv_blocks * BLOCK_TOKENS),
         default_max_new_tokens: 1024,
         max_stop_strings: 16,
         max_stop_string_bytes: 256,
@@ -414,7 +425,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
     let scheduler = Scheduler::start(
         model.clone(),
         tokenizer.clone(),
-        config.scheduler.clone(),
+        scheduler_config,
         metrics,
         group,
     )?;

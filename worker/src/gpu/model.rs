@@ -474,6 +474,28 @@ impl GpuModel {
         &self.gpu
     }
 
+    /// Cache blocks that fit when weights, cache and 1 GiB of working space (activations,
+    /// cuBLAS) use at most `fraction` of the GPU's memory, as vLLM's
+    /// `gpu_memory_utilization` reads.
+    pub fn kv_blocks_within(&self, fraction: f64) -> Result<usize> {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let (free, total) = self.gpu.stream.context().mem_get_info()?;
+        let used = (total - free) as f64;
+        let budget = fraction * total as f64 - used - GIB;
+        let per_block = 2
+            * BLOCK_TOKENS
+            * self.layers.len()
+            * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim);
+        ensure!(
+            budget >= per_block as f64,
+            "--kv-cache-fraction {fraction}: {:.1} GiB of the GPU's {:.1} GiB are in use after \
+             loading, which leaves no room for the KV cache",
+            used / GIB,
+            total as f64 / GIB
+        );
+        Ok((budget / per_block as f64) as usize)
+    }
+
     /// Device storage for `blocks` cache blocks, and the pool that hands them out.
     pub fn new_kv(&self, blocks: usize) -> Result<(GpuKv, KvPool)> {
         let slots = blocks * BLOCK_TOKENS;
