@@ -5,8 +5,10 @@
 //!
 //! - [`nvrtc`]: the compiler, CUDA 12 or 13;
 //! - [`runtime`]: a device, its kernels and cuBLAS, and typed launches;
-//! - [`check`]: every kernel against the CPU path, and benchmarks at DeepSeek-V3 shapes
-//!   (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
+//! - [`model`]: the model step on the device; [`experts`]: its routed experts, whole or an
+//!   expert-parallel rank's share;
+//! - [`check`]: every kernel and the model step against the CPU path, and benchmarks at
+//!   DeepSeek-V3 shapes (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
 
 pub mod check;
 pub mod experts;
