@@ -120,6 +120,30 @@ impl GpuExperts {
     }
 }
 
+/// Each token's experts as slots here, and their weights, padded to `topk` per token with
+/// the token's first expert at weight 0; Err(id) for an expert not held here.
+fn padded_slots(
+    routing: &Routing,
+    slot_of: &[i32],
+    topk: usize,
+) -> std::result::Result<(Vec<i32>, Vec<f32>), usize> {
+    let (mut slots, mut weights) = (Vec::new(), Vec::new());
+    for (ids, ws) in routing.experts.iter().zip(&routing.weights) {
+        for k in 0..topk {
+            let (id, w) = match (ids.get(k), ws.get(k)) {
+                (Some(&id), Some(&w)) => (id, w),
+                _ => (ids.first().copied().unwrap_or(0), 0.0),
+            };
+            match slot_of.get(id) {
+                Some(&slot) if slot >= 0 => slots.push(slot),
+                _ => return Err(id),
+            }
+            weights.push(w);
+        }
+    }
+    Ok((slots, weights))
+}
+
 /// The host-side form, for an expert-parallel rank: tokens arrive from every rank, each
 /// wanting some of its experts here (a varying number: they are padded to the most any
 /// token wants, with weight 0).
@@ -148,23 +172,8 @@ impl RoutedExperts for GpuExperts {
         let Some(experts) = self.layers.get(layer).and_then(Option::as_ref) else {
             bail!("layer {layer} has no routed experts");
         };
-        let (mut slots, mut weights) = (Vec::with_capacity(tokens * topk), Vec::new());
-        for (ids, ws) in routing.experts.iter().zip(&routing.weights) {
-            for k in 0..topk {
-                let (id, w) = match (ids.get(k), ws.get(k)) {
-                    (Some(&id), Some(&w)) => (id, w),
-                    // padding: the token's first expert again, adding nothing
-                    _ => (ids.first().copied().unwrap_or(0), 0.0),
-                };
-                let slot = experts.slot.get(id).copied().unwrap_or(-1);
-                ensure!(
-                    slot >= 0,
-                    "layer {layer}: expert {id} is not held by this rank"
-                );
-                slots.push(slot);
-                weights.push(w);
-            }
-        }
+        let (slots, weights) = padded_slots(routing, &experts.slot, topk)
+            .map_err(|id| anyhow::anyhow!("layer {layer}: expert {id} is not held by this rank"))?;
         let stream = &self.gpu.stream;
         let x = stream.clone_htod(&x.flatten_all()?.to_vec1::<f32>()?)?;
         let y = self.compute(
@@ -176,5 +185,28 @@ impl RoutedExperts for GpuExperts {
         )?;
         let y = stream.clone_dtoh(&y)?;
         Ok(Tensor::from_vec(y, (tokens, hidden), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_pads_each_token_to_the_most_experts_any_wants_here() {
+        // experts 1 and 3 are held here, in slots 0 and 1
+        let slot_of = [-1, 0, -1, 1];
+        let routing = Routing {
+            experts: vec![vec![3], vec![1, 3]],
+            weights: vec![vec![0.5], vec![0.25, 0.75]],
+        };
+        let (slots, weights) = padded_slots(&routing, &slot_of, 2).unwrap();
+        assert_eq!(slots, [1, 1, 0, 1]);
+        assert_eq!(weights, [0.5, 0.0, 0.25, 0.75]);
+        let elsewhere = Routing {
+            experts: vec![vec![2]],
+            weights: vec![vec![1.0]],
+        };
+        assert_eq!(padded_slots(&elsewhere, &slot_of, 1), Err(2));
     }
 }

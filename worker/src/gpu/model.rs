@@ -99,6 +99,44 @@ pub struct GpuKv {
     blocks: usize,
 }
 
+/// Where each row of a pass sits: its position, its cache slot, and its sequence's block
+/// table (one padded table row per row, `width` apart, as `mla_decode` reads them).
+#[derive(Debug, PartialEq)]
+struct RowLayout {
+    positions: Vec<usize>,
+    slots: Vec<i32>,
+    tables: Vec<i32>,
+    width: usize,
+}
+
+impl RowLayout {
+    fn of(segments: &[(usize, &mut BlockTable)]) -> Self {
+        let width = segments
+            .iter()
+            .map(|(_, t)| t.blocks().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut layout = RowLayout {
+            positions: Vec::new(),
+            slots: Vec::new(),
+            tables: Vec::new(),
+            width,
+        };
+        for (rows, table) in segments {
+            for position in table.tokens()..table.tokens() + rows {
+                layout.positions.push(position);
+                layout.slots.push(table.slot(position) as i32);
+                let blocks = table.blocks().iter().map(|&b| b as i32);
+                layout
+                    .tables
+                    .extend(blocks.chain(std::iter::repeat(0)).take(width));
+            }
+        }
+        layout
+    }
+}
+
 /// Where the weights come from: a checkpoint, or random numbers made on the device (for
 /// benchmarks at full model shapes without the checkpoint).
 enum Source<'a> {
@@ -565,30 +603,19 @@ impl GpuModel {
         );
         let qk = nope + rope;
 
-        // Per row: its position, its cache slot, its sequence's block table (one table row
-        // each, `width` apart) and how many positions it sees.
-        let width = segments
-            .iter()
-            .map(|(_, t)| t.blocks().len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let (mut positions, mut slots, mut tables) = (Vec::new(), Vec::new(), Vec::new());
-        for (rows, table) in segments.iter() {
-            for position in table.tokens()..table.tokens() + rows {
-                positions.push(position);
-                slots.push(table.slot(position) as i32);
-                let mut row: Vec<i32> = table.blocks().iter().map(|&b| b as i32).collect();
-                row.resize(width, 0);
-                tables.extend(row);
-            }
-        }
+        let RowLayout {
+            positions,
+            slots,
+            tables,
+            width,
+        } = RowLayout::of(segments);
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let (cos, sin) = self.rope.tables(&positions)?;
         let cos = stream.clone_htod(&cos.flatten_all()?.to_vec1::<f32>()?)?;
         let sin = stream.clone_htod(&sin.flatten_all()?.to_vec1::<f32>()?)?;
         let slots = stream.clone_htod(&slots)?;
         let tables = stream.clone_htod(&tables)?;
+        // a row sees every position up to its own
         let lengths =
             stream.clone_htod(&positions.iter().map(|&p| p as i32 + 1).collect::<Vec<_>>())?;
 
@@ -881,5 +908,23 @@ impl GpuModel {
             Routed::Local(_) => None,
             Routed::Parallel(ep) => ep.bytes_sent(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_of_a_mixed_pass_find_their_slots_and_tables() {
+        let mut pool = KvPool::new(0, 0, 0, 8);
+        let (mut a, mut b) = (BlockTable::default(), BlockTable::default());
+        assert!(pool.reserve(&mut a, 20) && pool.reserve(&mut b, 3)); // a: blocks 0, 1; b: 2
+        a.advance(18); // a decodes position 18; b prefills positions 0..3
+        let layout = RowLayout::of(&[(1, &mut a), (3, &mut b)]);
+        assert_eq!(layout.positions, [18, 0, 1, 2]);
+        assert_eq!(layout.slots, [16 + 2, 32, 33, 34]);
+        assert_eq!(layout.width, 2);
+        assert_eq!(layout.tables, [0, 1, 2, 0, 2, 0, 2, 0]);
     }
 }
