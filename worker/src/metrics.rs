@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 
 use deepseek_proto::placement::EXPERT_LOAD_METRIC;
 
-use crate::model::Model;
+use crate::model::moe::ExpertLoad;
 use crate::scheduler::Load;
 
 pub struct Metrics {
@@ -112,7 +112,9 @@ impl Metrics {
 
     /// The text exposition: the registry, then per-expert routed-token counters read from the
     /// model (the load signal for expert placement).
-    pub fn render(&self, load: &Load, model: Option<&Model>) -> String {
+    /// The page; `experts` adds tokens routed to each expert and, for a rank of a group,
+    /// bytes sent to the others.
+    pub fn render(&self, load: &Load, experts: Option<(&ExpertLoad, Option<u64>)>) -> String {
         self.waiting
             .set(load.waiting.load(Ordering::Relaxed) as i64);
         self.running
@@ -126,18 +128,18 @@ impl Metrics {
         // `encode` ends with "# EOF"; keep it last.
         let body_end = out.rfind("# EOF").unwrap_or(out.len());
         let eof = out.split_off(body_end);
-        if let Some(model) = model {
+        if let Some((expert_load, bytes_sent)) = experts {
             out.push_str(
                 "# HELP deepseek_worker_expert_routed_tokens Tokens routed to each expert.\n",
             );
             out.push_str("# TYPE deepseek_worker_expert_routed_tokens counter\n");
-            for (layer, expert, tokens) in model.expert_load().snapshot() {
+            for (layer, expert, tokens) in expert_load.snapshot() {
                 let _ = writeln!(
                     out,
                     "{EXPERT_LOAD_METRIC}{{layer=\"{layer}\",expert=\"{expert}\"}} {tokens}"
                 );
             }
-            if let Some(bytes) = model.expert_bytes_sent() {
+            if let Some(bytes) = bytes_sent {
                 out.push_str("# HELP deepseek_worker_expert_parallel_bytes_sent Bytes of tokens and expert outputs sent to other ranks.\n");
                 out.push_str("# TYPE deepseek_worker_expert_parallel_bytes_sent counter\n");
                 let _ = writeln!(

@@ -32,6 +32,7 @@ use crate::gpu::model::{GpuKv, GpuModel};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::{BlockTable, KvPool, blocks_for};
+use crate::model::moe::ExpertLoad;
 use crate::sampling::Sampler;
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
@@ -240,6 +241,14 @@ impl Backend {
         match self {
             Backend::Cpu(model) => model.config(),
             Backend::Gpu(model) => model.config(),
+        }
+    }
+
+    /// Tokens routed to each expert, and bytes sent to the group's other ranks if in one.
+    pub fn expert_metrics(&self) -> (&ExpertLoad, Option<u64>) {
+        match self {
+            Backend::Cpu(model) => (model.expert_load(), model.expert_bytes_sent()),
+            Backend::Gpu(model) => (model.expert_load(), model.expert_bytes_sent()),
         }
     }
 }

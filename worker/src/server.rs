@@ -231,13 +231,7 @@ pub async fn serve(
         let (metrics, loaded) = (metrics.clone(), loaded.clone());
         let idle = Arc::new(Load::default());
         let render = Arc::new(move || match loaded.get() {
-            Some(l) => {
-                let cpu = match &l.model {
-                    Backend::Cpu(model) => Some(model.as_ref()),
-                    Backend::Gpu(_) => None,
-                };
-                metrics.render(&l.scheduler.load, cpu)
-            }
+            Some(l) => metrics.render(&l.scheduler.load, Some(l.model.expert_metrics())),
             None => metrics.render(&idle, None),
         });
         tokio::spawn(async move {
@@ -405,7 +399,8 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
     };
     let mut scheduler_config = config.scheduler.clone();
     if let (Backend::Gpu(gpu_model), Some(fraction)) = (&model, config.gpu_memory_fraction) {
-        scheduler_config.kv_blocks = gpu_model.kv_blocks_within(fraction)?;
+        scheduler_config.kv_blocks =
+            gpu_model.kv_blocks_within(fraction, scheduler_config.max_batch_tokens)?;
         tracing::info!(
             blocks = scheduler_config.kv_blocks,
             "KV cache sized from GPU memory"

@@ -22,10 +22,12 @@ use super::experts::{Fp8Weights, GpuExperts, LayerExperts, Weights};
 use super::runtime::{Fp8, GateRule, GemmShape, Gpu, Operand};
 use super::{Dtype, resolve_dtype};
 use crate::config::{Config, TopkMethod};
-use crate::ep::{ExpertParallel, Transport, Wire, plan_matches_group, plan_matches_model};
+use crate::ep::{
+    ExpertParallel, GroupError, Transport, Wire, plan_matches_group, plan_matches_model,
+};
 use crate::model::attention::softmax_scale;
 use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
-use crate::model::moe::{RoutedExperts, Routing};
+use crate::model::moe::{ExpertLoad, RoutedExperts, Routing};
 use crate::model::ops::Rope;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
@@ -80,6 +82,9 @@ enum Routed {
 pub struct GpuModel {
     gpu: Arc<Gpu>,
     routed: Routed,
+    /// Tokens routed to each expert (counted where the routing reaches the host: on a rank
+    /// of an expert-parallel group).
+    expert_load: ExpertLoad,
     /// The routed experts' GEMM precision (bf16 or FP8).
     pub dtype: Dtype,
     cfg: Config,
@@ -244,6 +249,10 @@ impl Loader<'_> {
         let held: Vec<usize> = (0..cfg.moe.n_routed_experts)
             .filter(|&e| owns(layer, e))
             .collect();
+        if held.is_empty() {
+            // no tokens are ever sent here for this layer
+            return Ok(None);
+        }
         let mut slot = vec![-1; cfg.moe.n_routed_experts];
         for (i, &e) in held.iter().enumerate() {
             slot[e] = i as i32;
@@ -492,6 +501,7 @@ impl GpuModel {
         };
         Ok(GpuModel {
             routed: routed(experts)?,
+            expert_load: ExpertLoad::new(cfg.num_hidden_layers, cfg.moe.n_routed_experts),
             dtype,
             rope: Rope::new(&cfg),
             softmax_scale: softmax_scale(&cfg) as f32,
@@ -512,14 +522,14 @@ impl GpuModel {
         &self.gpu
     }
 
-    /// Cache blocks that fit when weights, cache and 1 GiB of working space (activations,
-    /// cuBLAS) use at most `fraction` of the GPU's memory, as vLLM's
+    /// Cache blocks that fit when weights, cache and working space for a pass of
+    /// `batch_tokens` tokens use at most `fraction` of the GPU's memory, as vLLM's
     /// `gpu_memory_utilization` reads.
-    pub fn kv_blocks_within(&self, fraction: f64) -> Result<usize> {
+    pub fn kv_blocks_within(&self, fraction: f64, batch_tokens: usize) -> Result<usize> {
         const GIB: f64 = (1u64 << 30) as f64;
         let (free, total) = self.gpu.stream.context().mem_get_info()?;
         let used = (total - free) as f64;
-        let budget = fraction * total as f64 - used - GIB;
+        let budget = fraction * total as f64 - used - self.working_bytes(batch_tokens);
         let per_block = 2
             * BLOCK_TOKENS
             * self.layers.len()
@@ -527,11 +537,33 @@ impl GpuModel {
         ensure!(
             budget >= per_block as f64,
             "--kv-cache-fraction {fraction}: {:.1} GiB of the GPU's {:.1} GiB are in use after \
-             loading, which leaves no room for the KV cache",
+             loading and a pass of {batch_tokens} tokens needs {:.1} GiB more, which leaves \
+             no room for the KV cache",
             used / GIB,
-            total as f64 / GIB
+            total as f64 / GIB,
+            self.working_bytes(batch_tokens) / GIB
         );
         Ok((budget / per_block as f64) as usize)
+    }
+
+    /// A generous bound on the device memory a pass of `tokens` tokens allocates: one
+    /// layer's activations (twice, as the next layer's come before the last are freed), the
+    /// experts' rows, and 1 GiB for cuBLAS and the logits.
+    fn working_bytes(&self, tokens: usize) -> f64 {
+        let c = &self.cfg;
+        let (heads, qk, rope, lora, v) = (
+            c.num_attention_heads,
+            c.qk_head_dim(),
+            c.qk_rope_head_dim,
+            c.kv_lora_rank,
+            c.v_head_dim,
+        );
+        let f32s = 4 * c.hidden_size + heads * (qk + rope + 2 * lora + v) + 2 * (lora + rope);
+        let bf16s = 2 * c.hidden_size + heads * (qk + lora + v);
+        let experts =
+            c.moe.num_experts_per_tok * (2 * c.hidden_size + 3 * c.moe.moe_intermediate_size);
+        let per_token = 4 * (f32s + c.moe.n_routed_experts) + 2 * (bf16s + experts);
+        2.0 * (tokens * per_token) as f64 + (1u64 << 30) as f64
     }
 
     /// Device storage for `blocks` cache blocks, and the pool that hands them out.
@@ -568,8 +600,10 @@ impl GpuModel {
         let stream = &gpu.stream;
         let n = tokens.len();
         ensure!(
-            n > 0 && n == segments.iter().map(|(rows, _)| rows).sum::<usize>(),
-            "forward needs at least one token, and as many as the segments hold"
+            n > 0
+                && n == segments.iter().map(|(rows, _)| rows).sum::<usize>()
+                && segments.iter().all(|(rows, _)| *rows > 0),
+            "forward needs at least one token, as many as the segments hold, in every segment"
         );
         ensure!(
             segments
@@ -874,8 +908,17 @@ impl GpuModel {
                         .collect(),
                     weights: gates.chunks(rule.topk).map(<[f32]>::to_vec).collect(),
                 };
+                self.expert_load.record(layer, &routing);
                 let x = Tensor::from_vec(stream.clone_dtoh(x)?, (tokens, hidden), &Device::Cpu)?;
-                let y = ep.forward(layer, &x, &routing, false)?;
+                // Once the dispatch has gone out, any failure leaves the peers waiting for
+                // this rank's combine: the whole group must fail and re-form.
+                let y = ep.forward(layer, &x, &routing, false).map_err(|e| {
+                    if GroupError::is_in(&e) {
+                        e
+                    } else {
+                        GroupError(format!("{e:#}")).into()
+                    }
+                })?;
                 stream.clone_htod(&y.flatten_all()?.to_vec1::<f32>()?)?
             }
         };
@@ -900,6 +943,10 @@ impl GpuModel {
             ep.forward(layer, &empty, &nothing, false)?;
         }
         Ok(())
+    }
+
+    pub fn expert_load(&self) -> &ExpertLoad {
+        &self.expert_load
     }
 
     /// Bytes this rank has sent to the others of its expert-parallel group, if in one.

@@ -305,7 +305,7 @@ impl ExpertLoad {
         }
     }
 
-    fn record(&self, layer: usize, routing: &Routing) {
+    pub fn record(&self, layer: usize, routing: &Routing) {
         for &e in routing.experts.iter().flatten() {
             self.counts[layer * self.experts + e].fetch_add(1, Ordering::Relaxed);
         }
