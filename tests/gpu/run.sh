@@ -23,16 +23,17 @@ for bin in deepseek-worker deepseek-router; do
 done
 
 # cudarc asks the dynamic loader for libcublas.so and friends; CUDA 13 images name them
-# .so.13. Give the newest of each an unversioned name on the library path.
+# .so.13 (NCCL .so.2). Give the newest of each an unversioned name on the library path.
 libs=$(mktemp -d)
 trap 'rm -rf "$libs"' EXIT
 search=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu)
 for site in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
-    search+=("$site"/nvidia/*/lib "$site"/nvidia/cu13/lib)
+    search+=("$site"/nvidia/*/lib "$site"/nvidia/cu13/lib "$site"/nvidia/nccl/lib)
 done
-for lib in cublas cublasLt nvrtc; do
+for spec in cublas:1[32] cublasLt:1[32] nvrtc:1[32] nccl:2; do
+    lib=${spec%%:*} version=${spec#*:}
     for dir in "${search[@]}"; do
-        found=$(ls "$dir"/lib$lib.so.1[32]* 2>/dev/null | sort -r | head -1 || true)
+        found=$(ls "$dir"/lib$lib.so.$version* 2>/dev/null | sort -r | head -1 || true)
         if [[ -n $found ]]; then
             ln -sf "$found" "$libs/lib$lib.so"
             export LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"

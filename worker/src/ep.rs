@@ -375,6 +375,15 @@ impl Transport for TcpTransport {
     }
 }
 
+/// What carries a group's exchanges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EpTransport {
+    /// The TCP mesh, through host memory: any ranks, with a stall timeout.
+    Tcp,
+    /// NCCL between GPU ranks (the TCP mesh forms the group and hands out NCCL's id).
+    Nccl,
+}
+
 /// How activations cross the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Wire {

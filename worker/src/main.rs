@@ -298,6 +298,10 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         )
         .init();
     let ranks = args.resolve()?;
+    if args.ep_transport == deepseek_worker::ep::EpTransport::Nccl && args.device == DeviceSpec::Cpu
+    {
+        bail!("--ep-transport nccl needs --device cuda:N");
+    }
     if ranks.count > 1 {
         bail!(
             "--ranks-per-pod {}: several ranks in one process (one per local GPU) come with the \
@@ -347,6 +351,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
                     .read_plan(ranks.group_size)?
                     .unwrap_or_else(|| PlacementPlan::round_robin(ranks.group_size, experts, 0)),
                 wire: args.ep_wire,
+                transport: args.ep_transport,
                 connect_timeout: Duration::from_secs(args.ep_connect_timeout_seconds),
                 stall_timeout: Duration::from_secs(args.ep_stall_timeout_seconds),
             })

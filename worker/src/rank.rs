@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// Activations between expert-parallel ranks: bf16 (half the bytes) or f32 (exact).
     #[arg(long, env = "DSD_EP_WIRE", value_enum, default_value = "bf16")]
     pub ep_wire: crate::ep::Wire,
+    /// What carries the group's exchanges: `tcp`, or `nccl` between GPU ranks.
+    #[arg(long, env = "DSD_EP_TRANSPORT", value_enum, default_value = "tcp")]
+    pub ep_transport: crate::ep::EpTransport,
     /// Seconds to wait for the other ranks of the group to load and connect.
     #[arg(long, env = "DSD_EP_CONNECT_TIMEOUT_SECONDS", default_value_t = 600)]
     pub ep_connect_timeout_seconds: u64,

@@ -22,8 +22,10 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::config::Family;
+use crate::ep::EpTransport;
 use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
 use crate::gpu::model::GpuModel;
+use crate::gpu::nccl::NcclTransport;
 use crate::gpu::runtime::Gpu;
 use crate::gpu::{DeviceSpec, Dtype};
 use crate::metrics::Metrics;
@@ -63,6 +65,7 @@ pub struct GroupConfig {
     pub peers: Vec<String>,
     pub plan: PlacementPlan,
     pub wire: Wire,
+    pub transport: EpTransport,
     /// How long to wait for the other ranks to come up.
     pub connect_timeout: std::time::Duration,
     /// How long a peer may be silent in the middle of a step before the group counts as failed.
@@ -355,14 +358,25 @@ fn open_gpu(ordinal: usize) -> anyhow::Result<Gpu> {
     Ok(gpu)
 }
 
-/// Connects this rank to its expert-parallel group, once its weights are loaded.
-fn join_group(config: &ServeConfig, g: &GroupConfig) -> anyhow::Result<Arc<dyn Transport>> {
+/// Connects this rank to its expert-parallel group, once its weights are loaded (on `gpu`,
+/// for a GPU rank).
+fn join_group(
+    config: &ServeConfig,
+    g: &GroupConfig,
+    gpu: Option<&Gpu>,
+) -> anyhow::Result<Arc<dyn Transport>> {
     let config_json = std::fs::read(config.model_dir.join("config.json"))?;
     let identity = group_identity(&config_json, &g.plan, g.wire);
     let rank = config.rank as usize;
     tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
     let tcp = TcpTransport::connect(rank, &g.peers, identity, g.connect_timeout, g.stall_timeout)?;
-    Ok(Arc::new(tcp))
+    match (g.transport, gpu) {
+        (EpTransport::Tcp, _) => Ok(Arc::new(tcp)),
+        (EpTransport::Nccl, Some(gpu)) => {
+            Ok(Arc::new(NcclTransport::connect(tcp, gpu.stream.clone())?))
+        }
+        (EpTransport::Nccl, None) => anyhow::bail!("--ep-transport nccl needs --device cuda:N"),
+    }
 }
 
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
@@ -382,7 +396,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
                 open_gpu(ordinal)?,
                 config.dtype,
                 (g.plan.clone(), rank, g.wire),
-                || join_group(config, g),
+                |gpu| join_group(config, g, Some(gpu)),
             )?;
             (Backend::Gpu(Arc::new(model)), Some(transport))
         }
@@ -392,7 +406,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
                 g.plan.clone(),
                 config.rank as usize,
                 g.wire,
-                || join_group(config, g),
+                || join_group(config, g, None),
             )?;
             (Backend::Cpu(Arc::new(model)), Some(transport))
         }

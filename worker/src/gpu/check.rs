@@ -16,9 +16,10 @@ use serde_json::{Value, json};
 
 use super::Dtype;
 use super::model::GpuModel;
+use super::nccl::NcclTransport;
 use super::runtime::{GateRule, Gpu};
 use crate::config::{Config, Moe};
-use crate::ep::{ChannelTransport, Transport, Wire};
+use crate::ep::{ChannelTransport, TcpTransport, Transport, Wire};
 use crate::generate::{CpuSequence, GenerateOptions, GpuSequence, generate};
 use crate::model::Model;
 use crate::model::cache::BlockTable;
@@ -96,6 +97,7 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     let tiny = fixtures.join("tiny-v3-bf16");
     record("model_step/batched", check_batched_step(device, &tiny));
     record("expert_parallel", check_expert_parallel(device, &tiny));
+    record("nccl", check_nccl(device));
     let passed = checks.iter().all(|c| c["passed"] == true);
 
     let benchmarks = if bench {
@@ -261,7 +263,7 @@ fn check_expert_parallel(device: usize, dir: &Path) -> Result<Vec<Check>> {
                         Gpu::open(device)?,
                         Dtype::Auto,
                         (plan, rank, Wire::F32),
-                        || Ok(Arc::new(transport) as Arc<dyn Transport>),
+                        |_| Ok(Arc::new(transport) as Arc<dyn Transport>),
                     )?;
                     generate(&mut GpuSequence::new(&model, tokens)?, prompt, options)
                 })
@@ -296,6 +298,27 @@ fn check_expert_parallel(device: usize, dir: &Path) -> Result<Vec<Check>> {
         ));
     }
     Ok(checks)
+}
+
+/// The NCCL transport's exchange, in a group of one (NCCL will not put two ranks on one
+/// GPU): messages to itself, large, small and empty, through NCCL's send and receive.
+fn check_nccl(device: usize) -> Result<Vec<Check>> {
+    let gpu = Gpu::open(device)?;
+    let timeout = std::time::Duration::from_secs(10);
+    let tcp = TcpTransport::connect(0, &["127.0.0.1:50199".to_string()], 0, timeout, timeout)?;
+    let nccl = NcclTransport::connect(tcp, gpu.stream.clone())?;
+    let large: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let mut differing = 0;
+    for message in [large, vec![42], Vec::new()] {
+        let back = nccl.all_to_all(vec![message.clone()])?;
+        differing += usize::from(back != [message]);
+    }
+    Ok(vec![Check::new(
+        "nccl/self_exchange",
+        differing as f64,
+        0.0,
+        "a one-rank group sends itself 3 MB, 1 byte and nothing: messages that came back different",
+    )])
 }
 
 /// Host data: uniform in [−scale, scale), reproducible.

@@ -6,13 +6,14 @@
 //! - [`nvrtc`]: the compiler, CUDA 12 or 13;
 //! - [`runtime`]: a device, its kernels and cuBLAS, and typed launches;
 //! - [`model`]: the model step on the device; [`experts`]: its routed experts, whole or an
-//!   expert-parallel rank's share;
+//!   expert-parallel rank's share; [`nccl`]: the group's exchanges GPU to GPU;
 //! - [`check`]: every kernel and the model step against the CPU path, and benchmarks at
 //!   DeepSeek-V3 shapes (`deepseek-worker gpu-check`, run by `tests/gpu/run.sh`).
 
 pub mod check;
 pub mod experts;
 pub mod model;
+pub mod nccl;
 pub mod nvrtc;
 pub mod runtime;
 

@@ -394,7 +394,7 @@ impl GpuModel {
         gpu: Gpu,
         dtype: Dtype,
         (plan, rank, wire): (PlacementPlan, usize, Wire),
-        join: impl FnOnce() -> Result<Arc<dyn Transport>>,
+        join: impl FnOnce(&Gpu) -> Result<Arc<dyn Transport>>,
     ) -> Result<(Self, Arc<dyn Transport>)> {
         let (cfg, ckpt, dtype) = Self::checkpoint(dir, &gpu, dtype)?;
         plan_matches_model(&plan, cfg.moe.n_routed_experts)?;
@@ -408,7 +408,7 @@ impl GpuModel {
             Source::Checkpoint(&ckpt),
             &owns,
             |e| {
-                let transport = join()?;
+                let transport = join(&e.gpu)?;
                 plan_matches_group(&plan, transport.as_ref(), rank)?;
                 joined = Some(transport.clone());
                 let ep = ExpertParallel::new(Box::new(e), plan.clone(), transport, wire, hidden);
