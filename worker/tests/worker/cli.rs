@@ -262,3 +262,14 @@ fn a_gpu_device_without_a_driver_says_so() {
         "{stderr}"
     );
 }
+
+#[test]
+fn nccl_needs_a_gpu_rank() {
+    let output = worker(&["serve", "--ep-transport", "nccl", "--listen", "127.0.0.1:0"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--ep-transport nccl needs --device cuda:N"),
+        "{stderr}"
+    );
+}
