@@ -1,5 +1,6 @@
 //! The model step on a GPU: the CPU path's computation (`model/`) with the weights on the
-//! device as bf16 (FP8 checkpoints dequantised at load) and each step a sequence of the
+//! device as bf16 (FP8 ones dequantised at load, but for routed experts run in FP8; see
+//! `experts.rs`) and each step a sequence of the
 //! kernels in `kernels/` and cuBLAS GEMMs, activations f32 between them and bf16 into the
 //! tensor cores. Attention always runs in MLA's absorbed form over the latent cache, prompt
 //! rows too (each sees up to its own position), so one kernel serves prefill and decode.
