@@ -265,6 +265,7 @@ struct ChatRequest {
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     logprobs: bool,
+    top_logprobs: Option<u32>,
 }
 
 /// `prompt`: a string, token ids, or a one-element list of either.
@@ -328,7 +329,13 @@ impl Common {
         Ok(())
     }
 
-    fn into_request(self, prompt: Prompt, max_tokens: Option<u32>, id: String) -> GenerateRequest {
+    fn into_request(
+        self,
+        prompt: Prompt,
+        max_tokens: Option<u32>,
+        id: String,
+        include_logprobs: bool,
+    ) -> GenerateRequest {
         GenerateRequest {
             request_id: id,
             prompt: Some(prompt),
@@ -351,7 +358,7 @@ impl Common {
                 ignore_eos: self.ignore_eos,
             })
             .filter(|s| s.max_new_tokens > 0 || !s.stop.is_empty() || s.ignore_eos),
-            include_logprobs: false,
+            include_logprobs,
         }
     }
 }
@@ -430,13 +437,24 @@ async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (common, request): (Common, ChatRequest) = read_request(&http, &headers, &body)?;
-    if request.logprobs {
-        return Err(ApiError::invalid("logprobs", "not supported yet"));
+    if request.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "alternatives are not supported yet: only the sampled tokens' log-probabilities (0)",
+        ));
     }
     let messages = chat_messages(request.messages)?;
     let max_tokens = request.max_completion_tokens.or(common.max_tokens);
     let prompt = Prompt::Chat(ChatMessages { messages });
-    respond(&http, Kind::Chat, common, prompt, max_tokens).await
+    respond(
+        &http,
+        Kind::Chat,
+        common,
+        prompt,
+        max_tokens,
+        request.logprobs,
+    )
+    .await
 }
 
 async fn completions(
@@ -445,14 +463,16 @@ async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (common, request): (Common, CompletionRequest) = read_request(&http, &headers, &body)?;
-    for (name, refused) in [
-        ("echo", request.echo),
-        ("logprobs", request.logprobs.is_some()),
-        ("suffix", request.suffix.is_some()),
-    ] {
+    for (name, refused) in [("echo", request.echo), ("suffix", request.suffix.is_some())] {
         if refused {
             return Err(ApiError::invalid(name, "not supported yet"));
         }
+    }
+    if request.logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "alternatives are not supported yet: only the sampled tokens' log-probabilities (0)",
+        ));
     }
     let one = |n: usize| {
         if n == 1 {
@@ -480,7 +500,16 @@ async fn completions(
     };
     // OpenAI's completions default to 16 tokens.
     let max_tokens = Some(common.max_tokens.unwrap_or(16));
-    respond(&http, Kind::Completion, common, prompt, max_tokens).await
+    let logprobs = request.logprobs.is_some();
+    respond(
+        &http,
+        Kind::Completion,
+        common,
+        prompt,
+        max_tokens,
+        logprobs,
+    )
+    .await
 }
 
 async fn models(State(http): State<Arc<Http>>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -518,13 +547,15 @@ fn usage_json(m: &GenerateResponse) -> Option<Value> {
     }))
 }
 
-/// Routes the request and writes the answer: SSE chunks when `stream`, else one body.
+/// Routes the request and writes the answer: SSE chunks when `stream`, else one body; with
+/// `logprobs`, each token's log-probability.
 async fn respond(
     http: &Http,
     kind: Kind,
     common: Common,
     prompt: Prompt,
     max_tokens: Option<u32>,
+    logprobs: bool,
 ) -> Result<Response, ApiError> {
     let (id, object) = match kind {
         Kind::Chat => (new_id("chatcmpl"), "chat.completion"),
@@ -536,7 +567,7 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let request = common.into_request(prompt, max_tokens, id.clone());
+    let request = common.into_request(prompt, max_tokens, id.clone(), logprobs);
     let messages = http.router.generate(request, None).await?;
     let created = unix_now();
     let frame = Frame {
@@ -544,30 +575,38 @@ async fn respond(
         id,
         model,
         created,
+        logprobs,
     };
     if stream {
         return Ok(sse(frame, messages, include_usage));
     }
     let mut text = String::new();
+    let mut pieces: Vec<(String, f32)> = Vec::new();
     let mut last = None;
     let mut messages = messages;
     while let Some(message) = messages.next().await {
         let message = message?;
+        match (token_pieces(&message), pieces.last_mut()) {
+            // text released with no token (the decoder's tail at the end) joins the last one
+            (new, Some(last)) if new.is_empty() => last.0.push_str(&message.text),
+            (new, _) => pieces.extend(new),
+        }
         text.push_str(&message.text);
         last = Some(message);
     }
     let last = last.unwrap_or_default();
+    let logprobs = frame.logprobs_json(&pieces, 0);
     let choice = match kind {
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": null,
+            "logprobs": logprobs,
             "finish_reason": finish_reason(last.finish_reason),
         }),
         Kind::Completion => json!({
             "index": 0,
             "text": text,
-            "logprobs": null,
+            "logprobs": logprobs,
             "finish_reason": finish_reason(last.finish_reason),
         }),
     };
@@ -584,16 +623,75 @@ async fn respond(
     ))
 }
 
+/// A message's tokens with their log-probabilities. A worker message carries one token and
+/// the text it released, which stands for the token's text (with stop strings, text can be
+/// held back and released with a later token).
+fn token_pieces(message: &GenerateResponse) -> Vec<(String, f32)> {
+    message
+        .logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let text = if i == 0 {
+                message.text.clone()
+            } else {
+                String::new()
+            };
+            (text, l.logprob)
+        })
+        .collect()
+}
+
 /// What every streamed chunk repeats.
 struct Frame {
     kind: Kind,
     id: String,
     model: String,
     created: u64,
+    /// Whether the client asked for log-probabilities.
+    logprobs: bool,
 }
 
 impl Frame {
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+    /// OpenAI's logprobs object for `pieces` (null when not asked for); `offset` is where the
+    /// first piece starts in the completion's text.
+    fn logprobs_json(&self, pieces: &[(String, f32)], mut offset: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => json!({"content": pieces.iter().map(|(token, logprob)| json!({
+                "token": token,
+                "logprob": logprob,
+                "bytes": token.as_bytes(),
+                "top_logprobs": [],
+            })).collect::<Vec<_>>()}),
+            Kind::Completion => {
+                let offsets: Vec<usize> = pieces
+                    .iter()
+                    .map(|(token, _)| {
+                        let at = offset;
+                        offset += token.len();
+                        at
+                    })
+                    .collect();
+                json!({
+                    "tokens": pieces.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+                    "token_logprobs": pieces.iter().map(|(_, l)| l).collect::<Vec<_>>(),
+                    "top_logprobs": null,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        finish: Option<&str>,
+        first: bool,
+        logprobs: Value,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -603,10 +701,10 @@ impl Frame {
                 if let Some(text) = text {
                     delta.insert("content".into(), text.into());
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.wrap(vec![choice])
@@ -636,18 +734,25 @@ fn event(value: &Value) -> Bytes {
 /// object (the status line has gone out already).
 fn sse(frame: Frame, messages: crate::proxy::ResponseStream, include_usage: bool) -> Response {
     let mut first = true;
+    let mut offset = 0;
     let body = messages
         .map(move |message| {
             let mut events = Vec::new();
             match message {
                 Ok(m) => {
                     let finish = finish_reason(m.finish_reason);
-                    if !m.text.is_empty() || (first && frame.kind == Kind::Chat) {
-                        events.push(event(&frame.chunk(Some(&m.text), None, first)));
+                    let pieces = token_pieces(&m);
+                    if !m.text.is_empty()
+                        || !pieces.is_empty()
+                        || (first && frame.kind == Kind::Chat)
+                    {
+                        let logprobs = frame.logprobs_json(&pieces, offset);
+                        events.push(event(&frame.chunk(Some(&m.text), None, first, logprobs)));
+                        offset += m.text.len();
                         first = false;
                     }
                     if finish.is_some() {
-                        events.push(event(&frame.chunk(None, finish, first)));
+                        events.push(event(&frame.chunk(None, finish, first, Value::Null)));
                         if include_usage {
                             let mut usage = frame.wrap(Vec::new());
                             usage["usage"] = usage_json(&m).unwrap_or(Value::Null);
@@ -726,7 +831,9 @@ mod tests {
             Prompt::Chat(ChatMessages { messages }),
             request.max_completion_tokens,
             "id".into(),
+            request.logprobs,
         );
+        assert!(!g.include_logprobs);
         let (s, t) = (g.sampling.unwrap(), g.stopping.unwrap());
         assert_eq!((s.temperature, s.seed), (0.0, Some(7)));
         assert_eq!((t.max_new_tokens, t.stop), (5, vec!["x".to_string()]));
@@ -735,7 +842,8 @@ mod tests {
         let request: CompletionRequest = fields(&body).ok().unwrap();
         assert!(matches!(request.prompt, CompletionPrompt::Ids(ref ids) if ids == &[1, 2, 3]));
         let common: Common = fields(&body).ok().unwrap();
-        let g = common.into_request(Prompt::Text(String::new()), None, "id".into());
+        let g = common.into_request(Prompt::Text(String::new()), None, "id".into(), true);
+        assert!(g.include_logprobs);
         assert_eq!(g.sampling.unwrap().temperature, 1.0);
         assert!(g.stopping.is_none());
     }
@@ -755,5 +863,37 @@ mod tests {
         );
         let err = chat_messages(vec![]).err().unwrap();
         assert_eq!(err.param.as_deref(), Some("messages"));
+    }
+}
+
+#[cfg(test)]
+mod logprob_tests {
+    use super::*;
+
+    fn frame(kind: Kind, logprobs: bool) -> Frame {
+        Frame {
+            kind,
+            id: "x".into(),
+            model: "m".into(),
+            created: 0,
+            logprobs,
+        }
+    }
+
+    #[test]
+    fn logprobs_take_each_endpoints_shape() {
+        let pieces = [("Hel".to_string(), -0.5), ("lo".to_string(), -1.25)];
+        assert_eq!(
+            frame(Kind::Chat, false).logprobs_json(&pieces, 0),
+            Value::Null
+        );
+        let chat = frame(Kind::Chat, true).logprobs_json(&pieces, 0);
+        assert_eq!(chat["content"][1]["token"], "lo");
+        assert_eq!(chat["content"][1]["logprob"], -1.25);
+        assert_eq!(chat["content"][0]["bytes"], json!([72, 101, 108]));
+        let completion = frame(Kind::Completion, true).logprobs_json(&pieces, 10);
+        assert_eq!(completion["tokens"], json!(["Hel", "lo"]));
+        assert_eq!(completion["token_logprobs"], json!([-0.5, -1.25]));
+        assert_eq!(completion["text_offset"], json!([10, 13]));
     }
 }

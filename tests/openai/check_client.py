@@ -81,6 +81,12 @@ def main():
         check(finishes == ["length"], "one finish reason in the stream")
         check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8, "usage chunk at the end")
 
+        scored = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True)
+        tokens = scored.choices[0].logprobs.content
+        check(len(tokens) == 8 and all(t.logprob <= 0 for t in tokens), "chat logprobs, one per token")
+        check("".join(t.token for t in tokens) == scored.choices[0].message.content, "logprob tokens spell the text")
+
         completion = client.completions.create(model=MODEL, prompt="The operator", max_tokens=5, temperature=0)
         check(completion.object == "text_completion" and completion.usage.completion_tokens == 5, "text completion")
         by_ids = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0)

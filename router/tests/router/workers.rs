@@ -94,6 +94,49 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
     let reply: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(reply["usage"]["completion_tokens"], 6);
     assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    assert_eq!(reply["choices"][0]["logprobs"], Value::Null);
+
+    // Log-probabilities of the sampled tokens, on both endpoints; alternatives are refused.
+    let body = br#"{"model": "tiny-v3-bf16", "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 6, "temperature": 0, "logprobs": true}"#;
+    let (status, text) = http(router.http, "POST", "/v1/chat/completions", &[], body).await;
+    assert_eq!(status, 200, "{text}");
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    let content = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(content.len(), 6, "{text}");
+    assert!(
+        content
+            .iter()
+            .all(|c| c["logprob"].as_f64().unwrap() <= 0.0),
+        "{text}"
+    );
+    let joined: String = content
+        .iter()
+        .map(|c| c["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        joined,
+        reply["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    let body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0}"#;
+    let (status, text) = http(router.http, "POST", "/v1/completions", &[], body).await;
+    assert_eq!(status, 200, "{text}");
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    let logprobs = &reply["choices"][0]["logprobs"];
+    assert_eq!(
+        logprobs["token_logprobs"].as_array().unwrap().len(),
+        4,
+        "{text}"
+    );
+    assert_eq!(logprobs["text_offset"][0], 0, "{text}");
+    let body = br#"{"model": "tiny-v3-bf16", "messages": [{"role": "user", "content": "hello"}],
+                    "logprobs": true, "top_logprobs": 2}"#;
+    let (status, text) = http(router.http, "POST", "/v1/chat/completions", &[], body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"param\":\"top_logprobs\""), "{text}");
     let stream_body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 5,
                            "stream": true, "stream_options": {"include_usage": true}}"#;
     let (status, text) = http(router.http, "POST", "/v1/completions", &[], stream_body).await;
