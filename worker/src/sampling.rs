@@ -113,6 +113,25 @@ pub struct Sampler {
     rng: Rng,
 }
 
+/// A token sampled on a GPU (`kernels/sampling.cu`) with the CPU sampler's semantics: the
+/// parameters, and the uniform draw the CPU sampler would take for this token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceDraw {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub uniform: f64,
+}
+
+/// What a forward pass gives a sequence: the logits of its last row, or (sampled on the
+/// GPU) its next token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         // Without a seed each sampler still differs (time-seeded), as users expect.
@@ -125,6 +144,27 @@ impl Sampler {
             params,
             rng: Rng::new(seed),
         }
+    }
+
+    /// The next token's draw, for sampling on a GPU; it takes the uniform number `sample`
+    /// would, so the seed's stream is the same wherever each token is sampled. None when a
+    /// penalty needs the token history (those are sampled here).
+    pub fn device_draw(&mut self) -> Option<DeviceDraw> {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            return None;
+        }
+        Some(DeviceDraw {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: if p.temperature == 0.0 {
+                0.0
+            } else {
+                self.rng.next_f64()
+            },
+        })
     }
 
     /// The next token given this step's logits and every token so far (prompt and output;
@@ -327,6 +367,28 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&logits, &[0, 99]), 1);
+    }
+
+    #[test]
+    fn device_draws_and_host_samples_share_one_stream() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.3).cos()).collect();
+        let params = SamplingParams {
+            temperature: 0.9,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (sampler(params.clone()), sampler(params));
+        let draw = a.device_draw().unwrap();
+        assert_eq!(draw.uniform, Rng::new(7).next_f64());
+        b.sample(&logits, &[]);
+        // the next token comes out the same whether the first was drawn for a GPU or here
+        assert_eq!(a.sample(&logits, &[]), b.sample(&logits, &[]));
+        let mut greedy = sampler(SamplingParams::default());
+        assert_eq!(greedy.device_draw().unwrap().uniform, 0.0);
+        let mut penalised = sampler(SamplingParams {
+            repetition_penalty: 1.1,
+            ..Default::default()
+        });
+        assert_eq!(penalised.device_draw(), None);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::model::Model;
 use crate::model::cache::{BlockTable, KvPool, blocks_for};
 use crate::model::moe::ExpertLoad;
 use crate::sampling::Sampler;
+use crate::sampling::{DeviceDraw, Next};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
 
@@ -163,8 +164,9 @@ struct Sequence {
     respond: ResponseSender,
     blocks: BlockTable,
     sampler: Sampler,
-    /// Logits of the last known token, once the cache holds every known token.
-    next_logits: Option<Vec<f32>>,
+    /// What predicts the next token (its logits, or the token sampled on the GPU), once the
+    /// cache holds every known token.
+    next: Option<Next>,
     generated: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
@@ -192,7 +194,7 @@ impl Sequence {
             request: s.request,
             deadline: s.deadline,
             respond: s.respond,
-            next_logits: None,
+            next: None,
             generated: Vec::new(),
             decoder: IncrementalDecoder::default(),
             arrived: Instant::now(),
@@ -220,12 +222,23 @@ impl Sequence {
         self.generated.get(generated).copied()
     }
 
-    /// Takes the logits of a forward pass that ended at the cache's last position: they
-    /// predict the next token only when the cache holds every known token.
-    fn take_logits(&mut self, logits: Vec<f32>) {
+    /// Takes what a forward pass that ended at the cache's last position gives: it predicts
+    /// the next token only when the cache holds every known token.
+    fn take(&mut self, next: Next) {
         if self.blocks.tokens() == self.known() {
-            self.next_logits = Some(logits);
+            self.next = Some(next);
         }
+    }
+
+    /// For a pass adding `rows` positions on a GPU: the draw to sample its next token there,
+    /// when the pass completes the sequence and nothing needs the logits on the host
+    /// (penalties, logprobs). Taking a draw uses the sampler's next random number, so this
+    /// is asked only for passes whose result is used.
+    fn device_draw(&mut self, rows: usize) -> Option<DeviceDraw> {
+        let completes = self.blocks.tokens() + rows == self.known();
+        (completes && !self.request.include_logprobs)
+            .then(|| self.sampler.device_draw())
+            .flatten()
     }
 }
 
@@ -268,22 +281,33 @@ impl Compute {
         }
     }
 
-    /// One forward pass over the segments' rows; returns at least each segment's last row's
-    /// logits, last. `per_row` keeps every row's numbers what they would be alone (the CPU
-    /// path's batched decode; the GPU's cuBLAS GEMMs pick kernels by batch size, so GPU rows
-    /// agree with their runs alone to rounding, not bit for bit).
+    /// Whether next tokens can be sampled where the logits are (see `device_draw`).
+    fn samples_on_device(&self) -> bool {
+        matches!(self, Compute::Gpu(..))
+    }
+
+    /// One forward pass over the segments' rows; returns at least what each segment's last
+    /// row gives, last: its logits, or its token sampled on the GPU with its draw from
+    /// `draws` (one per segment; empty on the CPU). `per_row` keeps every row's numbers what
+    /// they would be alone (the CPU path's batched decode; the GPU's cuBLAS GEMMs pick
+    /// kernels by batch size, so GPU rows agree with their runs alone to rounding, not bit
+    /// for bit).
     fn forward(
         &mut self,
         tokens: &[u32],
         pool: &mut KvPool,
         segments: &mut [(usize, &mut BlockTable)],
         per_row: bool,
-    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        draws: &[Option<DeviceDraw>],
+    ) -> anyhow::Result<Vec<Next>> {
         match self {
             Compute::Cpu(model) => Ok(model
                 .forward_batch(tokens, pool, segments, per_row)?
-                .to_vec2()?),
-            Compute::Gpu(model, kv) => model.forward_batch(tokens, kv, segments, true),
+                .to_vec2::<f32>()?
+                .into_iter()
+                .map(Next::Logits)
+                .collect()),
+            Compute::Gpu(model, kv) => model.forward_sampled(tokens, kv, segments, draws),
         }
     }
 
@@ -418,14 +442,14 @@ impl Engine {
                 Outcome::Finished(FinishReason::Cancelled)
             } else if seq.deadline.is_some_and(|d| d <= now) {
                 Outcome::Failed(Status::deadline_exceeded("the request deadline passed"))
-            } else if let Some(logits) = seq.next_logits.take() {
+            } else if let Some(next) = seq.next.take() {
                 generated += 1;
                 emit(
                     &self.model.config().eos_token_ids,
                     self.tokenizer.as_deref(),
                     &self.metrics,
                     seq,
-                    &logits,
+                    next,
                 )
             } else {
                 Outcome::Continue
@@ -550,7 +574,7 @@ impl Engine {
     fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
         self.pool.release(&mut seq.blocks);
-        seq.next_logits = None;
+        seq.next = None;
         self.metrics.preemptions.inc();
         seq.span
             .in_scope(|| tracing::debug!(generated = seq.generated.len(), "preempted"));
@@ -566,6 +590,11 @@ impl Engine {
         if rows.is_empty() {
             return Ok(false);
         }
+        let on_device = self.model.samples_on_device();
+        let draws: Vec<Option<DeviceDraw>> = rows
+            .iter()
+            .map(|&i| on_device.then(|| self.running[i].device_draw(1)).flatten())
+            .collect();
         let (tokens, mut segments): (Vec<u32>, Vec<(usize, &mut BlockTable)>) = self
             .running
             .iter_mut()
@@ -573,11 +602,11 @@ impl Engine {
             .unzip();
         match self
             .model
-            .forward(&tokens, &mut self.pool, &mut segments, true)
+            .forward(&tokens, &mut self.pool, &mut segments, true, &draws)
         {
-            Ok(logits) => {
-                for (&i, row) in rows.iter().zip(logits) {
-                    self.running[i].take_logits(row);
+            Ok(outputs) => {
+                for (&i, next) in rows.iter().zip(outputs) {
+                    self.running[i].take(next);
                 }
                 Ok(true)
             }
@@ -626,7 +655,9 @@ impl Engine {
     /// expert-parallel group failed.
     fn prefill_chunk(&mut self, i: usize) -> anyhow::Result<bool> {
         let chunk = self.chunk_len(&self.running[i]);
+        let on_device = self.model.samples_on_device();
         let seq = &mut self.running[i];
+        let draws = [on_device.then(|| seq.device_draw(chunk)).flatten()];
         let done = seq.blocks.tokens();
         let tokens = &seq.request.prompt_ids[done..done + chunk];
         let (outcome, ran) = match self.model.forward(
@@ -634,9 +665,12 @@ impl Engine {
             &mut self.pool,
             &mut [(chunk, &mut seq.blocks)],
             false,
+            &draws,
         ) {
-            Ok(mut logits) => {
-                seq.take_logits(logits.pop().unwrap_or_default());
+            Ok(mut outputs) => {
+                if let Some(next) = outputs.pop() {
+                    seq.take(next);
+                }
                 (Outcome::Continue, true)
             }
             Err(err) if GroupError::is_in(&err) => return Err(err),
@@ -713,10 +747,13 @@ fn emit(
     tokenizer: Option<&Tokenizer>,
     metrics: &Metrics,
     seq: &mut Sequence,
-    logits: &[f32],
+    next: Next,
 ) -> Outcome {
     let history = seq.request.prompt_ids.iter().chain(&seq.generated);
-    let token = seq.sampler.sample(logits, history);
+    let (token, logits) = match next {
+        Next::Logits(logits) => (seq.sampler.sample(&logits, history), Some(logits)),
+        Next::Token(token) => (token, None),
+    };
     seq.generated.push(token);
     let now = Instant::now();
     match seq.last_token.replace(now) {
@@ -736,7 +773,8 @@ fn emit(
         token_ids: vec![token],
         ..Default::default()
     };
-    if seq.request.include_logprobs {
+    // (requests with logprobs always keep their logits on the host)
+    if let (true, Some(logits)) = (seq.request.include_logprobs, &logits) {
         response.logprobs = vec![TokenLogprob {
             token_id: token,
             logprob: log_softmax_at(logits, token),

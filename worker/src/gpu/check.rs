@@ -97,6 +97,7 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     let tiny = fixtures.join("tiny-v3-bf16");
     record("model_step/batched", check_batched_step(device, &tiny));
     record("expert_parallel", check_expert_parallel(device, &tiny));
+    record("device_sampling", check_device_sampling(device, &tiny));
     record("nccl", check_nccl(device));
     let passed = checks.iter().all(|c| c["passed"] == true);
 
@@ -230,6 +231,71 @@ fn check_batched_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
         relative_diff(&actual, &expected),
         3e-2,
         "three sequences in one pool: prompts, then two decode rows and a prompt chunk in one pass",
+    )])
+}
+
+/// A scheduler's decode pass sampled on the GPU against the CPU sampler on the same pass's
+/// logits: four sequences (greedy, temperature, top-k, top-p), each with its seed.
+fn check_device_sampling(device: usize, dir: &Path) -> Result<Vec<Check>> {
+    let gpu = GpuModel::open(dir, Gpu::open(device)?, Dtype::Auto)?;
+    let vocab = gpu.config().vocab_size as u32;
+    let params = [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.8,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 5,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.2,
+            top_p: 0.9,
+            ..Default::default()
+        },
+    ];
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|s| (0..7).map(|i| (i * 17 + s * 29) % vocab).collect())
+        .collect();
+    // The same prompts in two caches: one pass gives logits, its twin samples on the GPU.
+    let mut twins = Vec::new();
+    for _ in 0..2 {
+        let (mut kv, mut pool) = gpu.new_kv(16)?;
+        let mut tables: Vec<BlockTable> = (0..4).map(|_| BlockTable::default()).collect();
+        for (table, prompt) in tables.iter_mut().zip(&prompts) {
+            ensure!(pool.reserve(table, 8), "pool too small");
+            gpu.forward_batch(prompt, &mut kv, &mut [(prompt.len(), table)], true)?;
+        }
+        twins.push((kv, tables));
+    }
+    let next: Vec<u32> = vec![3, 5, 7, 9];
+    let (kv, tables) = &mut twins[0];
+    let mut segments: Vec<(usize, &mut BlockTable)> = tables.iter_mut().map(|t| (1, t)).collect();
+    let logits = gpu.forward_batch(&next, kv, &mut segments, true)?;
+    let seeded = |i: usize| {
+        Sampler::new(SamplingParams {
+            seed: Some(40 + i as u64),
+            ..params[i].clone()
+        })
+    };
+    let draws: Vec<Option<crate::sampling::DeviceDraw>> =
+        (0..4).map(|i| seeded(i).device_draw()).collect();
+    let (kv, tables) = &mut twins[1];
+    let mut segments: Vec<(usize, &mut BlockTable)> = tables.iter_mut().map(|t| (1, t)).collect();
+    let sampled = gpu.forward_sampled(&next, kv, &mut segments, &draws)?;
+    let differing = (0..4)
+        .filter(|&i| {
+            let cpu = seeded(i).sample(&logits[i], &[]);
+            sampled[i] != crate::sampling::Next::Token(cpu)
+        })
+        .count();
+    Ok(vec![Check::new(
+        "device_sampling",
+        differing as f64,
+        0.0,
+        "one decode pass of 4 sequences: GPU-sampled tokens that differ from the CPU sampler's on the same logits",
     )])
 }
 

@@ -30,6 +30,7 @@ use crate::model::attention::softmax_scale;
 use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
 use crate::model::moe::{ExpertLoad, RoutedExperts, Routing};
 use crate::model::ops::Rope;
+use crate::sampling::{DeviceDraw, Next};
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
 /// A SwiGLU MLP: gate and up fused into one [2 × width, hidden] weight.
@@ -596,6 +597,90 @@ impl GpuModel {
         segments: &mut [(usize, &mut BlockTable)],
         last_only: bool,
     ) -> Result<Vec<Vec<f32>>> {
+        let (logits, rows) = self.pass(tokens, kv, segments, last_only)?;
+        let vocab = self.cfg.vocab_size;
+        let logits = self.gpu.stream.clone_dtoh(&logits)?;
+        Ok(rows
+            .iter()
+            .map(|&r| logits[r * vocab..(r + 1) * vocab].to_vec())
+            .collect())
+    }
+
+    /// The same pass for a scheduler step: each segment's next token, sampled on the GPU
+    /// where `draws` has a draw for it, else its last row's logits (copied to the host).
+    pub fn forward_sampled(
+        &self,
+        tokens: &[u32],
+        kv: &mut GpuKv,
+        segments: &mut [(usize, &mut BlockTable)],
+        draws: &[Option<DeviceDraw>],
+    ) -> Result<Vec<Next>> {
+        ensure!(
+            draws.len() == segments.len(),
+            "one draw (or none) per segment"
+        );
+        let (logits, rows) = self.pass(tokens, kv, segments, true)?;
+        let (gpu, vocab) = (&self.gpu, self.cfg.vocab_size);
+        let mut sampled = vec![0i32; rows.len()];
+        if draws.iter().any(Option::is_some) {
+            // Rows without a draw are sampled greedily and the result ignored: one launch.
+            let each = |f: &dyn Fn(&DeviceDraw) -> f32| -> Vec<f32> {
+                draws.iter().map(|d| d.as_ref().map_or(0.0, f)).collect()
+            };
+            let stream = &gpu.stream;
+            // one row per segment, in order: decode rows, or one prompt chunk's last
+            ensure!(
+                logits.len() == rows.len() * vocab,
+                "sampling on the GPU takes decode rows or a single prompt chunk"
+            );
+            let mut probs = stream.alloc_zeros::<f64>(logits.len())?;
+            let mut tokens_out = stream.alloc_zeros::<i32>(rows.len())?;
+            gpu.sample(
+                &logits,
+                &mut probs,
+                vocab,
+                &stream.clone_htod(&each(&|d| d.temperature))?,
+                &stream.clone_htod(
+                    &draws
+                        .iter()
+                        .map(|d| d.as_ref().map_or(0, |d| d.top_k as i32))
+                        .collect::<Vec<_>>(),
+                )?,
+                &stream.clone_htod(&each(&|d| d.top_p))?,
+                &stream.clone_htod(&each(&|d| d.min_p))?,
+                &stream.clone_htod(
+                    &draws
+                        .iter()
+                        .map(|d| d.as_ref().map_or(0.0, |d| d.uniform))
+                        .collect::<Vec<_>>(),
+                )?,
+                &mut tokens_out,
+            )?;
+            sampled = stream.clone_dtoh(&tokens_out)?;
+        }
+        draws
+            .iter()
+            .zip(rows)
+            .zip(sampled)
+            .map(|((draw, r), token)| match draw {
+                Some(_) => Ok(Next::Token(token as u32)),
+                None => Ok(Next::Logits(
+                    gpu.stream
+                        .clone_dtoh(&logits.slice(r * vocab..(r + 1) * vocab))?,
+                )),
+            })
+            .collect()
+    }
+
+    /// One pass; the logits [rows, vocab] on the device, and which of their rows is each
+    /// output (every row, or with `last_only` each segment's last).
+    fn pass(
+        &self,
+        tokens: &[u32],
+        kv: &mut GpuKv,
+        segments: &mut [(usize, &mut BlockTable)],
+        last_only: bool,
+    ) -> Result<(CudaSlice<f32>, Vec<usize>)> {
         let cfg = &self.cfg;
         let gpu = &self.gpu;
         let stream = &gpu.stream;
@@ -815,21 +900,23 @@ impl GpuModel {
         let vocab = cfg.vocab_size;
         let mut logits = stream.alloc_zeros::<f32>(rows * vocab)?;
         gpu.linear(&x, &self.lm_head, &mut logits, (rows, vocab, hidden))?;
-        let logits = stream.clone_dtoh(&logits)?;
-        let mut logits: Vec<Vec<f32>> = logits.chunks(vocab).map(<[f32]>::to_vec).collect();
-        if last_only && from == 0 {
+        let outputs: Vec<usize> = if last_only && from == 0 {
             // each segment's last row
             let mut end = 0;
-            let lasts = segments.iter().map(|(rows, _)| {
-                end += rows;
-                end - 1
-            });
-            logits = lasts.map(|r| std::mem::take(&mut logits[r])).collect();
-        }
+            segments
+                .iter()
+                .map(|(rows, _)| {
+                    end += rows;
+                    end - 1
+                })
+                .collect()
+        } else {
+            (0..rows).collect()
+        };
         for (rows, table) in segments.iter_mut() {
             table.advance(*rows);
         }
-        Ok(logits)
+        Ok((logits, outputs))
     }
 
     /// RMSNorm of `rows` dense rows.
