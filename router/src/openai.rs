@@ -654,7 +654,7 @@ struct Frame {
 
 impl Frame {
     /// OpenAI's logprobs object for `pieces` (null when not asked for); `offset` is where the
-    /// first piece starts in the completion's text.
+    /// first piece starts in the completion's text, in characters.
     fn logprobs_json(&self, pieces: &[(String, f32)], mut offset: usize) -> Value {
         if !self.logprobs {
             return Value::Null;
@@ -671,7 +671,7 @@ impl Frame {
                     .iter()
                     .map(|(token, _)| {
                         let at = offset;
-                        offset += token.len();
+                        offset += token.chars().count();
                         at
                     })
                     .collect();
@@ -735,23 +735,38 @@ fn event(value: &Value) -> Bytes {
 fn sse(frame: Frame, messages: crate::proxy::ResponseStream, include_usage: bool) -> Response {
     let mut first = true;
     let mut offset = 0;
+    // With logprobs, each token's chunk waits for the next message: text released with no
+    // token (the decoder's tail at the end) joins the token before it, as in a whole body.
+    let mut pending: Option<(String, Vec<(String, f32)>)> = None;
     let body = messages
         .map(move |message| {
             let mut events = Vec::new();
+            let mut send = |text: String, pieces: Vec<(String, f32)>, events: &mut Vec<Bytes>| {
+                if !text.is_empty() || !pieces.is_empty() || (first && frame.kind == Kind::Chat) {
+                    let logprobs = frame.logprobs_json(&pieces, offset);
+                    events.push(event(&frame.chunk(Some(&text), None, first, logprobs)));
+                    offset += text.chars().count();
+                    first = false;
+                }
+            };
             match message {
                 Ok(m) => {
                     let finish = finish_reason(m.finish_reason);
                     let pieces = token_pieces(&m);
-                    if !m.text.is_empty()
-                        || !pieces.is_empty()
-                        || (first && frame.kind == Kind::Chat)
-                    {
-                        let logprobs = frame.logprobs_json(&pieces, offset);
-                        events.push(event(&frame.chunk(Some(&m.text), None, first, logprobs)));
-                        offset += m.text.len();
-                        first = false;
+                    if !frame.logprobs {
+                        send(m.text.clone(), pieces, &mut events);
+                    } else if let (true, Some((text, held))) = (pieces.is_empty(), &mut pending) {
+                        text.push_str(&m.text);
+                        if let Some(last) = held.last_mut() {
+                            last.0.push_str(&m.text);
+                        }
+                    } else if let Some((text, held)) = pending.replace((m.text.clone(), pieces)) {
+                        send(text, held, &mut events);
                     }
                     if finish.is_some() {
+                        if let Some((text, held)) = pending.take() {
+                            send(text, held, &mut events);
+                        }
                         events.push(event(&frame.chunk(None, finish, first, Value::Null)));
                         if include_usage {
                             let mut usage = frame.wrap(Vec::new());

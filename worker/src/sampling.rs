@@ -124,6 +124,15 @@ pub struct DeviceDraw {
     pub uniform: f64,
 }
 
+/// What a sequence needs from a GPU pass: nothing (the pass does not complete it), its
+/// last row's logits (sampled on the host), or its next token sampled on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Want {
+    Nothing,
+    Logits,
+    Token(DeviceDraw),
+}
+
 /// What a forward pass gives a sequence: the logits of its last row, or (sampled on the
 /// GPU) its next token.
 #[derive(Clone, Debug, PartialEq)]

@@ -34,7 +34,7 @@ use crate::model::Model;
 use crate::model::cache::{BlockTable, KvPool, blocks_for};
 use crate::model::moe::ExpertLoad;
 use crate::sampling::Sampler;
-use crate::sampling::{DeviceDraw, Next};
+use crate::sampling::{Next, Want};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
 
@@ -230,15 +230,18 @@ impl Sequence {
         }
     }
 
-    /// For a pass adding `rows` positions on a GPU: the draw to sample its next token there,
-    /// when the pass completes the sequence and nothing needs the logits on the host
-    /// (penalties, logprobs). Taking a draw uses the sampler's next random number, so this
-    /// is asked only for passes whose result is used.
-    fn device_draw(&mut self, rows: usize) -> Option<DeviceDraw> {
-        let completes = self.blocks.tokens() + rows == self.known();
-        (completes && !self.request.include_logprobs)
-            .then(|| self.sampler.device_draw())
-            .flatten()
+    /// What a GPU pass adding `rows` positions should give back: nothing unless it completes
+    /// the sequence; then the next token, sampled there, unless penalties or logprobs need
+    /// the logits on the host. A draw uses the sampler's next random number, which is why
+    /// it is taken only for a pass whose result is used.
+    fn want(&mut self, rows: usize) -> Want {
+        if self.blocks.tokens() + rows != self.known() {
+            return Want::Nothing;
+        }
+        if self.request.include_logprobs {
+            return Want::Logits;
+        }
+        self.sampler.device_draw().map_or(Want::Logits, Want::Token)
     }
 }
 
@@ -281,14 +284,14 @@ impl Compute {
         }
     }
 
-    /// Whether next tokens can be sampled where the logits are (see `device_draw`).
+    /// Whether next tokens can be sampled where the logits are (see `Sequence::want`).
     fn samples_on_device(&self) -> bool {
         matches!(self, Compute::Gpu(..))
     }
 
     /// One forward pass over the segments' rows; returns at least what each segment's last
-    /// row gives, last: its logits, or its token sampled on the GPU with its draw from
-    /// `draws` (one per segment; empty on the CPU). `per_row` keeps every row's numbers what
+    /// row gives, last: its logits, or on the GPU what `wants` (one per segment; empty on
+    /// the CPU) asks for. `per_row` keeps every row's numbers what
     /// they would be alone (the CPU path's batched decode; the GPU's cuBLAS GEMMs pick
     /// kernels by batch size, so GPU rows agree with their runs alone to rounding, not bit
     /// for bit).
@@ -298,7 +301,7 @@ impl Compute {
         pool: &mut KvPool,
         segments: &mut [(usize, &mut BlockTable)],
         per_row: bool,
-        draws: &[Option<DeviceDraw>],
+        wants: &[Want],
     ) -> anyhow::Result<Vec<Next>> {
         match self {
             Compute::Cpu(model) => Ok(model
@@ -307,7 +310,7 @@ impl Compute {
                 .into_iter()
                 .map(Next::Logits)
                 .collect()),
-            Compute::Gpu(model, kv) => model.forward_sampled(tokens, kv, segments, draws),
+            Compute::Gpu(model, kv) => model.forward_sampled(tokens, kv, segments, wants),
         }
     }
 
@@ -590,11 +593,11 @@ impl Engine {
         if rows.is_empty() {
             return Ok(false);
         }
-        let on_device = self.model.samples_on_device();
-        let draws: Vec<Option<DeviceDraw>> = rows
-            .iter()
-            .map(|&i| on_device.then(|| self.running[i].device_draw(1)).flatten())
-            .collect();
+        let wants: Vec<Want> = if self.model.samples_on_device() {
+            rows.iter().map(|&i| self.running[i].want(1)).collect()
+        } else {
+            Vec::new()
+        };
         let (tokens, mut segments): (Vec<u32>, Vec<(usize, &mut BlockTable)>) = self
             .running
             .iter_mut()
@@ -602,7 +605,7 @@ impl Engine {
             .unzip();
         match self
             .model
-            .forward(&tokens, &mut self.pool, &mut segments, true, &draws)
+            .forward(&tokens, &mut self.pool, &mut segments, true, &wants)
         {
             Ok(outputs) => {
                 for (&i, next) in rows.iter().zip(outputs) {
@@ -610,7 +613,8 @@ impl Engine {
                 }
                 Ok(true)
             }
-            Err(err) if GroupError::is_in(&err) => Err(err),
+            // In a group a pass that failed may have left peers mid-exchange: the group fails.
+            Err(err) if GroupError::is_in(&err) || self.group.is_some() => Err(err),
             Err(err) => {
                 let status = internal(err);
                 // Highest index first, so removal leaves the others where they are.
@@ -657,7 +661,11 @@ impl Engine {
         let chunk = self.chunk_len(&self.running[i]);
         let on_device = self.model.samples_on_device();
         let seq = &mut self.running[i];
-        let draws = [on_device.then(|| seq.device_draw(chunk)).flatten()];
+        let wants = if on_device {
+            vec![seq.want(chunk)]
+        } else {
+            Vec::new()
+        };
         let done = seq.blocks.tokens();
         let tokens = &seq.request.prompt_ids[done..done + chunk];
         let (outcome, ran) = match self.model.forward(
@@ -665,7 +673,7 @@ impl Engine {
             &mut self.pool,
             &mut [(chunk, &mut seq.blocks)],
             false,
-            &draws,
+            &wants,
         ) {
             Ok(mut outputs) => {
                 if let Some(next) = outputs.pop() {
@@ -673,7 +681,7 @@ impl Engine {
                 }
                 (Outcome::Continue, true)
             }
-            Err(err) if GroupError::is_in(&err) => return Err(err),
+            Err(err) if GroupError::is_in(&err) || self.group.is_some() => return Err(err),
             Err(err) => (Outcome::Failed(internal(err)), false),
         };
         self.finish(i, outcome);

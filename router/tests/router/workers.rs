@@ -121,6 +121,23 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
         joined,
         reply["choices"][0]["message"]["content"].as_str().unwrap()
     );
+    let body = br#"{"model": "tiny-v3-bf16", "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 6, "temperature": 0, "logprobs": true, "stream": true}"#;
+    let (status, text) = http(router.http, "POST", "/v1/chat/completions", &[], body).await;
+    assert_eq!(status, 200, "{text}");
+    let (mut streamed, mut spelled, mut scored) = (String::new(), String::new(), 0);
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(chunk) = serde_json::from_str::<Value>(line) else {
+            continue; // [DONE]
+        };
+        let choice = &chunk["choices"][0];
+        streamed.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        for token in choice["logprobs"]["content"].as_array().into_iter().flatten() {
+            spelled.push_str(token["token"].as_str().unwrap());
+            scored += 1;
+        }
+    }
+    assert_eq!((scored, &spelled), (6, &streamed), "{text}");
     let body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0}"#;
     let (status, text) = http(router.http, "POST", "/v1/completions", &[], body).await;
     assert_eq!(status, 200, "{text}");

@@ -25,7 +25,7 @@ use crate::model::Model;
 use crate::model::cache::BlockTable;
 use crate::model::moe::route;
 use crate::model::ops::{RmsNorm, Rope};
-use crate::sampling::{Rng, Sampler, SamplingParams};
+use crate::sampling::{Rng, Sampler, SamplingParams, Want};
 use crate::weights::fp8_e4m3_to_f32;
 
 /// One kernel compared with the CPU path: the largest error and what it may be.
@@ -280,11 +280,12 @@ fn check_device_sampling(device: usize, dir: &Path) -> Result<Vec<Check>> {
             ..params[i].clone()
         })
     };
-    let draws: Vec<Option<crate::sampling::DeviceDraw>> =
-        (0..4).map(|i| seeded(i).device_draw()).collect();
+    let wants: Vec<Want> = (0..4)
+        .map(|i| seeded(i).device_draw().map_or(Want::Logits, Want::Token))
+        .collect();
     let (kv, tables) = &mut twins[1];
     let mut segments: Vec<(usize, &mut BlockTable)> = tables.iter_mut().map(|t| (1, t)).collect();
-    let sampled = gpu.forward_sampled(&next, kv, &mut segments, &draws)?;
+    let sampled = gpu.forward_sampled(&next, kv, &mut segments, &wants)?;
     let differing = (0..4)
         .filter(|&i| {
             let cpu = seeded(i).sample(&logits[i], &[]);

@@ -30,7 +30,7 @@ use crate::model::attention::softmax_scale;
 use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
 use crate::model::moe::{ExpertLoad, RoutedExperts, Routing};
 use crate::model::ops::Rope;
-use crate::sampling::{DeviceDraw, Next};
+use crate::sampling::{DeviceDraw, Next, Want};
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
 /// A SwiGLU MLP: gate and up fused into one [2 × width, hidden] weight.
@@ -606,19 +606,24 @@ impl GpuModel {
             .collect())
     }
 
-    /// The same pass for a scheduler step: each segment's next token, sampled on the GPU
-    /// where `draws` has a draw for it, else its last row's logits (copied to the host).
+    /// The same pass for a scheduler step: what `wants` asks of each segment's last row —
+    /// its next token sampled here, its logits copied to the host, or nothing (an empty
+    /// `Next::Logits`, for a pass that does not complete the sequence).
     pub fn forward_sampled(
         &self,
         tokens: &[u32],
         kv: &mut GpuKv,
         segments: &mut [(usize, &mut BlockTable)],
-        draws: &[Option<DeviceDraw>],
+        wants: &[Want],
     ) -> Result<Vec<Next>> {
-        ensure!(
-            draws.len() == segments.len(),
-            "one draw (or none) per segment"
-        );
+        ensure!(wants.len() == segments.len(), "one want per segment");
+        let draws: Vec<Option<DeviceDraw>> = wants
+            .iter()
+            .map(|w| match w {
+                Want::Token(draw) => Some(*draw),
+                _ => None,
+            })
+            .collect();
         let (logits, rows) = self.pass(tokens, kv, segments, true)?;
         let (gpu, vocab) = (&self.gpu, self.cfg.vocab_size);
         let mut sampled = vec![0i32; rows.len()];
@@ -658,16 +663,24 @@ impl GpuModel {
             )?;
             sampled = stream.clone_dtoh(&tokens_out)?;
         }
-        draws
+        wants
             .iter()
             .zip(rows)
             .zip(sampled)
-            .map(|((draw, r), token)| match draw {
-                Some(_) => Ok(Next::Token(token as u32)),
-                None => Ok(Next::Logits(
+            .map(|((want, r), token)| match want {
+                Want::Token(_) => {
+                    // NaN logits leave the kernel without a token
+                    ensure!(
+                        (0..vocab as i32).contains(&token),
+                        "the GPU sampler found no token (are the logits NaN?)"
+                    );
+                    Ok(Next::Token(token as u32))
+                }
+                Want::Logits => Ok(Next::Logits(
                     gpu.stream
                         .clone_dtoh(&logits.slice(r * vocab..(r + 1) * vocab))?,
                 )),
+                Want::Nothing => Ok(Next::Logits(Vec::new())),
             })
             .collect()
     }
