@@ -33,8 +33,7 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::cache::{BlockTable, KvPool, blocks_for};
 use crate::model::moe::ExpertLoad;
-use crate::sampling::Sampler;
-use crate::sampling::{Next, Want};
+use crate::sampling::{Next, Sampler, Want};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
 

@@ -132,7 +132,11 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
         };
         let choice = &chunk["choices"][0];
         streamed.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
-        for token in choice["logprobs"]["content"].as_array().into_iter().flatten() {
+        for token in choice["logprobs"]["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             spelled.push_str(token["token"].as_str().unwrap());
             scored += 1;
         }
