@@ -234,43 +234,61 @@ fn check_batched_step(device: usize, dir: &Path) -> Result<Vec<Check>> {
     )])
 }
 
-/// A scheduler's decode pass sampled on the GPU against the CPU sampler on the same pass's
-/// logits: four sequences (greedy, temperature, top-k, top-p), each with its seed.
-fn check_device_sampling(device: usize, dir: &Path) -> Result<Vec<Check>> {
-    let gpu = GpuModel::open(dir, Gpu::open(device)?, Dtype::Auto)?;
-    let vocab = gpu.config().vocab_size as u32;
-    let params = [
+/// Greedy, temperature alone, and each cut alone and together.
+fn sampling_cases() -> [SamplingParams; 6] {
+    [
         SamplingParams::default(),
         SamplingParams {
-            temperature: 0.8,
-            ..Default::default()
-        },
-        SamplingParams {
             temperature: 1.0,
-            top_k: 5,
             ..Default::default()
         },
         SamplingParams {
-            temperature: 1.2,
+            temperature: 0.7,
+            top_k: 40,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
             top_p: 0.9,
             ..Default::default()
         },
-    ];
-    let prompts: Vec<Vec<u32>> = (0..4u32)
+        SamplingParams {
+            temperature: 1.3,
+            min_p: 0.05,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 100,
+            top_p: 0.95,
+            min_p: 0.01,
+            ..Default::default()
+        },
+    ]
+}
+
+/// A scheduler's decode pass sampled on the GPU against the CPU sampler on the same pass's
+/// logits: a sequence for each of `sampling_cases`, each with its seed.
+fn check_device_sampling(device: usize, dir: &Path) -> Result<Vec<Check>> {
+    let gpu = GpuModel::open(dir, Gpu::open(device)?, Dtype::Auto)?;
+    let vocab = gpu.config().vocab_size as u32;
+    let params = sampling_cases();
+    let n = params.len();
+    let prompts: Vec<Vec<u32>> = (0..n as u32)
         .map(|s| (0..7).map(|i| (i * 17 + s * 29) % vocab).collect())
         .collect();
     // The same prompts in two caches: one pass gives logits, its twin samples on the GPU.
     let mut twins = Vec::new();
     for _ in 0..2 {
         let (mut kv, mut pool) = gpu.new_kv(16)?;
-        let mut tables: Vec<BlockTable> = (0..4).map(|_| BlockTable::default()).collect();
+        let mut tables: Vec<BlockTable> = (0..n).map(|_| BlockTable::default()).collect();
         for (table, prompt) in tables.iter_mut().zip(&prompts) {
             ensure!(pool.reserve(table, 8), "pool too small");
             gpu.forward_batch(prompt, &mut kv, &mut [(prompt.len(), table)], true)?;
         }
         twins.push((kv, tables));
     }
-    let next: Vec<u32> = vec![3, 5, 7, 9];
+    let next: Vec<u32> = (0..n as u32).map(|i| 3 + 2 * i).collect();
     let (kv, tables) = &mut twins[0];
     let mut segments: Vec<(usize, &mut BlockTable)> = tables.iter_mut().map(|t| (1, t)).collect();
     let logits = gpu.forward_batch(&next, kv, &mut segments, true)?;
@@ -280,13 +298,13 @@ fn check_device_sampling(device: usize, dir: &Path) -> Result<Vec<Check>> {
             ..params[i].clone()
         })
     };
-    let wants: Vec<Want> = (0..4)
+    let wants: Vec<Want> = (0..n)
         .map(|i| seeded(i).device_draw().map_or(Want::Logits, Want::Token))
         .collect();
     let (kv, tables) = &mut twins[1];
     let mut segments: Vec<(usize, &mut BlockTable)> = tables.iter_mut().map(|t| (1, t)).collect();
     let sampled = gpu.forward_sampled(&next, kv, &mut segments, &wants)?;
-    let differing = (0..4)
+    let differing = (0..n)
         .filter(|&i| {
             let cpu = seeded(i).sample(&logits[i], &[]);
             sampled[i] != crate::sampling::Next::Token(cpu)
@@ -296,7 +314,7 @@ fn check_device_sampling(device: usize, dir: &Path) -> Result<Vec<Check>> {
         "device_sampling",
         differing as f64,
         0.0,
-        "one decode pass of 4 sequences: GPU-sampled tokens that differ from the CPU sampler's on the same logits",
+        "one decode pass of 6 sequences: GPU-sampled tokens that differ from the CPU sampler's on the same logits",
     )])
 }
 
@@ -917,35 +935,7 @@ fn check_mla_decode(gpu: &Gpu) -> Result<Vec<Check>> {
 
 fn check_sample(gpu: &Gpu) -> Result<Vec<Check>> {
     let vocab = 129_280;
-    let cases = [
-        SamplingParams::default(),
-        SamplingParams {
-            temperature: 1.0,
-            ..Default::default()
-        },
-        SamplingParams {
-            temperature: 0.7,
-            top_k: 40,
-            ..Default::default()
-        },
-        SamplingParams {
-            temperature: 0.9,
-            top_p: 0.9,
-            ..Default::default()
-        },
-        SamplingParams {
-            temperature: 1.3,
-            min_p: 0.05,
-            ..Default::default()
-        },
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 100,
-            top_p: 0.95,
-            min_p: 0.01,
-            ..Default::default()
-        },
-    ];
+    let cases = sampling_cases();
     let draws = 8;
     let rows = cases.len() * draws;
     let logits = uniform(rows * vocab, 70, 6.0);
