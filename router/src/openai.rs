@@ -431,18 +431,25 @@ fn read_request<T: DeserializeOwned>(
     Ok((common, fields(&body)?))
 }
 
+/// `param` asks for that many alternatives per token; only 0 (the sampled token's own
+/// log-probability) is served.
+fn refuse_alternatives(param: &str, alternatives: Option<u32>) -> Result<(), ApiError> {
+    match alternatives {
+        Some(n) if n > 0 => Err(ApiError::invalid(
+            param,
+            "alternatives are not supported yet: only the sampled tokens' log-probabilities (0)",
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn chat_completions(
     State(http): State<Arc<Http>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (common, request): (Common, ChatRequest) = read_request(&http, &headers, &body)?;
-    if request.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            "alternatives are not supported yet: only the sampled tokens' log-probabilities (0)",
-        ));
-    }
+    refuse_alternatives("top_logprobs", request.top_logprobs)?;
     let messages = chat_messages(request.messages)?;
     let max_tokens = request.max_completion_tokens.or(common.max_tokens);
     let prompt = Prompt::Chat(ChatMessages { messages });
@@ -468,12 +475,7 @@ async fn completions(
             return Err(ApiError::invalid(name, "not supported yet"));
         }
     }
-    if request.logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "alternatives are not supported yet: only the sampled tokens' log-probabilities (0)",
-        ));
-    }
+    refuse_alternatives("logprobs", request.logprobs)?;
     let one = |n: usize| {
         if n == 1 {
             Ok(())
