@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::CudaSlice;
 use deepseek_proto::placement::PlacementPlan;
 use half::bf16;
 
 use super::experts::{Fp8Weights, GpuExperts, LayerExperts, Weights};
-use super::runtime::{Fp8, GateRule, GemmShape, Gpu, Operand};
+use super::runtime::{Fp8, GateRule, GemmShape, Gpu, Layout};
 use super::{Dtype, resolve_dtype};
 use crate::config::{Config, TopkMethod};
 use crate::ep::{
@@ -811,29 +811,40 @@ impl GpuModel {
             // Absorbed attention: q_lat = q_nope · W_UK per head, attention over the latents,
             // then W_UV per head.
             let qb = self.bf16(&q)?;
+            // per head h: q_nope is qb's row slice at h·qk; W_UK rows are kv_up's rows
+            // h·(nope+v) .. +nope, W_UV rows the v after them
+            let per_head = |offset: usize| Layout {
+                offset,
+                row_stride: kv_lora,
+                batch_stride: (nope + v_dim) * kv_lora,
+            };
             let mut q_lat = stream.alloc_zeros::<f32>(n * heads * kv_lora)?;
-            {
-                let (qp, _q) = qb.device_ptr(stream);
-                let (wp, _w) = layer.kv_up.device_ptr(stream);
-                let (yp, _y) = q_lat.device_ptr_mut(stream);
-                // SAFETY: per head h: q_nope rows at qb[r·heads·qk + h·qk ..][..nope]; W_UK
-                // rows at kv_up[(h·(nope+v) + j)·kv_lora ..][..kv_lora] for j < nope; output
-                // rows at q_lat[(r·heads + h)·kv_lora ..] — all inside their buffers.
-                unsafe {
-                    gpu.gemm(
-                        Operand::strided::<bf16>(qp, 0, heads * qk, qk),
-                        Operand::strided::<bf16>(wp, 0, kv_lora, (nope + v_dim) * kv_lora),
-                        false,
-                        Operand::strided::<f32>(yp, 0, heads * kv_lora, kv_lora),
-                        GemmShape {
-                            m: n,
-                            n: kv_lora,
-                            k: nope,
-                            batch: heads,
-                        },
-                    )?;
-                }
-            }
+            gpu.batched_gemm(
+                (
+                    &qb,
+                    Layout {
+                        offset: 0,
+                        row_stride: heads * qk,
+                        batch_stride: qk,
+                    },
+                ),
+                (&layer.kv_up, per_head(0)),
+                false,
+                (
+                    &mut q_lat,
+                    Layout {
+                        offset: 0,
+                        row_stride: heads * kv_lora,
+                        batch_stride: kv_lora,
+                    },
+                ),
+                GemmShape {
+                    m: n,
+                    n: kv_lora,
+                    k: nope,
+                    batch: heads,
+                },
+            )?;
             let mut latent = stream.alloc_zeros::<f32>(n * heads * kv_lora)?;
             gpu.mla_decode(
                 &q_lat,
@@ -848,33 +859,32 @@ impl GpuModel {
             )?;
             let latent = self.bf16(&latent)?;
             let mut o = stream.alloc_zeros::<f32>(n * heads * v_dim)?;
-            {
-                let (xp, _x) = latent.device_ptr(stream);
-                let (wp, _w) = layer.kv_up.device_ptr(stream);
-                let (yp, _y) = o.device_ptr_mut(stream);
-                // SAFETY: per head h: latent rows at latent[(r·heads + h)·kv_lora ..]; W_UV
-                // rows at kv_up[(h·(nope+v) + nope + j)·kv_lora ..] for j < v; output rows at
-                // o[(r·heads + h)·v ..] — all inside their buffers.
-                unsafe {
-                    gpu.gemm(
-                        Operand::strided::<bf16>(xp, 0, heads * kv_lora, kv_lora),
-                        Operand::strided::<bf16>(
-                            wp,
-                            nope * kv_lora,
-                            kv_lora,
-                            (nope + v_dim) * kv_lora,
-                        ),
-                        true,
-                        Operand::strided::<f32>(yp, 0, heads * v_dim, v_dim),
-                        GemmShape {
-                            m: n,
-                            n: v_dim,
-                            k: kv_lora,
-                            batch: heads,
-                        },
-                    )?;
-                }
-            }
+            gpu.batched_gemm(
+                (
+                    &latent,
+                    Layout {
+                        offset: 0,
+                        row_stride: heads * kv_lora,
+                        batch_stride: kv_lora,
+                    },
+                ),
+                (&layer.kv_up, per_head(nope * kv_lora)),
+                true,
+                (
+                    &mut o,
+                    Layout {
+                        offset: 0,
+                        row_stride: heads * v_dim,
+                        batch_stride: v_dim,
+                    },
+                ),
+                GemmShape {
+                    m: n,
+                    n: v_dim,
+                    k: kv_lora,
+                    batch: heads,
+                },
+            )?;
             let mut attention = stream.alloc_zeros::<f32>(n * hidden)?;
             gpu.linear(
                 &self.bf16(&o)?,

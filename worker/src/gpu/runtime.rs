@@ -144,44 +144,56 @@ impl GemmType for bf16 {
     const DTYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
 }
 
-/// A row-major GEMM operand: its device address, element type, row stride and the stride
-/// between the matrices of a batch (in elements).
-#[derive(Clone, Copy)]
-pub(crate) struct Operand {
-    pub ptr: u64,
-    pub dtype: cudaDataType,
+/// Where a row-major GEMM operand's matrices sit in their buffer, in elements: the first
+/// one's offset, the stride between rows, and between the matrices of a batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub offset: usize,
     pub row_stride: usize,
     pub batch_stride: usize,
 }
 
-impl Operand {
-    pub fn dense<T: GemmType>(ptr: u64, row_stride: usize) -> Self {
-        Operand {
-            ptr,
-            dtype: T::DTYPE,
+impl Layout {
+    /// One matrix from the buffer's start.
+    pub fn dense(row_stride: usize) -> Self {
+        Layout {
+            offset: 0,
             row_stride,
             batch_stride: 0,
         }
     }
 
-    /// Matrices `batch_stride` elements apart, starting `offset` elements in.
-    pub fn strided<T: GemmType>(
-        ptr: u64,
-        offset: usize,
-        row_stride: usize,
-        batch_stride: usize,
-    ) -> Self {
+    /// One past the last element a batch of `rows` × `cols` matrices reaches.
+    fn reach(&self, rows: usize, cols: usize, batch: usize) -> usize {
+        if rows == 0 || cols == 0 || batch == 0 {
+            return 0;
+        }
+        self.offset + (batch - 1) * self.batch_stride + (rows - 1) * self.row_stride + cols
+    }
+}
+
+/// A GEMM operand as cuBLAS takes it: a device address and element type, with its strides.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: u64,
+    dtype: cudaDataType,
+    row_stride: usize,
+    batch_stride: usize,
+}
+
+impl Operand {
+    fn at<T: GemmType>(ptr: u64, layout: Layout) -> Self {
         Operand {
-            ptr: ptr + (offset * std::mem::size_of::<T>()) as u64,
+            ptr: ptr + (layout.offset * std::mem::size_of::<T>()) as u64,
             dtype: T::DTYPE,
-            row_stride,
-            batch_stride,
+            row_stride: layout.row_stride,
+            batch_stride: layout.batch_stride,
         }
     }
 }
 
-#[derive(Clone, Copy)]
-pub(crate) struct GemmShape {
+#[derive(Clone, Copy, Debug)]
+pub struct GemmShape {
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -688,16 +700,51 @@ impl Gpu {
             k: inp,
             batch: 1,
         };
-        let (x, _x) = x.device_ptr(&self.stream);
-        let (w, _w) = w.device_ptr(&self.stream);
-        let (y, _y) = y.device_ptr_mut(&self.stream);
-        // SAFETY: the three buffers hold the matrices the shape describes (checked above).
+        self.batched_gemm(
+            (x, Layout::dense(inp)),
+            (w, Layout::dense(inp)),
+            true,
+            (y, Layout::dense(out)),
+            shape,
+        )
+    }
+
+    /// Row-major y[b] (m × n) = x[b] (m × k) · (w[b]ᵀ if `w_is_nk`, w[b] [k, n] otherwise)
+    /// for b < batch, each operand where its layout says in its buffer (per-head products
+    /// over slices of wider rows, say); checked to stay inside every buffer.
+    pub fn batched_gemm<X: GemmType, Y: GemmType>(
+        &self,
+        (x, x_at): (&CudaSlice<X>, Layout),
+        (w, w_at): (&CudaSlice<X>, Layout),
+        w_is_nk: bool,
+        (y, y_at): (&mut CudaSlice<Y>, Layout),
+        shape: GemmShape,
+    ) -> Result<()> {
+        let GemmShape { m, n, k, batch } = shape;
+        let (w_rows, w_cols) = if w_is_nk { (n, k) } else { (k, n) };
+        ensure!(
+            x_at.row_stride >= k
+                && w_at.row_stride >= w_cols
+                && y_at.row_stride >= n
+                && x_at.reach(m, k, batch) <= x.len()
+                && w_at.reach(w_rows, w_cols, batch) <= w.len()
+                && y_at.reach(m, n, batch) <= y.len(),
+            "gemm {shape:?}: an operand runs past its buffer (x {x_at:?} of {}, w {w_at:?} of \
+             {}, y {y_at:?} of {})",
+            x.len(),
+            w.len(),
+            y.len()
+        );
+        let (xp, _x) = x.device_ptr(&self.stream);
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        // SAFETY: every operand's matrices lie inside its buffer (checked above).
         unsafe {
             self.gemm(
-                Operand::dense::<X>(x, inp),
-                Operand::dense::<X>(w, inp),
-                true,
-                Operand::dense::<Y>(y, out),
+                Operand::at::<X>(xp, x_at),
+                Operand::at::<X>(wp, w_at),
+                w_is_nk,
+                Operand::at::<Y>(yp, y_at),
                 shape,
             )
         }
@@ -709,7 +756,7 @@ impl Gpu {
     ///
     /// # Safety
     /// Every operand's pointer must hold its matrices as its strides and the shape say.
-    pub(crate) unsafe fn gemm(
+    unsafe fn gemm(
         &self,
         x: Operand,
         w: Operand,
@@ -992,6 +1039,19 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layout_reaches_its_last_matrix_last_row_end() {
+        // 3 heads of a [rows=2, heads × 4] buffer, 3 columns each
+        let per_head = Layout {
+            offset: 1,
+            row_stride: 12,
+            batch_stride: 4,
+        };
+        assert_eq!(per_head.reach(2, 3, 3), 1 + 2 * 4 + 12 + 3);
+        assert_eq!(Layout::dense(5).reach(4, 5, 1), 20);
+        assert_eq!(Layout::dense(5).reach(0, 5, 1), 0);
+    }
 
     #[test]
     fn entry_points_are_read_from_the_sources() {
