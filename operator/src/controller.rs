@@ -100,28 +100,52 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     }
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    Controller::new(
+    let controller = Controller::new(
         api::<DeepSeekDeployment>(&client, &namespace),
         watcher::Config::default(),
-    )
-    .owns(api::<StatefulSet>(&client, &namespace), managed.clone())
-    .owns(api::<Deployment>(&client, &namespace), managed.clone())
-    .owns(api::<Service>(&client, &namespace), managed.clone())
-    .owns(api::<ConfigMap>(&client, &namespace), managed.clone())
-    // Pods belong to the StatefulSets; map them back to their deployment by label so
-    // readiness changes update status at once.
-    .watches(api::<Pod>(&client, &namespace), managed, |pod: Pod| {
-        let deployment = pod.labels().get(LABEL_DEPLOYMENT)?.clone();
-        Some(ObjectRef::new(&deployment).within(&pod.namespace()?))
-    })
-    .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(err) = result {
-            tracing::debug!(error = %err, "reconcile stream error");
-        }
-    })
-    .await;
+    );
+    let deployments = controller.store();
+    controller
+        // A deployment blocked on its model volume starts as soon as the claim appears.
+        .watches(
+            api::<PersistentVolumeClaim>(&client, &namespace),
+            watcher::Config::default(),
+            move |claim: PersistentVolumeClaim| claimants(&deployments.state(), &claim),
+        )
+        .owns(api::<StatefulSet>(&client, &namespace), managed.clone())
+        .owns(api::<Deployment>(&client, &namespace), managed.clone())
+        .owns(api::<Service>(&client, &namespace), managed.clone())
+        .owns(api::<ConfigMap>(&client, &namespace), managed.clone())
+        // Pods belong to the StatefulSets; map them back to their deployment by label so
+        // readiness changes update status at once.
+        .watches(api::<Pod>(&client, &namespace), managed, |pod: Pod| {
+            let deployment = pod.labels().get(LABEL_DEPLOYMENT)?.clone();
+            Some(ObjectRef::new(&deployment).within(&pod.namespace()?))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "reconcile stream error");
+            }
+        })
+        .await;
+}
+
+/// The deployments in the claim's namespace whose model comes from that claim.
+pub fn claimants(
+    deployments: &[Arc<DeepSeekDeployment>],
+    claim: &PersistentVolumeClaim,
+) -> Vec<ObjectRef<DeepSeekDeployment>> {
+    deployments
+        .iter()
+        .filter(|dsd| {
+            dsd.namespace() == claim.namespace()
+                && dsd.spec.model.source.pvc.as_ref().map(|p| &p.claim_name)
+                    == claim.metadata.name.as_ref()
+        })
+        .map(|dsd| ObjectRef::from(dsd.as_ref()))
+        .collect()
 }
 
 #[tracing::instrument(skip_all, fields(deployment = %dsd.name_any(), namespace = ?dsd.namespace()))]

@@ -1,72 +1,364 @@
 #!/usr/bin/env bash
-# Real-cluster end-to-end test of the operator. Runs only when KUBECONFIG points at a cluster
-# (kind, k3d or a real one); skipped with a message otherwise.
+# End-to-end test of the operator against a real control plane (tests/cluster/up.sh: API
+# server, controller-manager, scheduler, kwok's fake H100 and A100 nodes). Fails when no
+# cluster is reachable: start one with `eval "$(tests/cluster/up.sh)"`.
 #
-# It installs the CRD, runs the operator binary locally against the cluster, applies the tiny
-# sample (with a PVC), and checks that the operator creates every object with owner
-# references, reports honest status (not Ready: the worker does not serve yet), refuses an
-# invalid CR with a message naming the field, scales, and cleans up on delete.
+# The operator runs as a local process with a token of the chart's own ServiceAccount, so the
+# chart's RBAC is what is exercised. Covered: helm install/upgrade/uninstall and
+# `kubectl apply -k deploy/`; least privilege (`kubectl auth can-i`); `kubectl explain`,
+# printer columns, the short name; specs refused by the API server naming the field; the tiny
+# and the H100+A100 samples (owner references, placement on their pool's nodes, GPU requests,
+# tolerations, honest status, a pool without nodes reported Unschedulable); `kubectl scale`
+# and a HorizontalPodAutoscaler on the scale subresource; a rollout watched end to end, with
+# the operator killed in the middle; leader election hand-over; no writes when idle; restricted
+# Pod Security admission; garbage collection.
 #
-# Env: KUBECTL (default kubectl, or .tools/bin/kubectl), OPERATOR_BIN (default
-# ./target/debug/deepseek-operator), E2E_NAMESPACE (default dsd-e2e).
+# Env: OPERATOR_BIN (default ./target/debug/deepseek-operator), HELM (default helm on PATH,
+# else .tools/bin/helm), KUBECTL (default kubectl on PATH: the one up.sh built).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+repo="$PWD"
 
-if [ -z "${KUBECONFIG:-}" ]; then
-  echo "e2e: skipped (set KUBECONFIG to run against a cluster)"
-  exit 0
-fi
-KUBECTL="${KUBECTL:-$(command -v kubectl || echo .tools/bin/kubectl)}"
-OPERATOR_BIN="${OPERATOR_BIN:-./target/debug/deepseek-operator}"
-NS="${E2E_NAMESPACE:-dsd-e2e}"
-k() { "$KUBECTL" -n "$NS" "$@"; }
-fail() { echo "e2e: FAIL: $*" >&2; exit 1; }
-wait_for() { # wait_for DESCRIPTION COMMAND...
-  local what="$1"; shift
-  for _ in $(seq 1 60); do "$@" >/dev/null 2>&1 && return 0; sleep 2; done
-  fail "timed out waiting for $what"
+KUBECTL="${KUBECTL:-$(command -v kubectl)}"
+HELM="${HELM:-$(command -v helm || echo "$repo/.tools/bin/helm")}"
+OPERATOR_BIN="${OPERATOR_BIN:-$repo/target/debug/deepseek-operator}"
+[ -n "${KUBECONFIG:-}" ] || { echo "e2e: FAIL: KUBECONFIG is not set; start a cluster with: eval \"\$(tests/cluster/up.sh)\"" >&2; exit 1; }
+"$KUBECTL" get --raw /readyz >/dev/null || { echo "e2e: FAIL: no API server at KUBECONFIG=$KUBECONFIG" >&2; exit 1; }
+
+SYSTEM=dsd-system          # the Helm release's namespace
+RELEASE=dsd
+OPERATOR_SA="$RELEASE-deepseek-operator"
+LEASE="$RELEASE-deepseek-operator"
+NS=dsd-e2e                 # the tiny sample
+FLAGSHIP=dsd-flagship      # the H100 + A100 sample
+work="$(mktemp -d)"
+export XDG_CACHE_HOME="$work/xdg" XDG_CONFIG_HOME="$work/xdg" XDG_DATA_HOME="$work/xdg"
+
+kubectl() { "$KUBECTL" "$@"; }
+helm() { "$HELM" "$@"; }
+k() { kubectl -n "$NS" "$@"; }
+say() { printf '\ne2e: --- %s\n' "$*"; }
+fail() {
+  echo "e2e: FAIL: $*" >&2
+  for log in "$work"/operator-*.log; do
+    [ -e "$log" ] && { echo "--- last lines of $log" >&2; tail -n 30 "$log" >&2; }
+  done
+  exit 1
+}
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local limit="$1" what="$2"; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || fail "timed out after $limit s waiting for $what"
+    sleep 0.5
+  done
+}
+jsonpath() { kubectl "$@" 2>/dev/null || true; }
+condition() { # condition NAMESPACE NAME TYPE -> "status reason"
+  jsonpath -n "$1" get dsd "$2" -o jsonpath="{.status.conditions[?(@.type==\"$3\")].status} {.status.conditions[?(@.type==\"$3\")].reason}"
+}
+ready_is() { [ "$(condition "$1" "$2" Ready | cut -d' ' -f1)" = "$3" ]; }
+summary_is() { [ "$(jsonpath -n "$1" get dsd "$2" -o jsonpath='{.status.poolSummary}')" = "$3" ]; }
+# A sample moved to another namespace.
+sample() { sed "s/^  namespace: .*/  namespace: $2/" "deploy/samples/$1.yaml"; }
+restricted_namespace() {
+  kubectl create namespace "$1" --dry-run=client -o yaml \
+    | kubectl label --local -f - -o yaml pod-security.kubernetes.io/enforce=restricted \
+      pod-security.kubernetes.io/enforce-version=latest \
+    | kubectl apply -f - >/dev/null
 }
 
-"$KUBECTL" apply -f deploy/crd/deepseekdeployments.yaml
-"$KUBECTL" wait --for condition=established --timeout=60s crd/deepseekdeployments.serving.deepseek-operator.io
-"$KUBECTL" create namespace "$NS" --dry-run=client -o yaml | "$KUBECTL" apply -f -
+# --- operators as local processes ----------------------------------------------------------
+declare -A operator_pid=()
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+start_operator() { # start_operator IDENTITY: leader-elected, with the chart's ServiceAccount token
+  KUBECONFIG="$work/operator.kubeconfig" RUST_LOG=info,deepseek_operator=debug \
+    "$OPERATOR_BIN" run --leader-elect --lease-name "$LEASE" --lease-namespace "$SYSTEM" \
+    --identity "$1" --metrics-listen "127.0.0.1:$(free_port)" --log-format text \
+    >>"$work/operator-$1.log" 2>&1 &
+  operator_pid[$1]=$!
+}
+kill_operator() { # kill_operator IDENTITY [SIGNAL]
+  kill "-${2:-TERM}" "${operator_pid[$1]}" 2>/dev/null || true
+  wait "${operator_pid[$1]}" 2>/dev/null || true
+  unset "operator_pid[$1]"
+}
+lease_is() { [ "$(jsonpath -n "$SYSTEM" get lease "$LEASE" -o jsonpath='{.spec.holderIdentity}')" = "$1" ]; }
+cleanup() {
+  for id in "${!operator_pid[@]}"; do kill_operator "$id" KILL; done
+  kubectl delete namespace "$NS" "$FLAGSHIP" --wait=false >/dev/null 2>&1 || true
+  kubectl delete persistentvolume dsd-e2e-tiny-model --wait=false >/dev/null 2>&1 || true
+  helm uninstall "$RELEASE" -n "$SYSTEM" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
-"$OPERATOR_BIN" run --namespace "$NS" --metrics-listen 127.0.0.1:18080 --log-format text &
-OPERATOR_PID=$!
-trap 'kill $OPERATOR_PID 2>/dev/null; "$KUBECTL" delete namespace "$NS" --wait=false >/dev/null 2>&1 || true' EXIT
+# Writes to the API server by the operator's ServiceAccount since line N of the audit log.
+audit_log="$(dirname "$KUBECONFIG")/logs/audit.log"
+operator_writes_since() {
+  tail -n +"$1" "$audit_log" | python3 -c '
+import json, sys
+user = "system:serviceaccount:'"$SYSTEM:$OPERATOR_SA"'"
+writes = [e for e in map(json.loads, sys.stdin)
+          if e["user"]["username"] == user and e["verb"] in ("create", "update", "patch", "delete")
+          and e["objectRef"].get("resource") != "leases"]
+for e in writes:
+    ref = e["objectRef"]
+    print(e["verb"], ref.get("resource"), ref.get("subresource", ""), ref.get("name", ""))'
+}
 
-# Invalid: minReplicas above replicas is refused by the schema, naming the field.
-invalid=$(sed -e 's/namespace: default/namespace: '"$NS"'/' -e 's/^      replicas: 1$/      replicas: 1\n      minReplicas: 2/' deploy/samples/tiny.yaml)
-if out=$(echo "$invalid" | "$KUBECTL" apply -f - 2>&1); then fail "invalid CR was accepted"; fi
-echo "$out" | grep -q "minReplicas" || fail "rejection does not name minReplicas: $out"
+# ============================================================================================
+say "helm install (CRDs from the chart) into a restricted namespace"
+restricted_namespace "$SYSTEM"
+helm install "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --wait --timeout 120s >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/deepseekdeployments.serving.deepseek-operator.io >/dev/null
+[ "$(kubectl -n "$SYSTEM" get deployment "$OPERATOR_SA" -o jsonpath='{.status.readyReplicas}')" = 2 ] \
+  || fail "the chart's operator Deployment is not available"
 
-# Without its PVC the sample is blocked with a reason, and nothing is created.
-sed 's/namespace: default/namespace: '"$NS"'/' deploy/samples/tiny.yaml | "$KUBECTL" apply -f -
-wait_for "ModelVolumeMissing" sh -c "'$KUBECTL' -n '$NS' get dsd tiny -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].reason}' | grep -qx ModelVolumeMissing"
+say "kubectl explain, printer columns, short name"
+kubectl explain dsd.spec.pools.gpusPerPod | grep -q "GPUs per pod" || kubectl explain dsd.spec.pools.gpusPerPod | grep -qi "gpu" \
+  || fail "kubectl explain does not describe spec.pools.gpusPerPod"
+kubectl explain deepseekdeployments.spec.replicas | grep -q "HorizontalPodAutoscaler" \
+  || fail "kubectl explain does not show the field's documentation"
+kubectl api-resources --api-group serving.deepseek-operator.io | grep -qw dsd || fail "short name dsd missing"
+
+say "the chart's RBAC: what the operator's ServiceAccount may and may not do"
+as_operator=(--as "system:serviceaccount:$SYSTEM:$OPERATOR_SA")
+expect_can() { kubectl auth can-i "${as_operator[@]}" "$@" >/dev/null 2>&1 || fail "the operator cannot $*"; }
+expect_cannot() { ! kubectl auth can-i "${as_operator[@]}" "$@" >/dev/null 2>&1 || fail "the operator can $* (it should not)"; }
+check_least_privilege() {
+  expect_can watch deepseekdeployments.serving.deepseek-operator.io --all-namespaces
+  expect_can patch deepseekdeployments.serving.deepseek-operator.io --subresource status -n "$NS"
+  expect_can patch statefulsets.apps -n "$NS"
+  expect_can delete pods -n "$NS"
+  expect_can get persistentvolumeclaims -n "$NS"
+  expect_can create events.events.k8s.io -n "$NS"
+  expect_can update leases.coordination.k8s.io/"$LEASE" -n "$SYSTEM"
+  expect_cannot get secrets -n "$NS"
+  expect_cannot list secrets --all-namespaces
+  expect_cannot get secrets -n "$SYSTEM"
+  expect_cannot create pods -n "$NS"
+  expect_cannot delete deepseekdeployments.serving.deepseek-operator.io -n "$NS"
+  expect_cannot patch deepseekdeployments.serving.deepseek-operator.io -n "$NS"
+  expect_cannot create persistentvolumeclaims -n "$NS"
+  expect_cannot patch nodes
+  expect_cannot create clusterroles.rbac.authorization.k8s.io
+  expect_cannot create clusterrolebindings.rbac.authorization.k8s.io
+  expect_cannot update leases.coordination.k8s.io/other -n "$SYSTEM"
+  expect_cannot create leases.coordination.k8s.io -n "$NS"
+  expect_cannot create serviceaccounts --subresource token -n "$NS"
+  expect_cannot '*' '*'
+}
+check_least_privilege
+
+# The operator's own credentials: a token of the chart's ServiceAccount, not the admin's.
+tests/cluster/token-kubeconfig.sh "$SYSTEM" "$OPERATOR_SA" "$work/operator.kubeconfig"
+start_operator e2e-a
+wait_for 60 "the operator to take the lease" lease_is e2e-a
+
+# ============================================================================================
+say "invalid specs are refused by the API server, naming the field"
+restricted_namespace "$NS"
+refused() { # refused FIELD: the manifest on stdin must be refused with a message naming FIELD
+  local out
+  if out=$(kubectl apply -f - 2>&1); then fail "accepted a spec with an invalid $1"; fi
+  echo "$out" | grep -q -- "$1" || fail "the refusal does not name $1: $out"
+}
+tiny() { sample tiny "$NS"; }
+tiny | sed 's/^      replicas: 1$/      replicas: 1\n      minReplicas: 2/' | refused minReplicas          # CEL
+tiny | sed 's/^      gpusPerPod: 1$/      gpusPerPod: 0/' | refused gpusPerPod                             # schema minimum
+tiny | sed 's/^      gpusPerPod: 1$/      gpusPerPod: 1\n      colour: blue/' | refused colour                 # unknown field
+tiny | sed 's/^    source:$/    source:\n      huggingFace: {repo: a\/b}/' | refused "exactly one of huggingFace or pvc"
+tiny | sed 's/^  pools:$/  parallelism: {expertParallelRanks: 3}\n  pools:\n    - {name: two, gpusPerPod: 2, replicas: 1}/' \
+  | refused expertParallelRanks
+kubectl get dsd -n "$NS" -o name | grep -q . && fail "a refused spec left an object behind"
+
+# ============================================================================================
+say "tiny sample: blocked without its model volume"
+tiny | kubectl apply -f - >/dev/null
+reason_is() { [ "$(condition "$1" "$2" "$3")" = "$4" ]; }
+wait_for 60 "ModelVolumeMissing" reason_is "$NS" tiny Ready "False ModelVolumeMissing"
 k get statefulset tiny-cpu-g0 >/dev/null 2>&1 && fail "objects created without the model volume"
 
-cat <<YAML | k apply -f -
+say "tiny sample: every object owned, pods Ready under restricted Pod Security, Ready=True"
+# A statically provisioned volume: this cluster has no storage provisioner.
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: dsd-e2e-tiny-model}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce, ReadOnlyMany]
+  storageClassName: ""
+  hostPath: {path: /var/lib/dsd-e2e/tiny-model}
+  claimRef: {namespace: $NS, name: tiny-model}
+---
 apiVersion: v1
 kind: PersistentVolumeClaim
-metadata: {name: tiny-model}
+metadata: {name: tiny-model, namespace: $NS}
 spec:
-  accessModes: [ReadWriteOnce]
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: dsd-e2e-tiny-model
   resources: {requests: {storage: 1Gi}}
 YAML
-for object in statefulset/tiny-cpu-g0 service/tiny-cpu-g0 poddisruptionbudget/tiny-cpu-g0 \
-  networkpolicy/tiny-cpu-g0 configmap/tiny-cpu-placement deployment/tiny-router service/tiny-router; do
-  wait_for "$object" k get "$object"
-  owner=$(k get "$object" -o jsonpath='{.metadata.ownerReferences[0].kind}')
-  [ "$owner" = DeepSeekDeployment ] || fail "$object is not owned by the DeepSeekDeployment"
+owned_objects="statefulset/tiny-cpu-g0 service/tiny-cpu-g0 poddisruptionbudget/tiny-cpu-g0
+  networkpolicy/tiny-cpu-g0 configmap/tiny-cpu-placement deployment/tiny-router service/tiny-router
+  serviceaccount/tiny-router role/tiny-router rolebinding/tiny-router"
+for object in $owned_objects; do
+  wait_for 60 "$object" k get "$object"
+  owner=$(k get "$object" -o jsonpath='{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}/{.metadata.ownerReferences[0].controller}')
+  [ "$owner" = DeepSeekDeployment/tiny/true ] || fail "$object is not controlled by the DeepSeekDeployment ($owner)"
 done
-wait_for "status" sh -c "'$KUBECTL' -n '$NS' get dsd tiny -o jsonpath='{.status.poolSummary}' | grep -q 'cpu:0/1'"
-[ "$(k get dsd tiny -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = False ] || fail "Ready without serving ranks"
+wait_for 90 "tiny to be Ready" ready_is "$NS" tiny True
+summary_is "$NS" tiny "cpu:1/1" || fail "pool summary: $(k get dsd tiny -o jsonpath='{.status.poolSummary}')"
+[ "$(k get pod tiny-cpu-g0-0 -o jsonpath='{.status.phase}/{.spec.nodeName}')" != "Running/" ] || fail "worker pod not placed"
+k get events --field-selector reason=FailedCreate -o jsonpath='{.items[*].message}' | grep -q PodSecurity \
+  && fail "restricted Pod Security refused a pod the operator made"
+k get events --field-selector involvedObject.kind=DeepSeekDeployment,involvedObject.name=tiny -o jsonpath='{.items[*].reason}' | grep -q . \
+  || fail "no Events on the DeepSeekDeployment"
+columns=$(k get dsd | head -1)
+[ "$(echo $columns)" = "NAME READY POOLS REPLICAS ENDPOINT AGE" ] || fail "printer columns: $columns"
+[ "$(k get dsd tiny --no-headers | awk '{print $2, $3, $4}')" = "True cpu:1/1 1" ] || fail "printed row: $(k get dsd tiny)"
 
-k scale dsd tiny --replicas 2
-wait_for "a second group" k get statefulset tiny-cpu-g1
+say "no writes while nothing changes"
+audit_mark=$(($(wc -l <"$audit_log") + 1))
+sleep 20
+writes=$(operator_writes_since "$audit_mark")
+[ -z "$writes" ] || fail "the operator wrote while idle: $writes"
+
+say "kubectl scale and a HorizontalPodAutoscaler on the scale subresource"
+k scale dsd tiny --replicas 3
+groups_ready() { [ "$(jsonpath -n "$1" get dsd "$2" -o jsonpath='{.status.readyReplicas}/{.status.replicas}')" = "$3/$3" ]; }
+wait_for 90 "three ready groups" groups_ready "$NS" tiny 3
+scale=$(k get --raw "/apis/serving.deepseek-operator.io/v1alpha1/namespaces/$NS/deepseekdeployments/tiny/scale")
+echo "$scale" | grep -q '"selector":"app.kubernetes.io/' || fail "the scale subresource has no selector: $scale"
+echo "$scale" | grep -q '"replicas":3' || fail "the scale subresource does not report 3 replicas: $scale"
+k apply -f - >/dev/null <<YAML
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: tiny}
+spec:
+  scaleTargetRef: {apiVersion: serving.deepseek-operator.io/v1alpha1, kind: DeepSeekDeployment, name: tiny}
+  minReplicas: 3
+  maxReplicas: 4
+  metrics:
+    - type: Resource
+      resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+YAML
+# No metrics server runs here, so the HPA cannot compute a utilisation; what matters is that it
+# read the scale subresource (AbleToScale) and got as far as asking for the selected pods'
+# metrics, which needs the selector.
+hpa_read_scale() {
+  local got
+  got=$(k get hpa tiny -o jsonpath='{.status.conditions[?(@.type=="AbleToScale")].reason}/{.status.conditions[?(@.type=="ScalingActive")].reason}')
+  [ "$got" = "SucceededGetScale/FailedGetResourceMetric" ]
+}
+wait_for 90 "the HorizontalPodAutoscaler to read the scale subresource" hpa_read_scale
+k delete hpa tiny >/dev/null
+
+say "a rollout watched from start to end, the operator killed in the middle"
+revisions() { jsonpath -n "$NS" get pods -l serving.deepseek-operator.io/pool=cpu \
+  -o jsonpath='{range .items[*]}{.metadata.labels.serving\.deepseek-operator\.io/revision}{"\n"}{end}' | sort -u; }
+old_revision=$(revisions)
+[ "$(echo "$old_revision" | wc -l)" = 1 ] || fail "pods on several revisions before the rollout: $old_revision"
+mkfifo "$work/pods.watch"
+"$KUBECTL" -n "$NS" get pods -l serving.deepseek-operator.io/pool=cpu --watch --output-watch-events \
+  -o json >"$work/pods.watch" 2>/dev/null &
+kubectl_watch_pid=$!
+python3 tests/e2e/watch_rollout.py 3 1 <"$work/pods.watch" >"$work/rollout.out" 2>&1 &
+watch_pid=$!
+wait_for 30 "the rollout watch's baseline" grep -q baseline "$work/rollout.out"
+k patch dsd tiny --type merge -p '{"spec":{"worker":{"image":"registry.example/deepseek-worker:e2e-2"}}}' >/dev/null
+rollout_begun() { revisions | grep -vqx "$old_revision"; }
+wait_for 60 "the first group on the new revision" rollout_begun
+kill_operator e2e-a KILL
+revisions | grep -qx "$old_revision" \
+  || fail "the rollout finished before the operator could be killed in its middle"
+echo "e2e: operator killed with groups on revisions: $(revisions | tr '\n' ' ')"
+start_operator e2e-a
+rollout_done() { ! kill -0 "$watch_pid" 2>/dev/null; }
+wait_for 120 "the rollout to finish" rollout_done
+wait "$watch_pid" || fail "$(cat "$work/rollout.out")"
+cat "$work/rollout.out"
+kill "$kubectl_watch_pid" 2>/dev/null || true
+wait_for 60 "Ready on the new revision" ready_is "$NS" tiny True
+[ "$(k get dsd tiny -o jsonpath='{.status.observedGeneration}')" = "$(k get dsd tiny -o jsonpath='{.metadata.generation}')" ] \
+  || fail "Ready before the new generation was observed"
+[ "$(revisions | grep -vcx "$old_revision")" = 1 ] && ! revisions | grep -qx "$old_revision" \
+  || fail "pods left on the old revision: $(revisions)"
+
+say "two operators: one leader; the other takes over when it dies"
+start_operator e2e-b
+sleep 3
+lease_is e2e-a || fail "the lease moved to a standby"
+grep -q "waiting for the leader lease" "$work/operator-e2e-b.log" || fail "the standby does not say it waits"
+kill_operator e2e-a KILL
+wait_for 60 "the standby to take the lease" lease_is e2e-b
 k scale dsd tiny --replicas 1
-wait_for "the second group to go" sh -c "! '$KUBECTL' -n '$NS' get statefulset tiny-cpu-g1"
+wait_for 60 "the new leader to scale down" groups_ready "$NS" tiny 1
+k get statefulset tiny-cpu-g1 >/dev/null 2>&1 && fail "the second group is still there after scaling to 1"
 
-k delete dsd tiny --wait=true
-wait_for "garbage collection" sh -c "! '$KUBECTL' -n '$NS' get statefulset tiny-cpu-g0"
+say "deletion: garbage collection removes everything"
+k delete dsd tiny --wait=true >/dev/null
+gone() { ! k get "$1" >/dev/null 2>&1; }
+no_pods() { [ -z "$(jsonpath -n "$1" get pods -o name)" ]; }
+for object in $owned_objects; do wait_for 60 "$object to be collected" gone "$object"; done
+wait_for 60 "the worker pods to go" no_pods "$NS"
+
+# ============================================================================================
+say "H100 + A100 sample: pods only on their pool's nodes, with their GPUs and tolerations"
+restricted_namespace "$FLAGSHIP"
+sample deepseek-v3-h100-a100 "$FLAGSHIP" | kubectl apply -f - >/dev/null
+wait_for 120 "deepseek-v3 to be Ready" ready_is "$FLAGSHIP" deepseek-v3 True
+summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:1/1" \
+  || fail "pool summary: $(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.poolSummary}')"
+placements=$(kubectl -n "$FLAGSHIP" get pods -l app.kubernetes.io/component=worker -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.serving\.deepseek-operator\.io/pool} {.spec.nodeName} {.spec.containers[0].resources.requests.nvidia\.com/gpu}{"\n"}{end}')
+[ "$(echo "$placements" | wc -l)" = 8 ] || fail "expected 8 worker pods (2×2 H100, 1×4 A100): $placements"
+while read -r pod pool node gpus; do
+  product=$(kubectl get node "$node" -o jsonpath='{.metadata.labels.nvidia\.com/gpu\.product}')
+  case "$pool/$product/$gpus" in
+    h100/NVIDIA-H100-80GB-HBM3/8 | a100/NVIDIA-A100-SXM4-80GB/8) ;;
+    *) fail "$pod of pool $pool runs on $node ($product) asking for $gpus GPUs" ;;
+  esac
+done <<<"$placements"
+kubectl -n "$FLAGSHIP" get events --field-selector reason=FailedCreate -o jsonpath='{.items[*].message}' \
+  | grep -q PodSecurity && fail "restricted Pod Security refused a pod of the H100+A100 sample"
+kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
+wait_for 60 "the H100+A100 pods to go" no_pods "$FLAGSHIP"
+
+say "a pool with no nodes it may use is reported Unschedulable while the other serves"
+# Without the A100 pool's tolerations its pods fit no node: the A100s are tainted.
+sample deepseek-v3-h100-a100 "$FLAGSHIP" \
+  | python3 -c 'import sys; text = sys.stdin.read(); start = text.index("      tolerations:"); end = text.index("  router:"); print(text[:start] + text[end:], end="")' \
+  | kubectl apply -f - >/dev/null
+wait_for 120 "Degraded: Unschedulable" reason_is "$FLAGSHIP" deepseek-v3 Degraded "True Unschedulable"
+wait_for 60 "the H100 pool to serve" summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:0/1"
+ready_is "$FLAGSHIP" deepseek-v3 False || fail "Ready with a pool unschedulable"
+kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
+
+# ============================================================================================
+say "helm upgrade, then helm uninstall"
+kill_operator e2e-b
+helm upgrade "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --set logLevel=debug --wait --timeout 120s >/dev/null
+[ "$(kubectl -n "$SYSTEM" get deployment "$OPERATOR_SA" -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="RUST_LOG")].value}')" = debug ] \
+  || fail "helm upgrade did not change the operator Deployment"
+helm uninstall "$RELEASE" -n "$SYSTEM" --wait >/dev/null
+gone_cluster() { ! kubectl "$@" >/dev/null 2>&1; }
+wait_for 60 "the release's objects to go" gone_cluster -n "$SYSTEM" get deployment "$OPERATOR_SA"
+gone_cluster get clusterrole "$OPERATOR_SA" || fail "helm uninstall left the ClusterRole"
+# Helm never deletes a chart's CRDs (that would delete every DeepSeekDeployment).
+kubectl get crd deepseekdeployments.serving.deepseek-operator.io >/dev/null || fail "helm uninstall removed the CRD"
+
+say "kubectl apply -k deploy/"
+kubectl apply -k deploy/ >/dev/null
+kubectl -n deepseek-system rollout status deployment/deepseek-operator --timeout 120s >/dev/null \
+  || fail "deploy/'s operator Deployment did not become available"
+SYSTEM=deepseek-system OPERATOR_SA=deepseek-operator LEASE=deepseek-operator
+as_operator=(--as "system:serviceaccount:$SYSTEM:$OPERATOR_SA")
+check_least_privilege
+kubectl delete -k deploy/ --wait=true >/dev/null
+gone_cluster get crd deepseekdeployments.serving.deepseek-operator.io || fail "kubectl delete -k deploy/ left the CRD"
+
+echo
 echo "e2e: passed"

@@ -7,6 +7,7 @@ use deepseek_operator::api::DeepSeekDeployment;
 use deepseek_operator::controller::{self, Context, Error, backoff};
 use deepseek_operator::metrics::Metrics;
 use http::{Request, Response};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
@@ -365,6 +366,32 @@ async fn a_missing_model_volume_blocks_without_creating_anything() {
         Action::requeue(Duration::from_secs(300))
     );
     api.expect_no_more_calls().await;
+}
+
+#[test]
+fn a_claim_wakes_only_the_deployments_that_read_their_model_from_it() {
+    let in_namespace = |name: &str, namespace: &str, claim: &str| {
+        let mut dsd = tiny();
+        dsd.metadata.name = Some(name.into());
+        dsd.metadata.namespace = Some(namespace.into());
+        dsd.spec.model.source.pvc.as_mut().unwrap().claim_name = claim.into();
+        Arc::new(dsd)
+    };
+    let deployments = [
+        in_namespace("a", "default", "tiny-model"),
+        in_namespace("b", "default", "other-model"),
+        in_namespace("c", "elsewhere", "tiny-model"),
+        in_namespace("d", "default", "tiny-model"),
+    ];
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "tiny-model", "namespace": "default"}
+    }))
+    .unwrap();
+    let woken: Vec<String> = controller::claimants(&deployments, &claim)
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(woken, ["a", "d"]);
 }
 
 fn with_expert_load() -> DeepSeekDeployment {
