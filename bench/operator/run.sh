@@ -55,6 +55,11 @@ for event in map(json.loads, sys.stdin):
     verbs[("lease-" if lease else "") + event["verb"]] += 1
 print(json.dumps(dict(sorted(verbs.items()))))'
 }
+machine() { # the CPU by name and the vector extensions that tell machines apart, and the cores
+  local flags
+  flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512_bf16|amx_tile' | tr '\n' ' ')
+  echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) (${flags% }), $(nproc) cores"
+}
 audit_mark() { echo $(($(wc -l <"$audit_log") + 1)); }
 
 log "installing the chart and starting the operator with its ServiceAccount's token"
@@ -122,7 +127,7 @@ idle_reconciles=$(python3 -c "print(int($(reconciliations) - $reconciles0))")
 idle_cpu=$(python3 -c "print(f'{$(cpu_seconds "$operator_pid") - $operator_idle_cpu0:.2f}')")
 
 python3 - "$N" "$elapsed" "$operator_cpu" "$(peak_rss_mib "$operator_pid")" "$kcm_cpu" "$reconciles" \
-  "$requests" "$IDLE" "$idle_requests" "$idle_reconciles" "$idle_cpu" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" <<'EOF'
+  "$requests" "$IDLE" "$idle_requests" "$idle_reconciles" "$idle_cpu" "$(machine)" <<'EOF'
 import json, sys
 (n, elapsed, cpu, rss, kcm, reconciles, requests, idle, idle_requests, idle_reconciles, idle_cpu,
  machine) = sys.argv[1:]

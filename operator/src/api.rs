@@ -115,7 +115,8 @@ pub struct ModelSpec {
 
     /// Routed experts per MoE layer (`n_routed_experts` in `config.json`), e.g. 64 for
     /// DeepSeek-V2-Lite. Overrides the architecture's default.
-    #[schemars(range(min = 1))]
+    // The API server knows int32 and int64, not schemars' uint32 (it warns on every apply).
+    #[schemars(range(min = 1, max = 65536), extend("format" = "int32"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routed_experts: Option<u32>,
 }

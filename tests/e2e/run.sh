@@ -110,7 +110,10 @@ for e in writes:
 # ============================================================================================
 say "helm install (CRDs from the chart) into a restricted namespace"
 restricted_namespace "$SYSTEM"
-helm install "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --wait --timeout 120s >/dev/null
+helm install "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --wait --timeout 120s >/dev/null 2>"$work/helm.err" \
+  || fail "helm install: $(cat "$work/helm.err")"
+# The API server warns about what it does not understand in a CRD (an unknown format, say).
+grep -i warning "$work/helm.err" && fail "the API server warned while the chart was installed"
 kubectl wait --for condition=established --timeout=60s crd/deepseekdeployments.serving.deepseek-operator.io >/dev/null
 [ "$(kubectl -n "$SYSTEM" get deployment "$OPERATOR_SA" -o jsonpath='{.status.readyReplicas}')" = 2 ] \
   || fail "the chart's operator Deployment is not available"

@@ -114,3 +114,42 @@ fn pool_names_are_list_map_keys_so_duplicates_are_refused() {
         (Some(1.0), Some(16.0))
     );
 }
+
+#[test]
+fn every_format_is_one_the_api_server_knows() {
+    // The API server warns on every apply of a CRD with a format it does not know (e.g.
+    // schemars' uint32); these are the integer and number ones it does.
+    fn formats(value: &serde_json::Value, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(format) = map.get("format").and_then(|f| f.as_str()) {
+                    found.push(format.to_string());
+                }
+                map.values().for_each(|v| formats(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| formats(v, found)),
+            _ => {}
+        }
+    }
+    let crd = serde_json::to_value(DeepSeekDeployment::crd()).unwrap();
+    let mut found = Vec::new();
+    formats(&crd["spec"]["versions"][0]["schema"], &mut found);
+    let unknown: Vec<&String> = found
+        .iter()
+        .filter(|f| {
+            ![
+                "int32",
+                "int64",
+                "double",
+                "float",
+                "int-or-string",
+                "date-time",
+            ]
+            .contains(&f.as_str())
+        })
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "formats the API server does not know: {unknown:?}"
+    );
+}
