@@ -27,7 +27,7 @@ operator_pid=""
 cleanup() {
   [ -n "$operator_pid" ] && kill "$operator_pid" 2>/dev/null
   kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1
-  kubectl delete pv dsd-bench-model --wait=false >/dev/null 2>&1
+  kubectl delete pv "$NS-tiny-model" --wait=false >/dev/null 2>&1
   "$HELM" uninstall "$RELEASE" -n "$SYSTEM" >/dev/null 2>&1
   kubectl delete namespace "$SYSTEM" --wait=false >/dev/null 2>&1
   rm -rf "$work"
@@ -67,26 +67,7 @@ kubectl create namespace "$SYSTEM" >/dev/null
 "$HELM" install "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --set replicaCount=1 >/dev/null
 tests/cluster/token-kubeconfig.sh "$SYSTEM" "$SA" "$work/operator.kubeconfig"
 kubectl create namespace "$NS" >/dev/null
-kubectl apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: dsd-bench-model}
-spec:
-  capacity: {storage: 1Gi}
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  hostPath: {path: /var/lib/dsd-bench/model}
-  claimRef: {namespace: $NS, name: tiny-model}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: tiny-model, namespace: $NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: dsd-bench-model
-  resources: {requests: {storage: 1Gi}}
-YAML
+tests/cluster/static-claim.sh "$NS" tiny-model
 metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 KUBECONFIG="$work/operator.kubeconfig" RUST_LOG=warn "$OPERATOR_BIN" run --leader-elect \
   --lease-name "$SA" --lease-namespace "$SYSTEM" --identity bench \

@@ -22,6 +22,7 @@ repo="$PWD"
 KUBECTL="${KUBECTL:-$(command -v kubectl)}"
 HELM="${HELM:-$(command -v helm || echo "$repo/.tools/bin/helm")}"
 OPERATOR_BIN="${OPERATOR_BIN:-$repo/target/debug/deepseek-operator}"
+[ -n "$KUBECTL" ] || { echo "e2e: FAIL: no kubectl on PATH (tests/cluster/up.sh prints the PATH to export)" >&2; exit 1; }
 [ -n "${KUBECONFIG:-}" ] || { echo "e2e: FAIL: KUBECONFIG is not set; start a cluster with: eval \"\$(tests/cluster/up.sh)\"" >&2; exit 1; }
 "$KUBECTL" get --raw /readyz >/dev/null || { echo "e2e: FAIL: no API server at KUBECONFIG=$KUBECONFIG" >&2; exit 1; }
 
@@ -32,6 +33,9 @@ LEASE="$RELEASE-deepseek-operator"
 NS=dsd-e2e                 # the tiny sample
 FLAGSHIP=dsd-flagship      # the H100 + A100 sample
 work="$(mktemp -d)"
+# The operators' logs stay beside the cluster's own (tests/cluster/up.sh starts them afresh).
+logs="$(dirname "$KUBECONFIG")/logs"
+rm -f "$logs"/e2e-operator-*.log
 export XDG_CACHE_HOME="$work/xdg" XDG_CONFIG_HOME="$work/xdg" XDG_DATA_HOME="$work/xdg"
 
 kubectl() { "$KUBECTL" "$@"; }
@@ -40,7 +44,7 @@ k() { kubectl -n "$NS" "$@"; }
 say() { printf '\ne2e: --- %s\n' "$*"; }
 fail() {
   echo "e2e: FAIL: $*" >&2
-  for log in "$work"/operator-*.log; do
+  for log in "$logs"/e2e-operator-*.log; do
     [ -e "$log" ] && { echo "--- last lines of $log" >&2; tail -n 30 "$log" >&2; }
   done
   exit 1
@@ -75,7 +79,7 @@ start_operator() { # start_operator IDENTITY: leader-elected, with the chart's S
   KUBECONFIG="$work/operator.kubeconfig" RUST_LOG=info,deepseek_operator=debug \
     "$OPERATOR_BIN" run --leader-elect --lease-name "$LEASE" --lease-namespace "$SYSTEM" \
     --identity "$1" --metrics-listen "127.0.0.1:$(free_port)" --log-format text \
-    >>"$work/operator-$1.log" 2>&1 &
+    >>"$logs/e2e-operator-$1.log" 2>&1 &
   operator_pid[$1]=$!
 }
 kill_operator() { # kill_operator IDENTITY [SIGNAL]
@@ -87,14 +91,14 @@ lease_is() { [ "$(jsonpath -n "$SYSTEM" get lease "$LEASE" -o jsonpath='{.spec.h
 cleanup() {
   for id in "${!operator_pid[@]}"; do kill_operator "$id" KILL; done
   kubectl delete namespace "$NS" "$FLAGSHIP" --wait=false >/dev/null 2>&1 || true
-  kubectl delete persistentvolume dsd-e2e-tiny-model --wait=false >/dev/null 2>&1 || true
+  kubectl delete persistentvolume "$NS-tiny-model" --wait=false >/dev/null 2>&1 || true
   helm uninstall "$RELEASE" -n "$SYSTEM" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 # Writes to the API server by the operator's ServiceAccount since line N of the audit log.
-audit_log="$(dirname "$KUBECONFIG")/logs/audit.log"
+audit_log="$logs/audit.log"
 operator_writes_since() {
   tail -n +"$1" "$audit_log" | python3 -c '
 import json, sys
@@ -115,14 +119,15 @@ helm install "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --wait --timeout 1
 # The API server warns about what it does not understand in a CRD (an unknown format, say).
 grep -i warning "$work/helm.err" && fail "the API server warned while the chart was installed"
 kubectl wait --for condition=established --timeout=60s crd/deepseekdeployments.serving.deepseek-operator.io >/dev/null
-[ "$(kubectl -n "$SYSTEM" get deployment "$OPERATOR_SA" -o jsonpath='{.status.readyReplicas}')" = 2 ] \
-  || fail "the chart's operator Deployment is not available"
+# Helm's --wait accepts a Deployment with maxUnavailable pods missing; wait for all of them.
+kubectl -n "$SYSTEM" rollout status deployment "$OPERATOR_SA" --timeout 120s >/dev/null \
+  || fail "the chart's operator Deployment did not become available"
 
 say "kubectl explain, printer columns, short name"
-kubectl explain dsd.spec.pools.gpusPerPod | grep -q "GPUs per pod" || kubectl explain dsd.spec.pools.gpusPerPod | grep -qi "gpu" \
-  || fail "kubectl explain does not describe spec.pools.gpusPerPod"
-kubectl explain deepseekdeployments.spec.replicas | grep -q "HorizontalPodAutoscaler" \
-  || fail "kubectl explain does not show the field's documentation"
+explained() { [[ "$(kubectl explain "$1")" == *"$2"* ]] || fail "kubectl explain $1 does not say \"$2\""; }
+explained dsd.spec.pools.gpusPerPod "one expert-parallel rank per GPU"
+explained deepseekdeployments.spec.replicas "HorizontalPodAutoscaler"
+explained dsd.status.conditions "lastTransitionTime"
 kubectl api-resources --api-group serving.deepseek-operator.io | grep -qw dsd || fail "short name dsd missing"
 
 say "the chart's RBAC: what the operator's ServiceAccount may and may not do"
@@ -184,27 +189,7 @@ wait_for 60 "ModelVolumeMissing" reason_is "$NS" tiny Ready "False ModelVolumeMi
 k get statefulset tiny-cpu-g0 >/dev/null 2>&1 && fail "objects created without the model volume"
 
 say "tiny sample: every object owned, pods Ready under restricted Pod Security, Ready=True"
-# A statically provisioned volume: this cluster has no storage provisioner.
-kubectl apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: dsd-e2e-tiny-model}
-spec:
-  capacity: {storage: 1Gi}
-  accessModes: [ReadWriteOnce, ReadOnlyMany]
-  storageClassName: ""
-  hostPath: {path: /var/lib/dsd-e2e/tiny-model}
-  claimRef: {namespace: $NS, name: tiny-model}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: tiny-model, namespace: $NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: dsd-e2e-tiny-model
-  resources: {requests: {storage: 1Gi}}
-YAML
+tests/cluster/static-claim.sh "$NS" tiny-model
 owned_objects="statefulset/tiny-cpu-g0 service/tiny-cpu-g0 poddisruptionbudget/tiny-cpu-g0
   networkpolicy/tiny-cpu-g0 configmap/tiny-cpu-placement deployment/tiny-router service/tiny-router
   serviceaccount/tiny-router role/tiny-router rolebinding/tiny-router"
@@ -295,7 +280,7 @@ say "two operators: one leader; the other takes over when it dies"
 start_operator e2e-b
 sleep 3
 lease_is e2e-a || fail "the lease moved to a standby"
-grep -q "waiting for the leader lease" "$work/operator-e2e-b.log" || fail "the standby does not say it waits"
+grep -q "waiting for the leader lease" "$logs/e2e-operator-e2e-b.log" || fail "the standby does not say it waits"
 kill_operator e2e-a KILL
 wait_for 60 "the standby to take the lease" lease_is e2e-b
 k scale dsd tiny --replicas 1
