@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use deepseek_proto::placement::{PLAN_FILE, PlacementPlan};
+use deepseek_proto::pod::env;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
@@ -404,14 +405,14 @@ impl<'a> Ctx<'a> {
             })
             .collect();
         let mut env = vec![
-            env_var("DSD_SERVED_NAME", &self.served_name()),
-            env_var("DSD_MODEL", model_path),
-            env_var("DSD_DTYPE", dtype_name(pool.dtype)),
-            env_var("DSD_POOL", &pool.name),
-            env_var("DSD_GROUP_SIZE", &pool.group_size.to_string()),
-            env_var("DSD_RANKS_PER_POD", &pool.ranks_per_pod.to_string()),
+            env_var(env::SERVED_NAME, &self.served_name()),
+            env_var(env::MODEL, model_path),
+            env_var(env::DTYPE, dtype_name(pool.dtype)),
+            env_var(env::POOL, &pool.name),
+            env_var(env::GROUP_SIZE, &pool.group_size.to_string()),
+            env_var(env::RANKS_PER_POD, &pool.ranks_per_pod.to_string()),
             EnvVar {
-                name: "DSD_POD_INDEX".into(),
+                name: env::POD_INDEX.into(),
                 value_from: Some(EnvVarSource {
                     field_ref: Some(ObjectFieldSelector {
                         field_path: format!("metadata.labels['{LABEL_POD_INDEX}']"),
@@ -421,20 +422,20 @@ impl<'a> Ctx<'a> {
                 }),
                 ..Default::default()
             },
-            env_var("DSD_PEERS", &peers.join(",")),
-            env_var("DSD_PLACEMENT", &format!("{PLACEMENT_MOUNT}/{PLAN_FILE}")),
-            env_var("DSD_LISTEN", &format!("0.0.0.0:{WORKER_GRPC_PORT}")),
-            env_var("DSD_METRICS_LISTEN", &format!("0.0.0.0:{METRICS_PORT}")),
+            env_var(env::PEERS, &peers.join(",")),
+            env_var(env::PLACEMENT, &format!("{PLACEMENT_MOUNT}/{PLAN_FILE}")),
+            env_var(env::LISTEN, &format!("0.0.0.0:{WORKER_GRPC_PORT}")),
+            env_var(env::METRICS_LISTEN, &format!("0.0.0.0:{METRICS_PORT}")),
         ];
         if pool.gpu_product.is_some() {
             // The device plugin shows a pod its own GPUs only, numbered from 0.
-            env.push(env_var("DSD_DEVICE", "cuda:0"));
+            env.push(env_var(env::DEVICE, "cuda:0"));
         }
         if let Some(tokens) = spec.worker.max_batch_tokens {
-            env.push(env_var("DSD_MAX_BATCH_TOKENS", &tokens.to_string()));
+            env.push(env_var(env::MAX_BATCH_TOKENS, &tokens.to_string()));
         }
         if let Some(fraction) = spec.worker.kv_cache_fraction {
-            env.push(env_var("DSD_KV_CACHE_FRACTION", &fraction.to_string()));
+            env.push(env_var(env::KV_CACHE_FRACTION, &fraction.to_string()));
         }
         env.extend(spec.worker.env.clone().unwrap_or_default());
 

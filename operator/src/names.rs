@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use deepseek_proto::pod;
+
 pub const FIELD_MANAGER: &str = "deepseek-operator";
 pub const MANAGED_BY: &str = "deepseek-operator";
 pub const PART_OF: &str = "deepseek-operator";
@@ -20,17 +22,17 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const COMPONENT_WORKER: &str = "worker";
 pub const COMPONENT_ROUTER: &str = "router";
 
+// The pod contract's ports (`deepseek_proto::pod`) as Kubernetes' i32.
 /// Worker gRPC (`deepseek.v1.Inference` + health); also the readiness probe target.
-pub const WORKER_GRPC_PORT: i32 = 50051;
+pub const WORKER_GRPC_PORT: i32 = pod::GRPC_PORT as i32;
 /// First expert-parallel transport port; local rank `i` of a pod listens on `+ i`.
-pub const WORKER_EP_PORT: i32 = 50061;
-pub const METRICS_PORT: i32 = 9090;
+pub const WORKER_EP_PORT: i32 = pod::EP_PORT as i32;
+pub const METRICS_PORT: i32 = pod::METRICS_PORT as i32;
 /// gRPC health service name the liveness probe asks for: SERVING while the process runs,
 /// even when the group is down (readiness covers that), so a lost peer does not restart pods.
 pub const LIVENESS_SERVICE: &str = "liveness";
 
-pub const MODEL_MOUNT: &str = "/models";
-pub const PLACEMENT_MOUNT: &str = "/etc/deepseek/placement";
+pub use pod::{MODEL_MOUNT, PLACEMENT_MOUNT};
 /// The entry of the expert-load ConfigMap that holds the workers' `/metrics` text.
 pub const EXPERT_LOAD_ENTRY: &str = "metrics";
 /// Where the router finds its API keys, and the Secret entry that holds them.

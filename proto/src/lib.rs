@@ -1,9 +1,10 @@
 //! Contracts between clients, the router, the workers and the operator: the `deepseek.v1`
-//! gRPC services, their deadline header and the expert placement plan.
+//! gRPC services, their deadline header, the expert placement plan and the pod contract.
 
 pub mod codec;
 pub mod deadline;
 pub mod placement;
+pub mod pod;
 
 /// Generated `deepseek.v1` messages, client and server.
 pub mod v1 {

@@ -309,14 +309,18 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             ranks.count
         );
     }
+    if let Some(fraction) = args.kv_cache_fraction.filter(|f| !(*f > 0.0 && *f <= 1.0)) {
+        bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
+    }
+    if args.dry_run {
+        println!("{}", args.dry_run_report(&ranks));
+        return Ok(());
+    }
     let model_dir = args
         .model
         .clone()
         .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
     let config = Config::from_file(&model_dir.join("config.json"))?;
-    if let Some(fraction) = args.kv_cache_fraction.filter(|f| !(*f > 0.0 && *f <= 1.0)) {
-        bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
-    }
     // On a GPU the fraction is of device memory, sized once the weights are there.
     let (kv_blocks, gpu_memory_fraction) = match (args.device, args.kv_cache_fraction) {
         (DeviceSpec::Cuda(_), Some(fraction)) => (0, Some(fraction)),

@@ -2,10 +2,13 @@
 //! environment the operator sets, checked against the placement plan.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use clap::ValueEnum;
 use deepseek_proto::placement::PlacementPlan;
+use deepseek_proto::pod::{self, env};
 
 use crate::gpu::{DeviceSpec, Dtype};
 
@@ -13,23 +16,23 @@ use crate::gpu::{DeviceSpec, Dtype};
 pub struct ServeArgs {
     /// Where the model runs: `cpu`, or `cuda:N`. GPU ranks of a group exchange tokens over
     /// the same TCP mesh as CPU ranks (through host memory; NCCL is not built yet).
-    #[arg(long, env = "DSD_DEVICE", default_value = "cpu")]
+    #[arg(long, env = env::DEVICE, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,
     /// else bf16), `bf16` or `fp8`. The CPU path computes in f32 whatever this says.
-    #[arg(long, env = "DSD_DTYPE", value_enum, default_value = "auto")]
+    #[arg(long, env = env::DTYPE, value_enum, default_value = "auto")]
     pub dtype: Dtype,
     /// Checkpoint directory (config.json, safetensors).
-    #[arg(long, env = "DSD_MODEL")]
+    #[arg(long, env = env::MODEL)]
     pub model: Option<PathBuf>,
     /// gRPC listen address.
-    #[arg(long, env = "DSD_LISTEN", default_value = "0.0.0.0:50051")]
-    pub listen: std::net::SocketAddr,
+    #[arg(long, env = env::LISTEN, default_value_t = SocketAddr::from(([0, 0, 0, 0], pod::GRPC_PORT)))]
+    pub listen: SocketAddr,
     /// Model name reported to clients (default: the model directory's name).
-    #[arg(long, env = "DSD_SERVED_NAME")]
+    #[arg(long, env = env::SERVED_NAME)]
     pub served_name: Option<String>,
     /// Token budget of one scheduler step (decodes plus prefill chunks).
-    #[arg(long, env = "DSD_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    #[arg(long, env = env::MAX_BATCH_TOKENS, default_value_t = 2048)]
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     #[arg(long, env = "DSD_MAX_SEQS", default_value_t = 64)]
@@ -47,34 +50,34 @@ pub struct ServeArgs {
     /// KV cache size as a fraction of the memory available at start; on a GPU, the share of
     /// device memory that weights, cache and working space may use together (vLLM's
     /// `gpu_memory_utilization`).
-    #[arg(long, env = "DSD_KV_CACHE_FRACTION")]
+    #[arg(long, env = env::KV_CACHE_FRACTION)]
     pub kv_cache_fraction: Option<f64>,
     /// Address for Prometheus `/metrics` (not served when unset).
-    #[arg(long, env = "DSD_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    #[arg(long, env = env::METRICS_LISTEN)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Seconds open streams may run after SIGTERM before they are ended.
     #[arg(long, env = "DSD_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
     /// Node pool this rank belongs to (reported by ModelInfo).
-    #[arg(long, env = "DSD_POOL", default_value = "")]
+    #[arg(long, env = env::POOL, default_value = "")]
     pub pool: String,
     /// Ranks in the expert-parallel group.
-    #[arg(long, env = "DSD_GROUP_SIZE", default_value_t = 1)]
+    #[arg(long, env = env::GROUP_SIZE, default_value_t = 1)]
     pub group_size: u32,
     /// First rank of this process. Defaults to pod index × ranks per pod.
     #[arg(long)]
     pub rank: Option<u32>,
     /// StatefulSet pod index (set by the operator through the downward API).
-    #[arg(long, env = "DSD_POD_INDEX", default_value_t = 0)]
+    #[arg(long, env = env::POD_INDEX, default_value_t = 0)]
     pub pod_index: u32,
     /// Ranks this process runs (one per local GPU).
-    #[arg(long, env = "DSD_RANKS_PER_POD", default_value_t = 1)]
+    #[arg(long, env = env::RANKS_PER_POD, default_value_t = 1)]
     pub ranks_per_pod: u32,
     /// Expert-parallel address of every rank in rank order, this process's own included.
-    #[arg(long, env = "DSD_PEERS", value_delimiter = ',')]
+    #[arg(long, env = env::PEERS, value_delimiter = ',')]
     pub peers: Vec<String>,
     /// Placement plan (JSON); round-robin when absent.
-    #[arg(long, env = "DSD_PLACEMENT")]
+    #[arg(long, env = env::PLACEMENT)]
     pub placement: Option<PathBuf>,
     /// Activations between expert-parallel ranks: bf16 (half the bytes) or f32 (exact).
     #[arg(long, env = "DSD_EP_WIRE", value_enum, default_value = "bf16")]
@@ -88,6 +91,10 @@ pub struct ServeArgs {
     /// Seconds a peer may be silent mid-step before the group counts as failed.
     #[arg(long, env = "DSD_EP_STALL_TIMEOUT_SECONDS", default_value_t = 30)]
     pub ep_stall_timeout_seconds: u64,
+    /// Check the flags, the environment and the placement plan, print what this process
+    /// would serve as (JSON) and exit, without loading the model or listening.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// The ranks this process runs and the group around them.
@@ -124,6 +131,30 @@ impl ServeArgs {
             );
         }
         Ok(Some(plan))
+    }
+}
+
+impl ServeArgs {
+    /// What `--dry-run` prints: the settings the operator's environment controls, and this
+    /// process's ranks.
+    pub fn dry_run_report(&self, ranks: &LocalRanks) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.model,
+            "served_name": self.served_name,
+            "device": self.device.to_string(),
+            "dtype": self.dtype.to_possible_value().map(|v| v.get_name().to_string()),
+            "pool": self.pool,
+            "listen": self.listen.to_string(),
+            "metrics_listen": self.metrics_listen.map(|a| a.to_string()),
+            "max_batch_tokens": self.max_batch_tokens,
+            "kv_cache_fraction": self.kv_cache_fraction,
+            "placement": self.placement,
+            "first_rank": ranks.first,
+            "ranks": ranks.count,
+            "group_size": ranks.group_size,
+            "expert_parallel_listen": ranks.listen,
+            "peers": self.peers,
+        })
     }
 }
 

@@ -7,4 +7,5 @@ mod desired;
 mod fixtures;
 mod images;
 mod metrics;
+mod pod_contract;
 mod status;

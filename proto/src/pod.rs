@@ -1,0 +1,46 @@
+//! The operator → worker pod contract: what the operator's pod template sets and
+//! `deepseek-worker serve` reads. Both sides use these names, so neither can drift alone (a
+//! test renders a pod with the operator's builders and runs the worker's parser on it).
+
+/// Environment variables of a worker container. Each is also a `serve` flag.
+pub mod env {
+    /// Checkpoint directory.
+    pub const MODEL: &str = "DSD_MODEL";
+    /// Name clients use for the model.
+    pub const SERVED_NAME: &str = "DSD_SERVED_NAME";
+    /// Expert GEMM precision: `auto`, `bf16` or `fp8`.
+    pub const DTYPE: &str = "DSD_DTYPE";
+    /// `cpu` or `cuda:N` (the device plugin numbers a pod's own GPUs from 0).
+    pub const DEVICE: &str = "DSD_DEVICE";
+    /// The pool's name.
+    pub const POOL: &str = "DSD_POOL";
+    /// Ranks in the expert-parallel group.
+    pub const GROUP_SIZE: &str = "DSD_GROUP_SIZE";
+    /// Ranks (GPUs) in one pod.
+    pub const RANKS_PER_POD: &str = "DSD_RANKS_PER_POD";
+    /// The StatefulSet pod index; the pod's first rank is index × ranks per pod.
+    pub const POD_INDEX: &str = "DSD_POD_INDEX";
+    /// Every rank's expert-parallel address in rank order, comma-separated.
+    pub const PEERS: &str = "DSD_PEERS";
+    /// The placement plan file.
+    pub const PLACEMENT: &str = "DSD_PLACEMENT";
+    /// gRPC listen address.
+    pub const LISTEN: &str = "DSD_LISTEN";
+    /// Prometheus `/metrics` listen address.
+    pub const METRICS_LISTEN: &str = "DSD_METRICS_LISTEN";
+    /// Token budget of one scheduler step.
+    pub const MAX_BATCH_TOKENS: &str = "DSD_MAX_BATCH_TOKENS";
+    /// KV cache size as a fraction of the memory available at start.
+    pub const KV_CACHE_FRACTION: &str = "DSD_KV_CACHE_FRACTION";
+}
+
+/// gRPC (`deepseek.v1.Inference` and health) on every worker pod.
+pub const GRPC_PORT: u16 = 50051;
+/// The expert-parallel port of a pod's first rank; local rank `i` listens on `EP_PORT + i`.
+pub const EP_PORT: u16 = 50061;
+/// Prometheus `/metrics`.
+pub const METRICS_PORT: u16 = 9090;
+/// Where the checkpoint volume is mounted.
+pub const MODEL_MOUNT: &str = "/models";
+/// Where the placement ConfigMap is mounted; the plan is its `placement::PLAN_FILE`.
+pub const PLACEMENT_MOUNT: &str = "/etc/deepseek/placement";
