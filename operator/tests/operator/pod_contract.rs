@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use deepseek_operator::api::DeepSeekDeployment;
 use deepseek_operator::names::*;
@@ -58,10 +59,12 @@ fn dry_run(dsd: &DeepSeekDeployment, pool: &str, pod_index: u32) -> Result<Value
         .find(|c| c.name_any() == placement_name(&dsd.name_any(), pool))
         .and_then(|c| c.data.as_ref()?.get(PLAN_FILE).cloned())
         .unwrap();
+    // Tests run in parallel, several on the same deployment: a file per call.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
     let plan_file = std::env::temp_dir().join(format!(
-        "dsd-contract-{}-{}-{pool}-{pod_index}.json",
+        "dsd-contract-{}-{}.json",
         std::process::id(),
-        dsd.name_any()
+        CALLS.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::write(&plan_file, plan).unwrap();
 
