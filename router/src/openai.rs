@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 use crate::auth::ApiKeys;
 use crate::proxy::Router;
@@ -121,7 +122,12 @@ impl From<Status> for ApiError {
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
-        let field = status.message().split(':').next().unwrap_or("");
+        // The worker names the proto field in a google.rpc.BadRequest field violation.
+        let field = status
+            .get_details_bad_request()
+            .and_then(|bad| bad.field_violations.into_iter().next())
+            .map(|violation| violation.field)
+            .unwrap_or_default();
         let param = [
             ("prompt", "prompt"),
             ("stopping.max_new_tokens", "max_tokens"),
@@ -342,10 +348,10 @@ impl Common {
             // OpenAI samples at temperature 1 unless told otherwise; 0 is greedy.
             sampling: Some(SamplingParams {
                 temperature: self.temperature.unwrap_or(1.0),
-                top_p: self.top_p.unwrap_or(0.0),
+                top_p: self.top_p,
                 top_k: self.top_k.unwrap_or(0),
                 min_p: self.min_p.unwrap_or(0.0),
-                repetition_penalty: self.repetition_penalty.unwrap_or(0.0),
+                repetition_penalty: self.repetition_penalty,
                 seed: self.seed,
             }),
             stopping: Some(StoppingCriteria {
@@ -794,6 +800,8 @@ fn sse(frame: Frame, messages: crate::proxy::ResponseStream, include_usage: bool
 
 #[cfg(test)]
 mod tests {
+    use tonic_types::ErrorDetails;
+
     use super::*;
 
     #[test]
@@ -816,8 +824,13 @@ mod tests {
 
     #[test]
     fn worker_statuses_become_http_errors_with_openai_params() {
-        let err = ApiError::from(Status::invalid_argument(
+        let err = ApiError::from(Status::with_error_details(
+            Code::InvalidArgument,
             "stopping.max_new_tokens: 100000 exceeds the context",
+            ErrorDetails::with_bad_request_violation(
+                "stopping.max_new_tokens",
+                "100000 exceeds the context",
+            ),
         ));
         assert_eq!(
             (err.status, err.param.as_deref()),

@@ -117,7 +117,7 @@ pub fn generate(
             options.max_new_tokens
         );
     }
-    options.sampling.validate().map_err(anyhow::Error::msg)?;
+    options.sampling.validate()?;
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut out = Generation::default();
     if options.max_new_tokens == 0 {

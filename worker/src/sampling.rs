@@ -39,12 +39,13 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// Checks ranges; the message names the parameter and its limit.
-    pub fn validate(&self) -> Result<(), String> {
-        let finite = |name: &str, v: f32| {
+    pub fn validate(&self) -> Result<(), InvalidSampling> {
+        let invalid = |param, message| Err(InvalidSampling { param, message });
+        let finite = |param: &'static str, v: f32| {
             if v.is_finite() {
                 Ok(())
             } else {
-                Err(format!("{name} must be a finite number, got {v}"))
+                invalid(param, format!("{param} must be a finite number, got {v}"))
             }
         };
         finite("temperature", self.temperature)?;
@@ -54,22 +55,39 @@ impl SamplingParams {
         finite("frequency_penalty", self.frequency_penalty)?;
         finite("presence_penalty", self.presence_penalty)?;
         if self.temperature < 0.0 {
-            return Err(format!("temperature must be ≥ 0, got {}", self.temperature));
+            let message = format!("temperature must be ≥ 0, got {}", self.temperature);
+            return invalid("temperature", message);
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return invalid(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", self.min_p),
+            );
         }
         if self.repetition_penalty <= 0.0 {
-            return Err(format!(
+            let message = format!(
                 "repetition_penalty must be > 0, got {}",
                 self.repetition_penalty
-            ));
+            );
+            return invalid("repetition_penalty", message);
         }
         Ok(())
     }
+}
+
+/// A sampling parameter out of range: which one (its name in `SamplingParams`, the proto
+/// and the OpenAI API alike) and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidSampling {
+    pub param: &'static str,
+    pub message: String,
 }
 
 /// xoshiro256** seeded through splitmix64: small, fast, and reproducible across platforms.
@@ -402,7 +420,7 @@ mod tests {
 
     #[test]
     fn invalid_parameters_name_the_field_and_limit() {
-        let check = |p: SamplingParams| p.validate().unwrap_err();
+        let check = |p: SamplingParams| p.validate().unwrap_err().to_string();
         assert_eq!(
             check(SamplingParams {
                 temperature: -1.0,

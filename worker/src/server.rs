@@ -18,8 +18,9 @@ use deepseek_proto::v1::{
 };
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::config::Family;
 use crate::ep::EpTransport;
@@ -33,7 +34,7 @@ use crate::model::Model;
 use crate::model::cache::BLOCK_TOKENS;
 use crate::scheduler::{Backend, Load, Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
-use crate::validate::{Limits, check_token_ids, validate};
+use crate::validate::{InvalidRequest, Limits, check_token_ids, validate};
 
 /// Everything `serve` was asked for.
 #[derive(Clone, Debug)]
@@ -127,7 +128,7 @@ impl Inference for InferenceService {
             loaded.tokenizer.as_deref(),
             &loaded.limits,
         )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| invalid_argument(&e))?;
         let (respond, responses) = tokio::sync::mpsc::unbounded_channel();
         loaded.scheduler.submit(Submission {
             request: valid,
@@ -151,7 +152,12 @@ impl Inference for InferenceService {
                     chat.messages.into_iter().map(ChatMessage::from).collect();
                 tokenizer.encode_chat(&messages)
             }
-            None => return Err(Status::invalid_argument("input: missing: set text or chat")),
+            None => {
+                return Err(invalid_argument(&InvalidRequest {
+                    field: "input",
+                    message: "missing: set text or chat".into(),
+                }));
+            }
         }
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(TokenizeResponse { ids }))
@@ -350,6 +356,13 @@ async fn drain_then_stop(
     while load.busy() > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+/// INVALID_ARGUMENT with the message for people and a `google.rpc.BadRequest` field
+/// violation for programs: the router takes the field from there for the OpenAI error.
+fn invalid_argument(invalid: &InvalidRequest) -> Status {
+    let details = ErrorDetails::with_bad_request_violation(invalid.field, &invalid.message);
+    Status::with_error_details(Code::InvalidArgument, invalid.to_string(), details)
 }
 
 fn open_gpu(ordinal: usize) -> anyhow::Result<Gpu> {

@@ -170,37 +170,28 @@ pub fn check_token_ids(ids: &[u32], vocab_size: usize) -> Result<(), String> {
     }
 }
 
-/// Proto3 cannot tell an unset float from 0, so 0 means "off" for top_p and
-/// repetition_penalty (their neutral values are 1); temperature 0 is greedy.
+/// Unset `top_p` and `repetition_penalty` mean their neutral value 1; temperature 0 is greedy
+/// and min_p 0 is off, so those need no presence.
 fn sampling(p: deepseek_proto::v1::SamplingParams) -> Result<SamplingParams, InvalidRequest> {
-    const FIELDS: [&str; 4] = [
-        "sampling.temperature",
-        "sampling.top_p",
-        "sampling.min_p",
-        "sampling.repetition_penalty",
-    ];
-    let field_of = |message: &str| {
-        FIELDS
-            .into_iter()
-            .find(|f| message.starts_with(&f["sampling.".len()..]))
-            .unwrap_or("sampling")
-    };
     let params = SamplingParams {
         temperature: p.temperature,
         top_k: p.top_k as usize,
-        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+        top_p: p.top_p.unwrap_or(1.0),
         min_p: p.min_p,
-        repetition_penalty: if p.repetition_penalty == 0.0 {
-            1.0
-        } else {
-            p.repetition_penalty
-        },
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
         seed: p.seed,
         ..Default::default()
     };
-    params
-        .validate()
-        .map_err(|message| invalid(field_of(&message), message))?;
+    params.validate().map_err(|e| {
+        let field = match e.param {
+            "temperature" => "sampling.temperature",
+            "top_p" => "sampling.top_p",
+            "min_p" => "sampling.min_p",
+            "repetition_penalty" => "sampling.repetition_penalty",
+            _ => "sampling",
+        };
+        invalid(field, e.message)
+    })?;
     Ok(params)
 }
 
@@ -239,7 +230,7 @@ mod tests {
         let mut near_end = ids(&[1; 20]);
         near_end.sampling = Some(ProtoSampling {
             temperature: 0.7,
-            top_p: 0.9,
+            top_p: Some(0.9),
             ..Default::default()
         });
         let valid = validate(near_end, None, &limits()).unwrap();
@@ -303,14 +294,14 @@ mod tests {
         );
         assert_eq!(
             error(sampled(ProtoSampling {
-                top_p: 1.5,
+                top_p: Some(1.5),
                 ..Default::default()
             })),
             "sampling.top_p: top_p must be in (0, 1], got 1.5"
         );
         assert!(
             error(sampled(ProtoSampling {
-                top_p: -0.1,
+                top_p: Some(-0.1),
                 ..Default::default()
             }))
             .starts_with("sampling.top_p")
@@ -372,10 +363,10 @@ mod tests {
                 prompt,
                 sampling: (next() % 2 == 0).then(|| ProtoSampling {
                     temperature: pick(next()),
-                    top_p: pick(next()),
+                    top_p: Some(pick(next())).filter(|p| *p != 0.0),
                     top_k: next() as u32,
                     min_p: pick(next()),
-                    repetition_penalty: pick(next()),
+                    repetition_penalty: Some(pick(next())).filter(|p| *p != 0.0),
                     seed: (next() % 2 == 0).then(&mut next),
                 }),
                 stopping: (next() % 2 == 0).then(|| StoppingCriteria {

@@ -158,6 +158,12 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
     let (status, text) = http(router.http, "POST", "/v1/chat/completions", &[], body).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("\"param\":\"top_logprobs\""), "{text}");
+    // The worker refuses top_p 0 (an explicit value, no longer read as "unset"); the router
+    // names the OpenAI parameter from the worker's field violation.
+    let body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 2, "top_p": 0}"#;
+    let (status, text) = http(router.http, "POST", "/v1/completions", &[], body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"param\":\"top_p\""), "{text}");
     let stream_body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 5,
                            "stream": true, "stream_options": {"include_usage": true}}"#;
     let (status, text) = http(router.http, "POST", "/v1/completions", &[], stream_body).await;

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
 
 fn fixture() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-v3-bf16")
@@ -263,6 +264,27 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
     assert!(
         message.starts_with("stopping.max_new_tokens: 100000 exceeds"),
         "{message}"
+    );
+    // Programs read the field from a google.rpc.BadRequest, not from the message.
+    let mut wide = request(vec![1], 4);
+    wide.sampling = Some(SamplingParams {
+        top_p: Some(1.5),
+        ..Default::default()
+    });
+    let violation = client
+        .generate(wide)
+        .await
+        .err()
+        .and_then(|s| s.get_details_bad_request())
+        .map(|bad| bad.field_violations)
+        .unwrap();
+    assert_eq!(violation.len(), 1);
+    assert_eq!(
+        (
+            violation[0].field.as_str(),
+            violation[0].description.as_str()
+        ),
+        ("sampling.top_p", "top_p must be in (0, 1], got 1.5")
     );
 }
 
@@ -550,7 +572,8 @@ async fn ten_thousand_generated_requests_through_the_server() {
                         prompt,
                         sampling: Some(SamplingParams {
                             temperature: pick(next()),
-                            top_p: pick(next()),
+                            // 0 stands for unset, as it did before the field was optional.
+                            top_p: Some(pick(next())).filter(|p| *p != 0.0),
                             top_k: next() as u32 % 50,
                             ..Default::default()
                         }),
