@@ -10,6 +10,7 @@
 # Env: OPERATOR_BIN (default ./target/release/deepseek-operator, else the debug build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tests/cluster/lib.sh
 N="${1:-200}"
 IDLE="${2:-60}"
 [ -n "${KUBECONFIG:-}" ] || { echo "bench: start a cluster first: eval \"\$(tests/cluster/up.sh)\"" >&2; exit 1; }
@@ -41,18 +42,14 @@ kcm_pid=$(awk '$1 == "kube-controller-manager" { print $2 }' "$cluster/pids")
 reconciliations() {
   curl -sf "http://127.0.0.1:$metrics_port/metrics" | awk '/^deepseek_operator_reconciliations_total/ { print $2 }'
 }
-# The operator's API requests since audit-log line $1, by verb (leases apart: that is the
-# leader election's renewal, not reconciliation).
+# The operator's API requests since audit-log line $1, counted by verb as JSON (leases apart:
+# that is the leader election's renewal, not reconciliation).
 requests_since() {
-  tail -n +"$1" "$audit_log" | python3 -c '
+  audit_requests "$audit_log" "$1" "$SYSTEM" "$SA" | python3 -c '
 import collections, json, sys
-user = "system:serviceaccount:'"$SYSTEM:$SA"'"
 verbs = collections.Counter()
-for event in map(json.loads, sys.stdin):
-    if event["user"]["username"] != user or event["stage"] != "ResponseComplete":
-        continue
-    lease = event["objectRef"].get("resource") == "leases"
-    verbs[("lease-" if lease else "") + event["verb"]] += 1
+for verb, *resource in map(str.split, sys.stdin):
+    verbs[("lease-" if resource[:1] == ["leases"] else "") + verb] += 1
 print(json.dumps(dict(sorted(verbs.items()))))'
 }
 machine() { # the CPU by name and the vector extensions that tell machines apart, and the cores
@@ -60,7 +57,6 @@ machine() { # the CPU by name and the vector extensions that tell machines apart
   flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512_bf16|amx_tile' | tr '\n' ' ')
   echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) (${flags% }), $(nproc) cores"
 }
-audit_mark() { echo $(($(wc -l <"$audit_log") + 1)); }
 
 log "installing the chart and starting the operator with its ServiceAccount's token"
 kubectl create namespace "$SYSTEM" >/dev/null
@@ -68,12 +64,13 @@ kubectl create namespace "$SYSTEM" >/dev/null
 tests/cluster/token-kubeconfig.sh "$SYSTEM" "$SA" "$work/operator.kubeconfig"
 kubectl create namespace "$NS" >/dev/null
 tests/cluster/static-claim.sh "$NS" tiny-model
-metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+metrics_port=$(free_port)
 KUBECONFIG="$work/operator.kubeconfig" RUST_LOG=warn "$OPERATOR_BIN" run --leader-elect \
   --lease-name "$SA" --lease-namespace "$SYSTEM" --identity bench \
   --metrics-listen "127.0.0.1:$metrics_port" --log-format text >"$work/operator.log" 2>&1 &
 operator_pid=$!
-until [ "$(kubectl -n "$SYSTEM" get lease "$SA" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)" = bench ]; do sleep 0.5; done
+leading() { [ "$(kubectl -n "$SYSTEM" get lease "$SA" -o jsonpath='{.spec.holderIdentity}')" = bench ]; }
+wait_until 60 "the operator to take the lease" leading
 
 for i in $(seq 1 "$N"); do
   sed -e "s/^  name: tiny$/  name: bench-$i/" -e "s/^  namespace: .*/  namespace: $NS/" deploy/samples/tiny.yaml
@@ -81,7 +78,7 @@ for i in $(seq 1 "$N"); do
 done >"$work/deployments.yaml"
 
 log "creating $N DeepSeekDeployments"
-mark=$(audit_mark)
+mark=$(audit_mark "$audit_log")
 operator_cpu0=$(cpu_seconds "$operator_pid"); kcm_cpu0=$(cpu_seconds "$kcm_pid")
 reconciles0=$(reconciliations)
 start=$(date +%s.%N)
@@ -89,7 +86,8 @@ kubectl apply -f "$work/deployments.yaml" >/dev/null
 ready_count() {
   kubectl -n "$NS" get dsd -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True
 }
-until [ "$(ready_count)" = "$N" ]; do sleep 1; done
+all_ready() { [ "$(ready_count)" = "$N" ]; }
+wait_until 1200 "all $N to be Ready" all_ready
 elapsed=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
 operator_cpu=$(python3 -c "print(f'{$(cpu_seconds "$operator_pid") - $operator_cpu0:.2f}')")
 kcm_cpu=$(python3 -c "print(f'{$(cpu_seconds "$kcm_pid") - $kcm_cpu0:.2f}')")
@@ -99,7 +97,7 @@ requests=$(requests_since "$mark")
 log "all $N Ready after ${elapsed}s"
 
 log "idle for ${IDLE}s"
-mark=$(audit_mark)
+mark=$(audit_mark "$audit_log")
 reconciles0=$(reconciliations)
 operator_idle_cpu0=$(cpu_seconds "$operator_pid")
 sleep "$IDLE"

@@ -14,6 +14,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/versions.sh"
+source "$here/lib.sh"
 dir="${DSD_CLUSTER_DIR:-$CLUSTER_CACHE/run}"
 log() { echo "cluster: $*" >&2; }
 
@@ -28,7 +29,6 @@ mkdir -p "$dir/pki" "$dir/logs" "$dir/etcd" "$dir/apiserver"
 # A failed start leaves nothing running.
 trap 'status=$?; if [ $status -ne 0 ]; then log "start failed; logs in $dir/logs"; DSD_CLUSTER_DIR="$dir" "$here/down.sh"; fi' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 etcd_port=$(free_port); etcd_peer_port=$(free_port); api_port=$(free_port)
 kcm_port=$(free_port); scheduler_port=$(free_port); kwok_port=$(free_port)
 
@@ -88,13 +88,6 @@ start() { # start NAME COMMAND...: runs in its own process group, logs to logs/N
   local name="$1"; shift
   setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null &
   echo "$name $!" >>"$dir/pids"
-}
-wait_until() { # wait_until SECONDS DESCRIPTION COMMAND...
-  local deadline=$((SECONDS + $1)) what="$2"; shift 2
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { log "timed out waiting for $what"; return 1; }
-    sleep 0.5
-  done
 }
 
 log "etcd $ETCD_VERSION on 127.0.0.1:$etcd_port"
@@ -191,10 +184,9 @@ YAML
       '[{key: nvidia.com/gpu, value: present, effect: NoSchedule}, {key: pool, value: a100, effect: NoSchedule}]'
   done
 } | kubectl apply -f - >/dev/null
-wait_until 60 "the nodes to be Ready" sh -c \
-  "[ \"\$('$bin/kubectl' get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}' | grep -c True)\" = 8 ]"
-
-printf 'api=%s\netcd=http://127.0.0.1:%s\nkcm=%s\nscheduler=%s\nbin=%s\n' \
-  "$server" "$etcd_port" "$kcm_port" "$scheduler_port" "$bin" >"$dir/endpoints"
+nodes_ready() {
+  [ "$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" = 8 ]
+}
+wait_until 60 "the nodes to be Ready" nodes_ready
 log "ready: $(kubectl version 2>/dev/null | tr '\n' ' ')"
 echo "export KUBECONFIG=$dir/admin.kubeconfig PATH=$bin:\$PATH"

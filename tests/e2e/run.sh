@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$PWD"
+source tests/cluster/lib.sh
 
 KUBECTL="${KUBECTL:-$(command -v kubectl)}"
 HELM="${HELM:-$(command -v helm || echo "$repo/.tools/bin/helm")}"
@@ -49,14 +50,7 @@ fail() {
   done
   exit 1
 }
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local limit="$1" what="$2"; shift 2
-  local deadline=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || fail "timed out after $limit s waiting for $what"
-    sleep 0.5
-  done
-}
+wait_for() { wait_until "$@" || fail "waiting for $2"; } # wait_for SECONDS DESCRIPTION COMMAND...
 jsonpath() { kubectl "$@" 2>/dev/null || true; }
 condition() { # condition NAMESPACE NAME TYPE -> "status reason"
   jsonpath -n "$1" get dsd "$2" -o jsonpath="{.status.conditions[?(@.type==\"$3\")].status} {.status.conditions[?(@.type==\"$3\")].reason}"
@@ -74,7 +68,6 @@ restricted_namespace() {
 
 # --- operators as local processes ----------------------------------------------------------
 declare -A operator_pid=()
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 start_operator() { # start_operator IDENTITY: leader-elected, with the chart's ServiceAccount token
   KUBECONFIG="$work/operator.kubeconfig" RUST_LOG=info,deepseek_operator=debug \
     "$OPERATOR_BIN" run --leader-elect --lease-name "$LEASE" --lease-namespace "$SYSTEM" \
@@ -97,18 +90,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Writes to the API server by the operator's ServiceAccount since line N of the audit log.
+# Writes to the API server by the operator's ServiceAccount since line N of the audit log,
+# leader election's lease renewals apart.
 audit_log="$logs/audit.log"
 operator_writes_since() {
-  tail -n +"$1" "$audit_log" | python3 -c '
-import json, sys
-user = "system:serviceaccount:'"$SYSTEM:$OPERATOR_SA"'"
-writes = [e for e in map(json.loads, sys.stdin)
-          if e["user"]["username"] == user and e["verb"] in ("create", "update", "patch", "delete")
-          and e["objectRef"].get("resource") != "leases"]
-for e in writes:
-    ref = e["objectRef"]
-    print(e["verb"], ref.get("resource"), ref.get("subresource", ""), ref.get("name", ""))'
+  audit_requests "$audit_log" "$1" "$SYSTEM" "$OPERATOR_SA" \
+    | grep -E '^(create|update|patch|delete) ' | grep -v '^[a-z]* leases ' || true
 }
 
 # ============================================================================================
@@ -211,7 +198,7 @@ columns=$(k get dsd | head -1)
 
 say "no writes while nothing changes"
 sleep 5 # the last status changes of the rollout-free start settle (the router's, say)
-audit_mark=$(($(wc -l <"$audit_log") + 1))
+audit_mark=$(audit_mark "$audit_log")
 sleep 20
 writes=$(operator_writes_since "$audit_mark")
 [ -z "$writes" ] || fail "the operator wrote while idle: $writes"
@@ -274,7 +261,7 @@ kill "$kubectl_watch_pid" 2>/dev/null || true
 wait_for 60 "Ready on the new revision" ready_is "$NS" tiny True
 [ "$(k get dsd tiny -o jsonpath='{.status.observedGeneration}')" = "$(k get dsd tiny -o jsonpath='{.metadata.generation}')" ] \
   || fail "Ready before the new generation was observed"
-[ "$(revisions | grep -vcx "$old_revision")" = 1 ] && ! revisions | grep -qx "$old_revision" \
+[ "$(revisions | wc -l)" = 1 ] && [ "$(revisions)" != "$old_revision" ] \
   || fail "pods left on the old revision: $(revisions)"
 
 say "two operators: one leader; the other takes over when it dies"
@@ -290,9 +277,9 @@ k get statefulset tiny-cpu-g1 >/dev/null 2>&1 && fail "the second group is still
 
 say "deletion: garbage collection removes everything"
 k delete dsd tiny --wait=true >/dev/null
-gone() { ! k get "$1" >/dev/null 2>&1; }
+absent() { ! kubectl "$@" >/dev/null 2>&1; }
 no_pods() { [ -z "$(jsonpath -n "$1" get pods -o name)" ]; }
-for object in $owned_objects; do wait_for 60 "$object to be collected" gone "$object"; done
+for object in $owned_objects; do wait_for 60 "$object to be collected" absent -n "$NS" get "$object"; done
 wait_for 60 "the worker pods to go" no_pods "$NS"
 
 # ============================================================================================
@@ -333,9 +320,8 @@ helm upgrade "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --set logLevel=deb
 [ "$(kubectl -n "$SYSTEM" get deployment "$OPERATOR_SA" -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="RUST_LOG")].value}')" = debug ] \
   || fail "helm upgrade did not change the operator Deployment"
 helm uninstall "$RELEASE" -n "$SYSTEM" --wait >/dev/null
-gone_cluster() { ! kubectl "$@" >/dev/null 2>&1; }
-wait_for 60 "the release's objects to go" gone_cluster -n "$SYSTEM" get deployment "$OPERATOR_SA"
-gone_cluster get clusterrole "$OPERATOR_SA" || fail "helm uninstall left the ClusterRole"
+wait_for 60 "the release's objects to go" absent -n "$SYSTEM" get deployment "$OPERATOR_SA"
+absent get clusterrole "$OPERATOR_SA" || fail "helm uninstall left the ClusterRole"
 # Helm never deletes a chart's CRDs (that would delete every DeepSeekDeployment).
 kubectl get crd deepseekdeployments.serving.deepseek-operator.io >/dev/null || fail "helm uninstall removed the CRD"
 
@@ -347,7 +333,7 @@ SYSTEM=deepseek-system OPERATOR_SA=deepseek-operator LEASE=deepseek-operator
 as_operator=(--as "system:serviceaccount:$SYSTEM:$OPERATOR_SA")
 check_least_privilege
 kubectl delete -k deploy/ --wait=true >/dev/null
-gone_cluster get crd deepseekdeployments.serving.deepseek-operator.io || fail "kubectl delete -k deploy/ left the CRD"
+absent get crd deepseekdeployments.serving.deepseek-operator.io || fail "kubectl delete -k deploy/ left the CRD"
 
 echo
 echo "e2e: passed"

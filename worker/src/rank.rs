@@ -132,9 +132,7 @@ impl ServeArgs {
         }
         Ok(Some(plan))
     }
-}
 
-impl ServeArgs {
     /// What `--dry-run` prints: the settings the operator's environment controls, and this
     /// process's ranks.
     pub fn dry_run_report(&self, ranks: &LocalRanks) -> serde_json::Value {
