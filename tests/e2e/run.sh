@@ -188,6 +188,11 @@ done
 wait_for 90 "tiny to be Ready" ready_is "$NS" tiny True
 summary_is "$NS" tiny "cpu:1/1" || fail "pool summary: $(k get dsd tiny -o jsonpath='{.status.poolSummary}')"
 [ "$(k get pod tiny-cpu-g0-0 -o jsonpath='{.status.phase}/{.spec.nodeName}')" != "Running/" ] || fail "worker pod not placed"
+# kwok removes a deleted pod at a random moment within its grace period, as a kubelet does when
+# the worker exits somewhere in its drain; every wait for a pod to go or be replaced allows it.
+grace=$(k get pod tiny-cpu-g0-0 -o jsonpath='{.spec.terminationGracePeriodSeconds}')
+pod_gone_s=$((grace + 30))
+pod_replaced_s=$((pod_gone_s + 30)) # gone, then scheduled, started and Ready
 k get events --field-selector reason=FailedCreate -o jsonpath='{.items[*].message}' | grep -q PodSecurity \
   && fail "restricted Pod Security refused a pod the operator made"
 k get events --field-selector involvedObject.kind=DeepSeekDeployment,involvedObject.name=tiny -o jsonpath='{.items[*].reason}' | grep -q . \
@@ -247,14 +252,14 @@ watch_pid=$!
 wait_for 30 "the rollout watch's baseline" grep -q baseline "$work/rollout.out"
 k patch dsd tiny --type merge -p '{"spec":{"worker":{"image":"registry.example/deepseek-worker:e2e-2"}}}' >/dev/null
 rollout_begun() { revisions | grep -vqx "$old_revision"; }
-wait_for 60 "the first group on the new revision" rollout_begun
+wait_for "$pod_replaced_s" "the first group on the new revision" rollout_begun
 kill_operator e2e-a KILL
 revisions | grep -qx "$old_revision" \
   || fail "the rollout finished before the operator could be killed in its middle"
 echo "e2e: operator killed with groups on revisions: $(revisions | tr '\n' ' ')"
 start_operator e2e-a
 rollout_done() { ! kill -0 "$watch_pid" 2>/dev/null; }
-wait_for 120 "the rollout to finish" rollout_done
+wait_for $((3 * pod_replaced_s)) "the rollout to finish" rollout_done
 wait "$watch_pid" || fail "$(cat "$work/rollout.out")"
 cat "$work/rollout.out"
 kill "$kubectl_watch_pid" 2>/dev/null || true
@@ -272,7 +277,7 @@ grep -q "waiting for the leader lease" "$logs/e2e-operator-e2e-b.log" || fail "t
 kill_operator e2e-a KILL
 wait_for 60 "the standby to take the lease" lease_is e2e-b
 k scale dsd tiny --replicas 1
-wait_for 60 "the new leader to scale down" groups_ready "$NS" tiny 1
+wait_for "$pod_gone_s" "the new leader to scale down" groups_ready "$NS" tiny 1
 k get statefulset tiny-cpu-g1 >/dev/null 2>&1 && fail "the second group is still there after scaling to 1"
 
 say "deletion: garbage collection removes everything"
@@ -280,7 +285,7 @@ k delete dsd tiny --wait=true >/dev/null
 absent() { ! kubectl "$@" >/dev/null 2>&1; }
 no_pods() { [ -z "$(jsonpath -n "$1" get pods -o name)" ]; }
 for object in $owned_objects; do wait_for 60 "$object to be collected" absent -n "$NS" get "$object"; done
-wait_for 60 "the worker pods to go" no_pods "$NS"
+wait_for "$pod_gone_s" "the worker pods to go" no_pods "$NS"
 
 # ============================================================================================
 say "H100 + A100 sample: pods only on their pool's nodes, with their GPUs and tolerations"
@@ -301,7 +306,7 @@ done <<<"$placements"
 kubectl -n "$FLAGSHIP" get events --field-selector reason=FailedCreate -o jsonpath='{.items[*].message}' \
   | grep -q PodSecurity && fail "restricted Pod Security refused a pod of the H100+A100 sample"
 kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
-wait_for 60 "the H100+A100 pods to go" no_pods "$FLAGSHIP"
+wait_for "$pod_gone_s" "the H100+A100 pods to go" no_pods "$FLAGSHIP"
 
 say "a pool with no nodes it may use is reported Unschedulable while the other serves"
 # Without the A100 pool's tolerations its pods fit no node: the A100s are tainted.
