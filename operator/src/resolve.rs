@@ -22,6 +22,11 @@ pub struct ResolvedPool {
     /// Desired groups.
     pub replicas: i32,
     pub weight: i32,
+    /// Routed experts per MoE layer, which the pool's placement plan spreads over its ranks.
+    pub routed_experts: u32,
+    /// The pool as written, for its overrides (node selector, tolerations, affinity,
+    /// resources).
+    pub spec: PoolSpec,
 }
 
 /// Why a spec cannot be realised. `reason()` is the condition reason; the message names the
@@ -77,15 +82,18 @@ pub fn resolve(dsd: &DeepSeekDeployment) -> Result<Vec<ResolvedPool>, SpecError>
             return Err(SpecError::DuplicatePool(pool.name.clone()));
         }
     }
-    routed_experts(dsd)?;
+    let experts = routed_experts(dsd)?;
     let replicas = pool_replicas(spec.replicas, &spec.pools);
     spec.pools
         .iter()
         .zip(replicas)
-        .map(|(pool, replicas)| resolve_pool(dsd, pool, replicas))
+        .map(|(pool, replicas)| resolve_pool(dsd, pool, replicas, experts))
         .collect()
 }
 
+/// Routed experts per MoE layer: `model.routedExperts`, else the architecture's count.
+/// Resolution carries it on every pool; the controller reads it before resolving, to parse
+/// measured expert load.
 pub fn routed_experts(dsd: &DeepSeekDeployment) -> Result<u32, SpecError> {
     let model = &dsd.spec.model;
     model
@@ -98,6 +106,7 @@ fn resolve_pool(
     dsd: &DeepSeekDeployment,
     pool: &PoolSpec,
     replicas: i32,
+    routed_experts: u32,
 ) -> Result<ResolvedPool, SpecError> {
     let invalid = |message: String| SpecError::InvalidPool {
         pool: pool.name.clone(),
@@ -165,6 +174,8 @@ fn resolve_pool(
         group_size,
         replicas: replicas.max(0),
         weight: pool.weight,
+        routed_experts,
+        spec: pool.clone(),
     })
 }
 

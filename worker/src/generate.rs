@@ -5,79 +5,43 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::config::Config;
-use crate::gpu::model::{GpuKv, GpuModel};
-use crate::model::Model;
-use crate::model::cache::{BlockTable, KvCache, KvPool, blocks_for};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::backend::{Backend, KvCache, Output, Pass};
+use crate::model::cache::{BlockTable, blocks_for};
+use crate::sampling::{Next, Sampler, SamplingParams, Want};
 
-/// The forward passes of one sequence: the CPU model with its cache, or the GPU model.
-pub trait Sequence {
-    fn config(&self) -> &Config;
-    /// The logits ([tokens][vocab]) of `tokens`, appended to the sequence.
-    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
-}
-
-pub struct CpuSequence<'a> {
-    model: &'a Model,
+/// One sequence in a cache of its own.
+struct Sequence<'a> {
+    backend: &'a dyn Backend,
     cache: KvCache,
-}
-
-impl<'a> CpuSequence<'a> {
-    pub fn new(model: &'a Model) -> Self {
-        CpuSequence {
-            model,
-            cache: model.new_cache(),
-        }
-    }
-}
-
-impl Sequence for CpuSequence<'_> {
-    fn config(&self) -> &Config {
-        self.model.config()
-    }
-
-    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.model.forward(tokens, &mut self.cache)?.to_vec2()?)
-    }
-}
-
-pub struct GpuSequence<'a> {
-    model: &'a GpuModel,
-    kv: GpuKv,
-    pool: KvPool,
     table: BlockTable,
 }
 
-impl<'a> GpuSequence<'a> {
-    /// A sequence of at most `tokens` tokens, with a device cache of its own.
-    pub fn new(model: &'a GpuModel, tokens: usize) -> Result<Self> {
-        let (kv, pool) = model.new_kv(blocks_for(tokens).max(1))?;
-        Ok(GpuSequence {
-            model,
-            kv,
-            pool,
-            table: BlockTable::default(),
-        })
-    }
-}
-
-impl Sequence for GpuSequence<'_> {
-    fn config(&self) -> &Config {
-        self.model.config()
-    }
-
-    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+impl Sequence<'_> {
+    /// The logits of `tokens`, appended to the sequence: every row's, or the last row's.
+    fn extend(&mut self, tokens: &[u32], every_row: bool) -> Result<Vec<Vec<f32>>> {
         let needed = self.table.tokens() + tokens.len();
-        if !self.pool.reserve(&mut self.table, needed) {
-            bail!("the sequence would exceed its GPU cache");
+        if !self.cache.pool.reserve(&mut self.table, needed) {
+            bail!("the sequence would exceed its cache");
         }
-        self.model.forward_batch(
+        let output = if every_row {
+            Output::EveryRow
+        } else {
+            Output::LastRows(&[Want::Logits])
+        };
+        let pass = Pass {
             tokens,
-            &mut self.kv,
-            &mut [(tokens.len(), &mut self.table)],
-            false,
-        )
+            segments: &mut [(tokens.len(), &mut self.table)],
+            batch_invariant: false,
+            output,
+        };
+        self.backend
+            .forward(&mut self.cache, pass)?
+            .into_iter()
+            .map(|next| match next {
+                Next::Logits(logits) => Ok(logits),
+                Next::Token(_) => bail!("the backend sampled where logits were asked for"),
+            })
+            .collect()
     }
 }
 
@@ -102,11 +66,11 @@ pub struct Generation {
 }
 
 pub fn generate(
-    sequence: &mut dyn Sequence,
+    backend: &dyn Backend,
     prompt: &[u32],
     options: &GenerateOptions,
 ) -> Result<Generation> {
-    let context = sequence.config().max_position_embeddings;
+    let context = backend.config().max_position_embeddings;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -124,8 +88,13 @@ pub fn generate(
         return Ok(out);
     }
 
+    let mut sequence = Sequence {
+        backend,
+        cache: backend.new_cache(blocks_for(prompt.len() + options.max_new_tokens))?,
+        table: BlockTable::default(),
+    };
     let start = Instant::now();
-    let logits = sequence.extend(prompt)?;
+    let logits = sequence.extend(prompt, options.keep_logits)?;
     out.prefill_seconds = start.elapsed().as_secs_f64();
     let mut last = logits.last().cloned().unwrap_or_default();
     if options.keep_logits {
@@ -142,7 +111,7 @@ pub fn generate(
         if out.tokens.len() == options.max_new_tokens || options.stop_ids.contains(&token) {
             break;
         }
-        last = sequence.extend(&[token])?.remove(0);
+        last = sequence.extend(&[token], false)?.remove(0);
     }
     out.decode_seconds = start.elapsed().as_secs_f64();
     Ok(out)

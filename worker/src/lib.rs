@@ -1,6 +1,7 @@
 //! The DeepSeek worker: configuration, checkpoint loading, the model on candle, and the
 //! rank's place in its expert-parallel group.
 
+pub mod backend;
 pub mod config;
 pub mod ep;
 pub mod generate;

@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
+use deepseek_worker::backend;
 use deepseek_worker::config::Config;
-use deepseek_worker::generate::{CpuSequence, GenerateOptions, GpuSequence, generate};
+use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::gpu::{self, DeviceSpec};
-use deepseek_worker::model::Model;
-use deepseek_worker::model::cache::BLOCK_TOKENS;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
 use deepseek_worker::scheduler::SchedulerConfig;
@@ -128,12 +127,6 @@ struct GenerateArgs {
     dtype: gpu::Dtype,
 }
 
-/// A model on the CPU or on a GPU.
-enum Loaded {
-    Cpu(Model),
-    Gpu(gpu::model::GpuModel),
-}
-
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
@@ -210,20 +203,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
     let start = Instant::now();
-    let model = match args.device {
-        DeviceSpec::Cpu => Loaded::Cpu(Model::open(&args.model)?),
-        DeviceSpec::Cuda(ordinal) => Loaded::Gpu(gpu::model::GpuModel::open(
-            &args.model,
-            gpu::runtime::Gpu::open(ordinal)?,
-            args.dtype,
-        )?),
-    };
-    let stop_ids = match &model {
-        Loaded::Cpu(m) => m.config(),
-        Loaded::Gpu(m) => m.config(),
-    }
-    .eos_token_ids
-    .clone();
+    let model = backend::open(&args.model, args.device, args.dtype)?;
+    let stop_ids = model.config().eos_token_ids.clone();
     let load_seconds = start.elapsed().as_secs_f64();
 
     let tokenizer = Tokenizer::from_dir(&args.model)?;
@@ -248,13 +229,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop_ids,
         keep_logits: args.logits_out.is_some(),
     };
-    let out = match &model {
-        Loaded::Cpu(m) => generate(&mut CpuSequence::new(m), &prompt_ids, &options)?,
-        Loaded::Gpu(m) => {
-            let tokens = prompt_ids.len() + options.max_new_tokens;
-            generate(&mut GpuSequence::new(m, tokens)?, &prompt_ids, &options)?
-        }
-    };
+    let out = generate(model.as_ref(), &prompt_ids, &options)?;
     if let Some(path) = &args.logits_out {
         let logits = json!({"prompt_logits": out.prompt_logits, "step_logits": out.step_logits});
         std::fs::write(path, serde_json::to_vec(&logits)?)
@@ -321,11 +296,6 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
     let config = Config::from_file(&model_dir.join("config.json"))?;
-    // On a GPU the fraction is of device memory, sized once the weights are there.
-    let (kv_blocks, gpu_memory_fraction) = match (args.device, args.kv_cache_fraction) {
-        (DeviceSpec::Cuda(_), Some(fraction)) => (0, Some(fraction)),
-        _ => (kv_blocks(&args, &config)?, None),
-    };
     let max_batch_tokens = args.max_batch_tokens.max(1);
     let serve = ServeConfig {
         served_name: args.served_name.clone().unwrap_or_else(|| {
@@ -341,7 +311,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             max_batch_tokens,
             max_seqs: args.max_seqs.max(1),
             prefill_chunk: args.chunked_prefill_size.clamp(1, max_batch_tokens),
-            kv_blocks,
+            kv_blocks: args.kv_cache_blocks.unwrap_or(4096).max(1),
             max_waiting: 4 * args.max_seqs.max(1),
         },
         rank: ranks.first,
@@ -364,37 +334,13 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         },
         device: args.device,
         dtype: args.dtype,
-        gpu_memory_fraction,
+        kv_cache_fraction: args.kv_cache_fraction,
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;
         tracing::info!(listen = %listener.local_addr()?, model = %serve.model_dir.display(), "listening");
         server::serve(serve, listener, shutdown_signal()).await
     })
-}
-
-/// KV pool size in blocks, from --kv-cache-blocks or --kv-cache-fraction of the host memory
-/// available now (default: 4096 blocks).
-fn kv_blocks(args: &rank::ServeArgs, config: &Config) -> anyhow::Result<usize> {
-    if let Some(blocks) = args.kv_cache_blocks {
-        return Ok(blocks.max(1));
-    }
-    let Some(fraction) = args.kv_cache_fraction else {
-        return Ok(4096);
-    };
-    let meminfo = std::fs::read_to_string("/proc/meminfo")
-        .context("--kv-cache-fraction needs /proc/meminfo")?;
-    let available_kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no MemAvailable in /proc/meminfo")?;
-    // f32 latents: c_kv and k_pe per token per layer.
-    let bytes_per_block = 4
-        * BLOCK_TOKENS
-        * config.num_hidden_layers
-        * (config.kv_lora_rank + config.qk_rope_head_dim);
-    Ok(((available_kib * 1024.0 * fraction) as usize / bytes_per_block).max(1))
 }
 
 async fn shutdown_signal() {

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -14,7 +14,28 @@ use prometheus_client::registry::Registry;
 use deepseek_proto::placement::EXPERT_LOAD_METRIC;
 
 use crate::model::moe::ExpertLoad;
-use crate::scheduler::Load;
+
+/// Live counters for `GetLoad` and `/metrics`.
+#[derive(Default)]
+pub struct Load {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    /// Generated tokens per second over the last step, ×1000.
+    pub milli_tokens_per_second: AtomicU64,
+    /// Set on shutdown once the grace period is over: every open request ends UNAVAILABLE.
+    pub abort: AtomicBool,
+    /// Set while this rank's expert-parallel group is re-forming after a failure.
+    pub group_down: AtomicBool,
+}
+
+impl Load {
+    /// Requests queued or running.
+    pub fn busy(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)
+    }
+}
 
 pub struct Metrics {
     registry: Registry,

@@ -19,20 +19,17 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deepseek_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, Usage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::config::Config;
+use crate::backend::{Backend, KvCache, Output, Pass};
 use crate::ep::{GroupError, Transport};
-use crate::gpu::model::{GpuKv, GpuModel};
-use crate::metrics::Metrics;
-use crate::model::Model;
-use crate::model::cache::{BlockTable, KvPool, blocks_for};
-use crate::model::moe::ExpertLoad;
+use crate::metrics::{Load, Metrics};
+use crate::model::cache::{BlockTable, blocks_for};
 use crate::sampling::{Next, Sampler, Want};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
@@ -56,28 +53,6 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
 }
 
-/// Live counters for `GetLoad` and `/metrics`.
-#[derive(Default)]
-pub struct Load {
-    pub waiting: AtomicUsize,
-    pub running: AtomicUsize,
-    pub kv_blocks_used: AtomicUsize,
-    pub kv_blocks_total: AtomicUsize,
-    /// Generated tokens per second over the last step, ×1000.
-    pub milli_tokens_per_second: AtomicU64,
-    /// Set on shutdown once the grace period is over: every open request ends UNAVAILABLE.
-    pub abort: AtomicBool,
-    /// Set while this rank's expert-parallel group is re-forming after a failure.
-    pub group_down: AtomicBool,
-}
-
-impl Load {
-    /// Requests queued or running.
-    pub fn busy(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)
-    }
-}
-
 pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 
 pub struct Submission {
@@ -98,29 +73,20 @@ impl Scheduler {
     /// Starts the scheduler thread; it runs until every handle is dropped. With `group`
     /// (an expert-parallel rank), every step is taken in lockstep with the other ranks.
     pub fn start(
-        backend: Backend,
+        model: Arc<dyn Backend>,
         tokenizer: Option<Arc<Tokenizer>>,
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
         group: Option<Arc<dyn Transport>>,
     ) -> anyhow::Result<Self> {
-        let (model, pool) = match backend {
-            Backend::Cpu(model) => {
-                let pool = model.new_pool(config.kv_blocks);
-                (Compute::Cpu(model), pool)
-            }
-            Backend::Gpu(model) => {
-                let (kv, pool) = model.new_kv(config.kv_blocks)?;
-                (Compute::Gpu(model, kv), pool)
-            }
-        };
+        let cache = model.new_cache(config.kv_blocks)?;
         let (submit, inbox) = mpsc::unbounded_channel();
         let load = Arc::new(Load::default());
         load.kv_blocks_total
             .store(config.kv_blocks, Ordering::Relaxed);
         let max_waiting = config.max_waiting;
         let engine = Engine {
-            pool,
+            cache,
             model,
             tokenizer,
             config,
@@ -229,107 +195,30 @@ impl Sequence {
         }
     }
 
-    /// What a GPU pass adding `rows` positions should give back: nothing unless it completes
-    /// the sequence; then the next token, sampled there, unless penalties or logprobs need
-    /// the logits on the host. A draw uses the sampler's next random number, which is why
-    /// it is taken only for a pass whose result is used.
-    fn want(&mut self, rows: usize) -> Want {
+    /// What a pass adding `rows` positions should give back: nothing unless it completes
+    /// the sequence; then, where the backend samples `on_device`, the next token sampled
+    /// there unless penalties or logprobs need the logits on the host. A draw uses the
+    /// sampler's next random number, which is why it is taken only for a pass whose result
+    /// is used.
+    fn want(&mut self, rows: usize, on_device: bool) -> Want {
         if self.blocks.tokens() + rows != self.known() {
             return Want::Nothing;
         }
-        if self.request.include_logprobs {
+        if self.request.include_logprobs || !on_device {
             return Want::Logits;
         }
         self.sampler.device_draw().map_or(Want::Logits, Want::Token)
     }
 }
 
-/// What runs the steps.
-#[derive(Clone)]
-pub enum Backend {
-    Cpu(Arc<Model>),
-    Gpu(Arc<GpuModel>),
-}
-
-impl Backend {
-    pub fn config(&self) -> &Config {
-        match self {
-            Backend::Cpu(model) => model.config(),
-            Backend::Gpu(model) => model.config(),
-        }
-    }
-
-    /// Tokens routed to each expert, and bytes sent to the group's other ranks if in one.
-    pub fn expert_metrics(&self) -> (&ExpertLoad, Option<u64>) {
-        match self {
-            Backend::Cpu(model) => (model.expert_load(), model.expert_bytes_sent()),
-            Backend::Gpu(model) => (model.expert_load(), model.expert_bytes_sent()),
-        }
-    }
-}
-
-/// A backend with its cache storage: the CPU model's lives in the pool, the GPU model's on
-/// the device (the pool then only hands out block ids).
-enum Compute {
-    Cpu(Arc<Model>),
-    Gpu(Arc<GpuModel>, GpuKv),
-}
-
-impl Compute {
-    fn config(&self) -> &Config {
-        match self {
-            Compute::Cpu(model) => model.config(),
-            Compute::Gpu(model, _) => model.config(),
-        }
-    }
-
-    /// Whether next tokens can be sampled where the logits are (see `Sequence::want`).
-    fn samples_on_device(&self) -> bool {
-        matches!(self, Compute::Gpu(..))
-    }
-
-    /// One forward pass over the segments' rows; returns at least what each segment's last
-    /// row gives, last: its logits, or on the GPU what `wants` (one per segment; empty on
-    /// the CPU) asks for. `per_row` keeps every row's numbers what
-    /// they would be alone (the CPU path's batched decode; the GPU's cuBLAS GEMMs pick
-    /// kernels by batch size, so GPU rows agree with their runs alone to rounding, not bit
-    /// for bit).
-    fn forward(
-        &mut self,
-        tokens: &[u32],
-        pool: &mut KvPool,
-        segments: &mut [(usize, &mut BlockTable)],
-        per_row: bool,
-        wants: &[Want],
-    ) -> anyhow::Result<Vec<Next>> {
-        match self {
-            Compute::Cpu(model) => Ok(model
-                .forward_batch(tokens, pool, segments, per_row)?
-                .to_vec2::<f32>()?
-                .into_iter()
-                .map(Next::Logits)
-                .collect()),
-            Compute::Gpu(model, kv) => model.forward_sampled(tokens, kv, segments, wants),
-        }
-    }
-
-    /// An expert-parallel rank's empty pass.
-    fn forward_idle(&self) -> anyhow::Result<()> {
-        match self {
-            Compute::Cpu(model) => model.forward_idle(),
-            Compute::Gpu(model, _) => model.forward_idle(),
-        }
-    }
-}
-
 struct Engine {
-    model: Compute,
+    model: Arc<dyn Backend>,
     tokenizer: Option<Arc<Tokenizer>>,
     config: SchedulerConfig,
     load: Arc<Load>,
     metrics: Arc<Metrics>,
     inbox: mpsc::UnboundedReceiver<Submission>,
-    pool: KvPool,
+    cache: KvCache,
     /// Oldest first; preempted sequences go back to the front.
     waiting: VecDeque<Sequence>,
     /// In arrival order, so the newest is last (the one preempted first).
@@ -396,7 +285,7 @@ impl Engine {
             }
             !expired && !s.respond.is_closed()
         });
-        let watermark = self.pool.total_blocks() / 100;
+        let watermark = self.cache.pool.total_blocks() / 100;
         while let Some(next) = self.waiting.front_mut() {
             let known = next.known();
             let headroom = if self.running.is_empty() {
@@ -404,7 +293,7 @@ impl Engine {
             } else {
                 watermark
             };
-            let fits = self.pool.free_blocks() >= blocks_for(known) + headroom;
+            let fits = self.cache.pool.free_blocks() >= blocks_for(known) + headroom;
             if self.running.len() >= self.config.max_seqs || !fits {
                 if self.running.is_empty() {
                     // Alone it can never fit: validation should have stopped it.
@@ -412,13 +301,13 @@ impl Engine {
                     let _ = s.respond.send(Err(Status::resource_exhausted(format!(
                         "needs {} KV blocks; the pool has {}",
                         blocks_for(known),
-                        self.pool.total_blocks()
+                        self.cache.pool.total_blocks()
                     ))));
                     continue;
                 }
                 break;
             }
-            let reserved = self.pool.reserve(&mut next.blocks, known);
+            let reserved = self.cache.pool.reserve(&mut next.blocks, known);
             debug_assert!(reserved, "checked above");
             let seq = self.waiting.pop_front().expect("front exists");
             if seq.generated.is_empty() {
@@ -562,7 +451,8 @@ impl Engine {
         while i < self.running.len() {
             let seq = &mut self.running[i];
             let position = seq.blocks.tokens();
-            if seq.next_decode_token().is_none() || self.pool.reserve(&mut seq.blocks, position + 1)
+            if seq.next_decode_token().is_none()
+                || self.cache.pool.reserve(&mut seq.blocks, position + 1)
             {
                 i += 1;
                 continue;
@@ -575,7 +465,7 @@ impl Engine {
     /// Frees sequence `i`'s blocks and queues it first; it keeps what it generated.
     fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
-        self.pool.release(&mut seq.blocks);
+        self.cache.pool.release(&mut seq.blocks);
         seq.next = None;
         self.metrics.preemptions.inc();
         seq.span
@@ -592,20 +482,23 @@ impl Engine {
         if rows.is_empty() {
             return Ok(false);
         }
-        let wants: Vec<Want> = if self.model.samples_on_device() {
-            rows.iter().map(|&i| self.running[i].want(1)).collect()
-        } else {
-            Vec::new()
-        };
+        let on_device = self.model.samples_on_device();
+        let wants: Vec<Want> = rows
+            .iter()
+            .map(|&i| self.running[i].want(1, on_device))
+            .collect();
         let (tokens, mut segments): (Vec<u32>, Vec<(usize, &mut BlockTable)>) = self
             .running
             .iter_mut()
             .filter_map(|seq| Some((seq.next_decode_token()?, (1, &mut seq.blocks))))
             .unzip();
-        match self
-            .model
-            .forward(&tokens, &mut self.pool, &mut segments, true, &wants)
-        {
+        let pass = Pass {
+            tokens: &tokens,
+            segments: &mut segments,
+            batch_invariant: true,
+            output: Output::LastRows(&wants),
+        };
+        match self.model.forward(&mut self.cache, pass) {
             Ok(outputs) => {
                 for (&i, next) in rows.iter().zip(outputs) {
                     self.running[i].take(next);
@@ -660,20 +553,15 @@ impl Engine {
         let chunk = self.chunk_len(&self.running[i]);
         let on_device = self.model.samples_on_device();
         let seq = &mut self.running[i];
-        let wants = if on_device {
-            vec![seq.want(chunk)]
-        } else {
-            Vec::new()
-        };
+        let wants = [seq.want(chunk, on_device)];
         let done = seq.blocks.tokens();
-        let tokens = &seq.request.prompt_ids[done..done + chunk];
-        let (outcome, ran) = match self.model.forward(
-            tokens,
-            &mut self.pool,
-            &mut [(chunk, &mut seq.blocks)],
-            false,
-            &wants,
-        ) {
+        let pass = Pass {
+            tokens: &seq.request.prompt_ids[done..done + chunk],
+            segments: &mut [(chunk, &mut seq.blocks)],
+            batch_invariant: false,
+            output: Output::LastRows(&wants),
+        };
+        let (outcome, ran) = match self.model.forward(&mut self.cache, pass) {
             Ok(mut outputs) => {
                 if let Some(next) = outputs.pop() {
                     seq.take(next);
@@ -705,7 +593,7 @@ impl Engine {
             }
         };
         let mut seq = self.running.remove(i);
-        self.pool.release(&mut seq.blocks);
+        self.cache.pool.release(&mut seq.blocks);
         seq.span.in_scope(|| match &message {
             Ok(m) => tracing::info!(
                 finish_reason = finish_label(m.finish_reason()),
@@ -741,7 +629,7 @@ impl Engine {
             .running
             .store(self.running.len(), Ordering::Relaxed);
         self.load.kv_blocks_used.store(
-            self.pool.total_blocks() - self.pool.free_blocks(),
+            self.cache.pool.total_blocks() - self.cache.pool.free_blocks(),
             Ordering::Relaxed,
         );
     }

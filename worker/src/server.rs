@@ -22,6 +22,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::backend::{self, Backend, open_gpu};
 use crate::config::Family;
 use crate::ep::EpTransport;
 use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
@@ -29,10 +30,9 @@ use crate::gpu::model::GpuModel;
 use crate::gpu::nccl::NcclTransport;
 use crate::gpu::runtime::Gpu;
 use crate::gpu::{DeviceSpec, Dtype};
-use crate::metrics::Metrics;
-use crate::model::Model;
+use crate::metrics::{Load, Metrics};
 use crate::model::cache::BLOCK_TOKENS;
-use crate::scheduler::{Backend, Load, Scheduler, SchedulerConfig, Submission};
+use crate::scheduler::{Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::validate::{InvalidRequest, Limits, check_token_ids, validate};
 
@@ -54,9 +54,9 @@ pub struct ServeConfig {
     pub group: Option<GroupConfig>,
     pub device: DeviceSpec,
     pub dtype: Dtype,
-    /// On a GPU: size the KV cache to this share of device memory once the weights are
-    /// loaded (instead of `scheduler.kv_blocks`).
-    pub gpu_memory_fraction: Option<f64>,
+    /// Size the KV cache to this share of the device's memory once the weights are loaded
+    /// (instead of `scheduler.kv_blocks`).
+    pub kv_cache_fraction: Option<f64>,
 }
 
 /// How a rank joins its expert-parallel group.
@@ -75,7 +75,7 @@ pub struct GroupConfig {
 
 /// What requests need once the model is loaded.
 struct Loaded {
-    model: Backend,
+    model: Arc<dyn Backend>,
     tokenizer: Option<Arc<Tokenizer>>,
     scheduler: Scheduler,
     limits: Limits,
@@ -240,7 +240,10 @@ pub async fn serve(
         let (metrics, loaded) = (metrics.clone(), loaded.clone());
         let idle = Arc::new(Load::default());
         let render = Arc::new(move || match loaded.get() {
-            Some(l) => metrics.render(&l.scheduler.load, Some(l.model.expert_metrics())),
+            Some(l) => metrics.render(
+                &l.scheduler.load,
+                Some((l.model.expert_load(), l.model.expert_bytes_sent())),
+            ),
             None => metrics.render(&idle, None),
         });
         tokio::spawn(async move {
@@ -365,12 +368,6 @@ fn invalid_argument(invalid: &InvalidRequest) -> Status {
     Status::with_error_details(Code::InvalidArgument, invalid.to_string(), details)
 }
 
-fn open_gpu(ordinal: usize) -> anyhow::Result<Gpu> {
-    let gpu = Gpu::open(ordinal)?;
-    tracing::info!(gpu = %gpu.name, architecture = %gpu.architecture, compiler = %gpu.compiler, "GPU opened");
-    Ok(gpu)
-}
-
 /// Connects this rank to its expert-parallel group, once its weights are loaded (on `gpu`,
 /// for a GPU rank).
 fn join_group(
@@ -392,45 +389,45 @@ fn join_group(
     }
 }
 
-fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
-    let (model, group) = match (&config.group, config.device) {
-        (None, DeviceSpec::Cpu) => (
-            Backend::Cpu(Arc::new(Model::open(&config.model_dir)?)),
-            None,
-        ),
-        (None, DeviceSpec::Cuda(ordinal)) => {
-            let model = GpuModel::open(&config.model_dir, open_gpu(ordinal)?, config.dtype)?;
-            (Backend::Gpu(Arc::new(model)), None)
-        }
-        (Some(g), DeviceSpec::Cuda(ordinal)) => {
-            let rank = config.rank as usize;
+/// A model on its device, and the transport to its expert-parallel group when it is a rank.
+type Opened = (Arc<dyn Backend>, Option<Arc<dyn Transport>>);
+
+/// The model on its device: the whole model, or an expert-parallel rank's part.
+fn open_model(config: &ServeConfig) -> anyhow::Result<Opened> {
+    let dir = &config.model_dir;
+    let Some(g) = &config.group else {
+        return Ok((backend::open(dir, config.device, config.dtype)?, None));
+    };
+    let (plan, rank) = (g.plan.clone(), config.rank as usize);
+    Ok(match config.device {
+        DeviceSpec::Cuda(ordinal) => {
             let (model, transport) = GpuModel::open_rank(
-                &config.model_dir,
+                dir,
                 open_gpu(ordinal)?,
                 config.dtype,
-                (g.plan.clone(), rank, g.wire),
+                (plan, rank, g.wire),
                 |gpu| join_group(config, g, Some(gpu)),
             )?;
-            (Backend::Gpu(Arc::new(model)), Some(transport))
+            (Arc::new(model), Some(transport))
         }
-        (Some(g), DeviceSpec::Cpu) => {
-            let (model, transport) = open_rank(
-                &config.model_dir,
-                g.plan.clone(),
-                config.rank as usize,
-                g.wire,
-                || join_group(config, g, None),
-            )?;
-            (Backend::Cpu(Arc::new(model)), Some(transport))
+        DeviceSpec::Cpu => {
+            let (model, transport) =
+                open_rank(dir, plan, rank, g.wire, || join_group(config, g, None))?;
+            (Arc::new(model), Some(transport))
         }
-    };
+    })
+}
+
+fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
+    let (model, group) = open_model(config)?;
     let mut scheduler_config = config.scheduler.clone();
-    if let (Backend::Gpu(gpu_model), Some(fraction)) = (&model, config.gpu_memory_fraction) {
+    if let Some(fraction) = config.kv_cache_fraction {
         scheduler_config.kv_blocks =
-            gpu_model.kv_blocks_within(fraction, scheduler_config.max_batch_tokens)?;
+            model.kv_blocks_within(fraction, scheduler_config.max_batch_tokens)?;
         tracing::info!(
             blocks = scheduler_config.kv_blocks,
-            "KV cache sized from GPU memory"
+            fraction,
+            "KV cache sized from the memory left after loading"
         );
     }
     let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);

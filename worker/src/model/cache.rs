@@ -164,14 +164,14 @@ impl KvPool {
 }
 
 /// One sequence with a pool of its own that grows as needed (the CLI and tests).
-pub struct KvCache {
+pub struct SequenceCache {
     pub pool: KvPool,
     pub table: BlockTable,
 }
 
-impl KvCache {
+impl SequenceCache {
     pub fn new(pool: KvPool) -> Self {
-        KvCache {
+        SequenceCache {
             pool,
             table: BlockTable::default(),
         }
@@ -223,7 +223,7 @@ mod tests {
 
     #[test]
     fn a_private_cache_grows_its_pool() {
-        let mut cache = KvCache::new(KvPool::new(2, 4, 2, 0));
+        let mut cache = SequenceCache::new(KvPool::new(2, 4, 2, 0));
         cache.make_room(40);
         assert_eq!(cache.pool.total_blocks(), 3);
         cache.table.advance(40);

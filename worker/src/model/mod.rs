@@ -10,14 +10,16 @@ pub mod ops;
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use self::attention::Attention;
-use self::cache::{BlockTable, KvCache, KvPool};
+use self::cache::{BLOCK_TOKENS, BlockTable, KvPool, SequenceCache};
 use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts, Routing};
 use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::backend::{self, Backend, KvCache, Output, Pass};
 use crate::config::Config;
+use crate::sampling::Next;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 
 /// The checkpoint tensors the model reads: all but the multi-token-prediction layers stored
@@ -145,20 +147,6 @@ impl Model {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    /// Tokens routed to each expert so far.
-    pub fn expert_load(&self) -> &ExpertLoad {
-        &self.expert_load
-    }
-
-    /// Bytes this rank has sent to the others of its expert-parallel group, if in one.
-    pub fn expert_bytes_sent(&self) -> Option<u64> {
-        self.experts.bytes_sent()
-    }
-
     /// A pool of `blocks` KV blocks for this model.
     pub fn new_pool(&self, blocks: usize) -> KvPool {
         KvPool::new(
@@ -170,29 +158,13 @@ impl Model {
     }
 
     /// A single sequence's cache, growing as it needs.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.new_pool(0))
-    }
-
-    /// An expert-parallel rank's part in a pass it has no tokens for: every MoE layer's
-    /// exchange with nothing to send, so that peers with tokens can go on.
-    pub fn forward_idle(&self) -> Result<()> {
-        let empty = Tensor::zeros((0, self.cfg.hidden_size), DType::F32, &Device::Cpu)?;
-        let nothing = Routing {
-            experts: Vec::new(),
-            weights: Vec::new(),
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            if matches!(layer.mlp, FeedForward::Moe(_)) {
-                self.experts.forward(i, &empty, &nothing, false)?;
-            }
-        }
-        Ok(())
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.new_pool(0))
     }
 
     /// Runs `tokens` of one sequence after what `cache` holds; returns their logits
     /// `[tokens, vocab]` and extends the cache.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Tensor> {
         cache.make_room(tokens.len());
         self.forward_batch(
             tokens,
@@ -225,18 +197,7 @@ impl Model {
         segments: &mut [(usize, &mut BlockTable)],
         per_row: bool,
     ) -> Result<Tensor> {
-        if tokens.is_empty() || tokens.len() != segments.iter().map(|(n, _)| n).sum::<usize>() {
-            bail!("forward needs at least one token, and as many as the segments hold");
-        }
-        if segments.iter().any(|(n, t)| t.tokens() + n > t.capacity()) {
-            bail!("a sequence has no KV blocks reserved for its new tokens");
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            bail!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.cfg.vocab_size
-            );
-        }
+        backend::check_rows(tokens, segments, self.cfg.vocab_size)?;
         let tables: Vec<(usize, &BlockTable)> = segments.iter().map(|(n, t)| (*n, &**t)).collect();
         // Run the step on a pool thread: parallel kernels started from a pool thread share
         // the work with it instead of parking the caller and waking it per kernel.
@@ -279,5 +240,81 @@ impl Model {
             x = (x + mlp)?;
         }
         self.lm_head.forward_with(&self.norm.forward(&x)?, per_row)
+    }
+}
+
+impl Backend for Model {
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn new_cache(&self, blocks: usize) -> Result<KvCache> {
+        Ok(KvCache::in_host_memory(self.new_pool(blocks)))
+    }
+
+    /// Host memory: `MemAvailable` now that the weights are in.
+    fn kv_blocks_within(&self, fraction: f64, _batch_tokens: usize) -> Result<usize> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .context("--kv-cache-fraction needs /proc/meminfo")?;
+        let available_kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no MemAvailable in /proc/meminfo")?;
+        // f32 latents: c_kv and k_pe per token per layer.
+        let per_block = 4
+            * BLOCK_TOKENS
+            * self.layers.len()
+            * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim);
+        Ok(((available_kib * 1024.0 * fraction) as usize / per_block).max(1))
+    }
+
+    /// Every row's logits are computed (prompt chunks go through `lm_head` whole); the rows
+    /// asked for are returned.
+    fn forward(&self, cache: &mut KvCache, pass: Pass<'_, '_>) -> Result<Vec<Next>> {
+        let last = backend::last_rows(pass.segments);
+        let logits = self
+            .forward_batch(
+                pass.tokens,
+                &mut cache.pool,
+                pass.segments,
+                pass.batch_invariant,
+            )?
+            .to_vec2::<f32>()?;
+        Ok(match pass.output {
+            Output::EveryRow => logits.into_iter().map(Next::Logits).collect(),
+            Output::LastRows(_) => {
+                let mut logits: Vec<Option<Vec<f32>>> = logits.into_iter().map(Some).collect();
+                last.iter()
+                    .map(|&r| Next::Logits(logits[r].take().unwrap_or_default()))
+                    .collect()
+            }
+        })
+    }
+
+    fn forward_idle(&self) -> Result<()> {
+        let empty = Tensor::zeros((0, self.cfg.hidden_size), DType::F32, &Device::Cpu)?;
+        let nothing = Routing {
+            experts: Vec::new(),
+            weights: Vec::new(),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            if matches!(layer.mlp, FeedForward::Moe(_)) {
+                self.experts.forward(i, &empty, &nothing, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    fn expert_load(&self) -> &ExpertLoad {
+        &self.expert_load
+    }
+
+    fn expert_bytes_sent(&self) -> Option<u64> {
+        self.experts.bytes_sent()
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use deepseek_proto::placement::PlacementPlan;
+use deepseek_worker::backend::Backend;
 use deepseek_worker::ep::{ChannelTransport, Transport, Wire, open_rank};
 use deepseek_worker::model::Model;
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use deepseek_proto::v1::inference_client::InferenceClient;
-use deepseek_worker::generate::{CpuSequence, GenerateOptions, generate};
+use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::model::Model;
 use deepseek_worker::sampling::SamplingParams;
 use tonic::Code;
@@ -125,7 +125,7 @@ fn alone_with_logprobs(prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
         stop_ids: Vec::new(),
         keep_logits: true,
     };
-    let run = generate(&mut CpuSequence::new(&model), prompt, &options).unwrap();
+    let run = generate(&model, prompt, &options).unwrap();
     let logprobs = run
         .step_logits
         .iter()

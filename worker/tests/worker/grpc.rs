@@ -86,7 +86,7 @@ async fn launch(
         group: None,
         device: DeviceSpec::Cpu,
         dtype: Dtype::Auto,
-        gpu_memory_fraction: None,
+        kv_cache_fraction: None,
     };
     let server = tokio::spawn(serve(config, listener, shutdown));
     let channel = loop {

@@ -1,0 +1,217 @@
+//! The router: a Deployment behind a Service, with just enough RBAC to discover the
+//! workers' EndpointSlices.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, KeyToPath, PodSpec, PodTemplateSpec, SecretVolumeSource, Service, ServiceAccount,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::k8s::{
+    container_port, grpc_probe, label_selector, read_only_mount, requests, restricted,
+    restricted_pod, service_port,
+};
+use super::{Ctx, Desired};
+use crate::api::RoutingPolicy;
+use crate::names::*;
+
+impl Ctx<'_> {
+    pub(super) fn router(&self, out: &mut Desired) {
+        let name = router_name(&self.name);
+        let labels = common_labels(&self.name, COMPONENT_ROUTER);
+        out.service_accounts.push(ServiceAccount {
+            metadata: self.meta(name.clone(), labels.clone()),
+            automount_service_account_token: Some(true),
+            ..Default::default()
+        });
+        out.roles.push(self.router_role(&name, &labels));
+        out.role_bindings
+            .push(self.router_role_binding(&name, &labels));
+        out.services.push(self.router_service(&name, &labels));
+        out.deployments.push(self.router_deployment(name, labels));
+    }
+
+    /// The router watches the group Services' EndpointSlices to find ranks; nothing else.
+    fn router_role(&self, name: &str, labels: &BTreeMap<String, String>) -> Role {
+        Role {
+            metadata: self.meta(name.into(), labels.clone()),
+            rules: Some(vec![PolicyRule {
+                api_groups: Some(vec!["discovery.k8s.io".into()]),
+                resources: Some(vec!["endpointslices".into()]),
+                verbs: vec!["get".into(), "list".into(), "watch".into()],
+                ..Default::default()
+            }]),
+        }
+    }
+
+    fn router_role_binding(&self, name: &str, labels: &BTreeMap<String, String>) -> RoleBinding {
+        RoleBinding {
+            metadata: self.meta(name.into(), labels.clone()),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: name.into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: name.into(),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            }]),
+        }
+    }
+
+    fn router_service(&self, name: &str, labels: &BTreeMap<String, String>) -> Service {
+        let router = &self.dsd.spec.router;
+        Service {
+            metadata: self.meta(name.into(), labels.clone()),
+            spec: Some(ServiceSpec {
+                selector: Some(router_selector(&self.name)),
+                ports: Some(vec![
+                    service_port("grpc", router.grpc_port),
+                    service_port("http", router.http_port),
+                    service_port("metrics", METRICS_PORT),
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn router_deployment(&self, name: String, labels: BTreeMap<String, String>) -> Deployment {
+        let router = &self.dsd.spec.router;
+        let api_keys = router.api_keys_secret.as_deref().map(api_keys_volume);
+        let container = self.router_container(api_keys.as_ref().map(|(_, mount)| mount.clone()));
+        let mut pod_labels = labels.clone();
+        pod_labels.extend(router_selector(&self.name));
+        Deployment {
+            metadata: self.meta(name.clone(), labels),
+            spec: Some(DeploymentSpec {
+                replicas: Some(router.replicas),
+                selector: label_selector(router_selector(&self.name)),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        service_account_name: Some(name),
+                        enable_service_links: Some(false),
+                        security_context: Some(restricted_pod()),
+                        containers: vec![container],
+                        volumes: api_keys.map(|(volume, _)| vec![volume]),
+                        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                            max_skew: 1,
+                            topology_key: "kubernetes.io/hostname".into(),
+                            when_unsatisfiable: "ScheduleAnyway".into(),
+                            label_selector: Some(label_selector(router_selector(&self.name))),
+                            match_label_keys: Some(vec!["pod-template-hash".into()]),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `api_keys`: where the API keys file is mounted, if there is one.
+    fn router_container(&self, api_keys: Option<VolumeMount>) -> Container {
+        let router = &self.dsd.spec.router;
+        let mut args = self.router_args();
+        if api_keys.is_some() {
+            args.extend([
+                "--api-keys-file".to_string(),
+                format!("{ROUTER_KEYS_DIR}/{ROUTER_KEYS_ENTRY}"),
+            ]);
+        }
+        Container {
+            name: "router".into(),
+            image: Some(
+                router
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| default_image("deepseek-router")),
+            ),
+            args: Some(args),
+            ports: Some(vec![
+                container_port("grpc", router.grpc_port),
+                container_port("http", router.http_port),
+                container_port("metrics", METRICS_PORT),
+            ]),
+            resources: Some(
+                router
+                    .resources
+                    .clone()
+                    .unwrap_or_else(|| requests(&[("cpu", "500m"), ("memory", "256Mi")])),
+            ),
+            liveness_probe: Some(grpc_probe(router.grpc_port, Some(LIVENESS_SERVICE), 10, 3)),
+            readiness_probe: Some(grpc_probe(router.grpc_port, None, 5, 2)),
+            security_context: Some(restricted()),
+            volume_mounts: api_keys.map(|mount| vec![mount]),
+            ..Default::default()
+        }
+    }
+
+    /// Listen addresses, what to serve and how to route, where to discover workers, and the
+    /// pools in preference order with their weights.
+    fn router_args(&self) -> Vec<String> {
+        let router = &self.dsd.spec.router;
+        let mut args: Vec<String> = [
+            ("--grpc-listen", format!("0.0.0.0:{}", router.grpc_port)),
+            ("--http-listen", format!("0.0.0.0:{}", router.http_port)),
+            ("--metrics-listen", format!("0.0.0.0:{METRICS_PORT}")),
+            ("--served-name", self.served_name()),
+            ("--policy", policy_name(router.policy).into()),
+            ("--discover-namespace", self.namespace.clone()),
+            (
+                "--discover-selector",
+                selector_string(&workers_selector(&self.name)),
+            ),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect();
+        for pool in &self.dsd.spec.pools {
+            args.extend([
+                "--pool".to_string(),
+                format!("{}={}", pool.name, pool.weight),
+            ]);
+        }
+        args
+    }
+}
+
+/// API keys from a Secret, mounted read-only as a file the router reads at start.
+fn api_keys_volume(secret: &str) -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: "api-keys".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                items: Some(vec![KeyToPath {
+                    key: ROUTER_KEYS_ENTRY.into(),
+                    path: ROUTER_KEYS_ENTRY.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        read_only_mount("api-keys", ROUTER_KEYS_DIR),
+    )
+}
+
+fn policy_name(policy: RoutingPolicy) -> &'static str {
+    match policy {
+        RoutingPolicy::LeastLoad => "least-load",
+        RoutingPolicy::PrefixAffinity => "prefix-affinity",
+        RoutingPolicy::Weighted => "weighted",
+    }
+}

@@ -1,0 +1,340 @@
+//! A group's ranks: the StatefulSet, its pod template and worker container, and the
+//! PodDisruptionBudget that limits evictions.
+
+use std::collections::BTreeMap;
+
+use deepseek_proto::placement::PLAN_FILE;
+use deepseek_proto::pod::env;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PodAffinity, PodAffinityTerm, PodSpec, PodTemplateSpec,
+    ResourceRequirements, Toleration, TopologySpreadConstraint, Volume, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::k8s::{
+    container_port, empty_dir, env_var, grpc_probe, label_selector, read_only_mount, requests,
+    restricted, restricted_pod, volume_mount,
+};
+use super::{Ctx, dtype_name, ep_port_name};
+use crate::names::*;
+use crate::resolve::ResolvedPool;
+
+impl Ctx<'_> {
+    pub(super) fn group_stateful_set(
+        &self,
+        pool: &ResolvedPool,
+        group: i32,
+        revision: &str,
+    ) -> StatefulSet {
+        let name = group_name(&self.name, &pool.name, group);
+        StatefulSet {
+            metadata: self.meta(name.clone(), self.group_labels(pool, group)),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(pool.pods_per_group),
+                service_name: Some(name),
+                selector: label_selector(group_selector(&self.name, &pool.name, group)),
+                // Ranks of a group wait for each other, so start them all at once.
+                pod_management_policy: Some("Parallel".into()),
+                // The controller replaces whole groups, one per pool at a time: a group with
+                // ranks on two revisions cannot serve, and rolling every group at once would
+                // take the whole pool down.
+                update_strategy: Some(StatefulSetUpdateStrategy {
+                    type_: Some("OnDelete".into()),
+                    ..Default::default()
+                }),
+                template: self.pod_template(pool, group, Some(revision)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn group_pdb(&self, pool: &ResolvedPool, group: i32) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(
+                group_name(&self.name, &pool.name, group),
+                self.group_labels(pool, group),
+            ),
+            spec: Some(PodDisruptionBudgetSpec {
+                // One rank down already stops the group; evicting more at once only slows
+                // its return.
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(label_selector(group_selector(
+                    &self.name, &pool.name, group,
+                ))),
+                unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The pod template of one group. `revision: None` gives the template the revision hash
+    /// is computed from (group 0, no revision label).
+    pub(super) fn pod_template(
+        &self,
+        pool: &ResolvedPool,
+        group: i32,
+        revision: Option<&str>,
+    ) -> PodTemplateSpec {
+        let mut labels = self.group_labels(pool, group);
+        if let Some(revision) = revision {
+            labels.insert(LABEL_REVISION.into(), revision.into());
+        }
+        let model = self.model_volume();
+        let node_selector = node_selector(pool);
+        let affinity =
+            pool.spec.affinity.clone().unwrap_or_else(|| {
+                same_zone_affinity(group_selector(&self.name, &pool.name, group))
+            });
+        PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(labels),
+                ..Default::default()
+            }),
+            spec: Some(PodSpec {
+                automount_service_account_token: Some(false),
+                enable_service_links: Some(false),
+                security_context: Some(restricted_pod()),
+                init_containers: model.init_container.map(|c| vec![c]),
+                containers: vec![self.worker_container(pool, group, &model.path)],
+                node_selector: (!node_selector.is_empty()).then_some(node_selector),
+                tolerations: tolerations(pool),
+                affinity: Some(affinity),
+                topology_spread_constraints: Some(vec![self.rank_spread(pool, group)]),
+                termination_grace_period_seconds: Some(60),
+                volumes: Some(self.worker_volumes(pool, model.volume)),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The model, the placement plan, shared memory and a writable /tmp, sorted by name.
+    fn worker_volumes(&self, pool: &ResolvedPool, model: Volume) -> Vec<Volume> {
+        let shm_size = self.dsd.spec.worker.shm_size.clone().unwrap_or_else(|| {
+            Quantity(
+                if pool.gpu_product.is_some() {
+                    "16Gi"
+                } else {
+                    "1Gi"
+                }
+                .into(),
+            )
+        });
+        let mut volumes = vec![
+            model,
+            Volume {
+                name: "placement".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: placement_name(&self.name, &pool.name),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            empty_dir("shm", Some("Memory"), Some(shm_size)),
+            empty_dir("tmp", None, None),
+        ];
+        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        volumes
+    }
+
+    /// Spreads a group's pods over nodes.
+    fn rank_spread(&self, pool: &ResolvedPool, group: i32) -> TopologySpreadConstraint {
+        TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            // GPU ranks need a node each; CPU test pools may share one node.
+            when_unsatisfiable: if pool.gpu_product.is_some() {
+                "DoNotSchedule".into()
+            } else {
+                "ScheduleAnyway".into()
+            },
+            label_selector: Some(label_selector(group_selector(
+                &self.name, &pool.name, group,
+            ))),
+            // Count only pods of the same revision, so a rollout keeps the spread.
+            match_label_keys: Some(vec![LABEL_REVISION.into()]),
+            ..Default::default()
+        }
+    }
+
+    fn worker_container(&self, pool: &ResolvedPool, group: i32, model_path: &str) -> Container {
+        let worker = &self.dsd.spec.worker;
+        Container {
+            name: "worker".into(),
+            image: Some(
+                worker
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| default_image("deepseek-worker")),
+            ),
+            args: Some(vec!["serve".into()]),
+            env: Some(self.worker_env(pool, group, model_path)),
+            ports: Some(worker_ports(pool)),
+            resources: Some(self.worker_resources(pool)),
+            // Answers as soon as the process is up; weight loading is covered by readiness.
+            startup_probe: Some(grpc_probe(WORKER_GRPC_PORT, Some(LIVENESS_SERVICE), 10, 30)),
+            liveness_probe: Some(grpc_probe(WORKER_GRPC_PORT, Some(LIVENESS_SERVICE), 10, 3)),
+            // SERVING only with weights loaded and the group formed.
+            readiness_probe: Some(grpc_probe(WORKER_GRPC_PORT, None, 5, 2)),
+            security_context: Some(restricted()),
+            volume_mounts: Some(vec![
+                read_only_mount("model", MODEL_MOUNT),
+                read_only_mount("placement", PLACEMENT_MOUNT),
+                volume_mount("shm", "/dev/shm"),
+                volume_mount("tmp", "/tmp"),
+            ]),
+            ..Default::default()
+        }
+    }
+
+    /// The worker's configuration (see `deepseek_proto::pod::env`), then the user's `env`.
+    fn worker_env(&self, pool: &ResolvedPool, group: i32, model_path: &str) -> Vec<EnvVar> {
+        let worker = &self.dsd.spec.worker;
+        let mut env = vec![
+            env_var(env::SERVED_NAME, &self.served_name()),
+            env_var(env::MODEL, model_path),
+            env_var(env::DTYPE, dtype_name(pool.dtype)),
+            env_var(env::POOL, &pool.name),
+            env_var(env::GROUP_SIZE, &pool.group_size.to_string()),
+            env_var(env::RANKS_PER_POD, &pool.ranks_per_pod.to_string()),
+            EnvVar {
+                name: env::POD_INDEX.into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: format!("metadata.labels['{LABEL_POD_INDEX}']"),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            env_var(env::PEERS, &self.peers(pool, group).join(",")),
+            env_var(env::PLACEMENT, &format!("{PLACEMENT_MOUNT}/{PLAN_FILE}")),
+            env_var(env::LISTEN, &format!("0.0.0.0:{WORKER_GRPC_PORT}")),
+            env_var(env::METRICS_LISTEN, &format!("0.0.0.0:{METRICS_PORT}")),
+        ];
+        if pool.gpu_product.is_some() {
+            // The device plugin shows a pod its own GPUs only, numbered from 0.
+            env.push(env_var(env::DEVICE, "cuda:0"));
+        }
+        if let Some(tokens) = worker.max_batch_tokens {
+            env.push(env_var(env::MAX_BATCH_TOKENS, &tokens.to_string()));
+        }
+        if let Some(fraction) = worker.kv_cache_fraction {
+            env.push(env_var(env::KV_CACHE_FRACTION, &fraction.to_string()));
+        }
+        env.extend(worker.env.clone().unwrap_or_default());
+        env
+    }
+
+    /// Every rank's expert-parallel address in the group, by rank: the pod's stable DNS name
+    /// under the headless Service, and the port of its local rank.
+    fn peers(&self, pool: &ResolvedPool, group: i32) -> Vec<String> {
+        let group_name = group_name(&self.name, &pool.name, group);
+        (0..pool.group_size)
+            .map(|rank| {
+                let pod = rank / pool.ranks_per_pod;
+                let port = WORKER_EP_PORT + rank % pool.ranks_per_pod;
+                format!(
+                    "{group_name}-{pod}.{group_name}.{}.svc:{port}",
+                    self.namespace
+                )
+            })
+            .collect()
+    }
+
+    /// The pool's resources, else the worker's, else a default; GPU pools add a GPU per rank.
+    fn worker_resources(&self, pool: &ResolvedPool) -> ResourceRequirements {
+        let mut resources = pool
+            .spec
+            .resources
+            .clone()
+            .or_else(|| self.dsd.spec.worker.resources.clone())
+            .unwrap_or_else(|| {
+                requests(&[
+                    ("cpu", "2"),
+                    (
+                        "memory",
+                        if pool.gpu_product.is_some() {
+                            "64Gi"
+                        } else {
+                            "2Gi"
+                        },
+                    ),
+                ])
+            });
+        if pool.gpu_product.is_some() {
+            let gpus = Quantity(pool.ranks_per_pod.to_string());
+            resources
+                .limits
+                .get_or_insert_with(BTreeMap::new)
+                .insert(GPU_RESOURCE.into(), gpus.clone());
+            resources
+                .requests
+                .get_or_insert_with(BTreeMap::new)
+                .insert(GPU_RESOURCE.into(), gpus);
+        }
+        resources
+    }
+}
+
+fn worker_ports(pool: &ResolvedPool) -> Vec<ContainerPort> {
+    let mut ports = vec![container_port("grpc", WORKER_GRPC_PORT)];
+    ports.extend(
+        (0..pool.ranks_per_pod).map(|i| container_port(&ep_port_name(i), WORKER_EP_PORT + i)),
+    );
+    ports.push(container_port("metrics", METRICS_PORT));
+    ports
+}
+
+/// GPU pools go to nodes with their GPU product; the pool's own selector adds to that.
+fn node_selector(pool: &ResolvedPool) -> BTreeMap<String, String> {
+    let gpu_node_selector = pool
+        .gpu_product
+        .iter()
+        .map(|p| (NODE_LABEL_GPU_PRODUCT.to_string(), p.clone()));
+    gpu_node_selector
+        .chain(pool.spec.node_selector.clone().unwrap_or_default())
+        .collect()
+}
+
+/// The pool's tolerations, else (on GPU pools) the GPU taint's.
+fn tolerations(pool: &ResolvedPool) -> Option<Vec<Toleration>> {
+    pool.spec.tolerations.clone().or_else(|| {
+        pool.gpu_product.as_ref().map(|_| {
+            vec![Toleration {
+                key: Some(GPU_RESOURCE.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }]
+        })
+    })
+}
+
+/// Prefer keeping a group's ranks in one zone: dispatch/combine crosses between them on every
+/// MoE layer.
+fn same_zone_affinity(group: BTreeMap<String, String>) -> Affinity {
+    Affinity {
+        pod_affinity: Some(PodAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(label_selector(group)),
+                        topology_key: "topology.kubernetes.io/zone".into(),
+                        ..Default::default()
+                    },
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

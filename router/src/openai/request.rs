@@ -1,0 +1,354 @@
+//! The request bodies both endpoints accept, their checks, and their conversion to a
+//! `deepseek.v1.GenerateRequest`.
+
+use axum::http::StatusCode;
+use deepseek_proto::v1::generate_request::Prompt;
+use deepseek_proto::v1::{
+    ChatMessage, GenerateRequest, SamplingParams, StoppingCriteria, TokenIds,
+};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::ApiError;
+
+/// Parses a JSON body into an object.
+pub(super) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body is not a valid request: expected a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// Reads some of a request's fields; the error names the offending one
+/// (`messages[0].content: …`). Fields the target does not know are left alone.
+pub(super) fn fields<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if path == "." {
+            ApiError::new(StatusCode::BAD_REQUEST, message)
+        } else {
+            ApiError::invalid(&path, message)
+        }
+    })
+}
+
+/// A string or a list of strings (`stop`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Message content: a string, or parts of which only `text` ones are supported.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct StreamOptions {
+    #[serde(default)]
+    pub(super) include_usage: bool,
+}
+
+/// What both endpoints share. Fields OpenAI defines that change nothing here (`user`,
+/// `logit_bias` absent, …) are accepted and ignored; ones we cannot honour are refused.
+#[derive(Deserialize)]
+pub(super) struct Common {
+    pub(super) model: String,
+    #[serde(default)]
+    pub(super) stream: bool,
+    #[serde(default)]
+    pub(super) stream_options: Option<StreamOptions>,
+    pub(super) max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany>,
+    n: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+#[derive(Deserialize)]
+pub(super) struct ChatRequest {
+    pub(super) messages: Vec<Message>,
+    pub(super) max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) logprobs: bool,
+    pub(super) top_logprobs: Option<u32>,
+}
+
+/// `prompt`: a string, token ids, or a one-element list of either.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum CompletionPrompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+pub(super) struct CompletionRequest {
+    pub(super) prompt: CompletionPrompt,
+    #[serde(default)]
+    pub(super) echo: bool,
+    pub(super) logprobs: Option<u32>,
+    pub(super) suffix: Option<String>,
+}
+
+impl Common {
+    /// The checks OpenAI's own API makes before generation; the worker checks the rest
+    /// (lengths, ranges) and names the field.
+    pub(super) fn check(&self, served: Option<&str>) -> Result<(), ApiError> {
+        if let Some(served) = served.filter(|s| *s != self.model) {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!(
+                    "the model `{}` does not exist; this endpoint serves `{served}`",
+                    self.model
+                ),
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            });
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "n",
+                "only 1 choice per request is supported",
+            ));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(
+                    name,
+                    "not supported; use repetition_penalty",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn into_request(
+        self,
+        prompt: Prompt,
+        max_tokens: Option<u32>,
+        id: String,
+        include_logprobs: bool,
+    ) -> GenerateRequest {
+        GenerateRequest {
+            request_id: id,
+            prompt: Some(prompt),
+            // OpenAI samples at temperature 1 unless told otherwise; 0 is greedy.
+            sampling: Some(SamplingParams {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p,
+                top_k: self.top_k.unwrap_or(0),
+                min_p: self.min_p.unwrap_or(0.0),
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            }),
+            stopping: Some(StoppingCriteria {
+                max_new_tokens: max_tokens.unwrap_or(0),
+                stop: match self.stop {
+                    None => Vec::new(),
+                    Some(OneOrMany::One(s)) => vec![s],
+                    Some(OneOrMany::Many(v)) => v,
+                },
+                ignore_eos: self.ignore_eos,
+            })
+            .filter(|s| s.max_new_tokens > 0 || !s.stop.is_empty() || s.ignore_eos),
+            include_logprobs,
+        }
+    }
+}
+
+pub(super) fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "must not be empty"));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (k, part) in parts.into_iter().enumerate() {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content[{k}]"),
+                                    format!("content parts of type {kind:?} are not supported; send text"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage {
+                role: m.role,
+                content,
+            })
+        })
+        .collect()
+}
+
+impl CompletionPrompt {
+    /// The one prompt a request may carry; a list must hold exactly one.
+    pub(super) fn into_prompt(self) -> Result<Prompt, ApiError> {
+        let one = |n: usize| {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(ApiError::invalid(
+                    "prompt",
+                    "exactly one prompt per request is supported",
+                ))
+            }
+        };
+        Ok(match self {
+            CompletionPrompt::Text(text) => Prompt::Text(text),
+            CompletionPrompt::Ids(ids) => Prompt::TokenIds(TokenIds { ids }),
+            CompletionPrompt::Texts(mut texts) => {
+                one(texts.len())?;
+                Prompt::Text(texts.remove(0))
+            }
+            CompletionPrompt::IdLists(mut lists) => {
+                one(lists.len())?;
+                Prompt::TokenIds(TokenIds {
+                    ids: lists.remove(0),
+                })
+            }
+        })
+    }
+}
+
+/// `param` asks for that many alternatives per token; only 0 (the sampled token's own
+/// log-probability) is served.
+pub(super) fn refuse_alternatives(param: &str, alternatives: Option<u32>) -> Result<(), ApiError> {
+    match alternatives {
+        Some(n) if n > 0 => Err(ApiError::invalid(
+            param,
+            "alternatives are not supported yet: only the sampled tokens' log-probabilities (0)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deepseek_proto::v1::ChatMessages;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn field_errors_name_the_json_path() {
+        let body = parse_body(br#"{"model": "m", "messages": [{"role": 1}]}"#).unwrap();
+        let err = fields::<ChatRequest>(&body).err().unwrap();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.param.as_deref(), Some("messages[0].role"));
+        let err = parse_body(b"{not json").unwrap_err();
+        assert!(
+            err.message.starts_with("the body is not valid JSON"),
+            "{err:?}"
+        );
+        let err = parse_body(b"[1]").unwrap_err();
+        assert!(err.message.contains("expected a JSON object"), "{err:?}");
+        let body = parse_body(br#"{"messages": []}"#).unwrap();
+        let err = fields::<Common>(&body).err().unwrap();
+        assert!(err.message.contains("missing field `model`"), "{err:?}");
+    }
+
+    #[test]
+    fn requests_map_to_generate_requests() {
+        let body = parse_body(
+            br#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                 "max_completion_tokens": 5, "temperature": 0, "stop": "x", "seed": 7}"#,
+        )
+        .unwrap();
+        let (request, common): (ChatRequest, Common) =
+            (fields(&body).ok().unwrap(), fields(&body).ok().unwrap());
+        let messages = chat_messages(request.messages).unwrap();
+        assert_eq!(messages[0].content, "hi");
+        let g = common.into_request(
+            Prompt::Chat(ChatMessages { messages }),
+            request.max_completion_tokens,
+            "id".into(),
+            request.logprobs,
+        );
+        assert!(!g.include_logprobs);
+        let (s, t) = (g.sampling.unwrap(), g.stopping.unwrap());
+        assert_eq!((s.temperature, s.seed), (0.0, Some(7)));
+        assert_eq!((t.max_new_tokens, t.stop), (5, vec!["x".to_string()]));
+        // Unset temperature is OpenAI's 1, not greedy.
+        let body = parse_body(br#"{"model": "m", "prompt": [1, 2, 3]}"#).unwrap();
+        let request: CompletionRequest = fields(&body).ok().unwrap();
+        assert!(matches!(request.prompt, CompletionPrompt::Ids(ref ids) if ids == &[1, 2, 3]));
+        let common: Common = fields(&body).ok().unwrap();
+        let g = common.into_request(Prompt::Text(String::new()), None, "id".into(), true);
+        assert!(g.include_logprobs);
+        assert_eq!(g.sampling.unwrap().temperature, 1.0);
+        assert!(g.stopping.is_none());
+    }
+
+    #[test]
+    fn unsupported_options_are_refused_by_name() {
+        let common: Common = fields(&json!({"model": "m", "n": 2})).ok().unwrap();
+        assert_eq!(
+            common.check(None).err().unwrap().param.as_deref(),
+            Some("n")
+        );
+        let common: Common = fields(&json!({"model": "other"})).ok().unwrap();
+        let err = common.check(Some("deepseek")).err().unwrap();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::NOT_FOUND, Some("model_not_found"))
+        );
+        let err = chat_messages(vec![]).err().unwrap();
+        assert_eq!(err.param.as_deref(), Some("messages"));
+    }
+}

@@ -1,0 +1,264 @@
+//! The routed experts' kernels: permutation, grouped GEMMs (bf16 and FP8), FP8 dequantisation.
+
+use anyhow::Result;
+
+use half::bf16;
+
+use super::{Check, down, max_diff, relative_diff, to_bf16, uniform, up};
+use crate::gpu::runtime::Gpu;
+use crate::sampling::Rng;
+use crate::weights::fp8_e4m3_to_f32;
+
+pub(super) fn check_permute(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (tokens, topk, experts, hidden) = (37, 8, 64, 144);
+    let mut rng = Rng::new(5);
+    let chosen: Vec<i32> = (0..tokens * topk)
+        .map(|_| (rng.next_u64() % experts as u64) as i32)
+        .collect();
+    let order = gpu.moe_sort(&up(gpu, &chosen)?, topk, experts)?;
+    let offsets = down(gpu, &order.offsets)?;
+    let tile_start = down(gpu, &order.tile_start)?;
+    let source = down(gpu, &order.source)?;
+    let row_of = down(gpu, &order.row_of)?;
+    let mut counts = vec![0i32; experts];
+    chosen.iter().for_each(|&e| counts[e as usize] += 1);
+    let mut bad = 0usize;
+    for e in 0..experts {
+        bad += usize::from(offsets[e + 1] - offsets[e] != counts[e]);
+        let tiles = (counts[e] as usize).div_ceil(crate::gpu::runtime::GEMM_TILE_ROWS) as i32;
+        bad += usize::from(tile_start[e + 1] - tile_start[e] != tiles);
+    }
+    for (p, &row) in row_of.iter().enumerate() {
+        let e = chosen[p] as usize;
+        let in_segment = offsets[e] <= row && row < offsets[e + 1];
+        bad += usize::from(!in_segment || source[row as usize] != (p / topk) as i32);
+    }
+    let sort = Check::new(
+        "moe_sort",
+        bad as f64,
+        0.0,
+        "37 tokens × top-8 over 64 experts: rows out of place",
+    );
+
+    let x = uniform(tokens * hidden, 6, 3.0);
+    let mut permuted = gpu.stream.alloc_zeros::<bf16>(order.rows * hidden)?;
+    gpu.moe_permute(&up(gpu, &x)?, &order, &mut permuted, hidden)?;
+    let permuted = down(gpu, &permuted)?;
+    let expected: Vec<f32> = (0..order.rows * hidden)
+        .map(|i| bf16::from_f32(x[source[i / hidden] as usize * hidden + i % hidden]).to_f32())
+        .collect();
+    let got: Vec<f32> = permuted.iter().map(|v| v.to_f32()).collect();
+    let permute = Check::new("moe_permute", max_diff(&got, &expected), 0.0, "bf16 gather");
+
+    let expert_out = to_bf16(&uniform(order.rows * hidden, 7, 2.0));
+    let weights = uniform(tokens * topk, 8, 1.0);
+    let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;
+    gpu.moe_unpermute(
+        &up(gpu, &expert_out)?,
+        &order,
+        &up(gpu, &weights)?,
+        &mut y,
+        hidden,
+    )?;
+    let expected: Vec<f32> = (0..tokens * hidden)
+        .map(|i| {
+            let (t, c) = (i / hidden, i % hidden);
+            (0..topk).fold(0.0, |sum, k| {
+                let row = row_of[t * topk + k] as usize;
+                sum + weights[t * topk + k] * expert_out[row * hidden + c].to_f32()
+            })
+        })
+        .collect();
+    let unpermute = Check::new(
+        "moe_unpermute",
+        max_diff(&down(gpu, &y)?, &expected),
+        1e-5,
+        "weighted combine in k order",
+    );
+
+    let mut quantised = gpu.stream.alloc_zeros::<u8>(order.rows * hidden)?;
+    let groups = hidden.div_ceil(128);
+    let mut scales = gpu.stream.alloc_zeros::<f32>(order.rows * groups)?;
+    gpu.moe_permute_fp8(&up(gpu, &x)?, &order, &mut quantised, &mut scales, hidden)?;
+    let (quantised, scales) = (down(gpu, &quantised)?, down(gpu, &scales)?);
+    let mut error = 0f64;
+    for row in 0..order.rows {
+        let from = &x[source[row] as usize * hidden..][..hidden];
+        for g in 0..groups {
+            let cols = g * 128..((g + 1) * 128).min(hidden);
+            let amax = from[cols.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+            for c in cols {
+                let value = fp8_e4m3_to_f32(quantised[row * hidden + c]) * scales[row * groups + g];
+                error = error.max(f64::from((value - from[c]).abs() / amax));
+            }
+        }
+    }
+    // e4m3 keeps 3 mantissa bits: half an ulp is 1/16 of the value, at most of amax
+    let fp8 = Check::new(
+        "moe_permute_fp8",
+        error,
+        1.0 / 16.0,
+        "1×128 scales; error relative to the group's max",
+    );
+    Ok(vec![sort, permute, unpermute, fp8])
+}
+
+/// Expert segments of uneven sizes (none, under one tile, several tiles) with
+/// shapes that are not multiples of the tile, as the tiny fixtures have.
+pub(super) fn uneven_routing(gpu: &Gpu) -> Result<(crate::gpu::runtime::MoeOrder, Vec<usize>)> {
+    let counts = [130usize, 0, 3, 64, 257];
+    let chosen: Vec<i32> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &n)| std::iter::repeat_n(e as i32, n))
+        .collect();
+    let order = gpu.moe_sort(&up(gpu, &chosen)?, 1, counts.len())?;
+    let expert_of_row: Vec<usize> = {
+        let offsets = down(gpu, &order.offsets)?;
+        (0..order.rows)
+            .map(|r| {
+                offsets
+                    .iter()
+                    .rposition(|&o| o as usize <= r)
+                    .unwrap()
+                    .min(counts.len() - 1)
+            })
+            .collect()
+    };
+    Ok((order, expert_of_row))
+}
+
+pub(super) fn check_grouped_gemm_bf16(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (order, expert_of_row) = uneven_routing(gpu)?;
+    [(272usize, 136usize), (256, 512)]
+        .into_iter()
+        .map(|(n, k)| {
+            let x = to_bf16(&uniform(order.rows * k, 30, 1.0));
+            let w = to_bf16(&uniform(order.experts * n * k, 31, 1.0));
+            let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
+            gpu.grouped_gemm_bf16(&up(gpu, &x)?, &up(gpu, &w)?, &mut y, &order, n, k)?;
+            let got: Vec<f32> = down(gpu, &y)?.iter().map(|v| v.to_f32()).collect();
+            let expected = reference_gemm(
+                order.rows,
+                n,
+                k,
+                &expert_of_row,
+                |r, i| x[r * k + i].to_f32(),
+                |e, j, i| w[(e * n + j) * k + i].to_f32(),
+            );
+            Ok(Check::new(
+                format!("grouped_gemm_bf16/n{n}k{k}"),
+                relative_diff(&got, &expected),
+                1e-2,
+                "segments of 130, 0, 3, 64, 257 rows; bf16 output",
+            ))
+        })
+        .collect()
+}
+
+/// y[r, j] = Σ_i x(r, i) · w(expert of r, j, i), in f64.
+pub(super) fn reference_gemm(
+    rows: usize,
+    n: usize,
+    k: usize,
+    expert_of_row: &[usize],
+    x: impl Fn(usize, usize) -> f32,
+    w: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
+    (0..rows * n)
+        .map(|o| {
+            let (r, j) = (o / n, o % n);
+            (0..k)
+                .map(|i| f64::from(x(r, i)) * f64::from(w(expert_of_row[r], j, i)))
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
+/// Random e4m3 bytes, never NaN (0x7f, 0xff).
+pub(super) fn random_fp8(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| match (rng.next_u64() & 0xff) as u8 {
+            b @ (0x7f | 0xff) => b - 1,
+            b => b,
+        })
+        .collect()
+}
+
+pub(super) fn check_grouped_gemm_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (order, expert_of_row) = uneven_routing(gpu)?;
+    [(272usize, 144usize), (256, 512)]
+        .into_iter()
+        .map(|(n, k)| {
+            let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+            let x = random_fp8(order.rows * k, 40);
+            let x_scale: Vec<f32> = uniform(order.rows * kb, 41, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.01)
+                .collect();
+            let w = random_fp8(order.experts * n * k, 42);
+            let w_scale: Vec<f32> = uniform(order.experts * nb * kb, 43, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.01)
+                .collect();
+            let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
+            gpu.grouped_gemm_fp8(
+                &up(gpu, &x)?,
+                &up(gpu, &x_scale)?,
+                &up(gpu, &w)?,
+                &up(gpu, &w_scale)?,
+                &mut y,
+                &order,
+                n,
+                k,
+            )?;
+            let got: Vec<f32> = down(gpu, &y)?.iter().map(|v| v.to_f32()).collect();
+            let expected = reference_gemm(
+                order.rows,
+                n,
+                k,
+                &expert_of_row,
+                |r, i| fp8_e4m3_to_f32(x[r * k + i]) * x_scale[r * kb + i / 128],
+                |e, j, i| {
+                    fp8_e4m3_to_f32(w[(e * n + j) * k + i])
+                        * w_scale[(e * nb + j / 128) * kb + i / 128]
+                },
+            );
+            Ok(Check::new(
+                format!("grouped_gemm_fp8/n{n}k{k}"),
+                relative_diff(&got, &expected),
+                1e-2,
+                "128×128 weight and 1×128 activation scales; bf16 output",
+            ))
+        })
+        .collect()
+}
+
+pub(super) fn check_dequant_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (matrices, rows, cols) = (3, 200, 136);
+    let q = random_fp8(matrices * rows * cols, 50);
+    let (rb, cb) = (rows.div_ceil(128), cols.div_ceil(128));
+    let scale_inv = uniform(matrices * rb * cb, 51, 0.01);
+    let mut out = gpu.stream.alloc_zeros::<bf16>(q.len())?;
+    gpu.dequant_fp8(
+        &up(gpu, &q)?,
+        &up(gpu, &scale_inv)?,
+        &mut out,
+        (matrices, rows, cols),
+    )?;
+    let got: Vec<f32> = down(gpu, &out)?.iter().map(|v| v.to_f32()).collect();
+    let expected: Vec<f32> = (0..q.len())
+        .map(|i| {
+            let (m, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+            bf16::from_f32(fp8_e4m3_to_f32(q[i]) * scale_inv[(m * rb + r / 128) * cb + c / 128])
+                .to_f32()
+        })
+        .collect();
+    Ok(vec![Check::new(
+        "dequant_fp8",
+        max_diff(&got, &expected),
+        0.0,
+        "3 × [200, 136], partial edge blocks",
+    )])
+}
