@@ -28,11 +28,8 @@ pub const WORKER_GRPC_PORT: i32 = pod::GRPC_PORT as i32;
 /// First expert-parallel transport port; local rank `i` of a pod listens on `+ i`.
 pub const WORKER_EP_PORT: i32 = pod::EP_PORT as i32;
 pub const METRICS_PORT: i32 = pod::METRICS_PORT as i32;
-/// gRPC health service name the liveness probe asks for: SERVING while the process runs,
-/// even when the group is down (readiness covers that), so a lost peer does not restart pods.
-pub const LIVENESS_SERVICE: &str = "liveness";
 
-pub use pod::{MODEL_MOUNT, PLACEMENT_MOUNT};
+pub use pod::{LIVENESS_SERVICE, MODEL_MOUNT, PLACEMENT_MOUNT};
 /// The entry of the expert-load ConfigMap that holds the workers' `/metrics` text.
 pub const EXPERT_LOAD_ENTRY: &str = "metrics";
 /// Where the router finds its API keys, and the Secret entry that holds them.

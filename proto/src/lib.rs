@@ -1,10 +1,12 @@
 //! Contracts between clients, the router, the workers and the operator: the `deepseek.v1`
-//! gRPC services, their deadline header, the expert placement plan and the pod contract.
+//! gRPC services, their deadline header, the expert placement plan and the pod contract; and
+//! what the router and the worker share as gRPC servers (`serving`).
 
 pub mod codec;
 pub mod deadline;
 pub mod placement;
 pub mod pod;
+pub mod serving;
 
 /// Generated `deepseek.v1` messages, client and server.
 pub mod v1 {

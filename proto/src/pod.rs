@@ -30,7 +30,7 @@ pub mod env {
     pub const METRICS_LISTEN: &str = "DSD_METRICS_LISTEN";
     /// Token budget of one scheduler step.
     pub const MAX_BATCH_TOKENS: &str = "DSD_MAX_BATCH_TOKENS";
-    /// KV cache size as a fraction of the memory available at start.
+    /// KV cache size as a fraction of the memory left once the weights are loaded.
     pub const KV_CACHE_FRACTION: &str = "DSD_KV_CACHE_FRACTION";
 }
 
@@ -40,6 +40,10 @@ pub const GRPC_PORT: u16 = 50051;
 pub const EP_PORT: u16 = 50061;
 /// Prometheus `/metrics`.
 pub const METRICS_PORT: u16 = 9090;
+/// The gRPC health service name the startup and liveness probes ask for: SERVING while the
+/// process runs, even when the group is down (readiness covers that), so a lost peer does
+/// not restart pods. The router answers it too.
+pub const LIVENESS_SERVICE: &str = "liveness";
 /// Where the checkpoint volume is mounted.
 pub const MODEL_MOUNT: &str = "/models";
 /// Where the placement ConfigMap is mounted; the plan is its `placement::PLAN_FILE`.

@@ -14,8 +14,8 @@ pub mod proxy;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::InferenceServer;
-use tonic_health::ServingStatus;
 
 use crate::auth::ApiKeys;
 use crate::backend::BackendSpec;
@@ -60,13 +60,7 @@ pub async fn serve(
             discovery::watch(d.client, &d.namespace, &d.selector, router).await;
         });
     }
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("liveness", ServingStatus::Serving)
-        .await;
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    let (reporter, health_service) = starting_health().await;
     tokio::spawn(health::watch(
         router.clone(),
         reporter,

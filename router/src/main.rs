@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use deepseek_proto::serving::shutdown_signal;
 use deepseek_router::auth::ApiKeys;
 use deepseek_router::backend::{BackendSpec, parse_backends_file};
 use deepseek_router::policy::Policy;
@@ -168,24 +169,12 @@ fn main() -> anyhow::Result<()> {
             backends = config.backends.len(),
             "routing"
         );
-        serve(config, grpc, http, metrics, shutdown_signal()).await
+        let shutdown = async {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+        };
+        serve(config, grpc, http, metrics, shutdown).await
     })
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down");
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
+use deepseek_proto::serving::shutdown_signal;
 use deepseek_worker::backend;
 use deepseek_worker::config::Config;
 use deepseek_worker::generate::{GenerateOptions, generate};
@@ -339,22 +340,10 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;
         tracing::info!(listen = %listener.local_addr()?, model = %serve.model_dir.display(), "listening");
-        server::serve(serve, listener, shutdown_signal()).await
+        let shutdown = async {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new requests, finishing open streams");
+        };
+        server::serve(serve, listener, shutdown).await
     })
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down: no new requests, finishing open streams");
 }

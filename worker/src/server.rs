@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use deepseek_proto::deadline::grpc_timeout;
 use deepseek_proto::placement::PlacementPlan;
+use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, GetLoadRequest,
@@ -220,13 +221,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("liveness", ServingStatus::Serving)
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    let (health, health_service) = starting_health().await;
     health
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
