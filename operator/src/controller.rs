@@ -31,29 +31,11 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus};
 use crate::desired::{Desired, ExpertLoad};
+pub use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::names::*;
 use crate::resolve;
 use crate::status::{self, Blocked, Observed};
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0} has no namespace")]
-    NotNamespaced(String),
-}
-
-impl Error {
-    /// Stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "client",
-            Error::NotNamespaced(_) => "not_namespaced",
-        }
-    }
-}
 
 /// What reconciliations share.
 pub struct Context {

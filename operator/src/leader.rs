@@ -11,6 +11,8 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
+use crate::error::Error;
+
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
     pub name: String,
@@ -64,7 +66,7 @@ pub async fn run(
     client: Client,
     config: LeaseConfig,
     leading: watch::Sender<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut last_renewed: Option<tokio::time::Instant> = None;
     loop {
@@ -78,17 +80,16 @@ pub async fn run(
             }
             Ok(false) => {
                 if *leading.borrow() {
-                    anyhow::bail!("lost lease {} to another replica", config.name);
+                    return Err(Error::LostLease(config.name.clone()));
                 }
             }
             Err(err) => {
                 tracing::warn!(error = %err, lease = %config.name, "lease update failed");
                 if last_renewed.is_some_and(|t| t.elapsed() >= config.duration) {
-                    anyhow::bail!(
-                        "could not renew lease {} within {:?}",
-                        config.name,
-                        config.duration
-                    );
+                    return Err(Error::LeaseExpired {
+                        lease: config.name.clone(),
+                        within: config.duration,
+                    });
                 }
             }
         }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod controller;
 pub mod desired;
+pub mod error;
 pub mod gpu;
 pub mod leader;
 pub mod metrics;

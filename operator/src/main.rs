@@ -127,7 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::select! {
         () = controller::run(ctx, args.namespace) => Ok(()),
         // Losing the lease ends the process: a restart rejoins as a follower.
-        result = elector => result?,
+        result = elector => Ok(result??),
     }
 }
 

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use deepseek_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::error::Error;
+
 /// One `--backend pool=NAME,weight=W,addr=HOST:PORT[,gpu=PRODUCT]` entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BackendSpec {
@@ -20,48 +22,55 @@ pub struct BackendSpec {
 }
 
 impl std::str::FromStr for BackendSpec {
-    type Err = String;
+    type Err = Error;
 
     /// `addr` is required; `pool` defaults to "default", `weight` to 1, `gpu` to unknown.
-    fn from_str(value: &str) -> Result<Self, String> {
-        let (mut pool, mut weight, mut addr, mut gpu) = (None, None, None, None);
-        for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-            let (key, v) = field.split_once('=').ok_or_else(|| {
-                format!("{field:?}: expected KEY=VALUE (pool, weight, addr, gpu)")
-            })?;
-            match key {
-                "pool" => pool = Some(v.to_string()),
-                "weight" => {
-                    weight =
-                        Some(v.parse().map_err(|_| {
-                            format!("weight={v:?}: expected a non-negative integer")
-                        })?)
-                }
-                "addr" => addr = Some(v.to_string()),
-                "gpu" => gpu = Some(v.to_string()),
-                other => return Err(format!("unknown key {other:?} (pool, weight, addr, gpu)")),
-            }
-        }
-        let addr = addr.ok_or("addr=HOST:PORT is required")?;
-        if addr.is_empty() || !addr.contains(':') {
-            return Err(format!("addr={addr:?}: expected HOST:PORT"));
-        }
-        Ok(BackendSpec {
-            pool: pool.unwrap_or_else(|| "default".into()),
-            weight: weight.unwrap_or(1),
-            addr,
-            gpu: gpu.unwrap_or_default(),
-        })
+    fn from_str(value: &str) -> Result<Self, Error> {
+        parse_spec(value).map_err(Error::BackendSpec)
     }
 }
 
+/// A `--backend` value, or why it is not one.
+fn parse_spec(value: &str) -> Result<BackendSpec, String> {
+    let (mut pool, mut weight, mut addr, mut gpu) = (None, None, None, None);
+    for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        let (key, v) = field
+            .split_once('=')
+            .ok_or_else(|| format!("{field:?}: expected KEY=VALUE (pool, weight, addr, gpu)"))?;
+        match key {
+            "pool" => pool = Some(v.to_string()),
+            "weight" => {
+                weight = Some(
+                    v.parse()
+                        .map_err(|_| format!("weight={v:?}: expected a non-negative integer"))?,
+                )
+            }
+            "addr" => addr = Some(v.to_string()),
+            "gpu" => gpu = Some(v.to_string()),
+            other => return Err(format!("unknown key {other:?} (pool, weight, addr, gpu)")),
+        }
+    }
+    let addr = addr.ok_or("addr=HOST:PORT is required")?;
+    if addr.is_empty() || !addr.contains(':') {
+        return Err(format!("addr={addr:?}: expected HOST:PORT"));
+    }
+    Ok(BackendSpec {
+        pool: pool.unwrap_or_else(|| "default".into()),
+        weight: weight.unwrap_or(1),
+        addr,
+        gpu: gpu.unwrap_or_default(),
+    })
+}
+
 /// Backends from a file: one `--backend` value per line; blank lines and `#` comments skipped.
-pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, String> {
+pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, Error> {
     text.lines()
         .enumerate()
         .map(|(n, line)| (n, line.split('#').next().unwrap_or("").trim()))
         .filter(|(_, line)| !line.is_empty())
-        .map(|(n, line)| line.parse().map_err(|e| format!("line {}: {e}", n + 1)))
+        .map(|(n, line)| {
+            parse_spec(line).map_err(|e| Error::BackendSpec(format!("line {}: {e}", n + 1)))
+        })
         .collect()
 }
 
@@ -78,9 +87,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(spec: BackendSpec) -> Result<Self, String> {
+    pub fn new(spec: BackendSpec) -> Result<Self, Error> {
         let channel = Endpoint::from_shared(format!("http://{}", spec.addr))
-            .map_err(|e| format!("addr={}: {e}", spec.addr))?
+            .map_err(|source| Error::BackendAddr {
+                addr: spec.addr.clone(),
+                source,
+            })?
             .connect_timeout(std::time::Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -150,7 +162,7 @@ mod tests {
     #[test]
     fn backend_flags_parse_with_defaults_and_name_what_is_wrong() {
         assert_eq!(
-            "pool=h100,weight=3,addr=10.0.0.1:50051,gpu=NVIDIA-H100-80GB-HBM3".parse(),
+            parse_spec("pool=h100,weight=3,addr=10.0.0.1:50051,gpu=NVIDIA-H100-80GB-HBM3"),
             Ok(BackendSpec {
                 pool: "h100".into(),
                 weight: 3,
@@ -167,7 +179,7 @@ mod tests {
             ("addr=a:1,zone=x", "unknown key \"zone\""),
             ("addr=a:1,pool", "expected KEY=VALUE"),
         ] {
-            let err = bad.parse::<BackendSpec>().unwrap_err();
+            let err = bad.parse::<BackendSpec>().unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
     }
@@ -179,7 +191,9 @@ mod tests {
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[1].weight, 0);
         assert_eq!(
-            parse_backends_file("addr=a:1\npool=x\n").unwrap_err(),
+            parse_backends_file("addr=a:1\npool=x\n")
+                .unwrap_err()
+                .to_string(),
             "line 2: addr=HOST:PORT is required"
         );
     }

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod backend;
 pub mod discovery;
+pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod metrics;
@@ -16,6 +17,8 @@ use std::time::Duration;
 
 use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::InferenceServer;
+
+pub use crate::error::Error;
 
 use crate::auth::ApiKeys;
 use crate::backend::BackendSpec;
@@ -46,9 +49,8 @@ pub async fn serve(
     http: tokio::net::TcpListener,
     metrics: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let router =
-        Arc::new(Router::new(config.backends, config.routing).map_err(anyhow::Error::msg)?);
+) -> Result<(), Error> {
+    let router = Arc::new(Router::new(config.backends, config.routing)?);
     let keys = Arc::new(config.keys);
     let served_name = Arc::new(OnceLock::new());
     if let Some(name) = config.served_name {

@@ -80,7 +80,7 @@ impl Cli {
                 .with_context(|| format!("--backends-file {}", path.display()))?;
             backends.extend(
                 parse_backends_file(&text)
-                    .map_err(|e| anyhow::anyhow!("--backends-file {}: {e}", path.display()))?,
+                    .with_context(|| format!("--backends-file {}", path.display()))?,
             );
         }
         let discovery = match (self.discover_namespace, self.discover_selector) {
@@ -173,7 +173,7 @@ fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             tracing::info!("shutting down");
         };
-        serve(config, grpc, http, metrics, shutdown).await
+        Ok(serve(config, grpc, http, metrics, shutdown).await?)
     })
 }
 

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::backend::{Backend, BackendSpec, InFlight};
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::policy::{Picker, Policy, View, stable_hash};
 
@@ -60,7 +61,7 @@ impl Drop for Admitted {
 }
 
 impl Router {
-    pub fn new(specs: Vec<BackendSpec>, config: RouterConfig) -> Result<Self, String> {
+    pub fn new(specs: Vec<BackendSpec>, config: RouterConfig) -> Result<Self, Error> {
         let router = Router {
             members: RwLock::new(Arc::new(Members {
                 backends: Vec::new(),
@@ -88,7 +89,7 @@ impl Router {
 
     /// Replaces the backend set. Backends that stay keep their connection, health and
     /// in-flight count; streams open on removed ones run to their end.
-    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), String> {
+    pub fn set_backends(&self, specs: Vec<BackendSpec>) -> Result<(), Error> {
         let current = self.members();
         let backends = specs
             .into_iter()
