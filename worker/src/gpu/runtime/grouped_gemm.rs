@@ -1,0 +1,121 @@
+//! The routed experts' GEMMs (grouped_gemm.cu): one launch multiplies each expert's segment
+//! of the expert-ordered rows by that expert's weights, in bf16 or FP8.
+
+use anyhow::{Result, ensure};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{Fp8, Gpu, MoeOrder, blocks, queue};
+
+/// Shared memory of one grouped-GEMM block: 4 stages × (128 + 128) rows × 64 bytes.
+pub(super) const GROUPED_GEMM_SHARED_BYTES: u32 = 4 * 2 * 128 * 64;
+
+/// Row tile of the grouped GEMM (BM in grouped_gemm.cu).
+pub const GEMM_TILE_ROWS: usize = 128;
+
+const GEMM_TILE_COLS: usize = 128;
+
+impl Gpu {
+    fn grouped_grid(order: &MoeOrder, n: usize) -> LaunchConfig {
+        // An upper bound on row tiles: blocks past the last return at once.
+        let tiles = order.rows.div_ceil(GEMM_TILE_ROWS) + order.experts;
+        blocks(
+            (n.div_ceil(GEMM_TILE_COLS), tiles),
+            256,
+            GROUPED_GEMM_SHARED_BYTES as usize,
+        )
+    }
+
+    /// y = x · W_eᵀ per expert segment: x [rows, k] bf16, w [experts, n, k], y [rows, n].
+    pub fn grouped_gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        order: &MoeOrder,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        ensure!(
+            k.is_multiple_of(8) && n.is_multiple_of(2),
+            "grouped_gemm: k ({k}) must be a multiple of 8 and n ({n}) even"
+        );
+        ensure!(
+            x.len() == order.rows * k
+                && w.len() == order.experts * n * k
+                && y.len() == order.rows * n,
+            "grouped_gemm: x must be [{}, {k}], w [{}, {n}, {k}], y [{}, {n}]",
+            order.rows,
+            order.experts,
+            order.rows
+        );
+        let args = [order.experts, n, k].map(|v| v as i32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("grouped_gemm_bf16"));
+        launch
+            .arg(x)
+            .arg(w)
+            .arg(y)
+            .arg(&order.offsets)
+            .arg(&order.tile_start)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        queue(launch, Self::grouped_grid(order, n))?;
+        Ok(())
+    }
+
+    /// The FP8 form: x [rows, k] e4m3 with x_scale [rows, ⌈k/128⌉]; w [experts, n, k] with
+    /// w_scale [experts, ⌈n/128⌉, ⌈k/128⌉]. Needs FP8 tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_fp8(
+        &self,
+        x: &CudaSlice<Fp8>,
+        x_scale: &CudaSlice<f32>,
+        w: &CudaSlice<Fp8>,
+        w_scale: &CudaSlice<f32>,
+        y: &mut CudaSlice<bf16>,
+        order: &MoeOrder,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        ensure!(
+            self.has_fp8_tensor_cores(),
+            "grouped_gemm_fp8 needs sm_89 or later; this GPU is {}",
+            self.architecture
+        );
+        ensure!(
+            k.is_multiple_of(16) && n.is_multiple_of(2),
+            "grouped_gemm_fp8: k ({k}) must be a multiple of 16 and n ({n}) even"
+        );
+        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+        ensure!(
+            x.len() == order.rows * k
+                && x_scale.len() == order.rows * kb
+                && w.len() == order.experts * n * k
+                && w_scale.len() == order.experts * nb * kb
+                && y.len() == order.rows * n,
+            "grouped_gemm_fp8: shapes do not match {} rows, {} experts, n {n}, k {k}",
+            order.rows,
+            order.experts
+        );
+        let args = [order.experts, n, k].map(|v| v as i32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("grouped_gemm_fp8"));
+        launch
+            .arg(x)
+            .arg(x_scale)
+            .arg(w)
+            .arg(w_scale)
+            .arg(y)
+            .arg(&order.offsets)
+            .arg(&order.tile_start)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        queue(launch, Self::grouped_grid(order, n))?;
+        Ok(())
+    }
+}
