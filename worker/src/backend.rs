@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-
+use crate::bail;
 use crate::config::Config;
+use crate::error::Result;
 use crate::gpu::model::{GpuKv, GpuModel};
 use crate::gpu::runtime::Gpu;
 use crate::gpu::{DeviceSpec, Dtype};
@@ -104,7 +104,7 @@ pub fn open(dir: &Path, device: DeviceSpec, dtype: Dtype) -> Result<Arc<dyn Back
 
 /// Opens GPU `ordinal` and says which it is.
 pub fn open_gpu(ordinal: usize) -> Result<Gpu> {
-    let gpu = Gpu::open(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
+    let gpu = Gpu::open(ordinal)?;
     tracing::info!(gpu = %gpu.name, architecture = %gpu.architecture, compiler = %gpu.compiler, "GPU opened");
     Ok(gpu)
 }

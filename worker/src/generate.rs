@@ -3,9 +3,9 @@
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
-
 use crate::backend::{Backend, KvCache, Output, Pass};
+use crate::bail;
+use crate::error::{Error, Result};
 use crate::model::cache::{BlockTable, blocks_for};
 use crate::sampling::{Next, Sampler, SamplingParams, Want};
 
@@ -81,7 +81,7 @@ pub fn generate(
             options.max_new_tokens
         );
     }
-    options.sampling.validate()?;
+    options.sampling.validate().map_err(Error::msg)?;
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut out = Generation::default();
     if options.max_new_tokens == 0 {

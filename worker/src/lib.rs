@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod ep;
+pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod metrics;

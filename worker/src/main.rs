@@ -344,6 +344,6 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             shutdown_signal().await;
             tracing::info!("shutting down: no new requests, finishing open streams");
         };
-        server::serve(serve, listener, shutdown).await
+        Ok(server::serve(serve, listener, shutdown).await?)
     })
 }

@@ -5,11 +5,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
 use clap::ValueEnum;
 use deepseek_proto::placement::PlacementPlan;
 use deepseek_proto::pod::{self, env};
 
+use crate::bail;
+use crate::error::{Context, Error, Result};
 use crate::gpu::{DeviceSpec, Dtype};
 
 #[derive(clap::Args, Debug)]
@@ -108,21 +109,21 @@ pub struct LocalRanks {
 }
 
 impl ServeArgs {
-    pub fn resolve(&self) -> anyhow::Result<LocalRanks> {
+    pub fn resolve(&self) -> Result<LocalRanks> {
         let ranks = resolve_ranks(self)?;
         self.read_plan(ranks.group_size)?;
         Ok(ranks)
     }
 
     /// The plan from `--placement`, checked against the group size; None without the flag.
-    pub fn read_plan(&self, group_size: u32) -> anyhow::Result<Option<PlacementPlan>> {
+    pub fn read_plan(&self, group_size: u32) -> Result<Option<PlacementPlan>> {
         let Some(path) = &self.placement else {
             return Ok(None);
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--placement {}", path.display()))?;
         let plan = PlacementPlan::from_json(&text)
-            .map_err(|e| anyhow::anyhow!("--placement {}: {e}", path.display()))?;
+            .map_err(|e| Error::Message(format!("--placement {}: {e}", path.display())))?;
         if plan.group_size != group_size {
             bail!(
                 "--placement {}: plan is for groupSize {}, but --group-size is {group_size}",
@@ -156,7 +157,7 @@ impl ServeArgs {
     }
 }
 
-fn resolve_ranks(args: &ServeArgs) -> anyhow::Result<LocalRanks> {
+fn resolve_ranks(args: &ServeArgs) -> Result<LocalRanks> {
     if args.group_size == 0 {
         bail!("--group-size must be at least 1");
     }

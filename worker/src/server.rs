@@ -24,9 +24,11 @@ use tonic_health::ServingStatus;
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::backend::{self, Backend, open_gpu};
+use crate::bail;
 use crate::config::Family;
 use crate::ep::EpTransport;
 use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
+use crate::error::{Error, Result};
 use crate::gpu::model::GpuModel;
 use crate::gpu::nccl::NcclTransport;
 use crate::gpu::runtime::Gpu;
@@ -220,7 +222,7 @@ pub async fn serve(
     config: ServeConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let (health, health_service) = starting_health().await;
     health
         .set_not_serving::<InferenceServer<InferenceService>>()
@@ -231,7 +233,7 @@ pub async fn serve(
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+            .map_err(|e| Error::Message(format!("--metrics-listen {addr}: {e}")))?;
         let (metrics, loaded) = (metrics.clone(), loaded.clone());
         let idle = Arc::new(Load::default());
         let render = Arc::new(move || match loaded.get() {
@@ -369,7 +371,7 @@ fn join_group(
     config: &ServeConfig,
     g: &GroupConfig,
     gpu: Option<&Gpu>,
-) -> anyhow::Result<Arc<dyn Transport>> {
+) -> Result<Arc<dyn Transport>> {
     let config_json = std::fs::read(config.model_dir.join("config.json"))?;
     let identity = group_identity(&config_json, &g.plan, g.wire);
     let rank = config.rank as usize;
@@ -380,7 +382,7 @@ fn join_group(
         (EpTransport::Nccl, Some(gpu)) => {
             Ok(Arc::new(NcclTransport::connect(tcp, gpu.stream.clone())?))
         }
-        (EpTransport::Nccl, None) => anyhow::bail!("--ep-transport nccl needs --device cuda:N"),
+        (EpTransport::Nccl, None) => bail!("--ep-transport nccl needs --device cuda:N"),
     }
 }
 
@@ -388,7 +390,7 @@ fn join_group(
 type Opened = (Arc<dyn Backend>, Option<Arc<dyn Transport>>);
 
 /// The model on its device: the whole model, or an expert-parallel rank's part.
-fn open_model(config: &ServeConfig) -> anyhow::Result<Opened> {
+fn open_model(config: &ServeConfig) -> Result<Opened> {
     let dir = &config.model_dir;
     let Some(g) = &config.group else {
         return Ok((backend::open(dir, config.device, config.dtype)?, None));
@@ -413,7 +415,7 @@ fn open_model(config: &ServeConfig) -> anyhow::Result<Opened> {
     })
 }
 
-fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
+fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
     let (model, group) = open_model(config)?;
     let mut scheduler_config = config.scheduler.clone();
     if let Some(fraction) = config.kv_cache_fraction {

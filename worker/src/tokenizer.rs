@@ -4,10 +4,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
 use minijinja::{Environment, context};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::error::{Context, Error, Result};
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -40,7 +41,7 @@ impl Tokenizer {
             return Ok(None);
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| Error::Message(format!("{}: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => {
@@ -66,14 +67,14 @@ impl Tokenizer {
         let encoding = self
             .inner
             .encode(text, add_special)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+            .map_err(|e| Error::Message(format!("tokenizing: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| anyhow!("detokenizing: {e}"))
+            .map_err(|e| Error::Message(format!("detokenizing: {e}")))
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -90,12 +91,12 @@ impl Tokenizer {
         let template = self
             .chat_template
             .as_deref()
-            .ok_or_else(|| anyhow!("tokenizer_config.json has no chat_template"))?;
+            .context("tokenizer_config.json has no chat_template")?;
         let mut env = Environment::new();
         // `str.split`, `dict.get` and friends, which Hugging Face templates use.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template("chat", template)
-            .map_err(|e| anyhow!("chat_template: {e}"))?;
+            .map_err(|e| Error::Message(format!("chat_template: {e}")))?;
         let rendered = env
             .get_template("chat")
             .and_then(|t| {
@@ -106,7 +107,7 @@ impl Tokenizer {
                     eos_token => self.eos_token,
                 })
             })
-            .map_err(|e| anyhow!("rendering chat_template: {e}"))?;
+            .map_err(|e| Error::Message(format!("rendering chat_template: {e}")))?;
         Ok(rendered)
     }
 

@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 use deepseek_proto::placement::PlacementPlan;
 
 use super::Transport;
 use super::wire::{Dispatched, Wire, decode_dispatch, encode_dispatch};
+use crate::bail;
+use crate::error::Result;
 use crate::model::moe::{RoutedExperts, Routing};
 
 /// The routed experts of one rank of an expert-parallel group.

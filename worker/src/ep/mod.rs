@@ -18,12 +18,13 @@ mod wire;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
 use deepseek_proto::placement::PlacementPlan;
 
 pub use self::dispatch::ExpertParallel;
 pub use self::transport::{ChannelTransport, TcpTransport, Transport};
 pub use self::wire::Wire;
+use crate::bail;
+use crate::error::Result;
 use crate::model::Model;
 use crate::model::moe::LocalExperts;
 
@@ -32,13 +33,6 @@ use crate::model::moe::LocalExperts;
 #[derive(Debug, thiserror::Error)]
 #[error("expert-parallel group: {0}")]
 pub struct GroupError(pub String);
-
-impl GroupError {
-    /// Whether `err` (or what caused it) is a group failure.
-    pub fn is_in(err: &anyhow::Error) -> bool {
-        err.chain().any(|e| e.is::<GroupError>())
-    }
-}
 
 /// What ranks check before forming a group: the same model and plan (a hash of both).
 pub fn group_identity(config_json: &[u8], plan: &PlacementPlan, wire: Wire) -> u64 {

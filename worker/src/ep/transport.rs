@@ -7,10 +7,10 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-
 use super::GroupError;
 use super::wire::{get_u32, put_u32};
+use crate::bail;
+use crate::error::{Context, Result};
 
 /// All-to-all among the ranks of a group.
 pub trait Transport: Send + Sync {
@@ -23,7 +23,7 @@ pub trait Transport: Send + Sync {
     /// After a failure: drops every connection and forms the group again, waiting for the
     /// missing ranks to come back (within the transport's own timeout).
     fn rejoin(&self) -> Result<()> {
-        bail!(GroupError("this transport cannot re-form its group".into()))
+        Err(GroupError("this transport cannot re-form its group".into()).into())
     }
 }
 
@@ -305,9 +305,7 @@ impl Transport for TcpTransport {
     fn all_to_all(&self, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         if outgoing.len() != self.size() || links.writers.len() != self.size() {
-            bail!(GroupError(
-                "not connected to every rank of the group".into()
-            ));
+            return Err(GroupError("not connected to every rank of the group".into()).into());
         }
         let mut own = Vec::new();
         for (d, message) in outgoing.into_iter().enumerate() {
@@ -400,7 +398,7 @@ mod tests {
         let errors: Vec<String> = [rank0, rank1.join().unwrap()]
             .into_iter()
             .flatten()
-            .map(|e| format!("{e:#}"))
+            .map(|e| format!("{e}"))
             .collect();
         assert!(
             errors

@@ -1,8 +1,7 @@
 //! The bytes of a dispatch or combine message.
 
-use anyhow::Result;
-
 use super::GroupError;
+use crate::error::Result;
 use crate::model::moe::Routing;
 
 /// How activations cross the wire.

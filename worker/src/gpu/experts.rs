@@ -6,13 +6,14 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail, ensure};
 use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::runtime::{Fp8, Gpu};
+use crate::error::{Error, Result};
 use crate::model::moe::{RoutedExperts, Routing};
+use crate::{bail, ensure};
 
 /// Stacked e4m3 matrices and their 128×128 block scales.
 pub(super) struct Fp8Weights {
@@ -172,8 +173,11 @@ impl RoutedExperts for GpuExperts {
         let Some(experts) = self.layers.get(layer).and_then(Option::as_ref) else {
             bail!("layer {layer} has no routed experts");
         };
-        let (slots, weights) = padded_slots(routing, &experts.slot, topk)
-            .map_err(|id| anyhow::anyhow!("layer {layer}: expert {id} is not held by this rank"))?;
+        let (slots, weights) = padded_slots(routing, &experts.slot, topk).map_err(|id| {
+            Error::Message(format!(
+                "layer {layer}: expert {id} is not held by this rank"
+            ))
+        })?;
         let stream = &self.gpu.stream;
         let x = stream.clone_htod(&x.flatten_all()?.to_vec1::<f32>()?)?;
         let y = self.compute(

@@ -20,7 +20,8 @@ pub mod runtime;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{Context, Result, bail};
+use crate::bail;
+use crate::error::{Context, Result};
 
 pub use nvrtc::Nvrtc;
 
@@ -294,7 +295,7 @@ mod tests {
             for architecture in CI_ARCHITECTURES {
                 let out = nvrtc
                     .compile(name, &full_source(source), architecture, &include)
-                    .unwrap_or_else(|e| panic!("{e:#}"));
+                    .unwrap_or_else(|e| panic!("{e}"));
                 if architecture.starts_with("compute_") {
                     let ptx = String::from_utf8_lossy(&out);
                     assert!(

@@ -8,12 +8,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, ensure};
 use cudarc::driver::CudaStream;
 use cudarc::nccl::result::{group_end, group_start};
 use cudarc::nccl::{Comm, Id};
 
+use crate::ensure;
 use crate::ep::{GroupError, TcpTransport, Transport};
+use crate::error::{Context, Error, Result};
 
 /// An NCCL communicator; NCCL allows any thread to use one, one call at a time (the Mutex
 /// around it sees to that).
@@ -50,28 +51,27 @@ impl NcclTransport {
 fn communicator(tcp: &TcpTransport, stream: &Arc<CudaStream>) -> Result<Communicator> {
     let (rank, size) = (tcp.rank(), tcp.size());
     let id = if rank == 0 {
-        let id = Id::new().map_err(|e| anyhow::anyhow!("ncclGetUniqueId: {e:?}"))?;
+        let id = Id::new().map_err(|e| Error::Message(format!("ncclGetUniqueId: {e:?}")))?;
         id.internal().iter().map(|&c| c as u8).collect()
     } else {
         Vec::new()
     };
     let outgoing = (0..size).map(|_| id.clone()).collect();
     let from_zero = tcp.all_to_all(outgoing)?.swap_remove(0);
-    ensure!(
-        from_zero.len() == 128,
-        GroupError("rank 0 sent no NCCL id".into())
-    );
+    if from_zero.len() != 128 {
+        return Err(GroupError("rank 0 sent no NCCL id".into()).into());
+    }
     let mut internal = [0 as std::ffi::c_char; 128];
     for (slot, byte) in internal.iter_mut().zip(&from_zero) {
         *slot = *byte as std::ffi::c_char;
     }
     let comm = Comm::from_rank(stream.clone(), rank, size, Id::uninit(internal))
-        .map_err(|e| anyhow::anyhow!("ncclCommInitRank (rank {rank} of {size}): {e:?}"))?;
+        .map_err(|e| Error::Message(format!("ncclCommInitRank (rank {rank} of {size}): {e:?}")))?;
     Ok(Communicator(comm))
 }
 
 /// A failed NCCL call: the group can no longer exchange.
-fn failed(what: &str) -> impl Fn(cudarc::nccl::result::NcclError) -> anyhow::Error + '_ {
+fn failed(what: &str) -> impl Fn(cudarc::nccl::result::NcclError) -> Error + '_ {
     move |e| GroupError(format!("NCCL {what}: {e:?}")).into()
 }
 

@@ -5,8 +5,10 @@
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
 use libloading::Library;
+
+use crate::bail;
+use crate::error::{Context, Error, Result};
 
 const NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
 
@@ -88,7 +90,7 @@ impl Nvrtc {
                 .to_string_lossy()
                 .into_owned()
         };
-        Err(anyhow!("NVRTC error {status}: {text}"))
+        Err(Error::Message(format!("NVRTC error {status}: {text}")))
     }
 
     /// Compiles `source` for `architecture`: PTX text for a virtual one (`compute_90`), a
@@ -101,8 +103,10 @@ impl Nvrtc {
         architecture: &str,
         include: &Path,
     ) -> Result<Vec<u8>> {
-        let source = CString::new(source).context("kernel source holds a NUL")?;
-        let file = CString::new(format!("{name}.cu"))?;
+        let source = CString::new(source)
+            .map_err(Error::msg)
+            .context("kernel source holds a NUL")?;
+        let file = CString::new(format!("{name}.cu")).map_err(Error::msg)?;
         let options = [
             format!("--gpu-architecture={architecture}"),
             format!("--include-path={}", include.display()),
@@ -159,7 +163,9 @@ impl Nvrtc {
                                 .to_string()
                         })
                         .unwrap_or_default();
-                    Err(anyhow!("{name}.cu for {architecture}: {err}\n{log}"))
+                    Err(Error::Message(format!(
+                        "{name}.cu for {architecture}: {err}\n{log}"
+                    )))
                 }
                 Ok(()) if architecture.starts_with("compute_") => {
                     read(b"nvrtcGetPTXSize\0", b"nvrtcGetPTX\0")

@@ -7,7 +7,6 @@
 //! the query and its value half applied after attention, so attention runs directly on the
 //! latents.
 
-use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -15,6 +14,7 @@ use super::cache::{BlockTable, LayerBlocks};
 use super::kernels::{axpy, dot_f32};
 use super::ops::{Linear, RmsNorm, Rope, softmax_last, yarn_mscale};
 use crate::config::Config;
+use crate::error::Result;
 use crate::weights::Checkpoint;
 
 /// The query projection: direct, or through a low-rank bottleneck (V3, V2 full size).

@@ -10,7 +10,6 @@ pub mod ops;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use self::attention::Attention;
@@ -19,6 +18,7 @@ use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts, Routing};
 use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::backend::{self, Backend, KvCache, Output, Pass};
 use crate::config::Config;
+use crate::error::{Context, Result};
 use crate::sampling::Next;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
 

@@ -3,12 +3,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Result, anyhow};
 use candle_core::{Device, Tensor};
 
 use super::kernels;
 use super::ops::{BF16_KERNEL_MAX_TOKENS, Mlp, mlps_bf16};
 use crate::config::{Config, Family, Moe as MoeConfig, ScoringFunc, TopkMethod};
+use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 
 /// The experts each token goes to and their weights, `[tokens][top_k]`.
@@ -78,7 +78,11 @@ impl LocalExperts {
         self.layers[layer]
             .get(e)
             .and_then(Option::as_ref)
-            .ok_or_else(|| anyhow!("layer {layer}: expert {e} is not held by this rank"))
+            .ok_or_else(|| {
+                Error::Message(format!(
+                    "layer {layer}: expert {e} is not held by this rank"
+                ))
+            })
     }
 }
 

@@ -1,11 +1,11 @@
 //! Shared building blocks: linear layers, RMSNorm, SwiGLU MLPs, softmax and YaRN rotary
 //! embeddings. Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
 
-use anyhow::Result;
 use candle_core::{D, Device, Tensor};
 
 use super::kernels;
 use crate::config::{Config, Yarn};
+use crate::error::Result;
 use crate::weights::{Bf16Weights, Checkpoint, Dtype};
 
 /// `y = x Wᵀ`. Weights stored as bf16 stay bf16 in memory (exact, half the bytes); decode

@@ -8,6 +8,7 @@ use tonic::Status;
 
 use super::sequence::Sequence;
 use super::{Engine, Outcome};
+use crate::error::{Error, Result};
 
 /// How long a rank waits between attempts to re-form its failed group.
 const GROUP_REJOIN_PAUSE: Duration = Duration::from_millis(500);
@@ -15,7 +16,7 @@ const GROUP_REJOIN_PAUSE: Duration = Duration::from_millis(500);
 impl Engine {
     /// The passes (forward calls) this step runs: this rank's own, or in an expert-parallel
     /// group the most any rank needs, since every rank takes part in every pass's exchanges.
-    pub(super) fn agree_on_passes(&self, mine: usize) -> anyhow::Result<usize> {
+    pub(super) fn agree_on_passes(&self, mine: usize) -> Result<usize> {
         let Some(group) = &self.group else {
             return Ok(mine);
         };
@@ -24,7 +25,7 @@ impl Engine {
             let count: [u8; 4] = count
                 .as_slice()
                 .try_into()
-                .map_err(|_| anyhow::anyhow!("a malformed pass count from a peer"))?;
+                .map_err(|_| Error::msg("a malformed pass count from a peer"))?;
             Ok(most.max(u32::from_le_bytes(count) as usize))
         })
     }
@@ -32,21 +33,15 @@ impl Engine {
     /// A peer of the group failed: every open request ends UNAVAILABLE, and the rank
     /// re-forms the group with its peers (health is NOT_SERVING meanwhile), retrying until
     /// the missing rank is back.
-    pub(super) fn group_failed(&mut self, err: &anyhow::Error) {
-        tracing::error!(
-            error = format!("{err:#}"),
-            "the expert-parallel group failed"
-        );
+    pub(super) fn group_failed(&mut self, err: &Error) {
+        tracing::error!(error = %err, "the expert-parallel group failed");
         self.load.group_down.store(true, Ordering::Relaxed);
         self.fail_open_requests();
         let Some(group) = self.group.clone() else {
             return;
         };
         while let Err(err) = group.rejoin() {
-            tracing::warn!(
-                error = format!("{err:#}"),
-                "re-forming the expert-parallel group"
-            );
+            tracing::warn!(error = %err, "re-forming the expert-parallel group");
             self.fail_open_requests();
             std::thread::sleep(GROUP_REJOIN_PAUSE);
         }

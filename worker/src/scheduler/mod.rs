@@ -38,6 +38,7 @@ use tonic::Status;
 use self::sequence::{Sequence, final_message, finish_label};
 use crate::backend::{Backend, KvCache};
 use crate::ep::Transport;
+use crate::error::{Error, Result};
 use crate::metrics::{Load, Metrics};
 use crate::model::cache::blocks_for;
 use crate::tokenizer::Tokenizer;
@@ -85,7 +86,7 @@ impl Scheduler {
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
         group: Option<Arc<dyn Transport>>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let cache = model.new_cache(config.kv_blocks)?;
         let (submit, inbox) = mpsc::unbounded_channel();
         let load = Arc::new(Load::default());
@@ -302,7 +303,7 @@ impl Engine {
 }
 
 /// Internal errors are logged in full and returned without internals.
-fn internal(err: anyhow::Error) -> Status {
+fn internal(err: Error) -> Status {
     tracing::error!(error = %err, "model step failed");
     Status::internal("the model step failed; see the worker log")
 }

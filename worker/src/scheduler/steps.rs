@@ -10,7 +10,7 @@ use tonic::Status;
 use super::sequence::{Sequence, emit};
 use super::{Engine, Outcome, internal};
 use crate::backend::{Output, Pass};
-use crate::ep::GroupError;
+use crate::error::Result;
 use crate::model::cache::BlockTable;
 use crate::sampling::Want;
 
@@ -65,7 +65,7 @@ impl Engine {
 
     /// The decode pass, the prompt chunks, then idle passes up to `passes`. Errs only when
     /// the expert-parallel group failed.
-    fn run_passes(&mut self, chunks: &[u64], passes: usize) -> anyhow::Result<()> {
+    fn run_passes(&mut self, chunks: &[u64], passes: usize) -> Result<()> {
         let mut done = usize::from(self.decode_together()?);
         for id in chunks {
             // By id: a failed decode may have removed sequences and moved the others.
@@ -109,7 +109,7 @@ impl Engine {
 
     /// Runs every sequence's next known token through the model in one batched pass;
     /// true when the pass ran, an error when the expert-parallel group failed.
-    fn decode_together(&mut self) -> anyhow::Result<bool> {
+    fn decode_together(&mut self) -> Result<bool> {
         let rows: Vec<usize> = (0..self.running.len())
             .filter(|&i| self.running[i].next_decode_token().is_some())
             .collect();
@@ -140,7 +140,7 @@ impl Engine {
                 Ok(true)
             }
             // In a group a pass that failed may have left peers mid-exchange: the group fails.
-            Err(err) if GroupError::is_in(&err) || self.group.is_some() => Err(err),
+            Err(err) if err.is_group() || self.group.is_some() => Err(err),
             Err(err) => {
                 let status = internal(err);
                 // Highest index first, so removal leaves the others where they are.
@@ -183,7 +183,7 @@ impl Engine {
 
     /// Runs sequence `i`'s next prompt chunk; true when the pass ran, an error when the
     /// expert-parallel group failed.
-    fn prefill_chunk(&mut self, i: usize) -> anyhow::Result<bool> {
+    fn prefill_chunk(&mut self, i: usize) -> Result<bool> {
         let chunk = self.chunk_len(&self.running[i]);
         let on_device = self.model.samples_on_device();
         let seq = &mut self.running[i];
@@ -202,7 +202,7 @@ impl Engine {
                 }
                 (Outcome::Continue, true)
             }
-            Err(err) if GroupError::is_in(&err) || self.group.is_some() => return Err(err),
+            Err(err) if err.is_group() || self.group.is_some() => return Err(err),
             Err(err) => (Outcome::Failed(internal(err)), false),
         };
         self.finish(i, outcome);

@@ -64,7 +64,10 @@ async fn launch(
     metrics_listen: Option<std::net::SocketAddr>,
     shutdown_grace: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> (Channel, tokio::task::JoinHandle<anyhow::Result<()>>) {
+) -> (
+    Channel,
+    tokio::task::JoinHandle<deepseek_worker::error::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ServeConfig {

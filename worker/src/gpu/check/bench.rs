@@ -1,6 +1,5 @@
 //! Benchmarks at DeepSeek-V3 shapes on random weights made on the GPU.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::sys::CUevent_flags;
 use serde_json::{Value, json};
 
@@ -8,6 +7,8 @@ use half::bf16;
 
 use super::up;
 use crate::config::Config;
+use crate::ensure;
+use crate::error::Result;
 use crate::gpu::Dtype;
 use crate::gpu::model::GpuModel;
 use crate::gpu::runtime::{GateRule, Gpu};
@@ -243,7 +244,7 @@ pub(super) fn layer_benchmark(device: usize) -> Result<Value> {
     for dtype in dtypes {
         let name = if dtype == Dtype::Fp8 { "fp8" } else { "bf16" };
         report[name] =
-            layer_latency(device, dtype).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            layer_latency(device, dtype).unwrap_or_else(|e| json!({"error": format!("{e}")}));
     }
     Ok(report)
 }

@@ -1,10 +1,9 @@
 //! The routed experts' kernels: permutation, grouped GEMMs (bf16 and FP8), FP8 dequantisation.
 
-use anyhow::Result;
-
 use half::bf16;
 
 use super::{Check, down, max_diff, relative_diff, to_bf16, uniform, up};
+use crate::error::Result;
 use crate::gpu::runtime::Gpu;
 use crate::sampling::Rng;
 use crate::weights::fp8_e4m3_to_f32;

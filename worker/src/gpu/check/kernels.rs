@@ -1,11 +1,11 @@
 //! Norms, rope, the MoE gate, MLA decode attention and sampling against the CPU path.
 
-use anyhow::Result;
 use candle_core::{Device, Tensor};
 use half::bf16;
 
 use super::{Check, down, max_diff, relative_diff, sampling_cases, to_bf16, uniform, up};
 use crate::config::{Config, Moe};
+use crate::error::Result;
 use crate::gpu::runtime::{GateRule, Gpu};
 use crate::model::moe::route;
 use crate::model::ops::{RmsNorm, Rope};

@@ -11,7 +11,6 @@ mod model;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
 use serde_json::{Value, json};
@@ -28,6 +27,7 @@ use self::model::{
 };
 use super::runtime::Gpu;
 use crate::config::Config;
+use crate::error::{Context, Result};
 use crate::sampling::{Rng, SamplingParams};
 
 /// One kernel compared with the CPU path: the largest error and what it may be.
@@ -76,7 +76,7 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     let mut checks: Vec<Value> = Vec::new();
     let mut record = |name: &str, result: Result<Vec<Check>>| match result {
         Ok(list) => checks.extend(list.iter().map(Check::json)),
-        Err(e) => checks.push(json!({"name": name, "passed": false, "error": format!("{e:#}")})),
+        Err(e) => checks.push(json!({"name": name, "passed": false, "error": format!("{e}")})),
     };
     record("rms_norm", check_rms_norm(&gpu));
     record("silu_mul", check_silu_mul(&gpu));
@@ -104,9 +104,9 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     let passed = checks.iter().all(|c| c["passed"] == true);
 
     let benchmarks = if bench {
-        let mut report = benchmarks(&gpu).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        let mut report = benchmarks(&gpu).unwrap_or_else(|e| json!({"error": format!("{e}")}));
         report["decode_layer"] =
-            layer_benchmark(device).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            layer_benchmark(device).unwrap_or_else(|e| json!({"error": format!("{e}")}));
         report
     } else {
         Value::Null

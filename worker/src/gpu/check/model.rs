@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Result, bail, ensure};
 use deepseek_proto::placement::PlacementPlan;
 
 use super::{Check, relative_diff, sampling_cases};
 use crate::backend::{Backend, KvCache, Output, Pass};
 use crate::ep::{ChannelTransport, TcpTransport, Transport, Wire};
+use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Generation, generate};
 use crate::gpu::Dtype;
 use crate::gpu::model::GpuModel;
@@ -18,6 +18,7 @@ use crate::gpu::runtime::Gpu;
 use crate::model::Model;
 use crate::model::cache::BlockTable;
 use crate::sampling::{Next, Sampler, SamplingParams, Want};
+use crate::{bail, ensure};
 
 /// Every prompt and step logit of a generation, in order.
 fn all_logits(g: &Generation) -> Vec<f32> {
@@ -237,7 +238,7 @@ pub(super) fn check_expert_parallel(device: usize, dir: &Path) -> Result<Vec<Che
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+            .map(|h| h.join().map_err(|_| Error::msg("a rank panicked"))?)
             .collect::<Result<_>>()
     })?;
     let mut checks = Vec::new();

@@ -2,11 +2,11 @@
 //! too, runs in the absorbed form over the latent cache and sees up to its own position, so
 //! one kernel serves prefill and decode.
 
-use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::{GpuKv, GpuModel};
+use crate::error::Result;
 use crate::gpu::runtime::{GemmShape, Gpu, Layout};
 use crate::model::cache::BlockTable;
 use crate::model::ops::Rope;

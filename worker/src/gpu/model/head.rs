@@ -1,11 +1,12 @@
 //! The end of a pass on the GPU: the final norm and `lm_head` over the rows asked for, and
 //! the next tokens sampled where the logits are.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::CudaSlice;
 
 use super::{GpuKv, GpuModel};
 use crate::backend;
+use crate::ensure;
+use crate::error::Result;
 use crate::model::cache::BlockTable;
 use crate::sampling::{DeviceDraw, Next, Want};
 

@@ -2,7 +2,6 @@
 
 use std::cell::Cell;
 
-use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
@@ -10,6 +9,7 @@ use super::Layer;
 use super::attention::{Attention, QProj};
 use super::mlp::{Dense, FeedForward, Moe};
 use crate::config::{Config, TopkMethod};
+use crate::error::Result;
 use crate::gpu::experts::{Fp8Weights, LayerExperts, Weights};
 use crate::gpu::runtime::{Fp8, Gpu};
 use crate::weights::Checkpoint;

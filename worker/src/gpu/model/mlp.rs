@@ -2,13 +2,13 @@
 //! mixture of experts with its router, routed experts (here or across the group) and shared
 //! experts.
 
-use anyhow::Result;
 use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::{GpuModel, Routed};
 use crate::ep::GroupError;
+use crate::error::Result;
 use crate::gpu::runtime::GateRule;
 use crate::model::moe::{RoutedExperts, Routing};
 
@@ -93,10 +93,10 @@ impl GpuModel {
                 // Once the dispatch has gone out, any failure leaves the peers waiting for
                 // this rank's combine: the whole group must fail and re-form.
                 let y = ep.forward(layer, &x, &routing, false).map_err(|e| {
-                    if GroupError::is_in(&e) {
+                    if e.is_group() {
                         e
                     } else {
-                        GroupError(format!("{e:#}")).into()
+                        GroupError(e.to_string()).into()
                     }
                 })?;
                 stream.clone_htod(&y.flatten_all()?.to_vec1::<f32>()?)?

@@ -18,7 +18,6 @@ use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::CudaSlice;
 use deepseek_proto::placement::PlacementPlan;
@@ -33,12 +32,14 @@ use super::{Dtype, resolve_dtype};
 use crate::backend::{self, Backend, KvCache, Output, Pass};
 use crate::config::Config;
 use crate::ep::{ExpertParallel, Transport, Wire, plan_matches_group, plan_matches_model};
+use crate::error::{Context, Result};
 use crate::model::attention::softmax_scale;
 use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
 use crate::model::moe::{ExpertLoad, RoutedExperts, Routing};
 use crate::model::ops::Rope;
 use crate::sampling::Next;
 use crate::weights::{Checkpoint, DEFAULT_FP8_BLOCK};
+use crate::{bail, ensure};
 
 /// One decoder layer's weights, but its routed experts (those are in `GpuModel::routed`).
 struct Layer {

@@ -1,11 +1,12 @@
 //! Attention's launches: rope on queries and keys, writes into the paged latent cache, and
 //! absorbed MLA decode over it.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
 use super::{Gpu, blocks, queue, strided};
+use crate::ensure;
+use crate::error::Result;
 
 /// Largest kv_lora_rank and rope dims mla_decode.cu holds in registers.
 const MLA_MAX_RANK: usize = 512;

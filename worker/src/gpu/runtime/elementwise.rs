@@ -1,11 +1,12 @@
 //! Row-wise and elementwise launches: RMS norm, SwiGLU's activation, the embedding lookup,
 //! residual adds and the cast to bf16.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
 use super::{Gpu, blocks, queue, strided};
+use crate::ensure;
+use crate::error::Result;
 
 impl Gpu {
     /// y[rows, cols] = rms_norm(x) · weight; x's rows are x_stride apart.

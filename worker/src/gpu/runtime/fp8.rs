@@ -1,11 +1,12 @@
 //! FP8 e4m3 on the device: activations quantised with 1×128 scales, and checkpoint weights
 //! dequantised to bf16 with their block scales.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
 use super::{Gpu, blocks, queue, strided};
+use crate::ensure;
+use crate::error::Result;
 
 /// FP8 e4m3 values, bytes on the device.
 pub type Fp8 = u8;

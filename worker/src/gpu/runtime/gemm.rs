@@ -1,12 +1,13 @@
 //! Dense GEMMs through cuBLAS: a linear layer, and strided batches of products whose
 //! operands sit anywhere in their buffers.
 
-use anyhow::{Result, ensure};
 use cudarc::cublas::sys::{cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::Gpu;
+use crate::ensure;
+use crate::error::Result;
 
 /// Element types cuBLAS multiplies here.
 pub trait GemmType: cudarc::driver::DeviceRepr {

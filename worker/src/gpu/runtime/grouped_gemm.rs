@@ -1,11 +1,12 @@
 //! The routed experts' GEMMs (grouped_gemm.cu): one launch multiplies each expert's segment
 //! of the expert-ordered rows by that expert's weights, in bf16 or FP8.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{Fp8, Gpu, MoeOrder, blocks, queue};
+use crate::ensure;
+use crate::error::Result;
 
 /// Shared memory of one grouped-GEMM block: 4 stages × (128 + 128) rows × 64 bytes.
 pub(super) const GROUPED_GEMM_SHARED_BYTES: u32 = 4 * 2 * 128 * 64;

@@ -19,7 +19,6 @@ mod sampling;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, LaunchArgs, LaunchConfig, sys::CUfunction_attribute,
@@ -28,6 +27,8 @@ use cudarc::nvrtc::Ptx;
 
 use self::grouped_gemm::GROUPED_GEMM_SHARED_BYTES;
 use super::{KernelCache, Nvrtc, architecture, cuda_include_dir};
+use crate::bail;
+use crate::error::{Context, Result};
 
 pub use self::fp8::Fp8;
 pub use self::gemm::{GemmShape, GemmType, Layout};
@@ -110,7 +111,7 @@ impl Gpu {
         let nvrtc = Nvrtc::load();
         let compiler = match &nvrtc {
             Ok(n) => format!("NVRTC {}.{} ({})", n.version.0, n.version.1, n.found),
-            Err(e) => format!("{e:#}"),
+            Err(e) => format!("{e}"),
         };
         let include = cuda_include_dir();
         let cubins = KernelCache::from_env()

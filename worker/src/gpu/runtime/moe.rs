@@ -1,11 +1,12 @@
 //! Mixture-of-experts routing on the device: the gate's choice of experts, and the
 //! expert-ordered layout the grouped GEMMs read (sort, permute, unpermute).
 
-use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
 use super::{Fp8, Gpu, blocks, queue};
+use crate::ensure;
+use crate::error::Result;
 
 /// The router's choice rule, as moe_gate.cu numbers it.
 #[derive(Clone, Copy, Debug)]

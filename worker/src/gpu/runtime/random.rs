@@ -1,10 +1,10 @@
 //! Random values made on the device, for kernel checks and benchmarks at full size.
 
-use anyhow::Result;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
 use super::{Fp8, Gpu, queue, strided};
+use crate::error::Result;
 
 impl Gpu {
     /// `n` values uniform in [−scale, scale), made on the device.

@@ -1,9 +1,10 @@
 //! Token sampling on the device: one token per row of logits, with per-row parameters.
 
-use anyhow::{Result, ensure};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{Gpu, blocks, queue};
+use crate::ensure;
+use crate::error::Result;
 
 impl Gpu {
     /// One token per row of logits [rows, vocab]; per-row parameters; probs is scratch of the
