@@ -60,9 +60,8 @@ pub fn compute(
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    let condition = |type_: &str, status: bool, reason: &str, message: String| {
-        make_condition(previous, type_, status, reason, message, generation, now)
-    };
+    let condition =
+        |type_: &str, verdict: Verdict| make_condition(previous, type_, verdict, generation, now);
     let mut status = DeepSeekDeploymentStatus {
         observed_generation: generation,
         selector: selector_string(&workers_selector(&name)),
@@ -74,10 +73,11 @@ pub fn compute(
     let desired = match desired {
         Ok(desired) => desired,
         Err(blocked) => {
+            let verdict = |value| Verdict::new(value, blocked.reason, blocked.message.clone());
             status.conditions = vec![
-                condition(READY, false, blocked.reason, blocked.message.clone()),
-                condition(PROGRESSING, false, blocked.reason, blocked.message.clone()),
-                condition(DEGRADED, true, blocked.reason, blocked.message.clone()),
+                condition(READY, verdict(false)),
+                condition(PROGRESSING, verdict(false)),
+                condition(DEGRADED, verdict(true)),
             ];
             return status;
         }
@@ -89,16 +89,52 @@ pub fn compute(
         .map(|(pool, revision)| pool_status(pool, revision, &observed.pods))
         .collect();
     status.ready_replicas = status.pools.iter().map(|p| p.ready_replicas).sum();
-    status.pool_summary = status
-        .pools
+    status.pool_summary = pool_summary(&status.pools);
+
+    let wanted: i32 = status.pools.iter().map(|p| p.replicas).sum();
+    let lagging = lagging_pools(&status.pools);
+    let router_ready = router_ready(dsd, observed.router.as_ref());
+    let ready = ready_verdict(wanted, &lagging, router_ready, &name);
+    let rolling_out = rolling_out(desired, &observed.pods);
+    let progressing = progressing_verdict(rolling_out, status.replicas, wanted, &lagging);
+    let degraded = degraded_verdict(&failing_pods(&observed.pods));
+    status.conditions = vec![
+        condition(READY, ready),
+        condition(PROGRESSING, progressing),
+        condition(DEGRADED, degraded),
+    ];
+    status
+}
+
+/// A condition's status, reason and message; [`make_condition`] adds the bookkeeping.
+struct Verdict {
+    status: bool,
+    reason: String,
+    message: String,
+}
+
+impl Verdict {
+    fn new(status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Verdict {
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `pool:ready/wanted` for every pool, space-separated (the printer column).
+fn pool_summary(pools: &[PoolStatus]) -> String {
+    pools
         .iter()
         .map(|p| format!("{}:{}/{}", p.name, p.ready_replicas, p.replicas))
         .collect::<Vec<_>>()
-        .join(" ");
+        .join(" ")
+}
 
-    let wanted: i32 = status.pools.iter().map(|p| p.replicas).sum();
-    let lagging: Vec<String> = status
-        .pools
+/// One line for every pool with fewer ready groups than it wants.
+fn lagging_pools(pools: &[PoolStatus]) -> Vec<String> {
+    pools
         .iter()
         .filter(|p| p.ready_replicas < p.replicas)
         .map(|p| {
@@ -107,70 +143,76 @@ pub fn compute(
                 p.name, p.ready_replicas, p.replicas, p.revision
             )
         })
-        .collect();
-    let router_ready = router_ready(dsd, observed.router.as_ref());
-    let ready = if wanted == 0 {
-        condition(
-            READY,
+        .collect()
+}
+
+/// Ready only when groups are wanted, all of them are ready and the router can reach them.
+fn ready_verdict(wanted: i32, lagging: &[String], router_ready: bool, name: &str) -> Verdict {
+    if wanted == 0 {
+        Verdict::new(
             false,
             "ScaledToZero",
-            "no expert-parallel groups are requested".into(),
+            "no expert-parallel groups are requested",
         )
     } else if !lagging.is_empty() {
-        condition(READY, false, "GroupsNotReady", lagging.join("; "))
+        Verdict::new(false, "GroupsNotReady", lagging.join("; "))
     } else if !router_ready {
-        condition(
-            READY,
+        Verdict::new(
             false,
             "RouterNotReady",
-            format!("router {} has no available replica", router_name(&name)),
+            format!("router {} has no available replica", router_name(name)),
         )
     } else {
-        condition(
-            READY,
+        Verdict::new(
             true,
             "AllGroupsReady",
             format!("{wanted} of {wanted} groups ready on the current revision"),
         )
-    };
+    }
+}
 
-    let updating = desired.pools.iter().any(|(pool, revision)| {
+/// Whether any live pod of a wanted group runs another revision than its pool's.
+fn rolling_out(desired: &Desired, pods: &[Pod]) -> bool {
+    desired.pools.iter().any(|(pool, revision)| {
         (0..pool.replicas).any(|group| {
-            group_pods(&observed.pods, &pool.name, group)
+            group_pods(pods, &pool.name, group)
                 .any(|p| !terminating(p) && revision_of(p) != Some(revision))
         })
-    });
-    let progressing = if updating {
-        condition(
-            PROGRESSING,
+    })
+}
+
+/// Progressing while a rollout, a scale or a start is under way; the rollout reason wins.
+fn progressing_verdict(
+    rolling_out: bool,
+    replicas: i32,
+    wanted: i32,
+    lagging: &[String],
+) -> Verdict {
+    if rolling_out {
+        Verdict::new(
             true,
             "RollingOut",
-            "replacing groups that run an old revision, one per pool at a time".into(),
+            "replacing groups that run an old revision, one per pool at a time",
         )
-    } else if status.replicas != wanted {
-        condition(
-            PROGRESSING,
+    } else if replicas != wanted {
+        Verdict::new(
             true,
             "Scaling",
-            format!("{} groups exist, {wanted} wanted", status.replicas),
+            format!("{replicas} groups exist, {wanted} wanted"),
         )
     } else if !lagging.is_empty() {
-        condition(PROGRESSING, true, "GroupsStarting", lagging.join("; "))
+        Verdict::new(true, "GroupsStarting", lagging.join("; "))
     } else {
-        condition(
-            PROGRESSING,
-            false,
-            "Complete",
-            "every group runs the current revision".into(),
-        )
-    };
+        Verdict::new(false, "Complete", "every group runs the current revision")
+    }
+}
 
-    let failures = failing_pods(&observed.pods);
-    let degraded = match failures.first() {
-        Some((_, reason, _)) => condition(
-            DEGRADED,
+/// Degraded by the first failing pod's reason, naming at most three of them.
+fn degraded_verdict(failures: &[(String, String, String)]) -> Verdict {
+    match failures.first() {
+        Some((_, reason, _)) => Verdict::new(
             true,
-            reason,
+            reason.as_str(),
             failures
                 .iter()
                 .take(3)
@@ -178,10 +220,8 @@ pub fn compute(
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
-        None => condition(DEGRADED, false, "AsExpected", "no failing pods".into()),
-    };
-    status.conditions = vec![ready, progressing, degraded];
-    status
+        None => Verdict::new(false, "AsExpected", "no failing pods"),
+    }
 }
 
 fn pool_status(pool: &ResolvedPool, revision: &str, pods: &[Pod]) -> PoolStatus {
@@ -332,9 +372,11 @@ fn pod_ready(pod: &Pod) -> bool {
 fn make_condition(
     previous: &[Condition],
     type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
+    Verdict {
+        status,
+        reason,
+        message,
+    }: Verdict,
     generation: i64,
     now: &Time,
 ) -> Condition {
@@ -346,7 +388,7 @@ fn make_condition(
     Condition {
         type_: type_.into(),
         status,
-        reason: reason.into(),
+        reason,
         message,
         observed_generation: Some(generation),
         last_transition_time,

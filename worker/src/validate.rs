@@ -48,15 +48,40 @@ pub fn validate(
     tokenizer: Option<&Tokenizer>,
     limits: &Limits,
 ) -> Result<ValidRequest, InvalidRequest> {
-    let needs_tokenizer = |field: &'static str| {
-        invalid(
-            field,
-            "this model has no tokenizer.json, so it takes token_ids prompts only",
-        )
-    };
-    let prompt_ids = match request.prompt {
-        None => return Err(invalid("prompt", "missing: set text, token_ids or chat")),
-        Some(Prompt::TokenIds(ids)) => ids.ids,
+    let prompt_ids = prompt_ids(request.prompt, tokenizer)?;
+    let room = check_prompt(&prompt_ids, limits)?;
+    let requested_max = request.stopping.as_ref().map(|s| s.max_new_tokens);
+    let stopping = request.stopping.unwrap_or_default();
+    let max_new_tokens = max_new_tokens(requested_max, room, prompt_ids.len(), limits)?;
+    check_stop_strings(&stopping.stop, tokenizer.is_some(), limits)?;
+
+    Ok(ValidRequest {
+        request_id: request.request_id,
+        prompt_ids,
+        sampling: sampling(request.sampling.unwrap_or_default())?,
+        max_new_tokens,
+        stop: stopping.stop,
+        ignore_eos: stopping.ignore_eos,
+        include_logprobs: request.include_logprobs,
+    })
+}
+
+/// Text and chat prompts need the model's tokenizer; token ids do not.
+fn needs_tokenizer(field: &'static str) -> InvalidRequest {
+    invalid(
+        field,
+        "this model has no tokenizer.json, so it takes token_ids prompts only",
+    )
+}
+
+/// The prompt as token ids: as given, or encoded by the tokenizer (chat through its template).
+fn prompt_ids(
+    prompt: Option<Prompt>,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Vec<u32>, InvalidRequest> {
+    match prompt {
+        None => Err(invalid("prompt", "missing: set text, token_ids or chat")),
+        Some(Prompt::TokenIds(ids)) => Ok(ids.ids),
         Some(Prompt::Text(text)) => {
             let tokenizer = tokenizer.ok_or_else(|| needs_tokenizer("prompt.text"))?;
             if text.is_empty() {
@@ -64,7 +89,7 @@ pub fn validate(
             }
             tokenizer
                 .encode(&text, true)
-                .map_err(|e| invalid("prompt.text", e.to_string()))?
+                .map_err(|e| invalid("prompt.text", e.to_string()))
         }
         Some(Prompt::Chat(chat)) => {
             let tokenizer = tokenizer.ok_or_else(|| needs_tokenizer("prompt.chat"))?;
@@ -81,13 +106,18 @@ pub fn validate(
                 chat.messages.into_iter().map(ChatMessage::from).collect();
             tokenizer
                 .encode_chat(&messages)
-                .map_err(|e| invalid("prompt.chat", e.to_string()))?
+                .map_err(|e| invalid("prompt.chat", e.to_string()))
         }
-    };
+    }
+}
+
+/// A prompt must be non-empty, in the vocabulary and leave room in the context; returns
+/// that room.
+fn check_prompt(prompt_ids: &[u32], limits: &Limits) -> Result<usize, InvalidRequest> {
     if prompt_ids.is_empty() {
         return Err(invalid("prompt", "is empty"));
     }
-    check_token_ids(&prompt_ids, limits.vocab_size)
+    check_token_ids(prompt_ids, limits.vocab_size)
         .map_err(|message| invalid("prompt.token_ids", message))?;
     let context = limits.context_length;
     if prompt_ids.len() >= context {
@@ -99,39 +129,48 @@ pub fn validate(
             ),
         ));
     }
-    let room = context - prompt_ids.len();
+    Ok(context - prompt_ids.len())
+}
 
-    let requested_max = request.stopping.as_ref().map(|s| s.max_new_tokens);
-    let stopping = request.stopping.unwrap_or_default();
-    let max_new_tokens = match requested_max {
-        None => room.min(limits.default_max_new_tokens),
-        Some(0) => return Err(invalid("stopping.max_new_tokens", "must be at least 1")),
-        Some(n) if n as usize > room => {
-            return Err(invalid(
-                "stopping.max_new_tokens",
-                format!(
-                    "{n} exceeds the {room} tokens the context length {context} leaves after a {}-token prompt",
-                    prompt_ids.len()
-                ),
-            ));
-        }
-        Some(n) => n as usize,
-    };
-    if stopping.stop.len() > limits.max_stop_strings {
+/// The request's `stopping.max_new_tokens` if it fits the `room` the prompt leaves; unset,
+/// the room up to the default.
+fn max_new_tokens(
+    requested: Option<u32>,
+    room: usize,
+    prompt_len: usize,
+    limits: &Limits,
+) -> Result<usize, InvalidRequest> {
+    match requested {
+        None => Ok(room.min(limits.default_max_new_tokens)),
+        Some(0) => Err(invalid("stopping.max_new_tokens", "must be at least 1")),
+        Some(n) if n as usize > room => Err(invalid(
+            "stopping.max_new_tokens",
+            format!(
+                "{n} exceeds the {room} tokens the context length {} leaves after a {prompt_len}-token prompt",
+                limits.context_length
+            ),
+        )),
+        Some(n) => Ok(n as usize),
+    }
+}
+
+/// Stop strings within the count and length limits; matching them needs the tokenizer.
+fn check_stop_strings(
+    stop: &[String],
+    has_tokenizer: bool,
+    limits: &Limits,
+) -> Result<(), InvalidRequest> {
+    if stop.len() > limits.max_stop_strings {
         return Err(invalid(
             "stopping.stop",
             format!(
                 "{} strings; at most {}",
-                stopping.stop.len(),
+                stop.len(),
                 limits.max_stop_strings
             ),
         ));
     }
-    if let Some(long) = stopping
-        .stop
-        .iter()
-        .find(|s| s.len() > limits.max_stop_string_bytes)
-    {
+    if let Some(long) = stop.iter().find(|s| s.len() > limits.max_stop_string_bytes) {
         return Err(invalid(
             "stopping.stop",
             format!(
@@ -141,19 +180,10 @@ pub fn validate(
             ),
         ));
     }
-    if !stopping.stop.is_empty() && tokenizer.is_none() {
+    if !stop.is_empty() && !has_tokenizer {
         return Err(needs_tokenizer("stopping.stop"));
     }
-
-    Ok(ValidRequest {
-        request_id: request.request_id,
-        prompt_ids,
-        sampling: sampling(request.sampling.unwrap_or_default())?,
-        max_new_tokens,
-        stop: stopping.stop,
-        ignore_eos: stopping.ignore_eos,
-        include_logprobs: request.include_logprobs,
-    })
+    Ok(())
 }
 
 /// Every id must be below the vocabulary size.

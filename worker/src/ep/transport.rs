@@ -142,95 +142,133 @@ impl TcpTransport {
 
     /// Connects to every peer afresh.
     fn mesh(&self) -> Result<Links> {
-        let (rank, peers, identity) = (self.rank, &self.peers, self.identity);
-        let (connect_timeout, stall_timeout) = (self.connect_timeout, self.stall_timeout);
-        let size = peers.len();
+        let (rank, size) = (self.rank, self.peers.len());
         if rank >= size {
             bail!("rank {rank} is not in a group of {size}");
         }
-        // Every interface, on this rank's port: its entry may be a name (a pod's DNS name)
-        // that resolves to an address the process cannot bind by name.
-        let port = peers[rank]
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .with_context(|| format!("peer address {:?} has no port", peers[rank]))?;
-        let listener = TcpListener::bind(("0.0.0.0", port))
-            .with_context(|| format!("listening for peers on port {port}"))?;
-        let deadline = Instant::now() + connect_timeout;
-        let hello = |stream: &mut TcpStream| -> Result<()> {
-            let mut frame = HELLO_MAGIC.to_vec();
-            for v in [HELLO_VERSION, rank as u32, size as u32] {
-                put_u32(&mut frame, v);
-            }
-            frame.extend_from_slice(&identity.to_le_bytes());
-            write_frame(stream, &frame)?;
-            Ok(())
-        };
+        let listener = self.listen()?;
+        let deadline = Instant::now() + self.connect_timeout;
         let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-        for (peer, addr) in peers.iter().enumerate().take(rank) {
-            let mut stream = loop {
-                match TcpStream::connect(addr) {
-                    Ok(stream) => break stream,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    Err(err) => bail!("rank {peer} at {addr} did not answer: {err}"),
-                }
-            };
+        // One connection per pair: the higher rank dials, the lower one accepts.
+        for (peer, addr) in self.peers.iter().enumerate().take(rank) {
+            let mut stream = dial(peer, addr, deadline)?;
             stream.set_nodelay(true)?;
-            hello(&mut stream)?;
-            check_hello(&mut stream, Some(peer), size, identity, connect_timeout)?;
+            self.send_hello(&mut stream)?;
+            check_hello(
+                &mut stream,
+                Some(peer),
+                size,
+                self.identity,
+                self.connect_timeout,
+            )?;
             streams[peer] = Some(stream);
         }
+        self.accept_higher_ranks(&listener, deadline, &mut streams)?;
+        start_links(streams, self.stall_timeout)
+    }
+
+    /// Listens on every interface, on this rank's port: its entry may be a name (a pod's DNS
+    /// name) that resolves to an address the process cannot bind by name.
+    fn listen(&self) -> Result<TcpListener> {
+        let own = &self.peers[self.rank];
+        let port = own
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .with_context(|| format!("peer address {own:?} has no port"))?;
+        TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("listening for peers on port {port}"))
+    }
+
+    /// This rank's hello: magic, version, rank, group size, identity.
+    fn send_hello(&self, stream: &mut TcpStream) -> Result<()> {
+        let mut frame = HELLO_MAGIC.to_vec();
+        for v in [HELLO_VERSION, self.rank as u32, self.peers.len() as u32] {
+            put_u32(&mut frame, v);
+        }
+        frame.extend_from_slice(&self.identity.to_le_bytes());
+        write_frame(stream, &frame)?;
+        Ok(())
+    }
+
+    /// Accepts every higher rank once, each checked by its hello, until `deadline`.
+    fn accept_higher_ranks(
+        &self,
+        listener: &TcpListener,
+        deadline: Instant,
+        streams: &mut [Option<TcpStream>],
+    ) -> Result<()> {
+        let (rank, size, timeout) = (self.rank, self.peers.len(), self.connect_timeout);
         listener.set_nonblocking(true)?;
         while streams[rank + 1..].iter().any(Option::is_none) {
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     stream.set_nonblocking(false)?;
                     stream.set_nodelay(true)?;
-                    let peer = check_hello(&mut stream, None, size, identity, connect_timeout)?;
+                    let peer = check_hello(&mut stream, None, size, self.identity, timeout)?;
                     if peer <= rank || streams[peer].is_some() {
                         bail!("rank {peer} connected twice or out of turn");
                     }
-                    hello(&mut stream)?;
+                    self.send_hello(&mut stream)?;
                     streams[peer] = Some(stream);
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
                         let missing: Vec<usize> =
                             (rank + 1..size).filter(|&p| streams[p].is_none()).collect();
-                        bail!("ranks {missing:?} did not join within {connect_timeout:?}");
+                        bail!("ranks {missing:?} did not join within {timeout:?}");
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(err) => return Err(err.into()),
             }
         }
-        let mut writers = Vec::with_capacity(size);
-        let mut readers = Vec::with_capacity(size);
-        for stream in streams {
-            let Some(stream) = stream else {
-                writers.push(None);
-                readers.push(None);
-                continue;
-            };
-            stream.set_read_timeout(Some(stall_timeout))?;
-            let mut writer = stream.try_clone()?;
-            let (tx, rx) = channel::<Vec<u8>>();
-            std::thread::Builder::new()
-                .name("ep-writer".into())
-                .spawn(move || {
-                    while let Ok(frame) = rx.recv() {
-                        if write_frame(&mut writer, &frame).is_err() {
-                            return;
-                        }
-                    }
-                })?;
-            writers.push(Some(tx));
-            readers.push(Some(stream));
-        }
-        Ok(Links { writers, readers })
+        Ok(())
     }
+}
+
+/// Dials rank `peer` at `addr`, retrying until `deadline` while it starts up.
+fn dial(peer: usize, addr: &str, deadline: Instant) -> Result<TcpStream> {
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => return Ok(stream),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(err) => bail!("rank {peer} at {addr} did not answer: {err}"),
+        }
+    }
+}
+
+/// The links over a full mesh's streams (None for this rank): reads time out after
+/// `stall_timeout`, and each peer gets a writer thread.
+fn start_links(streams: Vec<Option<TcpStream>>, stall_timeout: Duration) -> Result<Links> {
+    let mut writers = Vec::with_capacity(streams.len());
+    let mut readers = Vec::with_capacity(streams.len());
+    for stream in streams {
+        let Some(stream) = stream else {
+            writers.push(None);
+            readers.push(None);
+            continue;
+        };
+        stream.set_read_timeout(Some(stall_timeout))?;
+        writers.push(Some(spawn_writer(stream.try_clone()?)?));
+        readers.push(Some(stream));
+    }
+    Ok(Links { writers, readers })
+}
+
+/// A thread that writes the frames sent to it, in order, until the channel or the
+/// connection closes.
+fn spawn_writer(mut writer: TcpStream) -> Result<Sender<Vec<u8>>> {
+    let (tx, rx) = channel::<Vec<u8>>();
+    std::thread::Builder::new()
+        .name("ep-writer".into())
+        .spawn(move || {
+            while let Ok(frame) = rx.recv() {
+                if write_frame(&mut writer, &frame).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 /// Reads a peer's hello and checks it against this group; returns the peer's rank.

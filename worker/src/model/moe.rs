@@ -94,78 +94,76 @@ impl RoutedExperts for LocalExperts {
         routing: &Routing,
         per_row: bool,
     ) -> Result<Tensor> {
-        let experts = &self.layers[layer];
-        let (tokens, hidden) = x.dims2()?;
-        let bf16 = experts.iter().flatten().all(Mlp::is_bf16);
+        let tokens = x.dims2()?.0;
+        let bf16 = self.layers[layer].iter().flatten().all(Mlp::is_bf16);
         if per_row && tokens > 1 && !bf16 {
-            let rows = (0..tokens)
-                .map(|t| {
-                    let one = Routing {
-                        experts: vec![routing.experts[t].clone()],
-                        weights: vec![routing.weights[t].clone()],
-                    };
-                    self.forward(layer, &x.narrow(0, t, 1)?, &one, false)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Tensor::cat(&rows, 0)?);
+            return self.forward_each_row_alone(layer, x, routing);
         }
         if (per_row || tokens <= BF16_KERNEL_MAX_TOKENS) && bf16 {
-            // Decode: each expert runs once on every token routed to it, all experts in two
-            // dispatches; a token's output then sums its experts in its own routing order.
-            let x = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut inputs: Vec<Vec<&[f32]>> = vec![Vec::new(); experts.len()];
-            // (expert, index among that expert's inputs) of every (token, k)
-            let mut slots: Vec<Vec<(usize, usize)>> = Vec::with_capacity(tokens);
-            for (ids, row) in routing.experts.iter().zip(x.chunks_exact(hidden)) {
-                slots.push(
-                    ids.iter()
-                        .map(|&e| {
-                            inputs[e].push(row);
-                            (e, inputs[e].len() - 1)
-                        })
-                        .collect(),
-                );
-            }
-            let mut item_of = vec![usize::MAX; experts.len()];
-            let mut items = Vec::new();
-            for (e, xs) in inputs
-                .into_iter()
-                .enumerate()
-                .filter(|(_, xs)| !xs.is_empty())
-            {
-                item_of[e] = items.len();
-                items.push((self.expert(layer, e)?, xs));
-            }
-            let outputs = mlps_bf16(&items);
-            let mut out = vec![0f32; tokens * hidden];
-            for ((slots, weights), out) in slots
-                .iter()
-                .zip(&routing.weights)
-                .zip(out.chunks_exact_mut(hidden))
-            {
-                for (&(e, i), &w) in slots.iter().zip(weights) {
-                    let y = &outputs[item_of[e]][i * hidden..][..hidden];
-                    for (o, v) in out.iter_mut().zip(y) {
-                        *o += w * v;
-                    }
-                }
-            }
-            return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);
+            return self.forward_bf16_batched(layer, x, routing);
         }
+        self.forward_by_expert(layer, x, routing)
+    }
+}
+
+impl LocalExperts {
+    /// Each token alone, as `per_row` asks, where the experts have no bf16 kernel that keeps
+    /// rows independent.
+    fn forward_each_row_alone(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+    ) -> Result<Tensor> {
+        let rows = (0..x.dims2()?.0)
+            .map(|t| {
+                let one = Routing {
+                    experts: vec![routing.experts[t].clone()],
+                    weights: vec![routing.weights[t].clone()],
+                };
+                self.forward(layer, &x.narrow(0, t, 1)?, &one, false)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Decode: each expert runs once on every token routed to it, all experts in two
+    /// dispatches; a token's output then sums its experts in its own routing order.
+    fn forward_bf16_batched(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let experts = &self.layers[layer];
+        let (tokens, hidden) = x.dims2()?;
+        let x = x.flatten_all()?.to_vec1::<f32>()?;
+        let ByExpert { inputs, slots } =
+            gather_by_expert(&x, hidden, &routing.experts, experts.len());
+        let mut item_of = vec![usize::MAX; experts.len()];
+        let mut items = Vec::new();
+        for (e, xs) in inputs
+            .into_iter()
+            .enumerate()
+            .filter(|(_, xs)| !xs.is_empty())
+        {
+            item_of[e] = items.len();
+            items.push((self.expert(layer, e)?, xs));
+        }
+        let outputs = mlps_bf16(&items);
+        let mut out = vec![0f32; tokens * hidden];
+        add_in_routing_order(
+            &mut out,
+            hidden,
+            &outputs,
+            &item_of,
+            &slots,
+            &routing.weights,
+        );
+        Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?)
+    }
+
+    /// Larger batches (or f32 experts): each expert runs as one tensor op on the tokens
+    /// routed to it.
+    fn forward_by_expert(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let mut out = x.zeros_like()?;
-        for e in 0..experts.len() {
-            // tokens routed to expert e, with their gate weights
-            let (tokens, weights): (Vec<u32>, Vec<f32>) = routing
-                .experts
-                .iter()
-                .zip(&routing.weights)
-                .enumerate()
-                .filter_map(|(t, (ids, ws))| {
-                    ids.iter()
-                        .position(|&id| id == e)
-                        .map(|k| (t as u32, ws[k]))
-                })
-                .unzip();
+        for e in 0..self.layers[layer].len() {
+            let (tokens, weights) = tokens_of_expert(routing, e);
             if tokens.is_empty() {
                 continue;
             }
@@ -179,6 +177,71 @@ impl RoutedExperts for LocalExperts {
         }
         Ok(out)
     }
+}
+
+/// The rows of a batch grouped by expert, so that each expert runs once on all of them.
+struct ByExpert<'a> {
+    /// `inputs[e]`: the rows routed to expert `e`, in token order.
+    inputs: Vec<Vec<&'a [f32]>>,
+    /// `slots[t][k]`: token `t`'s `k`-th choice as (expert, index among its inputs).
+    slots: Vec<Vec<(usize, usize)>>,
+}
+
+fn gather_by_expert<'a>(
+    x: &'a [f32],
+    hidden: usize,
+    routed: &[Vec<usize>],
+    experts: usize,
+) -> ByExpert<'a> {
+    let mut inputs: Vec<Vec<&[f32]>> = vec![Vec::new(); experts];
+    let mut slots: Vec<Vec<(usize, usize)>> = Vec::with_capacity(routed.len());
+    for (ids, row) in routed.iter().zip(x.chunks_exact(hidden)) {
+        slots.push(
+            ids.iter()
+                .map(|&e| {
+                    inputs[e].push(row);
+                    (e, inputs[e].len() - 1)
+                })
+                .collect(),
+        );
+    }
+    ByExpert { inputs, slots }
+}
+
+/// Adds each token's expert outputs (`outputs[item_of[e]]`, at the token's slot) times its
+/// gate weights into its row of `out` (`hidden` wide), in the token's routing order: the
+/// sum never depends on the batch.
+fn add_in_routing_order(
+    out: &mut [f32],
+    hidden: usize,
+    outputs: &[Vec<f32>],
+    item_of: &[usize],
+    slots: &[Vec<(usize, usize)>],
+    weights: &[Vec<f32>],
+) {
+    for ((slots, weights), out) in slots.iter().zip(weights).zip(out.chunks_exact_mut(hidden)) {
+        for (&(e, i), &w) in slots.iter().zip(weights) {
+            let y = &outputs[item_of[e]][i * hidden..][..hidden];
+            for (o, v) in out.iter_mut().zip(y) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// The tokens routed to expert `e`, with their gate weights for it.
+fn tokens_of_expert(routing: &Routing, e: usize) -> (Vec<u32>, Vec<f32>) {
+    routing
+        .experts
+        .iter()
+        .zip(&routing.weights)
+        .enumerate()
+        .filter_map(|(t, (ids, ws))| {
+            ids.iter()
+                .position(|&id| id == e)
+                .map(|k| (t as u32, ws[k]))
+        })
+        .unzip()
 }
 
 /// The router of one MoE layer.

@@ -1,5 +1,6 @@
 //! Benchmarks at DeepSeek-V3 shapes on random weights made on the GPU.
 
+use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUevent_flags;
 use serde_json::{Value, json};
 
@@ -11,7 +12,7 @@ use crate::ensure;
 use crate::error::Result;
 use crate::gpu::Dtype;
 use crate::gpu::model::GpuModel;
-use crate::gpu::runtime::{GateRule, Gpu};
+use crate::gpu::runtime::{GateRule, Gpu, MoeOrder};
 use crate::model::cache::BlockTable;
 
 /// Milliseconds per call of `f`, by CUDA events over `reps` calls after two warm-ups.
@@ -29,91 +30,198 @@ pub(super) fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>)
     Ok(f64::from(start.elapsed_ms(&end)?) / reps as f64)
 }
 
+// DeepSeek-V3's MoE sizes.
+const HIDDEN: usize = 7168;
+const WIDTH: usize = 2048; // moe_intermediate_size
+const EXPERTS: usize = 256;
+const TOPK: usize = 8;
+/// Timed calls per measurement.
+const REPS: usize = 10;
+
+/// V3's router: sigmoid scores, the best 4 of 8 groups, top-8, normalised, scaled by 2.5.
+const V3_GATE: GateRule = GateRule {
+    sigmoid: true,
+    method: 0,
+    n_group: 8,
+    topk_group: 4,
+    topk: TOPK,
+    normalize: true,
+    scale: 2.5,
+};
+
+fn tflops(flops: f64, ms: f64) -> f64 {
+    flops / ms / 1e9
+}
+
+/// FLOPs of the gate-and-up GEMM over `rows` expert rows.
+fn gate_up_flops(rows: usize) -> f64 {
+    2.0 * (rows * 2 * WIDTH * HIDDEN) as f64
+}
+
+/// FLOPs of the down GEMM over `rows` expert rows.
+fn down_flops(rows: usize) -> f64 {
+    2.0 * (rows * HIDDEN * WIDTH) as f64
+}
+
 /// DeepSeek-V3's MoE at its real sizes, on random weights made on the GPU.
 pub(super) fn benchmarks(gpu: &Gpu) -> Result<Value> {
-    const HIDDEN: usize = 7168;
-    const WIDTH: usize = 2048; // moe_intermediate_size
-    const EXPERTS: usize = 256;
-    const TOPK: usize = 8;
-    let reps = 10;
-    let tflops = |flops: f64, ms: f64| flops / ms / 1e9;
-    let rule = GateRule {
-        sigmoid: true,
-        method: 0,
-        n_group: 8,
-        topk_group: 4,
-        topk: TOPK,
-        normalize: true,
-        scale: 2.5,
-    };
+    let hbm = hbm_copy_gb_s(gpu)?;
+    let weights = Weights::random(gpu)?;
+    let mut prefill = PrefillBatch::new(gpu, 4096)?;
+    let mut report = prefill.bench_bf16(gpu, &weights, hbm)?;
+    if gpu.has_fp8_tensor_cores() {
+        report["grouped_gemm_fp8"] = prefill.bench_fp8(gpu)?;
+    }
+    report["decode"] = bench_decode(gpu, &weights)?;
+    Ok(report)
+}
 
-    // HBM: a device-to-device copy reads and writes every byte.
+/// HBM bandwidth in GB/s: a device-to-device copy reads and writes every byte.
+fn hbm_copy_gb_s(gpu: &Gpu) -> Result<f64> {
     let copy_bytes = 1usize << 32;
     let from = gpu.random_bf16(copy_bytes / 2, 1, 1.0)?;
     let mut to = gpu.stream.alloc_zeros::<bf16>(copy_bytes / 2)?;
-    let copy_ms = time_ms(gpu, reps, || Ok(gpu.stream.memcpy_dtod(&from, &mut to)?))?;
-    let hbm = 2.0 * copy_bytes as f64 / copy_ms / 1e6; // GB/s
-    drop((from, to));
+    let copy_ms = time_ms(gpu, REPS, || Ok(gpu.stream.memcpy_dtod(&from, &mut to)?))?;
+    Ok(2.0 * copy_bytes as f64 / copy_ms / 1e6)
+}
 
-    let w_gate_up = gpu.random_bf16(EXPERTS * 2 * WIDTH * HIDDEN, 2, 1.0)?;
-    let w_down = gpu.random_bf16(EXPERTS * HIDDEN * WIDTH, 3, 1.0)?;
-    let dense_gate_up = gpu.random_bf16(2 * WIDTH * HIDDEN, 4, 1.0)?;
-    let dense_down = gpu.random_bf16(HIDDEN * WIDTH, 5, 1.0)?;
+/// Random bf16 weights: every routed expert, and one dense expert of the same shape for
+/// cuBLAS to compare with.
+struct Weights {
+    gate_up: CudaSlice<bf16>,
+    down: CudaSlice<bf16>,
+    dense_gate_up: CudaSlice<bf16>,
+    dense_down: CudaSlice<bf16>,
+}
 
-    // A prefill-sized batch: grouped GEMM against cuBLAS, permute and combine bandwidth.
-    let tokens = 4096;
-    let logits = gpu.random_f32(tokens * EXPERTS, 6, 4.0)?;
-    let mut chosen = gpu.stream.alloc_zeros::<i32>(tokens * TOPK)?;
-    let mut weights = gpu.stream.alloc_zeros::<f32>(tokens * TOPK)?;
-    gpu.moe_gate(&logits, None, EXPERTS, rule, &mut chosen, &mut weights)?;
-    let order = gpu.moe_sort(&chosen, TOPK, EXPERTS)?;
-    let rows = order.rows;
-    let x = gpu.random_f32(tokens * HIDDEN, 7, 1.0)?;
-    let mut xp = gpu.stream.alloc_zeros::<bf16>(rows * HIDDEN)?;
-    let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * WIDTH)?;
-    let mut h = gpu.stream.alloc_zeros::<bf16>(rows * WIDTH)?;
-    let mut expert_out = gpu.stream.alloc_zeros::<bf16>(rows * HIDDEN)?;
-    let mut y = gpu.stream.alloc_zeros::<f32>(tokens * HIDDEN)?;
+impl Weights {
+    fn random(gpu: &Gpu) -> Result<Self> {
+        Ok(Weights {
+            gate_up: gpu.random_bf16(EXPERTS * 2 * WIDTH * HIDDEN, 2, 1.0)?,
+            down: gpu.random_bf16(EXPERTS * HIDDEN * WIDTH, 3, 1.0)?,
+            dense_gate_up: gpu.random_bf16(2 * WIDTH * HIDDEN, 4, 1.0)?,
+            dense_down: gpu.random_bf16(HIDDEN * WIDTH, 5, 1.0)?,
+        })
+    }
+}
 
-    let permute_ms = time_ms(gpu, reps, || gpu.moe_permute(&x, &order, &mut xp, HIDDEN))?;
-    let permute_bytes = (rows * HIDDEN * (4 + 2)) as f64;
-    let gate_up_ms = time_ms(gpu, reps, || {
-        gpu.grouped_gemm_bf16(&xp, &w_gate_up, &mut gate_up, &order, 2 * WIDTH, HIDDEN)
-    })?;
-    gpu.silu_mul(&gate_up, &mut h, rows)?;
-    let down_ms = time_ms(gpu, reps, || {
-        gpu.grouped_gemm_bf16(&h, &w_down, &mut expert_out, &order, HIDDEN, WIDTH)
-    })?;
-    let unpermute_ms = time_ms(gpu, reps, || {
-        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, HIDDEN)
-    })?;
-    let unpermute_bytes = (rows * HIDDEN * 2 + tokens * HIDDEN * 4) as f64;
-    let cublas_gate_up_ms = time_ms(gpu, reps, || {
-        gpu.linear(&xp, &dense_gate_up, &mut gate_up, (rows, 2 * WIDTH, HIDDEN))
-    })?;
-    let cublas_down_ms = time_ms(gpu, reps, || {
-        gpu.linear(&h, &dense_down, &mut expert_out, (rows, HIDDEN, WIDTH))
-    })?;
-    let gate_up_flops = 2.0 * (rows * 2 * WIDTH * HIDDEN) as f64;
-    let down_flops = 2.0 * (rows * HIDDEN * WIDTH) as f64;
+/// A prefill-sized batch, routed and sorted once, with the buffers of every MoE stage.
+struct PrefillBatch {
+    tokens: usize,
+    x: CudaSlice<f32>,
+    gate_weights: CudaSlice<f32>,
+    order: MoeOrder,
+    xp: CudaSlice<bf16>,
+    gate_up: CudaSlice<bf16>,
+    h: CudaSlice<bf16>,
+    expert_out: CudaSlice<bf16>,
+    y: CudaSlice<f32>,
+}
 
-    let mut report = json!({
-        "shapes": format!("{tokens} tokens × top-{TOPK} = {rows} rows over {EXPERTS} experts; hidden {HIDDEN}, expert width {WIDTH}"),
-        "hbm_copy_gb_s": hbm,
-        "grouped_gemm_bf16": {
-            "gate_up_tflops": tflops(gate_up_flops, gate_up_ms),
-            "down_tflops": tflops(down_flops, down_ms),
-            "cublas_dense_gate_up_tflops": tflops(gate_up_flops, cublas_gate_up_ms),
-            "cublas_dense_down_tflops": tflops(down_flops, cublas_down_ms),
-            "ratio_to_cublas": (cublas_gate_up_ms + cublas_down_ms) / (gate_up_ms + down_ms),
-        },
-        "permute_gb_s": permute_bytes / permute_ms / 1e6,
-        "unpermute_gb_s": unpermute_bytes / unpermute_ms / 1e6,
-        "permute_fraction_of_hbm": permute_bytes / permute_ms / 1e6 / hbm,
-        "unpermute_fraction_of_hbm": unpermute_bytes / unpermute_ms / 1e6 / hbm,
-    });
+impl PrefillBatch {
+    fn new(gpu: &Gpu, tokens: usize) -> Result<Self> {
+        let logits = gpu.random_f32(tokens * EXPERTS, 6, 4.0)?;
+        let mut chosen = gpu.stream.alloc_zeros::<i32>(tokens * TOPK)?;
+        let mut gate_weights = gpu.stream.alloc_zeros::<f32>(tokens * TOPK)?;
+        gpu.moe_gate(
+            &logits,
+            None,
+            EXPERTS,
+            V3_GATE,
+            &mut chosen,
+            &mut gate_weights,
+        )?;
+        let order = gpu.moe_sort(&chosen, TOPK, EXPERTS)?;
+        let rows = order.rows;
+        Ok(PrefillBatch {
+            tokens,
+            x: gpu.random_f32(tokens * HIDDEN, 7, 1.0)?,
+            gate_weights,
+            order,
+            xp: gpu.stream.alloc_zeros::<bf16>(rows * HIDDEN)?,
+            gate_up: gpu.stream.alloc_zeros::<bf16>(rows * 2 * WIDTH)?,
+            h: gpu.stream.alloc_zeros::<bf16>(rows * WIDTH)?,
+            expert_out: gpu.stream.alloc_zeros::<bf16>(rows * HIDDEN)?,
+            y: gpu.stream.alloc_zeros::<f32>(tokens * HIDDEN)?,
+        })
+    }
 
-    if gpu.has_fp8_tensor_cores() {
+    /// The bf16 grouped GEMMs against cuBLAS on one dense expert of as many rows, and the
+    /// permute and combine bandwidth (also as a fraction of `hbm`, GB/s).
+    fn bench_bf16(&mut self, gpu: &Gpu, weights: &Weights, hbm: f64) -> Result<Value> {
+        let (tokens, rows, order) = (self.tokens, self.order.rows, &self.order);
+        let permute_ms = time_ms(gpu, REPS, || {
+            gpu.moe_permute(&self.x, order, &mut self.xp, HIDDEN)
+        })?;
+        let permute_bytes = (rows * HIDDEN * (4 + 2)) as f64;
+        let gate_up_ms = time_ms(gpu, REPS, || {
+            gpu.grouped_gemm_bf16(
+                &self.xp,
+                &weights.gate_up,
+                &mut self.gate_up,
+                order,
+                2 * WIDTH,
+                HIDDEN,
+            )
+        })?;
+        gpu.silu_mul(&self.gate_up, &mut self.h, rows)?;
+        let down_ms = time_ms(gpu, REPS, || {
+            gpu.grouped_gemm_bf16(
+                &self.h,
+                &weights.down,
+                &mut self.expert_out,
+                order,
+                HIDDEN,
+                WIDTH,
+            )
+        })?;
+        let unpermute_ms = time_ms(gpu, REPS, || {
+            gpu.moe_unpermute(
+                &self.expert_out,
+                order,
+                &self.gate_weights,
+                &mut self.y,
+                HIDDEN,
+            )
+        })?;
+        let unpermute_bytes = (rows * HIDDEN * 2 + tokens * HIDDEN * 4) as f64;
+        let cublas_gate_up_ms = time_ms(gpu, REPS, || {
+            gpu.linear(
+                &self.xp,
+                &weights.dense_gate_up,
+                &mut self.gate_up,
+                (rows, 2 * WIDTH, HIDDEN),
+            )
+        })?;
+        let cublas_down_ms = time_ms(gpu, REPS, || {
+            gpu.linear(
+                &self.h,
+                &weights.dense_down,
+                &mut self.expert_out,
+                (rows, HIDDEN, WIDTH),
+            )
+        })?;
+        let (gate_up_flops, down_flops) = (gate_up_flops(rows), down_flops(rows));
+        Ok(json!({
+            "shapes": format!("{tokens} tokens × top-{TOPK} = {rows} rows over {EXPERTS} experts; hidden {HIDDEN}, expert width {WIDTH}"),
+            "hbm_copy_gb_s": hbm,
+            "grouped_gemm_bf16": {
+                "gate_up_tflops": tflops(gate_up_flops, gate_up_ms),
+                "down_tflops": tflops(down_flops, down_ms),
+                "cublas_dense_gate_up_tflops": tflops(gate_up_flops, cublas_gate_up_ms),
+                "cublas_dense_down_tflops": tflops(down_flops, cublas_down_ms),
+                "ratio_to_cublas": (cublas_gate_up_ms + cublas_down_ms) / (gate_up_ms + down_ms),
+            },
+            "permute_gb_s": permute_bytes / permute_ms / 1e6,
+            "unpermute_gb_s": unpermute_bytes / unpermute_ms / 1e6,
+            "permute_fraction_of_hbm": permute_bytes / permute_ms / 1e6 / hbm,
+            "unpermute_fraction_of_hbm": unpermute_bytes / unpermute_ms / 1e6 / hbm,
+        }))
+    }
+
+    /// The FP8 grouped GEMMs (128×128 weight and 1×128 activation scales) on the same rows.
+    fn bench_fp8(&mut self, gpu: &Gpu) -> Result<Value> {
+        let (rows, order) = (self.order.rows, &self.order);
         let (kb_hidden, kb_width) = (HIDDEN.div_ceil(128), WIDTH.div_ceil(128));
         let w8_gate_up = gpu.random_fp8(EXPERTS * 2 * WIDTH * HIDDEN, 8, 448.0)?;
         let s_gate_up = gpu.random_f32(EXPERTS * (2 * WIDTH / 128) * kb_hidden, 9, 1e-3)?;
@@ -121,63 +229,94 @@ pub(super) fn benchmarks(gpu: &Gpu) -> Result<Value> {
         let s_down = gpu.random_f32(EXPERTS * (HIDDEN / 128) * kb_width, 11, 1e-3)?;
         let mut x8 = gpu.stream.alloc_zeros::<u8>(rows * HIDDEN)?;
         let mut x8_scale = gpu.stream.alloc_zeros::<f32>(rows * kb_hidden)?;
-        gpu.moe_permute_fp8(&x, &order, &mut x8, &mut x8_scale, HIDDEN)?;
+        gpu.moe_permute_fp8(&self.x, order, &mut x8, &mut x8_scale, HIDDEN)?;
         let h8 = gpu.random_fp8(rows * WIDTH, 12, 448.0)?;
         let h8_scale = gpu.random_f32(rows * kb_width, 13, 1e-3)?;
-        let fp8_gate_up_ms = time_ms(gpu, reps, || {
+        let fp8_gate_up_ms = time_ms(gpu, REPS, || {
             gpu.grouped_gemm_fp8(
                 &x8,
                 &x8_scale,
                 &w8_gate_up,
                 &s_gate_up,
-                &mut gate_up,
-                &order,
+                &mut self.gate_up,
+                order,
                 2 * WIDTH,
                 HIDDEN,
             )
         })?;
-        let fp8_down_ms = time_ms(gpu, reps, || {
+        let fp8_down_ms = time_ms(gpu, REPS, || {
             gpu.grouped_gemm_fp8(
                 &h8,
                 &h8_scale,
                 &w8_down,
                 &s_down,
-                &mut expert_out,
-                &order,
+                &mut self.expert_out,
+                order,
                 HIDDEN,
                 WIDTH,
             )
         })?;
-        report["grouped_gemm_fp8"] = json!({
+        let (gate_up_flops, down_flops) = (gate_up_flops(rows), down_flops(rows));
+        Ok(json!({
             "gate_up_tflops": tflops(gate_up_flops, fp8_gate_up_ms),
             "down_tflops": tflops(down_flops, fp8_down_ms),
             "overall_tflops": tflops(gate_up_flops + down_flops, fp8_gate_up_ms + fp8_down_ms),
-        });
+        }))
     }
+}
 
-    // Decode: 64 sequences, one token each. The MoE block end to end (gate, sort, permute,
-    // both grouped GEMMs, SiLU, combine) and absorbed MLA attention over 4,096 positions.
-    let batch = 64;
+/// Decode: 64 sequences, one token each. The MoE block end to end and absorbed MLA
+/// attention over 4,096 positions.
+fn bench_decode(gpu: &Gpu, weights: &Weights) -> Result<Value> {
+    let (batch, context) = (64, 4096);
+    let moe_ms = decode_moe_block_ms(gpu, weights, batch)?;
+    let (mla_ms, cache_bytes) = decode_mla(gpu, batch, context)?;
+    Ok(json!({
+        "batch": batch,
+        "moe_block_ms": moe_ms,
+        "mla_attention_ms": mla_ms,
+        "mla_cache_gb_s": cache_bytes / mla_ms / 1e6,
+        "context": context,
+        "note": "one layer's MoE block and attention core; the dense projections are not in yet",
+    }))
+}
+
+/// Milliseconds per MoE block of `batch` tokens: gate, sort, permute, both grouped GEMMs,
+/// SiLU, combine.
+fn decode_moe_block_ms(gpu: &Gpu, weights: &Weights, batch: usize) -> Result<f64> {
     let logits = gpu.random_f32(batch * EXPERTS, 14, 4.0)?;
     let x = gpu.random_f32(batch * HIDDEN, 15, 1.0)?;
     let mut chosen = gpu.stream.alloc_zeros::<i32>(batch * TOPK)?;
-    let mut weights = gpu.stream.alloc_zeros::<f32>(batch * TOPK)?;
+    let mut gate_weights = gpu.stream.alloc_zeros::<f32>(batch * TOPK)?;
     let pairs = batch * TOPK;
     let mut xp = gpu.stream.alloc_zeros::<bf16>(pairs * HIDDEN)?;
     let mut gate_up = gpu.stream.alloc_zeros::<bf16>(pairs * 2 * WIDTH)?;
     let mut h = gpu.stream.alloc_zeros::<bf16>(pairs * WIDTH)?;
     let mut expert_out = gpu.stream.alloc_zeros::<bf16>(pairs * HIDDEN)?;
     let mut y = gpu.stream.alloc_zeros::<f32>(batch * HIDDEN)?;
-    let moe_ms = time_ms(gpu, reps, || {
-        gpu.moe_gate(&logits, None, EXPERTS, rule, &mut chosen, &mut weights)?;
+    let (w_gate_up, w_down) = (&weights.gate_up, &weights.down);
+    time_ms(gpu, REPS, || {
+        gpu.moe_gate(
+            &logits,
+            None,
+            EXPERTS,
+            V3_GATE,
+            &mut chosen,
+            &mut gate_weights,
+        )?;
         let order = gpu.moe_sort(&chosen, TOPK, EXPERTS)?;
         gpu.moe_permute(&x, &order, &mut xp, HIDDEN)?;
-        gpu.grouped_gemm_bf16(&xp, &w_gate_up, &mut gate_up, &order, 2 * WIDTH, HIDDEN)?;
+        gpu.grouped_gemm_bf16(&xp, w_gate_up, &mut gate_up, &order, 2 * WIDTH, HIDDEN)?;
         gpu.silu_mul(&gate_up, &mut h, pairs)?;
-        gpu.grouped_gemm_bf16(&h, &w_down, &mut expert_out, &order, HIDDEN, WIDTH)?;
-        gpu.moe_unpermute(&expert_out, &order, &weights, &mut y, HIDDEN)
-    })?;
-    let (heads, rank, rope, context) = (128, 512, 64, 4096);
+        gpu.grouped_gemm_bf16(&h, w_down, &mut expert_out, &order, HIDDEN, WIDTH)?;
+        gpu.moe_unpermute(&expert_out, &order, &gate_weights, &mut y, HIDDEN)
+    })
+}
+
+/// Milliseconds per absorbed MLA decode of `batch` sequences at `context` positions (V3's
+/// 128 heads, latent rank 512, rope 64), and the cache bytes each call reads.
+fn decode_mla(gpu: &Gpu, batch: usize, context: usize) -> Result<(f64, f64)> {
+    let (heads, rank, rope) = (128, 512, 64);
     let per_seq = context / crate::model::cache::BLOCK_TOKENS;
     let c_kv = gpu.random_bf16(batch * context * rank, 16, 1.0)?;
     let k_pe = gpu.random_bf16(batch * context * rope, 17, 1.0)?;
@@ -187,7 +326,7 @@ pub(super) fn benchmarks(gpu: &Gpu) -> Result<Value> {
     let q_lat = gpu.random_f32(batch * heads * rank, 18, 0.1)?;
     let q_pe = gpu.random_f32(batch * heads * rope, 19, 0.1)?;
     let mut out = gpu.stream.alloc_zeros::<f32>(batch * heads * rank)?;
-    let mla_ms = time_ms(gpu, reps, || {
+    let mla_ms = time_ms(gpu, REPS, || {
         gpu.mla_decode(
             &q_lat,
             &q_pe,
@@ -201,15 +340,7 @@ pub(super) fn benchmarks(gpu: &Gpu) -> Result<Value> {
         )
     })?;
     let cache_bytes = (batch * context * (rank + rope) * 2) as f64;
-    report["decode"] = json!({
-        "batch": batch,
-        "moe_block_ms": moe_ms,
-        "mla_attention_ms": mla_ms,
-        "mla_cache_gb_s": cache_bytes / mla_ms / 1e6,
-        "context": context,
-        "note": "one layer's MoE block and attention core; the dense projections are not in yet",
-    });
-    Ok(report)
+    Ok((mla_ms, cache_bytes))
 }
 
 /// DeepSeek-V3's shapes with `layers` MoE layers (a published config.json's fields).

@@ -4,7 +4,7 @@ use half::bf16;
 
 use super::{Check, down, max_diff, relative_diff, to_bf16, uniform, up};
 use crate::error::Result;
-use crate::gpu::runtime::Gpu;
+use crate::gpu::runtime::{Gpu, MoeOrder};
 use crate::sampling::Rng;
 use crate::weights::fp8_e4m3_to_f32;
 
@@ -15,46 +15,97 @@ pub(super) fn check_permute(gpu: &Gpu) -> Result<Vec<Check>> {
         .map(|_| (rng.next_u64() % experts as u64) as i32)
         .collect();
     let order = gpu.moe_sort(&up(gpu, &chosen)?, topk, experts)?;
-    let offsets = down(gpu, &order.offsets)?;
-    let tile_start = down(gpu, &order.tile_start)?;
-    let source = down(gpu, &order.source)?;
-    let row_of = down(gpu, &order.row_of)?;
-    let mut counts = vec![0i32; experts];
-    chosen.iter().for_each(|&e| counts[e as usize] += 1);
-    let mut bad = 0usize;
-    for e in 0..experts {
-        bad += usize::from(offsets[e + 1] - offsets[e] != counts[e]);
-        let tiles = (counts[e] as usize).div_ceil(crate::gpu::runtime::GEMM_TILE_ROWS) as i32;
-        bad += usize::from(tile_start[e + 1] - tile_start[e] != tiles);
-    }
-    for (p, &row) in row_of.iter().enumerate() {
-        let e = chosen[p] as usize;
-        let in_segment = offsets[e] <= row && row < offsets[e + 1];
-        bad += usize::from(!in_segment || source[row as usize] != (p / topk) as i32);
-    }
+    let sorted = SortedOnHost::download(gpu, &order)?;
     let sort = Check::new(
         "moe_sort",
-        bad as f64,
+        sorted.rows_out_of_place(&chosen, topk, experts) as f64,
         0.0,
         "37 tokens × top-8 over 64 experts: rows out of place",
     );
-
     let x = uniform(tokens * hidden, 6, 3.0);
+    let permute = check_permute_bf16(gpu, &order, &sorted.source, &x, hidden)?;
+    let unpermute = check_unpermute(gpu, &order, &sorted.row_of, tokens, hidden)?;
+    let fp8 = check_permute_fp8(gpu, &order, &sorted.source, &x, hidden)?;
+    Ok(vec![sort, permute, unpermute, fp8])
+}
+
+/// `moe_sort`'s layout, copied to the host.
+struct SortedOnHost {
+    offsets: Vec<i32>,
+    tile_start: Vec<i32>,
+    source: Vec<i32>,
+    row_of: Vec<i32>,
+}
+
+impl SortedOnHost {
+    fn download(gpu: &Gpu, order: &MoeOrder) -> Result<Self> {
+        Ok(SortedOnHost {
+            offsets: down(gpu, &order.offsets)?,
+            tile_start: down(gpu, &order.tile_start)?,
+            source: down(gpu, &order.source)?,
+            row_of: down(gpu, &order.row_of)?,
+        })
+    }
+
+    /// Segments of the wrong size (in rows or in GEMM tiles), and `(token, k)` choices whose
+    /// row is outside their expert's segment or does not point back at the token.
+    fn rows_out_of_place(&self, chosen: &[i32], topk: usize, experts: usize) -> usize {
+        let (offsets, tile_start) = (&self.offsets, &self.tile_start);
+        let mut counts = vec![0i32; experts];
+        chosen.iter().for_each(|&e| counts[e as usize] += 1);
+        let mut bad = 0usize;
+        for e in 0..experts {
+            bad += usize::from(offsets[e + 1] - offsets[e] != counts[e]);
+            let tiles = (counts[e] as usize).div_ceil(crate::gpu::runtime::GEMM_TILE_ROWS) as i32;
+            bad += usize::from(tile_start[e + 1] - tile_start[e] != tiles);
+        }
+        for (p, &row) in self.row_of.iter().enumerate() {
+            let e = chosen[p] as usize;
+            let in_segment = offsets[e] <= row && row < offsets[e + 1];
+            bad += usize::from(!in_segment || self.source[row as usize] != (p / topk) as i32);
+        }
+        bad
+    }
+}
+
+/// `moe_permute`: each row is its source token's `x`, rounded to bf16.
+fn check_permute_bf16(
+    gpu: &Gpu,
+    order: &MoeOrder,
+    source: &[i32],
+    x: &[f32],
+    hidden: usize,
+) -> Result<Check> {
     let mut permuted = gpu.stream.alloc_zeros::<bf16>(order.rows * hidden)?;
-    gpu.moe_permute(&up(gpu, &x)?, &order, &mut permuted, hidden)?;
+    gpu.moe_permute(&up(gpu, x)?, order, &mut permuted, hidden)?;
     let permuted = down(gpu, &permuted)?;
     let expected: Vec<f32> = (0..order.rows * hidden)
         .map(|i| bf16::from_f32(x[source[i / hidden] as usize * hidden + i % hidden]).to_f32())
         .collect();
     let got: Vec<f32> = permuted.iter().map(|v| v.to_f32()).collect();
-    let permute = Check::new("moe_permute", max_diff(&got, &expected), 0.0, "bf16 gather");
+    Ok(Check::new(
+        "moe_permute",
+        max_diff(&got, &expected),
+        0.0,
+        "bf16 gather",
+    ))
+}
 
+/// `moe_unpermute`: each token's rows, weighted, summed in k order.
+fn check_unpermute(
+    gpu: &Gpu,
+    order: &MoeOrder,
+    row_of: &[i32],
+    tokens: usize,
+    hidden: usize,
+) -> Result<Check> {
+    let topk = order.topk;
     let expert_out = to_bf16(&uniform(order.rows * hidden, 7, 2.0));
     let weights = uniform(tokens * topk, 8, 1.0);
     let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;
     gpu.moe_unpermute(
         &up(gpu, &expert_out)?,
-        &order,
+        order,
         &up(gpu, &weights)?,
         &mut y,
         hidden,
@@ -68,17 +119,26 @@ pub(super) fn check_permute(gpu: &Gpu) -> Result<Vec<Check>> {
             })
         })
         .collect();
-    let unpermute = Check::new(
+    Ok(Check::new(
         "moe_unpermute",
         max_diff(&down(gpu, &y)?, &expected),
         1e-5,
         "weighted combine in k order",
-    );
+    ))
+}
 
+/// `moe_permute_fp8`: the permuted rows quantised to e4m3 with one scale per 128 columns.
+fn check_permute_fp8(
+    gpu: &Gpu,
+    order: &MoeOrder,
+    source: &[i32],
+    x: &[f32],
+    hidden: usize,
+) -> Result<Check> {
     let mut quantised = gpu.stream.alloc_zeros::<u8>(order.rows * hidden)?;
     let groups = hidden.div_ceil(128);
     let mut scales = gpu.stream.alloc_zeros::<f32>(order.rows * groups)?;
-    gpu.moe_permute_fp8(&up(gpu, &x)?, &order, &mut quantised, &mut scales, hidden)?;
+    gpu.moe_permute_fp8(&up(gpu, x)?, order, &mut quantised, &mut scales, hidden)?;
     let (quantised, scales) = (down(gpu, &quantised)?, down(gpu, &scales)?);
     let mut error = 0f64;
     for row in 0..order.rows {
@@ -93,18 +153,17 @@ pub(super) fn check_permute(gpu: &Gpu) -> Result<Vec<Check>> {
         }
     }
     // e4m3 keeps 3 mantissa bits: half an ulp is 1/16 of the value, at most of amax
-    let fp8 = Check::new(
+    Ok(Check::new(
         "moe_permute_fp8",
         error,
         1.0 / 16.0,
         "1×128 scales; error relative to the group's max",
-    );
-    Ok(vec![sort, permute, unpermute, fp8])
+    ))
 }
 
 /// Expert segments of uneven sizes (none, under one tile, several tiles) with
 /// shapes that are not multiples of the tile, as the tiny fixtures have.
-pub(super) fn uneven_routing(gpu: &Gpu) -> Result<(crate::gpu::runtime::MoeOrder, Vec<usize>)> {
+pub(super) fn uneven_routing(gpu: &Gpu) -> Result<(MoeOrder, Vec<usize>)> {
     let counts = [130usize, 0, 3, 64, 257];
     let chosen: Vec<i32> = counts
         .iter()

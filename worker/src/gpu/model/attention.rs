@@ -117,16 +117,59 @@ impl GpuModel {
         kv: &mut GpuKv,
     ) -> Result<CudaSlice<f32>> {
         let (gpu, cfg) = (&self.gpu, &self.cfg);
-        let stream = &gpu.stream;
         let (n, hidden, heads) = (rows.count, cfg.hidden_size, cfg.num_attention_heads);
-        let (nope, rope, v_dim, kv_lora) = (
-            cfg.qk_nope_head_dim,
-            cfg.qk_rope_head_dim,
-            cfg.v_head_dim,
-            cfg.kv_lora_rank,
-        );
+        let (q, q_pe) = self.project_into_cache(l, attention, x, rows, kv)?;
+        let o = self.absorbed_attention(l, attention, (&q, &q_pe), rows, kv)?;
+        let mut out = gpu.stream.alloc_zeros::<f32>(n * hidden)?;
+        gpu.linear(
+            &self.bf16(&o)?,
+            &attention.o_proj,
+            &mut out,
+            (n, hidden, heads * cfg.v_head_dim),
+        )?;
+        Ok(out)
+    }
+
+    /// The projections: writes the rows' latents and roped keys into layer `l`'s cache, and
+    /// returns the queries [rows, heads × qk] with their roped parts [rows, heads × rope].
+    fn project_into_cache(
+        &self,
+        l: usize,
+        attention: &Attention,
+        x: &CudaSlice<bf16>,
+        rows: &Rows,
+        kv: &mut GpuKv,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (gpu, cfg) = (&self.gpu, &self.cfg);
+        let (n, heads) = (rows.count, cfg.num_attention_heads);
+        let (nope, rope, kv_lora) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank);
         let qk = nope + rope;
         let q = self.q_proj(&attention.q, x, n)?;
+        let (c_kv, k_pe) = self.kv_latents(attention, x, rows)?;
+        let mut q_pe = gpu.stream.alloc_zeros::<f32>(n * heads * rope)?;
+        let (cos, sin) = (&rows.cos, &rows.sin);
+        gpu.rope(&q.slice(nope..), qk, cos, sin, &mut q_pe, (n, heads, rope))?;
+        gpu.kv_write(
+            (&c_kv, &k_pe),
+            &rows.slots,
+            (&mut kv.c_kv[l], &mut kv.k_pe[l]),
+            (kv_lora, rope),
+        )?;
+        Ok((q, q_pe))
+    }
+
+    /// The rows' normalised latents [rows, kv_lora] and roped keys [rows, rope], f32: one
+    /// down-projection makes both.
+    fn kv_latents(
+        &self,
+        attention: &Attention,
+        x: &CudaSlice<bf16>,
+        rows: &Rows,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (gpu, cfg) = (&self.gpu, &self.cfg);
+        let stream = &gpu.stream;
+        let (n, hidden) = (rows.count, cfg.hidden_size);
+        let (rope, kv_lora) = (cfg.qk_rope_head_dim, cfg.kv_lora_rank);
         let mut kv_a = stream.alloc_zeros::<f32>(n * (kv_lora + rope))?;
         gpu.linear(
             x,
@@ -144,27 +187,39 @@ impl GpuModel {
             cfg.rms_norm_eps as f32,
         )?;
         let mut k_pe = stream.alloc_zeros::<f32>(n * rope)?;
-        let (cos, sin) = (&rows.cos, &rows.sin);
         gpu.rope(
             &kv_a.slice(kv_lora..),
             kv_lora + rope,
-            cos,
-            sin,
+            &rows.cos,
+            &rows.sin,
             &mut k_pe,
             (n, 1, rope),
         )?;
-        let mut q_pe = stream.alloc_zeros::<f32>(n * heads * rope)?;
-        gpu.rope(&q.slice(nope..), qk, cos, sin, &mut q_pe, (n, heads, rope))?;
-        gpu.kv_write(
-            (&c_kv, &k_pe),
-            &rows.slots,
-            (&mut kv.c_kv[l], &mut kv.k_pe[l]),
-            (kv_lora, rope),
-        )?;
+        Ok((c_kv, k_pe))
+    }
 
-        // Absorbed: q_lat = q_nope · W_UK per head, attention over the latents, then W_UV
-        // per head. Per head h, q_nope is q's row slice at h·qk; W_UK is kv_up's rows
-        // h·(nope+v) .. +nope, and W_UV the v rows after them.
+    /// Absorbed attention over layer `l`'s cache: q_lat = q_nope · W_UK per head, attention
+    /// over the latents, then W_UV per head; returns [rows, heads × v], f32.
+    fn absorbed_attention(
+        &self,
+        l: usize,
+        attention: &Attention,
+        (q, q_pe): (&CudaSlice<f32>, &CudaSlice<f32>),
+        rows: &Rows,
+        kv: &GpuKv,
+    ) -> Result<CudaSlice<f32>> {
+        let (gpu, cfg) = (&self.gpu, &self.cfg);
+        let stream = &gpu.stream;
+        let (n, heads) = (rows.count, cfg.num_attention_heads);
+        let (nope, rope, v_dim, kv_lora) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
+        let qk = nope + rope;
+        // Per head h, q_nope is q's row slice at h·qk; W_UK is kv_up's rows h·(nope+v) ..
+        // +nope, and W_UV the v rows after them.
         let per_head = |offset: usize| Layout {
             offset,
             row_stride: kv_lora,
@@ -178,7 +233,7 @@ impl GpuModel {
         };
         let mut q_lat = stream.alloc_zeros::<f32>(n * heads * kv_lora)?;
         gpu.batched_gemm(
-            (&self.bf16(&q)?, head_slices(qk)),
+            (&self.bf16(q)?, head_slices(qk)),
             (&attention.kv_up, per_head(0)),
             false,
             (&mut q_lat, head_slices(kv_lora)),
@@ -192,7 +247,7 @@ impl GpuModel {
         let mut latent = stream.alloc_zeros::<f32>(n * heads * kv_lora)?;
         gpu.mla_decode(
             &q_lat,
-            &q_pe,
+            q_pe,
             &kv.c_kv[l],
             &kv.k_pe[l],
             (&rows.tables, rows.width),
@@ -214,14 +269,7 @@ impl GpuModel {
                 batch: heads,
             },
         )?;
-        let mut out = stream.alloc_zeros::<f32>(n * hidden)?;
-        gpu.linear(
-            &self.bf16(&o)?,
-            &attention.o_proj,
-            &mut out,
-            (n, hidden, heads * v_dim),
-        )?;
-        Ok(out)
+        Ok(o)
     }
 
     /// The queries [rows, heads × qk], f32: one projection, or the low-rank pair with its norm.
