@@ -34,6 +34,9 @@ pub mod env {
     pub const KV_CACHE_FRACTION: &str = "DSD_KV_CACHE_FRACTION";
 }
 
+/// The worker's token budget of one scheduler step when `MAX_BATCH_TOKENS` is not set; the
+/// operator's memory plan assumes it then.
+pub const DEFAULT_MAX_BATCH_TOKENS: u32 = 2048;
 /// gRPC (`deepseek.v1.Inference` and health) on every worker pod.
 pub const GRPC_PORT: u16 = 50051;
 /// The expert-parallel port of a pod's first rank; local rank `i` listens on `EP_PORT + i`.

@@ -122,6 +122,9 @@ fn a_cpu_pod_serves_as_the_operator_meant() {
 #[test]
 fn a_gpu_pod_finds_its_rank_and_its_peers() {
     let mut dsd = v3();
+    // Two GPUs cannot hold DeepSeek-V3; a model of unknown shape has no memory plan.
+    dsd.spec.model.architecture = None;
+    dsd.spec.model.routed_experts = Some(256);
     for pool in &mut dsd.spec.pools {
         pool.gpus_per_pod = 1;
         pool.pods_per_group = Some(2);
