@@ -222,6 +222,8 @@ impl Ctx<'_> {
         if pool.gpu_product.is_some() {
             // The device plugin shows a pod its own GPUs only, numbered from 0.
             env.push(env_var(env::DEVICE, "cuda:0"));
+            // Kernels the image does not ship (other GPUs) compile at start into /tmp.
+            env.push(env_var(env::KERNEL_CACHE, KERNEL_CACHE_DIR));
         }
         if let Some(tokens) = worker.max_batch_tokens {
             env.push(env_var(env::MAX_BATCH_TOKENS, &tokens.to_string()));
