@@ -27,6 +27,22 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && cp target/release/deepseek-operator target/release/deepseek-router target/release/deepseek-worker /out/
 
 # ---------------------------------------------------------------------------------------
+# Kernels: every CUDA kernel compiled for A100 (sm_80) and Hopper (sm_90a) with NVRTC from
+# PyPI (no CUDA toolkit, no GPU), shipped in the worker image so a GPU node compiles nothing;
+# the CUDA headers go along for the NVRTC fallback on other GPUs. Versions as in .ci/run.
+# ---------------------------------------------------------------------------------------
+FROM builder AS kernels
+RUN apt-get update && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/cuda-venv \
+ && /opt/cuda-venv/bin/pip install --no-cache-dir "nvidia-cuda-nvrtc-cu12==12.9.86" \
+      "nvidia-cuda-runtime-cu12==12.9.79" \
+ && site="$(/opt/cuda-venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && LD_LIBRARY_PATH="$site/nvidia/cuda_nvrtc/lib" DSD_CUDA_INCLUDE="$site/nvidia/cuda_runtime/include" \
+      /out/deepseek-worker kernels --arch sm_80 --arch sm_90a --cache /out/kernels \
+ && cp -r "$site/nvidia/cuda_runtime/include" /out/cuda-include
+
+# ---------------------------------------------------------------------------------------
 # Router: gRPC/OpenAI-compatible front end. Distroless (glibc, libgcc), no shell.
 # ---------------------------------------------------------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot AS router
@@ -51,6 +67,12 @@ RUN groupadd --system --gid 65532 nonroot \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin nonroot
 COPY --from=builder /out/deepseek-worker /usr/local/bin/deepseek-worker
+COPY --from=kernels /out/kernels /usr/local/share/deepseek-worker/kernels
+COPY --from=kernels /out/cuda-include /usr/local/share/deepseek-worker/cuda-include
+# Read-only shipped cubins; what a GPU needs beyond them compiles with the runtime's NVRTC
+# into DSD_KERNEL_CACHE, which the operator points at the pod's writable /tmp.
+ENV DSD_SHIPPED_KERNELS=/usr/local/share/deepseek-worker/kernels \
+    DSD_CUDA_INCLUDE=/usr/local/share/deepseek-worker/cuda-include
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/deepseek-worker"]
 

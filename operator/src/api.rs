@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use deepseek_proto::memory::ModelShape;
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -217,6 +218,17 @@ impl Architecture {
             Architecture::DeepseekV2 => 160,
         }
     }
+
+    /// The published model of this architecture with `routed_experts` experts (V2 with 64
+    /// is V2-Lite); `None` for another size, whose shape the operator cannot know.
+    pub fn shape(self, routed_experts: u32) -> Option<ModelShape> {
+        match (self, routed_experts) {
+            (Architecture::DeepseekV3, 256) => Some(ModelShape::DEEPSEEK_V3),
+            (Architecture::DeepseekV2, 160) => Some(ModelShape::DEEPSEEK_V2),
+            (Architecture::DeepseekV2, 64) => Some(ModelShape::DEEPSEEK_V2_LITE),
+            _ => None,
+        }
+    }
 }
 
 /// A node pool that runs expert-parallel groups of one kind of GPU.
@@ -396,7 +408,9 @@ pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_batch_tokens: Option<i32>,
 
-    /// Fraction of free accelerator memory (after weights) given to the KV cache.
+    /// Share of each GPU's memory that weights, working space and the KV cache may use
+    /// together (vLLM's `gpu_memory_utilization`); the cache gets what is left. Default 0.9
+    /// on GPU pools. On CPU pools, the share of the host memory left after loading.
     #[schemars(range(min = 0.01, max = 1.0))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_fraction: Option<f64>,

@@ -48,6 +48,40 @@ pub fn arch_of(product: &str) -> Option<GpuArch> {
         .map(|&(_, arch)| arch)
 }
 
+/// Device memory in MiB as `nvidia-smi` reports it, by product family and, where a family
+/// comes in several sizes, the size token of the label. Products not listed have no memory
+/// plan (their label does not say enough).
+const MEMORY_MIB: &[(&str, Option<&str>, u64)] = &[
+    ("B200", None, 183_359),
+    ("H200", None, 143_771),
+    ("H100", Some("NVL"), 95_830),
+    ("H100", Some("80GB"), 81_559),
+    ("H800", None, 81_559),
+    ("H20", None, 97_871),
+    ("L40S", None, 46_068),
+    ("L40", None, 46_068),
+    ("L4", None, 23_034),
+    ("A100", Some("40GB"), 40_960),
+    ("A100", None, 81_920),
+    ("A800", Some("40GB"), 40_960),
+    ("A800", None, 81_920),
+    ("A30", None, 24_576),
+];
+
+/// The device memory of a GPU product label, in bytes, when it is known.
+pub fn memory_bytes(product: &str) -> Option<u64> {
+    let mut tokens = product.split('-');
+    if tokens.next() != Some("NVIDIA") {
+        return None;
+    }
+    let model = tokens.next()?;
+    let rest: Vec<&str> = tokens.collect();
+    MEMORY_MIB
+        .iter()
+        .find(|(family, size, _)| *family == model && size.is_none_or(|size| rest.contains(&size)))
+        .map(|&(_, _, mib)| mib << 20)
+}
+
 impl GpuArch {
     /// `auto` resolves to FP8 where the hardware has it and bf16 elsewhere.
     pub fn resolve(self, dtype: Dtype) -> Dtype {
@@ -83,6 +117,19 @@ mod tests {
         for (product, arch) in cases {
             assert_eq!(arch_of(product), arch, "{product}");
         }
+    }
+
+    #[test]
+    fn memory_follows_the_family_and_the_size_the_label_names() {
+        let gib = |product| memory_bytes(product).map(|b| b >> 30);
+        assert_eq!(gib("NVIDIA-H100-80GB-HBM3"), Some(79));
+        assert_eq!(gib("NVIDIA-H100-NVL"), Some(93));
+        assert_eq!(gib("NVIDIA-H100-PCIe"), None);
+        assert_eq!(gib("NVIDIA-H200"), Some(140));
+        assert_eq!(gib("NVIDIA-A100-SXM4-80GB"), Some(80));
+        assert_eq!(gib("NVIDIA-A100-PCIE-40GB"), Some(40));
+        assert_eq!(gib("NVIDIA-GH200-480GB"), None);
+        assert_eq!(gib("Tesla-T4"), None);
     }
 
     #[test]

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use deepseek_operator::api::DeepSeekDeployment;
+use deepseek_operator::api::{DeepSeekDeployment, Dtype};
 use deepseek_operator::controller::{self, Context};
 use deepseek_operator::leader::{self, LeaseConfig};
 use deepseek_operator::metrics::Metrics;
+use deepseek_operator::{gpu, resolve};
+use deepseek_proto::memory::{self, ModelShape, Rank};
 use kube::CustomResourceExt;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -26,14 +28,40 @@ struct Cli {
 enum Command {
     /// Print the DeepSeekDeployment CustomResourceDefinition as YAML.
     Crd,
-    /// Print the objects the operator would create for a DeepSeekDeployment manifest.
+    /// Print the objects the operator would create for a DeepSeekDeployment manifest, after
+    /// each GPU pool's memory plan (as YAML comments).
     Render {
         /// Manifest file (YAML), or `-` for standard input.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Print, as a Markdown table, how a model fits one rank of H100, H200 and A100 groups
+    /// of 8 to 64 ranks.
+    MemoryTable(MemoryTableArgs),
     /// Run the controller (in-cluster config, or the current kubeconfig context).
     Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct MemoryTableArgs {
+    #[arg(long, value_enum, default_value = "deepseek-v3")]
+    architecture: TableArchitecture,
+    /// Extra expert copies per layer across a group (`parallelism.redundantExperts`).
+    #[arg(long, default_value_t = 32)]
+    redundant_experts: u64,
+    /// Tokens of one scheduler pass (`worker.maxBatchTokens`).
+    #[arg(long, default_value_t = 4096)]
+    max_batch_tokens: u64,
+    /// Share of GPU memory for weights, working space and cache (`worker.kvCacheFraction`).
+    #[arg(long, default_value_t = resolve::DEFAULT_GPU_MEMORY_FRACTION)]
+    memory_fraction: f64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TableArchitecture {
+    DeepseekV3,
+    DeepseekV2,
+    DeepseekV2Lite,
 }
 
 #[derive(clap::Args)]
@@ -65,6 +93,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", serde_yaml::to_string(&DeepSeekDeployment::crd())?),
         Command::Render { file } => print!("{}", render(&file)?),
+        Command::MemoryTable(args) => print!("{}", memory_table(&args)),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args))?,
     }
     Ok(())
@@ -139,5 +168,64 @@ fn render(file: &PathBuf) -> anyhow::Result<String> {
     };
     let dsd: DeepSeekDeployment = serde_yaml::from_str(&text)
         .with_context(|| format!("{} is not a valid DeepSeekDeployment", file.display()))?;
-    Ok(dsd.desired()?.to_yaml())
+    let mut out = String::new();
+    for pool in resolve::resolve(&dsd)? {
+        if let (Some(plan), Some(product)) = (&pool.memory, &pool.gpu_product) {
+            out.push_str(&format!(
+                "# memory plan of a rank, pool {} ({product}, {} ranks per group): {plan}\n",
+                pool.name, pool.group_size
+            ));
+        }
+    }
+    out.push_str(&dsd.desired()?.to_yaml());
+    Ok(out)
+}
+
+/// One row per GPU and group size: where a rank's memory goes, as the worker holds the
+/// model today (routed experts FP8 where the GPU has FP8, everything else bf16).
+fn memory_table(args: &MemoryTableArgs) -> String {
+    let shape = match args.architecture {
+        TableArchitecture::DeepseekV3 => ModelShape::DEEPSEEK_V3,
+        TableArchitecture::DeepseekV2 => ModelShape::DEEPSEEK_V2,
+        TableArchitecture::DeepseekV2Lite => ModelShape::DEEPSEEK_V2_LITE,
+    };
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    let mut out = String::from(
+        "| GPU | ranks | experts per layer | replicated GiB | experts GiB | working GiB | KV tokens | fits |\n\
+         |---|---:|---|---:|---:|---:|---:|---|\n",
+    );
+    for product in [
+        "NVIDIA-H100-80GB-HBM3",
+        "NVIDIA-H200",
+        "NVIDIA-A100-SXM4-80GB",
+    ] {
+        let arch = gpu::arch_of(product).expect("a listed product");
+        let (linear, experts) = resolve::weight_formats(arch.resolve(Dtype::Auto));
+        for group_size in [8, 16, 32, 64] {
+            let rank = Rank {
+                gpu_bytes: gpu::memory_bytes(product).expect("a listed product"),
+                memory_fraction: args.memory_fraction,
+                group_size,
+                redundant_experts: args.redundant_experts,
+                linear,
+                experts,
+                batch_tokens: args.max_batch_tokens,
+            };
+            let plan = memory::plan(&shape, &rank);
+            out.push_str(&format!(
+                "| {product} | {group_size} | {} × {experts} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+                plan.expert_slots,
+                gib(plan.replicated),
+                gib(plan.experts),
+                gib(plan.working),
+                plan.kv_tokens,
+                if plan.fits(args.max_batch_tokens) {
+                    "yes"
+                } else {
+                    "no"
+                },
+            ));
+        }
+    }
+    out
 }

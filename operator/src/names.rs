@@ -30,6 +30,8 @@ pub const WORKER_EP_PORT: i32 = pod::EP_PORT as i32;
 pub const METRICS_PORT: i32 = pod::METRICS_PORT as i32;
 
 pub use pod::{LIVENESS_SERVICE, MODEL_MOUNT, PLACEMENT_MOUNT};
+/// The worker's kernel cache: on the pod's `/tmp` emptyDir, the one writable path.
+pub const KERNEL_CACHE_DIR: &str = "/tmp/deepseek-worker/kernels";
 /// The entry of the expert-load ConfigMap that holds the workers' `/metrics` text.
 pub const EXPERT_LOAD_ENTRY: &str = "metrics";
 /// Where the router finds its API keys, and the Secret entry that holds them.

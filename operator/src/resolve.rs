@@ -3,6 +3,9 @@
 //! The CRD schema rejects most bad specs at admission; this repeats the checks that matter
 //! (an older CRD may be installed) and adds the ones the schema cannot express.
 
+use deepseek_proto::memory::{self, MemoryPlan, Rank, WeightFormat};
+use deepseek_proto::pod;
+
 use crate::api::{DeepSeekDeployment, Dtype, PoolSpec};
 use crate::gpu::{self, GpuArch};
 
@@ -27,7 +30,14 @@ pub struct ResolvedPool {
     /// The pool as written, for its overrides (node selector, tolerations, affinity,
     /// resources).
     pub spec: PoolSpec,
+    /// Where a rank's GPU memory goes; `None` for a CPU pool, or when the model's shape
+    /// (`model.architecture`) or the GPU's memory is unknown.
+    pub memory: Option<MemoryPlan>,
 }
+
+/// The share of GPU memory the worker may use when `worker.kvCacheFraction` is not set
+/// (vLLM's default `gpu_memory_utilization`).
+pub const DEFAULT_GPU_MEMORY_FRACTION: f64 = 0.9;
 
 /// Why a spec cannot be realised. `reason()` is the condition reason; the message names the
 /// field.
@@ -52,6 +62,17 @@ pub enum SpecError {
     NoPools,
     #[error("metadata.name: {0:?} is too long; names of its objects must stay DNS labels (≤ 63)")]
     NameTooLong(String),
+    #[error(
+        "spec.pools[{pool}]: the model does not fit a rank's {product}: {plan}; a pass needs \
+         {batch_tokens} tokens of cache (use more ranks per group, fewer redundant experts or a \
+         smaller worker.maxBatchTokens)"
+    )]
+    InsufficientGpuMemory {
+        pool: String,
+        product: String,
+        plan: String,
+        batch_tokens: u64,
+    },
 }
 
 impl SpecError {
@@ -59,6 +80,7 @@ impl SpecError {
         match self {
             SpecError::UnknownGpuProduct { .. } => "UnknownGpuProduct",
             SpecError::UnknownExpertCount => "UnknownExpertCount",
+            SpecError::InsufficientGpuMemory { .. } => "InsufficientGpuMemory",
             _ => "InvalidSpec",
         }
     }
@@ -164,6 +186,18 @@ fn resolve_pool(
     {
         return Err(invalid(format!("minReplicas {min} > maxReplicas {max}")));
     }
+    let memory = memory_plan(dsd, pool, dtype, group_size, routed_experts);
+    if let (Some(plan), Some(product)) = (&memory, &pool.gpu_product) {
+        let batch_tokens = batch_tokens(dsd);
+        if !plan.fits(batch_tokens) {
+            return Err(SpecError::InsufficientGpuMemory {
+                pool: pool.name.clone(),
+                product: product.clone(),
+                plan: plan.to_string(),
+                batch_tokens,
+            });
+        }
+    }
     Ok(ResolvedPool {
         name: pool.name.clone(),
         gpu_product: pool.gpu_product.clone(),
@@ -176,7 +210,54 @@ fn resolve_pool(
         weight: pool.weight,
         routed_experts,
         spec: pool.clone(),
+        memory,
     })
+}
+
+/// Tokens of one scheduler pass: `worker.maxBatchTokens`, else the worker's default.
+pub fn batch_tokens(dsd: &DeepSeekDeployment) -> u64 {
+    dsd.spec
+        .worker
+        .max_batch_tokens
+        .map_or(u64::from(pod::DEFAULT_MAX_BATCH_TOKENS), |t| {
+            t.max(1) as u64
+        })
+}
+
+/// How the worker holds weights on a GPU running `dtype`: (everything but the routed experts,
+/// the routed experts). Only the experts stay FP8 on the GPU path today.
+pub fn weight_formats(dtype: Dtype) -> (WeightFormat, WeightFormat) {
+    let experts = match dtype {
+        Dtype::Fp8 => WeightFormat::Fp8,
+        _ => WeightFormat::Bf16,
+    };
+    (WeightFormat::Bf16, experts)
+}
+
+/// A rank's memory plan on the pool's GPU, as the worker will hold the model.
+fn memory_plan(
+    dsd: &DeepSeekDeployment,
+    pool: &PoolSpec,
+    dtype: Dtype,
+    group_size: i32,
+    routed_experts: u32,
+) -> Option<MemoryPlan> {
+    let shape = dsd.spec.model.architecture?.shape(routed_experts)?;
+    let (linear, experts) = weight_formats(dtype);
+    let rank = Rank {
+        gpu_bytes: gpu::memory_bytes(pool.gpu_product.as_deref()?)?,
+        memory_fraction: dsd
+            .spec
+            .worker
+            .kv_cache_fraction
+            .unwrap_or(DEFAULT_GPU_MEMORY_FRACTION),
+        group_size: group_size as u64,
+        redundant_experts: dsd.spec.parallelism.redundant_experts.max(0) as u64,
+        linear,
+        experts,
+        batch_tokens: batch_tokens(dsd),
+    };
+    Some(memory::plan(&shape, &rank))
 }
 
 /// Groups per pool. Without a total, each pool runs its own `replicas`. With one, every pool

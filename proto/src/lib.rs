@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod deadline;
+pub mod memory;
 pub mod placement;
 pub mod pod;
 pub mod serving;

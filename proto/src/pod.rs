@@ -30,10 +30,15 @@ pub mod env {
     pub const METRICS_LISTEN: &str = "DSD_METRICS_LISTEN";
     /// Token budget of one scheduler step.
     pub const MAX_BATCH_TOKENS: &str = "DSD_MAX_BATCH_TOKENS";
+    /// A writable directory for the kernels compiled at start (those the image does not ship).
+    pub const KERNEL_CACHE: &str = "DSD_KERNEL_CACHE";
     /// KV cache size as a fraction of the memory left once the weights are loaded.
     pub const KV_CACHE_FRACTION: &str = "DSD_KV_CACHE_FRACTION";
 }
 
+/// The worker's token budget of one scheduler step when `MAX_BATCH_TOKENS` is not set; the
+/// operator's memory plan assumes it then.
+pub const DEFAULT_MAX_BATCH_TOKENS: u32 = 2048;
 /// gRPC (`deepseek.v1.Inference` and health) on every worker pod.
 pub const GRPC_PORT: u16 = 50051;
 /// The expert-parallel port of a pod's first rank; local rank `i` listens on `EP_PORT + i`.

@@ -2,7 +2,7 @@
 # Starts a local Kubernetes control plane built from source (tests/cluster/build.sh): etcd,
 # kube-apiserver (RBAC + Node authorization, PodSecurity and the default admission plugins,
 # service-account token signing), kube-controller-manager, kube-scheduler, and kwok as the
-# kubelet of fake GPU nodes: four H100 and four A100 nodes (8 GPUs each) across two zones,
+# kubelet of fake GPU nodes: eight H100 and eight A100 nodes (8 GPUs each) across two zones,
 # the A100s tainted as deploy/samples/deepseek-v3-h100-a100.yaml expects.
 #
 # Prints `export KUBECONFIG=...` on stdout once the nodes are Ready; everything else goes to
@@ -178,14 +178,14 @@ status:
 YAML
 }
 {
-  for i in 0 1 2 3; do
+  for i in 0 1 2 3 4 5 6 7; do
     node "h100-$i" NVIDIA-H100-80GB-HBM3 "zone-$((i % 2))" "[]"
     node "a100-$i" NVIDIA-A100-SXM4-80GB "zone-$((i % 2))" \
       '[{key: nvidia.com/gpu, value: present, effect: NoSchedule}, {key: pool, value: a100, effect: NoSchedule}]'
   done
 } | kubectl apply -f - >/dev/null
 nodes_ready() {
-  [ "$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" = 8 ]
+  [ "$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" = 16 ]
 }
 wait_until 60 "the nodes to be Ready" nodes_ready
 log "ready: $(kubectl version 2>/dev/null | tr '\n' ' ')"

@@ -295,7 +295,7 @@ wait_for 120 "deepseek-v3 to be Ready" ready_is "$FLAGSHIP" deepseek-v3 True
 summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:1/1" \
   || fail "pool summary: $(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.poolSummary}')"
 placements=$(kubectl -n "$FLAGSHIP" get pods -l app.kubernetes.io/component=worker -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.serving\.deepseek-operator\.io/pool} {.spec.nodeName} {.spec.containers[0].resources.requests.nvidia\.com/gpu}{"\n"}{end}')
-[ "$(echo "$placements" | wc -l)" = 8 ] || fail "expected 8 worker pods (2×2 H100, 1×4 A100): $placements"
+[ "$(echo "$placements" | wc -l)" = 16 ] || fail "expected 16 worker pods (2×4 H100, 1×8 A100): $placements"
 while read -r pod pool node gpus; do
   product=$(kubectl get node "$node" -o jsonpath='{.metadata.labels.nvidia\.com/gpu\.product}')
   case "$pool/$product/$gpus" in

@@ -278,13 +278,6 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
     {
         bail!("--ep-transport nccl needs --device cuda:N");
     }
-    if ranks.count > 1 {
-        bail!(
-            "--ranks-per-pod {}: several ranks in one process (one per local GPU) come with the \
-             GPU path; on CPU run one process per rank (--ranks-per-pod 1)",
-            ranks.count
-        );
-    }
     if let Some(fraction) = args.kv_cache_fraction.filter(|f| !(*f > 0.0 && *f <= 1.0)) {
         bail!("--kv-cache-fraction must be in (0, 1], got {fraction}");
     }
@@ -316,6 +309,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             max_waiting: 4 * args.max_seqs.max(1),
         },
         rank: ranks.first,
+        ranks: ranks.count,
         group_size: ranks.group_size,
         pool: args.pool.clone(),
         group: if ranks.group_size > 1 {

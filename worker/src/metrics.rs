@@ -31,6 +31,31 @@ pub struct Load {
 }
 
 impl Load {
+    /// The counters of a process's ranks added up; a flag is set when any rank's is.
+    pub fn sum<'a>(loads: impl IntoIterator<Item = &'a Load>) -> Load {
+        let sum = Load::default();
+        let add = |to: &AtomicUsize, from: &AtomicUsize| {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        for load in loads {
+            add(&sum.waiting, &load.waiting);
+            add(&sum.running, &load.running);
+            add(&sum.kv_blocks_used, &load.kv_blocks_used);
+            add(&sum.kv_blocks_total, &load.kv_blocks_total);
+            sum.milli_tokens_per_second.fetch_add(
+                load.milli_tokens_per_second.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            for (to, from) in [
+                (&sum.abort, &load.abort),
+                (&sum.group_down, &load.group_down),
+            ] {
+                to.fetch_or(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        sum
+    }
+
     /// Requests queued or running.
     pub fn busy(&self) -> usize {
         self.waiting.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)
@@ -135,7 +160,9 @@ impl Metrics {
     /// model (the load signal for expert placement).
     /// The page; `experts` adds tokens routed to each expert and, for a rank of a group,
     /// bytes sent to the others.
-    pub fn render(&self, load: &Load, experts: Option<(&ExpertLoad, Option<u64>)>) -> String {
+    /// The text of `/metrics`: `load`, and the experts' counters of every local rank (tokens
+    /// per expert and bytes sent, added up), none before the model is loaded.
+    pub fn render(&self, load: &Load, experts: &[(&ExpertLoad, Option<u64>)]) -> String {
         self.waiting
             .set(load.waiting.load(Ordering::Relaxed) as i64);
         self.running
@@ -149,18 +176,24 @@ impl Metrics {
         // `encode` ends with "# EOF"; keep it last.
         let body_end = out.rfind("# EOF").unwrap_or(out.len());
         let eof = out.split_off(body_end);
-        if let Some((expert_load, bytes_sent)) = experts {
+        if !experts.is_empty() {
             out.push_str(
                 "# HELP deepseek_worker_expert_routed_tokens Tokens routed to each expert.\n",
             );
             out.push_str("# TYPE deepseek_worker_expert_routed_tokens counter\n");
-            for (layer, expert, tokens) in expert_load.snapshot() {
+            let mut routed = std::collections::BTreeMap::new();
+            for (layer, expert, tokens) in experts.iter().flat_map(|(load, _)| load.snapshot()) {
+                *routed.entry((layer, expert)).or_insert(0) += tokens;
+            }
+            for ((layer, expert), tokens) in routed {
                 let _ = writeln!(
                     out,
                     "{EXPERT_LOAD_METRIC}{{layer=\"{layer}\",expert=\"{expert}\"}} {tokens}"
                 );
             }
-            if let Some(bytes) = bytes_sent {
+            let sent: Vec<u64> = experts.iter().filter_map(|(_, sent)| *sent).collect();
+            if !sent.is_empty() {
+                let bytes: u64 = sent.iter().sum();
                 out.push_str("# HELP deepseek_worker_expert_parallel_bytes_sent Bytes of tokens and expert outputs sent to other ranks.\n");
                 out.push_str("# TYPE deepseek_worker_expert_parallel_bytes_sent counter\n");
                 let _ = writeln!(

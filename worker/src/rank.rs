@@ -33,7 +33,7 @@ pub struct ServeArgs {
     #[arg(long, env = env::SERVED_NAME)]
     pub served_name: Option<String>,
     /// Token budget of one scheduler step (decodes plus prefill chunks).
-    #[arg(long, env = env::MAX_BATCH_TOKENS, default_value_t = 2048)]
+    #[arg(long, env = env::MAX_BATCH_TOKENS, default_value_t = pod::DEFAULT_MAX_BATCH_TOKENS as usize)]
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     #[arg(long, env = "DSD_MAX_SEQS", default_value_t = 64)]

@@ -50,7 +50,11 @@ pub struct ServeConfig {
     pub shutdown_grace: std::time::Duration,
     pub served_name: String,
     pub scheduler: SchedulerConfig,
+    /// The first rank this process runs.
     pub rank: u32,
+    /// Ranks this process runs, `rank` onwards: one per local GPU (`cuda:N` onwards), or
+    /// several on the CPU; each serves requests of its own.
+    pub ranks: u32,
     pub group_size: u32,
     pub pool: String,
     /// Set for a rank of an expert-parallel group (group_size > 1).
@@ -76,12 +80,32 @@ pub struct GroupConfig {
     pub stall_timeout: std::time::Duration,
 }
 
+/// One rank this process runs: its part of the model and the scheduler that steps it.
+struct LocalRank {
+    model: Arc<dyn Backend>,
+    scheduler: Scheduler,
+}
+
 /// What requests need once the model is loaded.
 struct Loaded {
-    model: Arc<dyn Backend>,
+    ranks: Vec<LocalRank>,
     tokenizer: Option<Arc<Tokenizer>>,
-    scheduler: Scheduler,
     limits: Limits,
+}
+
+impl Loaded {
+    /// The rank a new request goes to: the one with the fewest queued and running, the
+    /// first of those on a tie.
+    fn least_busy(&self) -> &LocalRank {
+        self.ranks
+            .iter()
+            .min_by_key(|r| r.scheduler.load.busy())
+            .expect("a process runs at least one rank")
+    }
+
+    fn loads(&self) -> impl Iterator<Item = &Load> {
+        self.ranks.iter().map(|r| r.scheduler.load.as_ref())
+    }
 }
 
 pub struct InferenceService {
@@ -99,7 +123,7 @@ impl InferenceService {
             .loaded
             .get()
             .ok_or_else(|| Status::unavailable("the model is still loading"))?;
-        if loaded.scheduler.load.group_down.load(Ordering::Relaxed) {
+        if loaded.loads().any(|l| l.group_down.load(Ordering::Relaxed)) {
             return Err(Status::unavailable(
                 "this rank's expert-parallel group is re-forming after a peer failed",
             ));
@@ -133,7 +157,7 @@ impl Inference for InferenceService {
         )
         .map_err(|e| invalid_argument(&e))?;
         let (respond, responses) = tokio::sync::mpsc::unbounded_channel();
-        loaded.scheduler.submit(Submission {
+        loaded.least_busy().scheduler.submit(Submission {
             request: valid,
             deadline,
             respond,
@@ -184,7 +208,7 @@ impl Inference for InferenceService {
         &self,
         _: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
-        let cfg = self.loaded()?.model.config();
+        let cfg = self.loaded()?.ranks[0].model.config();
         Ok(Response::new(ModelInfoResponse {
             served_name: self.config.served_name.clone(),
             architecture: match cfg.family {
@@ -205,7 +229,7 @@ impl Inference for InferenceService {
         &self,
         _: Request<GetLoadRequest>,
     ) -> Result<Response<GetLoadResponse>, Status> {
-        let load = &self.loaded()?.scheduler.load;
+        let load = Load::sum(self.loaded()?.loads());
         Ok(Response::new(GetLoadResponse {
             waiting_sequences: load.waiting.load(Ordering::Relaxed) as u32,
             running_sequences: load.running.load(Ordering::Relaxed) as u32,
@@ -237,11 +261,15 @@ pub async fn serve(
         let (metrics, loaded) = (metrics.clone(), loaded.clone());
         let idle = Arc::new(Load::default());
         let render = Arc::new(move || match loaded.get() {
-            Some(l) => metrics.render(
-                &l.scheduler.load,
-                Some((l.model.expert_load(), l.model.expert_bytes_sent())),
-            ),
-            None => metrics.render(&idle, None),
+            Some(l) => {
+                let experts: Vec<_> = l
+                    .ranks
+                    .iter()
+                    .map(|r| (r.model.expert_load(), r.model.expert_bytes_sent()))
+                    .collect();
+                metrics.render(&Load::sum(l.loads()), &experts)
+            }
+            None => metrics.render(&idle, &[]),
         });
         tokio::spawn(async move {
             if let Err(err) = crate::metrics::serve(listener, render).await {
@@ -274,10 +302,14 @@ pub async fn serve(
         let result = tokio::task::spawn_blocking(move || load(&config, metrics)).await;
         match result {
             Ok(Ok(ready)) => {
-                let load = ready.scheduler.load.clone();
+                let loads = ready
+                    .ranks
+                    .iter()
+                    .map(|r| r.scheduler.load.clone())
+                    .collect();
                 let _ = loaded.set(ready);
                 tracing::info!("model loaded; serving");
-                follow_group_health(load, load_health, stopping).await;
+                follow_group_health(loads, load_health, stopping).await;
             }
             Ok(Err(err)) => tracing::error!(error = %err, "loading the model failed; not serving"),
             Err(err) => tracing::error!(error = %err, "the loading task panicked"),
@@ -298,17 +330,17 @@ pub async fn serve(
     Ok(())
 }
 
-/// SERVING while this rank can serve: always for a lone worker; for a rank of an
+/// SERVING while this process's ranks can serve: always for a lone worker; for ranks of an
 /// expert-parallel group, NOT_SERVING while the group is re-forming after a failure.
 /// Stops once the worker is shutting down (which reports NOT_SERVING itself).
 async fn follow_group_health(
-    load: Arc<Load>,
+    loads: Vec<Arc<Load>>,
     health: tonic_health::server::HealthReporter,
     stopping: Arc<AtomicBool>,
 ) {
     let mut serving = None;
     while !stopping.load(Ordering::Relaxed) {
-        let now = !load.group_down.load(Ordering::Relaxed);
+        let now = !loads.iter().any(|l| l.group_down.load(Ordering::Relaxed));
         if serving != Some(now) {
             serving = Some(now);
             let status = if now {
@@ -346,14 +378,16 @@ async fn drain_then_stop(
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
     let Some(loaded) = loaded.get() else { return };
-    let load = &loaded.scheduler.load;
+    let busy = || loaded.loads().map(Load::busy).sum::<usize>();
     let until = tokio::time::Instant::now() + grace;
-    while load.busy() > 0 && tokio::time::Instant::now() < until {
+    while busy() > 0 && tokio::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // The scheduler is stepping while anything is open, and checks this every step.
-    load.abort.store(true, Ordering::Relaxed);
-    while load.busy() > 0 {
+    // A scheduler is stepping while anything is open, and checks this every step.
+    for load in loaded.loads() {
+        load.abort.store(true, Ordering::Relaxed);
+    }
+    while busy() > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
@@ -365,16 +399,16 @@ fn invalid_argument(invalid: &InvalidRequest) -> Status {
     Status::with_error_details(Code::InvalidArgument, invalid.to_string(), details)
 }
 
-/// Connects this rank to its expert-parallel group, once its weights are loaded (on `gpu`,
+/// Connects rank `rank` to its expert-parallel group, once its weights are loaded (on `gpu`,
 /// for a GPU rank).
 fn join_group(
     config: &ServeConfig,
     g: &GroupConfig,
+    rank: usize,
     gpu: Option<&Gpu>,
 ) -> Result<Arc<dyn Transport>> {
     let config_json = std::fs::read(config.model_dir.join("config.json"))?;
     let identity = group_identity(&config_json, &g.plan, g.wire);
-    let rank = config.rank as usize;
     tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
     let tcp = TcpTransport::connect(rank, &g.peers, identity, g.connect_timeout, g.stall_timeout)?;
     match (g.transport, gpu) {
@@ -389,46 +423,78 @@ fn join_group(
 /// A model on its device, and the transport to its expert-parallel group when it is a rank.
 type Opened = (Arc<dyn Backend>, Option<Arc<dyn Transport>>);
 
-/// The model on its device: the whole model, or an expert-parallel rank's part.
-fn open_model(config: &ServeConfig) -> Result<Opened> {
+/// Local rank `local`'s model on its device (the `local`-th GPU from `--device`): the whole
+/// model, or its rank's part of an expert-parallel group.
+fn open_model(config: &ServeConfig, local: u32) -> Result<Opened> {
     let dir = &config.model_dir;
-    let Some(g) = &config.group else {
-        return Ok((backend::open(dir, config.device, config.dtype)?, None));
+    let device = match config.device {
+        DeviceSpec::Cuda(first) => DeviceSpec::Cuda(first + local as usize),
+        DeviceSpec::Cpu => DeviceSpec::Cpu,
     };
-    let (plan, rank) = (g.plan.clone(), config.rank as usize);
-    Ok(match config.device {
+    let Some(g) = &config.group else {
+        return Ok((backend::open(dir, device, config.dtype)?, None));
+    };
+    let (plan, rank) = (g.plan.clone(), (config.rank + local) as usize);
+    Ok(match device {
         DeviceSpec::Cuda(ordinal) => {
             let (model, transport) = GpuModel::open_rank(
                 dir,
                 open_gpu(ordinal)?,
                 config.dtype,
                 (plan, rank, g.wire),
-                |gpu| join_group(config, g, Some(gpu)),
+                |gpu| join_group(config, g, rank, Some(gpu)),
             )?;
             (Arc::new(model), Some(transport))
         }
         DeviceSpec::Cpu => {
-            let (model, transport) =
-                open_rank(dir, plan, rank, g.wire, || join_group(config, g, None))?;
+            let (model, transport) = open_rank(dir, plan, rank, g.wire, || {
+                join_group(config, g, rank, None)
+            })?;
             (Arc::new(model), Some(transport))
         }
     })
 }
 
+/// Every local rank's model, opened side by side: the ranks of a group meet only once all
+/// have loaded, this process's included.
+fn open_models(config: &ServeConfig) -> Result<Vec<Opened>> {
+    std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..config.ranks.max(1))
+            .map(|local| scope.spawn(move || open_model(config, local)))
+            .collect();
+        opening
+            .into_iter()
+            .map(|rank| {
+                rank.join()
+                    .unwrap_or_else(|_| bail!("loading a rank panicked"))
+            })
+            .collect()
+    })
+}
+
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
-    let (model, group) = open_model(config)?;
+    let opened = open_models(config)?;
     let mut scheduler_config = config.scheduler.clone();
     if let Some(fraction) = config.kv_cache_fraction {
-        scheduler_config.kv_blocks =
-            model.kv_blocks_within(fraction, scheduler_config.max_batch_tokens)?;
+        // CPU ranks share the host's memory; GPU ranks have a device each.
+        let share = match config.device {
+            DeviceSpec::Cpu => fraction / opened.len() as f64,
+            DeviceSpec::Cuda(_) => fraction,
+        };
+        scheduler_config.kv_blocks = opened
+            .iter()
+            .map(|(model, _)| model.kv_blocks_within(share, scheduler_config.max_batch_tokens))
+            .try_fold(usize::MAX, |least, blocks| {
+                Ok::<_, Error>(least.min(blocks?))
+            })?;
         tracing::info!(
             blocks = scheduler_config.kv_blocks,
             fraction,
-            "KV cache sized from the memory left after loading"
+            "KV cache of each rank sized from the memory left after loading"
         );
     }
     let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
-    let cfg = model.config();
+    let cfg = opened[0].0.config();
     let limits = Limits {
         vocab_size: cfg.vocab_size,
         context_length: cfg
@@ -438,17 +504,22 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
         max_stop_strings: 16,
         max_stop_string_bytes: 256,
     };
-    let scheduler = Scheduler::start(
-        model.clone(),
-        tokenizer.clone(),
-        scheduler_config,
-        metrics,
-        group,
-    )?;
+    let ranks = opened
+        .into_iter()
+        .map(|(model, group)| {
+            let scheduler = Scheduler::start(
+                model.clone(),
+                tokenizer.clone(),
+                scheduler_config.clone(),
+                metrics.clone(),
+                group,
+            )?;
+            Ok(LocalRank { model, scheduler })
+        })
+        .collect::<Result<_>>()?;
     Ok(Loaded {
-        model,
+        ranks,
         tokenizer,
-        scheduler,
         limits,
     })
 }

@@ -22,7 +22,7 @@ use super::k8s::{
 };
 use super::{Ctx, dtype_name, ep_port_name};
 use crate::names::*;
-use crate::resolve::ResolvedPool;
+use crate::resolve::{DEFAULT_GPU_MEMORY_FRACTION, ResolvedPool};
 
 impl Ctx<'_> {
     pub(super) fn group_stateful_set(
@@ -222,11 +222,20 @@ impl Ctx<'_> {
         if pool.gpu_product.is_some() {
             // The device plugin shows a pod its own GPUs only, numbered from 0.
             env.push(env_var(env::DEVICE, "cuda:0"));
+            // Kernels the image does not ship (other GPUs) compile at start into /tmp.
+            env.push(env_var(env::KERNEL_CACHE, KERNEL_CACHE_DIR));
         }
         if let Some(tokens) = worker.max_batch_tokens {
             env.push(env_var(env::MAX_BATCH_TOKENS, &tokens.to_string()));
         }
-        if let Some(fraction) = worker.kv_cache_fraction {
+        // On a GPU the fraction is always set, so the worker sizes its cache as the memory
+        // plan did.
+        let fraction = match (worker.kv_cache_fraction, &pool.gpu_product) {
+            (Some(fraction), _) => Some(fraction),
+            (None, Some(_)) => Some(DEFAULT_GPU_MEMORY_FRACTION),
+            (None, None) => None,
+        };
+        if let Some(fraction) = fraction {
             env.push(env_var(env::KV_CACHE_FRACTION, &fraction.to_string()));
         }
         env.extend(worker.env.clone().unwrap_or_default());

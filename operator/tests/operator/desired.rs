@@ -77,7 +77,7 @@ fn one_statefulset_per_pool_and_group_with_ranks_as_pods() {
     );
     let h100 = sts(&d, "deepseek-v3-h100-g1");
     let spec = h100.spec.as_ref().unwrap();
-    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(spec.replicas, Some(4));
     assert_eq!(spec.service_name.as_deref(), Some("deepseek-v3-h100-g1"));
     assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
     assert_eq!(
@@ -90,7 +90,7 @@ fn one_statefulset_per_pool_and_group_with_ranks_as_pods() {
             .as_ref()
             .unwrap()
             .replicas,
-        Some(4)
+        Some(8)
     );
     // each group has its headless Service, PDB and NetworkPolicy of the same name
     for name in &names {
@@ -151,10 +151,10 @@ fn auto_dtype_is_fp8_on_hopper_and_bf16_on_ampere() {
 fn ranks_find_their_peers_through_the_headless_service() {
     let d = desired(&v3());
     let w = worker(sts(&d, "deepseek-v3-h100-g1"));
-    assert_eq!(env(w, "DSD_GROUP_SIZE"), Some("16"));
+    assert_eq!(env(w, "DSD_GROUP_SIZE"), Some("32"));
     assert_eq!(env(w, "DSD_RANKS_PER_POD"), Some("8"));
     let peers: Vec<&str> = env(w, "DSD_PEERS").unwrap().split(',').collect();
-    assert_eq!(peers.len(), 16);
+    assert_eq!(peers.len(), 32);
     assert_eq!(
         peers[0],
         "deepseek-v3-h100-g1-0.deepseek-v3-h100-g1.inference.svc:50061"
@@ -401,10 +401,11 @@ fn placement_plans_match_the_group_with_redundant_experts() {
         .find(|c| c.name_any() == "deepseek-v3-a100-placement")
         .unwrap();
     let plan = PlacementPlan::from_json(&cm.data.as_ref().unwrap()[PLAN_FILE]).unwrap();
-    assert_eq!((plan.group_size, plan.routed_experts), (32, 256));
+    assert_eq!((plan.group_size, plan.routed_experts), (64, 256));
     let copies: usize = plan.default.iter().map(Vec::len).sum();
     assert_eq!(copies, 256 + 32);
-    assert!((0..32).all(|rank| plan.experts_on_rank(0, rank).len() == 9));
+    // 288 copies over 64 ranks: four or five each
+    assert!((0..64).all(|rank| (4..=5).contains(&plan.experts_on_rank(0, rank).len())));
 }
 
 #[test]
@@ -517,7 +518,8 @@ fn unrealisable_specs_name_the_field() {
 #[test]
 fn measured_expert_load_balances_each_pools_plan_and_rolls_the_groups() {
     let mut dsd = v3();
-    dsd.spec.parallelism.redundant_experts = 16;
+    // 288 copies: nine on each of the h100 pool's 32 ranks.
+    dsd.spec.parallelism.redundant_experts = 32;
     let plan_of = |d: &deepseek_operator::desired::Desired| {
         let data = d.config_maps[0].data.as_ref().unwrap();
         deepseek_proto::placement::PlacementPlan::from_json(data.values().next().unwrap()).unwrap()

@@ -101,3 +101,21 @@ fn every_image_deployed_is_a_dockerfile_target() {
         "chart appVersion must match the crate version"
     );
 }
+
+#[test]
+fn the_worker_image_ships_kernels_for_a100_and_hopper_where_it_says() {
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("kernels --arch sm_80 --arch sm_90a --cache /out/kernels"));
+    let shipped = "/usr/local/share/deepseek-worker/kernels";
+    assert!(dockerfile.contains(&format!("COPY --from=kernels /out/kernels {shipped}")));
+    assert!(dockerfile.contains(&format!("DSD_SHIPPED_KERNELS={shipped}")));
+    // NVRTC and the headers the image compiles with are the ones CI tests the kernels with.
+    let ci = read(".ci/run");
+    for pin in ["nvidia-cuda-nvrtc-cu12==", "nvidia-cuda-runtime-cu12=="] {
+        let version = |text: &str| {
+            let at = text.find(pin).unwrap_or_else(|| panic!("{pin} not pinned")) + pin.len();
+            text[at..].split('"').next().unwrap().to_string()
+        };
+        assert_eq!(version(&dockerfile), version(&ci), "{pin}");
+    }
+}

@@ -122,6 +122,9 @@ fn a_cpu_pod_serves_as_the_operator_meant() {
 #[test]
 fn a_gpu_pod_finds_its_rank_and_its_peers() {
     let mut dsd = v3();
+    // Two GPUs cannot hold DeepSeek-V3; a model of unknown shape has no memory plan.
+    dsd.spec.model.architecture = None;
+    dsd.spec.model.routed_experts = Some(256);
     for pool in &mut dsd.spec.pools {
         pool.gpus_per_pod = 1;
         pool.pods_per_group = Some(2);
@@ -145,7 +148,18 @@ fn a_gpu_pod_finds_its_rank_and_its_peers() {
 }
 
 #[test]
-fn eight_gpus_per_pod_are_parsed_and_refused_until_a_process_runs_several_ranks() {
-    let error = dry_run(&v3(), "h100", 1).unwrap_err();
-    assert!(error.contains("--ranks-per-pod 8"), "{error}");
+fn a_pod_of_eight_gpus_runs_eight_ranks_from_its_index() {
+    let report = dry_run(&v3(), "h100", 1).unwrap();
+    assert_eq!(
+        [
+            &report["first_rank"],
+            &report["ranks"],
+            &report["group_size"]
+        ],
+        [8, 8, 32]
+    );
+    assert_eq!(report["device"], "cuda:0");
+    let own = |port: u16| format!("deepseek-v3-h100-g0-1.deepseek-v3-h100-g0.inference.svc:{port}");
+    let listen: Vec<String> = (0..8).map(|i| own(WORKER_EP_PORT as u16 + i)).collect();
+    assert_eq!(report["expert_parallel_listen"], serde_json::json!(listen));
 }

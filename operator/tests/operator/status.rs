@@ -232,22 +232,15 @@ fn rollout_replaces_one_serving_group_per_pool_at_a_time() {
     let old = v3();
     let old_pods = all_ready_pods(&old);
     let mut dsd = v3();
-    dsd.spec.worker.max_batch_tokens = Some(4096);
+    dsd.spec.worker.max_batch_tokens = Some(2048);
     let desired = dsd.desired().unwrap();
     let mut replace = status::pods_to_replace(&desired, &old_pods);
     replace.sort();
-    // h100 g0 (both ranks) and a100 g0 (all four): one group per pool
-    assert_eq!(
-        replace,
-        [
-            "deepseek-v3-a100-g0-0",
-            "deepseek-v3-a100-g0-1",
-            "deepseek-v3-a100-g0-2",
-            "deepseek-v3-a100-g0-3",
-            "deepseek-v3-h100-g0-0",
-            "deepseek-v3-h100-g0-1"
-        ]
-    );
+    // h100 g0 (all four pods) and a100 g0 (all eight): one group per pool
+    let pods_of =
+        |group: &'static str, n: usize| (0..n).map(move |i| format!("deepseek-v3-{group}-{i}"));
+    let expected: Vec<String> = pods_of("a100-g0", 8).chain(pods_of("h100-g0", 4)).collect();
+    assert_eq!(replace, expected);
     // while h100 g0 restarts (terminating, then new pods not yet ready), g1 waits
     let mut pods: Vec<Pod> = old_pods
         .iter()
@@ -267,14 +260,14 @@ fn rollout_replaces_one_serving_group_per_pool_at_a_time() {
         .filter(|p| p.metadata.name.as_deref().unwrap().contains("h100-g1"))
         .cloned()
         .collect();
-    pods.extend((0..2).map(|i| {
+    pods.extend((0..4).map(|i| {
         worker_pod(&dsd, "h100", 0, i, &desired.pools[0].1)
             .ready()
             .build()
     }));
     assert_eq!(
         status::pods_to_replace(&desired, &pods),
-        ["deepseek-v3-h100-g1-0", "deepseek-v3-h100-g1-1"]
+        pods_of("h100-g1", 4).collect::<Vec<_>>()
     );
 }
 
@@ -288,7 +281,7 @@ fn broken_old_groups_are_replaced_at_once() {
             && !p.metadata.name.as_deref().unwrap().ends_with("h100-g1-1")
     });
     let mut dsd = v3();
-    dsd.spec.worker.max_batch_tokens = Some(4096);
+    dsd.spec.worker.max_batch_tokens = Some(2048);
     let replace = status::pods_to_replace(&dsd.desired().unwrap(), &old_pods);
     assert!(replace.contains(&"deepseek-v3-h100-g0-0".to_string()));
     assert!(replace.contains(&"deepseek-v3-h100-g1-0".to_string()));

@@ -38,22 +38,59 @@ impl Drop for Worker {
     }
 }
 
-async fn spawn_worker() -> Worker {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+}
+
+/// A worker process serving the tiny model, with `flags` after `serve --listen ADDR`.
+fn start_worker(flags: &[String]) -> Worker {
+    let addr = free_addr();
     let child = Command::new(worker_binary())
         .args(["serve", "--listen", &addr.to_string()])
+        .args(flags)
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_serving(addr).await;
     Worker { addr, child }
+}
+
+async fn spawn_worker() -> Worker {
+    let worker = start_worker(&[]);
+    wait_serving(worker.addr).await;
+    worker
+}
+
+/// The pods of an expert-parallel group of `pods × ranks_per_pod` ranks, as the operator
+/// makes them: pod `p` runs ranks `p × ranks_per_pod` onwards, from its pod index.
+async fn spawn_group(pods: u32, ranks_per_pod: u32) -> Vec<Worker> {
+    let size = pods * ranks_per_pod;
+    let peers: Vec<String> = (0..size).map(|_| free_addr().to_string()).collect();
+    let workers: Vec<Worker> = (0..pods)
+        .map(|pod| {
+            let flags = [
+                "--group-size".into(),
+                size.to_string(),
+                "--ranks-per-pod".into(),
+                ranks_per_pod.to_string(),
+                "--pod-index".into(),
+                pod.to_string(),
+                "--peers".into(),
+                peers.join(","),
+                "--ep-wire".into(),
+                "f32".into(),
+            ];
+            start_worker(&flags)
+        })
+        .collect();
+    for worker in &workers {
+        wait_serving(worker.addr).await;
+    }
+    workers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,4 +244,51 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
             .unwrap();
         assert_eq!(tokens(messages).len(), 3);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_of_two_ranks_behind_the_router_serve_what_one_process_does() {
+    let alone = spawn_worker().await;
+    let pods = spawn_group(2, 2).await;
+    let router = start(config(
+        Policy::LeastLoad,
+        &[],
+        &[("h100", pods[0].addr), ("h100", pods[1].addr)],
+    ))
+    .await;
+    let tokens = |messages: Vec<deepseek_proto::v1::GenerateResponse>| -> Vec<u32> {
+        messages.into_iter().flat_map(|m| m.token_ids).collect()
+    };
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| (0..3 + i).map(|t| (t * 37 + i * 11) % 300).collect())
+        .collect();
+    let mut direct = InferenceClient::connect(format!("http://{}", alone.addr))
+        .await
+        .unwrap();
+    let mut want = Vec::new();
+    for prompt in &prompts {
+        want.push(tokens(
+            collect(&mut direct, request(prompt.clone(), 8))
+                .await
+                .unwrap(),
+        ));
+    }
+    // All at once, so every rank of both pods takes requests.
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|prompt| {
+            let request = request(prompt.clone(), 8);
+            let routed = InferenceClient::connect(format!("http://{}", router.grpc));
+            tokio::spawn(async move { collect(&mut routed.await.unwrap(), request).await })
+        })
+        .collect();
+    for (stream, want) in streams.into_iter().zip(want) {
+        assert_eq!(tokens(stream.await.unwrap().unwrap()), want);
+    }
+    // Each pod reports both of its ranks' caches.
+    let mut pod = InferenceClient::connect(format!("http://{}", pods[0].addr))
+        .await
+        .unwrap();
+    let load = pod.get_load(GetLoadRequest {}).await.unwrap().into_inner();
+    assert_eq!(load.kv_blocks_total, 2 * 4096);
 }

@@ -18,6 +18,7 @@ pub mod tests_support;
 
 use std::path::Path;
 
+use deepseek_proto::memory::ModelShape;
 use serde_json::Value;
 
 pub use self::fp8::Fp8;
@@ -94,6 +95,31 @@ impl Config {
 
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// The numbers that decide the model's memory (`deepseek_proto::memory`).
+    pub fn shape(&self) -> ModelShape {
+        let n = |v: usize| v as u64;
+        let moe = &self.moe;
+        ModelShape {
+            vocab: n(self.vocab_size),
+            hidden: n(self.hidden_size),
+            layers: n(self.num_hidden_layers),
+            dense_layers: n((0..self.num_hidden_layers)
+                .filter(|&l| !self.is_moe_layer(l))
+                .count()),
+            intermediate: n(self.intermediate_size),
+            moe_intermediate: n(moe.moe_intermediate_size),
+            routed_experts: n(moe.n_routed_experts),
+            shared_experts: n(moe.n_shared_experts),
+            experts_per_token: n(moe.num_experts_per_tok),
+            heads: n(self.num_attention_heads),
+            q_lora_rank: n(self.q_lora_rank.unwrap_or(0)),
+            kv_lora_rank: n(self.kv_lora_rank),
+            qk_nope_head_dim: n(self.qk_nope_head_dim),
+            qk_rope_head_dim: n(self.qk_rope_head_dim),
+            v_head_dim: n(self.v_head_dim),
+        }
     }
 
     /// Whether decoder layer `layer` has a mixture-of-experts MLP (else a dense one).

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::bail;
-use crate::error::{Context, Result};
+use crate::error::Result;
 
 pub use nvrtc::Nvrtc;
 
@@ -81,18 +81,25 @@ pub fn cuda_include_dir() -> Option<PathBuf> {
         .find(|dir| dir.join("cuda_bf16.h").exists())
 }
 
-/// Compiled kernels on disk, keyed by a hash of the source, so a start-up after the first
-/// (or on a machine without NVRTC, given a directory filled by `deepseek-worker kernels`)
-/// compiles nothing.
+/// Where the worker image ships the cubins it compiled when it was built (sm_80, sm_90a),
+/// read-only.
+pub const SHIPPED_KERNELS_ENV: &str = "DSD_SHIPPED_KERNELS";
+
+/// Compiled kernels on disk, keyed by a hash of the source: the cubins an image ships, then a
+/// writable cache, so a start-up on a GPU the image was built for, or after the first
+/// elsewhere (or on a machine without NVRTC, given a directory filled by
+/// `deepseek-worker kernels`), compiles nothing.
 pub struct KernelCache {
+    shipped: Option<PathBuf>,
     dir: Option<PathBuf>,
 }
 
 impl KernelCache {
-    /// `DSD_KERNEL_CACHE`, else `$XDG_CACHE_HOME/deepseek-worker/kernels`, else
-    /// `~/.cache/deepseek-worker/kernels`; None when there is no home to cache in.
+    /// Shipped cubins from `DSD_SHIPPED_KERNELS`; the cache in `DSD_KERNEL_CACHE` (the
+    /// operator's pods: a path on their writable `/tmp`), else
+    /// `$XDG_CACHE_HOME/deepseek-worker/kernels`, else `~/.cache/deepseek-worker/kernels`.
     pub fn from_env() -> Self {
-        let dir = std::env::var_os("DSD_KERNEL_CACHE")
+        let dir = std::env::var_os(deepseek_proto::pod::env::KERNEL_CACHE)
             .map(PathBuf::from)
             .or_else(|| {
                 std::env::var_os("XDG_CACHE_HOME")
@@ -100,19 +107,37 @@ impl KernelCache {
                     .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
                     .map(|d| d.join("deepseek-worker").join("kernels"))
             });
-        KernelCache { dir }
+        KernelCache {
+            shipped: std::env::var_os(SHIPPED_KERNELS_ENV).map(PathBuf::from),
+            dir,
+        }
     }
 
     pub fn at(dir: PathBuf) -> Self {
-        KernelCache { dir: Some(dir) }
+        KernelCache {
+            shipped: None,
+            dir: Some(dir),
+        }
     }
 
-    /// The file a kernel's cubin for `architecture` is kept in.
-    pub fn path(&self, name: &str, source: &str, architecture: &str) -> Option<PathBuf> {
+    /// The file a kernel's cubin for `architecture` is kept in, under `dir`.
+    fn file(dir: &Path, name: &str, source: &str, architecture: &str) -> PathBuf {
         let hash = crate::fnv1a([source.as_bytes(), architecture.as_bytes()]);
-        self.dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{name}-{architecture}-{hash:016x}.cubin")))
+        dir.join(format!("{name}-{architecture}-{hash:016x}.cubin"))
+    }
+
+    /// The file a kernel's cubin for `architecture` is cached in.
+    pub fn path(&self, name: &str, source: &str, architecture: &str) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        Some(Self::file(dir, name, source, architecture))
+    }
+
+    /// A kernel's cubin, shipped or cached, if either has it.
+    fn lookup(&self, name: &str, source: &str, architecture: &str) -> Option<Vec<u8>> {
+        [&self.shipped, &self.dir]
+            .into_iter()
+            .flatten()
+            .find_map(|dir| std::fs::read(Self::file(dir, name, source, architecture)).ok())
     }
 
     /// Every kernel's cubin for `architecture`: from the cache, else compiled (and cached).
@@ -127,8 +152,7 @@ impl KernelCache {
             .iter()
             .map(|&(name, source)| {
                 let source = full_source(source);
-                let path = self.path(name, &source, architecture);
-                if let Some(cubin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+                if let Some(cubin) = self.lookup(name, &source, architecture) {
                     return Ok((name, cubin));
                 }
                 let (Some(nvrtc), Some(include)) = (nvrtc, include) else {
@@ -141,8 +165,11 @@ impl KernelCache {
                     );
                 };
                 let cubin = nvrtc.compile(name, &source, architecture, include)?;
-                if let Some(path) = path {
-                    store(&path, &cubin).with_context(|| format!("caching {}", path.display()))?;
+                // A cache that cannot be written costs the next start-up a compile, no more.
+                if let Some(path) = self.path(name, &source, architecture)
+                    && let Err(err) = store(&path, &cubin)
+                {
+                    tracing::warn!(path = %path.display(), error = %err, "kernel not cached");
                 }
                 Ok((name, cubin))
             })
@@ -267,6 +294,13 @@ mod tests {
         }
         let cubins = cache.cubins("sm_90a", None, None).unwrap();
         assert!(cubins.iter().all(|(name, cubin)| cubin == name.as_bytes()));
+        // The same directory shipped in an image serves a cache that holds nothing.
+        let empty = std::env::temp_dir().join(format!("dsd-kernels-empty-{}", std::process::id()));
+        let image = KernelCache {
+            shipped: Some(dir.clone()),
+            dir: Some(empty),
+        };
+        assert_eq!(image.cubins("sm_90a", None, None).unwrap(), cubins);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -84,6 +84,7 @@ async fn launch(
             max_waiting: 64,
         },
         rank: 0,
+        ranks: 1,
         group_size: 1,
         pool: "cpu".into(),
         group: None,

@@ -425,4 +425,18 @@ mod tests {
         assert!(cfg.is_moe_layer(0) && cfg.yarn.is_some());
         assert_eq!(v3_config(2).unwrap().num_hidden_layers, 2);
     }
+
+    #[test]
+    fn the_memory_plans_deepseek_v3_is_the_published_config() {
+        // The published config.json's fields, here with every layer MoE.
+        let shape = v3_config(61).unwrap().shape();
+        let published = deepseek_proto::memory::ModelShape::DEEPSEEK_V3;
+        assert_eq!(
+            shape,
+            deepseek_proto::memory::ModelShape {
+                dense_layers: 0,
+                ..published
+            }
+        );
+    }
 }

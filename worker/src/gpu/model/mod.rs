@@ -228,26 +228,6 @@ impl GpuModel {
         &self.gpu
     }
 
-    /// A generous bound on the device memory a pass of `tokens` tokens allocates: one
-    /// layer's activations (twice, as the next layer's come before the last are freed), the
-    /// experts' rows, and 1 GiB for cuBLAS and the logits.
-    fn working_bytes(&self, tokens: usize) -> f64 {
-        let c = &self.cfg;
-        let (heads, qk, rope, lora, v) = (
-            c.num_attention_heads,
-            c.qk_head_dim(),
-            c.qk_rope_head_dim,
-            c.kv_lora_rank,
-            c.v_head_dim,
-        );
-        let f32s = 4 * c.hidden_size + heads * (qk + rope + 2 * lora + v) + 2 * (lora + rope);
-        let bf16s = 2 * c.hidden_size + heads * (qk + lora + v);
-        let experts =
-            c.moe.num_experts_per_tok * (2 * c.hidden_size + 3 * c.moe.moe_intermediate_size);
-        let per_token = 4 * (f32s + c.moe.n_routed_experts) + 2 * (bf16s + experts);
-        2.0 * (tokens * per_token) as f64 + (1u64 << 30) as f64
-    }
-
     /// Device storage for `blocks` cache blocks, and the pool that hands them out.
     pub fn new_kv(&self, blocks: usize) -> Result<(GpuKv, KvPool)> {
         let slots = blocks * BLOCK_TOKENS;
@@ -368,23 +348,22 @@ impl Backend for GpuModel {
     /// use at most `fraction` of the GPU's memory, as vLLM's `gpu_memory_utilization` reads.
     fn kv_blocks_within(&self, fraction: f64, batch_tokens: usize) -> Result<usize> {
         const GIB: f64 = (1u64 << 30) as f64;
+        let shape = self.cfg.shape();
+        let working = shape.working_bytes(batch_tokens as u64) as f64;
         let (free, total) = self.gpu.stream.context().mem_get_info()?;
         let used = (total - free) as f64;
-        let budget = fraction * total as f64 - used - self.working_bytes(batch_tokens);
-        let per_block = 2
-            * BLOCK_TOKENS
-            * self.layers.len()
-            * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim);
+        let budget = fraction * total as f64 - used - working;
+        let per_block = (BLOCK_TOKENS as u64 * shape.kv_bytes_per_token()) as f64;
         ensure!(
-            budget >= per_block as f64,
+            budget >= per_block,
             "--kv-cache-fraction {fraction}: {:.1} GiB of the GPU's {:.1} GiB are in use after \
              loading and a pass of {batch_tokens} tokens needs {:.1} GiB more, which leaves \
              no room for the KV cache",
             used / GIB,
             total as f64 / GIB,
-            self.working_bytes(batch_tokens) / GIB
+            working / GIB
         );
-        Ok((budget / per_block as f64) as usize)
+        Ok((budget / per_block) as usize)
     }
 
     fn forward(&self, cache: &mut KvCache, pass: Pass<'_, '_>) -> Result<Vec<Next>> {
