@@ -305,11 +305,20 @@ pub fn failing_pods(pods: &[Pod]) -> Vec<(String, String, String)> {
             .filter_map(|c| c.state.as_ref()?.waiting.as_ref().map(|w| (c, w)))
             .find(|(_, w)| FAILING_WAIT_REASONS.contains(&w.reason.as_deref().unwrap_or_default()));
         if let Some((container, waiting)) = waiting {
-            let message = format!(
+            let mut message = format!(
                 "container {}: {}",
                 container.name,
                 waiting.message.clone().unwrap_or_default()
             );
+            // Why the last run ended: the worker's termination message (a failed preflight,
+            // a model that cannot load).
+            let last_exit = container
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref());
+            if let Some(said) = last_exit.and_then(|t| t.message.as_deref()) {
+                message.push_str(&format!("; last exit: {}", said.trim()));
+            }
             out.push((
                 pod.name_any(),
                 waiting.reason.clone().unwrap_or_default(),

@@ -30,6 +30,9 @@ pub mod env {
     pub const METRICS_LISTEN: &str = "DSD_METRICS_LISTEN";
     /// Token budget of one scheduler step.
     pub const MAX_BATCH_TOKENS: &str = "DSD_MAX_BATCH_TOKENS";
+    /// The pool's GPU product (`nvidia.com/gpu.product`); a rank on another GPU refuses to
+    /// start.
+    pub const GPU_PRODUCT: &str = "DSD_GPU_PRODUCT";
     /// A writable directory for the kernels compiled at start (those the image does not ship).
     pub const KERNEL_CACHE: &str = "DSD_KERNEL_CACHE";
     /// KV cache size as a fraction of the memory left once the weights are loaded.

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod gpu;
 pub mod metrics;
 pub mod model;
+pub mod preflight;
 pub mod rank;
 pub mod sampling;
 pub mod scheduler;

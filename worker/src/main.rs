@@ -131,10 +131,19 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(args).inspect_err(record_for_kubernetes),
         Command::Plan(args) => run_plan(args),
         Command::GpuCheck(args) => run_gpu_check(args),
         Command::Kernels(args) => run_kernels(args),
+    }
+}
+
+/// In a pod, why the worker stopped, where Kubernetes shows it in the pod's status (the
+/// container's termination message) and the operator in the deployment's.
+fn record_for_kubernetes(err: &anyhow::Error) {
+    let path = std::path::Path::new("/dev/termination-log");
+    if path.exists() {
+        let _ = std::fs::write(path, format!("{err:#}"));
     }
 }
 
@@ -307,6 +316,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             prefill_chunk: args.chunked_prefill_size.clamp(1, max_batch_tokens),
             kv_blocks: args.kv_cache_blocks.unwrap_or(4096).max(1),
             max_waiting: 4 * args.max_seqs.max(1),
+            compute_threads: None,
         },
         rank: ranks.first,
         ranks: ranks.count,
@@ -328,6 +338,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             None
         },
         device: args.device,
+        gpu_product: args.gpu_product.clone(),
         dtype: args.dtype,
         kv_cache_fraction: args.kv_cache_fraction,
     };

@@ -15,10 +15,13 @@ use crate::gpu::{DeviceSpec, Dtype};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Where the model runs: `cpu`, or `cuda:N`. GPU ranks of a group exchange tokens over
-    /// the same TCP mesh as CPU ranks (through host memory; NCCL is not built yet).
+    /// Where the model runs: `cpu`, or `cuda:N` (the first of `--ranks-per-pod` GPUs). GPU
+    /// ranks of a group exchange tokens through host memory, over TCP or NCCL.
     #[arg(long, env = env::DEVICE, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// The GPU product this rank must run on (an `nvidia.com/gpu.product` label value).
+    #[arg(long, env = env::GPU_PRODUCT)]
+    pub gpu_product: Option<String>,
     /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,
     /// else bf16), `bf16` or `fp8`. The CPU path computes in f32 whatever this says.
     #[arg(long, env = env::DTYPE, value_enum, default_value = "auto")]

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use deepseek_proto::deadline::grpc_timeout;
+use deepseek_proto::memory::WeightFormat;
 use deepseek_proto::placement::PlacementPlan;
 use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
@@ -23,18 +24,20 @@ use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::backend::{self, Backend, open_gpu};
+use crate::backend::{Backend, open_gpu};
 use crate::bail;
-use crate::config::Family;
+use crate::config::{Config, Family};
 use crate::ep::EpTransport;
 use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::gpu::model::GpuModel;
 use crate::gpu::nccl::NcclTransport;
 use crate::gpu::runtime::Gpu;
-use crate::gpu::{DeviceSpec, Dtype};
+use crate::gpu::{DeviceSpec, Dtype, resolve_dtype};
 use crate::metrics::{Load, Metrics};
+use crate::model::Model;
 use crate::model::cache::BLOCK_TOKENS;
+use crate::preflight::{self, RankLoad};
 use crate::scheduler::{Scheduler, SchedulerConfig, Submission};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::validate::{InvalidRequest, Limits, check_token_ids, validate};
@@ -60,6 +63,8 @@ pub struct ServeConfig {
     /// Set for a rank of an expert-parallel group (group_size > 1).
     pub group: Option<GroupConfig>,
     pub device: DeviceSpec,
+    /// On a GPU: the product it must be (`--gpu-product`).
+    pub gpu_product: Option<String>,
     pub dtype: Dtype,
     /// Size the KV cache to this share of the device's memory once the weights are loaded
     /// (instead of `scheduler.kv_blocks`).
@@ -298,10 +303,13 @@ pub async fn serve(
 
     let load_health = health.clone();
     let stopping = draining.clone();
+    // A model that cannot load ends the process, so that the pod restarts and says why.
+    let (failed, load_failed) = tokio::sync::oneshot::channel::<Error>();
     tokio::spawn(async move {
         let result = tokio::task::spawn_blocking(move || load(&config, metrics)).await;
         match result {
             Ok(Ok(ready)) => {
+                drop(failed);
                 let loads = ready
                     .ranks
                     .iter()
@@ -311,12 +319,16 @@ pub async fn serve(
                 tracing::info!("model loaded; serving");
                 follow_group_health(loads, load_health, stopping).await;
             }
-            Ok(Err(err)) => tracing::error!(error = %err, "loading the model failed; not serving"),
-            Err(err) => tracing::error!(error = %err, "the loading task panicked"),
+            Ok(Err(err)) => {
+                let _ = failed.send(err);
+            }
+            Err(err) => {
+                let _ = failed.send(Error::msg(format!("the loading task panicked: {err}")));
+            }
         }
     });
 
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         // v1alpha too: grpcurl and many clients still ask for it.
@@ -325,8 +337,11 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             drain,
-        )
-        .await?;
+        );
+    tokio::select! {
+        served = server => served?,
+        Ok(err) = load_failed => return Err(err).context("loading the model"),
+    }
     Ok(())
 }
 
@@ -427,32 +442,66 @@ type Opened = (Arc<dyn Backend>, Option<Arc<dyn Transport>>);
 /// model, or its rank's part of an expert-parallel group.
 fn open_model(config: &ServeConfig, local: u32) -> Result<Opened> {
     let dir = &config.model_dir;
-    let device = match config.device {
-        DeviceSpec::Cuda(first) => DeviceSpec::Cuda(first + local as usize),
-        DeviceSpec::Cpu => DeviceSpec::Cpu,
-    };
-    let Some(g) = &config.group else {
-        return Ok((backend::open(dir, device, config.dtype)?, None));
-    };
-    let (plan, rank) = (g.plan.clone(), (config.rank + local) as usize);
-    Ok(match device {
-        DeviceSpec::Cuda(ordinal) => {
-            let (model, transport) = GpuModel::open_rank(
-                dir,
-                open_gpu(ordinal)?,
-                config.dtype,
-                (plan, rank, g.wire),
-                |gpu| join_group(config, g, rank, Some(gpu)),
-            )?;
-            (Arc::new(model), Some(transport))
+    let rank = (config.rank + local) as usize;
+    let group = config.group.as_ref();
+    match config.device {
+        DeviceSpec::Cpu => match group {
+            None => Ok((Arc::new(Model::open(dir)?), None)),
+            Some(g) => {
+                let join = || join_group(config, g, rank, None);
+                let (model, transport) = open_rank(dir, g.plan.clone(), rank, g.wire, join)?;
+                Ok((Arc::new(model), Some(transport)))
+            }
+        },
+        DeviceSpec::Cuda(first) => {
+            let gpu = open_gpu(first + local as usize)?;
+            preflight(config, &gpu)?;
+            match group {
+                None => Ok((Arc::new(GpuModel::open(dir, gpu, config.dtype)?), None)),
+                Some(g) => {
+                    let (model, transport) = GpuModel::open_rank(
+                        dir,
+                        gpu,
+                        config.dtype,
+                        (g.plan.clone(), rank, g.wire),
+                        |gpu| join_group(config, g, rank, Some(gpu)),
+                    )?;
+                    Ok((Arc::new(model), Some(transport)))
+                }
+            }
         }
-        DeviceSpec::Cpu => {
-            let (model, transport) = open_rank(dir, plan, rank, g.wire, || {
-                join_group(config, g, rank, None)
-            })?;
-            (Arc::new(model), Some(transport))
-        }
-    })
+    }
+}
+
+/// What a GPU rank checks before it loads (`preflight`): its GPU's product, and, when its
+/// cache is sized by memory, that its part of the model fits what the GPU has free.
+fn preflight(config: &ServeConfig, gpu: &Gpu) -> Result<()> {
+    if let Some(product) = &config.gpu_product {
+        preflight::check_product(&gpu.name, product)?;
+    }
+    let Some(memory_fraction) = config.kv_cache_fraction else {
+        return Ok(());
+    };
+    let model = Config::from_file(&config.model_dir.join("config.json"))?;
+    let plan = match &config.group {
+        Some(g) => g.plan.clone(),
+        None => PlacementPlan::round_robin(1, model.moe.n_routed_experts as u32, 0),
+    };
+    let experts = match resolve_dtype(config.dtype, gpu.capability, model.fp8.is_some())? {
+        Dtype::Fp8 => WeightFormat::Fp8,
+        _ => WeightFormat::Bf16,
+    };
+    let (free, total) = gpu.stream.context().mem_get_info()?;
+    let load = RankLoad {
+        shape: model.shape(),
+        plan: &plan,
+        experts,
+        batch_tokens: config.scheduler.max_batch_tokens as u64,
+        memory_fraction,
+    };
+    let plan = preflight::check_memory(&load, free as u64, total as u64)?;
+    tracing::info!(gpu = %gpu.name, %plan, "this rank fits its GPU");
+    Ok(())
 }
 
 /// Every local rank's model, opened side by side: the ranks of a group meet only once all
@@ -475,6 +524,10 @@ fn open_models(config: &ServeConfig) -> Result<Vec<Opened>> {
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
     let opened = open_models(config)?;
     let mut scheduler_config = config.scheduler.clone();
+    if opened.len() > 1 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        scheduler_config.compute_threads = Some((cores / opened.len()).max(1));
+    }
     if let Some(fraction) = config.kv_cache_fraction {
         // CPU ranks share the host's memory; GPU ranks have a device each.
         let share = match config.device {

@@ -183,6 +183,8 @@ impl Ctx<'_> {
             // SERVING only with weights loaded and the group formed.
             readiness_probe: Some(grpc_probe(WORKER_GRPC_PORT, None, 5, 2)),
             security_context: Some(restricted()),
+            // The worker writes why it stopped there; failing that, the log's tail.
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
             volume_mounts: Some(vec![
                 read_only_mount("model", MODEL_MOUNT),
                 read_only_mount("placement", PLACEMENT_MOUNT),
@@ -219,9 +221,11 @@ impl Ctx<'_> {
             env_var(env::LISTEN, &format!("0.0.0.0:{WORKER_GRPC_PORT}")),
             env_var(env::METRICS_LISTEN, &format!("0.0.0.0:{METRICS_PORT}")),
         ];
-        if pool.gpu_product.is_some() {
+        if let Some(product) = &pool.gpu_product {
             // The device plugin shows a pod its own GPUs only, numbered from 0.
             env.push(env_var(env::DEVICE, "cuda:0"));
+            // A rank on another GPU refuses to start, saying so.
+            env.push(env_var(env::GPU_PRODUCT, product));
             // Kernels the image does not ship (other GPUs) compile at start into /tmp.
             env.push(env_var(env::KERNEL_CACHE, KERNEL_CACHE_DIR));
         }

@@ -6,7 +6,8 @@ use deepseek_operator::api::DeepSeekDeployment;
 use deepseek_operator::names::*;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodStatus,
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
+    PodCondition, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
@@ -127,6 +128,21 @@ impl PodBuilder {
             ..Default::default()
         }]);
         self
+    }
+
+    /// Crash-looping after a run that ended saying `said` (its termination message).
+    pub fn crash_looping_after(self, said: &str) -> Self {
+        let mut pod = self.crash_looping();
+        let status = pod.pod.status.as_mut().unwrap();
+        status.container_statuses.as_mut().unwrap()[0].last_state = Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: 1,
+                message: Some(said.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        pod
     }
 
     pub fn terminating(mut self) -> Self {

@@ -159,6 +159,22 @@ fn a_crash_looping_rank_degrades_the_deployment() {
 }
 
 #[test]
+fn a_ranks_last_words_reach_the_status() {
+    let dsd = tiny();
+    let said = "loading the model: this pod's pool runs on NVIDIA-H100-80GB-HBM3 but its GPU is \
+                \"NVIDIA A100-SXM4-80GB\"\n";
+    let pod = worker_pod(&dsd, "cpu", 0, 0, &revision(&dsd, 0))
+        .crash_looping_after(said)
+        .build();
+    let status = compute(&dsd, vec![pod]);
+    let message = &condition(&status, "Degraded").message;
+    assert!(
+        message.ends_with(&format!("; last exit: {}", said.trim())),
+        "{message}"
+    );
+}
+
+#[test]
 fn unschedulable_ranks_are_reported() {
     let dsd = v3();
     let pod = worker_pod(&dsd, "h100", 0, 0, &revision(&dsd, 0))

@@ -59,6 +59,10 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
     pub max_waiting: usize,
+    /// Threads of a compute pool of this scheduler's own; `None` shares the process's. A
+    /// process running several ranks gives each its own: a rank blocked in a group
+    /// exchange must never hold (or run nested inside) another rank's work.
+    pub compute_threads: Option<usize>,
 }
 
 pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
@@ -105,9 +109,18 @@ impl Scheduler {
             running: Vec::new(),
             group,
         };
+        let pool = engine
+            .config
+            .compute_threads
+            .map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+            .transpose()
+            .map_err(|e| Error::msg(format!("a compute pool for the scheduler: {e}")))?;
         std::thread::Builder::new()
             .name("scheduler".into())
-            .spawn(move || engine.run())
+            .spawn(move || match pool {
+                Some(pool) => pool.install(|| engine.run()),
+                None => engine.run(),
+            })
             .expect("spawning the scheduler thread");
         Ok(Scheduler {
             submit,

@@ -239,6 +239,24 @@ fn kernels_fills_the_cache_with_cubins_for_both_pools() {
 }
 
 #[test]
+fn a_model_that_cannot_load_ends_serve_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("dsd-no-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture("tiny-v3-bf16").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let model = dir.to_str().unwrap();
+    let output = worker(&["serve", "--model", model, "--listen", "127.0.0.1:0"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("loading the model: "), "{stderr}");
+    assert!(stderr.contains("safetensors"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_gpu_device_without_a_driver_says_so() {
     // SAFETY: only probes for libcuda with dlopen.
     if unsafe { cudarc::driver::sys::is_culib_present() } {

@@ -82,6 +82,7 @@ async fn launch(
             prefill_chunk: 32,
             kv_blocks,
             max_waiting: 64,
+            compute_threads: None,
         },
         rank: 0,
         ranks: 1,
@@ -89,6 +90,7 @@ async fn launch(
         pool: "cpu".into(),
         group: None,
         device: DeviceSpec::Cpu,
+        gpu_product: None,
         dtype: Dtype::Auto,
         kv_cache_fraction: None,
     };
