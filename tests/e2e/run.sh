@@ -8,7 +8,8 @@
 # `kubectl apply -k deploy/`; least privilege (`kubectl auth can-i`); `kubectl explain`,
 # printer columns, the short name; specs refused by the API server naming the field; the tiny
 # and the H100+A100 samples (owner references, placement on their pool's nodes, GPU requests,
-# tolerations, honest status, a pool without nodes reported Unschedulable); `kubectl scale`
+# tolerations, honest status, a pool without nodes reported Unschedulable, a pool whose GPUs
+# cannot hold the model refused with its memory plan); `kubectl scale`
 # and a HorizontalPodAutoscaler on the scale subresource; a rollout watched end to end, with
 # the operator killed in the middle; leader election hand-over; no writes when idle; restricted
 # Pod Security admission; garbage collection.
@@ -307,6 +308,20 @@ kubectl -n "$FLAGSHIP" get events --field-selector reason=FailedCreate -o jsonpa
   | grep -q PodSecurity && fail "restricted Pod Security refused a pod of the H100+A100 sample"
 kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
 wait_for "$pod_gone_s" "the H100+A100 pods to go" no_pods "$FLAGSHIP"
+
+say "a pool its GPUs cannot hold is refused with the memory plan's numbers, creating nothing"
+# DeepSeek-V3 in groups of 16 H100s: the experts leave no room for a KV cache.
+sample deepseek-v3-h100-a100 "$FLAGSHIP" | sed 's/podsPerGroup: 4$/podsPerGroup: 2/' | kubectl apply -f - >/dev/null
+wait_for 60 "InsufficientGpuMemory" reason_is "$FLAGSHIP" deepseek-v3 Ready "False InsufficientGpuMemory"
+message=$(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')
+case "$message" in
+  *"spec.pools[h100]: the model does not fit a rank's NVIDIA-H100-80GB-HBM3"*"KV cache 0 tokens"*) ;;
+  *) fail "the refusal does not give the plan: $message" ;;
+esac
+[ -z "$(jsonpath -n "$FLAGSHIP" get statefulsets -o name)" ] || fail "objects created for a pool that does not fit"
+kubectl -n "$FLAGSHIP" get events --field-selector reason=InsufficientGpuMemory -o name | grep -q . \
+  || fail "no InsufficientGpuMemory Event"
+kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
 
 say "a pool with no nodes it may use is reported Unschedulable while the other serves"
 # Without the A100 pool's tolerations its pods fit no node: the A100s are tainted.
