@@ -7,6 +7,9 @@ pub enum Error {
     /// A `--backend` value (or a backends-file line) that does not parse; says why.
     #[error("{0}")]
     BackendSpec(String),
+    /// The API keys file; says which line and why.
+    #[error("API keys: {0}")]
+    ApiKeys(String),
     /// A backend address a gRPC channel cannot be made for.
     #[error("addr={addr}: {source}")]
     BackendAddr {

@@ -13,7 +13,7 @@ use deepseek_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, Caller};
 use crate::proxy::{ResponseStream, Router};
 
 pub struct Front {
@@ -22,17 +22,18 @@ pub struct Front {
 }
 
 impl Front {
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// The name of the API key the call carries (`None` when no keys are configured).
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
         let header = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if self.keys.allows(header) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
+        match self.keys.authorize(header) {
+            Some(Caller::Anyone) => Ok(None),
+            Some(Caller::Key(name)) => Ok(Some(name.to_string())),
+            None => Err(Status::unauthenticated(
                 "missing or unknown API key (metadata `authorization: Bearer KEY`)",
-            ))
+            )),
         }
     }
 }
@@ -64,9 +65,12 @@ impl Inference for Front {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        self.authorize(&request)?;
+        let key = self.authorize(&request)?;
         let timeout = grpc_timeout(request.metadata());
-        let stream = self.router.generate(request.into_inner(), timeout).await?;
+        let stream = self
+            .router
+            .generate(request.into_inner(), timeout, key.as_deref())
+            .await?;
         Ok(Response::new(stream))
     }
 

@@ -7,15 +7,17 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use deepseek_proto::serving::shutdown_signal;
-use deepseek_router::auth::ApiKeys;
+use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::backend::{BackendSpec, parse_backends_file};
 use deepseek_router::policy::Policy;
 use deepseek_router::proxy::RouterConfig;
 use deepseek_router::{RunConfig, serve};
 
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// gRPC listen address (`deepseek.v1.Inference`, health, reflection).
     #[arg(long, default_value = "0.0.0.0:50051")]
     grpc_listen: String,
@@ -45,7 +47,8 @@ struct Cli {
     /// A file of `--backend` values, one per line.
     #[arg(long)]
     backends_file: Option<PathBuf>,
-    /// A file of API keys, one per line; when set, requests need `Authorization: Bearer KEY`.
+    /// A file of API keys, `NAME sha256:HEX` per line (see `hash-key`); when set, requests
+    /// need `Authorization: Bearer KEY`.
     #[arg(long)]
     api_keys_file: Option<PathBuf>,
     /// Requests the router holds at once; beyond, RESOURCE_EXHAUSTED / HTTP 429.
@@ -96,10 +99,10 @@ impl Cli {
         }
         let keys = match &self.api_keys_file {
             Some(path) => {
-                let keys = ApiKeys::parse(
-                    &std::fs::read_to_string(path)
-                        .with_context(|| format!("--api-keys-file {}", path.display()))?,
-                );
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--api-keys-file {}", path.display()))?;
+                let keys = ApiKeys::parse(&text)
+                    .with_context(|| format!("--api-keys-file {}", path.display()))?;
                 if keys.is_empty() {
                     bail!("--api-keys-file {}: no keys in the file", path.display());
                 }
@@ -127,6 +130,16 @@ impl Cli {
     }
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Read an API key from standard input and print its line for `--api-keys-file`: the
+    /// name and the key's SHA-256, so the file (a Secret) never holds the key itself.
+    HashKey {
+        /// The key's name: in metrics, and the line to delete to revoke it.
+        name: String,
+    },
+}
+
 async fn bind(flag: &str, addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -140,6 +153,15 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Some(Command::HashKey { name }) = &cli.command {
+        let key = std::io::read_to_string(std::io::stdin())?;
+        let key = key.trim();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            bail!("hash-key: give one key, without spaces, on standard input");
+        }
+        println!("{}", key_line(name, key));
+        return Ok(());
+    }
     let (grpc, http, metrics) = (
         cli.grpc_listen.clone(),
         cli.http_listen.clone(),

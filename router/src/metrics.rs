@@ -18,6 +18,10 @@ pub struct Metrics {
     requests: Family<Vec<(String, String)>, Counter>,
     pub retries: Counter,
     first_message: Histogram,
+    /// `Generate` requests by API key name.
+    key_requests: Family<Vec<(String, String)>, Counter>,
+    /// Tokens streamed back by API key name.
+    key_tokens: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -25,7 +29,19 @@ impl Default for Metrics {
         let requests = Family::<Vec<(String, String)>, Counter>::default();
         let retries = Counter::default();
         let first_message = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
+        let [key_requests, key_tokens] =
+            std::array::from_fn(|_| Family::<Vec<(String, String)>, Counter>::default());
         let mut registry = Registry::with_prefix("deepseek_router");
+        registry.register(
+            "key_requests",
+            "Generate requests by API key name",
+            key_requests.clone(),
+        );
+        registry.register(
+            "key_tokens",
+            "Tokens streamed back by API key name",
+            key_tokens.clone(),
+        );
         registry.register(
             "requests",
             "Generate requests by outcome (ok, or the gRPC code)",
@@ -46,11 +62,20 @@ impl Default for Metrics {
             requests,
             retries,
             first_message,
+            key_requests,
+            key_tokens,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a request of the API key `name`; returns its token counter.
+    pub fn count_key(&self, name: &str) -> Counter {
+        let label = vec![("key".to_string(), name.to_string())];
+        self.key_requests.get_or_create(&label).inc();
+        self.key_tokens.get_or_create(&label).clone()
+    }
+
     pub fn opened(&self, failure: Option<tonic::Code>) {
         let outcome = failure.map_or_else(|| "ok".to_string(), |code| format!("{code:?}"));
         self.requests
@@ -92,5 +117,26 @@ impl Metrics {
             }
         }
         out + &eof
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_tokens_are_counted_by_api_key_name() {
+        let metrics = Metrics::default();
+        metrics.count_key("team-a").inc_by(5);
+        metrics.count_key("team-a").inc_by(2);
+        metrics.count_key("team-b");
+        let text = metrics.render(&[]);
+        for line in [
+            "deepseek_router_key_requests_total{key=\"team-a\"} 2",
+            "deepseek_router_key_tokens_total{key=\"team-a\"} 7",
+            "deepseek_router_key_requests_total{key=\"team-b\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 }

@@ -170,14 +170,25 @@ impl Router {
 
     /// Opens a `Generate` stream on the best backend. A failure before the first message is
     /// retried on another backend (up to `max_attempts`); after it, errors pass through.
+    /// Opens a stream on a backend for a caller with API key `key` (if keys are in use),
+    /// whose requests and tokens are counted.
     pub async fn generate(
         &self,
         request: GenerateRequest,
         timeout: Option<Duration>,
+        key: Option<&str>,
     ) -> Result<ResponseStream, Status> {
         let opened = self.open_stream(request, timeout).await;
         self.metrics.opened(opened.as_ref().err().map(Status::code));
-        opened
+        let Some(key) = key else {
+            return opened;
+        };
+        let tokens = self.metrics.count_key(key);
+        Ok(Box::pin(opened?.inspect(move |message| {
+            if let Ok(m) = message {
+                tokens.inc_by(m.token_ids.len() as u64);
+            }
+        })))
     }
 
     async fn open_stream(

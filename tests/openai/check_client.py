@@ -53,8 +53,12 @@ def main():
     args = parser.parse_args()
     bin_dir = pathlib.Path(args.bin_dir)
     worker_port, grpc_port, http_port = free_port(), free_port(), free_port()
+    # The keys file holds the key's name and hash, as `deepseek-router hash-key` prints them.
+    line = subprocess.run([bin_dir / "deepseek-router", "hash-key", "ci"], input="sk-test-key",
+                          capture_output=True, text=True, check=True).stdout
+    check("sk-test-key" not in line and line.startswith("ci sha256:"), "the keys file holds a hash")
     keys = tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False)
-    keys.write("sk-test-key\n")
+    keys.write(line)
     keys.close()
     procs = [
         subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--listen", f"127.0.0.1:{worker_port}"], cwd=ROOT),

@@ -30,7 +30,7 @@ use self::request::{
     ChatRequest, Common, CompletionRequest, chat_messages, fields, parse_body, refuse_alternatives,
 };
 use self::stream::{Frame, Kind, finish_reason, sse, token_pieces, usage_json};
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, Caller};
 use crate::proxy::{ResponseStream, Router};
 
 /// Shared by the handlers.
@@ -61,12 +61,15 @@ fn json_response(status: StatusCode, value: &Value) -> Response {
         .into_response()
 }
 
-fn authorize(http: &Http, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The name of the API key the request carries (`None` when no keys are configured).
+fn authorize(http: &Http, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if http.keys.allows(authorization) {
-        return Ok(());
+    match http.keys.authorize(authorization) {
+        Some(Caller::Anyone) => return Ok(None),
+        Some(Caller::Key(name)) => return Ok(Some(name.to_string())),
+        None => {}
     }
     Err(ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -95,17 +98,18 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Authorises and parses a request: the shared fields, checked, and the endpoint's own.
+/// Authorises and parses a request: the caller's key name, the shared fields, checked, and
+/// the endpoint's own.
 fn read_request<T: DeserializeOwned>(
     http: &Http,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(Common, T), ApiError> {
-    authorize(http, headers)?;
+) -> Result<(Option<String>, Common, T), ApiError> {
+    let key = authorize(http, headers)?;
     let body = parse_body(body)?;
     let common: Common = fields(&body)?;
     common.check(http.served_name.get().map(String::as_str))?;
-    Ok((common, fields(&body)?))
+    Ok((key, common, fields(&body)?))
 }
 
 async fn chat_completions(
@@ -113,13 +117,14 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (common, request): (Common, ChatRequest) = read_request(&http, &headers, &body)?;
+    let (key, common, request): (_, Common, ChatRequest) = read_request(&http, &headers, &body)?;
     refuse_alternatives("top_logprobs", request.top_logprobs)?;
     let messages = chat_messages(request.messages)?;
     let max_tokens = request.max_completion_tokens.or(common.max_tokens);
     let prompt = Prompt::Chat(ChatMessages { messages });
     respond(
         &http,
+        key,
         Kind::Chat,
         common,
         prompt,
@@ -134,7 +139,8 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (common, request): (Common, CompletionRequest) = read_request(&http, &headers, &body)?;
+    let (key, common, request): (_, Common, CompletionRequest) =
+        read_request(&http, &headers, &body)?;
     for (name, refused) in [("echo", request.echo), ("suffix", request.suffix.is_some())] {
         if refused {
             return Err(ApiError::invalid(name, "not supported yet"));
@@ -147,6 +153,7 @@ async fn completions(
     let logprobs = request.logprobs.is_some();
     respond(
         &http,
+        key,
         Kind::Completion,
         common,
         prompt,
@@ -176,6 +183,7 @@ async fn models(State(http): State<Arc<Http>>, headers: HeaderMap) -> Result<Res
 /// `logprobs`, each token's log-probability.
 async fn respond(
     http: &Http,
+    key: Option<String>,
     kind: Kind,
     common: Common,
     prompt: Prompt,
@@ -193,7 +201,7 @@ async fn respond(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let request = common.into_request(prompt, max_tokens, id.clone(), logprobs);
-    let messages = http.router.generate(request, None).await?;
+    let messages = http.router.generate(request, None, key.as_deref()).await?;
     let frame = Frame {
         kind,
         id,

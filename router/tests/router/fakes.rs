@@ -15,7 +15,7 @@ use deepseek_proto::v1::{
     GetLoadRequest, GetLoadResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest,
     TokenizeResponse, Usage,
 };
-use deepseek_router::auth::ApiKeys;
+use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::policy::Policy;
 use futures::Stream;
 use tonic::{Code, Request, Response, Status};
@@ -359,7 +359,13 @@ async fn the_admission_limit_refuses_with_resource_exhausted_and_429() {
 async fn api_keys_are_enforced_on_both_fronts() {
     let fake = FakeServer::start("a", Mode::Answer).await;
     let mut cfg = config(Policy::LeastLoad, &[], &[("p", fake.addr)]);
-    cfg.keys = ApiKeys::parse("sk-right\n");
+    // Two named keys, held as hashes; the other team's line deleted revokes its key.
+    let file = format!(
+        "{}\n{}\n",
+        key_line("team-a", "sk-right"),
+        key_line("team-b", "sk-b")
+    );
+    cfg.keys = ApiKeys::parse(&file).unwrap();
     let router = start(cfg).await;
     let body = br#"{"model": "fake", "messages": [{"role": "user", "content": "hi"}]}"#;
     let path = "/v1/chat/completions";
@@ -381,4 +387,12 @@ async fn api_keys_are_enforced_on_both_fronts() {
         .metadata_mut()
         .insert("authorization", "Bearer sk-right".parse().unwrap());
     assert!(client.generate(with_key).await.is_ok());
+    drop(router);
+
+    let mut cfg = config(Policy::LeastLoad, &[], &[("p", fake.addr)]);
+    cfg.keys = ApiKeys::parse(&key_line("team-a", "sk-right")).unwrap();
+    let router = start(cfg).await;
+    let revoked = [("Authorization", "Bearer sk-b")];
+    assert_eq!(http(router.http, "POST", path, &revoked, body).await.0, 401);
+    assert_eq!(http(router.http, "POST", path, &right, body).await.0, 200);
 }
