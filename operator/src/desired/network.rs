@@ -1,5 +1,6 @@
 //! A group's network objects: the headless Service its ranks find each other through, and
-//! the NetworkPolicy that keeps the expert-parallel ports to the group.
+//! the NetworkPolicy that keeps the expert-parallel ports to the group and gRPC to the
+//! router.
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::networking::v1::{
@@ -36,8 +37,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// Only the group's own ranks reach its expert-parallel ports; gRPC and metrics stay open
-    /// to the namespace's clients, the router and Prometheus.
+    /// Only the group's own ranks reach its expert-parallel ports, and only this deployment's
+    /// router its gRPC port, so no client skips the router's API keys and admission limit
+    /// (the kubelet's probes come from the node, which policies do not govern); metrics stay
+    /// open to Prometheus.
     pub(super) fn group_network_policy(&self, pool: &ResolvedPool, group: i32) -> NetworkPolicy {
         let selector = label_selector(group_selector(&self.name, &pool.name, group));
         let tcp = |port: i32, end_port: Option<i32>| NetworkPolicyPort {
@@ -66,8 +69,15 @@ impl Ctx<'_> {
                         )]),
                     },
                     NetworkPolicyIngressRule {
+                        from: Some(vec![NetworkPolicyPeer {
+                            pod_selector: Some(label_selector(router_selector(&self.name))),
+                            ..Default::default()
+                        }]),
+                        ports: Some(vec![tcp(WORKER_GRPC_PORT, None)]),
+                    },
+                    NetworkPolicyIngressRule {
                         from: None,
-                        ports: Some(vec![tcp(WORKER_GRPC_PORT, None), tcp(METRICS_PORT, None)]),
+                        ports: Some(vec![tcp(METRICS_PORT, None)]),
                     },
                 ]),
                 ..Default::default()

@@ -322,7 +322,7 @@ fn pvc_models_mount_read_only_at_their_path() {
 }
 
 #[test]
-fn only_group_members_reach_the_expert_parallel_ports() {
+fn only_group_members_reach_the_expert_parallel_ports_and_only_the_router_grpc() {
     let d = desired(&v3());
     let policy = d
         .network_policies
@@ -354,16 +354,32 @@ fn only_group_members_reach_the_expert_parallel_ports() {
             Some(50068)
         )
     );
-    // the other rule opens only gRPC and metrics
-    let open: Vec<_> = rules[1]
-        .ports
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|p| p.port.clone())
-        .collect();
-    assert_eq!(open.len(), 2);
-    assert!(rules[1].from.is_none());
+    // gRPC only from this deployment's router; metrics from anywhere
+    let only = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        let ports: Vec<_> = rule
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.port.clone())
+            .collect();
+        let from = rule.from.as_ref().map(|peers| {
+            peers[0]
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .clone()
+                .unwrap()
+        });
+        (ports, from)
+    };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int;
+    assert_eq!(
+        only(&rules[1]),
+        (vec![Some(Int(50051))], Some(router_selector("deepseek-v3")))
+    );
+    assert_eq!(only(&rules[2]), (vec![Some(Int(9090))], None));
+    assert_eq!(rules.len(), 3);
 }
 
 #[test]
