@@ -360,8 +360,8 @@ pub struct RouterSpec {
 
     /// Secret (in this namespace) whose `api-keys` entry lists the accepted API keys, a line
     /// each: `NAME sha256:HEX` (`deepseek-router hash-key NAME` prints it for a key), so the
-    /// Secret holds no key; clients then send `Authorization: Bearer KEY`. Unset: no key is
-    /// required.
+    /// Secret holds no key, optionally with `rpm=N tpm=N` (the key's requests and tokens per
+    /// minute); clients then send `Authorization: Bearer KEY`. Unset: no key is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_secret: Option<String>,
 }

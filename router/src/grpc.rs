@@ -13,7 +13,7 @@ use deepseek_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{ApiKeys, Caller};
+use crate::auth::{ApiKeys, Caller, Key};
 use crate::proxy::{ResponseStream, Router};
 
 pub struct Front {
@@ -22,15 +22,15 @@ pub struct Front {
 }
 
 impl Front {
-    /// The name of the API key the call carries (`None` when no keys are configured).
-    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+    /// The API key the call carries (`None` when no keys are configured).
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<Arc<Key>>, Status> {
         let header = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match self.keys.authorize(header) {
             Some(Caller::Anyone) => Ok(None),
-            Some(Caller::Key(name)) => Ok(Some(name.to_string())),
+            Some(Caller::Key(key)) => Ok(Some(key)),
             None => Err(Status::unauthenticated(
                 "missing or unknown API key (metadata `authorization: Bearer KEY`)",
             )),
@@ -66,10 +66,19 @@ impl Inference for Front {
         request: Request<GenerateRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
         let key = self.authorize(&request)?;
+        if let Some(key) = &key {
+            key.admit().map_err(|wait| {
+                Status::resource_exhausted(format!(
+                    "API key {} is over its rate limit; retry in {} s",
+                    key.name(),
+                    wait.as_secs() + 1
+                ))
+            })?;
+        }
         let timeout = grpc_timeout(request.metadata());
         let stream = self
             .router
-            .generate(request.into_inner(), timeout, key.as_deref())
+            .generate(request.into_inner(), timeout, key)
             .await?;
         Ok(Response::new(stream))
     }

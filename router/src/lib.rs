@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod policy;

@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
+use crate::auth::Key;
 use crate::backend::{Backend, BackendSpec, InFlight};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -171,22 +172,23 @@ impl Router {
     /// Opens a `Generate` stream on the best backend. A failure before the first message is
     /// retried on another backend (up to `max_attempts`); after it, errors pass through.
     /// Opens a stream on a backend for a caller with API key `key` (if keys are in use),
-    /// whose requests and tokens are counted.
+    /// whose requests and tokens are counted, and whose tokens spend its rate limit.
     pub async fn generate(
         &self,
         request: GenerateRequest,
         timeout: Option<Duration>,
-        key: Option<&str>,
+        key: Option<Arc<Key>>,
     ) -> Result<ResponseStream, Status> {
         let opened = self.open_stream(request, timeout).await;
         self.metrics.opened(opened.as_ref().err().map(Status::code));
         let Some(key) = key else {
             return opened;
         };
-        let tokens = self.metrics.count_key(key);
+        let tokens = self.metrics.count_key(key.name());
         Ok(Box::pin(opened?.inspect(move |message| {
             if let Ok(m) = message {
                 tokens.inc_by(m.token_ids.len() as u64);
+                key.spend(m.token_ids.len() as u64);
             }
         })))
     }

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub(super) message: String,
     pub(super) param: Option<String>,
     pub(super) code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub(super) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,20 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 for a key over its rate limit, with when to retry.
+    pub(super) fn rate_limited(key: &str, wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs() + 1;
+        ApiError {
+            retry_after: Some(seconds),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("API key {key} is over its rate limit; retry in {seconds} s"),
+            )
+            .with_code("rate_limit_exceeded")
         }
     }
 
@@ -63,7 +79,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(self.status, &self.body())
+        let mut response = json_response(self.status, &self.body());
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -108,6 +130,7 @@ impl From<Status> for ApiError {
             message: status.message().to_string(),
             param: param.filter(|_| status_code == StatusCode::BAD_REQUEST),
             code: None,
+            retry_after: None,
         }
     }
 }

@@ -30,7 +30,7 @@ use self::request::{
     ChatRequest, Common, CompletionRequest, chat_messages, fields, parse_body, refuse_alternatives,
 };
 use self::stream::{Frame, Kind, finish_reason, sse, token_pieces, usage_json};
-use crate::auth::{ApiKeys, Caller};
+use crate::auth::{ApiKeys, Caller, Key};
 use crate::proxy::{ResponseStream, Router};
 
 /// Shared by the handlers.
@@ -61,14 +61,14 @@ fn json_response(status: StatusCode, value: &Value) -> Response {
         .into_response()
 }
 
-/// The name of the API key the request carries (`None` when no keys are configured).
-fn authorize(http: &Http, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+/// The API key the request carries (`None` when no keys are configured).
+fn authorize(http: &Http, headers: &HeaderMap) -> Result<Option<Arc<Key>>, ApiError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match http.keys.authorize(authorization) {
         Some(Caller::Anyone) => return Ok(None),
-        Some(Caller::Key(name)) => return Ok(Some(name.to_string())),
+        Some(Caller::Key(key)) => return Ok(Some(key)),
         None => {}
     }
     Err(ApiError::new(
@@ -98,14 +98,18 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Authorises and parses a request: the caller's key name, the shared fields, checked, and
-/// the endpoint's own.
+/// Authorises, admits under the key's rate limit, and parses a request: the caller's key,
+/// the shared fields, checked, and the endpoint's own.
 fn read_request<T: DeserializeOwned>(
     http: &Http,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(Option<String>, Common, T), ApiError> {
+) -> Result<(Option<Arc<Key>>, Common, T), ApiError> {
     let key = authorize(http, headers)?;
+    if let Some(key) = &key {
+        key.admit()
+            .map_err(|wait| ApiError::rate_limited(key.name(), wait))?;
+    }
     let body = parse_body(body)?;
     let common: Common = fields(&body)?;
     common.check(http.served_name.get().map(String::as_str))?;
@@ -183,7 +187,7 @@ async fn models(State(http): State<Arc<Http>>, headers: HeaderMap) -> Result<Res
 /// `logprobs`, each token's log-probability.
 async fn respond(
     http: &Http,
-    key: Option<String>,
+    key: Option<Arc<Key>>,
     kind: Kind,
     common: Common,
     prompt: Prompt,
@@ -201,7 +205,7 @@ async fn respond(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let request = common.into_request(prompt, max_tokens, id.clone(), logprobs);
-    let messages = http.router.generate(request, None, key.as_deref()).await?;
+    let messages = http.router.generate(request, None, key).await?;
     let frame = Frame {
         kind,
         id,

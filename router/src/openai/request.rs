@@ -145,6 +145,7 @@ impl Common {
                 ),
                 param: Some("model".into()),
                 code: Some("model_not_found"),
+                retry_after: None,
             });
         }
         if self.n.is_some_and(|n| n != 1) {

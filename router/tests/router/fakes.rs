@@ -20,7 +20,7 @@ use deepseek_router::policy::Policy;
 use futures::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::{collect, config, http, request, start};
+use crate::{collect, config, http, http_with_head, request, start};
 
 #[derive(Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -395,4 +395,48 @@ async fn api_keys_are_enforced_on_both_fronts() {
     let revoked = [("Authorization", "Bearer sk-b")];
     assert_eq!(http(router.http, "POST", path, &revoked, body).await.0, 401);
     assert_eq!(http(router.http, "POST", path, &right, body).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_limit_waits_with_429_and_retry_after() {
+    let fake = FakeServer::start("a", Mode::Answer).await;
+    let mut cfg = config(Policy::LeastLoad, &[], &[("p", fake.addr)]);
+    let file = format!(
+        "{} rpm=2\n{} tpm=1\n",
+        key_line("two-a-minute", "sk-rpm"),
+        key_line("one-token", "sk-tpm")
+    );
+    cfg.keys = ApiKeys::parse(&file).unwrap();
+    let router = start(cfg).await;
+    let body = br#"{"model": "fake", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let path = "/v1/chat/completions";
+    let rpm = [("Authorization", "Bearer sk-rpm")];
+    for _ in 0..2 {
+        assert_eq!(http(router.http, "POST", path, &rpm, body).await.0, 200);
+    }
+    let (status, head, text) = http_with_head(router.http, "POST", path, &rpm, body).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("rate_limit_exceeded"), "{text}");
+    // One request comes back every 30 s.
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_string)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {head}"));
+    assert!((29..=31).contains(&retry_after), "{head}");
+    let mut limited = tonic::Request::new(request(vec![1], 1));
+    limited
+        .metadata_mut()
+        .insert("authorization", "Bearer sk-rpm".parse().unwrap());
+    let refused = router.client().await.generate(limited).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    // The first answer spends the only token of the minute: the next waits.
+    let tpm = [("Authorization", "Bearer sk-tpm")];
+    assert_eq!(http(router.http, "POST", path, &tpm, body).await.0, 200);
+    assert_eq!(http(router.http, "POST", path, &tpm, body).await.0, 429);
 }

@@ -146,6 +146,18 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let (status, _, body) = http_with_head(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// `http`, with the response's head (status line and headers) too.
+pub async fn http_with_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: router\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -178,7 +190,7 @@ pub async fn http(
     } else {
         body.to_vec()
     };
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, head, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The payload of a `Transfer-Encoding: chunked` body.
