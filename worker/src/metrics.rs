@@ -67,6 +67,10 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub prompt_tokens: Counter,
+    /// Prompt tokens found in the prefix cache, not computed again.
+    pub prompt_tokens_cached: Counter,
+    /// Cached blocks given up for new ones.
+    pub kv_blocks_evicted: Counter,
     pub generation_tokens: Counter,
     /// By finish reason (`length`, `stop`, `eos`, `cancelled`, `error`).
     pub requests: Family<Vec<(String, String)>, Counter>,
@@ -81,8 +85,13 @@ impl Default for Metrics {
     fn default() -> Self {
         let time_to_first_token = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let inter_token_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        let [prompt_tokens, generation_tokens, preemptions] =
-            std::array::from_fn(|_| Counter::default());
+        let [
+            prompt_tokens,
+            prompt_tokens_cached,
+            kv_blocks_evicted,
+            generation_tokens,
+            preemptions,
+        ] = std::array::from_fn(|_| Counter::default());
         let requests = Family::<Vec<(String, String)>, Counter>::default();
         let [waiting, running, kv_blocks_used, kv_blocks_total] =
             std::array::from_fn(|_| Gauge::default());
@@ -101,6 +110,16 @@ impl Default for Metrics {
             "prompt_tokens",
             "Prompt tokens of admitted requests",
             prompt_tokens.clone(),
+        );
+        registry.register(
+            "prompt_tokens_cached",
+            "Prompt tokens found in the prefix cache (their KV not computed again)",
+            prompt_tokens_cached.clone(),
+        );
+        registry.register(
+            "kv_blocks_evicted",
+            "Cached KV blocks given up for new ones",
+            kv_blocks_evicted.clone(),
         );
         registry.register(
             "generation_tokens",
@@ -138,6 +157,8 @@ impl Default for Metrics {
             time_to_first_token,
             inter_token_latency,
             prompt_tokens,
+            prompt_tokens_cached,
+            kv_blocks_evicted,
             generation_tokens,
             requests,
             preemptions,

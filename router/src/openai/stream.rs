@@ -33,6 +33,7 @@ pub(super) fn usage_json(m: &GenerateResponse) -> Option<Value> {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
     }))
 }
 

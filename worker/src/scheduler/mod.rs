@@ -40,7 +40,7 @@ use crate::backend::{Backend, KvCache};
 use crate::ep::Transport;
 use crate::error::{Error, Result};
 use crate::metrics::{Load, Metrics};
-use crate::model::cache::blocks_for;
+use crate::model::cache::{BLOCK_TOKENS, KvPool, blocks_for};
 use crate::tokenizer::Tokenizer;
 use crate::validate::ValidRequest;
 
@@ -199,6 +199,9 @@ impl Engine {
                     Ordering::Relaxed,
                 );
             }
+            self.metrics
+                .kv_blocks_evicted
+                .inc_by(self.cache.pool.take_evicted());
             self.publish_load();
         }
     }
@@ -226,8 +229,11 @@ impl Engine {
             } else {
                 watermark
             };
-            let fits = self.cache.pool.free_blocks() >= blocks_for(known) + headroom;
+            let shared = share_cached_prefix(&mut self.cache.pool, self.config.prefill_chunk, next);
+            let needed = blocks_for(known) - next.blocks.blocks().len();
+            let fits = self.cache.pool.free_blocks() >= needed + headroom;
             if self.running.len() >= self.config.max_seqs || !fits {
+                self.cache.pool.release(&mut next.blocks);
                 if self.running.is_empty() {
                     // Alone it can never fit: validation should have stopped it.
                     let s = self.waiting.pop_front().expect("front exists");
@@ -242,11 +248,13 @@ impl Engine {
             }
             let reserved = self.cache.pool.reserve(&mut next.blocks, known);
             debug_assert!(reserved, "checked above");
-            let seq = self.waiting.pop_front().expect("front exists");
+            let mut seq = self.waiting.pop_front().expect("front exists");
             if seq.generated.is_empty() {
+                seq.cached_tokens = shared;
                 self.metrics
                     .prompt_tokens
                     .inc_by(seq.request.prompt_ids.len() as u64);
+                self.metrics.prompt_tokens_cached.inc_by(shared as u64);
             }
             seq.span
                 .in_scope(|| tracing::debug!(replay = seq.generated.len(), "admitted"));
@@ -313,6 +321,27 @@ impl Engine {
             Ordering::Relaxed,
         );
     }
+}
+
+/// Starts a sequence that holds no blocks with the longest run of its prompt's blocks the
+/// prefix cache has, in whole prefill chunks (so the chunks left start where they would
+/// from scratch, and compute the same numbers), leaving at least the prompt's last token
+/// to compute. Returns the tokens it shares.
+fn share_cached_prefix(pool: &mut KvPool, prefill_chunk: usize, seq: &mut Sequence) -> usize {
+    // Whole chunks are whole blocks only when a chunk is a multiple of a block.
+    let chunk_blocks = prefill_chunk / BLOCK_TOKENS;
+    if !seq.blocks.blocks().is_empty()
+        || chunk_blocks == 0
+        || !prefill_chunk.is_multiple_of(BLOCK_TOKENS)
+    {
+        return 0;
+    }
+    let most = (seq.request.prompt_ids.len() - 1) / BLOCK_TOKENS;
+    let names = &seq.prompt_names[..most.min(seq.prompt_names.len())];
+    let run = pool.cached_run(names);
+    let shared = run / chunk_blocks * chunk_blocks;
+    pool.share(&mut seq.blocks, &names[..shared]);
+    shared * BLOCK_TOKENS
 }
 
 /// Internal errors are logged in full and returned without internals.

@@ -8,7 +8,7 @@ use deepseek_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, Usage};
 
 use super::{Outcome, ResponseSender, Submission, internal};
 use crate::metrics::Metrics;
-use crate::model::cache::BlockTable;
+use crate::model::cache::{BlockTable, PrefixHash, prefix_hashes};
 use crate::sampling::{Next, Sampler, Want};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
 use crate::validate::ValidRequest;
@@ -20,6 +20,10 @@ pub(super) struct Sequence {
     pub(super) deadline: Option<Instant>,
     pub(super) respond: ResponseSender,
     pub(super) blocks: BlockTable,
+    /// The prefix-cache names of the prompt's full blocks.
+    pub(super) prompt_names: Vec<PrefixHash>,
+    /// Prompt tokens its first admission found in the prefix cache.
+    pub(super) cached_tokens: usize,
     sampler: Sampler,
     /// What predicts the next token (its logits, or the token sampled on the GPU), once the
     /// cache holds every known token.
@@ -48,6 +52,8 @@ impl Sequence {
             sampler: Sampler::new(s.request.sampling.clone()),
             stops: StopStrings::new(s.request.stop.clone()),
             blocks: BlockTable::default(),
+            prompt_names: prefix_hashes(&s.request.prompt_ids),
+            cached_tokens: 0,
             request: s.request,
             deadline: s.deadline,
             respond: s.respond,
@@ -202,6 +208,7 @@ pub(super) fn final_message(
             completion_tokens: seq.generated.len() as u32,
             time_to_first_token_seconds: seq.first_token.map_or(0.0, |t| seconds(seq.arrived, t)),
             total_seconds: seconds(seq.arrived, now),
+            cached_prompt_tokens: seq.cached_tokens as u32,
         }),
         ..Default::default()
     }

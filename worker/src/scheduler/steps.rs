@@ -11,7 +11,7 @@ use super::sequence::{Sequence, emit};
 use super::{Engine, Outcome, internal};
 use crate::backend::{Output, Pass};
 use crate::error::Result;
-use crate::model::cache::BlockTable;
+use crate::model::cache::{BLOCK_TOKENS, BlockTable};
 use crate::sampling::Want;
 
 impl Engine {
@@ -199,6 +199,17 @@ impl Engine {
             Ok(mut outputs) => {
                 if let Some(next) = outputs.pop() {
                     seq.take(next);
+                }
+                // A whole chunk at its fixed offset computes what any prompt starting the
+                // same way would: later prompts may share its blocks.
+                let prefill_chunk = self.config.prefill_chunk;
+                if chunk == prefill_chunk
+                    && done.is_multiple_of(prefill_chunk)
+                    && chunk.is_multiple_of(BLOCK_TOKENS)
+                {
+                    let (first, end) = (done / BLOCK_TOKENS, (done + chunk) / BLOCK_TOKENS);
+                    let names = &seq.prompt_names[first..end.min(seq.prompt_names.len())];
+                    self.cache.pool.register(&seq.blocks, first, names);
                 }
                 (Outcome::Continue, true)
             }

@@ -629,3 +629,49 @@ async fn ten_thousand_generated_requests_through_the_server() {
         .await;
     assert!(info.is_ok(), "the worker still serves");
 }
+
+/// A stream's tokens, their log-probabilities and the prompt tokens it found cached.
+async fn generate_logged(channel: &Channel, prompt: &[u32]) -> (Vec<u32>, Vec<f32>, u32) {
+    let mut req = request(prompt.to_vec(), 12);
+    req.include_logprobs = true;
+    let mut stream = InferenceClient::new(channel.clone())
+        .generate(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut tokens, mut logprobs, mut cached) = (Vec::new(), Vec::new(), 0);
+    while let Some(message) = stream.message().await.unwrap() {
+        tokens.extend(message.token_ids);
+        logprobs.extend(message.logprobs.iter().map(|l| l.logprob));
+        if let Some(usage) = message.usage {
+            cached = usage.cached_prompt_tokens;
+        }
+    }
+    (tokens, logprobs, cached)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_prompt_prefix_comes_from_the_cache_with_the_same_numbers() {
+    let metrics_addr = free_addr();
+    let channel = start_with_metrics(256, Some(metrics_addr)).await;
+    // 80 tokens: whole chunks of 32 at 0 and 32 are cached, the partial chunk at 64 is not.
+    let prompt: Vec<u32> = (0..80).map(|t| (t * 7 + 3) % 300).collect();
+    let (tokens, logprobs, cached) = generate_logged(&channel, &prompt).await;
+    assert_eq!(cached, 0);
+    let again = generate_logged(&channel, &prompt).await;
+    assert_eq!(
+        again,
+        (tokens.clone(), logprobs.clone(), 64),
+        "bit for bit, 64 cached"
+    );
+    // Sharing the first 40 tokens only: the first chunk comes from the cache.
+    let mut other = prompt.clone();
+    other[40] = 299;
+    let (_, _, cached) = generate_logged(&channel, &other).await;
+    assert_eq!(cached, 32);
+    let body = scrape(metrics_addr).await;
+    assert!(
+        body.contains("deepseek_worker_prompt_tokens_cached_total 96"),
+        "{body}"
+    );
+}
