@@ -81,7 +81,7 @@ pub(super) struct StreamOptions {
 }
 
 /// What both endpoints share. Fields OpenAI defines that change nothing here (`user`,
-/// `logit_bias` absent, …) are accepted and ignored; ones we cannot honour are refused.
+/// `parallel_tool_calls`, …) are accepted and ignored; ones we cannot honour are refused.
 #[derive(Deserialize)]
 pub(super) struct Common {
     pub(super) model: String,
@@ -102,6 +102,27 @@ pub(super) struct Common {
     frequency_penalty: Option<f32>,
     #[serde(default)]
     ignore_eos: bool,
+    // Would change the answer, and are not supported yet: refused by name when they ask
+    // for anything, never ignored.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    logit_bias: Option<Value>,
+}
+
+/// Whether an option the router does not support asks for anything: absent, null, empty,
+/// `"none"`/`"auto"` choices and a plain-text response format ask for nothing.
+fn asks_for_something(param: &str, value: &Option<Value>) -> bool {
+    match (param, value) {
+        (_, None | Some(Value::Null)) => false,
+        (_, Some(Value::Array(items))) => !items.is_empty(),
+        ("response_format", Some(format)) => format["type"] != "text",
+        (_, Some(Value::Object(map))) => !map.is_empty(),
+        (_, Some(Value::String(choice))) => choice != "none" && choice != "auto",
+        _ => true,
+    }
 }
 
 #[derive(Deserialize)]
@@ -153,6 +174,18 @@ impl Common {
                 "n",
                 "only 1 choice per request is supported",
             ));
+        }
+        for (name, value) in [
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+            ("response_format", &self.response_format),
+            ("logit_bias", &self.logit_bias),
+        ] {
+            if asks_for_something(name, value) {
+                return Err(ApiError::invalid(name, "not supported yet"));
+            }
         }
         for (name, value) in [
             ("presence_penalty", self.presence_penalty),
@@ -351,5 +384,35 @@ mod tests {
         );
         let err = chat_messages(vec![]).err().unwrap();
         assert_eq!(err.param.as_deref(), Some("messages"));
+        let refused = |body: Value| {
+            let common: Common = fields(&body).ok().unwrap();
+            common.check(None).err().and_then(|e| e.param)
+        };
+        let tool = json!([{"type": "function", "function": {"name": "f"}}]);
+        for (param, value) in [
+            ("tools", tool.clone()),
+            ("functions", tool),
+            ("tool_choice", json!("required")),
+            (
+                "tool_choice",
+                json!({"type": "function", "function": {"name": "f"}}),
+            ),
+            ("response_format", json!({"type": "json_object"})),
+            ("logit_bias", json!({"42": 100})),
+        ] {
+            let body = json!({"model": "m", param: value});
+            assert_eq!(refused(body.clone()).as_deref(), Some(param), "{body}");
+        }
+        for (param, value) in [
+            ("tools", json!([])),
+            ("tool_choice", json!("none")),
+            ("tool_choice", json!("auto")),
+            ("response_format", json!({"type": "text"})),
+            ("logit_bias", json!({})),
+            ("tools", Value::Null),
+        ] {
+            let body = json!({"model": "m", param: value});
+            assert_eq!(refused(body.clone()), None, "{body}");
+        }
     }
 }
