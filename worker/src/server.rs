@@ -405,6 +405,10 @@ async fn drain_then_stop(
     while busy() > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    // The last statuses are queued on their streams now; give them a moment to be written
+    // before the server closes connections (under load, a client could otherwise see the
+    // connection close instead of UNAVAILABLE).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 /// INVALID_ARGUMENT with the message for people and a `google.rpc.BadRequest` field
