@@ -187,17 +187,7 @@ fn resolve_pool(
         return Err(invalid(format!("minReplicas {min} > maxReplicas {max}")));
     }
     let memory = memory_plan(dsd, pool, dtype, group_size, routed_experts);
-    if let (Some(plan), Some(product)) = (&memory, &pool.gpu_product) {
-        let batch_tokens = batch_tokens(dsd);
-        if !plan.fits(batch_tokens) {
-            return Err(SpecError::InsufficientGpuMemory {
-                pool: pool.name.clone(),
-                product: product.clone(),
-                plan: plan.to_string(),
-                batch_tokens,
-            });
-        }
-    }
+    check_fits(dsd, pool, memory.as_ref())?;
     Ok(ResolvedPool {
         name: pool.name.clone(),
         gpu_product: pool.gpu_product.clone(),
@@ -211,6 +201,27 @@ fn resolve_pool(
         routed_experts,
         spec: pool.clone(),
         memory,
+    })
+}
+
+/// A pool whose rank's cache would not hold one pass is refused, with the plan's numbers.
+fn check_fits(
+    dsd: &DeepSeekDeployment,
+    pool: &PoolSpec,
+    memory: Option<&MemoryPlan>,
+) -> Result<(), SpecError> {
+    let (Some(plan), Some(product)) = (memory, &pool.gpu_product) else {
+        return Ok(());
+    };
+    let batch_tokens = batch_tokens(dsd);
+    if plan.fits(batch_tokens) {
+        return Ok(());
+    }
+    Err(SpecError::InsufficientGpuMemory {
+        pool: pool.name.clone(),
+        product: product.clone(),
+        plan: plan.to_string(),
+        batch_tokens,
     })
 }
 

@@ -260,27 +260,7 @@ pub async fn serve(
     let loaded: Arc<OnceLock<Loaded>> = Arc::new(OnceLock::new());
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::Message(format!("--metrics-listen {addr}: {e}")))?;
-        let (metrics, loaded) = (metrics.clone(), loaded.clone());
-        let idle = Arc::new(Load::default());
-        let render = Arc::new(move || match loaded.get() {
-            Some(l) => {
-                let experts: Vec<_> = l
-                    .ranks
-                    .iter()
-                    .map(|r| (r.model.expert_load(), r.model.expert_bytes_sent()))
-                    .collect();
-                metrics.render(&Load::sum(l.loads()), &experts)
-            }
-            None => metrics.render(&idle, &[]),
-        });
-        tokio::spawn(async move {
-            if let Err(err) = crate::metrics::serve(listener, render).await {
-                tracing::error!(error = %err, "metrics server stopped");
-            }
-        });
+        serve_metrics(addr, metrics.clone(), loaded.clone()).await?;
     }
     let draining = Arc::new(AtomicBool::new(false));
     let drain = drain_then_stop(
@@ -342,6 +322,35 @@ pub async fn serve(
         served = server => served?,
         Ok(err) = load_failed => return Err(err).context("loading the model"),
     }
+    Ok(())
+}
+
+/// `/metrics` on `addr`: every local rank's load and experts, added up.
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    loaded: Arc<OnceLock<Loaded>>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Message(format!("--metrics-listen {addr}: {e}")))?;
+    let idle = Arc::new(Load::default());
+    let render = Arc::new(move || match loaded.get() {
+        Some(l) => {
+            let experts: Vec<_> = l
+                .ranks
+                .iter()
+                .map(|r| (r.model.expert_load(), r.model.expert_bytes_sent()))
+                .collect();
+            metrics.render(&Load::sum(l.loads()), &experts)
+        }
+        None => metrics.render(&idle, &[]),
+    });
+    tokio::spawn(async move {
+        if let Err(err) = crate::metrics::serve(listener, render).await {
+            tracing::error!(error = %err, "metrics server stopped");
+        }
+    });
     Ok(())
 }
 
