@@ -168,8 +168,9 @@ fn render(file: &PathBuf) -> anyhow::Result<String> {
     };
     let dsd: DeepSeekDeployment = serde_yaml::from_str(&text)
         .with_context(|| format!("{} is not a valid DeepSeekDeployment", file.display()))?;
+    let desired = dsd.desired()?;
     let mut out = String::new();
-    for pool in resolve::resolve(&dsd)? {
+    for (pool, _) in &desired.pools {
         if let (Some(plan), Some(product)) = (&pool.memory, &pool.gpu_product) {
             out.push_str(&format!(
                 "# memory plan of a rank, pool {} ({product}, {} ranks per group): {plan}\n",
@@ -177,7 +178,7 @@ fn render(file: &PathBuf) -> anyhow::Result<String> {
             ));
         }
     }
-    out.push_str(&dsd.desired()?.to_yaml());
+    out.push_str(&desired.to_yaml());
     Ok(out)
 }
 
@@ -200,7 +201,7 @@ fn memory_table(args: &MemoryTableArgs) -> String {
         "NVIDIA-A100-SXM4-80GB",
     ] {
         let arch = gpu::arch_of(product).expect("a listed product");
-        let (linear, experts) = resolve::weight_formats(arch.resolve(Dtype::Auto));
+        let (linear, experts) = memory::gpu_weight_formats(arch.resolve(Dtype::Auto) == Dtype::Fp8);
         for group_size in [8, 16, 32, 64] {
             let rank = Rank {
                 gpu_bytes: gpu::memory_bytes(product).expect("a listed product"),

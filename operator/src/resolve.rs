@@ -3,7 +3,7 @@
 //! The CRD schema rejects most bad specs at admission; this repeats the checks that matter
 //! (an older CRD may be installed) and adds the ones the schema cannot express.
 
-use deepseek_proto::memory::{self, MemoryPlan, Rank, WeightFormat};
+use deepseek_proto::memory::{self, MemoryPlan, Rank};
 use deepseek_proto::pod;
 
 use crate::api::{DeepSeekDeployment, Dtype, PoolSpec};
@@ -235,16 +235,6 @@ pub fn batch_tokens(dsd: &DeepSeekDeployment) -> u64 {
         })
 }
 
-/// How the worker holds weights on a GPU running `dtype`: (everything but the routed experts,
-/// the routed experts). Only the experts stay FP8 on the GPU path today.
-pub fn weight_formats(dtype: Dtype) -> (WeightFormat, WeightFormat) {
-    let experts = match dtype {
-        Dtype::Fp8 => WeightFormat::Fp8,
-        _ => WeightFormat::Bf16,
-    };
-    (WeightFormat::Bf16, experts)
-}
-
 /// A rank's memory plan on the pool's GPU, as the worker will hold the model.
 fn memory_plan(
     dsd: &DeepSeekDeployment,
@@ -254,7 +244,7 @@ fn memory_plan(
     routed_experts: u32,
 ) -> Option<MemoryPlan> {
     let shape = dsd.spec.model.architecture?.shape(routed_experts)?;
-    let (linear, experts) = weight_formats(dtype);
+    let (linear, experts) = memory::gpu_weight_formats(dtype == Dtype::Fp8);
     let rank = Rank {
         gpu_bytes: gpu::memory_bytes(pool.gpu_product.as_deref()?)?,
         memory_fraction: dsd

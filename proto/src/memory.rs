@@ -189,6 +189,17 @@ impl WeightFormat {
     }
 }
 
+/// How the worker holds a model on a GPU today, as (everything but the routed experts, the
+/// routed experts): only the experts stay FP8, when the rank runs FP8.
+pub fn gpu_weight_formats(fp8_experts: bool) -> (WeightFormat, WeightFormat) {
+    let experts = if fp8_experts {
+        WeightFormat::Fp8
+    } else {
+        WeightFormat::Bf16
+    };
+    (WeightFormat::Bf16, experts)
+}
+
 impl fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -12,7 +12,7 @@ use crate::gpu::model::{GpuKv, GpuModel};
 use crate::gpu::runtime::Gpu;
 use crate::gpu::{DeviceSpec, Dtype};
 use crate::model::Model;
-use crate::model::cache::{BLOCK_TOKENS, BlockTable, KvPool};
+use crate::model::cache::{BlockTable, KvPool};
 use crate::model::moe::ExpertLoad;
 use crate::sampling::{Next, Want};
 
@@ -85,11 +85,6 @@ impl KvCache {
             pool,
             device: Some(kv),
         }
-    }
-
-    /// Positions the cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.pool.total_blocks() * BLOCK_TOKENS
     }
 }
 

@@ -3,7 +3,7 @@
 //! oversized rank then says why at once (in its log and its pod's termination message)
 //! instead of failing deep in loading, or running out of memory mid-pass.
 
-use deepseek_proto::memory::{self, MemoryPlan, ModelShape, Rank, WeightFormat};
+use deepseek_proto::memory::{self, MemoryPlan, ModelShape, Rank};
 use deepseek_proto::placement::PlacementPlan;
 
 use crate::bail;
@@ -28,7 +28,8 @@ pub fn check_product(device_name: &str, expected: &str) -> Result<()> {
 pub struct RankLoad<'a> {
     pub shape: ModelShape,
     pub plan: &'a PlacementPlan,
-    pub experts: WeightFormat,
+    /// Whether the routed experts run in FP8 (`memory::gpu_weight_formats`).
+    pub fp8_experts: bool,
     pub batch_tokens: u64,
     pub memory_fraction: f64,
 }
@@ -39,13 +40,14 @@ pub struct RankLoad<'a> {
 pub fn check_memory(load: &RankLoad<'_>, free: u64, total: u64) -> Result<MemoryPlan> {
     let copies: usize = load.plan.default.iter().map(Vec::len).sum();
     let routed = load.shape.routed_experts;
+    let (linear, experts) = memory::gpu_weight_formats(load.fp8_experts);
     let rank = Rank {
         gpu_bytes: total,
         memory_fraction: load.memory_fraction,
         group_size: u64::from(load.plan.group_size),
         redundant_experts: (copies as u64).saturating_sub(routed),
-        linear: WeightFormat::Bf16,
-        experts: load.experts,
+        linear,
+        experts,
         batch_tokens: load.batch_tokens,
     };
     let mut plan = memory::plan(&load.shape, &rank);
@@ -88,7 +90,7 @@ mod tests {
         let load = RankLoad {
             shape: ModelShape::DEEPSEEK_V3,
             plan: &plan,
-            experts: WeightFormat::Fp8,
+            fp8_experts: true,
             batch_tokens: 4096,
             memory_fraction: 0.9,
         };

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use deepseek_proto::deadline::grpc_timeout;
-use deepseek_proto::memory::WeightFormat;
 use deepseek_proto::placement::PlacementPlan;
 use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
@@ -500,15 +499,13 @@ fn preflight(config: &ServeConfig, gpu: &Gpu) -> Result<()> {
         Some(g) => g.plan.clone(),
         None => PlacementPlan::round_robin(1, model.moe.n_routed_experts as u32, 0),
     };
-    let experts = match resolve_dtype(config.dtype, gpu.capability, model.fp8.is_some())? {
-        Dtype::Fp8 => WeightFormat::Fp8,
-        _ => WeightFormat::Bf16,
-    };
+    let fp8_experts =
+        resolve_dtype(config.dtype, gpu.capability, model.fp8.is_some())? == Dtype::Fp8;
     let (free, total) = gpu.stream.context().mem_get_info()?;
     let load = RankLoad {
         shape: model.shape(),
         plan: &plan,
-        experts,
+        fp8_experts,
         batch_tokens: config.scheduler.max_batch_tokens as u64,
         memory_fraction,
     };

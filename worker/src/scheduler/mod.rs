@@ -65,6 +65,16 @@ pub struct SchedulerConfig {
     pub compute_threads: Option<usize>,
 }
 
+impl SchedulerConfig {
+    /// Blocks in a prefill chunk, the unit the prefix cache registers and shares in; `None`
+    /// (no caching) when a chunk is not whole blocks.
+    fn cached_chunk_blocks(&self) -> Option<usize> {
+        let whole =
+            self.prefill_chunk >= BLOCK_TOKENS && self.prefill_chunk.is_multiple_of(BLOCK_TOKENS);
+        whole.then_some(self.prefill_chunk / BLOCK_TOKENS)
+    }
+}
+
 pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 
 pub struct Submission {
@@ -229,7 +239,8 @@ impl Engine {
             } else {
                 watermark
             };
-            let shared = share_cached_prefix(&mut self.cache.pool, self.config.prefill_chunk, next);
+            let chunk_blocks = self.config.cached_chunk_blocks();
+            let shared = share_cached_prefix(&mut self.cache.pool, chunk_blocks, next);
             let needed = blocks_for(known) - next.blocks.blocks().len();
             let fits = self.cache.pool.free_blocks() >= needed + headroom;
             if self.running.len() >= self.config.max_seqs || !fits {
@@ -327,15 +338,14 @@ impl Engine {
 /// prefix cache has, in whole prefill chunks (so the chunks left start where they would
 /// from scratch, and compute the same numbers), leaving at least the prompt's last token
 /// to compute. Returns the tokens it shares.
-fn share_cached_prefix(pool: &mut KvPool, prefill_chunk: usize, seq: &mut Sequence) -> usize {
-    // Whole chunks are whole blocks only when a chunk is a multiple of a block.
-    let chunk_blocks = prefill_chunk / BLOCK_TOKENS;
-    if !seq.blocks.blocks().is_empty()
-        || chunk_blocks == 0
-        || !prefill_chunk.is_multiple_of(BLOCK_TOKENS)
-    {
+fn share_cached_prefix(
+    pool: &mut KvPool,
+    chunk_blocks: Option<usize>,
+    seq: &mut Sequence,
+) -> usize {
+    let Some(chunk_blocks) = chunk_blocks.filter(|_| seq.blocks.blocks().is_empty()) else {
         return 0;
-    }
+    };
     let most = (seq.request.prompt_ids.len() - 1) / BLOCK_TOKENS;
     let names = &seq.prompt_names[..most.min(seq.prompt_names.len())];
     let run = pool.cached_run(names);

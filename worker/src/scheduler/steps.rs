@@ -203,9 +203,9 @@ impl Engine {
                 // A whole chunk at its fixed offset computes what any prompt starting the
                 // same way would: later prompts may share its blocks.
                 let prefill_chunk = self.config.prefill_chunk;
-                if chunk == prefill_chunk
+                if self.config.cached_chunk_blocks().is_some()
+                    && chunk == prefill_chunk
                     && done.is_multiple_of(prefill_chunk)
-                    && chunk.is_multiple_of(BLOCK_TOKENS)
                 {
                     let (first, end) = (done / BLOCK_TOKENS, (done + chunk) / BLOCK_TOKENS);
                     let names = &seq.prompt_names[first..end.min(seq.prompt_names.len())];
