@@ -7,6 +7,7 @@ pub mod desired;
 pub mod error;
 pub mod gpu;
 pub mod leader;
+pub mod local;
 pub mod metrics;
 pub mod names;
 pub mod resolve;

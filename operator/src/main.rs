@@ -10,7 +10,7 @@ use deepseek_operator::api::{DeepSeekDeployment, Dtype};
 use deepseek_operator::controller::{self, Context};
 use deepseek_operator::leader::{self, LeaseConfig};
 use deepseek_operator::metrics::Metrics;
-use deepseek_operator::{gpu, resolve};
+use deepseek_operator::{gpu, local, resolve};
 use deepseek_proto::memory::{self, ModelShape, Rank};
 use kube::CustomResourceExt;
 use tokio::sync::watch;
@@ -40,6 +40,43 @@ enum Command {
     MemoryTable(MemoryTableArgs),
     /// Run the controller (in-cluster config, or the current kubeconfig context).
     Run(RunArgs),
+    /// Run DeepSeekDeployments as processes on this machine: every rank a `deepseek-worker`,
+    /// one `deepseek-router` per deployment, supervised as a cluster would; prints the
+    /// endpoints once every group is ready, stops everything on Ctrl-C or SIGTERM.
+    RunLocal(RunLocalArgs),
+}
+
+#[derive(clap::Args)]
+struct RunLocalArgs {
+    /// A DeepSeekDeployment manifest (repeatable).
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Apply edits of the files while running: groups added or removed, a changed revision
+    /// rolled one group per pool at a time.
+    #[arg(long)]
+    watch: bool,
+    /// `CLAIM=DIR`: the local directory of a PersistentVolumeClaim the spec names
+    /// (repeatable). Unnamed claims are `tests/fixtures`, where the samples' checkpoints are.
+    #[arg(long = "pvc", value_parser = parse_claim)]
+    claims: Vec<(String, PathBuf)>,
+    /// The router's API keys file, for a spec with `router.apiKeysSecret`.
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// GPUs of this machine for GPU pools (default: the NVIDIA devices in /dev).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Directory of `deepseek-worker` and `deepseek-router` (default: beside this
+    /// executable, else on PATH).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+fn parse_claim(value: &str) -> Result<(String, PathBuf), String> {
+    let (claim, dir) = value.split_once('=').ok_or("expected CLAIM=DIR")?;
+    if claim.is_empty() || dir.is_empty() {
+        return Err(format!("{value:?}: expected CLAIM=DIR"));
+    }
+    Ok((claim.to_string(), PathBuf::from(dir)))
 }
 
 #[derive(clap::Args)]
@@ -95,8 +132,46 @@ fn main() -> anyhow::Result<()> {
         Command::Render { file } => print!("{}", render(&file)?),
         Command::MemoryTable(args) => print!("{}", memory_table(&args)),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args))?,
+        Command::RunLocal(args) => run_local(args)?,
     }
     Ok(())
+}
+
+fn run_local(args: RunLocalArgs) -> anyhow::Result<()> {
+    let fixtures = PathBuf::from("tests/fixtures");
+    let options = local::run::Options {
+        files: args.files,
+        watch: args.watch,
+        volumes: local::LocalVolumes {
+            claims: args.claims.into_iter().collect(),
+            default_claim_dir: fixtures.is_dir().then_some(fixtures),
+            api_keys_file: args.api_keys_file,
+        },
+        gpus: args.gpus.unwrap_or_else(nvidia_devices),
+        bin_dir: args.bin_dir,
+    };
+    // One thread: the children's parent-death signal follows the thread that started them.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(local::run::run(options))?;
+    Ok(())
+}
+
+/// `/dev/nvidia0`, `/dev/nvidia1`, …: one per GPU the driver shows.
+fn nvidia_devices() -> u32 {
+    let Ok(entries) = std::fs::read_dir("/dev") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("nvidia"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .count() as u32
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -252,31 +252,69 @@ fn pool_status(pool: &ResolvedPool, revision: &str, pods: &[Pod]) -> PoolStatus 
 }
 
 /// Pods of old revisions to delete now so that their StatefulSets recreate them on the
-/// current one. Per pool, at most one serving group is taken down at a time, and only while
-/// every other group of the pool is ready; groups that are not serving anyway are replaced
-/// at once.
+/// current one, group by group as `groups_to_replace` says.
 pub fn pods_to_replace(desired: &Desired, pods: &[Pod]) -> Vec<String> {
+    let pools: Vec<Vec<(Vec<&Pod>, GroupState)>> = desired
+        .pools
+        .iter()
+        .map(|(pool, revision)| {
+            (0..pool.replicas)
+                .map(|group| {
+                    let ranks: Vec<&Pod> = group_pods(pods, &pool.name, group).collect();
+                    let serving = ranks.len() as i32 >= pool.pods_per_group
+                        && ranks.iter().all(|p| !terminating(p) && pod_ready(p));
+                    let stale: Vec<&Pod> = ranks
+                        .into_iter()
+                        .filter(|p| !terminating(p) && revision_of(p) != Some(revision.as_str()))
+                        .collect();
+                    let outdated = !stale.is_empty();
+                    (stale, GroupState { serving, outdated })
+                })
+                .collect()
+        })
+        .collect();
+    let states: Vec<Vec<GroupState>> = pools
+        .iter()
+        .map(|groups| groups.iter().map(|(_, state)| *state).collect())
+        .collect();
+    groups_to_replace(&states)
+        .into_iter()
+        .flat_map(|(pool, group)| pools[pool][group].0.iter().map(|p| p.name_any()))
+        .collect()
+}
+
+/// A group as a rollout sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupState {
+    /// Every rank up and ready.
+    pub serving: bool,
+    /// Some rank runs an old revision.
+    pub outdated: bool,
+}
+
+/// The outdated groups to replace now, as (pool, group) indices. Groups that do not serve
+/// anyway go at once. A serving group goes only while every other group of its pool serves
+/// (one per pool at a time) and another group of the deployment keeps serving, unless it is
+/// the deployment's only group: a deployment never loses its last serving group to a rollout
+/// it could have waited for.
+pub fn groups_to_replace(pools: &[Vec<GroupState>]) -> Vec<(usize, usize)> {
+    let groups = pools.iter().map(Vec::len).sum::<usize>();
+    let mut serving = pools.iter().flatten().filter(|g| g.serving).count();
     let mut out = Vec::new();
-    for (pool, revision) in &desired.pools {
-        let groups: Vec<(Vec<&Pod>, bool)> = (0..pool.replicas)
-            .map(|group| {
-                let ranks: Vec<&Pod> = group_pods(pods, &pool.name, group).collect();
-                let serving = ranks.len() as i32 >= pool.pods_per_group
-                    && ranks.iter().all(|p| !terminating(p) && pod_ready(p));
-                (ranks, serving)
-            })
-            .collect();
-        let mut pool_disrupted = groups.iter().any(|(_, serving)| !serving);
-        for (ranks, serving) in &groups {
-            let stale: Vec<&&Pod> = ranks
-                .iter()
-                .filter(|p| !terminating(p) && revision_of(p) != Some(revision.as_str()))
-                .collect();
-            if stale.is_empty() || (*serving && pool_disrupted) {
+    for (p, pool) in pools.iter().enumerate() {
+        let mut pool_disrupted = pool.iter().any(|g| !g.serving);
+        for (i, group) in pool.iter().enumerate() {
+            if !group.outdated {
                 continue;
             }
-            pool_disrupted |= *serving;
-            out.extend(stale.iter().map(|p| p.name_any()));
+            if group.serving {
+                if pool_disrupted || (serving < 2 && groups > 1) {
+                    continue;
+                }
+                pool_disrupted = true;
+                serving -= 1;
+            }
+            out.push((p, i));
         }
     }
     out

@@ -1,8 +1,9 @@
-//! In a cluster, the worker ranks come from the EndpointSlices of the group Services (the
+//! Where the worker ranks come from while the router runs. In a cluster, from the EndpointSlices of the group Services (the
 //! operator's `--discover-namespace` and `--discover-selector`): each ready or starting
 //! endpoint's address on the `grpc` port is a backend, in the pool its Service's
 //! `serving.deepseek-operator.io/pool` label names, with the GPU product its `gpu-product`
 //! label names (EndpointSlices carry their Service's labels). Whether a rank takes requests is left to the health checks.
+//! Elsewhere, from a backends file that a supervisor rewrites (`deepseek-operator run-local`).
 
 use std::sync::Arc;
 
@@ -11,8 +12,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 
-use crate::backend::BackendSpec;
+use crate::BackendsFile;
+use crate::backend::{BackendSpec, parse_backends_file};
 use crate::proxy::Router;
+
+/// How often a backends file is read again.
+pub const BACKENDS_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The pool and GPU product labels the operator puts on group Services.
 pub const LABEL_POOL: &str = "serving.deepseek-operator.io/pool";
@@ -93,6 +98,40 @@ pub async fn watch(client: kube::Client, namespace: &str, selector: &str, router
             }
             current = backends;
         }
+    }
+}
+
+/// Keeps the router's backends equal to the `--backend` flags plus the file's lines, read
+/// every `BACKENDS_FILE_POLL`. A file that cannot be read or parsed is reported and the
+/// current set kept; writers replace it whole (write, then rename), so no half is read.
+pub async fn follow_file(file: BackendsFile, router: Arc<Router>) {
+    let mut applied: Option<String> = None;
+    loop {
+        tokio::time::sleep(BACKENDS_FILE_POLL).await;
+        // A few lines on a local disk: read in place.
+        let text = match std::fs::read_to_string(&file.path) {
+            Ok(text) => text,
+            Err(err) => {
+                tracing::warn!(path = %file.path.display(), error = %err, "reading the backends file");
+                continue;
+            }
+        };
+        if applied.as_ref() == Some(&text) {
+            continue;
+        }
+        let backends = parse_backends_file(&text).and_then(|specs| {
+            let mut backends = file.fixed.clone();
+            backends.extend(specs);
+            let count = backends.len();
+            router.set_backends(backends).map(|()| count)
+        });
+        match backends {
+            Ok(count) => tracing::info!(backends = count, "the backends file changed"),
+            Err(err) => {
+                tracing::warn!(path = %file.path.display(), error = %err, "the backends file is not usable; keeping the current backends")
+            }
+        }
+        applied = Some(text);
     }
 }
 

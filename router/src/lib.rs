@@ -32,11 +32,20 @@ pub struct Discovery {
     pub selector: String,
 }
 
+/// A backends file, re-read while the router runs.
+pub struct BackendsFile {
+    pub path: std::path::PathBuf,
+    /// The `--backend` flags, kept beside the file's lines.
+    pub fixed: Vec<BackendSpec>,
+}
+
 /// Everything the router needs to run, flags resolved.
 pub struct RunConfig {
-    /// Static backends; with `discovery` the watch replaces them.
+    /// The backends at start; with `discovery` the watch replaces them, with
+    /// `backends_file` the file's changes do.
     pub backends: Vec<BackendSpec>,
     pub discovery: Option<Discovery>,
+    pub backends_file: Option<BackendsFile>,
     pub routing: RouterConfig,
     pub keys: ApiKeys,
     pub served_name: Option<String>,
@@ -62,6 +71,9 @@ pub async fn serve(
         tokio::spawn(async move {
             discovery::watch(d.client, &d.namespace, &d.selector, router).await;
         });
+    }
+    if let Some(file) = config.backends_file {
+        tokio::spawn(discovery::follow_file(file, router.clone()));
     }
     let (reporter, health_service) = starting_health().await;
     tokio::spawn(health::watch(

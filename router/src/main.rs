@@ -11,7 +11,7 @@ use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::backend::{BackendSpec, parse_backends_file};
 use deepseek_router::policy::Policy;
 use deepseek_router::proxy::RouterConfig;
-use deepseek_router::{RunConfig, serve};
+use deepseek_router::{BackendsFile, RunConfig, serve};
 
 #[derive(Parser, Debug)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
@@ -44,7 +44,8 @@ struct Cli {
     /// A worker rank: `pool=NAME,weight=W,addr=HOST:PORT` (repeatable).
     #[arg(long = "backend")]
     backends: Vec<BackendSpec>,
-    /// A file of `--backend` values, one per line.
+    /// A file of `--backend` values, one per line, read again every second while the
+    /// router runs (replace it whole: write another file, then rename it over this one).
     #[arg(long)]
     backends_file: Option<PathBuf>,
     /// A file of API keys, `NAME sha256:HEX` per line (see `hash-key`); when set, requests
@@ -77,7 +78,8 @@ impl Cli {
     /// The run configuration, and where to discover workers (the client is made later, in
     /// the runtime).
     fn run_config(self) -> anyhow::Result<(RunConfig, Option<(String, String)>)> {
-        let mut backends = self.backends;
+        let fixed = self.backends;
+        let mut backends = fixed.clone();
         if let Some(path) = &self.backends_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--backends-file {}", path.display()))?;
@@ -91,7 +93,7 @@ impl Cli {
             (None, None) => None,
             _ => bail!("--discover-namespace and --discover-selector go together"),
         };
-        if backends.is_empty() && discovery.is_none() {
+        if backends.is_empty() && discovery.is_none() && self.backends_file.is_none() {
             bail!(
                 "no backends: give --backend pool=NAME,weight=W,addr=HOST:PORT, --backends-file, \
                  or --discover-namespace and --discover-selector"
@@ -114,6 +116,7 @@ impl Cli {
             RunConfig {
                 backends,
                 discovery: None,
+                backends_file: self.backends_file.map(|path| BackendsFile { path, fixed }),
                 routing: RouterConfig {
                     policy: self.policy,
                     pools: self.pools,

@@ -28,6 +28,9 @@ pub struct Load {
     pub abort: AtomicBool,
     /// Set while this rank's expert-parallel group is re-forming after a failure.
     pub group_down: AtomicBool,
+    /// Set while the group's last step had passes to run for any rank: a draining rank stays
+    /// until its peers' requests are done too, since they cannot step without it.
+    pub group_busy: AtomicBool,
 }
 
 impl Load {
@@ -49,6 +52,7 @@ impl Load {
             for (to, from) in [
                 (&sum.abort, &load.abort),
                 (&sum.group_down, &load.group_down),
+                (&sum.group_busy, &load.group_busy),
             ] {
                 to.fetch_or(from.load(Ordering::Relaxed), Ordering::Relaxed);
             }

@@ -383,8 +383,9 @@ async fn follow_group_health(
     }
 }
 
-/// On the shutdown signal: refuse new requests and report NOT_SERVING, let open streams
-/// finish within the grace period, then end the rest with UNAVAILABLE so the server can stop.
+/// On the shutdown signal: refuse new requests and report NOT_SERVING, let open streams (and
+/// those of the group's other ranks) finish within the grace period, then end the rest with
+/// UNAVAILABLE so the server can stop.
 async fn drain_then_stop(
     shutdown: impl Future<Output = ()>,
     draining: Arc<AtomicBool>,
@@ -402,8 +403,11 @@ async fn drain_then_stop(
         .await;
     let Some(loaded) = loaded.get() else { return };
     let busy = || loaded.loads().map(Load::busy).sum::<usize>();
+    // Peers of an expert-parallel group step with this rank: leaving while they still run
+    // requests would fail those too (in a rollout every rank of the group drains at once).
+    let group_busy = || loaded.loads().any(|l| l.group_busy.load(Ordering::Relaxed));
     let until = tokio::time::Instant::now() + grace;
-    while busy() > 0 && tokio::time::Instant::now() < until {
+    while (busy() > 0 || group_busy()) && tokio::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // A scheduler is stepping while anything is open, and checks this every step.

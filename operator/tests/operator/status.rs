@@ -288,6 +288,41 @@ fn rollout_replaces_one_serving_group_per_pool_at_a_time() {
 }
 
 #[test]
+fn a_rollout_keeps_a_serving_group_in_the_deployment() {
+    use status::{GroupState, groups_to_replace};
+    let old = |serving| GroupState {
+        serving,
+        outdated: true,
+    };
+    let new = |serving| GroupState {
+        serving,
+        outdated: false,
+    };
+    // Two pools of one group: one pool's group at a time, the other keeps serving.
+    assert_eq!(
+        groups_to_replace(&[vec![old(true)], vec![old(true)]]),
+        [(0, 0)]
+    );
+    assert!(groups_to_replace(&[vec![new(false)], vec![old(true)]]).is_empty());
+    assert_eq!(
+        groups_to_replace(&[vec![new(true)], vec![old(true)]]),
+        [(1, 0)]
+    );
+    // A deployment of one group has nothing to wait for.
+    assert_eq!(groups_to_replace(&[vec![old(true)]]), [(0, 0)]);
+    // A broken group goes at once, and does not count as serving.
+    assert_eq!(
+        groups_to_replace(&[vec![old(false)], vec![old(true)]]),
+        [(0, 0)]
+    );
+    // Per pool, one serving group at a time, only while the others serve.
+    assert_eq!(
+        groups_to_replace(&[vec![old(true), old(true)], vec![old(true), old(true)]]),
+        [(0, 0), (1, 0)]
+    );
+}
+
+#[test]
 fn broken_old_groups_are_replaced_at_once() {
     let old = v3();
     let mut old_pods = all_ready_pods(&old);

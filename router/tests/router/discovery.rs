@@ -1,5 +1,5 @@
 //! EndpointSlice discovery against a scripted API server: the router's backend set follows
-//! the list, then the watch events.
+//! the list, then the watch events. And a backends file, followed as it is rewritten.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,11 +30,8 @@ fn addrs(router: &Router) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_backend_set_follows_the_endpoint_slices() {
-    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let router = Arc::new(
+fn empty_router() -> Arc<Router> {
+    Arc::new(
         Router::new(
             Vec::new(),
             RouterConfig {
@@ -46,7 +43,28 @@ async fn the_backend_set_follows_the_endpoint_slices() {
             },
         )
         .unwrap(),
-    );
+    )
+}
+
+async fn wait_for_backends(router: &Router, want: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(pool, addr)| (pool.to_string(), addr.to_string()))
+        .collect();
+    for _ in 0..500 {
+        if addrs(router) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("backends {:?}, expected {want:?}", addrs(router));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_set_follows_the_endpoint_slices() {
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let router = empty_router();
     let watching = tokio::spawn(discovery::watch(
         client,
         "inference",
@@ -94,16 +112,48 @@ async fn the_backend_set_follows_the_endpoint_slices() {
         .collect();
     send.send_response(Response::new(Body::from(body)));
 
-    let want = vec![
-        ("h100".to_string(), "10.0.0.1:50051".to_string()),
-        ("a100".to_string(), "10.0.1.1:50051".to_string()),
-    ];
-    for _ in 0..500 {
-        if addrs(&router) == want {
-            watching.abort();
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("backends never followed the watch: {:?}", addrs(&router));
+    wait_for_backends(
+        &router,
+        &[("h100", "10.0.0.1:50051"), ("a100", "10.0.1.1:50051")],
+    )
+    .await;
+    watching.abort();
+}
+
+#[tokio::test]
+async fn the_backend_set_follows_a_rewritten_backends_file() {
+    let dir = std::env::temp_dir().join(format!("router-backends-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("backends");
+    let write = |text: &str| {
+        std::fs::write(dir.join("next"), text).unwrap();
+        std::fs::rename(dir.join("next"), &path).unwrap();
+    };
+    write("pool=a,addr=127.0.0.1:1\npool=b,addr=127.0.0.1:2\n");
+    let router = empty_router();
+    let fixed = vec!["pool=x,addr=127.0.0.1:9".parse().unwrap()];
+    let following = tokio::spawn(discovery::follow_file(
+        deepseek_router::BackendsFile {
+            path: path.clone(),
+            fixed,
+        },
+        router.clone(),
+    ));
+    wait_for_backends(
+        &router,
+        &[
+            ("x", "127.0.0.1:9"),
+            ("a", "127.0.0.1:1"),
+            ("b", "127.0.0.1:2"),
+        ],
+    )
+    .await;
+    // A line that does not parse keeps what the router has; a good file replaces it.
+    write("pool=a,addr=nowhere\n");
+    tokio::time::sleep(discovery::BACKENDS_FILE_POLL * 2).await;
+    assert_eq!(addrs(&router).len(), 3);
+    write("# the group in pool a is gone\npool=b,addr=127.0.0.1:2\n");
+    wait_for_backends(&router, &[("x", "127.0.0.1:9"), ("b", "127.0.0.1:2")]).await;
+    following.abort();
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -56,6 +56,7 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
             })
             .collect(),
         discovery: None,
+        backends_file: None,
         routing: RouterConfig {
             policy,
             pools: pools.iter().map(|(n, w)| (n.to_string(), *w)).collect(),

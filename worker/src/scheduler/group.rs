@@ -36,6 +36,7 @@ impl Engine {
     pub(super) fn group_failed(&mut self, err: &Error) {
         tracing::error!(error = %err, "the expert-parallel group failed");
         self.load.group_down.store(true, Ordering::Relaxed);
+        self.load.group_busy.store(false, Ordering::Relaxed);
         self.fail_open_requests();
         let Some(group) = self.group.clone() else {
             return;

@@ -2,6 +2,7 @@
 //! their blocks (preempting the newest when the pool is dry), then run the batched decode
 //! pass and the prompt chunks that fit the token budget.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use deepseek_proto::v1::FinishReason;
@@ -51,7 +52,10 @@ impl Engine {
         let chunks = self.plan_chunks(self.config.max_batch_tokens.saturating_sub(decodes));
         let passes = usize::from(decodes > 0) + chunks.len();
         let passes = match self.agree_on_passes(passes) {
-            Ok(passes) => passes,
+            Ok(passes) => {
+                self.load.group_busy.store(passes > 0, Ordering::Relaxed);
+                passes
+            }
             Err(err) => {
                 self.group_failed(&err);
                 return generated;
