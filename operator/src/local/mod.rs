@@ -257,11 +257,13 @@ struct LocalPod<'a> {
 /// The worker container's environment with its cluster-only values replaced: the pod index
 /// (a label there), the peers' DNS names, the listen addresses, and the mounted paths.
 fn local_env(container: &Container, pod: &LocalPod) -> Result<Vec<(String, String)>, LocalError> {
-    let under_mount = |value: &str, mount: &str, local: &Path| {
-        match value.strip_prefix(mount).unwrap_or(value).trim_start_matches('/') {
-            "" => local.display().to_string(),
-            rest => local.join(rest).display().to_string(),
-        }
+    let under_mount = |value: &str, mount: &str, local: &Path| match value
+        .strip_prefix(mount)
+        .unwrap_or(value)
+        .trim_start_matches('/')
+    {
+        "" => local.display().to_string(),
+        rest => local.join(rest).display().to_string(),
     };
     container
         .env
@@ -461,11 +463,30 @@ pub fn rollout(pools: &[PoolView]) -> Vec<(usize, Step)> {
     steps
 }
 
-/// A deployment's status line: groups ready per pool.
-pub fn status_line(deployment: &str, pools: &[(String, usize, i32)]) -> String {
+/// A pool's line in the status: its groups ready on the current revision, of those it wants,
+/// and those still serving on an old one during a rollout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStatus {
+    pub pool: String,
+    pub ready: usize,
+    pub desired: i32,
+    pub ready_outdated: usize,
+}
+
+/// A deployment's status line, like the resource's status: groups ready per pool.
+pub fn status_line(deployment: &str, pools: &[PoolStatus]) -> String {
     let pools: Vec<String> = pools
         .iter()
-        .map(|(pool, ready, desired)| format!("pool {pool} {ready}/{desired} groups ready"))
+        .map(|p| {
+            let old = match p.ready_outdated {
+                0 => String::new(),
+                n => format!(" (+{n} serving on an old revision)"),
+            };
+            format!(
+                "pool {} {}/{} groups ready{old}",
+                p.pool, p.ready, p.desired
+            )
+        })
         .collect();
     format!("{deployment}: {}", pools.join(", "))
 }

@@ -39,7 +39,7 @@ pub struct Options {
 }
 
 /// How often readiness is probed and the spec looked at.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(250);
 /// How long a retiring group stays up after leaving the backends file: the router reads the
 /// file every second, so by then it sends nothing new there.
 const LEAVE_DELAY: Duration = Duration::from_secs(2);
@@ -173,8 +173,9 @@ struct Deployment {
     dir: PathBuf,
     desired: Desired,
     targets: Vec<PoolTarget>,
-    router: Supervised,
-    /// A router with changed arguments, started once the old one has stopped.
+    router: Option<Supervised>,
+    /// The router to start: at first once the backends file lists the groups (so that it
+    /// finds them at once), after a change of its arguments once the old one has stopped.
     next_router: Option<Process>,
     router_ports: Vec<u16>,
     endpoints: Endpoints,
@@ -208,7 +209,6 @@ impl Deployment {
         let dir = shared.run_dir.join(&name);
         std::fs::create_dir_all(&dir).map_err(LocalError::io(dir.display().to_string()))?;
         let backends_path = dir.join("backends");
-        write_replacing(&backends_path, "")?;
         let mut router_ports = Vec::new();
         let (router, endpoints) =
             router_process(&desired, &shared.volumes, &backends_path, &mut || {
@@ -224,13 +224,13 @@ impl Deployment {
         Ok(Deployment {
             file: file.to_path_buf(),
             text,
-            router: Supervised::start(&shared.router, router, &prefix, shared.plain_logs),
+            router: None,
+            next_router: Some(router),
             name,
             prefix,
             dir,
             desired,
             targets,
-            next_router: None,
             router_ports,
             endpoints,
             groups: Vec::new(),
@@ -284,12 +284,12 @@ impl Deployment {
             },
         );
         match router {
-            Ok((router, _)) if router != self.router.process => {
+            Ok((router, _)) if self.router.as_ref().is_some_and(|r| r.process != router) => {
                 println!(
                     "{}router: its arguments changed; restarting it",
                     self.prefix
                 );
-                self.router.stop();
+                self.router.iter().for_each(Supervised::stop);
                 self.next_router = Some(router);
             }
             Ok(_) => {}
@@ -304,10 +304,6 @@ impl Deployment {
 
     /// Moves the groups toward the targets (the rollout), writes the backends file.
     fn reconcile(&mut self, shared: &mut Shared) -> Result<(), LocalError> {
-        if let Some(router) = self.next_router.take_if(|_| self.router.task.is_finished()) {
-            self.router =
-                Supervised::start(&shared.router, router, &self.prefix, shared.plain_logs);
-        }
         // Groups of pools no longer in the spec leave.
         for group in &mut self.groups {
             if !self.targets.iter().any(|t| t.pool.name == group.group.pool)
@@ -372,6 +368,12 @@ impl Deployment {
         if backends != self.backends {
             write_replacing(&self.dir.join("backends"), &backends)?;
             self.backends = backends;
+        }
+        let router_stopped = self.router.as_ref().is_none_or(|r| r.task.is_finished());
+        if let Some(router) = self.next_router.take_if(|_| router_stopped) {
+            let started =
+                Supervised::start(&shared.router, router, &self.prefix, shared.plain_logs);
+            self.router = Some(started);
         }
         result
     }
@@ -448,17 +450,23 @@ impl Deployment {
 
     /// Prints the status when it changed, and the endpoints once every group is ready.
     fn report(&mut self) {
-        let pools: Vec<(String, usize, i32)> = self
+        let pools: Vec<PoolStatus> = self
             .targets
             .iter()
             .map(|t| {
-                let ready = self
-                    .groups
-                    .iter()
-                    .filter(|g| g.group.pool == t.pool.name && g.group.revision == t.revision)
-                    .filter(|g| g.leaving.is_none() && g.ready())
-                    .count();
-                (t.pool.name.clone(), ready, t.pool.replicas)
+                let serving = |current: bool| {
+                    self.groups
+                        .iter()
+                        .filter(|g| g.group.pool == t.pool.name && g.leaving.is_none() && g.ready())
+                        .filter(|g| (g.group.revision == t.revision) == current)
+                        .count()
+                };
+                PoolStatus {
+                    pool: t.pool.name.clone(),
+                    ready: serving(true),
+                    desired: t.pool.replicas,
+                    ready_outdated: serving(false),
+                }
             })
             .collect();
         let status = status_line(&self.name, &pools);
@@ -466,8 +474,8 @@ impl Deployment {
             println!("{status}");
             self.status = status;
         }
-        let all_ready = pools.iter().all(|(_, ready, want)| *ready as i32 == *want);
-        if !self.announced && all_ready && self.router.ready() {
+        let all_ready = pools.iter().all(|p| p.ready as i32 == p.desired);
+        if !self.announced && all_ready && self.router.as_ref().is_some_and(Supervised::ready) {
             self.announced = true;
             let Endpoints { grpc, http } = self.endpoints;
             println!("{}: ready", self.name);
@@ -487,7 +495,9 @@ impl Deployment {
     }
 
     fn into_processes(self) -> impl Iterator<Item = Supervised> {
-        std::iter::once(self.router).chain(self.groups.into_iter().flat_map(|g| g.pods))
+        self.router
+            .into_iter()
+            .chain(self.groups.into_iter().flat_map(|g| g.pods))
     }
 }
 
@@ -598,7 +608,11 @@ async fn keep_running(
         let started = Instant::now();
         let status = match spawn(&program, &process, &label, plain_logs) {
             Ok(mut child) => {
-                println!("{label}: started (pid {})", child.id().unwrap_or(0));
+                println!(
+                    "{label}: started (pid {}, grpc {})",
+                    child.id().unwrap_or(0),
+                    process.grpc
+                );
                 tokio::select! {
                     status = child.wait() => status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
                     () = stopped(&mut stop) => {

@@ -286,8 +286,14 @@ fn restarts_back_off_from_one_second_to_thirty() {
 
 #[test]
 fn status_names_each_pools_ready_groups() {
+    let pool = |pool: &str, ready, desired, ready_outdated| PoolStatus {
+        pool: pool.into(),
+        ready,
+        desired,
+        ready_outdated,
+    };
     assert_eq!(
-        status_line("tiny-ep", &[("a".into(), 1, 1), ("b".into(), 0, 2)]),
-        "tiny-ep: pool a 1/1 groups ready, pool b 0/2 groups ready"
+        status_line("tiny-ep", &[pool("a", 1, 1, 0), pool("b", 0, 2, 1)]),
+        "tiny-ep: pool a 1/1 groups ready, pool b 0/2 groups ready (+1 serving on an old revision)"
     );
 }
