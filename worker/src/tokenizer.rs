@@ -25,6 +25,47 @@ impl From<deepseek_proto::v1::ChatMessage> for ChatMessage {
     }
 }
 
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+
+/// Whether a sequence is inside `<think>` … `</think>`: R1-style models think there before
+/// they answer, and that text is streamed apart from the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thinking {
+    open: u32,
+    close: u32,
+    inside: bool,
+}
+
+/// Which part of the output a token's text belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Thinking,
+    Answer,
+    /// `<think>` or `</think>` itself: in DeepSeek's vocabulary they are not special tokens,
+    /// so their text is dropped here rather than by the decoder.
+    Tag,
+}
+
+impl Thinking {
+    /// Moves past `token`, saying where its text goes.
+    pub fn step(&mut self, token: u32) -> Part {
+        if token == self.open || token == self.close {
+            self.inside = token == self.open;
+            return Part::Tag;
+        }
+        if self.inside {
+            Part::Thinking
+        } else {
+            Part::Answer
+        }
+    }
+
+    pub fn inside(&self) -> bool {
+        self.inside
+    }
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
@@ -55,6 +96,22 @@ impl Tokenizer {
             bos_token: special_token(&config, "bos_token"),
             eos_token: special_token(&config, "eos_token"),
         }))
+    }
+
+    /// Where a sequence that starts with `prompt` thinks, when the vocabulary has both
+    /// `<think>` and `</think>`.
+    pub fn thinking(&self, prompt: &[u32]) -> Option<Thinking> {
+        let open = self.inner.token_to_id(THINK_OPEN)?;
+        let close = self.inner.token_to_id(THINK_CLOSE)?;
+        let mut thinking = Thinking {
+            open,
+            close,
+            inside: false,
+        };
+        for &token in prompt {
+            thinking.step(token);
+        }
+        Some(thinking)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -246,6 +303,23 @@ impl StopStrings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thinking_is_what_lies_between_the_tags() {
+        let (open, close) = (4, 5);
+        let mut thinking = Thinking {
+            open,
+            close,
+            inside: true,
+        };
+        let parts: Vec<Part> = [9, close, 9, open, 9, 9, close, 9]
+            .iter()
+            .map(|t| thinking.step(*t))
+            .collect();
+        let (think, tag, answer) = (Part::Thinking, Part::Tag, Part::Answer);
+        assert_eq!(parts, [think, tag, answer, tag, think, think, tag, answer]);
+        assert!(!thinking.inside());
+    }
 
     #[test]
     fn stop_strings_hold_back_partial_matches() {

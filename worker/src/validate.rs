@@ -4,7 +4,7 @@
 use deepseek_proto::v1::{GenerateRequest, generate_request::Prompt};
 
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::{ChatMessage, Thinking, Tokenizer};
 
 /// What the served model allows.
 #[derive(Clone, Debug)]
@@ -27,6 +27,9 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub include_logprobs: bool,
+    /// Where the model's thinking is, for a model that thinks and a request that wants it
+    /// apart from the answer.
+    pub thinking: Option<Thinking>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -55,7 +58,11 @@ pub fn validate(
     let max_new_tokens = max_new_tokens(requested_max, room, prompt_ids.len(), limits)?;
     check_stop_strings(&stopping.stop, tokenizer.is_some(), limits)?;
 
+    let thinking = tokenizer
+        .filter(|_| !request.reasoning_in_text)
+        .and_then(|t| t.thinking(&prompt_ids));
     Ok(ValidRequest {
+        thinking,
         request_id: request.request_id,
         prompt_ids,
         sampling: sampling(request.sampling.unwrap_or_default())?,
@@ -407,6 +414,7 @@ mod tests {
                     ignore_eos: next() % 2 == 0,
                 }),
                 include_logprobs: next() % 2 == 0,
+                reasoning_in_text: false,
             };
             match validate(request, None, &limits()) {
                 Ok(valid) => {

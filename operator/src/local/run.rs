@@ -84,6 +84,18 @@ async fn supervise(files: &[PathBuf], watch: bool, shared: &mut Shared) -> Resul
     let mut started = Ok(());
     for file in files {
         match Deployment::start(file, several, shared) {
+            Ok(deployment)
+                if deployments
+                    .iter()
+                    .any(|d: &Deployment| d.name == deployment.name) =>
+            {
+                started = Err(LocalError::Unsupported(format!(
+                    "{}: metadata.name {:?} is already running from another file",
+                    file.display(),
+                    deployment.name
+                )));
+                break;
+            }
             Ok(deployment) => deployments.push(deployment),
             Err(err) => {
                 started = Err(err);

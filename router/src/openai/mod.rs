@@ -126,16 +126,11 @@ async fn chat_completions(
     let messages = chat_messages(request.messages)?;
     let max_tokens = request.max_completion_tokens.or(common.max_tokens);
     let prompt = Prompt::Chat(ChatMessages { messages });
-    respond(
-        &http,
-        key,
-        Kind::Chat,
-        common,
-        prompt,
-        max_tokens,
-        request.logprobs,
-    )
-    .await
+    let options = Options {
+        logprobs: request.logprobs,
+        reasoning_in_text: !request.separate_reasoning,
+    };
+    respond(&http, key, Kind::Chat, common, prompt, max_tokens, options).await
 }
 
 async fn completions(
@@ -154,7 +149,11 @@ async fn completions(
     let prompt = request.prompt.into_prompt()?;
     // OpenAI's completions default to 16 tokens.
     let max_tokens = Some(common.max_tokens.unwrap_or(16));
-    let logprobs = request.logprobs.is_some();
+    // A completion is the raw continuation of its prompt, thinking included.
+    let options = Options {
+        logprobs: request.logprobs.is_some(),
+        reasoning_in_text: true,
+    };
     respond(
         &http,
         key,
@@ -162,7 +161,7 @@ async fn completions(
         common,
         prompt,
         max_tokens,
-        logprobs,
+        options,
     )
     .await
 }
@@ -183,8 +182,14 @@ async fn models(State(http): State<Arc<Http>>, headers: HeaderMap) -> Result<Res
     ))
 }
 
-/// Routes the request and writes the answer: SSE chunks when `stream`, else one body; with
-/// `logprobs`, each token's log-probability.
+/// What an endpoint asks of the worker beyond the shared fields.
+struct Options {
+    /// Each token's log-probability.
+    logprobs: bool,
+    reasoning_in_text: bool,
+}
+
+/// Routes the request and writes the answer: SSE chunks when `stream`, else one body.
 async fn respond(
     http: &Http,
     key: Option<Arc<Key>>,
@@ -192,8 +197,12 @@ async fn respond(
     common: Common,
     prompt: Prompt,
     max_tokens: Option<u32>,
-    logprobs: bool,
+    options: Options,
 ) -> Result<Response, ApiError> {
+    let Options {
+        logprobs,
+        reasoning_in_text,
+    } = options;
     let id = match kind {
         Kind::Chat => new_id("chatcmpl"),
         Kind::Completion => new_id("cmpl"),
@@ -204,7 +213,7 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let request = common.into_request(prompt, max_tokens, id.clone(), logprobs);
+    let request = common.into_request(prompt, max_tokens, id.clone(), logprobs, reasoning_in_text);
     let messages = http.router.generate(request, None, key).await?;
     let frame = Frame {
         kind,
@@ -221,7 +230,7 @@ async fn respond(
 
 /// The answer as one JSON body, once the worker has finished.
 async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Response, ApiError> {
-    let mut text = String::new();
+    let (mut text, mut reasoning) = (String::new(), String::new());
     let mut pieces: Vec<(String, f32)> = Vec::new();
     let mut last = None;
     while let Some(message) = messages.next().await {
@@ -232,6 +241,7 @@ async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Respon
             (new, _) => pieces.extend(new),
         }
         text.push_str(&message.text);
+        reasoning.push_str(&message.reasoning_text);
         last = Some(message);
     }
     let last = last.unwrap_or_default();
@@ -241,7 +251,11 @@ async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Respon
             "chat.completion",
             json!({
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "reasoning_content": (!reasoning.is_empty()).then_some(reasoning),
+                },
                 "logprobs": logprobs,
                 "finish_reason": finish_reason(last.finish_reason),
             }),

@@ -132,6 +132,14 @@ pub(super) struct ChatRequest {
     #[serde(default)]
     pub(super) logprobs: bool,
     pub(super) top_logprobs: Option<u32>,
+    /// A thinking model's thinking in `reasoning_content`, apart from `content` (SGLang's
+    /// name for the switch).
+    #[serde(default = "separate_by_default")]
+    pub(super) separate_reasoning: bool,
+}
+
+fn separate_by_default() -> bool {
+    true
 }
 
 /// `prompt`: a string, token ids, or a one-element list of either.
@@ -207,6 +215,7 @@ impl Common {
         max_tokens: Option<u32>,
         id: String,
         include_logprobs: bool,
+        reasoning_in_text: bool,
     ) -> GenerateRequest {
         GenerateRequest {
             request_id: id,
@@ -231,6 +240,7 @@ impl Common {
             })
             .filter(|s| s.max_new_tokens > 0 || !s.stop.is_empty() || s.ignore_eos),
             include_logprobs,
+            reasoning_in_text,
         }
     }
 }
@@ -353,8 +363,9 @@ mod tests {
             request.max_completion_tokens,
             "id".into(),
             request.logprobs,
+            !request.separate_reasoning,
         );
-        assert!(!g.include_logprobs);
+        assert!(!g.include_logprobs && !g.reasoning_in_text);
         let (s, t) = (g.sampling.unwrap(), g.stopping.unwrap());
         assert_eq!((s.temperature, s.seed), (0.0, Some(7)));
         assert_eq!((t.max_new_tokens, t.stop), (5, vec!["x".to_string()]));
@@ -363,8 +374,8 @@ mod tests {
         let request: CompletionRequest = fields(&body).ok().unwrap();
         assert!(matches!(request.prompt, CompletionPrompt::Ids(ref ids) if ids == &[1, 2, 3]));
         let common: Common = fields(&body).ok().unwrap();
-        let g = common.into_request(Prompt::Text(String::new()), None, "id".into(), true);
-        assert!(g.include_logprobs);
+        let g = common.into_request(Prompt::Text(String::new()), None, "id".into(), true, true);
+        assert!(g.include_logprobs && g.reasoning_in_text);
         assert_eq!(g.sampling.unwrap().temperature, 1.0);
         assert!(g.stopping.is_none());
     }

@@ -106,14 +106,27 @@ impl Frame {
         first: bool,
         logprobs: Value,
     ) -> Value {
+        self.delta_chunk(text.map(|t| ("content", t)), finish, first, logprobs)
+    }
+
+    /// A chat chunk's delta holds `field` (`content` or `reasoning_content`); a completion
+    /// chunk's `text` only ever holds content.
+    fn delta_chunk(
+        &self,
+        delta_text: Option<(&str, &str)>,
+        finish: Option<&str>,
+        first: bool,
+        logprobs: Value,
+    ) -> Value {
+        let text = delta_text.map(|(_, text)| text);
         let choice = match self.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
                 if first {
                     delta.insert("role".into(), "assistant".into());
                 }
-                if let Some(text) = text {
-                    delta.insert("content".into(), text.into());
+                if let Some((field, text)) = delta_text {
+                    delta.insert(field.into(), text.into());
                 }
                 json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
@@ -159,6 +172,15 @@ pub(super) fn sse(
     let body = messages
         .map(move |message| {
             let mut events = Vec::new();
+            // Thinking goes ahead of the answer text of the same message (there is none).
+            if let Ok(m) = &message
+                && !m.reasoning_text.is_empty()
+            {
+                let reasoning = Some(("reasoning_content", m.reasoning_text.as_str()));
+                let chunk = frame.delta_chunk(reasoning, None, first, Value::Null);
+                events.push(event(&chunk));
+                first = false;
+            }
             let mut send = |text: String, pieces: Vec<(String, f32)>, events: &mut Vec<Bytes>| {
                 if !text.is_empty() || !pieces.is_empty() || (first && frame.kind == Kind::Chat) {
                     let logprobs = frame.logprobs_json(&pieces, offset);

@@ -30,6 +30,9 @@ pub enum Mode {
     TokenThenFail,
     /// A token, then the stream stays open until the client goes away.
     Hold,
+    /// A thought, then `Answer`'s token: the thought as `reasoning_text`, or in `text` when
+    /// the request asks for it there, as a worker serving a thinking model does.
+    Think,
 }
 
 pub struct Fake {
@@ -52,6 +55,20 @@ impl Inference for Fake {
     ) -> Result<Response<Messages>, Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         *self.deadline.lock().unwrap() = grpc_timeout(request.metadata());
+        let thought = GenerateResponse {
+            token_ids: vec![7],
+            ..if request.get_ref().reasoning_in_text {
+                GenerateResponse {
+                    text: "hmm. ".into(),
+                    ..Default::default()
+                }
+            } else {
+                GenerateResponse {
+                    reasoning_text: "hmm. ".into(),
+                    ..Default::default()
+                }
+            }
+        };
         let token = GenerateResponse {
             token_ids: vec![1],
             text: self.name.clone(),
@@ -72,6 +89,7 @@ impl Inference for Fake {
                 Ok(token),
                 Err(Status::unavailable("the backend died mid-stream")),
             ])),
+            Mode::Think => Box::pin(futures::stream::iter([Ok(thought), Ok(token), Ok(done)])),
             Mode::Hold => Box::pin(futures::StreamExt::chain(
                 futures::stream::iter([Ok(token)]),
                 futures::stream::pending(),
@@ -439,4 +457,70 @@ async fn a_key_over_its_rate_limit_waits_with_429_and_retry_after() {
     let tpm = [("Authorization", "Bearer sk-tpm")];
     assert_eq!(http(router.http, "POST", path, &tpm, body).await.0, 200);
     assert_eq!(http(router.http, "POST", path, &tpm, body).await.0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinking_is_reasoning_content_apart_from_the_answer() {
+    let fake = FakeServer::start("a", Mode::Think).await;
+    let router = start(config(Policy::LeastLoad, &[], &[("p", fake.addr)])).await;
+    let chat = |extra: &str| {
+        format!(r#"{{"model": "fake", "messages": [{{"role": "user", "content": "hi"}}]{extra}}}"#)
+    };
+    let post = |path: &'static str, body: String| async move {
+        let (status, text) = http(router.http, "POST", path, &[], body.as_bytes()).await;
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    let whole: serde_json::Value =
+        serde_json::from_str(&post("/v1/chat/completions", chat("")).await).unwrap();
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(
+        (
+            message["reasoning_content"].as_str(),
+            message["content"].as_str()
+        ),
+        (Some("hmm. "), Some("a"))
+    );
+
+    let streamed = post("/v1/chat/completions", chat(r#", "stream": true"#)).await;
+    let deltas: Vec<serde_json::Value> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0]["delta"].clone()
+        })
+        .collect();
+    assert_eq!(
+        deltas[0],
+        serde_json::json!({"role": "assistant", "reasoning_content": "hmm. "})
+    );
+    assert_eq!(deltas[1], serde_json::json!({"content": "a"}));
+
+    // Asked to keep it in the answer; and a completion is the raw text, thinking included.
+    let kept: serde_json::Value = serde_json::from_str(
+        &post(
+            "/v1/chat/completions",
+            chat(r#", "separate_reasoning": false"#),
+        )
+        .await,
+    )
+    .unwrap();
+    let message = &kept["choices"][0]["message"];
+    assert_eq!(
+        (
+            message["reasoning_content"].is_null(),
+            message["content"].as_str()
+        ),
+        (true, Some("hmm. a"))
+    );
+    let completion: serde_json::Value = serde_json::from_str(
+        &post(
+            "/v1/completions",
+            r#"{"model": "fake", "prompt": "hi"}"#.to_string(),
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(completion["choices"][0]["text"], "hmm. a");
 }

@@ -10,7 +10,7 @@ use super::{Outcome, ResponseSender, Submission, internal};
 use crate::metrics::Metrics;
 use crate::model::cache::{BlockTable, PrefixHash, prefix_hashes};
 use crate::sampling::{Next, Sampler, Want};
-use crate::tokenizer::{IncrementalDecoder, StopCheck, StopStrings, Tokenizer};
+use crate::tokenizer::{IncrementalDecoder, Part, StopCheck, StopStrings, Thinking, Tokenizer};
 use crate::validate::ValidRequest;
 
 /// One request from submission to its final message: waiting, running, or preempted and
@@ -31,6 +31,7 @@ pub(super) struct Sequence {
     pub(super) generated: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
+    thinking: Option<Thinking>,
     pub(super) arrived: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -51,6 +52,7 @@ impl Sequence {
         Sequence {
             sampler: Sampler::new(s.request.sampling.clone()),
             stops: StopStrings::new(s.request.stop.clone()),
+            thinking: s.request.thinking,
             blocks: BlockTable::default(),
             prompt_names: prefix_hashes(&s.request.prompt_ids),
             cached_tokens: 0,
@@ -150,18 +152,26 @@ pub(super) fn emit(
         }];
     }
     let mut stopped = false;
+    let part = seq
+        .thinking
+        .as_mut()
+        .map_or(Part::Answer, |t| t.step(token));
     if let Some(tokenizer) = tokenizer.filter(|_| !eos) {
-        match seq
-            .decoder
-            .push(tokenizer, token)
-            .map(|delta| seq.stops.push(&delta))
-        {
-            Ok(StopCheck::Continue(text)) => response.text = text,
-            Ok(StopCheck::Stopped(text)) => {
-                response.text = text;
-                stopped = true;
-            }
+        let delta = match seq.decoder.push(tokenizer, token) {
+            Ok(delta) => delta,
             Err(err) => return Outcome::Failed(internal(err)),
+        };
+        // Stop strings end the answer, not the thinking.
+        match part {
+            Part::Thinking => response.reasoning_text = delta,
+            Part::Tag => {}
+            Part::Answer => match seq.stops.push(&delta) {
+                StopCheck::Continue(text) => response.text = text,
+                StopCheck::Stopped(text) => {
+                    response.text = text;
+                    stopped = true;
+                }
+            },
         }
     }
     if seq.respond.send(Ok(response)).is_err() {
@@ -186,15 +196,17 @@ pub(super) fn final_message(
     reason: FinishReason,
 ) -> GenerateResponse {
     // Release what the decoder and the stop-string check held back; after a stop there is none.
-    let mut text = String::new();
+    let (mut text, mut reasoning_text) = (String::new(), String::new());
+    let thinking = seq.thinking.is_some_and(|t| t.inside());
     if let Some(tokenizer) = tokenizer.filter(|_| reason != FinishReason::Stop) {
-        match seq
-            .decoder
-            .finish(tokenizer)
-            .map(|rest| seq.stops.push(&rest))
-        {
-            Ok(StopCheck::Continue(released)) => text = released + &seq.stops.flush(),
-            Ok(StopCheck::Stopped(released)) => text = released,
+        match seq.decoder.finish(tokenizer) {
+            Ok(rest) if thinking => reasoning_text = rest,
+            Ok(rest) => {
+                text = match seq.stops.push(&rest) {
+                    StopCheck::Continue(released) => released + &seq.stops.flush(),
+                    StopCheck::Stopped(released) => released,
+                }
+            }
             Err(err) => tracing::warn!(error = %err, "detokenizing the tail failed"),
         }
     }
@@ -202,6 +214,7 @@ pub(super) fn final_message(
     let seconds = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64();
     GenerateResponse {
         text,
+        reasoning_text,
         finish_reason: reason as i32,
         usage: Some(Usage {
             prompt_tokens: seq.request.prompt_ids.len() as u32,

@@ -675,3 +675,61 @@ async fn a_repeated_prompt_prefix_comes_from_the_cache_with_the_same_numbers() {
         "{body}"
     );
 }
+
+/// Tokens, answer text and thinking text of a stream.
+async fn collect_text(
+    client: &mut InferenceClient<Channel>,
+    request: GenerateRequest,
+) -> (Vec<u32>, String, String) {
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let (mut tokens, mut text, mut reasoning) = (Vec::new(), String::new(), String::new());
+    while let Some(message) = stream.message().await.unwrap() {
+        tokens.extend(message.token_ids);
+        text.push_str(&message.text);
+        reasoning.push_str(&message.reasoning_text);
+    }
+    (tokens, text, reasoning)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinking_streams_apart_from_the_answer_unless_asked_otherwise() {
+    let mut client = InferenceClient::new(start(256).await);
+    // <think> and </think> in the fixture's vocabulary.
+    let (open, close) = (4, 5);
+    let mut prompt = ids(&reference()["prompt_ids"]);
+    prompt.push(open);
+    let thinking = request(prompt.clone(), 12);
+    let (tokens, text, reasoning) = collect_text(&mut client, thinking.clone()).await;
+    let in_text = GenerateRequest {
+        reasoning_in_text: true,
+        ..thinking
+    };
+    let (same_tokens, all_text, none) = collect_text(&mut client, in_text).await;
+    assert_eq!(tokens, same_tokens);
+    assert_eq!(
+        (none.as_str(), format!("{reasoning}{text}")),
+        ("", all_text.clone())
+    );
+    // The prompt opened <think>: everything up to a </think> is thinking.
+    let thought = tokens
+        .iter()
+        .position(|t| *t == close)
+        .unwrap_or(tokens.len());
+    let decoded = client
+        .detokenize(deepseek_proto::v1::DetokenizeRequest {
+            ids: tokens[..thought].to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert!(!reasoning.is_empty());
+    assert_eq!(reasoning, decoded);
+
+    // Without an open <think> in the prompt, the answer starts at once.
+    prompt.pop();
+    let (tokens, text, reasoning) = collect_text(&mut client, request(prompt, 12)).await;
+    if !tokens.contains(&open) {
+        assert_eq!((reasoning.as_str(), text.is_empty()), ("", false));
+    }
+}
