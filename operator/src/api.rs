@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use deepseek_proto::memory::ModelShape;
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -89,6 +90,13 @@ pub struct DeepSeekDeploymentSpec {
     #[schemars(range(min = 0))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+
+    /// Who may scrape the workers' metrics port (9090), as NetworkPolicy peers (pod and
+    /// namespace selectors, IP blocks). Default: pods in the operator's namespace (its
+    /// `--metrics-from-namespace`, else the namespace it runs in); when the operator cannot
+    /// tell, pods in this deployment's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 /// The served model.

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus};
-use crate::desired::{Desired, ExpertLoad};
+use crate::desired::{Desired, ExpertLoad, Surroundings};
 pub use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::names::*;
@@ -44,6 +44,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DeepSeekDeployment>, u32>>,
+    /// Whose pods may scrape worker metrics when a spec does not say.
+    pub metrics_namespace: Option<String>,
 }
 
 impl Context {
@@ -57,6 +59,7 @@ impl Context {
             client,
             metrics,
             failures: Mutex::default(),
+            metrics_namespace: None,
         }
     }
 }
@@ -143,7 +146,10 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
     }
     let desired = match expert_load(&ctx.client, &dsd, &ns).await? {
         Err(blocked) => Err(blocked),
-        Ok(load) => match dsd.desired_with_load(&load) {
+        Ok(expert_load) => match dsd.desired_in(&Surroundings {
+            expert_load,
+            metrics_namespace: ctx.metrics_namespace.clone(),
+        }) {
             Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
                 .await?
                 .map(|()| desired),

@@ -124,6 +124,10 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
+    /// The namespace whose pods may scrape worker metrics when a deployment has no
+    /// `spec.metricsFrom` (default: the namespace the operator runs in, POD_NAMESPACE).
+    #[arg(long, env = "METRICS_FROM_NAMESPACE")]
+    metrics_from_namespace: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -203,11 +207,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     metrics.ready.store(true, Ordering::Relaxed);
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics.clone(),
-        identity.clone(),
-    ));
+    let mut ctx = Context::new(client.clone(), metrics.clone(), identity.clone());
+    ctx.metrics_namespace = args
+        .metrics_from_namespace
+        .or_else(|| args.lease_namespace.clone());
+    let ctx = Arc::new(ctx);
     if !args.leader_elect {
         metrics.leader.set(1);
         controller::run(ctx, args.namespace).await;

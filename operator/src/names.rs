@@ -17,6 +17,8 @@ pub const LABEL_GPU_PRODUCT: &str = "serving.deepseek-operator.io/gpu-product";
 /// Set by the StatefulSet controller on every pod (Kubernetes ≥ 1.28).
 pub const LABEL_POD_INDEX: &str = "apps.kubernetes.io/pod-index";
 pub const NODE_LABEL_GPU_PRODUCT: &str = "nvidia.com/gpu.product";
+/// The label the API server puts on every namespace, its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 pub const COMPONENT_WORKER: &str = "worker";

@@ -46,18 +46,30 @@ pub struct Desired {
 /// Tokens routed to each expert: layer → count per expert.
 pub type ExpertLoad = BTreeMap<u32, Vec<u64>>;
 
+/// What the builders take from the running operator rather than from the spec.
+#[derive(Clone, Debug, Default)]
+pub struct Surroundings {
+    /// Measured tokens per layer and expert: each pool's placement is balanced by it
+    /// (layers without data stay round-robin).
+    pub expert_load: ExpertLoad,
+    /// Whose pods may scrape worker metrics when the spec does not say
+    /// (`spec.metricsFrom`).
+    pub metrics_namespace: Option<String>,
+}
+
 impl DeepSeekDeployment {
     /// The objects that realise this deployment, or why it cannot be realised, with
     /// round-robin expert placement.
     pub fn desired(&self) -> Result<Desired, SpecError> {
-        self.desired_with_load(&ExpertLoad::new())
+        self.desired_in(&Surroundings::default())
     }
 
-    /// Like `desired`, with each pool's placement balanced by measured expert load
-    /// (tokens routed per layer and expert; layers without data stay round-robin).
-    pub fn desired_with_load(&self, load: &ExpertLoad) -> Result<Desired, SpecError> {
+    /// Like `desired`, with what the running operator knows.
+    pub fn desired_in(&self, surroundings: &Surroundings) -> Result<Desired, SpecError> {
+        let load = &surroundings.expert_load;
         let pools = resolve::resolve(self)?;
-        let ctx = Ctx::new(self);
+        let mut ctx = Ctx::new(self);
+        ctx.metrics_namespace = surroundings.metrics_namespace.clone();
         let mut out = Desired::default();
         for pool in pools {
             let plan_json = ctx.placement_plan_json(&pool, load);
@@ -118,6 +130,7 @@ struct Ctx<'a> {
     name: String,
     namespace: String,
     owner: Option<OwnerReference>,
+    metrics_namespace: Option<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -128,6 +141,7 @@ impl<'a> Ctx<'a> {
             namespace: dsd.namespace().unwrap_or_else(|| "default".into()),
             // Without a uid (rendering offline) there is nothing to own the objects yet.
             owner: dsd.controller_owner_ref(&()),
+            metrics_namespace: None,
         }
     }
 

@@ -39,8 +39,9 @@ impl Ctx<'_> {
 
     /// Only the group's own ranks reach its expert-parallel ports, and only this deployment's
     /// router its gRPC port, so no client skips the router's API keys and admission limit
-    /// (the kubelet's probes come from the node, which policies do not govern); metrics stay
-    /// open to Prometheus.
+    /// (the kubelet's probes come from the node, which policies do not govern); metrics only
+    /// from `spec.metricsFrom`, else the operator's namespace (where the chart puts its
+    /// monitors), else this deployment's.
     pub(super) fn group_network_policy(&self, pool: &ResolvedPool, group: i32) -> NetworkPolicy {
         let selector = label_selector(group_selector(&self.name, &pool.name, group));
         let tcp = |port: i32, end_port: Option<i32>| NetworkPolicyPort {
@@ -76,12 +77,33 @@ impl Ctx<'_> {
                         ports: Some(vec![tcp(WORKER_GRPC_PORT, None)]),
                     },
                     NetworkPolicyIngressRule {
-                        from: None,
+                        from: Some(self.metrics_peers()),
                         ports: Some(vec![tcp(METRICS_PORT, None)]),
                     },
                 ]),
                 ..Default::default()
             }),
         }
+    }
+
+    fn metrics_peers(&self) -> Vec<NetworkPolicyPeer> {
+        if let Some(peers) = &self.dsd.spec.metrics_from {
+            return peers.clone();
+        }
+        let peer = match &self.metrics_namespace {
+            Some(namespace) => NetworkPolicyPeer {
+                namespace_selector: Some(label_selector(labels(&[(
+                    NAMESPACE_NAME_LABEL,
+                    namespace,
+                )]))),
+                ..Default::default()
+            },
+            // Every pod of this namespace.
+            None => NetworkPolicyPeer {
+                pod_selector: Some(Default::default()),
+                ..Default::default()
+            },
+        };
+        vec![peer]
     }
 }

@@ -378,8 +378,39 @@ fn only_group_members_reach_the_expert_parallel_ports_and_only_the_router_grpc()
         only(&rules[1]),
         (vec![Some(Int(50051))], Some(router_selector("deepseek-v3")))
     );
-    assert_eq!(only(&rules[2]), (vec![Some(Int(9090))], None));
+    assert_eq!(rules[2].ports.as_ref().unwrap()[0].port, Some(Int(9090)));
     assert_eq!(rules.len(), 3);
+}
+
+#[test]
+fn metrics_come_from_the_spec_else_the_operators_namespace_else_this_one() {
+    use deepseek_operator::desired::Surroundings;
+    use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
+    let metrics_peers = |dsd: &DeepSeekDeployment, surroundings: &Surroundings| {
+        let d = dsd.desired_in(surroundings).unwrap();
+        let spec = d.network_policies[0].spec.clone().unwrap();
+        serde_json::to_value(&spec.ingress.unwrap()[2].from).unwrap()
+    };
+    let offline = metrics_peers(&v3(), &Surroundings::default());
+    assert_eq!(offline, serde_json::json!([{"podSelector": {}}]));
+    let in_cluster = Surroundings {
+        metrics_namespace: Some("monitoring".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        metrics_peers(&v3(), &in_cluster),
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}])
+    );
+    let mut chosen = v3();
+    let prometheus: NetworkPolicyPeer = serde_json::from_value(serde_json::json!({
+        "namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "prometheus"}}
+    }))
+    .unwrap();
+    chosen.spec.metrics_from = Some(vec![prometheus]);
+    assert_eq!(
+        metrics_peers(&chosen, &in_cluster),
+        serde_json::json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "prometheus"}}}])
+    );
 }
 
 #[test]
@@ -545,7 +576,12 @@ fn measured_expert_load_balances_each_pools_plan_and_rolls_the_groups() {
     let mut counts = vec![100u64; 256];
     counts[7] = 6400;
     let load = std::collections::BTreeMap::from([(3u32, counts.clone())]);
-    let balanced = dsd.desired_with_load(&load).unwrap();
+    let balanced = dsd
+        .desired_in(&deepseek_operator::desired::Surroundings {
+            expert_load: load.clone(),
+            ..Default::default()
+        })
+        .unwrap();
     let plan = plan_of(&balanced);
     assert!(plan.layer(3)[7].len() > 1, "the hot expert has copies");
     let per_rank = plan.rank_loads(3, &counts);

@@ -77,6 +77,29 @@ fn greedy_generation_prints_the_reference_tokens_and_logits() {
     }
 }
 
+/// The trained demo model answers as transformers did when it was made: the same greedy
+/// words (`training.json` keeps transformers' answers, computed with the bf16 weights).
+#[test]
+fn the_demo_model_answers_as_transformers_does() {
+    let dir = fixture("demo-v3");
+    let training: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+    let answers = training["greedy_answers_bf16"].as_object().unwrap();
+    for (prompt, answer) in answers {
+        let chat = format!("<｜User｜>{prompt}<｜Assistant｜>");
+        let out = json(&worker(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            &chat,
+            "--max-new-tokens",
+            "40",
+        ]));
+        assert_eq!(out["text"].as_str(), answer.as_str(), "{prompt}");
+    }
+}
+
 #[test]
 fn text_prompts_use_the_tokenizer() {
     let model = fixture("tiny-v3-bf16");
