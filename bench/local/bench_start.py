@@ -4,7 +4,7 @@ For each of `--runs` runs: start `deepseek-operator run-local -f SAMPLE`, read i
 until it prints the HTTP URL (every group ready), then stream one chat completion through
 the official OpenAI client and note when its first content token arrives; stop it with
 SIGINT and note how long stopping takes. The reference, same run: one `deepseek-worker serve`
-started alone, timed to its "serving" log line and its first token over gRPC.
+started alone, timed to its "serving" log line and its first token over gRPC, on the same model.
 
   python bench/local/bench_start.py --bin-dir target/release [--sample deploy/samples/tiny.yaml]
 
@@ -66,11 +66,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker_alone_once(bin_dir, stubs):
+def worker_alone_once(bin_dir, model, stubs):
     pb, pb_grpc = stubs
     port = free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--listen", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--model", model, "--listen", f"127.0.0.1:{port}"],
                             cwd=ROOT, env={**os.environ, "NO_COLOR": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
@@ -105,15 +105,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", default=str(ROOT / "target/release"))
     parser.add_argument("--sample", default="deploy/samples/tiny.yaml")
+    parser.add_argument("--model", default="tests/fixtures/demo-v3", help="the sample's model, for the worker alone")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     bin_dir = pathlib.Path(args.bin_dir).resolve()
     generated = stubs(tempfile.mkdtemp())
     local = [run_local_once(bin_dir, args.sample) for _ in range(args.runs)]
-    alone = [worker_alone_once(bin_dir, generated) for _ in range(args.runs)]
+    alone = [worker_alone_once(bin_dir, args.model, generated) for _ in range(args.runs)]
     median = lambda runs, key: round(statistics.median(r[key] for r in runs), 3)
     print(json.dumps({
-        "cpu": cpu_name(), "bin_dir": str(args.bin_dir), "sample": args.sample,
+        "cpu": cpu_name(), "bin_dir": str(args.bin_dir), "sample": args.sample, "model": args.model,
         "run_local": {k: median(local, k) for k in ("ready_s", "first_token_s", "stop_s")},
         "worker_alone": {k: median(alone, k) for k in ("ready_s", "first_token_s")},
         "runs": {"run_local": local, "worker_alone": alone},

@@ -302,7 +302,7 @@ fn pvc_models_mount_read_only_at_their_path() {
     );
     assert_eq!(
         env(&spec.containers[0], "DSD_MODEL"),
-        Some("/models/tiny-v3-bf16")
+        Some("/models/demo-v3")
     );
     // a CPU pool asks for no GPUs and may share nodes
     let resources = spec.containers[0].resources.as_ref().unwrap();

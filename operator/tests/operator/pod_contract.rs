@@ -103,7 +103,7 @@ fn dry_run(dsd: &DeepSeekDeployment, pool: &str, pod_index: u32) -> Result<Value
 fn a_cpu_pod_serves_as_the_operator_meant() {
     let report = dry_run(&tiny(), "cpu", 0).unwrap();
     assert_eq!(report["served_name"], "tiny-deepseek");
-    assert_eq!(report["model"], "/models/tiny-v3-bf16");
+    assert_eq!(report["model"], "/models/demo-v3");
     assert_eq!(report["pool"], "cpu");
     assert_eq!(report["device"], "cpu");
     assert_eq!(report["listen"], format!("0.0.0.0:{WORKER_GRPC_PORT}"));
