@@ -9,7 +9,8 @@ expert-parallel groups: pool a two pods of one rank, pool b one pod of two ranks
    whose response had not begun fails (the router retries it on another group), the process comes back, its group re-forms and
    the restarted rank serves;
 3. the file is edited (worker.maxBatchTokens): every group is replaced, one pool at a time,
-   with no failed request at all;
+   with no failed request at all; then pool a is scaled to two groups and back, again with
+   no failed request;
 4. SIGINT: run-local exits 0 and leaves no process behind;
 5. a second run, killed with SIGKILL: its processes die with it.
 
@@ -195,11 +196,24 @@ def main():
         run.wait_for(rf"^{other}/0: starting revision")
         run.wait_for(r"pool a 1/1 groups ready, pool b 1/1 groups ready")
         time.sleep(2)
-        load.stop()
         outcomes = load.take()
         failed = [e for _, e in outcomes if e]
         check(len(outcomes) > 0 and not failed,
               f"a rolling replacement, one pool at a time: {len(outcomes)} requests, none failed ({failed[:3]})")
+
+        scaled = manifest.read_text().replace("podsPerGroup: 2\n      replicas: 1", "podsPerGroup: 2\n      replicas: 2")
+        manifest.write_text(scaled)
+        run.wait_for(r"^a/1: starting revision")
+        run.wait_for(r"pool a 2/2 groups ready, pool b 1/1 groups ready")
+        manifest.write_text(scaled.replace("podsPerGroup: 2\n      replicas: 2", "podsPerGroup: 2\n      replicas: 1"))
+        run.wait_for(r"^a/1: retiring")
+        run.wait_for(r"^a/1: stopped")
+        time.sleep(2)
+        load.stop()
+        outcomes = load.take()
+        failed = [e for _, e in outcomes if e]
+        check(len(outcomes) > 0 and not failed,
+              f"pool a scaled to two groups and back: {len(outcomes)} requests, none failed ({failed[:3]})")
 
         pids = run.pids()
         run.proc.send_signal(signal.SIGINT)
