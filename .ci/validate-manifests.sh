@@ -31,7 +31,7 @@ OPERATOR_BIN="${OPERATOR_BIN:-./target/debug/deepseek-operator}"
 K8S_VERSION="${K8S_VERSION:-1.35.0}"
 CHART="charts/deepseek-operator"
 CRD_NAME="deepseekdeployments.yaml"
-SAMPLES=(deploy/samples/tiny.yaml deploy/samples/tiny-ep.yaml deploy/samples/deepseek-v3-h100-a100.yaml)
+SAMPLES=(deploy/samples/tiny.yaml deploy/samples/tiny-ep.yaml deploy/samples/tiny-autoscaling.yaml deploy/samples/deepseek-v3-h100-a100.yaml)
 # "Kind apiVersion" pairs that may lack a schema (custom resources of other projects).
 ALLOWED_CUSTOM_KINDS=("ServiceMonitor monitoring.coreos.com/v1")
 

@@ -97,6 +97,36 @@ pub struct DeepSeekDeploymentSpec {
     /// tell, pods in this deployment's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
+
+    /// Scale the number of groups with load, between the pools' `minReplicas` and
+    /// `maxReplicas` (every pool needs `maxReplicas`), as `spec.replicas` would: pools fill
+    /// in order. Absent: groups change only when the spec (or `kubectl scale`) does.
+    /// `deepseek-operator run-local` applies it; the in-cluster controller does not yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// Load-aware scaling: the load is the requests running and waiting on the workers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Requests (running and waiting) one group should hold: the desired groups are the
+    /// load divided by this, rounded up.
+    #[schemars(range(min = 1))]
+    #[serde(default = "default_target_requests")]
+    pub target_requests_per_group: i32,
+
+    /// Scale up only to a count the load has called for during this whole window (HPA's
+    /// scale-up stabilization). 0: at once.
+    #[schemars(range(min = 0))]
+    #[serde(default)]
+    pub scale_up_window_seconds: i32,
+
+    /// Scale down only to the highest count the load called for during this window, so a
+    /// lull does not tear down groups that take minutes to start.
+    #[schemars(range(min = 0))]
+    #[serde(default = "default_scale_down_window")]
+    pub scale_down_window_seconds: i32,
 }
 
 /// The served model.
@@ -499,6 +529,14 @@ pub struct Endpoints {
 fn one() -> i32 {
     1
 }
+fn default_target_requests() -> i32 {
+    16
+}
+
+fn default_scale_down_window() -> i32 {
+    300
+}
+
 fn default_revision() -> String {
     "main".into()
 }

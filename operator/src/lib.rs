@@ -2,6 +2,7 @@
 //! Kubernetes objects, status computation, and the controller that applies them.
 
 pub mod api;
+pub mod autoscale;
 pub mod controller;
 pub mod desired;
 pub mod error;

@@ -104,6 +104,14 @@ pub fn resolve(dsd: &DeepSeekDeployment) -> Result<Vec<ResolvedPool>, SpecError>
             return Err(SpecError::DuplicatePool(pool.name.clone()));
         }
     }
+    if spec.autoscaling.is_some()
+        && let Some(pool) = spec.pools.iter().find(|p| p.max_replicas.is_none())
+    {
+        return Err(SpecError::InvalidPool {
+            pool: pool.name.clone(),
+            message: "maxReplicas is required with spec.autoscaling".into(),
+        });
+    }
     let experts = routed_experts(dsd)?;
     let replicas = pool_replicas(spec.replicas, &spec.pools);
     spec.pools

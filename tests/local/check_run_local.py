@@ -12,7 +12,8 @@ expert-parallel groups: pool a two pods of one rank, pool b one pod of two ranks
    with no failed request at all; then pool a is scaled to two groups and back, again with
    no failed request;
 4. SIGINT: run-local exits 0 and leaves no process behind;
-5. a second run, killed with SIGKILL: its processes die with it.
+5. the autoscaling sample under 16 streams grows, and shrinks back once they stop;
+6. a last run, killed with SIGKILL: its processes die with it.
 
   python tests/local/check_run_local.py --bin-dir target/debug
 """
@@ -221,6 +222,25 @@ def main():
         check(code == 0, f"SIGINT: run-local exits 0 (got {code})")
         left = [p for p in pids if alive(p)]
         check(not left, f"SIGINT: none of its {len(pids)} processes is left ({left})")
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+
+    run = RunLocal(bin_dir, ROOT / "deploy/samples/tiny-autoscaling.yaml")
+    try:
+        http_url = run.wait_for(r"(http://127\.0\.0\.1:\d+) ").group(1)
+        client = openai.OpenAI(base_url=f"{http_url}/v1", api_key="none", max_retries=0)
+        load = Load(client, threads=16)
+        grew = run.wait_for(r"autoscaling 1 → (\d) groups", timeout=60).group(1)
+        run.wait_for(rf"pool cpu {grew}/{grew} groups ready")
+        load.stop()
+        outcomes = load.take()
+        failed = [e for _, e in outcomes if e]
+        check(not failed, f"16 streams: the pool grew to {grew} groups; {len(outcomes)} requests, none failed")
+        back = run.wait_for(r"autoscaling \d → (\d) groups", timeout=90).group(1)
+        check(back == "1", f"idle: back to one group after the scale-down window (to {back})")
+        run.proc.send_signal(signal.SIGINT)
+        run.proc.wait(timeout=120)
     finally:
         if run.proc.poll() is None:
             run.proc.kill()

@@ -9,11 +9,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deepseek_proto::pod::env;
 use deepseek_proto::serving::shutdown_signal;
+use deepseek_proto::v1::GetLoadRequest;
+use deepseek_proto::v1::inference_client::InferenceClient;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -24,6 +26,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::*;
 use crate::api::DeepSeekDeployment;
+use crate::autoscale::{self, Sample};
 
 /// What `run-local` was asked to run.
 pub struct Options {
@@ -115,7 +118,10 @@ async fn supervise(files: &[PathBuf], watch: bool, shared: &mut Shared) -> Resul
             if watch {
                 deployment.reload(shared);
             }
-            if let Err(err) = deployment.reconcile(shared) {
+            if let Err(err) = deployment
+                .autoscale()
+                .and_then(|()| deployment.reconcile(shared))
+            {
                 if !deployment.announced {
                     // What cannot start at first is a mistake in the spec or the flags.
                     started = Err(err);
@@ -179,6 +185,11 @@ fn find_program(name: &str, bin_dir: Option<&Path>) -> Result<PathBuf, LocalErro
 struct Deployment {
     file: PathBuf,
     text: String,
+    /// The spec running, with the autoscaler's `replicas`.
+    dsd: DeepSeekDeployment,
+    /// The load, a sample a second, as far back as the autoscaler's windows reach.
+    load: Vec<Sample>,
+    clock: Instant,
     name: String,
     /// Its processes' labels start with the deployment's name when several run.
     prefix: String,
@@ -218,6 +229,9 @@ impl Deployment {
             std::fs::read_to_string(file).map_err(LocalError::io(file.display().to_string()))?;
         let (dsd, desired, targets) = parse(file, &text)?;
         let name = dsd.metadata.name.clone().unwrap_or_default();
+        if dsd.spec.autoscaling.is_some() {
+            println!("{name}: autoscaling on (spec.autoscaling)");
+        }
         let dir = shared.run_dir.join(&name);
         std::fs::create_dir_all(&dir).map_err(LocalError::io(dir.display().to_string()))?;
         let backends_path = dir.join("backends");
@@ -236,6 +250,9 @@ impl Deployment {
         Ok(Deployment {
             file: file.to_path_buf(),
             text,
+            dsd,
+            load: Vec::new(),
+            clock: Instant::now(),
             router: None,
             next_router: Some(router),
             name,
@@ -262,7 +279,7 @@ impl Deployment {
             return;
         }
         self.text = text;
-        let parsed = parse(&self.file, &self.text).and_then(|(dsd, desired, targets)| {
+        let parsed = parse(&self.file, &self.text).and_then(|(mut dsd, _, _)| {
             let name = dsd.metadata.name.clone().unwrap_or_default();
             if name != self.name {
                 return Err(LocalError::Unsupported(format!(
@@ -271,9 +288,14 @@ impl Deployment {
                     self.name
                 )));
             }
-            Ok((desired, targets))
+            // The autoscaler keeps the count it chose.
+            if dsd.spec.autoscaling.is_some() && self.dsd.spec.autoscaling.is_some() {
+                dsd.spec.replicas = Some(self.groups_wanted());
+            }
+            let (desired, targets) = desired_of(&dsd)?;
+            Ok((dsd, desired, targets))
         });
-        let (desired, targets) = match parsed {
+        let (dsd, desired, targets) = match parsed {
             Ok(parsed) => parsed,
             Err(err) => {
                 println!(
@@ -310,8 +332,56 @@ impl Deployment {
                 self.file.display()
             ),
         }
+        self.dsd = dsd;
         self.desired = desired;
         self.targets = targets;
+    }
+
+    /// Groups the pools want now.
+    fn groups_wanted(&self) -> i32 {
+        self.targets.iter().map(|t| t.pool.replicas).sum()
+    }
+
+    /// Once a second, with `spec.autoscaling`: samples the load of the groups in service and
+    /// applies the autoscaler's decision as `spec.replicas`.
+    fn autoscale(&mut self) -> Result<(), LocalError> {
+        let Some(spec) = self.dsd.spec.autoscaling.clone() else {
+            return Ok(());
+        };
+        let Some(bounds) = autoscale::bounds(&self.dsd.spec.pools) else {
+            return Ok(());
+        };
+        let now = self.clock.elapsed().as_secs_f64();
+        if self.load.last().is_some_and(|s| now - s.at < 1.0) {
+            return Ok(());
+        }
+        let requests = self
+            .groups
+            .iter()
+            .filter(|g| g.leaving.is_none())
+            .flat_map(|g| &g.pods)
+            .map(Supervised::requests)
+            .sum();
+        self.load.push(Sample { at: now, requests });
+        // One sample older than the longest window stays, so the history covers it.
+        let reach = f64::from(
+            spec.scale_up_window_seconds
+                .max(spec.scale_down_window_seconds),
+        );
+        while self.load.len() > 1 && self.load[1].at <= now - reach {
+            self.load.remove(0);
+        }
+        let current = self.groups_wanted();
+        let decision = autoscale::decide(&spec, bounds, current, &self.load, now);
+        if decision.groups != current {
+            println!(
+                "{}: autoscaling {current} → {} groups: {}",
+                self.name, decision.groups, decision.reason
+            );
+            self.dsd.spec.replicas = Some(decision.groups);
+            (self.desired, self.targets) = desired_of(&self.dsd)?;
+        }
+        Ok(())
     }
 
     /// Moves the groups toward the targets (the rollout), writes the backends file.
@@ -524,6 +594,12 @@ fn parse(
             file.display()
         ))
     })?;
+    let (desired, targets) = desired_of(&dsd)?;
+    Ok((dsd, desired, targets))
+}
+
+/// The deployment's desired objects and its pools' targets.
+fn desired_of(dsd: &DeepSeekDeployment) -> Result<(Desired, Vec<PoolTarget>), LocalError> {
     let desired = dsd.desired()?;
     let targets = desired
         .pools
@@ -533,7 +609,7 @@ fn parse(
             revision: revision.clone(),
         })
         .collect();
-    Ok((dsd, desired, targets))
+    Ok((desired, targets))
 }
 
 fn check_model_dir(group: &LocalGroup) -> Result<(), LocalError> {
@@ -573,6 +649,8 @@ fn write_replacing(path: &Path, text: &str) -> Result<(), LocalError> {
 struct Supervised {
     process: Process,
     ready: Arc<AtomicBool>,
+    /// Requests running and waiting, as it last reported (`GetLoad`).
+    requests: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -580,18 +658,23 @@ struct Supervised {
 impl Supervised {
     fn start(program: &Path, process: Process, prefix: &str, plain_logs: bool) -> Self {
         let ready = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(keep_running(
             program.to_path_buf(),
             process.clone(),
             format!("{prefix}{}", process.label),
             plain_logs,
-            ready.clone(),
+            Probes {
+                ready: ready.clone(),
+                requests: requests.clone(),
+            },
             stopped,
         ));
         Supervised {
             process,
             ready,
+            requests,
             stop,
             task,
         }
@@ -599,6 +682,10 @@ impl Supervised {
 
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     fn stop(&self) {
@@ -611,10 +698,11 @@ async fn keep_running(
     process: Process,
     label: String,
     plain_logs: bool,
-    ready: Arc<AtomicBool>,
+    probes: Probes,
     mut stop: watch::Receiver<bool>,
 ) {
-    let probe = tokio::spawn(probe_readiness(process.grpc, ready.clone()));
+    let ready = probes.ready.clone();
+    let probe = tokio::spawn(probe(process.grpc, probes));
     let mut failures = 0;
     while !*stop.borrow() {
         let started = Instant::now();
@@ -730,8 +818,15 @@ async fn terminate(child: &mut Child, grace: Duration) {
     }
 }
 
-/// Keeps `ready` equal to whether the process's gRPC health says SERVING.
-async fn probe_readiness(addr: std::net::SocketAddr, ready: Arc<AtomicBool>) {
+/// What a process's probe keeps up to date.
+struct Probes {
+    ready: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+}
+
+/// Keeps `ready` equal to whether the process's gRPC health says SERVING, and `requests`
+/// to the load it reports while it does.
+async fn probe(addr: std::net::SocketAddr, probes: Probes) {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
         return;
     };
@@ -739,13 +834,24 @@ async fn probe_readiness(addr: std::net::SocketAddr, ready: Arc<AtomicBool>) {
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1))
         .connect_lazy();
-    let mut client = HealthClient::new(channel);
+    let mut health = HealthClient::new(channel.clone());
+    let mut inference = InferenceClient::new(channel);
     loop {
-        let serving = client
+        let serving = health
             .check(HealthCheckRequest::default())
             .await
             .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32);
-        ready.store(serving, Ordering::Relaxed);
+        probes.ready.store(serving, Ordering::Relaxed);
+        let load = if serving {
+            inference.get_load(GetLoadRequest {}).await.ok()
+        } else {
+            None
+        };
+        let requests = load.map_or(0, |l| {
+            let l = l.into_inner();
+            u64::from(l.waiting_sequences) + u64::from(l.running_sequences)
+        });
+        probes.requests.store(requests, Ordering::Relaxed);
         tokio::time::sleep(TICK).await;
     }
 }
