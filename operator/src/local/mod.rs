@@ -157,11 +157,6 @@ pub fn worker_group(
         let grpc = SocketAddr::from(([127, 0, 0, 1], ports()?));
         let metrics = SocketAddr::from(([127, 0, 0, 1], ports()?));
         let first_rank = index * ranks_per_pod;
-        let gpus: Vec<u32> = if gpus_needed > 0 {
-            free_gpus.drain(..ranks_per_pod).collect()
-        } else {
-            Vec::new()
-        };
         let local = LocalPod {
             index,
             peers: &peers,
@@ -172,6 +167,12 @@ pub fn worker_group(
             kernels: &run_dir.join("kernels"),
         };
         let mut env = local_env(container, &local)?;
+        // Taken only once nothing else can fail for this pod, so none are lost.
+        let gpus: Vec<u32> = if gpus_needed > 0 {
+            free_gpus.drain(..ranks_per_pod).collect()
+        } else {
+            Vec::new()
+        };
         if !gpus.is_empty() {
             let visible = gpus.iter().map(u32::to_string).collect::<Vec<_>>();
             env.push(("CUDA_VISIBLE_DEVICES".into(), visible.join(",")));
