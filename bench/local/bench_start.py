@@ -21,12 +21,15 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 
 import grpc
 import openai
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import grpc_stubs  # noqa: E402
 
 
 def cpu_name():
@@ -90,16 +93,6 @@ def worker_alone_once(bin_dir, model, stubs):
     return {"ready_s": ready, "first_token_s": first_token}
 
 
-def stubs(out_dir):
-    import sys
-    from grpc_tools import protoc
-    protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-                 str(ROOT / "proto/deepseek/v1/inference.proto")])
-    sys.path.insert(0, str(out_dir))
-    from deepseek.v1 import inference_pb2, inference_pb2_grpc
-    return inference_pb2, inference_pb2_grpc
-
-
 def main():
     import tempfile
     parser = argparse.ArgumentParser()
@@ -109,7 +102,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     bin_dir = pathlib.Path(args.bin_dir).resolve()
-    generated = stubs(tempfile.mkdtemp())
+    generated = grpc_stubs.generate(tempfile.mkdtemp())
     local = [run_local_once(bin_dir, args.sample) for _ in range(args.runs)]
     alone = [worker_alone_once(bin_dir, args.model, generated) for _ in range(args.runs)]
     median = lambda runs, key: round(statistics.median(r[key] for r in runs), 3)

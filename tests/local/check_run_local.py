@@ -32,9 +32,10 @@ import time
 
 import grpc
 import openai
-from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import grpc_stubs  # noqa: E402
 MODEL = "tiny-deepseek"
 
 
@@ -92,17 +93,6 @@ def alive(pid):
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def grpc_stubs(out_dir):
-    proto_dir = ROOT / "proto"
-    code = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-                        str(proto_dir / "deepseek/v1/inference.proto")])
-    if code != 0:
-        raise SystemExit("FAILED: generating the gRPC stubs")
-    sys.path.insert(0, str(out_dir))
-    from deepseek.v1 import inference_pb2, inference_pb2_grpc
-    return inference_pb2, inference_pb2_grpc
-
-
 def generate(pb, pb_grpc, addr, text, max_new_tokens=4):
     with grpc.insecure_channel(addr) as channel:
         stub = pb_grpc.InferenceStub(channel)
@@ -155,7 +145,7 @@ def main():
     parser.add_argument("--bin-dir", default=str(ROOT / "target/debug"))
     bin_dir = pathlib.Path(parser.parse_args().bin_dir).resolve()
     work = pathlib.Path(tempfile.mkdtemp(prefix="run-local-check-"))
-    pb, pb_grpc = grpc_stubs(work)
+    pb, pb_grpc = grpc_stubs.generate(work)
     manifest = work / "tiny-ep.yaml"
     manifest.write_text((ROOT / "deploy/samples/tiny-ep.yaml").read_text())
 

