@@ -99,19 +99,16 @@ impl Tokenizer {
     }
 
     /// Where a sequence that starts with `prompt` thinks, when the vocabulary has both
-    /// `<think>` and `</think>`.
+    /// `<think>` and `</think>`: inside when the prompt's last tag opens.
     pub fn thinking(&self, prompt: &[u32]) -> Option<Thinking> {
         let open = self.inner.token_to_id(THINK_OPEN)?;
         let close = self.inner.token_to_id(THINK_CLOSE)?;
-        let mut thinking = Thinking {
+        let last_tag = prompt.iter().rev().find(|t| **t == open || **t == close);
+        Some(Thinking {
             open,
             close,
-            inside: false,
-        };
-        for &token in prompt {
-            thinking.step(token);
-        }
-        Some(thinking)
+            inside: last_tag == Some(&open),
+        })
     }
 
     pub fn vocab_size(&self) -> usize {

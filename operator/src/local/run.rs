@@ -227,7 +227,8 @@ impl Deployment {
     fn start(file: &Path, several: bool, shared: &mut Shared) -> Result<Self, LocalError> {
         let text =
             std::fs::read_to_string(file).map_err(LocalError::io(file.display().to_string()))?;
-        let (dsd, desired, targets) = parse(file, &text)?;
+        let dsd = parse(file, &text)?;
+        let (desired, targets) = desired_of(&dsd)?;
         let name = dsd.metadata.name.clone().unwrap_or_default();
         if dsd.spec.autoscaling.is_some() {
             println!("{name}: autoscaling on (spec.autoscaling)");
@@ -279,7 +280,7 @@ impl Deployment {
             return;
         }
         self.text = text;
-        let parsed = parse(&self.file, &self.text).and_then(|(mut dsd, _, _)| {
+        let parsed = parse(&self.file, &self.text).and_then(|mut dsd| {
             let name = dsd.metadata.name.clone().unwrap_or_default();
             if name != self.name {
                 return Err(LocalError::Unsupported(format!(
@@ -584,18 +585,13 @@ impl Deployment {
 }
 
 /// The file's deployment, its desired objects and its pools' targets.
-fn parse(
-    file: &Path,
-    text: &str,
-) -> Result<(DeepSeekDeployment, Desired, Vec<PoolTarget>), LocalError> {
-    let dsd: DeepSeekDeployment = serde_yaml::from_str(text).map_err(|err| {
+fn parse(file: &Path, text: &str) -> Result<DeepSeekDeployment, LocalError> {
+    serde_yaml::from_str(text).map_err(|err| {
         LocalError::Unsupported(format!(
             "{} is not a DeepSeekDeployment: {err}",
             file.display()
         ))
-    })?;
-    let (desired, targets) = desired_of(&dsd)?;
-    Ok((dsd, desired, targets))
+    })
 }
 
 /// The deployment's desired objects and its pools' targets.
