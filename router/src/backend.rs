@@ -3,7 +3,7 @@
 //! requests in flight, health and the load it last reported).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use deepseek_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -84,6 +84,40 @@ pub struct Backend {
     /// Waiting + running sequences it last reported (all routers' requests).
     reported_busy: AtomicUsize,
     healthy: AtomicBool,
+    /// Health checks in a row that got no answer in time.
+    unanswered_checks: AtomicU32,
+}
+
+/// What one active health check found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Check {
+    Serving,
+    /// The worker answered that it does not serve (starting, draining): out at once.
+    NotServing,
+    /// No answer in time. A rank busy with a batch on a loaded machine can miss one; only
+    /// `UNANSWERED_CHECKS_TO_EJECT` in a row take it out, as a readiness probe's
+    /// `failureThreshold` does. A dead rank fails requests and is ejected by those at once.
+    NoAnswer,
+}
+
+/// Unanswered health checks in a row that take a backend out (Kubernetes' default
+/// readiness `failureThreshold`).
+pub const UNANSWERED_CHECKS_TO_EJECT: u32 = 3;
+
+/// A backend's health after `check`, given whether it was healthy and how many checks in a
+/// row went unanswered before: `(healthy, unanswered)`.
+pub fn health_after(check: Check, healthy: bool, unanswered: u32) -> (bool, u32) {
+    match check {
+        Check::Serving => (true, 0),
+        Check::NotServing => (false, 0),
+        Check::NoAnswer => {
+            let unanswered = unanswered.saturating_add(1);
+            (
+                healthy && unanswered < UNANSWERED_CHECKS_TO_EJECT,
+                unanswered,
+            )
+        }
+    }
 }
 
 impl Backend {
@@ -104,6 +138,7 @@ impl Backend {
             reported_busy: AtomicUsize::new(0),
             // Optimistic until the first health check says otherwise.
             healthy: AtomicBool::new(true),
+            unanswered_checks: AtomicU32::new(0),
         })
     }
 
@@ -132,9 +167,16 @@ impl Backend {
             .max(self.reported_busy.load(Ordering::Relaxed))
     }
 
-    /// An active health check's verdict and the load reported with it.
-    pub fn observed(&self, serving: bool, busy: Option<usize>) {
-        self.healthy.store(serving, Ordering::Relaxed);
+    /// An active health check's outcome and the load reported with it. Only the health
+    /// task writes these, so load-then-store does not race with itself.
+    pub fn observed(&self, check: Check, busy: Option<usize>) {
+        let (healthy, unanswered) = health_after(
+            check,
+            self.healthy(),
+            self.unanswered_checks.load(Ordering::Relaxed),
+        );
+        self.healthy.store(healthy, Ordering::Relaxed);
+        self.unanswered_checks.store(unanswered, Ordering::Relaxed);
         if let Some(busy) = busy {
             self.reported_busy.store(busy, Ordering::Relaxed);
         }
@@ -182,6 +224,24 @@ mod tests {
             let err = bad.parse::<BackendSpec>().unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn only_silence_in_a_row_or_an_answer_takes_a_backend_out() {
+        let mut state = (true, 0);
+        for _ in 1..UNANSWERED_CHECKS_TO_EJECT {
+            state = health_after(Check::NoAnswer, state.0, state.1);
+            assert!(state.0, "a missed check or two leave it in: {state:?}");
+        }
+        state = health_after(Check::NoAnswer, state.0, state.1);
+        assert_eq!(state, (false, UNANSWERED_CHECKS_TO_EJECT));
+        assert_eq!(health_after(Check::Serving, state.0, state.1), (true, 0));
+        assert_eq!(health_after(Check::NotServing, true, 0), (false, 0));
+        // Ejected by a failed request, it stays out until it answers SERVING.
+        assert_eq!(health_after(Check::NoAnswer, false, 0), (false, 1));
+        // An answer in between starts the count again.
+        let after_answer = health_after(Check::Serving, true, 2);
+        assert!(health_after(Check::NoAnswer, after_answer.0, after_answer.1).0);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Active health checks: every interval each backend is asked for gRPC health and, when
 //! serving, its load (`GetLoad`) and, until known, the model name it serves. A backend that
-//! fails a request is ejected at once (`Backend::failed`) and readmitted here when it
-//! answers SERVING again. The router itself is SERVING while any backend is.
+//! fails a request, or answers that it is not serving, is ejected at once (`Backend::failed`,
+//! `Check::NotServing`); one that misses `UNANSWERED_CHECKS_TO_EJECT` checks in a row is
+//! too. It is readmitted here when it answers SERVING again. The router itself is SERVING
+//! while any backend is.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Check};
 use crate::grpc::Front;
 use crate::proxy::Router;
 
@@ -56,10 +58,13 @@ async fn check(backend: &Backend, served_name: &OnceLock<String>) {
     let request = HealthCheckRequest {
         service: String::new(),
     };
-    let serving = matches!(
-        tokio::time::timeout(CHECK_TIMEOUT, health.check(request)).await,
-        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
-    );
+    // A refused connection or an error status is an answer; only silence is `NoAnswer`.
+    let outcome = match tokio::time::timeout(CHECK_TIMEOUT, health.check(request)).await {
+        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => Check::Serving,
+        Ok(_) => Check::NotServing,
+        Err(_) => Check::NoAnswer,
+    };
+    let serving = outcome == Check::Serving;
     let busy = if serving {
         let mut client = backend.client();
         match tokio::time::timeout(CHECK_TIMEOUT, client.get_load(GetLoadRequest {})).await {
@@ -80,8 +85,9 @@ async fn check(backend: &Backend, served_name: &OnceLock<String>) {
             let _ = served_name.set(info.into_inner().served_name);
         }
     }
-    if serving != backend.healthy() {
-        tracing::info!(backend = %backend.spec.addr, serving, "backend health changed");
+    let was_healthy = backend.healthy();
+    backend.observed(outcome, busy);
+    if backend.healthy() != was_healthy {
+        tracing::info!(backend = %backend.spec.addr, ?outcome, healthy = !was_healthy, "backend health changed");
     }
-    backend.observed(serving, busy);
 }

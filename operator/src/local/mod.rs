@@ -464,6 +464,14 @@ pub fn rollout(pools: &[PoolView]) -> Vec<(usize, Step)> {
     steps
 }
 
+/// The ports run-local listens on: the half below the kernel's ephemeral range (given as
+/// `/proc/sys/net/ipv4/ip_local_port_range` reads, "32768\t60999"), or none when that range
+/// is unknown or leaves no room.
+pub fn listen_port_range(ephemeral_range: &str) -> Option<std::ops::Range<u16>> {
+    let low: u16 = ephemeral_range.split_whitespace().next()?.parse().ok()?;
+    (low >= 2048).then_some(low / 2..low)
+}
+
 /// A pool's line in the status: its groups ready on the current revision, of those it wants,
 /// and those still serving on an old one during a rollout.
 #[derive(Clone, Debug, PartialEq)]

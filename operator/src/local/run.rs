@@ -6,10 +6,11 @@
 //! processes' logs.
 
 use std::io::IsTerminal;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use deepseek_proto::pod::env;
@@ -624,9 +625,27 @@ fn check_model_dir(group: &LocalGroup) -> Result<(), LocalError> {
     )))
 }
 
-/// A port free now on the loopback (the OS picks it; another process could take it before
-/// ours binds, which a restart then mends).
+/// A port free now on the loopback, below the kernel's ephemeral range: outgoing
+/// connections take their ports from that range, and a rank's planned port held by one (a
+/// client's keep-alive connection) would keep its group from forming while it lives. Ports
+/// are tried in turn from a place set by the process id, so two runs rarely meet.
 fn free_port() -> Result<u16, LocalError> {
+    static RANGE: OnceLock<Option<Range<u16>>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let range = RANGE.get_or_init(|| {
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range");
+        NEXT.store(std::process::id().wrapping_mul(7919), Ordering::Relaxed);
+        listen_port_range(ephemeral.as_deref().unwrap_or(""))
+    });
+    if let Some(range) = range {
+        let len = u32::from(range.end - range.start);
+        for _ in 0..len {
+            let port = range.start + (NEXT.fetch_add(1, Ordering::Relaxed) % len) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -297,3 +297,11 @@ fn status_names_each_pools_ready_groups() {
         "tiny-ep: pool a 1/1 groups ready, pool b 0/2 groups ready (+1 serving on an old revision)"
     );
 }
+
+#[test]
+fn listeners_take_ports_below_the_ephemeral_range() {
+    assert_eq!(listen_port_range("32768\t60999\n"), Some(16384..32768));
+    assert_eq!(listen_port_range("1024 65535"), None);
+    assert_eq!(listen_port_range(""), None);
+    assert_eq!(listen_port_range("many ports"), None);
+}
