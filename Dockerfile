@@ -69,6 +69,8 @@ RUN groupadd --system --gid 65532 nonroot \
 COPY --from=builder /out/deepseek-worker /usr/local/bin/deepseek-worker
 COPY --from=kernels /out/kernels /usr/local/share/deepseek-worker/kernels
 COPY --from=kernels /out/cuda-include /usr/local/share/deepseek-worker/cuda-include
+# Chat templates a DeepSeekDeployment can name with DSD_CHAT_TEMPLATE in spec.env (tools).
+COPY deploy/chat-templates /usr/local/share/deepseek-worker/chat-templates
 # Read-only shipped cubins; what a GPU needs beyond them compiles with the runtime's NVRTC
 # into DSD_KERNEL_CACHE, which the operator points at the pod's writable /tmp.
 ENV DSD_SHIPPED_KERNELS=/usr/local/share/deepseek-worker/kernels \

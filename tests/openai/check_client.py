@@ -61,7 +61,9 @@ def main():
     keys.write(line)
     keys.close()
     procs = [
-        subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--listen", f"127.0.0.1:{worker_port}"], cwd=ROOT),
+        # DeepSeek-V3's own chat template (the fixture's) never shows tools to the model.
+        subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--listen", f"127.0.0.1:{worker_port}",
+                          "--chat-template", "deploy/chat-templates/deepseek-v3-tools.jinja"], cwd=ROOT),
         subprocess.Popen([bin_dir / "deepseek-router", "--grpc-listen", f"127.0.0.1:{grpc_port}",
                           "--http-listen", f"127.0.0.1:{http_port}", "--metrics-listen", "",
                           "--backend", f"pool=cpu,addr=127.0.0.1:{worker_port}",
@@ -99,6 +101,30 @@ def main():
                                                 stream=True))
         check("".join(p.choices[0].text for p in pieces) == completion.choices[0].text,
               "streamed completion equals the non-streamed one")
+
+        tools = [{"type": "function", "function": {"name": "get_weather"}}]
+        forced = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                tools=tools, max_tokens=4, temperature=0,
+                                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        cut_off = forced.choices[0]
+        check(cut_off.finish_reason == "length" and not cut_off.message.tool_calls
+              and cut_off.message.content.startswith("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function"),
+              "a forced call cut off by max_tokens comes back as its text, not dropped")
+        fed_back = [{"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+        after = client.chat.completions.create(model=MODEL, messages=fed_back, tools=tools, max_tokens=2)
+        check(after.usage.completion_tokens == 2, "a call and its result fed back are answered")
+        for bad, param in [({"tool_choice": "required"}, "tool_choice"),
+                           ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                           ({"tools": [{"type": "retrieval"}]}, "tools")]:
+            try:
+                client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                               **{"tools": tools, **bad})
+                check(False, f"{bad} refused")
+            except openai.BadRequestError as e:
+                check(e.body.get("param") == param, f"{bad} is BadRequestError naming {param}")
 
         try:
             client.chat.completions.create(model="gpt-4", messages=messages)

@@ -8,8 +8,12 @@ random), that tokenizer and that template; `deepseek-worker serve` must load and
 Then, over gRPC, our tokenization, decoding and chat rendering are checked against
 `transformers` (`PreTrainedTokenizerFast` on the same files) on strings covering code,
 numbers, CJK, emoji, whitespace runs and special tokens, and on conversations (plain,
-system, multi-turn, assistant turns). Tool calls and tool results are not checked: the
-gRPC chat message has no field for them yet.
+system, multi-turn, assistant turns, tool calls and tool results). Tool-call turns are
+rendered by transformers' own Jinja environment with `content: None` kept, as the template
+tests it: transformers 5 drops None-valued keys first, and V3's template then fails on
+every such turn ("'dict object' has no attribute 'content'"). DeepSeek-V3's template
+renders the same with `tools` as without (checked in transformers too), so the worker
+refuses a request with tools there rather than ignore them.
 
   python tests/tokenizer/check_v3_tokenizer.py --bin-dir target/debug
 """
@@ -29,6 +33,7 @@ import time
 
 import grpc
 from transformers import PreTrainedTokenizerFast
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -57,6 +62,31 @@ CONVERSATIONS = [
      {"role": "user", "content": "Write 你好 in pinyin."}],
     [{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "  spaced  "}],
 ]
+
+
+def call(id, name, arguments):
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris and Oslo?"},
+     {"role": "assistant", "content": None, "tool_calls": [call("c1", "get_weather", '{"city": "Paris"}'),
+                                                          call("c2", "get_weather", '{"city": "Oslo"}')]},
+     {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
+     {"role": "tool", "tool_call_id": "c2", "content": "9 C"}],
+    [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Time?"},
+     {"role": "assistant", "content": None, "tool_calls": [call("c1", "get_time", "{}")]},
+     {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+     {"role": "assistant", "content": "It is noon."}, {"role": "user", "content": "Thanks"}],
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def chat_message(pb, m):
+    calls = [pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+             for c in m.get("tool_calls", [])]
+    return pb.ChatMessage(role=m["role"], content=m["content"] or "", tool_calls=calls,
+                          tool_call_id=m.get("tool_call_id", ""))
 
 
 def check(condition, what):
@@ -163,12 +193,28 @@ def main():
             decoded = stub.Detokenize(pb.DetokenizeRequest(ids=ours), timeout=10).text
             check(decoded == hf.decode(ours, skip_special_tokens=True), f"decoding of {text[:32]!r}")
 
-        for messages in CONVERSATIONS:
-            chat = pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+        template = _compile_jinja_template(hf.chat_template)
+        for messages in CONVERSATIONS + TOOL_CONVERSATIONS:
+            chat = pb.ChatMessages(messages=[chat_message(pb, m) for m in messages])
             ours = list(stub.Tokenize(pb.TokenizeRequest(chat=chat), timeout=10).ids)
-            rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if messages in TOOL_CONVERSATIONS:
+                rendered = template.render(messages=messages, add_generation_prompt=True, bos_token=hf.bos_token)
+            else:
+                rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             theirs = hf.encode(rendered, add_special_tokens=False)
             check(ours == theirs, f"chat template: {[m['role'] for m in messages]} ({len(ours)} tokens)")
+
+        messages = CONVERSATIONS[0]
+        same = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        check(same == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              "transformers: V3's template renders the same with tools as without")
+        chat = pb.ChatMessages(messages=[chat_message(pb, m) for m in messages], tools_json=json.dumps(TOOLS))
+        try:
+            stub.Tokenize(pb.TokenizeRequest(chat=chat), timeout=10)
+            check(False, "tools with V3's own template refused")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not show tools" in e.details(),
+                  f"tools with V3's own template refused: {e.details()}")
 
         request = pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="你好")]),
                                      stopping=pb.StoppingCriteria(max_new_tokens=6, ignore_eos=True))

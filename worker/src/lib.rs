@@ -15,6 +15,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod server;
 pub mod tokenizer;
+pub mod tools;
 pub mod validate;
 pub mod weights;
 

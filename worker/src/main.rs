@@ -299,8 +299,16 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
     let config = Config::from_file(&model_dir.join("config.json"))?;
+    let chat_template = match &args.chat_template {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--chat-template {}", path.display()))?,
+        ),
+        None => None,
+    };
     let max_batch_tokens = args.max_batch_tokens.max(1);
     let serve = ServeConfig {
+        chat_template,
         served_name: args.served_name.clone().unwrap_or_else(|| {
             model_dir
                 .file_name()

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub generation_tokens: Counter,
     /// By finish reason (`length`, `stop`, `eos`, `cancelled`, `error`).
     pub requests: Family<Vec<(String, String)>, Counter>,
+    /// Tool calls read from replies, by outcome (`parsed`, `malformed`).
+    tool_calls: Family<Vec<(String, String)>, Counter>,
     pub preemptions: Counter,
     waiting: Gauge,
     running: Gauge,
@@ -97,6 +99,7 @@ impl Default for Metrics {
             preemptions,
         ] = std::array::from_fn(|_| Counter::default());
         let requests = Family::<Vec<(String, String)>, Counter>::default();
+        let tool_calls = Family::<Vec<(String, String)>, Counter>::default();
         let [waiting, running, kv_blocks_used, kv_blocks_total] =
             std::array::from_fn(|_| Gauge::default());
         let mut registry = Registry::with_prefix("deepseek_worker");
@@ -136,6 +139,11 @@ impl Default for Metrics {
             requests.clone(),
         );
         registry.register(
+            "tool_calls",
+            "Tool calls read from replies: parsed, or malformed and sent as text",
+            tool_calls.clone(),
+        );
+        registry.register(
             "preemptions",
             "Sequences preempted for KV blocks (recomputed later)",
             preemptions.clone(),
@@ -165,6 +173,7 @@ impl Default for Metrics {
             kv_blocks_evicted,
             generation_tokens,
             requests,
+            tool_calls,
             preemptions,
             waiting,
             running,
@@ -181,10 +190,13 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition: the registry, then per-expert routed-token counters read from the
-    /// model (the load signal for expert placement).
-    /// The page; `experts` adds tokens routed to each expert and, for a rank of a group,
-    /// bytes sent to the others.
+    /// A tool call read from a reply: `parsed`, or `malformed` (sent as text).
+    pub fn tool_call(&self, outcome: &str) {
+        self.tool_calls
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
+    }
+
     /// The text of `/metrics`: `load`, and the experts' counters of every local rank (tokens
     /// per expert and bytes sent, added up), none before the model is loaded.
     pub fn render(&self, load: &Load, experts: &[(&ExpertLoad, Option<u64>)]) -> String {

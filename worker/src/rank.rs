@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Model name reported to clients (default: the model directory's name).
     #[arg(long, env = env::SERVED_NAME)]
     pub served_name: Option<String>,
+    /// A Jinja chat template file to use instead of the model's `tokenizer_config.json` one,
+    /// as vLLM's `--chat-template`: DeepSeek's own templates do not show `tools` to the model.
+    #[arg(long, env = "DSD_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Token budget of one scheduler step (decodes plus prefill chunks).
     #[arg(long, env = env::MAX_BATCH_TOKENS, default_value_t = pod::DEFAULT_MAX_BATCH_TOKENS as usize)]
     pub max_batch_tokens: usize,

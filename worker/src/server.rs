@@ -38,13 +38,15 @@ use crate::model::Model;
 use crate::model::cache::BLOCK_TOKENS;
 use crate::preflight::{self, RankLoad};
 use crate::scheduler::{Scheduler, SchedulerConfig, Submission};
-use crate::tokenizer::{ChatMessage, Tokenizer};
-use crate::validate::{InvalidRequest, Limits, check_token_ids, validate};
+use crate::tokenizer::Tokenizer;
+use crate::validate::{InvalidRequest, Limits, TOKENIZE_CHAT, chat_ids, check_token_ids, validate};
 
 /// Everything `serve` was asked for.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub model_dir: PathBuf,
+    /// A chat template to use instead of the model's (`--chat-template`'s text).
+    pub chat_template: Option<String>,
     pub listen: SocketAddr,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
@@ -179,9 +181,9 @@ impl Inference for InferenceService {
         let ids = match request.into_inner().input {
             Some(tokenize_request::Input::Text(text)) => tokenizer.encode(&text, true),
             Some(tokenize_request::Input::Chat(chat)) => {
-                let messages: Vec<ChatMessage> =
-                    chat.messages.into_iter().map(ChatMessage::from).collect();
-                tokenizer.encode_chat(&messages)
+                let (ids, _) =
+                    chat_ids(tokenizer, chat, &TOKENIZE_CHAT).map_err(|e| invalid_argument(&e))?;
+                Ok(ids)
             }
             None => {
                 return Err(invalid_argument(&InvalidRequest {
@@ -535,6 +537,19 @@ fn open_models(config: &ServeConfig) -> Result<Vec<Opened>> {
     })
 }
 
+/// The model's tokenizer, with the chat template `serve` was given, if any.
+fn load_tokenizer(config: &ServeConfig) -> Result<Option<Tokenizer>> {
+    let tokenizer = Tokenizer::from_dir(&config.model_dir)?;
+    Ok(match (tokenizer, &config.chat_template) {
+        (Some(tokenizer), Some(template)) => Some(tokenizer.with_chat_template(template.clone())),
+        (None, Some(_)) => bail!(
+            "--chat-template: {} has no tokenizer.json to use it with",
+            config.model_dir.display()
+        ),
+        (tokenizer, None) => tokenizer,
+    })
+}
+
 fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
     let opened = open_models(config)?;
     let mut scheduler_config = config.scheduler.clone();
@@ -560,7 +575,7 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
             "KV cache of each rank sized from the memory left after loading"
         );
     }
-    let tokenizer = Tokenizer::from_dir(&config.model_dir)?.map(Arc::new);
+    let tokenizer = load_tokenizer(config)?.map(Arc::new);
     let cfg = opened[0].0.config();
     let limits = Limits {
         vocab_size: cfg.vocab_size,

@@ -10,17 +10,66 @@ use serde_json::Value;
 
 use crate::error::{Context, Error, Result};
 
+/// A message as chat templates read it: OpenAI's shape, with `tool_calls` and
+/// `tool_call_id` present only where set (templates test `'tool_calls' in message`).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// `None` for an assistant turn that only calls tools (templates test `is none`).
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<TemplateToolCall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TemplateToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: TemplateFunction,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TemplateFunction {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+impl ChatMessage {
+    /// A plain message.
+    pub fn text(role: &str, content: &str) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: Some(content.into()),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
 }
 
 impl From<deepseek_proto::v1::ChatMessage> for ChatMessage {
     fn from(m: deepseek_proto::v1::ChatMessage) -> Self {
+        let tool_calls: Vec<TemplateToolCall> = m
+            .tool_calls
+            .into_iter()
+            .map(|call| TemplateToolCall {
+                id: call.id,
+                kind: "function",
+                function: TemplateFunction {
+                    name: call.name,
+                    arguments: call.arguments,
+                },
+            })
+            .collect();
         ChatMessage {
+            content: (tool_calls.is_empty() || !m.content.is_empty()).then_some(m.content),
             role: m.role,
-            content: m.content,
+            tool_calls,
+            tool_call_id: Some(m.tool_call_id).filter(|id| !id.is_empty()),
         }
     }
 }
@@ -101,14 +150,19 @@ impl Tokenizer {
     /// Where a sequence that starts with `prompt` thinks, when the vocabulary has both
     /// `<think>` and `</think>`: inside when the prompt's last tag opens.
     pub fn thinking(&self, prompt: &[u32]) -> Option<Thinking> {
-        let open = self.inner.token_to_id(THINK_OPEN)?;
-        let close = self.inner.token_to_id(THINK_CLOSE)?;
+        let open = self.token_id(THINK_OPEN)?;
+        let close = self.token_id(THINK_CLOSE)?;
         let last_tag = prompt.iter().rev().find(|t| **t == open || **t == close);
         Some(Thinking {
             open,
             close,
             inside: last_tag == Some(&open),
         })
+    }
+
+    /// The id of a token written out whole (`<think>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -135,11 +189,22 @@ impl Tokenizer {
         self.chat_template.is_some()
     }
 
-    /// Renders the conversation with the model's chat template. The template writes the BOS
-    /// token itself, so encode the result without special tokens.
+    /// Serves with `template` instead of the one in `tokenizer_config.json` (vLLM's
+    /// `--chat-template`), for instance one that shows `tools` to the model.
+    pub fn with_chat_template(self, template: String) -> Self {
+        Tokenizer {
+            chat_template: Some(template),
+            ..self
+        }
+    }
+
+    /// Renders the conversation with the model's chat template, `tools` (OpenAI's list) given
+    /// as the template's `tools` when set. The template writes the BOS token itself, so
+    /// encode the result without special tokens.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
         let template = self
@@ -149,6 +214,7 @@ impl Tokenizer {
         let mut env = Environment::new();
         // `str.split`, `dict.get` and friends, which Hugging Face templates use.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
         env.add_template("chat", template)
             .map_err(|e| Error::Message(format!("chat_template: {e}")))?;
         let rendered = env
@@ -156,6 +222,7 @@ impl Tokenizer {
             .and_then(|t| {
                 t.render(context! {
                     messages => messages,
+                    tools => tools,
                     add_generation_prompt => add_generation_prompt,
                     bos_token => self.bos_token,
                     eos_token => self.eos_token,
@@ -166,8 +233,66 @@ impl Tokenizer {
     }
 
     /// Ids of a chat conversation, ready to generate the assistant's reply.
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        self.encode(&self.apply_chat_template(messages, true)?, false)
+    pub fn encode_chat(&self, messages: &[ChatMessage], tools: Option<&Value>) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages, tools, true)?, false)
+    }
+}
+
+/// Hugging Face's `tojson` filter: Python's `json.dumps` with `ensure_ascii=False`, so
+/// `{"a": 1, "b": [2, 3]}` (its separators), or indented with `indent=N`. Unlike minijinja's
+/// own it escapes no HTML.
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let invalid = |e: serde_json::Error| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    };
+    let json = serde_json::to_value(&value).map_err(invalid)?;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let Some(indent) = indent else {
+        let mut out = String::new();
+        write_python_json(&json, &mut out);
+        return Ok(out);
+    };
+    let indent = " ".repeat(indent);
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+    serde::Serialize::serialize(
+        &json,
+        &mut serde_json::Serializer::with_formatter(&mut out, formatter),
+    )
+    .map_err(invalid)?;
+    Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
+}
+
+/// `json.dumps` without indent: `", "` between items, `": "` after keys.
+fn write_python_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_python_json(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (key, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&Value::from(key.as_str()).to_string());
+                out.push_str(": ");
+                write_python_json(item, out);
+            }
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_string()),
     }
 }
 

@@ -1,10 +1,12 @@
 //! Parse, then validate: a `deepseek.v1.GenerateRequest` becomes a [`ValidRequest`] or an
 //! [`InvalidRequest`] naming the field and the limit. Only valid requests reach the scheduler.
 
-use deepseek_proto::v1::{GenerateRequest, generate_request::Prompt};
+use deepseek_proto::v1::{ChatMessages, GenerateRequest, ToolChoice, generate_request::Prompt};
+use serde_json::Value;
 
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, Thinking, Tokenizer};
+use crate::tools::{ToolMarkers, forced_call_prefix, function_names};
 
 /// What the served model allows.
 #[derive(Clone, Debug)]
@@ -30,6 +32,17 @@ pub struct ValidRequest {
     /// Where the model's thinking is, for a model that thinks and a request that wants it
     /// apart from the answer.
     pub thinking: Option<Thinking>,
+    /// Set when the reply's tool calls are to be read.
+    pub tools: Option<ToolUse>,
+}
+
+/// How a reply's tool calls are read: the functions offered, and the call the prompt
+/// already starts (`tool_choice` FUNCTION), whose tokens end the prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolUse {
+    pub markers: ToolMarkers,
+    pub names: Vec<String>,
+    pub forced: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +64,16 @@ pub fn validate(
     tokenizer: Option<&Tokenizer>,
     limits: &Limits,
 ) -> Result<ValidRequest, InvalidRequest> {
-    let prompt_ids = prompt_ids(request.prompt, tokenizer)?;
+    let (mut prompt_ids, offered) = prompt_ids(request.prompt, tokenizer)?;
+    let tools = tool_use(
+        request.tool_choice,
+        &request.tool_choice_function,
+        offered,
+        tokenizer,
+    )?;
+    if let Some(tools) = &tools {
+        prompt_ids.extend(&tools.forced);
+    }
     let room = check_prompt(&prompt_ids, limits)?;
     let requested_max = request.stopping.as_ref().map(|s| s.max_new_tokens);
     let stopping = request.stopping.unwrap_or_default();
@@ -63,6 +85,7 @@ pub fn validate(
         .and_then(|t| t.thinking(&prompt_ids));
     Ok(ValidRequest {
         thinking,
+        tools,
         request_id: request.request_id,
         prompt_ids,
         sampling: sampling(request.sampling.unwrap_or_default())?,
@@ -81,41 +104,143 @@ fn needs_tokenizer(field: &'static str) -> InvalidRequest {
     )
 }
 
-/// The prompt as token ids: as given, or encoded by the tokenizer (chat through its template).
+/// The prompt as token ids: as given, or encoded by the tokenizer (chat through its
+/// template); with the functions a chat offers.
 fn prompt_ids(
     prompt: Option<Prompt>,
     tokenizer: Option<&Tokenizer>,
-) -> Result<Vec<u32>, InvalidRequest> {
+) -> Result<(Vec<u32>, Option<Vec<String>>), InvalidRequest> {
     match prompt {
         None => Err(invalid("prompt", "missing: set text, token_ids or chat")),
-        Some(Prompt::TokenIds(ids)) => Ok(ids.ids),
+        Some(Prompt::TokenIds(ids)) => Ok((ids.ids, None)),
         Some(Prompt::Text(text)) => {
             let tokenizer = tokenizer.ok_or_else(|| needs_tokenizer("prompt.text"))?;
             if text.is_empty() {
                 return Err(invalid("prompt.text", "is empty"));
             }
-            tokenizer
+            let ids = tokenizer
                 .encode(&text, true)
-                .map_err(|e| invalid("prompt.text", e.to_string()))
+                .map_err(|e| invalid("prompt.text", e.to_string()))?;
+            Ok((ids, None))
         }
         Some(Prompt::Chat(chat)) => {
             let tokenizer = tokenizer.ok_or_else(|| needs_tokenizer("prompt.chat"))?;
-            if chat.messages.is_empty() {
-                return Err(invalid("prompt.chat.messages", "is empty"));
-            }
-            if !tokenizer.has_chat_template() {
-                return Err(invalid(
-                    "prompt.chat",
-                    "this model's tokenizer_config.json has no chat_template",
-                ));
-            }
-            let messages: Vec<ChatMessage> =
-                chat.messages.into_iter().map(ChatMessage::from).collect();
-            tokenizer
-                .encode_chat(&messages)
-                .map_err(|e| invalid("prompt.chat", e.to_string()))
+            chat_ids(tokenizer, chat, &GENERATE_CHAT)
         }
     }
+}
+
+/// The names a chat prompt's parts go by in the request that carries it.
+pub struct ChatFields {
+    pub chat: &'static str,
+    pub messages: &'static str,
+    pub tools: &'static str,
+}
+
+pub const GENERATE_CHAT: ChatFields = ChatFields {
+    chat: "prompt.chat",
+    messages: "prompt.chat.messages",
+    tools: "prompt.chat.tools_json",
+};
+
+pub const TOKENIZE_CHAT: ChatFields = ChatFields {
+    chat: "chat",
+    messages: "chat.messages",
+    tools: "chat.tools_json",
+};
+
+/// A chat's ids through the chat template, and the names of the functions it offers when it
+/// has tools. A template that renders the same with the tools as without would have the
+/// model never see them: refused.
+pub fn chat_ids(
+    tokenizer: &Tokenizer,
+    chat: ChatMessages,
+    fields: &ChatFields,
+) -> Result<(Vec<u32>, Option<Vec<String>>), InvalidRequest> {
+    if chat.messages.is_empty() {
+        return Err(invalid(fields.messages, "is empty"));
+    }
+    if !tokenizer.has_chat_template() {
+        return Err(invalid(
+            fields.chat,
+            "this model's tokenizer_config.json has no chat_template",
+        ));
+    }
+    let messages: Vec<ChatMessage> = chat.messages.into_iter().map(ChatMessage::from).collect();
+    let render = |tools: Option<&Value>| {
+        tokenizer
+            .encode_chat(&messages, tools)
+            .map_err(|e| invalid(fields.chat, e.to_string()))
+    };
+    if chat.tools_json.is_empty() {
+        return Ok((render(None)?, None));
+    }
+    let tools: Value = serde_json::from_str(&chat.tools_json)
+        .map_err(|e| invalid(fields.tools, format!("is not valid JSON: {e}")))?;
+    let names = function_names(&tools).map_err(|message| invalid(fields.tools, message))?;
+    let ids = render(Some(&tools))?;
+    if ids == render(None)? {
+        return Err(invalid(
+            fields.tools,
+            "this model's chat template does not show tools to the model; serve it with \
+             --chat-template naming a template that does",
+        ));
+    }
+    Ok((ids, Some(names)))
+}
+
+/// How the reply's tool calls are read, from `tool_choice` and the functions the chat
+/// offers.
+fn tool_use(
+    choice: i32,
+    function: &str,
+    offered: Option<Vec<String>>,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Option<ToolUse>, InvalidRequest> {
+    let choice = ToolChoice::try_from(choice)
+        .map_err(|_| invalid("tool_choice", format!("unknown value {choice}")))?;
+    if choice != ToolChoice::Function && !function.is_empty() {
+        return Err(invalid(
+            "tool_choice_function",
+            "is set only with tool_choice TOOL_CHOICE_FUNCTION",
+        ));
+    }
+    let (Some(names), Some(tokenizer)) = (offered, tokenizer) else {
+        return match choice {
+            ToolChoice::Auto => Ok(None),
+            _ => Err(invalid(
+                "tool_choice",
+                "needs tools in prompt.chat.tools_json",
+            )),
+        };
+    };
+    if choice == ToolChoice::None {
+        return Ok(None);
+    }
+    let markers = ToolMarkers::of(tokenizer).ok_or_else(|| {
+        invalid(
+            "prompt.chat.tools_json",
+            "this model's vocabulary has no DeepSeek tool-call tokens, so its calls could not \
+             be read; send tool_choice TOOL_CHOICE_NONE to have them in text",
+        )
+    })?;
+    let forced = match choice {
+        ToolChoice::Function if !names.iter().any(|n| n == function) => {
+            return Err(invalid(
+                "tool_choice_function",
+                format!("no function {function:?} in prompt.chat.tools_json"),
+            ));
+        }
+        ToolChoice::Function => tokenizer
+            .encode(&forced_call_prefix(function), false)
+            .map_err(|e| invalid("tool_choice_function", e.to_string()))?,
+        _ => Vec::new(),
+    };
+    Ok(Some(ToolUse {
+        markers,
+        names,
+        forced,
+    }))
 }
 
 /// A prompt must be non-empty, in the vocabulary and leave room in the context; returns
@@ -382,7 +507,7 @@ mod tests {
             f32::MAX,
         ];
         let mut accepted = 0;
-        for _ in 0..10_000 {
+        for i in 0..10_000 {
             let mut next = || rng.next_u64();
             let prompt = match next() % 4 {
                 0 => None,
@@ -415,6 +540,9 @@ mod tests {
                 }),
                 include_logprobs: next() % 2 == 0,
                 reasoning_in_text: false,
+                // now and then a choice without tools (3 is no ToolChoice at all)
+                tool_choice: if i % 16 == 0 { (i / 16 % 4) as i32 } else { 0 },
+                tool_choice_function: "f".repeat(usize::from(i % 16 == 8)),
             };
             match validate(request, None, &limits()) {
                 Ok(valid) => {

@@ -112,7 +112,11 @@ impl From<Status> for ApiError {
             .and_then(|bad| bad.field_violations.into_iter().next())
             .map(|violation| violation.field)
             .unwrap_or_default();
+        // The first prefix that matches names it.
         let param = [
+            ("prompt.chat.tools_json", "tools"),
+            ("prompt.chat", "messages"),
+            ("tool_choice", "tool_choice"),
             ("prompt", "prompt"),
             ("stopping.max_new_tokens", "max_tokens"),
             ("stopping.stop", "stop"),
@@ -156,6 +160,19 @@ mod tests {
             (StatusCode::BAD_REQUEST, Some("max_tokens"))
         );
         assert_eq!(err.body()["error"]["type"], "invalid_request_error");
+        for (field, param) in [
+            ("prompt.chat.tools_json", "tools"),
+            ("prompt.chat.messages", "messages"),
+            ("tool_choice_function", "tool_choice"),
+            ("prompt.token_ids", "prompt"),
+        ] {
+            let err = ApiError::from(Status::with_error_details(
+                Code::InvalidArgument,
+                "x",
+                ErrorDetails::with_bad_request_violation(field, "x"),
+            ));
+            assert_eq!(err.param.as_deref(), Some(param), "{field}");
+        }
         let busy = ApiError::from(Status::resource_exhausted("full"));
         assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(busy.body()["error"]["type"], "rate_limit_error");

@@ -19,8 +19,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use deepseek_proto::v1::ChatMessages;
 use deepseek_proto::v1::generate_request::Prompt;
+use deepseek_proto::v1::{ChatMessages, GenerateRequest, ToolChoice};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -29,7 +29,7 @@ pub use self::error::ApiError;
 use self::request::{
     ChatRequest, Common, CompletionRequest, chat_messages, fields, parse_body, refuse_alternatives,
 };
-use self::stream::{Frame, Kind, finish_reason, sse, token_pieces, usage_json};
+use self::stream::{Frame, Kind, finish_reason, sse, token_pieces, tool_call_json, usage_json};
 use crate::auth::{ApiKeys, Caller, Key};
 use crate::proxy::{ResponseStream, Router};
 
@@ -123,12 +123,17 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let (key, common, request): (_, Common, ChatRequest) = read_request(&http, &headers, &body)?;
     refuse_alternatives("top_logprobs", request.top_logprobs)?;
+    let tools = request.tools()?;
     let messages = chat_messages(request.messages)?;
     let max_tokens = request.max_completion_tokens.or(common.max_tokens);
-    let prompt = Prompt::Chat(ChatMessages { messages });
+    let prompt = Prompt::Chat(ChatMessages {
+        messages,
+        tools_json: tools.json,
+    });
     let options = Options {
         logprobs: request.logprobs,
         reasoning_in_text: !request.separate_reasoning,
+        tool_choice: (tools.choice, tools.function),
     };
     respond(&http, key, Kind::Chat, common, prompt, max_tokens, options).await
 }
@@ -145,6 +150,12 @@ async fn completions(
             return Err(ApiError::invalid(name, "not supported yet"));
         }
     }
+    if let Some(name) = request.chat_only() {
+        return Err(ApiError::invalid(
+            name,
+            "only /v1/chat/completions takes tools",
+        ));
+    }
     refuse_alternatives("logprobs", request.logprobs)?;
     let prompt = request.prompt.into_prompt()?;
     // OpenAI's completions default to 16 tokens.
@@ -153,6 +164,7 @@ async fn completions(
     let options = Options {
         logprobs: request.logprobs.is_some(),
         reasoning_in_text: true,
+        tool_choice: (ToolChoice::Auto, String::new()),
     };
     respond(
         &http,
@@ -187,6 +199,8 @@ struct Options {
     /// Each token's log-probability.
     logprobs: bool,
     reasoning_in_text: bool,
+    /// Which calls the reply may make, and the function of `ToolChoice::Function`.
+    tool_choice: (ToolChoice, String),
 }
 
 /// Routes the request and writes the answer: SSE chunks when `stream`, else one body.
@@ -202,6 +216,7 @@ async fn respond(
     let Options {
         logprobs,
         reasoning_in_text,
+        tool_choice: (tool_choice, tool_choice_function),
     } = options;
     let id = match kind {
         Kind::Chat => new_id("chatcmpl"),
@@ -213,7 +228,11 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let request = common.into_request(prompt, max_tokens, id.clone(), logprobs, reasoning_in_text);
+    let request = GenerateRequest {
+        tool_choice: tool_choice as i32,
+        tool_choice_function,
+        ..common.into_request(prompt, max_tokens, id.clone(), logprobs, reasoning_in_text)
+    };
     let messages = http.router.generate(request, None, key).await?;
     let frame = Frame {
         kind,
@@ -231,6 +250,7 @@ async fn respond(
 /// The answer as one JSON body, once the worker has finished.
 async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Response, ApiError> {
     let (mut text, mut reasoning) = (String::new(), String::new());
+    let mut calls = Vec::new();
     let mut pieces: Vec<(String, f32)> = Vec::new();
     let mut last = None;
     while let Some(message) = messages.next().await {
@@ -242,10 +262,17 @@ async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Respon
         }
         text.push_str(&message.text);
         reasoning.push_str(&message.reasoning_text);
+        calls.extend(
+            message
+                .tool_calls
+                .iter()
+                .map(|call| tool_call_json(None, call)),
+        );
         last = Some(message);
     }
     let last = last.unwrap_or_default();
     let logprobs = frame.logprobs_json(&pieces, 0);
+    let finish = finish_reason(last.finish_reason, !calls.is_empty());
     let (object, choice) = match frame.kind {
         Kind::Chat => (
             "chat.completion",
@@ -253,11 +280,13 @@ async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Respon
                 "index": 0,
                 "message": {
                     "role": "assistant",
-                    "content": text,
+                    // OpenAI's content is null beside calls with no text.
+                    "content": (calls.is_empty() || !text.is_empty()).then_some(text),
                     "reasoning_content": (!reasoning.is_empty()).then_some(reasoning),
+                    "tool_calls": (!calls.is_empty()).then_some(calls),
                 },
                 "logprobs": logprobs,
-                "finish_reason": finish_reason(last.finish_reason),
+                "finish_reason": finish,
             }),
         ),
         Kind::Completion => (
@@ -266,7 +295,7 @@ async fn whole_body(frame: Frame, mut messages: ResponseStream) -> Result<Respon
                 "index": 0,
                 "text": text,
                 "logprobs": logprobs,
-                "finish_reason": finish_reason(last.finish_reason),
+                "finish_reason": finish,
             }),
         ),
     };

@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use deepseek_proto::v1::generate_request::Prompt;
 use deepseek_proto::v1::{
-    ChatMessage, GenerateRequest, SamplingParams, StoppingCriteria, TokenIds,
+    ChatMessage, GenerateRequest, SamplingParams, StoppingCriteria, TokenIds, ToolCall, ToolChoice,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -72,6 +72,26 @@ pub(super) struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's calls, fed back.
+    #[serde(default)]
+    tool_calls: Option<Vec<MessageToolCall>>,
+    /// A `tool` turn's call.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageToolCall {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    function: CalledFunction,
+}
+
+#[derive(Deserialize)]
+struct CalledFunction {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -104,8 +124,6 @@ pub(super) struct Common {
     ignore_eos: bool,
     // Would change the answer, and are not supported yet: refused by name when they ask
     // for anything, never ignored.
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
     response_format: Option<Value>,
@@ -136,6 +154,80 @@ pub(super) struct ChatRequest {
     /// name for the switch).
     #[serde(default = "separate_by_default")]
     pub(super) separate_reasoning: bool,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+}
+
+/// A chat's tools for the worker (JSON text, empty for none) and which calls the reply may
+/// make.
+#[derive(Debug, PartialEq)]
+pub(super) struct Tools {
+    pub(super) json: String,
+    pub(super) choice: ToolChoice,
+    pub(super) function: String,
+}
+
+impl ChatRequest {
+    /// `tools`, `tool_choice` and `parallel_tool_calls`, checked. The worker checks each
+    /// tool and that its chat template shows them to the model.
+    pub(super) fn tools(&self) -> Result<Tools, ApiError> {
+        let json = match &self.tools {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::Array(tools)) if tools.is_empty() => String::new(),
+            Some(tools @ Value::Array(_)) => tools.to_string(),
+            Some(_) => return Err(ApiError::invalid("tools", "must be an array of tools")),
+        };
+        if self.parallel_tool_calls == Some(false) && !json.is_empty() {
+            return Err(ApiError::invalid(
+                "parallel_tool_calls",
+                "false is not supported: the model may answer with several calls",
+            ));
+        }
+        let (choice, function) = match &self.tool_choice {
+            None | Some(Value::Null) => (ToolChoice::Auto, String::new()),
+            Some(Value::String(choice)) if choice == "auto" => (ToolChoice::Auto, String::new()),
+            Some(Value::String(choice)) if choice == "none" => (ToolChoice::None, String::new()),
+            Some(Value::String(choice)) if choice == "required" => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "\"required\" is not supported (it needs constrained decoding); name the \
+                     function, or use \"auto\"",
+                ));
+            }
+            Some(named) => match (&named["type"], named["function"]["name"].as_str()) {
+                (Value::String(kind), Some(name)) if kind == "function" => {
+                    (ToolChoice::Function, name.to_string())
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "expected \"none\", \"auto\" or {\"type\": \"function\", \"function\": \
+                         {\"name\": …}}",
+                    ));
+                }
+            },
+        };
+        if json.is_empty() {
+            return match choice {
+                ToolChoice::Function => Err(ApiError::invalid(
+                    "tool_choice",
+                    "names a function, but the request has no tools",
+                )),
+                // Without tools there is no call to make or to leave out.
+                _ => Ok(Tools {
+                    json,
+                    choice: ToolChoice::Auto,
+                    function,
+                }),
+            };
+        }
+        Ok(Tools {
+            json,
+            choice,
+            function,
+        })
+    }
 }
 
 fn separate_by_default() -> bool {
@@ -159,6 +251,19 @@ pub(super) struct CompletionRequest {
     pub(super) echo: bool,
     pub(super) logprobs: Option<u32>,
     pub(super) suffix: Option<String>,
+    /// Chat only: refused here by name.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+}
+
+impl CompletionRequest {
+    /// A chat-only parameter this completion asks for something with, if any.
+    pub(super) fn chat_only(&self) -> Option<&'static str> {
+        [("tools", &self.tools), ("tool_choice", &self.tool_choice)]
+            .into_iter()
+            .find(|(name, value)| asks_for_something(name, value))
+            .map(|(name, _)| name)
+    }
 }
 
 impl Common {
@@ -184,8 +289,6 @@ impl Common {
             ));
         }
         for (name, value) in [
-            ("tools", &self.tools),
-            ("tool_choice", &self.tool_choice),
             ("functions", &self.functions),
             ("function_call", &self.function_call),
             ("response_format", &self.response_format),
@@ -241,6 +344,7 @@ impl Common {
             .filter(|s| s.max_new_tokens > 0 || !s.stop.is_empty() || s.ignore_eos),
             include_logprobs,
             reasoning_in_text,
+            ..Default::default()
         }
     }
 }
@@ -272,9 +376,28 @@ pub(super) fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, 
                     text
                 }
             };
+            let tool_calls = m
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(k, call)| match call.kind.as_str() {
+                    "function" => Ok(ToolCall {
+                        id: call.id,
+                        name: call.function.name,
+                        arguments: call.function.arguments,
+                    }),
+                    kind => Err(ApiError::invalid(
+                        &format!("messages[{i}].tool_calls[{k}].type"),
+                        format!("{kind:?}: only \"function\" calls are supported"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(ChatMessage {
                 role: m.role,
                 content,
+                tool_calls,
+                tool_call_id: m.tool_call_id.unwrap_or_default(),
             })
         })
         .collect()
@@ -359,7 +482,10 @@ mod tests {
         let messages = chat_messages(request.messages).unwrap();
         assert_eq!(messages[0].content, "hi");
         let g = common.into_request(
-            Prompt::Chat(ChatMessages { messages }),
+            Prompt::Chat(ChatMessages {
+                messages,
+                ..Default::default()
+            }),
             request.max_completion_tokens,
             "id".into(),
             request.logprobs,
@@ -401,13 +527,7 @@ mod tests {
         };
         let tool = json!([{"type": "function", "function": {"name": "f"}}]);
         for (param, value) in [
-            ("tools", tool.clone()),
             ("functions", tool),
-            ("tool_choice", json!("required")),
-            (
-                "tool_choice",
-                json!({"type": "function", "function": {"name": "f"}}),
-            ),
             ("response_format", json!({"type": "json_object"})),
             ("logit_bias", json!({"42": 100})),
         ] {
@@ -415,15 +535,110 @@ mod tests {
             assert_eq!(refused(body.clone()).as_deref(), Some(param), "{body}");
         }
         for (param, value) in [
-            ("tools", json!([])),
-            ("tool_choice", json!("none")),
-            ("tool_choice", json!("auto")),
             ("response_format", json!({"type": "text"})),
             ("logit_bias", json!({})),
-            ("tools", Value::Null),
         ] {
             let body = json!({"model": "m", param: value});
             assert_eq!(refused(body.clone()), None, "{body}");
         }
+    }
+
+    fn chat(body: Value) -> ChatRequest {
+        let mut body = body;
+        body["messages"] = json!([{"role": "user", "content": "hi"}]);
+        fields(&body).ok().unwrap()
+    }
+
+    #[test]
+    fn tools_and_tool_choice_become_the_workers_or_are_refused_by_name() {
+        let tool = json!([{"type": "function", "function": {"name": "f"}}]);
+        let tools = |body: Value| chat(body).tools();
+        let offered = tools(json!({"tools": tool})).unwrap();
+        assert_eq!(
+            (offered.json.as_str(), offered.choice),
+            (tool.to_string().as_str(), ToolChoice::Auto)
+        );
+        let named = json!({"type": "function", "function": {"name": "f"}});
+        let forced = tools(json!({"tools": tool, "tool_choice": named})).unwrap();
+        assert_eq!(
+            (forced.choice, forced.function.as_str()),
+            (ToolChoice::Function, "f")
+        );
+        let none = tools(json!({"tools": tool, "tool_choice": "none"})).unwrap();
+        assert_eq!(none.choice, ToolChoice::None);
+        // No tools: "none" and "auto" ask for nothing.
+        for empty in [
+            json!({"tools": []}),
+            json!({"tool_choice": "none"}),
+            json!({}),
+        ] {
+            let nothing = tools(empty).unwrap();
+            assert_eq!(
+                (nothing.json.as_str(), nothing.choice),
+                ("", ToolChoice::Auto)
+            );
+        }
+        for (body, param) in [
+            (
+                json!({"tools": tool, "tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                json!({"tools": tool, "tool_choice": {"type": "function"}}),
+                "tool_choice",
+            ),
+            (json!({"tool_choice": named}), "tool_choice"),
+            (json!({"tools": {"type": "function"}}), "tools"),
+            (
+                json!({"tools": tool, "parallel_tool_calls": false}),
+                "parallel_tool_calls",
+            ),
+        ] {
+            let err = tools(body.clone()).err().unwrap();
+            assert_eq!(err.param.as_deref(), Some(param), "{body}");
+        }
+        let completion: CompletionRequest =
+            fields(&json!({"model": "m", "prompt": "x", "tools": tool}))
+                .ok()
+                .unwrap();
+        assert_eq!(completion.chat_only(), Some("tools"));
+    }
+
+    #[test]
+    fn fed_back_calls_and_results_reach_the_worker() {
+        let messages: Vec<Message> = fields(&json!([
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        ]))
+        .ok()
+        .unwrap();
+        let messages = chat_messages(messages).unwrap();
+        assert_eq!(
+            messages[0].tool_calls,
+            [ToolCall {
+                id: "call_1".into(),
+                name: "f".into(),
+                arguments: "{}".into()
+            }]
+        );
+        assert_eq!(messages[0].content, "");
+        assert_eq!(
+            (
+                messages[1].tool_call_id.as_str(),
+                messages[1].content.as_str()
+            ),
+            ("call_1", "42")
+        );
+        let odd: Vec<Message> = fields(&json!([{"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "code", "function": {"name": "f", "arguments": "{}"}}
+        ]}]))
+        .ok()
+        .unwrap();
+        assert_eq!(
+            chat_messages(odd).err().unwrap().param.as_deref(),
+            Some("messages[0].tool_calls[0].type")
+        );
     }
 }

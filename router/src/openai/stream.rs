@@ -4,7 +4,7 @@
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::Response;
-use deepseek_proto::v1::{FinishReason, GenerateResponse};
+use deepseek_proto::v1::{FinishReason, GenerateResponse, ToolCall};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -17,14 +17,29 @@ pub(super) enum Kind {
     Completion,
 }
 
-/// OpenAI's name for a finish reason.
-pub(super) fn finish_reason(code: i32) -> Option<&'static str> {
+/// OpenAI's name for a finish reason; a reply that ended by itself after calling tools
+/// finished for `tool_calls`.
+pub(super) fn finish_reason(code: i32, made_calls: bool) -> Option<&'static str> {
     match FinishReason::try_from(code).ok()? {
         FinishReason::Length => Some("length"),
+        FinishReason::Stop | FinishReason::Eos if made_calls => Some("tool_calls"),
         FinishReason::Stop | FinishReason::Eos => Some("stop"),
         FinishReason::Cancelled => Some("abort"),
         FinishReason::Unspecified => None,
     }
+}
+
+/// A call as OpenAI writes it; streamed, with its `index` among the reply's calls.
+pub(super) fn tool_call_json(index: Option<usize>, call: &ToolCall) -> Value {
+    let mut json = json!({
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    });
+    if let Some(index) = index {
+        json["index"] = index.into();
+    }
+    json
 }
 
 pub(super) fn usage_json(m: &GenerateResponse) -> Option<Value> {
@@ -166,6 +181,7 @@ pub(super) fn sse(
 ) -> Response {
     let mut first = true;
     let mut offset = 0;
+    let mut calls = 0;
     // With logprobs, each token's chunk waits for the next message: text released with no
     // token (the decoder's tail at the end) joins the token before it, as in a whole body.
     let mut pending: Option<(String, Vec<(String, f32)>)> = None;
@@ -181,31 +197,56 @@ pub(super) fn sse(
                 events.push(event(&chunk));
                 first = false;
             }
-            let mut send = |text: String, pieces: Vec<(String, f32)>, events: &mut Vec<Bytes>| {
-                if !text.is_empty() || !pieces.is_empty() || (first && frame.kind == Kind::Chat) {
-                    let logprobs = frame.logprobs_json(&pieces, offset);
-                    events.push(event(&frame.chunk(Some(&text), None, first, logprobs)));
-                    offset += text.chars().count();
-                    first = false;
+            let send = |(text, pieces): (String, Vec<(String, f32)>),
+                        events: &mut Vec<Bytes>,
+                        first: &mut bool,
+                        offset: &mut usize| {
+                if !text.is_empty() || !pieces.is_empty() || (*first && frame.kind == Kind::Chat) {
+                    let logprobs = frame.logprobs_json(&pieces, *offset);
+                    events.push(event(&frame.chunk(Some(&text), None, *first, logprobs)));
+                    *offset += text.chars().count();
+                    *first = false;
                 }
             };
             match message {
                 Ok(m) => {
-                    let finish = finish_reason(m.finish_reason);
                     let pieces = token_pieces(&m);
                     if !frame.logprobs {
-                        send(m.text.clone(), pieces, &mut events);
+                        send(
+                            (m.text.clone(), pieces),
+                            &mut events,
+                            &mut first,
+                            &mut offset,
+                        );
                     } else if let (true, Some((text, held))) = (pieces.is_empty(), &mut pending) {
                         text.push_str(&m.text);
                         if let Some(last) = held.last_mut() {
                             last.0.push_str(&m.text);
                         }
-                    } else if let Some((text, held)) = pending.replace((m.text.clone(), pieces)) {
-                        send(text, held, &mut events);
+                    } else if let Some(held) = pending.replace((m.text.clone(), pieces)) {
+                        send(held, &mut events, &mut first, &mut offset);
                     }
+                    if !m.tool_calls.is_empty() {
+                        // Text before the calls goes first.
+                        if let Some(held) = pending.take() {
+                            send(held, &mut events, &mut first, &mut offset);
+                        }
+                        let deltas: Vec<Value> = m
+                            .tool_calls
+                            .iter()
+                            .enumerate()
+                            .map(|(k, call)| tool_call_json(Some(calls + k), call))
+                            .collect();
+                        calls += deltas.len();
+                        let mut chunk = frame.chunk(None, None, first, Value::Null);
+                        chunk["choices"][0]["delta"]["tool_calls"] = deltas.into();
+                        events.push(event(&chunk));
+                        first = false;
+                    }
+                    let finish = finish_reason(m.finish_reason, calls > 0);
                     if finish.is_some() {
-                        if let Some((text, held)) = pending.take() {
-                            send(text, held, &mut events);
+                        if let Some(held) = pending.take() {
+                            send(held, &mut events, &mut first, &mut offset);
                         }
                         events.push(event(&frame.chunk(None, finish, first, Value::Null)));
                         if include_usage {

@@ -13,7 +13,7 @@ use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, FinishReason, GenerateRequest, GenerateResponse,
     GetLoadRequest, GetLoadResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest,
-    TokenizeResponse, Usage,
+    TokenizeResponse, ToolCall, Usage, generate_request::Prompt,
 };
 use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::policy::Policy;
@@ -33,6 +33,9 @@ pub enum Mode {
     /// A thought, then `Answer`'s token: the thought as `reasoning_text`, or in `text` when
     /// the request asks for it there, as a worker serving a thinking model does.
     Think,
+    /// `Answer`'s token, then a call of the function the request names in
+    /// `tool_choice_function`, its arguments `{"offered": <tools_json>}`, then EOS.
+    CallTool,
 }
 
 pub struct Fake {
@@ -83,6 +86,19 @@ impl Inference for Fake {
             }),
             ..Default::default()
         };
+        let chat_tools = match &request.get_ref().prompt {
+            Some(Prompt::Chat(chat)) => chat.tools_json.clone(),
+            _ => String::new(),
+        };
+        let call = GenerateResponse {
+            token_ids: vec![2],
+            tool_calls: vec![ToolCall {
+                id: "call_x".into(),
+                name: request.get_ref().tool_choice_function.clone(),
+                arguments: format!(r#"{{"offered": {chat_tools}}}"#),
+            }],
+            ..Default::default()
+        };
         let stream: Messages = match self.mode {
             Mode::Answer => Box::pin(futures::stream::iter([Ok(token), Ok(done)])),
             Mode::TokenThenFail => Box::pin(futures::stream::iter([
@@ -90,6 +106,14 @@ impl Inference for Fake {
                 Err(Status::unavailable("the backend died mid-stream")),
             ])),
             Mode::Think => Box::pin(futures::stream::iter([Ok(thought), Ok(token), Ok(done)])),
+            Mode::CallTool => Box::pin(futures::stream::iter([
+                Ok(token),
+                Ok(call),
+                Ok(GenerateResponse {
+                    finish_reason: FinishReason::Eos as i32,
+                    ..done
+                }),
+            ])),
             Mode::Hold => Box::pin(futures::StreamExt::chain(
                 futures::stream::iter([Ok(token)]),
                 futures::stream::pending(),
@@ -523,4 +547,61 @@ async fn thinking_is_reasoning_content_apart_from_the_answer() {
     )
     .unwrap();
     assert_eq!(completion["choices"][0]["text"], "hmm. a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_come_back_in_openais_shape_whole_and_streamed() {
+    let fake = FakeServer::start("a", Mode::CallTool).await;
+    let router = start(config(Policy::LeastLoad, &[], &[("p", fake.addr)])).await;
+    let tools = r#"[{"type": "function", "function": {"name": "get_weather"}}]"#;
+    let chat = |extra: &str| {
+        format!(
+            r#"{{"model": "fake", "messages": [{{"role": "user", "content": "hi"}}], "tools": {tools},
+                "tool_choice": {{"type": "function", "function": {{"name": "get_weather"}}}}{extra}}}"#
+        )
+    };
+    let post = |body: String| async move {
+        let (status, text) = http(
+            router.http,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    // The tools as the router passed them on (compact JSON).
+    let offered: serde_json::Value = serde_json::from_str(tools).unwrap();
+    let arguments = format!(r#"{{"offered": {offered}}}"#);
+    let call = serde_json::json!({
+        "id": "call_x",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": arguments},
+    });
+    let whole: serde_json::Value = serde_json::from_str(&post(chat("")).await).unwrap();
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["message"]["content"], "a");
+    assert_eq!(choice["message"]["tool_calls"], serde_json::json!([call]));
+    assert_eq!(choice["finish_reason"], "tool_calls");
+
+    let streamed = post(chat(r#", "stream": true"#)).await;
+    let choices: Vec<serde_json::Value> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0].clone())
+        .collect();
+    let mut indexed = call.clone();
+    indexed["index"] = 0.into();
+    assert_eq!(
+        choices[0]["delta"],
+        serde_json::json!({"role": "assistant", "content": "a"})
+    );
+    assert_eq!(
+        choices[1]["delta"],
+        serde_json::json!({"tool_calls": [indexed]})
+    );
+    assert_eq!(choices[2]["finish_reason"], "tool_calls");
 }

@@ -286,6 +286,7 @@ impl Engine {
                 self.metrics.finished(finish_label(reason));
                 Ok(final_message(
                     self.tokenizer.as_deref(),
+                    &self.metrics,
                     &mut self.running[i],
                     reason,
                 ))

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::model::cache::{BlockTable, PrefixHash, prefix_hashes};
 use crate::sampling::{Next, Sampler, Want};
 use crate::tokenizer::{IncrementalDecoder, Part, StopCheck, StopStrings, Thinking, Tokenizer};
+use crate::tools::{ToolCallParser, ToolStep};
 use crate::validate::ValidRequest;
 
 /// One request from submission to its final message: waiting, running, or preempted and
@@ -32,6 +33,7 @@ pub(super) struct Sequence {
     decoder: IncrementalDecoder,
     stops: StopStrings,
     thinking: Option<Thinking>,
+    tools: Option<ToolCallParser>,
     pub(super) arrived: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -53,6 +55,9 @@ impl Sequence {
             sampler: Sampler::new(s.request.sampling.clone()),
             stops: StopStrings::new(s.request.stop.clone()),
             thinking: s.request.thinking,
+            tools: s.request.tools.as_ref().map(|tools| {
+                ToolCallParser::new(tools.markers, tools.names.clone(), &tools.forced)
+            }),
             blocks: BlockTable::default(),
             prompt_names: prefix_hashes(&s.request.prompt_ids),
             cached_tokens: 0,
@@ -157,7 +162,7 @@ pub(super) fn emit(
         .as_mut()
         .map_or(Part::Answer, |t| t.step(token));
     if let Some(tokenizer) = tokenizer.filter(|_| !eos) {
-        let delta = match seq.decoder.push(tokenizer, token) {
+        let delta = match answer_text(tokenizer, metrics, seq, part, token, &mut response) {
             Ok(delta) => delta,
             Err(err) => return Outcome::Failed(internal(err)),
         };
@@ -189,9 +194,48 @@ pub(super) fn emit(
     Outcome::Continue
 }
 
+/// The text a token adds to its part of the output. In the answer, tool-call tokens are
+/// held back: a call completed goes into `response`, a malformed one comes out as text.
+fn answer_text(
+    tokenizer: &Tokenizer,
+    metrics: &Metrics,
+    seq: &mut Sequence,
+    part: Part,
+    token: u32,
+    response: &mut GenerateResponse,
+) -> crate::error::Result<String> {
+    let step = match (part, seq.tools.as_mut()) {
+        (Part::Answer, Some(tools)) => tools.step(tokenizer, token),
+        _ => ToolStep::Text,
+    };
+    match step {
+        ToolStep::Text => seq.decoder.push(tokenizer, token),
+        ToolStep::Held => Ok(String::new()),
+        ToolStep::Call(call) => {
+            metrics.tool_call("parsed");
+            response.tool_calls.push(call);
+            Ok(String::new())
+        }
+        ToolStep::Release(tokens) => released_call(tokenizer, metrics, seq, &tokens),
+    }
+}
+
+/// A malformed or cut-off call's text, after any text the decoder still held.
+fn released_call(
+    tokenizer: &Tokenizer,
+    metrics: &Metrics,
+    seq: &mut Sequence,
+    tokens: &[u32],
+) -> crate::error::Result<String> {
+    metrics.tool_call("malformed");
+    tracing::warn!(parent: &seq.span, tokens = tokens.len(), "a tool call the model wrote malformed or left unfinished goes out as text");
+    Ok(seq.decoder.finish(tokenizer)? + &tokenizer.decode(tokens, false)?)
+}
+
 /// The last message: held-back text, the finish reason and usage.
 pub(super) fn final_message(
     tokenizer: Option<&Tokenizer>,
+    metrics: &Metrics,
     seq: &mut Sequence,
     reason: FinishReason,
 ) -> GenerateResponse {
@@ -199,7 +243,12 @@ pub(super) fn final_message(
     let (mut text, mut reasoning_text) = (String::new(), String::new());
     let thinking = seq.thinking.is_some_and(|t| t.inside());
     if let Some(tokenizer) = tokenizer.filter(|_| reason != FinishReason::Stop) {
-        match seq.decoder.finish(tokenizer) {
+        let cut_off = seq.tools.as_mut().map(ToolCallParser::finish);
+        let rest = match cut_off.filter(|tokens| !tokens.is_empty()) {
+            Some(tokens) => released_call(tokenizer, metrics, seq, &tokens),
+            None => seq.decoder.finish(tokenizer),
+        };
+        match rest {
             Ok(rest) if thinking => reasoning_text = rest,
             Ok(rest) => {
                 text = match seq.stops.push(&rest) {

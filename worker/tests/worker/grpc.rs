@@ -7,7 +7,7 @@ use deepseek_proto::v1::inference_client::InferenceClient;
 use deepseek_proto::v1::{
     ChatMessage, ChatMessages, DetokenizeRequest, FinishReason, GenerateRequest, GetLoadRequest,
     GetLoadResponse, ModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds, TokenizeRequest,
-    generate_request::Prompt, tokenize_request,
+    ToolCall, ToolChoice, generate_request::Prompt, tokenize_request,
 };
 use deepseek_worker::gpu::{DeviceSpec, Dtype};
 use deepseek_worker::scheduler::SchedulerConfig;
@@ -51,6 +51,7 @@ async fn start_with_metrics(
         kv_blocks,
         metrics_listen,
         Duration::from_secs(30),
+        None,
         std::future::pending(),
     )
     .await
@@ -63,6 +64,7 @@ async fn launch(
     kv_blocks: usize,
     metrics_listen: Option<std::net::SocketAddr>,
     shutdown_grace: Duration,
+    chat_template: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (
     Channel,
@@ -72,6 +74,7 @@ async fn launch(
     let addr = listener.local_addr().unwrap();
     let config = ServeConfig {
         model_dir: fixture(),
+        chat_template,
         listen: addr,
         metrics_listen,
         shutdown_grace,
@@ -336,10 +339,8 @@ async fn text_chat_and_model_info() {
     assert_eq!(text, "Hello world é");
     let chat = GenerateRequest {
         prompt: Some(Prompt::Chat(ChatMessages {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            }],
+            messages: vec![user("Hi")],
+            ..Default::default()
         })),
         stopping: Some(StoppingCriteria {
             max_new_tokens: 5,
@@ -363,6 +364,182 @@ async fn text_chat_and_model_info() {
         .into_inner()
         .text;
     assert_eq!(text, whole);
+}
+
+fn user(content: &str) -> ChatMessage {
+    ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+        ..Default::default()
+    }
+}
+
+const WEATHER_TOOL: &str = r#"[{"type": "function", "function": {"name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]"#;
+
+/// The worker's token ids of `input`.
+async fn tokenized(
+    client: &mut InferenceClient<Channel>,
+    input: tokenize_request::Input,
+) -> Vec<u32> {
+    client
+        .tokenize(TokenizeRequest { input: Some(input) })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids
+}
+
+/// The text of a rendered chat (special tokens dropped, as Detokenize does).
+async fn rendered(client: &mut InferenceClient<Channel>, chat: ChatMessages) -> String {
+    let ids = tokenized(client, tokenize_request::Input::Chat(chat)).await;
+    client
+        .detokenize(DetokenizeRequest { ids })
+        .await
+        .unwrap()
+        .into_inner()
+        .text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_reach_the_model_only_through_a_template_that_shows_them() {
+    let invalid = |r: Result<_, tonic::Status>| {
+        let Err(status) = r else {
+            panic!("not refused")
+        };
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let violations = status.get_details_bad_request().unwrap().field_violations;
+        (
+            violations[0].field.clone(),
+            violations[0].description.clone(),
+        )
+    };
+    let with_tools = |messages: Vec<ChatMessage>| ChatMessages {
+        messages,
+        tools_json: WEATHER_TOOL.into(),
+    };
+    let generate = |chat: ChatMessages, choice: ToolChoice, function: &str| GenerateRequest {
+        prompt: Some(Prompt::Chat(chat)),
+        tool_choice: choice as i32,
+        tool_choice_function: function.into(),
+        stopping: Some(StoppingCriteria {
+            max_new_tokens: 3,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    // The fixture's own template is DeepSeek-V3's, which never shows tools.
+    let mut own = InferenceClient::new(start(256).await);
+    let chat = with_tools(vec![user("Weather in Paris?")]);
+    let (field, message) = invalid(own.generate(generate(chat, ToolChoice::Auto, "")).await);
+    assert_eq!(field, "prompt.chat.tools_json");
+    assert!(message.contains("does not show tools"), "{message}");
+
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/chat-templates/deepseek-v3-tools.jinja"),
+    )
+    .unwrap();
+    let (channel, _server) = launch(
+        256,
+        None,
+        Duration::from_secs(30),
+        Some(template),
+        std::future::pending(),
+    )
+    .await;
+    let mut client = InferenceClient::new(channel);
+    let text = rendered(&mut client, with_tools(vec![user("Weather in Paris?")])).await;
+    assert!(
+        text.contains("## Tools") && text.contains(r#"{"name": "get_weather", "parameters": {"properties": {"city": {"type": "string"}}, "type": "object"}}"#),
+        "{text}"
+    );
+    // A call and its result, fed back.
+    let call = ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Paris"}"#.into(),
+        }],
+        ..Default::default()
+    };
+    let result = ChatMessage {
+        role: "tool".into(),
+        content: "18 C".into(),
+        tool_call_id: "call_1".into(),
+        ..Default::default()
+    };
+    let chat = with_tools(vec![user("Weather?"), call, result]);
+    let ids = tokenized(&mut client, tokenize_request::Input::Chat(chat)).await;
+    // (special tokens first, so its tokens are the same alone as at the end of the chat)
+    let tail = tokenized(&mut client, tokenize_request::Input::Text("<｜User｜>Weather?<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>18 C<｜tool▁output▁end｜><｜tool▁outputs▁end｜>".into())).await;
+    assert!(ids.ends_with(&tail[1..]), "{ids:?} ends with {tail:?}");
+
+    // A forced call the tiny model cannot finish in 3 tokens: all of it comes back as text,
+    // its forced start included. (Its context is short: one bare tool.)
+    let chat = ChatMessages {
+        messages: vec![user("Hi")],
+        tools_json: r#"[{"type": "function", "function": {"name": "get_weather"}}]"#.into(),
+    };
+    let mut stream = client
+        .generate(generate(chat, ToolChoice::Function, "get_weather"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut text, mut tokens, mut calls, mut last) = (String::new(), 0, 0, None);
+    while let Some(message) = stream.message().await.unwrap() {
+        text.push_str(&message.text);
+        tokens += message.token_ids.len();
+        calls += message.tool_calls.len();
+        last = Some(message.finish_reason());
+    }
+    assert_eq!((tokens, calls, last), (3, 0, Some(FinishReason::Length)));
+    assert!(
+        text.starts_with("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"),
+        "{text}"
+    );
+
+    for (request, field) in [
+        (
+            generate(
+                with_tools(vec![user("x")]),
+                ToolChoice::Function,
+                "get_time",
+            ),
+            "tool_choice_function",
+        ),
+        (
+            generate(with_tools(vec![user("x")]), ToolChoice::Auto, "get_weather"),
+            "tool_choice_function",
+        ),
+        (
+            generate(
+                ChatMessages {
+                    messages: vec![user("x")],
+                    tools_json: "{".into(),
+                },
+                ToolChoice::Auto,
+                "",
+            ),
+            "prompt.chat.tools_json",
+        ),
+        (
+            generate(
+                ChatMessages {
+                    messages: vec![user("x")],
+                    ..Default::default()
+                },
+                ToolChoice::None,
+                "",
+            ),
+            "tool_choice",
+        ),
+    ] {
+        assert_eq!(invalid(client.generate(request).await).0, field);
+    }
 }
 
 /// An unused loopback address for `/metrics`.
@@ -498,7 +675,7 @@ async fn shutdown_refuses_new_work_and_ends_open_streams_after_the_grace_period(
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let (channel, server) = launch(256, None, Duration::from_millis(50), shutdown).await;
+    let (channel, server) = launch(256, None, Duration::from_millis(50), None, shutdown).await;
     let mut client = InferenceClient::new(channel);
     let mut open = client
         .generate(request(vec![0, 1, 2], 240))
@@ -571,10 +748,8 @@ async fn ten_thousand_generated_requests_through_the_server() {
                             ids: vec![(next() % 500) as u32; (next() % 4) as usize],
                         })),
                         3 => Some(Prompt::Chat(ChatMessages {
-                            messages: vec![ChatMessage {
-                                role: "user".into(),
-                                content: "x".repeat((next() % 50) as usize),
-                            }],
+                            messages: vec![user(&"x".repeat((next() % 50) as usize))],
+                            ..Default::default()
                         })),
                         _ => Some(Prompt::TokenIds(TokenIds {
                             ids: (0..next() % 24).map(|i| i as u32 % 384).collect(),

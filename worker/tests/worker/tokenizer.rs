@@ -13,10 +13,7 @@ fn tokenizer() -> Tokenizer {
 }
 
 fn message(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    }
+    ChatMessage::text(role, content)
 }
 
 #[test]
@@ -42,13 +39,13 @@ fn the_chat_template_renders_like_transformers() {
         message("assistant", "<think>x</think>Hello!"),
         message("user", "Bye"),
     ];
-    let rendered = t.apply_chat_template(&messages, true).unwrap();
+    let rendered = t.apply_chat_template(&messages, None, true).unwrap();
     assert_eq!(
         rendered,
         "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi there<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>"
     );
     assert_eq!(
-        t.encode_chat(&messages).unwrap(),
+        t.encode_chat(&messages, None).unwrap(),
         [
             0, 48, 83, 327, 96, 87, 83, 84, 28, 2, 54, 87, 280, 272, 83, 3, 54, 326, 90, 93, 15, 1,
             2, 48, 103, 83, 3
@@ -72,4 +69,25 @@ fn incremental_decoding_streams_whole_characters() {
         streamed.push_str(&delta);
     }
     assert_eq!(streamed, text);
+}
+
+#[test]
+fn tojson_writes_what_pythons_json_dumps_writes() {
+    let tools =
+        serde_json::json!([{"type": "function", "function": {"name": "f", "x": ["é", 1.5, null]}}]);
+    let render = |template: &str| {
+        tokenizer()
+            .with_chat_template(template.into())
+            .apply_chat_template(&[], Some(&tools), false)
+            .unwrap()
+    };
+    // json.dumps(tools, ensure_ascii=False): ", " and ": " separators, no HTML escaping
+    assert_eq!(
+        render("{{ tools | tojson }}"),
+        r#"[{"function": {"name": "f", "x": ["é", 1.5, null]}, "type": "function"}]"#
+    );
+    assert_eq!(
+        render("{{ tools[0]['function'] | tojson(indent=2) }}"),
+        "{\n  \"name\": \"f\",\n  \"x\": [\n    \"é\",\n    1.5,\n    null\n  ]\n}"
+    );
 }
