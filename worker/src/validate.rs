@@ -541,7 +541,7 @@ mod tests {
                 include_logprobs: next() % 2 == 0,
                 reasoning_in_text: false,
                 // now and then a choice without tools (3 is no ToolChoice at all)
-                tool_choice: if i % 16 == 0 { (i / 16 % 4) as i32 } else { 0 },
+                tool_choice: if i % 16 == 0 { i / 16 % 4 } else { 0 },
                 tool_choice_function: "f".repeat(usize::from(i % 16 == 8)),
             };
             match validate(request, None, &limits()) {
