@@ -427,6 +427,9 @@ pub enum RoutingPolicy {
     LeastLoad,
     /// Like least-load, but requests sharing a prompt prefix go to the same rank (KV reuse).
     PrefixAffinity,
+    /// Like least-load, but a request goes to the rank that was sent the longest run of its
+    /// prompt's opening and can still hold it in its KV cache.
+    CacheAware,
     /// Pool and rank strictly by weight, ignoring load.
     Weighted,
 }

@@ -2,13 +2,15 @@
 //! what the router knows about it at run time (`Backend`: a lazily connected channel,
 //! requests in flight, health and the load it last reported).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
+use deepseek_proto::v1::GetLoadResponse;
 use deepseek_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
+use crate::routed::{RoutedChunks, capacity_chunks};
 
 /// One `--backend pool=NAME,weight=W,addr=HOST:PORT[,gpu=PRODUCT]` entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,6 +88,10 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Health checks in a row that got no answer in time.
     unanswered_checks: AtomicU32,
+    /// Tokens its KV cache holds, as last reported (0 until then).
+    kv_tokens: AtomicUsize,
+    /// The prompts' chunks sent here, for `cache-aware` routing.
+    routed: Mutex<RoutedChunks>,
 }
 
 /// What one active health check found.
@@ -139,6 +145,8 @@ impl Backend {
             // Optimistic until the first health check says otherwise.
             healthy: AtomicBool::new(true),
             unanswered_checks: AtomicU32::new(0),
+            kv_tokens: AtomicUsize::new(0),
+            routed: Mutex::new(RoutedChunks::default()),
         })
     }
 
@@ -169,7 +177,7 @@ impl Backend {
 
     /// An active health check's outcome and the load reported with it. Only the health
     /// task writes these, so load-then-store does not race with itself.
-    pub fn observed(&self, check: Check, busy: Option<usize>) {
+    pub fn observed(&self, check: Check, load: Option<&GetLoadResponse>) {
         let (healthy, unanswered) = health_after(
             check,
             self.healthy(),
@@ -177,9 +185,33 @@ impl Backend {
         );
         self.healthy.store(healthy, Ordering::Relaxed);
         self.unanswered_checks.store(unanswered, Ordering::Relaxed);
-        if let Some(busy) = busy {
-            self.reported_busy.store(busy, Ordering::Relaxed);
+        if let Some(load) = load {
+            let busy = load.waiting_sequences + load.running_sequences;
+            self.reported_busy.store(busy as usize, Ordering::Relaxed);
+            let kv_tokens = load.kv_blocks_total as usize * load.kv_block_tokens as usize;
+            self.kv_tokens.store(kv_tokens, Ordering::Relaxed);
         }
+    }
+
+    /// How many of a prompt's leading chunks were sent here and may still be cached.
+    pub fn cached_chunks(&self, names: &[u64]) -> usize {
+        self.routed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .leading(names)
+    }
+
+    /// Records a prompt's chunks as sent here at `tick`, keeping what its KV cache holds at
+    /// `bytes_per_token` (all, until it reports its size).
+    pub fn sent(&self, names: &[u64], tick: u64, bytes_per_token: f64) {
+        let capacity = match self.kv_tokens.load(Ordering::Relaxed) {
+            0 => usize::MAX,
+            tokens => capacity_chunks(tokens, bytes_per_token),
+        };
+        self.routed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .record(names, tick, capacity);
     }
 
     /// A request could not reach it: ejected until a health check finds it serving again.

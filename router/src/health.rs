@@ -65,13 +65,10 @@ async fn check(backend: &Backend, served_name: &OnceLock<String>) {
         Err(_) => Check::NoAnswer,
     };
     let serving = outcome == Check::Serving;
-    let busy = if serving {
+    let load = if serving {
         let mut client = backend.client();
         match tokio::time::timeout(CHECK_TIMEOUT, client.get_load(GetLoadRequest {})).await {
-            Ok(Ok(load)) => {
-                let load = load.into_inner();
-                Some((load.waiting_sequences + load.running_sequences) as usize)
-            }
+            Ok(Ok(load)) => Some(load.into_inner()),
             _ => None,
         }
     } else {
@@ -86,7 +83,7 @@ async fn check(backend: &Backend, served_name: &OnceLock<String>) {
         }
     }
     let was_healthy = backend.healthy();
-    backend.observed(outcome, busy);
+    backend.observed(outcome, load.as_ref());
     if backend.healthy() != was_healthy {
         tracing::info!(backend = %backend.spec.addr, ?outcome, healthy = !was_healthy, "backend health changed");
     }

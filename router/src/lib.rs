@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod proxy;
+pub mod routed;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -6,6 +6,9 @@
 //! - `prefix-affinity`: consistent hashing with bounded loads on the prompt prefix, so
 //!   requests sharing a prefix land where its KV cache is while no backend takes more than
 //!   1.25× the pool's average;
+//! - `cache-aware`: the backend that was sent the longest run of the prompt's leading
+//!   chunks and still has room for them (`routed.rs`), within the same load bound; least
+//!   load when none was;
 //! - `weighted`: smooth weighted round-robin by backend weight, ignoring load.
 //!
 //! A backend can take a request when it is healthy and (except under `weighted`) has fewer
@@ -16,6 +19,7 @@
 pub enum Policy {
     LeastLoad,
     PrefixAffinity,
+    CacheAware,
     Weighted,
 }
 
@@ -29,6 +33,9 @@ pub struct View<'a> {
     pub load: usize,
     /// Streams this router has open on it.
     pub in_flight: usize,
+    /// Leading chunks of the request's prompt it was sent and is thought to hold
+    /// (`cache-aware` only).
+    pub cached_chunks: usize,
 }
 
 /// Points per backend on the hash ring: enough to spread keys evenly over a few backends.
@@ -121,6 +128,7 @@ impl Picker {
                 )
             }
             (Policy::PrefixAffinity, Some(key)) => Some(self.by_affinity(backends, &members, key)),
+            (Policy::CacheAware, _) => Some(by_cached_prefix(backends, &members, turn)),
             _ => Some(least_loaded(backends, &members, turn)),
         }
     }
@@ -128,9 +136,7 @@ impl Picker {
     /// Consistent hashing with bounded loads: the first backend clockwise from `key` whose
     /// load stays within the bound after taking this request.
     fn by_affinity(&self, backends: &[View], members: &[usize], key: u64) -> usize {
-        let total: usize = members.iter().map(|&i| backends[i].load).sum();
-        let bound =
-            (AFFINITY_LOAD_BOUND * (total + 1) as f64 / members.len() as f64).ceil() as usize;
+        let bound = load_bound(backends, members);
         let start = self.ring.partition_point(|&(h, _)| h < key);
         let clockwise = self.ring[start..].iter().chain(&self.ring[..start]);
         clockwise
@@ -138,6 +144,30 @@ impl Picker {
             .find(|i| members.contains(i) && backends[*i].load < bound)
             .unwrap_or_else(|| least_loaded(backends, members, 0))
     }
+}
+
+/// The load under which a backend still takes affinity traffic: 1.25× the members' average
+/// once this request is added.
+fn load_bound(backends: &[View], members: &[usize]) -> usize {
+    let total: usize = members.iter().map(|&i| backends[i].load).sum();
+    (AFFINITY_LOAD_BOUND * (total + 1) as f64 / members.len() as f64).ceil() as usize
+}
+
+/// The member holding the most leading chunks of the prompt among those within the load
+/// bound (the less loaded on a tie); the least loaded when none holds any.
+fn by_cached_prefix(backends: &[View], members: &[usize], turn: usize) -> usize {
+    let bound = load_bound(backends, members);
+    members
+        .iter()
+        .copied()
+        .filter(|&i| backends[i].cached_chunks > 0 && backends[i].load < bound)
+        .max_by_key(|&i| {
+            (
+                backends[i].cached_chunks,
+                std::cmp::Reverse(backends[i].load),
+            )
+        })
+        .unwrap_or_else(|| least_loaded(backends, members, turn))
 }
 
 fn open_only(members: &[usize], n: usize) -> Vec<bool> {
@@ -205,6 +235,7 @@ mod tests {
                 healthy: true,
                 load,
                 in_flight: load,
+                cached_chunks: 0,
             })
             .collect()
     }
@@ -307,6 +338,24 @@ mod tests {
         v[home].load = 20;
         let moved = p.pick(&v, Some(keys[0]), &[]).unwrap();
         assert_ne!(moved, home);
+    }
+
+    #[test]
+    fn cache_aware_goes_where_most_of_the_prefix_is_within_the_load_bound() {
+        let pools = ["p"; 3];
+        let mut p = picker(Policy::CacheAware, &[], &pools);
+        let mut v = views(&pools, &[2, 1, 2]);
+        // Nobody holds it: least load.
+        assert_eq!(p.pick(&v, None, &[]), Some(1));
+        v[0].cached_chunks = 3;
+        v[2].cached_chunks = 7;
+        assert_eq!(p.pick(&v, None, &[]), Some(2), "the longest run wins");
+        assert_eq!(p.pick(&v, None, &[2]), Some(0), "then the next longest");
+        // Over the bound (1.25 × the average with this request), the cache does not count.
+        v[2].load = 9;
+        assert_eq!(p.pick(&v, None, &[]), Some(0));
+        v[0].load = 9;
+        assert_eq!(p.pick(&v, None, &[]), Some(1));
     }
 
     #[test]

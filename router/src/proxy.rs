@@ -3,7 +3,7 @@
 //! returned stream drops the worker's stream, which cancels the request there.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use crate::backend::{Backend, BackendSpec, InFlight};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::policy::{Picker, Policy, View, stable_hash};
+use crate::routed::chunk_names;
 
 /// Bytes of the prompt that decide prefix affinity: enough for a system prompt's opening.
 const AFFINITY_PREFIX_BYTES: usize = 256;
@@ -48,6 +49,11 @@ struct Members {
 pub struct Router {
     members: RwLock<Arc<Members>>,
     open: Arc<AtomicUsize>,
+    /// Orders the prompts sent, for `cache-aware`'s least-recently-sent.
+    sends: AtomicU64,
+    /// Prompt bytes per prompt token in answered requests (f64 bits), which turns a
+    /// backend's KV capacity in tokens into the prompt bytes it holds.
+    bytes_per_token: Arc<AtomicU64>,
     config: RouterConfig,
     pub metrics: Metrics,
 }
@@ -69,6 +75,9 @@ impl Router {
                 picker: Mutex::new(Picker::new(config.policy, config.pools.clone(), &[], 1)),
             })),
             open: Arc::new(AtomicUsize::new(0)),
+            sends: AtomicU64::new(0),
+            // English text in a 100k+ BPE vocabulary; token-id prompts count 4 bytes a token.
+            bytes_per_token: Arc::new(AtomicU64::new(4.0f64.to_bits())),
             metrics: Metrics::default(),
             config,
         };
@@ -133,8 +142,9 @@ impl Router {
         Ok(admitted)
     }
 
-    /// The backend for a request with prefix hash `key`, other than those `tried` (by address).
-    fn pick(&self, key: Option<u64>, tried: &[String]) -> Option<Arc<Backend>> {
+    /// The backend for a request with prefix hash `key` and prompt chunks `chunks`, other
+    /// than those `tried` (by address).
+    fn pick(&self, key: Option<u64>, chunks: &[u64], tried: &[String]) -> Option<Arc<Backend>> {
         let members = self.members();
         let views: Vec<View> = members
             .backends
@@ -145,6 +155,11 @@ impl Router {
                 healthy: b.healthy(),
                 load: b.load(),
                 in_flight: b.in_flight(),
+                cached_chunks: if chunks.is_empty() {
+                    0
+                } else {
+                    b.cached_chunks(chunks)
+                },
             })
             .collect();
         let exclude: Vec<usize> = (0..members.backends.len())
@@ -201,10 +216,15 @@ impl Router {
         let admitted = self.admit()?;
         let started = Instant::now();
         let key = affinity_key(&request);
+        let prompt = match self.config.policy {
+            Policy::CacheAware => prompt_bytes(&request, usize::MAX),
+            _ => Vec::new(),
+        };
+        let chunks = chunk_names(&prompt);
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < self.config.max_attempts {
-            let Some(backend) = self.pick(key, &tried) else {
+            let Some(backend) = self.pick(key, &chunks, &tried) else {
                 break;
             };
             if !tried.is_empty() {
@@ -226,7 +246,21 @@ impl Router {
             match opened {
                 Ok((first, rest)) => {
                     self.metrics.first_message(started.elapsed());
-                    return Ok(pass_through(first, rest, (in_flight, admitted)));
+                    let stream = pass_through(first, rest, (in_flight, admitted));
+                    if chunks.is_empty() {
+                        return Ok(stream);
+                    }
+                    let sent = self.sends.fetch_add(1, Ordering::Relaxed);
+                    backend.sent(
+                        &chunks,
+                        sent,
+                        f64::from_bits(self.bytes_per_token.load(Ordering::Relaxed)),
+                    );
+                    return Ok(calibrating(
+                        stream,
+                        prompt.len(),
+                        self.bytes_per_token.clone(),
+                    ));
                 }
                 Err(status) if retryable(&status) => {
                     eject_unless_full(&backend, &status);
@@ -248,7 +282,7 @@ impl Router {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < self.config.max_attempts {
-            let Some(backend) = self.pick(None, &tried) else {
+            let Some(backend) = self.pick(None, &[], &tried) else {
                 break;
             };
             tried.push(backend.spec.addr.clone());
@@ -284,6 +318,8 @@ impl Router {
                 kv_blocks_used: sum.kv_blocks_used + r.kv_blocks_used,
                 kv_blocks_total: sum.kv_blocks_total + r.kv_blocks_total,
                 tokens_per_second: sum.tokens_per_second + r.tokens_per_second,
+                // (the same on every rank of one model)
+                kv_block_tokens: sum.kv_block_tokens.max(r.kv_block_tokens),
             })
     }
 }
@@ -336,28 +372,111 @@ fn pass_through(
     Box::pin(futures::stream::once(async move { Ok(first) }).chain(tail))
 }
 
+/// Learns the prompt bytes per token from the usage in the stream's last message: an
+/// average over recent requests (each weighs 1/16).
+fn calibrating(
+    stream: ResponseStream,
+    prompt_bytes: usize,
+    bytes_per_token: Arc<AtomicU64>,
+) -> ResponseStream {
+    Box::pin(stream.inspect(move |message| {
+        let Some(usage) = message.as_ref().ok().and_then(|m| m.usage.as_ref()) else {
+            return;
+        };
+        if usage.prompt_tokens == 0 {
+            return;
+        }
+        let seen = prompt_bytes as f64 / f64::from(usage.prompt_tokens);
+        let _ = bytes_per_token.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            let old = f64::from_bits(bits);
+            Some((old + (seen - old) / 16.0).to_bits())
+        });
+    }))
+}
+
 /// The hash of the prompt's opening bytes, for prefix affinity.
 pub fn affinity_key(request: &GenerateRequest) -> Option<u64> {
-    let mut bytes = Vec::with_capacity(AFFINITY_PREFIX_BYTES);
-    match request.prompt.as_ref()? {
-        Prompt::Text(text) => bytes.extend_from_slice(text.as_bytes()),
-        Prompt::TokenIds(ids) => {
-            for id in ids.ids.iter().take(AFFINITY_PREFIX_BYTES / 4) {
+    request.prompt.as_ref()?;
+    Some(stable_hash(&prompt_bytes(request, AFFINITY_PREFIX_BYTES)))
+}
+
+/// The first `limit` bytes of a prompt as the router compares prompts: text as it is, token
+/// ids little-endian, a chat's tools and then each message's role, content and calls, each
+/// ended by a NUL.
+pub fn prompt_bytes(request: &GenerateRequest, limit: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    match &request.prompt {
+        None => {}
+        Some(Prompt::Text(text)) => bytes.extend_from_slice(text.as_bytes()),
+        Some(Prompt::TokenIds(ids)) => {
+            for id in ids.ids.iter().take(limit.div_ceil(4)) {
                 bytes.extend_from_slice(&id.to_le_bytes());
             }
         }
-        Prompt::Chat(chat) => {
+        Some(Prompt::Chat(chat)) => {
+            let push = |bytes: &mut Vec<u8>, field: &str| {
+                bytes.extend_from_slice(field.as_bytes());
+                bytes.push(0);
+            };
+            if !chat.tools_json.is_empty() {
+                push(&mut bytes, &chat.tools_json);
+            }
             for m in &chat.messages {
-                if bytes.len() >= AFFINITY_PREFIX_BYTES {
+                push(&mut bytes, &m.role);
+                push(&mut bytes, &m.content);
+                for call in &m.tool_calls {
+                    push(&mut bytes, &call.name);
+                    push(&mut bytes, &call.arguments);
+                }
+                if bytes.len() >= limit {
                     break;
                 }
-                bytes.extend_from_slice(m.role.as_bytes());
-                bytes.push(0);
-                bytes.extend_from_slice(m.content.as_bytes());
-                bytes.push(0);
             }
         }
     }
-    bytes.truncate(AFFINITY_PREFIX_BYTES);
-    Some(stable_hash(&bytes))
+    bytes.truncate(limit);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use deepseek_proto::v1::{ChatMessage, ChatMessages, TokenIds, ToolCall};
+
+    use super::*;
+
+    fn with(prompt: Prompt) -> GenerateRequest {
+        GenerateRequest {
+            prompt: Some(prompt),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn prompts_compare_by_their_bytes_tools_and_calls_included() {
+        let ids = with(Prompt::TokenIds(TokenIds { ids: vec![1, 258] }));
+        assert_eq!(prompt_bytes(&ids, usize::MAX), [1, 0, 0, 0, 2, 1, 0, 0]);
+        assert_eq!(prompt_bytes(&ids, 5).len(), 5);
+        let chat = |tools_json: &str, arguments: &str| {
+            with(Prompt::Chat(ChatMessages {
+                tools_json: tools_json.into(),
+                messages: vec![ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: vec![ToolCall {
+                        id: "c".into(),
+                        name: "f".into(),
+                        arguments: arguments.into(),
+                    }],
+                    ..Default::default()
+                }],
+            }))
+        };
+        assert_eq!(
+            prompt_bytes(&chat("[]", "{}"), usize::MAX),
+            b"[]\0assistant\0\0f\0{}\0"
+        );
+        for other in [chat("", "{}"), chat("[]", "{\"a\": 1}")] {
+            assert_ne!(affinity_key(&other), affinity_key(&chat("[]", "{}")));
+        }
+        assert_eq!(affinity_key(&GenerateRequest::default()), None);
+    }
 }

@@ -242,6 +242,7 @@ impl Inference for InferenceService {
             kv_blocks_used: load.kv_blocks_used.load(Ordering::Relaxed) as u32,
             kv_blocks_total: load.kv_blocks_total.load(Ordering::Relaxed) as u32,
             tokens_per_second: load.milli_tokens_per_second.load(Ordering::Relaxed) as f64 / 1000.0,
+            kv_block_tokens: BLOCK_TOKENS as u32,
         }))
     }
 }

@@ -212,6 +212,7 @@ fn policy_name(policy: RoutingPolicy) -> &'static str {
     match policy {
         RoutingPolicy::LeastLoad => "least-load",
         RoutingPolicy::PrefixAffinity => "prefix-affinity",
+        RoutingPolicy::CacheAware => "cache-aware",
         RoutingPolicy::Weighted => "weighted",
     }
 }

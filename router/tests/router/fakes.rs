@@ -292,6 +292,37 @@ async fn a_repeated_prefix_goes_to_the_same_rank() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_aware_follows_a_conversation_to_where_its_history_went() {
+    let mut fakes = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        fakes.push(FakeServer::start(name, Mode::Answer).await);
+    }
+    let backends: Vec<(&str, SocketAddr)> = fakes.iter().map(|f| ("h100", f.addr)).collect();
+    let router = start(config(Policy::CacheAware, &[], &backends)).await;
+    let mut client = router.client().await;
+    let mut homes = HashMap::new();
+    for turn in 0..3u32 {
+        for conversation in 0..12u32 {
+            // Each turn is the conversation so far and 40 tokens more.
+            let history: Vec<u32> = (0..80 + 40 * turn)
+                .map(|t| conversation * 1000 + t)
+                .collect();
+            let backend = answer(&mut client, history).await;
+            assert_eq!(
+                homes.entry(conversation).or_insert_with(|| backend.clone()),
+                &backend,
+                "conversation {conversation}, turn {turn}"
+            );
+        }
+    }
+    let used: std::collections::HashSet<_> = homes.values().collect();
+    assert!(
+        used.len() >= 3,
+        "new conversations spread by load: {homes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_loses_no_request_that_had_not_started() {
     let mut fakes = Vec::new();
     for name in ["a", "b", "c"] {
