@@ -3,7 +3,9 @@ policies side by side (`cache-aware`, `prefix-affinity`, `least-load`).
 
 Two `deepseek-worker serve` processes (one compute thread each, so the two share the
 machine's 2 cores evenly) on the bench model, each with a KV cache that holds about half of
-the system prompts, behind one `deepseek-router --policy P`. The workload: `--prompts`
+the system prompts, behind one `deepseek-router --policy P`. The workers prefill in chunks
+of `--prefill-chunk` tokens, the unit in which they reuse cached KV, so that a system prompt
+is whole chunks. The workload: `--prompts`
 system prompts of `--system-tokens` tokens; each request is one of them (drawn from a
 seeded generator, the same sequence for every policy) plus a question of its own, answered
 with `--new-tokens` greedy tokens; `--concurrency` clients send them back to back over gRPC.
@@ -50,7 +52,8 @@ def run(policy, args, pb, pb_grpc, requests):
     ports = [free_port() for _ in range(2)]
     env = dict(os.environ, RAYON_NUM_THREADS="1", RUST_LOG="warn")
     procs = [subprocess.Popen([args.worker_bin, "serve", "--model", args.model, "--listen", f"127.0.0.1:{port}",
-                               "--kv-cache-blocks", str(args.kv_blocks), "--max-seqs", "16"], env=env)
+                               "--kv-cache-blocks", str(args.kv_blocks), "--max-seqs", "16",
+                               "--chunked-prefill-size", str(args.prefill_chunk)], env=env)
              for port in ports]
     router_port = free_port()
     procs.append(subprocess.Popen([args.router_bin, "--grpc-listen", f"127.0.0.1:{router_port}",
@@ -110,14 +113,17 @@ def main():
     parser.add_argument("--worker-bin", default=str(ROOT / "target/release/deepseek-worker"))
     parser.add_argument("--router-bin", default=str(ROOT / "target/release/deepseek-router"))
     parser.add_argument("--policies", default="cache-aware,prefix-affinity,least-load")
-    parser.add_argument("--prompts", type=int, default=6, help="distinct system prompts")
-    parser.add_argument("--system-tokens", type=int, default=256)
+    parser.add_argument("--out", default=str(ROOT / "bench/router/cache_routing.json"))
+    parser.add_argument("--prompts", type=int, default=4, help="distinct system prompts")
+    parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--question-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--kv-blocks", type=int, default=64,
+    parser.add_argument("--kv-blocks", type=int, default=80,
                         help="each rank's KV cache in 16-token blocks: about half the system prompts")
+    parser.add_argument("--prefill-chunk", type=int, default=128,
+                        help="the worker reuses cached KV in whole prefill chunks: a divisor of --system-tokens")
     args = parser.parse_args()
 
     pb, pb_grpc = stubs(pathlib.Path(tempfile.mkdtemp()))
@@ -129,9 +135,9 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
               "model": args.model, **{k: v for k, v in vars(args).items() if k not in ("model", "worker_bin",
-                                                                                       "router_bin", "policies")},
+                                                                                       "router_bin", "policies", "out")},
               "policies": rows}
-    (ROOT / "bench/router/cache_routing.json").write_text(json.dumps(result, indent=2) + "\n")
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     base = next((r for r in rows if r["policy"] == "least-load"), rows[-1])
     print("\n| policy | requests/s | × least-load | TTFT p50 / p99 ms | prompt tokens cached |")
     print("|---|---|---|---|---|")

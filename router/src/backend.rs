@@ -193,8 +193,9 @@ impl Backend {
         }
     }
 
-    /// How many of a prompt's leading chunks were sent here and may still be cached.
-    pub fn cached_chunks(&self, names: &[u64]) -> usize {
+    /// How many of a prompt's leading chunks were sent here and may still be cached, and
+    /// when the last of them was sent.
+    pub fn cached_chunks(&self, names: &[u64]) -> (usize, u64) {
         self.routed
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

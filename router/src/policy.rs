@@ -33,15 +33,19 @@ pub struct View<'a> {
     pub load: usize,
     /// Streams this router has open on it.
     pub in_flight: usize,
-    /// Leading chunks of the request's prompt it was sent and is thought to hold
-    /// (`cache-aware` only).
-    pub cached_chunks: usize,
+    /// Leading chunks of the request's prompt it was sent and is thought to hold, and when
+    /// the last of them was sent (`cache-aware` only).
+    pub cached: (usize, u64),
 }
 
 /// Points per backend on the hash ring: enough to spread keys evenly over a few backends.
 const RING_POINTS: usize = 64;
 /// A backend takes affinity traffic up to this multiple of its pool's average load.
 const AFFINITY_LOAD_BOUND: f64 = 1.25;
+/// ... and `cache-aware` traffic up to this many requests more than the least loaded
+/// member has, however small the loads: a few requests' wait costs less than prefilling a
+/// long prompt again elsewhere (SGLang's cache-aware router has an absolute threshold too).
+const CACHE_AWARE_SLACK: usize = 2;
 
 pub struct Picker {
     policy: Policy,
@@ -153,20 +157,16 @@ fn load_bound(backends: &[View], members: &[usize]) -> usize {
     (AFFINITY_LOAD_BOUND * (total + 1) as f64 / members.len() as f64).ceil() as usize
 }
 
-/// The member holding the most leading chunks of the prompt among those within the load
-/// bound (the less loaded on a tie); the least loaded when none holds any.
+/// The member holding the most leading chunks of the prompt (sent them last, on a tie)
+/// among those within the load bound; the least loaded when none holds any.
 fn by_cached_prefix(backends: &[View], members: &[usize], turn: usize) -> usize {
-    let bound = load_bound(backends, members);
+    let least = members.iter().map(|&i| backends[i].load).min().unwrap_or(0);
+    let bound = load_bound(backends, members).max(least + CACHE_AWARE_SLACK);
     members
         .iter()
         .copied()
-        .filter(|&i| backends[i].cached_chunks > 0 && backends[i].load < bound)
-        .max_by_key(|&i| {
-            (
-                backends[i].cached_chunks,
-                std::cmp::Reverse(backends[i].load),
-            )
-        })
+        .filter(|&i| backends[i].cached.0 > 0 && backends[i].load < bound)
+        .max_by_key(|&i| backends[i].cached)
         .unwrap_or_else(|| least_loaded(backends, members, turn))
 }
 
@@ -235,7 +235,7 @@ mod tests {
                 healthy: true,
                 load,
                 in_flight: load,
-                cached_chunks: 0,
+                cached: (0, 0),
             })
             .collect()
     }
@@ -347,15 +347,29 @@ mod tests {
         let mut v = views(&pools, &[2, 1, 2]);
         // Nobody holds it: least load.
         assert_eq!(p.pick(&v, None, &[]), Some(1));
-        v[0].cached_chunks = 3;
-        v[2].cached_chunks = 7;
+        v[0].cached = (3, 10);
+        v[2].cached = (7, 5);
         assert_eq!(p.pick(&v, None, &[]), Some(2), "the longest run wins");
         assert_eq!(p.pick(&v, None, &[2]), Some(0), "then the next longest");
-        // Over the bound (1.25 × the average with this request), the cache does not count.
-        v[2].load = 9;
-        assert_eq!(p.pick(&v, None, &[]), Some(0));
-        v[0].load = 9;
+        v[0].cached = (7, 9);
+        assert_eq!(
+            p.pick(&v, None, &[]),
+            Some(0),
+            "on a tie, the one sent it last"
+        );
+        // At small loads the bound is two more than the least loaded...
+        v[0].load = 5;
+        assert_eq!(p.pick(&v, None, &[]), Some(2));
+        v[2].load = 5;
         assert_eq!(p.pick(&v, None, &[]), Some(1));
+        // ... and 1.25 × the average (with this request) at large ones.
+        let mut v = views(&pools, &[40, 30, 30]);
+        // (load reported by the workers, from every router: our own streams are few)
+        v.iter_mut().for_each(|b| b.in_flight = 1);
+        v[0].cached = (7, 9);
+        assert_eq!(p.pick(&v, None, &[]), Some(0));
+        v[0].load = 45;
+        assert_ne!(p.pick(&v, None, &[]), Some(0));
     }
 
     #[test]

@@ -155,8 +155,8 @@ impl Router {
                 healthy: b.healthy(),
                 load: b.load(),
                 in_flight: b.in_flight(),
-                cached_chunks: if chunks.is_empty() {
-                    0
+                cached: if chunks.is_empty() {
+                    (0, 0)
                 } else {
                     b.cached_chunks(chunks)
                 },

@@ -38,12 +38,14 @@ pub struct RoutedChunks {
 }
 
 impl RoutedChunks {
-    /// How many of `names` lead in a row here.
-    pub fn leading(&self, names: &[u64]) -> usize {
+    /// How many of `names` lead in a row here, and when the last of those was sent (0 for
+    /// none): of two backends sent the same prefix, the one sent it last is likelier to
+    /// still hold it.
+    pub fn leading(&self, names: &[u64]) -> (usize, u64) {
         names
             .iter()
-            .take_while(|name| self.last_sent.contains_key(name))
-            .count()
+            .map_while(|name| self.last_sent.get(name))
+            .fold((0, 0), |(count, _), &sent| (count + 1, sent))
     }
 
     /// Records `names` as sent at `tick` (later than any before), then forgets the least
@@ -107,7 +109,7 @@ mod tests {
         let mut routed = RoutedChunks::default();
         routed.record(&x, 1, 8);
         routed.record(&y, 2, 8);
-        assert_eq!((routed.leading(&x), routed.leading(&y)), (4, 4));
+        assert_eq!((routed.leading(&x), routed.leading(&y)), ((4, 1), (4, 2)));
         // x sent again is the newest; a third prompt pushes y out.
         routed.record(&x, 3, 8);
         let z = chunk_names(&prompt(20, 256));
@@ -115,11 +117,11 @@ mod tests {
         assert_eq!(routed.len(), 8);
         assert_eq!(
             (routed.leading(&x), routed.leading(&y), routed.leading(&z)),
-            (4, 0, 4)
+            ((4, 3), (0, 0), (4, 4))
         );
         // A longer prompt that starts like x matches x's chunks and no more.
         let longer = chunk_names(&[prompt(1, 256), prompt(50, 128)].concat());
-        assert_eq!(routed.leading(&longer), 4);
+        assert_eq!(routed.leading(&longer), (4, 3));
     }
 
     #[test]
