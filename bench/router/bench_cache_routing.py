@@ -31,7 +31,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench/worker"))
-from bench_concurrency import free_port, percentile, stubs, wait_ready  # noqa: E402
+from bench_concurrency import cpu_name, free_port, percentile, stubs, wait_ready  # noqa: E402
 
 
 def workload(args):
@@ -132,7 +132,7 @@ def main():
     for policy in args.policies.split(","):
         rows.append(run(policy, args, pb, pb_grpc, requests))
         print(json.dumps(rows[-1]), flush=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
               "model": args.model, **{k: v for k, v in vars(args).items() if k not in ("model", "worker_bin",
                                                                                        "router_bin", "policies", "out")},

@@ -45,6 +45,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+def cpu_name():
+    """The CPU's model name, to go with every figure."""
+    with open("/proc/cpuinfo") as info:
+        return next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), "?")
+
+
 def percentile(values, p):
     if not values:
         return float("nan")

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 
-from bench_concurrency import free_port, stubs, wait_ready
+from bench_concurrency import cpu_name, free_port, stubs, wait_ready
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def main():
         worker.wait(timeout=60)
     cold = statistics.median(r["cold_s"] for r in rounds)
     warm = statistics.median(r["warm_s"] for r in rounds)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu, "model": args.model,
               "prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens, "threads": args.threads,
               "ttft_cold_median_s": cold, "ttft_warm_median_s": warm, "ratio": cold / warm, "rounds": rounds}
