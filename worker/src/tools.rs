@@ -186,10 +186,14 @@ impl ToolCallParser {
         }
     }
 
-    /// Tokens still held when generation ends (a call cut off): they go out as text.
+    /// Tokens still held when generation ends (a call cut off): they go out as text. Blank
+    /// tokens after a complete call (the model stopped without closing the block) are
+    /// markup, not text.
     pub fn finish(&mut self) -> Vec<u32> {
+        let after_calls = self.state == State::BetweenCalls && self.calls > 0;
         self.state = State::Text;
-        std::mem::take(&mut self.held)
+        let held = std::mem::take(&mut self.held);
+        if after_calls { Vec::new() } else { held }
     }
 
     fn release(&mut self) -> ToolStep {

@@ -91,6 +91,15 @@ fn a_malformed_call_goes_out_as_its_raw_text_and_none_is_dropped() {
     let (text, calls) = read(&reply, &names, "");
     assert_eq!(calls, [call("get_weather", "{\"city\": \"Paris\"}")]);
     assert_eq!(text, "\nnot a call");
+    // A block the model did not close after a good call loses nothing.
+    let unclosed = format!("<｜tool▁calls▁begin｜>{WEATHER}\n");
+    assert_eq!(
+        read(&unclosed, &names, ""),
+        (
+            String::new(),
+            vec![call("get_weather", "{\"city\": \"Paris\"}")]
+        )
+    );
     // Cut off by the token budget: the held tokens come out at the end.
     let (text, calls) = read(
         "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_ti",
