@@ -90,6 +90,9 @@ pub struct Backend {
     unanswered_checks: AtomicU32,
     /// Tokens its KV cache holds, as last reported (0 until then).
     kv_tokens: AtomicUsize,
+    /// KV blocks in use and in all, as last reported.
+    kv_blocks_used: AtomicUsize,
+    kv_blocks_total: AtomicUsize,
     /// The prompts' chunks sent here, for `cache-aware` routing.
     routed: Mutex<RoutedChunks>,
 }
@@ -146,6 +149,8 @@ impl Backend {
             healthy: AtomicBool::new(true),
             unanswered_checks: AtomicU32::new(0),
             kv_tokens: AtomicUsize::new(0),
+            kv_blocks_used: AtomicUsize::new(0),
+            kv_blocks_total: AtomicUsize::new(0),
             routed: Mutex::new(RoutedChunks::default()),
         })
     }
@@ -190,7 +195,19 @@ impl Backend {
             self.reported_busy.store(busy as usize, Ordering::Relaxed);
             let kv_tokens = load.kv_blocks_total as usize * load.kv_block_tokens as usize;
             self.kv_tokens.store(kv_tokens, Ordering::Relaxed);
+            self.kv_blocks_used
+                .store(load.kv_blocks_used as usize, Ordering::Relaxed);
+            self.kv_blocks_total
+                .store(load.kv_blocks_total as usize, Ordering::Relaxed);
         }
+    }
+
+    /// KV blocks in use and in all, as last reported.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (
+            self.kv_blocks_used.load(Ordering::Relaxed),
+            self.kv_blocks_total.load(Ordering::Relaxed),
+        )
     }
 
     /// How many of a prompt's leading chunks were sent here and may still be cached, and

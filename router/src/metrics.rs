@@ -116,13 +116,152 @@ impl Metrics {
                 );
             }
         }
+        let pools = pool_loads(backends.iter().map(|b| {
+            let (kv_used, kv_total) = b.kv_blocks();
+            RankLoad {
+                pool: &b.spec.pool,
+                healthy: b.healthy(),
+                requests: b.load(),
+                kv_used,
+                kv_total,
+            }
+        }));
+        for (name, help, value) in [
+            (
+                "pool_requests",
+                "Requests running or waiting on a pool's healthy ranks (the same in every router replica: take the max, not the sum)",
+                (|p: &PoolLoad| p.requests as f64) as fn(&PoolLoad) -> f64,
+            ),
+            (
+                "pool_healthy_ranks",
+                "Ranks of a pool taking requests",
+                |p| p.healthy as f64,
+            ),
+            (
+                "pool_kv_cache_usage",
+                "Share of the KV cache blocks in use on a pool's healthy ranks (0 to 1)",
+                |p| p.kv_used as f64 / p.kv_total.max(1) as f64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP deepseek_router_{name} {help}.");
+            let _ = writeln!(out, "# TYPE deepseek_router_{name} gauge");
+            for p in &pools {
+                let _ = writeln!(
+                    out,
+                    "deepseek_router_{name}{{pool=\"{}\"}} {}",
+                    p.pool,
+                    value(p)
+                );
+            }
+        }
         out + &eof
     }
+}
+
+/// What one rank contributes to its pool's gauges.
+pub struct RankLoad<'a> {
+    pub pool: &'a str,
+    pub healthy: bool,
+    pub requests: usize,
+    pub kv_used: usize,
+    pub kv_total: usize,
+}
+
+/// A pool's load, over its healthy ranks: what an external autoscaler (an HPA on custom
+/// metrics, KEDA) scales the deployment's groups by.
+#[derive(Debug, Default, PartialEq)]
+pub struct PoolLoad {
+    pub pool: String,
+    pub healthy: usize,
+    pub requests: usize,
+    pub kv_used: usize,
+    pub kv_total: usize,
+}
+
+/// Each pool's load, pools in the order they first appear.
+pub fn pool_loads<'a>(ranks: impl Iterator<Item = RankLoad<'a>>) -> Vec<PoolLoad> {
+    let mut pools: Vec<PoolLoad> = Vec::new();
+    for rank in ranks {
+        let at = match pools.iter().position(|p| p.pool == rank.pool) {
+            Some(at) => at,
+            None => {
+                pools.push(PoolLoad {
+                    pool: rank.pool.to_string(),
+                    ..Default::default()
+                });
+                pools.len() - 1
+            }
+        };
+        if rank.healthy {
+            let pool = &mut pools[at];
+            pool.healthy += 1;
+            pool.requests += rank.requests;
+            pool.kv_used += rank.kv_used;
+            pool.kv_total += rank.kv_total;
+        }
+    }
+    pools
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_page_has_a_gauge_per_pool() {
+        let backend = |spec: &str| Arc::new(Backend::new(spec.parse().unwrap()).unwrap());
+        let backends = [
+            backend("pool=h100,addr=10.0.0.1:50051"),
+            backend("pool=h100,addr=10.0.0.2:50051"),
+        ];
+        backends[1].failed();
+        let text = Metrics::default().render(&backends);
+        for line in [
+            "deepseek_router_pool_requests{pool=\"h100\"} 0",
+            "deepseek_router_pool_healthy_ranks{pool=\"h100\"} 1",
+            "deepseek_router_pool_kv_cache_usage{pool=\"h100\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn pools_sum_their_healthy_ranks() {
+        let rank = |pool, healthy, requests, kv_used| RankLoad {
+            pool,
+            healthy,
+            requests,
+            kv_used,
+            kv_total: 100,
+        };
+        let pools = pool_loads(
+            [
+                rank("h100", true, 5, 40),
+                rank("a100", true, 1, 10),
+                rank("h100", true, 3, 20),
+                rank("h100", false, 9, 90),
+                rank("cpu", false, 2, 0),
+            ]
+            .into_iter(),
+        );
+        let load = |pool: &str, healthy, requests, kv_used, kv_total| PoolLoad {
+            pool: pool.into(),
+            healthy,
+            requests,
+            kv_used,
+            kv_total,
+        };
+        assert_eq!(
+            pools,
+            [
+                load("h100", 2, 8, 60, 200),
+                load("a100", 1, 1, 10, 100),
+                // a pool with no healthy rank still shows, at zero
+                load("cpu", 0, 0, 0, 0),
+            ]
+        );
+    }
 
     #[test]
     fn requests_and_tokens_are_counted_by_api_key_name() {
