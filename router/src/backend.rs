@@ -88,11 +88,10 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Health checks in a row that got no answer in time.
     unanswered_checks: AtomicU32,
-    /// Tokens its KV cache holds, as last reported (0 until then).
-    kv_tokens: AtomicUsize,
-    /// KV blocks in use and in all, as last reported.
+    /// KV blocks in use, in all, and their size in tokens, as last reported (0 until then).
     kv_blocks_used: AtomicUsize,
     kv_blocks_total: AtomicUsize,
+    kv_block_tokens: AtomicUsize,
     /// The prompts' chunks sent here, for `cache-aware` routing.
     routed: Mutex<RoutedChunks>,
 }
@@ -148,9 +147,9 @@ impl Backend {
             // Optimistic until the first health check says otherwise.
             healthy: AtomicBool::new(true),
             unanswered_checks: AtomicU32::new(0),
-            kv_tokens: AtomicUsize::new(0),
             kv_blocks_used: AtomicUsize::new(0),
             kv_blocks_total: AtomicUsize::new(0),
+            kv_block_tokens: AtomicUsize::new(0),
             routed: Mutex::new(RoutedChunks::default()),
         })
     }
@@ -193,12 +192,12 @@ impl Backend {
         if let Some(load) = load {
             let busy = load.waiting_sequences + load.running_sequences;
             self.reported_busy.store(busy as usize, Ordering::Relaxed);
-            let kv_tokens = load.kv_blocks_total as usize * load.kv_block_tokens as usize;
-            self.kv_tokens.store(kv_tokens, Ordering::Relaxed);
             self.kv_blocks_used
                 .store(load.kv_blocks_used as usize, Ordering::Relaxed);
             self.kv_blocks_total
                 .store(load.kv_blocks_total as usize, Ordering::Relaxed);
+            self.kv_block_tokens
+                .store(load.kv_block_tokens as usize, Ordering::Relaxed);
         }
     }
 
@@ -222,7 +221,9 @@ impl Backend {
     /// Records a prompt's chunks as sent here at `tick`, keeping what its KV cache holds at
     /// `bytes_per_token` (all, until it reports its size).
     pub fn sent(&self, names: &[u64], tick: u64, bytes_per_token: f64) {
-        let capacity = match self.kv_tokens.load(Ordering::Relaxed) {
+        let kv_tokens = self.kv_blocks_total.load(Ordering::Relaxed)
+            * self.kv_block_tokens.load(Ordering::Relaxed);
+        let capacity = match kv_tokens {
             0 => usize::MAX,
             tokens => capacity_chunks(tokens, bytes_per_token),
         };

@@ -103,18 +103,13 @@ impl Metrics {
                 usize::from(b.healthy())
             }),
         ] {
-            let _ = writeln!(out, "# HELP deepseek_router_{name} {help}.");
-            let _ = writeln!(out, "# TYPE deepseek_router_{name} gauge");
-            for b in backends {
-                let _ = writeln!(
-                    out,
-                    "deepseek_router_{name}{{backend=\"{}\",pool=\"{}\",gpu=\"{}\"}} {}",
-                    b.spec.addr,
-                    b.spec.pool,
-                    b.spec.gpu,
-                    value(b)
+            write_gauge(&mut out, name, help, backends, |b| {
+                let labels = format!(
+                    "backend=\"{}\",pool=\"{}\",gpu=\"{}\"",
+                    b.spec.addr, b.spec.pool, b.spec.gpu
                 );
-            }
+                (labels, value(b))
+            });
         }
         let pools = pool_loads(backends.iter().map(|b| {
             let (kv_used, kv_total) = b.kv_blocks();
@@ -143,18 +138,28 @@ impl Metrics {
                 |p| p.kv_used as f64 / p.kv_total.max(1) as f64,
             ),
         ] {
-            let _ = writeln!(out, "# HELP deepseek_router_{name} {help}.");
-            let _ = writeln!(out, "# TYPE deepseek_router_{name} gauge");
-            for p in &pools {
-                let _ = writeln!(
-                    out,
-                    "deepseek_router_{name}{{pool=\"{}\"}} {}",
-                    p.pool,
-                    value(p)
-                );
-            }
+            write_gauge(&mut out, name, help, &pools, |p| {
+                (format!("pool=\"{}\"", p.pool), value(p))
+            });
         }
         out + &eof
+    }
+}
+
+/// A gauge family in the text format: its HELP and TYPE lines, then each item's labels and
+/// value.
+fn write_gauge<T, V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    items: &[T],
+    sample: impl Fn(&T) -> (String, V),
+) {
+    let _ = writeln!(out, "# HELP deepseek_router_{name} {help}.");
+    let _ = writeln!(out, "# TYPE deepseek_router_{name} gauge");
+    for item in items {
+        let (labels, value) = sample(item);
+        let _ = writeln!(out, "deepseek_router_{name}{{{labels}}} {value}");
     }
 }
 

@@ -215,10 +215,11 @@ impl Router {
     ) -> Result<ResponseStream, Status> {
         let admitted = self.admit()?;
         let started = Instant::now();
-        let key = affinity_key(&request);
-        let prompt = match self.config.policy {
-            Policy::CacheAware => prompt_bytes(&request, usize::MAX),
-            _ => Vec::new(),
+        // What the policy reads of the prompt: its opening's hash, or all of it in chunks.
+        let (key, prompt) = match self.config.policy {
+            Policy::PrefixAffinity => (affinity_key(&request), Vec::new()),
+            Policy::CacheAware => (None, prompt_bytes(&request, usize::MAX)),
+            Policy::LeastLoad | Policy::Weighted => (None, Vec::new()),
         };
         let chunks = chunk_names(&prompt);
         let mut tried = Vec::new();

@@ -231,11 +231,6 @@ impl Tokenizer {
             .map_err(|e| Error::Message(format!("rendering chat_template: {e}")))?;
         Ok(rendered)
     }
-
-    /// Ids of a chat conversation, ready to generate the assistant's reply.
-    pub fn encode_chat(&self, messages: &[ChatMessage], tools: Option<&Value>) -> Result<Vec<u32>> {
-        self.encode(&self.apply_chat_template(messages, tools, true)?, false)
-    }
 }
 
 /// Hugging Face's `tojson` filter: Python's `json.dumps` with `ensure_ascii=False`, so

@@ -169,24 +169,30 @@ pub fn chat_ids(
     let messages: Vec<ChatMessage> = chat.messages.into_iter().map(ChatMessage::from).collect();
     let render = |tools: Option<&Value>| {
         tokenizer
-            .encode_chat(&messages, tools)
+            .apply_chat_template(&messages, tools, true)
+            .map_err(|e| invalid(fields.chat, e.to_string()))
+    };
+    // The template writes the BOS token itself.
+    let encode = |text: String| {
+        tokenizer
+            .encode(&text, false)
             .map_err(|e| invalid(fields.chat, e.to_string()))
     };
     if chat.tools_json.is_empty() {
-        return Ok((render(None)?, None));
+        return Ok((encode(render(None)?)?, None));
     }
     let tools: Value = serde_json::from_str(&chat.tools_json)
         .map_err(|e| invalid(fields.tools, format!("is not valid JSON: {e}")))?;
     let names = function_names(&tools).map_err(|message| invalid(fields.tools, message))?;
-    let ids = render(Some(&tools))?;
-    if ids == render(None)? {
+    let rendered = render(Some(&tools))?;
+    if rendered == render(None)? {
         return Err(invalid(
             fields.tools,
             "this model's chat template does not show tools to the model; serve it with \
              --chat-template naming a template that does",
         ));
     }
-    Ok((ids, Some(names)))
+    Ok((encode(rendered)?, Some(names)))
 }
 
 /// How the reply's tool calls are read, from `tool_choice` and the functions the chat

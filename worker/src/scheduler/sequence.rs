@@ -43,7 +43,7 @@ pub(super) struct Sequence {
 }
 
 impl Sequence {
-    pub(super) fn new(s: Submission) -> Self {
+    pub(super) fn new(mut s: Submission) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let span = tracing::info_span!(
             "request",
@@ -55,9 +55,11 @@ impl Sequence {
             sampler: Sampler::new(s.request.sampling.clone()),
             stops: StopStrings::new(s.request.stop.clone()),
             thinking: s.request.thinking,
-            tools: s.request.tools.as_ref().map(|tools| {
-                ToolCallParser::new(tools.markers, tools.names.clone(), &tools.forced)
-            }),
+            tools: s
+                .request
+                .tools
+                .take()
+                .map(|tools| ToolCallParser::new(tools.markers, tools.names, &tools.forced)),
             blocks: BlockTable::default(),
             prompt_names: prefix_hashes(&s.request.prompt_ids),
             cached_tokens: 0,

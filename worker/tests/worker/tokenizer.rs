@@ -45,7 +45,8 @@ fn the_chat_template_renders_like_transformers() {
         "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi there<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>"
     );
     assert_eq!(
-        t.encode_chat(&messages, None).unwrap(),
+        // (the template wrote the BOS token: no special tokens added)
+        t.encode(&rendered, false).unwrap(),
         [
             0, 48, 83, 327, 96, 87, 83, 84, 28, 2, 54, 87, 280, 272, 83, 3, 54, 326, 90, 93, 15, 1,
             2, 48, 103, 83, 3
