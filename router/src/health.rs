@@ -2,8 +2,9 @@
 //! serving, its load (`GetLoad`) and, until known, the model name it serves. A backend that
 //! fails a request, or answers that it is not serving, is ejected at once (`Backend::failed`,
 //! `Check::NotServing`); one that misses `UNANSWERED_CHECKS_TO_EJECT` checks in a row is
-//! too. It is readmitted here when it answers SERVING again. The router itself is SERVING
-//! while any backend is.
+//! too. It is readmitted here when it answers SERVING again. The router's
+//! `deepseek.v1.Inference` is SERVING while any backend is; the server as a whole (its
+//! readiness) too, and always when it holds requests until a backend is up.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -35,16 +36,21 @@ pub async fn watch(
         let any = backends.iter().any(|b| b.healthy());
         if serving != Some(any) {
             serving = Some(any);
-            let status = if any {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
+            let status = |up: bool| {
+                if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
             };
-            reporter.set_service_status("", status).await;
+            // A router that holds requests until a backend is up takes them meanwhile.
+            reporter
+                .set_service_status("", status(any || router.holds_requests()))
+                .await;
             reporter
                 .set_service_status(
                     <InferenceServer<Front> as tonic::server::NamedService>::NAME,
-                    status,
+                    status(any),
                 )
                 .await;
             tracing::info!(serving = any, "backends checked");

@@ -88,7 +88,7 @@ pub async fn serve(
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
-                let body = router.metrics.render(&router.backends());
+                let body = router.metrics_text();
                 async move {
                     (
                         [(

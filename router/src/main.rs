@@ -61,6 +61,11 @@ struct Cli {
     /// Backends tried for a request that fails before its first token.
     #[arg(long, default_value_t = 3)]
     max_attempts: usize,
+    /// Seconds a request waits for a healthy backend when there is none (a deployment
+    /// waking from zero groups); 0: UNAVAILABLE (HTTP 503) at once. While it holds
+    /// requests, the router reports itself SERVING.
+    #[arg(long, default_value_t = 0)]
+    hold_for_backend_seconds: u64,
     /// Milliseconds between active health checks of every backend.
     #[arg(long, default_value_t = 1000)]
     health_interval_ms: u64,
@@ -123,6 +128,7 @@ impl Cli {
                     max_in_flight_per_backend: self.max_in_flight_per_backend.max(1),
                     max_in_flight: self.max_in_flight.max(1),
                     max_attempts: self.max_attempts.max(1),
+                    hold_for_backend: Duration::from_secs(self.hold_for_backend_seconds),
                 },
                 keys,
                 served_name: self.served_name,

@@ -87,12 +87,20 @@ impl Metrics {
         self.first_message.observe(after.as_secs_f64());
     }
 
-    /// The registry, then per-backend gauges read live from the backends.
-    pub fn render(&self, backends: &[Arc<Backend>]) -> String {
+    /// The registry, then gauges read live: requests `waiting` for a backend, and per
+    /// backend and per pool.
+    pub fn render(&self, backends: &[Arc<Backend>], waiting: usize) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         let body_end = out.rfind("# EOF").unwrap_or(out.len());
         let eof = out.split_off(body_end);
+        write_gauge(
+            &mut out,
+            "waiting_requests",
+            "Requests held until some backend is healthy, as when the deployment wakes from zero groups (per router replica: take the sum)",
+            &[waiting],
+            |&waiting| (String::new(), waiting),
+        );
         for (name, help, value) in [
             (
                 "backend_in_flight",
@@ -159,7 +167,12 @@ fn write_gauge<T, V: std::fmt::Display>(
     let _ = writeln!(out, "# TYPE deepseek_router_{name} gauge");
     for item in items {
         let (labels, value) = sample(item);
-        let _ = writeln!(out, "deepseek_router_{name}{{{labels}}} {value}");
+        let labels = if labels.is_empty() {
+            labels
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "deepseek_router_{name}{labels} {value}");
     }
 }
 
@@ -220,8 +233,9 @@ mod tests {
             backend("pool=h100,addr=10.0.0.2:50051"),
         ];
         backends[1].failed();
-        let text = Metrics::default().render(&backends);
+        let text = Metrics::default().render(&backends, 2);
         for line in [
+            "deepseek_router_waiting_requests 2",
             "deepseek_router_pool_requests{pool=\"h100\"} 0",
             "deepseek_router_pool_healthy_ranks{pool=\"h100\"} 1",
             "deepseek_router_pool_kv_cache_usage{pool=\"h100\"} 0",
@@ -274,7 +288,7 @@ mod tests {
         metrics.count_key("team-a").inc_by(5);
         metrics.count_key("team-a").inc_by(2);
         metrics.count_key("team-b");
-        let text = metrics.render(&[]);
+        let text = metrics.render(&[], 0);
         for line in [
             "deepseek_router_key_requests_total{key=\"team-a\"} 2",
             "deepseek_router_key_tokens_total{key=\"team-a\"} 7",

@@ -24,6 +24,9 @@ use crate::routed::chunk_names;
 /// Bytes of the prompt that decide prefix affinity: enough for a system prompt's opening.
 const AFFINITY_PREFIX_BYTES: usize = 256;
 
+/// The gRPC metadata key of the seconds after which a refused request may be retried.
+pub const RETRY_AFTER: &str = "retry-after";
+
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 #[derive(Clone, Debug)]
@@ -37,7 +40,13 @@ pub struct RouterConfig {
     pub max_in_flight: usize,
     /// Backends tried for one request before giving up.
     pub max_attempts: usize,
+    /// How long a request waits for a healthy backend when there is none (a deployment
+    /// waking from zero groups); zero: UNAVAILABLE at once.
+    pub hold_for_backend: Duration,
 }
+
+/// How often a held request looks for a healthy backend again.
+const HOLD_POLL: Duration = Duration::from_millis(50);
 
 /// The backends in use and the picker built over them; replaced whole when discovery
 /// changes the set.
@@ -49,6 +58,8 @@ struct Members {
 pub struct Router {
     members: RwLock<Arc<Members>>,
     open: Arc<AtomicUsize>,
+    /// Requests held until a backend is healthy.
+    waiting: Arc<AtomicUsize>,
     /// Orders the prompts sent, for `cache-aware`'s least-recently-sent.
     sends: AtomicU64,
     /// Prompt bytes per prompt token in answered requests (f64 bits), which turns a
@@ -58,10 +69,20 @@ pub struct Router {
     pub metrics: Metrics,
 }
 
-/// A request counted against the router's limit until it drops.
-struct Admitted(Arc<AtomicUsize>);
+/// One in a count (requests open, requests held) until it drops.
+struct Counted(Arc<AtomicUsize>);
 
-impl Drop for Admitted {
+impl Counted {
+    /// Counts one more in `count`; gives the count before.
+    fn new(count: &Arc<AtomicUsize>) -> (Self, usize) {
+        (
+            Counted(count.clone()),
+            count.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -75,6 +96,7 @@ impl Router {
                 picker: Mutex::new(Picker::new(config.policy, config.pools.clone(), &[], 1)),
             })),
             open: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
             sends: AtomicU64::new(0),
             // English text in a 100k+ BPE vocabulary; token-id prompts count 4 bytes a token.
             bytes_per_token: Arc::new(AtomicU64::new(4.0f64.to_bits())),
@@ -130,9 +152,8 @@ impl Router {
         Ok(())
     }
 
-    fn admit(&self) -> Result<Admitted, Status> {
-        let open = self.open.fetch_add(1, Ordering::Relaxed);
-        let admitted = Admitted(self.open.clone());
+    fn admit(&self) -> Result<Counted, Status> {
+        let (admitted, open) = Counted::new(&self.open);
         if open >= self.config.max_in_flight {
             return Err(Status::resource_exhausted(format!(
                 "the router is at its limit of {} open requests; retry later",
@@ -171,6 +192,44 @@ impl Router {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .pick(&views, key, &exclude)?;
         Some(members.backends[i].clone())
+    }
+
+    /// The `/metrics` page.
+    pub fn metrics_text(&self) -> String {
+        self.metrics
+            .render(&self.backends(), self.waiting.load(Ordering::Relaxed))
+    }
+
+    /// Whether requests wait for a backend when none is healthy.
+    pub fn holds_requests(&self) -> bool {
+        !self.config.hold_for_backend.is_zero()
+    }
+
+    /// Returns once some backend is healthy, holding the request up to `hold_for_backend`
+    /// while none is (its pools are at zero or still starting); UNAVAILABLE after that,
+    /// with a `retry-after` in seconds (HTTP's `Retry-After`).
+    pub async fn until_backend(&self) -> Result<(), Status> {
+        let any_healthy = || self.backends().iter().any(|b| b.healthy());
+        let hold = self.config.hold_for_backend;
+        if hold.is_zero() || any_healthy() {
+            return Ok(());
+        }
+        let _waiting = Counted::new(&self.waiting);
+        let deadline = Instant::now() + hold;
+        while !any_healthy() {
+            if Instant::now() >= deadline {
+                let seconds = hold.as_secs().max(1);
+                let mut status = Status::unavailable(format!(
+                    "no healthy backend after holding the request {seconds} s; retry later"
+                ));
+                if let Ok(value) = seconds.to_string().parse() {
+                    status.metadata_mut().insert(RETRY_AFTER, value);
+                }
+                return Err(status);
+            }
+            tokio::time::sleep(HOLD_POLL).await;
+        }
+        Ok(())
     }
 
     /// Why no backend could be picked.
@@ -215,6 +274,7 @@ impl Router {
     ) -> Result<ResponseStream, Status> {
         let admitted = self.admit()?;
         let started = Instant::now();
+        self.until_backend().await?;
         // What the policy reads of the prompt: its opening's hash, or all of it in chunks.
         let (key, prompt) = match self.config.policy {
             Policy::PrefixAffinity => (affinity_key(&request), Vec::new()),
@@ -280,6 +340,7 @@ impl Router {
         F: Fn(InferenceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.until_backend().await?;
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < self.config.max_attempts {
@@ -357,7 +418,7 @@ fn retryable(status: &Status) -> bool {
 fn pass_through(
     first: Option<GenerateResponse>,
     rest: Streaming<GenerateResponse>,
-    guards: (InFlight, Admitted),
+    guards: (InFlight, Counted),
 ) -> ResponseStream {
     let Some(first) = first else {
         return Box::pin(futures::stream::empty());

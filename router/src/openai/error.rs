@@ -129,12 +129,16 @@ impl From<Status> for ApiError {
         .iter()
         .find(|(proto, _)| field.starts_with(proto))
         .map(|(_, openai)| openai.to_string());
+        let retry_after = status
+            .metadata()
+            .get(crate::proxy::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.parse().ok());
         ApiError {
             status: status_code,
             message: status.message().to_string(),
             param: param.filter(|_| status_code == StatusCode::BAD_REQUEST),
             code: None,
-            retry_after: None,
+            retry_after,
         }
     }
 }

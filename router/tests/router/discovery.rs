@@ -40,6 +40,7 @@ fn empty_router() -> Arc<Router> {
                 max_in_flight_per_backend: 8,
                 max_in_flight: 8,
                 max_attempts: 1,
+                hold_for_backend: Duration::ZERO,
             },
         )
         .unwrap(),

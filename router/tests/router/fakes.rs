@@ -491,15 +491,8 @@ async fn a_key_over_its_rate_limit_waits_with_429_and_retry_after() {
     assert_eq!(status, 429, "{text}");
     assert!(text.contains("rate_limit_exceeded"), "{text}");
     // One request comes back every 30 s.
-    let retry_after: u64 = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("retry-after: ")
-                .map(str::to_string)
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Retry-After in {head}"));
+    let retry_after =
+        retry_after_header(&head).unwrap_or_else(|| panic!("no Retry-After in {head}"));
     assert!((29..=31).contains(&retry_after), "{head}");
     let mut limited = tonic::Request::new(request(vec![1], 1));
     limited
@@ -635,4 +628,64 @@ async fn tool_calls_come_back_in_openais_shape_whole_and_streamed() {
         serde_json::json!({"tool_calls": [indexed]})
     );
     assert_eq!(choices[2]["finish_reason"], "tool_calls");
+}
+
+/// A `Retry-After` header's seconds.
+fn retry_after_header(head: &str) -> Option<u64> {
+    head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after: ")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_backend_a_request_is_held_until_one_serves() {
+    let dir = std::env::temp_dir().join(format!("router-hold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("backends");
+    let write = |text: &str| {
+        std::fs::write(dir.join("next"), text).unwrap();
+        std::fs::rename(dir.join("next"), &path).unwrap();
+    };
+    write("# the deployment is at zero groups\n");
+    let mut cfg = config(Policy::LeastLoad, &[], &[]);
+    cfg.routing.hold_for_backend = Duration::from_secs(30);
+    cfg.backends_file = Some(deepseek_router::BackendsFile {
+        path: path.clone(),
+        fixed: Vec::new(),
+    });
+    // Ready (SERVING) with no backend: it takes requests and holds them.
+    let router = start(cfg).await;
+    let mut client = router.client().await;
+    let held = tokio::spawn(async move { answer(&mut client, vec![1]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!held.is_finished());
+    let woken = FakeServer::start("woken", Mode::Answer).await;
+    write(&format!("pool=p,addr={}\n", woken.addr));
+    assert_eq!(held.await.unwrap(), "woken");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_past_the_limit_is_refused_with_retry_after() {
+    let mut cfg = config(Policy::LeastLoad, &[], &[]);
+    cfg.routing.hold_for_backend = Duration::from_secs(1);
+    let router = start(cfg).await;
+    let refused = router
+        .client()
+        .await
+        .generate(request(vec![1], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.metadata().get("retry-after").unwrap(), "1");
+    let body = br#"{"model": "fake", "prompt": "hi", "max_tokens": 1}"#;
+    let (status, head, text) =
+        http_with_head(router.http, "POST", "/v1/completions", &[], body).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("no healthy backend after holding"), "{text}");
+    assert_eq!(retry_after_header(&head), Some(1), "{head}");
 }

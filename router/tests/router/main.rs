@@ -63,6 +63,7 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
             max_in_flight_per_backend: 64,
             max_in_flight: 1024,
             max_attempts: 3,
+            hold_for_backend: Duration::ZERO,
         },
         keys: ApiKeys::default(),
         served_name: None,
