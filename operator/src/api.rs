@@ -100,8 +100,8 @@ pub struct DeepSeekDeploymentSpec {
 
     /// Scale the number of groups with load, between the pools' `minReplicas` and
     /// `maxReplicas` (every pool needs `maxReplicas`), as `spec.replicas` would: pools fill
-    /// in order. Absent: groups change only when the spec (or `kubectl scale`) does.
-    /// `deepseek-operator run-local` applies it; the in-cluster controller does not yet.
+    /// in order. Absent: groups change only when the spec (or `kubectl scale`, or an HPA on
+    /// the scale subresource) does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 }
@@ -127,6 +127,19 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 0))]
     #[serde(default = "default_scale_down_window")]
     pub scale_down_window_seconds: i32,
+
+    /// Scale to zero groups after this many seconds without a request, when every pool's
+    /// `minReplicas` is 0; the router stays and holds the next request while a group starts.
+    /// Absent: at least one group always runs.
+    #[schemars(range(min = 1))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after_seconds: Option<i32>,
+
+    /// How long the router holds a request while no group serves (waking from zero, every
+    /// group restarting) before it answers UNAVAILABLE (HTTP 503 with `Retry-After`).
+    #[schemars(range(min = 0, max = 3600))]
+    #[serde(default = "default_hold_requests")]
+    pub hold_requests_seconds: i32,
 }
 
 /// The served model.
@@ -502,6 +515,30 @@ pub struct DeepSeekDeploymentStatus {
     /// Where clients reach the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
+
+    /// The built-in autoscaler's last decision (with `spec.autoscaling`). Serialized as null
+    /// when absent, so that the controller's merge patch clears it.
+    #[serde(default)]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the built-in autoscaler last decided, and whether it is the one deciding.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Who sets `spec.replicas`: `operator`, or `HorizontalPodAutoscaler/NAME` when one
+    /// targets this deployment (the built-in autoscaler then steps aside).
+    pub scaled_by: String,
+    /// Groups it last asked for. (Absent fields serialize as null, so a merge patch of
+    /// this status clears them.)
+    #[serde(default)]
+    pub desired_replicas: Option<i32>,
+    /// Why, with the load it saw.
+    #[serde(default)]
+    pub reason: String,
+    /// When it last changed `spec.replicas`.
+    #[serde(default)]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// Per-pool status.
@@ -537,6 +574,11 @@ fn default_target_requests() -> i32 {
 }
 
 fn default_scale_down_window() -> i32 {
+    300
+}
+
+fn default_hold_requests() -> i32 {
+    // A DeepSeek-V3 group loads its weights in minutes.
     300
 }
 

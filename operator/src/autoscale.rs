@@ -1,4 +1,4 @@
-//! The autoscaler's decision (pure): from the load the workers reported over time, how many
+//! The autoscaler's decision (pure): from the load its routers reported over time, how many
 //! groups a deployment runs. The pools share that total as they share `spec.replicas`
 //! (`resolve::pool_replicas`): each its minimum, then in order up to its maximum, so the
 //! first pool fills first and the next takes the spill-over; scaling down empties them in
@@ -13,6 +13,57 @@ pub struct Sample {
     pub at: f64,
     /// Requests running and waiting on all its workers.
     pub requests: u64,
+}
+
+/// What one router replica's `/metrics` page says of the load.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouterLoad {
+    /// Requests it holds until some backend is healthy.
+    pub waiting: u64,
+    /// Requests running or waiting on each pool's healthy ranks.
+    pub pools: Vec<(String, u64)>,
+}
+
+impl RouterLoad {
+    /// Reads the `deepseek_router_waiting_requests` and `deepseek_router_pool_requests`
+    /// gauges; other lines are skipped.
+    pub fn parse(page: &str) -> Self {
+        let mut load = RouterLoad::default();
+        for line in page.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            // Gauges of counts: whole and non-negative.
+            let value = value.max(0.0) as u64;
+            if series == "deepseek_router_waiting_requests" {
+                load.waiting = value;
+            } else if let Some(pool) = series
+                .strip_prefix("deepseek_router_pool_requests{pool=\"")
+                .and_then(|rest| rest.strip_suffix("\"}"))
+            {
+                load.pools.push((pool.to_string(), value));
+            }
+        }
+        load
+    }
+}
+
+/// The deployment's requests from its router replicas: what each holds (they hold different
+/// requests: summed), plus what runs on the pools (every replica sees the same workers: the
+/// most any reports, pool by pool).
+pub fn deployment_requests(routers: &[RouterLoad]) -> u64 {
+    let held: u64 = routers.iter().map(|r| r.waiting).sum();
+    let mut pools: Vec<(&str, u64)> = Vec::new();
+    for (pool, requests) in routers.iter().flat_map(|r| &r.pools) {
+        match pools.iter_mut().find(|(name, _)| name == pool) {
+            Some((_, most)) => *most = (*most).max(*requests),
+            None => pools.push((pool, *requests)),
+        }
+    }
+    held + pools.iter().map(|(_, requests)| requests).sum::<u64>()
 }
 
 /// How many groups, and why.
@@ -36,59 +87,95 @@ fn called_for(requests: u64, target: i32) -> i32 {
     i32::try_from(requests.div_ceil(target)).unwrap_or(i32::MAX)
 }
 
-/// The groups to run now, `current` running, given the samples up to `now` (oldest first).
-/// Up: to the fewest groups the load called for at every sample of the scale-up window.
-/// Down: to the most it called for during the scale-down window, once the history covers
-/// that window. Never below one group: waking from zero on a request is not built yet.
+/// The groups to run now, `current` running, given the samples up to `now` (oldest first),
+/// while `starting` (some group not ready yet).
+/// - Up: to the fewest groups the load called for at every sample of the scale-up window;
+///   from zero, at once on the first request (it is being held).
+/// - Down: to the most it called for during the scale-down window, once the history covers
+///   that window, and not while a group starts (its load is not yet served, and a group
+///   takes minutes to start: tearing one down then wastes them).
+/// - To zero, with `scaleToZeroAfterSeconds` and pools that allow it: after that long
+///   without a request; otherwise never below one group.
 pub fn decide(
     spec: &AutoscalingSpec,
     (min, max): (i32, i32),
     current: i32,
     history: &[Sample],
     now: f64,
+    starting: bool,
 ) -> Decision {
-    let floor = min.max(1);
+    let may_rest_at_zero = min == 0 && spec.scale_to_zero_after_seconds.is_some();
+    let floor = if may_rest_at_zero && current == 0 {
+        0
+    } else {
+        min.max(1)
+    };
     let clamp = |groups: i32| groups.clamp(floor, max.max(floor));
-    let called = |window: i32| {
+    let within = |window: i32| {
         history
             .iter()
             .filter(move |s| s.at >= now - f64::from(window))
-            .map(|s| called_for(s.requests, spec.target_requests_per_group))
     };
-    let up = called(spec.scale_up_window_seconds).min().map(clamp);
-    let covers_down_window = history
-        .first()
-        .is_some_and(|s| s.at <= now - f64::from(spec.scale_down_window_seconds));
-    let down = called(spec.scale_down_window_seconds)
-        .max()
-        .filter(|_| covers_down_window)
-        .map(clamp);
+    let covers = |window: i32| {
+        history
+            .first()
+            .is_some_and(|s| s.at <= now - f64::from(window))
+    };
+    let called = |window: i32| {
+        within(window).map(|s| called_for(s.requests, spec.target_requests_per_group))
+    };
     let requests = history.last().map_or(0, |s| s.requests);
     let per_group = spec.target_requests_per_group;
-    match (up, down) {
-        (Some(up), _) if up > current => Decision {
-            groups: up,
-            reason: format!(
+    let decision = |groups, reason| Decision { groups, reason };
+    if current == 0 && requests > 0 {
+        let groups = called_for(requests, per_group).clamp(1, max.max(1));
+        return decision(
+            groups,
+            format!("woken from zero by {requests} waiting requests"),
+        );
+    }
+    let up = called(spec.scale_up_window_seconds).min().map(clamp);
+    if let Some(up) = up.filter(|&up| up > current) {
+        return decision(
+            up,
+            format!(
                 "{requests} requests at {per_group} a group call for {up} (for {} s)",
                 spec.scale_up_window_seconds
             ),
-        },
-        (_, Some(down)) if down < current => Decision {
-            groups: down,
-            reason: format!(
+        );
+    }
+    if let Some(idle) = spec
+        .scale_to_zero_after_seconds
+        .filter(|_| may_rest_at_zero)
+        && current > 0
+        && covers(idle)
+        && within(idle).all(|s| s.requests == 0)
+    {
+        return decision(0, format!("no request for {idle} s"));
+    }
+    let down = called(spec.scale_down_window_seconds)
+        .max()
+        .filter(|_| covers(spec.scale_down_window_seconds) && !starting)
+        .map(clamp);
+    if let Some(down) = down.filter(|&down| down < current) {
+        return decision(
+            down,
+            format!(
                 "at most {down} groups called for during the last {} s",
                 spec.scale_down_window_seconds
             ),
-        },
-        _ if clamp(current) != current => Decision {
-            groups: clamp(current),
-            reason: format!("kept within the pools' {floor}..{max} groups"),
-        },
-        _ => Decision {
-            groups: current,
-            reason: format!("{requests} requests at {per_group} a group"),
-        },
+        );
     }
+    if clamp(current) != current {
+        return decision(
+            clamp(current),
+            format!("kept within the pools' {floor}..{max} groups"),
+        );
+    }
+    decision(
+        current,
+        format!("{requests} requests at {per_group} a group"),
+    )
 }
 
 #[cfg(test)]
@@ -100,6 +187,8 @@ mod tests {
             target_requests_per_group: 10,
             scale_up_window_seconds: up,
             scale_down_window_seconds: down,
+            scale_to_zero_after_seconds: None,
+            hold_requests_seconds: 60,
         }
     }
 
@@ -114,7 +203,7 @@ mod tests {
             .map(|(second, &requests)| {
                 let now = second as f64;
                 history.push(Sample { at: now, requests });
-                groups = decide(spec, bounds, groups, &history, now).groups;
+                groups = decide(spec, bounds, groups, &history, now, false).groups;
                 groups
             })
             .collect()
@@ -164,9 +253,75 @@ mod tests {
     fn the_count_stays_within_the_pools_bounds() {
         let spec = spec(0, 0);
         let at = |requests| [Sample { at: 0.0, requests }];
-        assert_eq!(decide(&spec, (2, 3), 5, &at(50), 0.0).groups, 3);
-        assert_eq!(decide(&spec, (2, 3), 1, &at(50), 0.0).groups, 3);
-        assert_eq!(decide(&spec, (2, 3), 3, &at(0), 0.0).groups, 2);
+        assert_eq!(decide(&spec, (2, 3), 5, &at(50), 0.0, false).groups, 3);
+        assert_eq!(decide(&spec, (2, 3), 1, &at(50), 0.0, false).groups, 3);
+        assert_eq!(decide(&spec, (2, 3), 3, &at(0), 0.0, false).groups, 2);
+    }
+
+    #[test]
+    fn a_deployment_at_zero_wakes_on_its_first_request_at_once() {
+        let mut spec = spec(30, 60);
+        spec.scale_to_zero_after_seconds = Some(5);
+        // At zero and idle it stays there; one held request wakes a group despite the
+        // 30 s scale-up window; 25 wake three (at 10 a group).
+        assert_eq!(follow(&spec, (0, 3), 0, &[0, 0, 1, 1]), [0, 0, 1, 1]);
+        assert_eq!(follow(&spec, (0, 3), 0, &[0, 25])[1], 3);
+    }
+
+    #[test]
+    fn idle_for_the_zero_window_scales_to_zero_and_only_when_asked_to() {
+        let mut zeroing = spec(0, 3);
+        zeroing.scale_to_zero_after_seconds = Some(6);
+        let mut trace = vec![5, 5];
+        trace.extend([0; 9]);
+        // Down to one after the 3 s window, to zero once 6 s passed without a request.
+        assert_eq!(
+            follow(&zeroing, (0, 3), 1, &trace),
+            [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+        );
+        // Without scaleToZeroAfterSeconds, or with a pool's minReplicas above 0: one stays.
+        assert_eq!(follow(&spec(0, 3), (0, 3), 1, &trace)[10], 1);
+        assert_eq!(follow(&zeroing, (1, 3), 1, &trace)[10], 1);
+    }
+
+    #[test]
+    fn no_group_is_taken_down_while_another_starts() {
+        let spec = spec(0, 2);
+        let history: Vec<Sample> = (0..5)
+            .map(|at| Sample {
+                at: f64::from(at),
+                requests: 0,
+            })
+            .collect();
+        assert_eq!(decide(&spec, (1, 4), 3, &history, 4.0, true).groups, 3);
+        assert_eq!(decide(&spec, (1, 4), 3, &history, 4.0, false).groups, 1);
+    }
+
+    #[test]
+    fn the_load_is_what_the_routers_hold_plus_what_the_pools_run() {
+        let page = |waiting, h100, a100| {
+            format!(
+                "# HELP deepseek_router_waiting_requests Requests held.\n\
+                 # TYPE deepseek_router_waiting_requests gauge\n\
+                 deepseek_router_waiting_requests {waiting}\n\
+                 deepseek_router_pool_requests{{pool=\"h100\"}} {h100}\n\
+                 deepseek_router_pool_requests{{pool=\"a100\"}} {a100}\n\
+                 deepseek_router_pool_healthy_ranks{{pool=\"h100\"}} 16\n\
+                 # EOF\n"
+            )
+        };
+        let one = RouterLoad::parse(&page(2, 30, 4));
+        assert_eq!(
+            one,
+            RouterLoad {
+                waiting: 2,
+                pools: vec![("h100".into(), 30), ("a100".into(), 4)],
+            }
+        );
+        // Two replicas see the same pools (a moment apart) and hold their own requests.
+        let other = RouterLoad::parse(&page(3, 28, 5));
+        assert_eq!(deployment_requests(&[one, other]), 2 + 3 + 30 + 5);
+        assert_eq!(deployment_requests(&[]), 0);
     }
 
     #[test]

@@ -392,23 +392,34 @@ async fn publish_transitions(
             .map(|c| format!("{}={}", c.type_, c.status))
             .collect::<Vec<_>>()
             .join(", ");
-        let event = Event {
-            type_: if degraded {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_string(),
-            note: Some(truncate(
-                &format!("{summary}: {}", conditions[0].message),
-                1024,
-            )),
-            action: "Reconcile".into(),
-            secondary: None,
+        let type_ = if degraded {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        if let Err(err) = ctx.recorder.publish(&event, &dsd.object_ref(&())).await {
-            tracing::warn!(error = %err, "publishing event failed");
-        }
+        let note = format!("{summary}: {}", conditions[0].message);
+        publish(ctx, dsd, type_, reason, &note, "Reconcile").await;
+    }
+}
+
+/// Records an Event on the deployment; a failure to is only logged.
+pub(crate) async fn publish(
+    ctx: &Context,
+    dsd: &DeepSeekDeployment,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(truncate(note, 1024)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &dsd.object_ref(&())).await {
+        tracing::warn!(error = %err, "publishing event failed");
     }
 }
 

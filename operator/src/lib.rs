@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod autoscaler;
 pub mod controller;
 pub mod desired;
 pub mod error;

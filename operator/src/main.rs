@@ -10,7 +10,7 @@ use deepseek_operator::api::{DeepSeekDeployment, Dtype};
 use deepseek_operator::controller::{self, Context};
 use deepseek_operator::leader::{self, LeaseConfig};
 use deepseek_operator::metrics::Metrics;
-use deepseek_operator::{gpu, local, resolve};
+use deepseek_operator::{autoscaler, gpu, local, resolve};
 use deepseek_proto::memory::{self, ModelShape, Rank};
 use kube::CustomResourceExt;
 use tokio::sync::watch;
@@ -214,7 +214,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(ctx);
     if !args.leader_elect {
         metrics.leader.set(1);
-        controller::run(ctx, args.namespace).await;
+        tokio::select! {
+            () = controller::run(ctx.clone(), args.namespace.clone()) => {}
+            () = autoscaler::run(ctx, args.namespace) => {}
+        }
         return Ok(());
     }
     let namespace = args
@@ -233,7 +236,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     leading.wait_for(|leading| *leading).await?;
     metrics.leader.set(1);
     tokio::select! {
-        () = controller::run(ctx, args.namespace) => Ok(()),
+        () = controller::run(ctx.clone(), args.namespace.clone()) => Ok(()),
+        () = autoscaler::run(ctx, args.namespace) => Ok(()),
         // Losing the lease ends the process: a restart rejoins as a follower.
         result = elector => Ok(result??),
     }

@@ -67,6 +67,13 @@ pub fn compute(
         selector: selector_string(&workers_selector(&name)),
         replicas: observed.stateful_sets.len() as i32,
         endpoints: Some(dsd.endpoints()),
+        // The autoscaler's own record, kept as it wrote it while autoscaling is on.
+        autoscaling: dsd
+            .spec
+            .autoscaling
+            .as_ref()
+            .and(dsd.status.as_ref())
+            .and_then(|s| s.autoscaling.clone()),
         ..Default::default()
     };
 

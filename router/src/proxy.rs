@@ -205,19 +205,21 @@ impl Router {
         !self.config.hold_for_backend.is_zero()
     }
 
-    /// Returns once some backend is healthy, holding the request up to `hold_for_backend`
-    /// while none is (its pools are at zero or still starting); UNAVAILABLE after that,
-    /// with a `retry-after` in seconds (HTTP's `Retry-After`).
-    pub async fn until_backend(&self) -> Result<(), Status> {
-        let any_healthy = || self.backends().iter().any(|b| b.healthy());
+    fn any_healthy(&self) -> bool {
+        self.backends().iter().any(|b| b.healthy())
+    }
+
+    /// Returns once some backend is healthy, holding a request that `arrived` up to
+    /// `hold_for_backend` while none is (its pools are at zero or still starting);
+    /// UNAVAILABLE after that, with a `retry-after` in seconds (HTTP's `Retry-After`).
+    async fn until_backend(&self, arrived: Instant) -> Result<(), Status> {
         let hold = self.config.hold_for_backend;
-        if hold.is_zero() || any_healthy() {
+        if hold.is_zero() || self.any_healthy() {
             return Ok(());
         }
         let _waiting = Counted::new(&self.waiting);
-        let deadline = Instant::now() + hold;
-        while !any_healthy() {
-            if Instant::now() >= deadline {
+        while !self.any_healthy() {
+            if arrived.elapsed() >= hold {
                 let seconds = hold.as_secs().max(1);
                 let mut status = Status::unavailable(format!(
                     "no healthy backend after holding the request {seconds} s; retry later"
@@ -230,6 +232,17 @@ impl Router {
             tokio::time::sleep(HOLD_POLL).await;
         }
         Ok(())
+    }
+
+    /// With no backend left to try: whether to wait for one to become healthy and try
+    /// again (a held request, and none is healthy: a group just listed that is still
+    /// loading, say); UNAVAILABLE once the request has been held long enough.
+    async fn wait_again(&self, arrived: Instant) -> Result<bool, Status> {
+        if !self.holds_requests() || self.any_healthy() {
+            return Ok(false);
+        }
+        self.until_backend(arrived).await?;
+        Ok(true)
     }
 
     /// Why no backend could be picked.
@@ -274,7 +287,7 @@ impl Router {
     ) -> Result<ResponseStream, Status> {
         let admitted = self.admit()?;
         let started = Instant::now();
-        self.until_backend().await?;
+        self.until_backend(started).await?;
         // What the policy reads of the prompt: its opening's hash, or all of it in chunks.
         let (key, prompt) = match self.config.policy {
             Policy::PrefixAffinity => (affinity_key(&request), Vec::new()),
@@ -284,8 +297,15 @@ impl Router {
         let chunks = chunk_names(&prompt);
         let mut tried = Vec::new();
         let mut last = None;
-        while tried.len() < self.config.max_attempts {
-            let Some(backend) = self.pick(key, &chunks, &tried) else {
+        loop {
+            let picked = (tried.len() < self.config.max_attempts)
+                .then(|| self.pick(key, &chunks, &tried))
+                .flatten();
+            let Some(backend) = picked else {
+                if self.wait_again(started).await? {
+                    tried.clear();
+                    continue;
+                }
                 break;
             };
             if !tried.is_empty() {
@@ -340,11 +360,19 @@ impl Router {
         F: Fn(InferenceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.until_backend().await?;
+        let started = Instant::now();
+        self.until_backend(started).await?;
         let mut tried = Vec::new();
         let mut last = None;
-        while tried.len() < self.config.max_attempts {
-            let Some(backend) = self.pick(None, &[], &tried) else {
+        loop {
+            let picked = (tried.len() < self.config.max_attempts)
+                .then(|| self.pick(None, &[], &tried))
+                .flatten();
+            let Some(backend) = picked else {
+                if self.wait_again(started).await? {
+                    tried.clear();
+                    continue;
+                }
                 break;
             };
             tried.push(backend.spec.addr.clone());

@@ -10,7 +10,8 @@
 # and the H100+A100 samples (owner references, placement on their pool's nodes, GPU requests,
 # tolerations, honest status, a pool without nodes reported Unschedulable, a pool whose GPUs
 # cannot hold the model refused with its memory plan); `kubectl scale`
-# and a HorizontalPodAutoscaler on the scale subresource; a rollout watched end to end, with
+# and a HorizontalPodAutoscaler on the scale subresource; the built-in autoscaler stepping
+# aside for an HPA, then writing through the scale subresource itself; a rollout watched end to end, with
 # the operator killed in the middle; leader election hand-over; no writes when idle; restricted
 # Pod Security admission; garbage collection.
 #
@@ -125,6 +126,8 @@ expect_cannot() { ! kubectl auth can-i "${as_operator[@]}" "$@" >/dev/null 2>&1 
 check_least_privilege() {
   expect_can watch deepseekdeployments.serving.deepseek-operator.io --all-namespaces
   expect_can patch deepseekdeployments.serving.deepseek-operator.io --subresource status -n "$NS"
+  expect_can patch deepseekdeployments.serving.deepseek-operator.io --subresource scale -n "$NS"
+  expect_can list horizontalpodautoscalers.autoscaling -n "$NS"
   expect_can patch statefulsets.apps -n "$NS"
   expect_can delete pods -n "$NS"
   expect_can get persistentvolumeclaims -n "$NS"
@@ -237,7 +240,32 @@ hpa_read_scale() {
   [ "$got" = "SucceededGetScale/FailedGetResourceMetric" ]
 }
 wait_for 90 "the HorizontalPodAutoscaler to read the scale subresource" hpa_read_scale
+
+say "the built-in autoscaler: it steps aside for the HPA, then owns the scale subresource"
+audit_mark=$(audit_mark "$audit_log")
+k patch dsd tiny --type json -p '[{"op": "add", "path": "/spec/pools/0/maxReplicas", "value": 3},
+  {"op": "add", "path": "/spec/autoscaling", "value": {"targetRequestsPerGroup": 4}}]' >/dev/null
+scaled_by_is() { [ "$(k get dsd tiny -o jsonpath='{.status.autoscaling.scaledBy}')" = "$1" ]; }
+wait_for 30 "status.autoscaling to name the HPA" scaled_by_is HorizontalPodAutoscaler/tiny
+k get events --field-selector involvedObject.name=tiny,reason=AutoscalerStepsAside -o name | grep -q . \
+  || fail "no AutoscalerStepsAside Event"
+k scale dsd tiny --replicas 4 # within the HPA's bounds, above the pool's maximum
+sleep $((2 * 2 + 1)) # two of the autoscaler's samples
+operator_writes_since "$audit_mark" | grep -q ' deepseekdeployments/scale ' \
+  && fail "the built-in autoscaler wrote the scale subresource while an HPA targets the deployment"
 k delete hpa tiny >/dev/null
+# Its own now: it brings spec.replicas back within the pools' bounds, through the scale
+# subresource. (The load it reads from the routers' /metrics cannot be had here: simulated
+# pods serve nothing. run-local drives that part with real load.)
+replicas_is() { [ "$(k get dsd tiny -o jsonpath='{.spec.replicas}')" = "$1" ]; }
+wait_for 30 "the autoscaler to bring spec.replicas back to 3" replicas_is 3
+scaled_by_is operator || fail "status.autoscaling: $(k get dsd tiny -o jsonpath='{.status.autoscaling}')"
+operator_writes_since "$audit_mark" | grep -q '^patch deepseekdeployments/scale tiny' \
+  || fail "the autoscaler did not write through the scale subresource: $(operator_writes_since "$audit_mark")"
+k get events --field-selector involvedObject.name=tiny,reason=Scaled -o jsonpath='{.items[*].note}' \
+  | grep -q "4 → 3 groups: kept within the pools' 1..3 groups" || fail "no Scaled Event with its reason"
+k patch dsd tiny --type json -p '[{"op": "remove", "path": "/spec/autoscaling"}]' >/dev/null
+wait_for 30 "status.autoscaling to go with spec.autoscaling" scaled_by_is ""
 
 say "a rollout watched from start to end, the operator killed in the middle"
 revisions() { jsonpath -n "$NS" get pods -l serving.deepseek-operator.io/pool=cpu \

@@ -160,7 +160,8 @@ impl Ctx<'_> {
     }
 
     /// Listen addresses, what to serve and how to route, where to discover workers, and the
-    /// pools in preference order with their weights.
+    /// pools in preference order with their weights; with autoscaling, how long to hold a
+    /// request while no group serves.
     fn router_args(&self) -> Vec<String> {
         let router = &self.dsd.spec.router;
         let mut args: Vec<String> = [
@@ -182,6 +183,12 @@ impl Ctx<'_> {
             args.extend([
                 "--pool".to_string(),
                 format!("{}={}", pool.name, pool.weight),
+            ]);
+        }
+        if let Some(autoscaling) = &self.dsd.spec.autoscaling {
+            args.extend([
+                "--hold-for-backend-seconds".to_string(),
+                autoscaling.hold_requests_seconds.to_string(),
             ]);
         }
         args

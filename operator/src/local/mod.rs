@@ -315,8 +315,9 @@ pub fn router_process(
     let endpoints = Endpoints {
         grpc: SocketAddr::from(([127, 0, 0, 1], ports()?)),
         http: SocketAddr::from(([127, 0, 0, 1], ports()?)),
+        metrics: SocketAddr::from(([127, 0, 0, 1], ports()?)),
     };
-    let metrics = SocketAddr::from(([127, 0, 0, 1], ports()?));
+    let metrics = endpoints.metrics;
     for flag in ["--discover-namespace", "--discover-selector"] {
         set_flag(&mut args, flag, None);
     }
@@ -355,6 +356,8 @@ pub fn router_process(
 pub struct Endpoints {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The router's `/metrics`, where the autoscaler reads the load.
+    pub metrics: SocketAddr,
 }
 
 fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {

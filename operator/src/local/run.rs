@@ -9,14 +9,12 @@ use std::io::IsTerminal;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use deepseek_proto::pod::env;
 use deepseek_proto::serving::shutdown_signal;
-use deepseek_proto::v1::GetLoadRequest;
-use deepseek_proto::v1::inference_client::InferenceClient;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -27,7 +25,8 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::*;
 use crate::api::DeepSeekDeployment;
-use crate::autoscale::{self, Sample};
+use crate::autoscale::{self, RouterLoad, Sample};
+use crate::autoscaler::scrape_metrics;
 
 /// What `run-local` was asked to run.
 pub struct Options {
@@ -121,6 +120,7 @@ async fn supervise(files: &[PathBuf], watch: bool, shared: &mut Shared) -> Resul
             }
             if let Err(err) = deployment
                 .autoscale()
+                .await
                 .and_then(|()| deployment.reconcile(shared))
             {
                 if !deployment.announced {
@@ -344,9 +344,10 @@ impl Deployment {
         self.targets.iter().map(|t| t.pool.replicas).sum()
     }
 
-    /// Once a second, with `spec.autoscaling`: samples the load of the groups in service and
-    /// applies the autoscaler's decision as `spec.replicas`.
-    fn autoscale(&mut self) -> Result<(), LocalError> {
+    /// Once a second, with `spec.autoscaling`: samples the load on the router's `/metrics`
+    /// (as the operator does in a cluster) and applies the autoscaler's decision as
+    /// `spec.replicas`.
+    async fn autoscale(&mut self) -> Result<(), LocalError> {
         let Some(spec) = self.dsd.spec.autoscaling.clone() else {
             return Ok(());
         };
@@ -357,24 +358,26 @@ impl Deployment {
         if self.load.last().is_some_and(|s| now - s.at < 1.0) {
             return Ok(());
         }
-        let requests = self
-            .groups
-            .iter()
-            .filter(|g| g.leaving.is_none())
-            .flat_map(|g| &g.pods)
-            .map(Supervised::requests)
-            .sum();
-        self.load.push(Sample { at: now, requests });
+        let router_serving = self.router.as_ref().is_some_and(Supervised::ready);
+        // No answer: the load is unknown, not zero.
+        if router_serving && let Ok(page) = scrape_metrics(self.endpoints.metrics).await {
+            let requests = autoscale::deployment_requests(&[RouterLoad::parse(&page)]);
+            self.load.push(Sample { at: now, requests });
+        }
         // One sample older than the longest window stays, so the history covers it.
         let reach = f64::from(
             spec.scale_up_window_seconds
-                .max(spec.scale_down_window_seconds),
+                .max(spec.scale_down_window_seconds)
+                .max(spec.scale_to_zero_after_seconds.unwrap_or(0)),
         );
         while self.load.len() > 1 && self.load[1].at <= now - reach {
             self.load.remove(0);
         }
         let current = self.groups_wanted();
-        let decision = autoscale::decide(&spec, bounds, current, &self.load, now);
+        let in_service = self.groups.iter().filter(|g| g.leaving.is_none());
+        let starting =
+            in_service.clone().any(|g| !g.ready()) || in_service.count() < current as usize;
+        let decision = autoscale::decide(&spec, bounds, current, &self.load, now, starting);
         if decision.groups != current {
             println!(
                 "{}: autoscaling {current} → {} groups: {}",
@@ -561,7 +564,7 @@ impl Deployment {
         let all_ready = pools.iter().all(|p| p.ready as i32 == p.desired);
         if !self.announced && all_ready && self.router.as_ref().is_some_and(Supervised::ready) {
             self.announced = true;
-            let Endpoints { grpc, http } = self.endpoints;
+            let Endpoints { grpc, http, .. } = self.endpoints;
             println!("{}: ready", self.name);
             println!("{}: grpc://{grpc} (deepseek.v1.Inference)", self.name);
             println!(
@@ -664,8 +667,6 @@ fn write_replacing(path: &Path, text: &str) -> Result<(), LocalError> {
 struct Supervised {
     process: Process,
     ready: Arc<AtomicBool>,
-    /// Requests running and waiting, as it last reported (`GetLoad`).
-    requests: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -673,23 +674,18 @@ struct Supervised {
 impl Supervised {
     fn start(program: &Path, process: Process, prefix: &str, plain_logs: bool) -> Self {
         let ready = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(keep_running(
             program.to_path_buf(),
             process.clone(),
             format!("{prefix}{}", process.label),
             plain_logs,
-            Probes {
-                ready: ready.clone(),
-                requests: requests.clone(),
-            },
+            ready.clone(),
             stopped,
         ));
         Supervised {
             process,
             ready,
-            requests,
             stop,
             task,
         }
@@ -697,10 +693,6 @@ impl Supervised {
 
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
-    }
-
-    fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
     }
 
     fn stop(&self) {
@@ -713,11 +705,10 @@ async fn keep_running(
     process: Process,
     label: String,
     plain_logs: bool,
-    probes: Probes,
+    ready: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let ready = probes.ready.clone();
-    let probe = tokio::spawn(probe(process.grpc, probes));
+    let probe = tokio::spawn(probe(process.grpc, ready.clone()));
     let mut failures = 0;
     while !*stop.borrow() {
         let started = Instant::now();
@@ -833,15 +824,8 @@ async fn terminate(child: &mut Child, grace: Duration) {
     }
 }
 
-/// What a process's probe keeps up to date.
-struct Probes {
-    ready: Arc<AtomicBool>,
-    requests: Arc<AtomicU64>,
-}
-
-/// Keeps `ready` equal to whether the process's gRPC health says SERVING, and `requests`
-/// to the load it reports while it does.
-async fn probe(addr: std::net::SocketAddr, probes: Probes) {
+/// Keeps `ready` equal to whether the process's gRPC health says SERVING.
+async fn probe(addr: std::net::SocketAddr, ready: Arc<AtomicBool>) {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
         return;
     };
@@ -849,24 +833,13 @@ async fn probe(addr: std::net::SocketAddr, probes: Probes) {
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1))
         .connect_lazy();
-    let mut health = HealthClient::new(channel.clone());
-    let mut inference = InferenceClient::new(channel);
+    let mut health = HealthClient::new(channel);
     loop {
         let serving = health
             .check(HealthCheckRequest::default())
             .await
             .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32);
-        probes.ready.store(serving, Ordering::Relaxed);
-        let load = if serving {
-            inference.get_load(GetLoadRequest {}).await.ok()
-        } else {
-            None
-        };
-        let requests = load.map_or(0, |l| {
-            let l = l.into_inner();
-            u64::from(l.waiting_sequences) + u64::from(l.running_sequences)
-        });
-        probes.requests.store(requests, Ordering::Relaxed);
+        ready.store(serving, Ordering::Relaxed);
         tokio::time::sleep(TICK).await;
     }
 }

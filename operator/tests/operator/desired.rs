@@ -635,3 +635,26 @@ fn the_router_discovers_this_deployments_workers_with_pool_weights() {
         "deepseek-v3-router.inference.svc:50051"
     );
 }
+
+#[test]
+fn with_autoscaling_the_router_holds_requests_while_no_group_serves() {
+    let dsd = sample("tiny-autoscaling.yaml");
+    let joined = router_pod(&desired(&dsd)).containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(
+        joined.contains("--hold-for-backend-seconds 120"),
+        "{joined}"
+    );
+    // At zero groups the router stays.
+    assert_eq!(desired(&dsd).stateful_sets.len(), 0);
+    assert_eq!(desired(&dsd).deployments.len(), 1);
+    // Without autoscaling it answers at once.
+    let plain = router_pod(&desired(&v3())).containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(!plain.contains(&"--hold-for-backend-seconds".to_string()));
+}
