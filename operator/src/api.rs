@@ -11,7 +11,7 @@ use deepseek_proto::memory::ModelShape;
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -65,8 +65,9 @@ pub struct DeepSeekDeploymentSpec {
     /// The model to serve and where its weights come from.
     pub model: ModelSpec,
 
-    /// Node pools that run expert-parallel groups, in preference order: the router prefers
-    /// earlier pools (by weight) and `spec.replicas` fills them first. Pool names are unique.
+    /// Node pools that run expert-parallel groups: the router shares traffic by their
+    /// weights and `spec.replicas` fills the heaviest first (ties in list order). Pool names
+    /// are unique.
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     #[schemars(length(min = 1, max = 16))]
     pub pools: Vec<PoolSpec>,
@@ -85,11 +86,20 @@ pub struct DeepSeekDeploymentSpec {
 
     /// Total number of expert-parallel groups across all pools, for `kubectl scale` and the
     /// HorizontalPodAutoscaler. When set it overrides `pools[].replicas`: each pool first gets
-    /// its `minReplicas`, then the rest fill pools in order up to their `maxReplicas`. When
-    /// unset, each pool runs its own `replicas`.
+    /// its `minReplicas`, then the rest fill pools by weight, highest first (ties in list
+    /// order), up to their `maxReplicas`, or to the groups a full pool holds (see
+    /// `spillAfterSeconds`). When unset, each pool runs its own `replicas`.
     #[schemars(range(min = 0))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+
+    /// With `replicas`: how long a pod of a pool's group may stay unschedulable (time for a
+    /// cluster autoscaler to add nodes) before that pool counts as full at the groups it
+    /// holds and the rest of the total goes to the next pools. A full pool is tried again
+    /// ten minutes later (`status.pools[].fullSince`).
+    #[schemars(range(min = 0))]
+    #[serde(default = "default_spill_after")]
+    pub spill_after_seconds: i32,
 
     /// Who may scrape the workers' metrics port (9090), as NetworkPolicy peers (pod and
     /// namespace selectors, IP blocks). Default: pods in the operator's namespace (its
@@ -99,9 +109,11 @@ pub struct DeepSeekDeploymentSpec {
     pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
 
     /// Scale the number of groups with load, between the pools' `minReplicas` and
-    /// `maxReplicas` (every pool needs `maxReplicas`), as `spec.replicas` would: pools fill
-    /// in order. Absent: groups change only when the spec (or `kubectl scale`, or an HPA on
-    /// the scale subresource) does.
+    /// `maxReplicas` (every pool needs `maxReplicas`), written to `spec.replicas` through the
+    /// scale subresource: the heaviest pool fills first and the next takes the spill-over.
+    /// The load is read from the routers' `/metrics`. The operator steps aside while a
+    /// HorizontalPodAutoscaler targets this deployment. Absent: groups change only when the
+    /// spec (or `kubectl scale`, or an HPA) does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 }
@@ -538,7 +550,7 @@ pub struct AutoscalingStatus {
     pub reason: String,
     /// When it last changed `spec.replicas`.
     #[serde(default)]
-    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    pub last_scale_time: Option<Time>,
 }
 
 /// Per-pool status.
@@ -555,6 +567,14 @@ pub struct PoolStatus {
     pub updated_replicas: i32,
     /// Current revision hash of the pool's pod template.
     pub revision: String,
+    /// Set while the pool counts as full: the groups it held when a pod of another of its
+    /// groups stayed unschedulable for `spec.spillAfterSeconds`. With `spec.replicas` (or
+    /// autoscaling) the groups beyond go to the next pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_at: Option<i32>,
+    /// Since when it counts as full; its groups are tried again ten minutes later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_since: Option<Time>,
 }
 
 /// Client endpoints (router Service addresses).
@@ -575,6 +595,10 @@ fn default_target_requests() -> i32 {
 
 fn default_scale_down_window() -> i32 {
     300
+}
+
+fn default_spill_after() -> i32 {
+    120
 }
 
 fn default_hold_requests() -> i32 {

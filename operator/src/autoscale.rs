@@ -1,8 +1,9 @@
 //! The autoscaler's decision (pure): from the load its routers reported over time, how many
 //! groups a deployment runs. The pools share that total as they share `spec.replicas`
-//! (`resolve::pool_replicas`): each its minimum, then in order up to its maximum, so the
-//! first pool fills first and the next takes the spill-over; scaling down empties them in
-//! reverse.
+//! (`resolve::pool_replicas`): each its minimum, then by weight, highest first, up to its
+//! maximum or, when it is full (a group could not be scheduled), to what it holds, so the
+//! preferred pool fills first and the next takes the spill-over; scaling down empties them
+//! in reverse.
 
 use crate::api::{AutoscalingSpec, PoolSpec};
 
@@ -180,7 +181,10 @@ pub fn decide(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::resolve::pool_replicas;
 
     fn spec(up: i32, down: i32) -> AutoscalingSpec {
         AutoscalingSpec {
@@ -322,6 +326,33 @@ mod tests {
         let other = RouterLoad::parse(&page(3, 28, 5));
         assert_eq!(deployment_requests(&[one, other]), 2 + 3 + 30 + 5);
         assert_eq!(deployment_requests(&[]), 0);
+    }
+
+    #[test]
+    fn a_ramp_fills_the_heavier_pool_first_and_spills_from_it_when_it_is_full() {
+        let pool = |name: &str, weight| PoolSpec {
+            max_replicas: Some(3),
+            ..serde_json::from_value(serde_json::json!({"name": name, "weight": weight})).unwrap()
+        };
+        // Listed lighter first: the weight decides.
+        let pools = [pool("a100", 1), pool("h100", 3)];
+        let ramp = [5, 15, 25, 35, 45, 0];
+        let totals = follow(&spec(0, 0), bounds(&pools).unwrap(), 1, &ramp);
+        assert_eq!(totals, [1, 2, 3, 4, 5, 1]);
+        let shares = |full: &BTreeMap<String, i32>| -> Vec<Vec<i32>> {
+            let share = |&total| pool_replicas(Some(total), &pools, full);
+            totals.iter().map(share).collect()
+        };
+        assert_eq!(
+            shares(&BTreeMap::new()),
+            [[0, 1], [0, 2], [0, 3], [1, 3], [2, 3], [0, 1]]
+        );
+        // h100's second group stayed unschedulable: full at one, the rest goes to a100.
+        let h100_full = BTreeMap::from([("h100".to_string(), 1)]);
+        assert_eq!(
+            shares(&h100_full),
+            [[0, 1], [1, 1], [2, 1], [3, 1], [3, 1], [0, 1]]
+        );
     }
 
     #[test]

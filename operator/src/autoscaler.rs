@@ -22,7 +22,6 @@ use crate::api::{AutoscalingStatus, DeepSeekDeployment};
 use crate::autoscale::{self, RouterLoad, Sample};
 use crate::controller::{Context, Error, publish};
 use crate::names::{METRICS_PORT, router_selector, selector_string};
-use crate::resolve;
 
 /// How often the load is sampled and a decision made.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
@@ -131,7 +130,7 @@ async fn step(
     let current = dsd
         .spec
         .replicas
-        .unwrap_or_else(|| resolve::pool_replicas(None, &dsd.spec.pools).iter().sum());
+        .unwrap_or_else(|| dsd.spec.pools.iter().map(|p| p.replicas).sum());
     let starting = dsd
         .status
         .as_ref()

@@ -144,11 +144,18 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         // Garbage collection follows the owner references.
         return Ok(Action::await_change());
     }
+    let observed = observe(&ctx.client, &ns, &name).await?;
+    let now = Time(Timestamp::now());
+    let full_pools = status::full_pools(&dsd, &observed.pods, &now)
+        .into_iter()
+        .map(|(pool, full)| (pool, full.groups))
+        .collect();
     let desired = match expert_load(&ctx.client, &dsd, &ns).await? {
         Err(blocked) => Err(blocked),
         Ok(expert_load) => match dsd.desired_in(&Surroundings {
             expert_load,
             metrics_namespace: ctx.metrics_namespace.clone(),
+            full_pools,
         }) {
             Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
                 .await?
@@ -159,7 +166,6 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
             }),
         },
     };
-    let observed = observe(&ctx.client, &ns, &name).await?;
     if let Ok(desired) = &desired {
         apply_all(&ctx.client, &ns, desired).await?;
         prune(&ctx.client, &ns, desired, &observed).await?;
@@ -170,7 +176,7 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         }
     }
 
-    let status = status::compute(&dsd, desired.as_ref(), &observed, &Time(Timestamp::now()));
+    let status = status::compute(&dsd, desired.as_ref(), &observed, &now);
     publish_transitions(&ctx, &dsd, &status).await;
     if dsd.status.as_ref() != Some(&status) {
         let api: Api<DeepSeekDeployment> = Api::namespaced(ctx.client.clone(), &ns);

@@ -3,6 +3,8 @@
 //! The CRD schema rejects most bad specs at admission; this repeats the checks that matter
 //! (an older CRD may be installed) and adds the ones the schema cannot express.
 
+use std::collections::BTreeMap;
+
 use deepseek_proto::memory::{self, MemoryPlan, Rank};
 use deepseek_proto::pod;
 
@@ -90,7 +92,10 @@ impl SpecError {
 /// must fit in 63 characters; leave room for the pool, group, index and suffix.
 const MAX_NAME: usize = 30;
 
-pub fn resolve(dsd: &DeepSeekDeployment) -> Result<Vec<ResolvedPool>, SpecError> {
+pub fn resolve(
+    dsd: &DeepSeekDeployment,
+    full: &BTreeMap<String, i32>,
+) -> Result<Vec<ResolvedPool>, SpecError> {
     let spec = &dsd.spec;
     let name = dsd.metadata.name.clone().unwrap_or_default();
     if name.len() > MAX_NAME {
@@ -113,7 +118,7 @@ pub fn resolve(dsd: &DeepSeekDeployment) -> Result<Vec<ResolvedPool>, SpecError>
         });
     }
     let experts = routed_experts(dsd)?;
-    let replicas = pool_replicas(spec.replicas, &spec.pools);
+    let replicas = pool_replicas(spec.replicas, &spec.pools, full);
     spec.pools
         .iter()
         .zip(replicas)
@@ -270,22 +275,35 @@ fn memory_plan(
 }
 
 /// Groups per pool. Without a total, each pool runs its own `replicas`. With one, every pool
-/// first gets its `minReplicas` and the rest fills pools in order up to their `maxReplicas`
-/// (a pool without a maximum takes all that is left); the total is clamped to what the
-/// bounds allow.
-pub fn pool_replicas(total: Option<i32>, pools: &[PoolSpec]) -> Vec<i32> {
+/// first gets its `minReplicas`, then the rest fills pools by weight, highest first (ties in
+/// list order), each up to its `maxReplicas` (none: all that is left) or, for a pool found
+/// `full` (by name: the groups it holds), to those; the total is clamped to what the bounds
+/// allow.
+pub fn pool_replicas(
+    total: Option<i32>,
+    pools: &[PoolSpec],
+    full: &BTreeMap<String, i32>,
+) -> Vec<i32> {
     let Some(total) = total else {
         return pools.iter().map(|p| p.replicas).collect();
     };
     let mut counts: Vec<i32> = pools.iter().map(|p| p.min_replicas.unwrap_or(0)).collect();
     let mut left = total - counts.iter().sum::<i32>();
-    for (count, pool) in counts.iter_mut().zip(pools) {
+    let mut by_weight: Vec<usize> = (0..pools.len()).collect();
+    by_weight.sort_by_key(|&i| std::cmp::Reverse(pools[i].weight));
+    for i in by_weight {
         if left <= 0 {
             break;
         }
-        let room = pool.max_replicas.map_or(left, |max| (max - *count).max(0));
+        let pool = &pools[i];
+        let held = full.get(&pool.name).copied();
+        let ceiling = match (pool.max_replicas, held) {
+            (Some(max), Some(held)) => Some(max.min(held)),
+            (max, held) => max.or(held),
+        };
+        let room = ceiling.map_or(left, |ceiling| (ceiling - counts[i]).max(0));
         let add = room.min(left);
-        *count += add;
+        counts[i] += add;
         left -= add;
     }
     counts

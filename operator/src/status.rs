@@ -90,10 +90,15 @@ pub fn compute(
         }
     };
 
+    let full = full_pools(dsd, &observed.pods, now);
     status.pools = desired
         .pools
         .iter()
-        .map(|(pool, revision)| pool_status(pool, revision, &observed.pods))
+        .map(|(pool, revision)| PoolStatus {
+            full_at: full.get(&pool.name).map(|f| f.groups),
+            full_since: full.get(&pool.name).map(|f| f.since.clone()),
+            ..pool_status(pool, revision, &observed.pods)
+        })
         .collect();
     status.ready_replicas = status.pools.iter().map(|p| p.ready_replicas).sum();
     status.pool_summary = pool_summary(&status.pools);
@@ -101,7 +106,7 @@ pub fn compute(
     let wanted: i32 = status.pools.iter().map(|p| p.replicas).sum();
     let lagging = lagging_pools(&status.pools);
     let router_ready = router_ready(dsd, observed.router.as_ref());
-    let ready = ready_verdict(wanted, &lagging, router_ready, &name);
+    let ready = ready_verdict(dsd, wanted, &lagging, router_ready);
     let rolling_out = rolling_out(desired, &observed.pods);
     let progressing = progressing_verdict(rolling_out, status.replicas, wanted, &lagging);
     let degraded = degraded_verdict(&failing_pods(&observed.pods));
@@ -153,9 +158,20 @@ fn lagging_pools(pools: &[PoolStatus]) -> Vec<String> {
         .collect()
 }
 
-/// Ready only when groups are wanted, all of them are ready and the router can reach them.
-fn ready_verdict(wanted: i32, lagging: &[String], router_ready: bool, name: &str) -> Verdict {
-    if wanted == 0 {
+/// Ready when every wanted group is ready and the router can reach them; at zero groups,
+/// only when the router holds requests while a group starts (autoscaling to zero).
+fn ready_verdict(
+    dsd: &DeepSeekDeployment,
+    wanted: i32,
+    lagging: &[String],
+    router_ready: bool,
+) -> Verdict {
+    let holds_requests = dsd
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.scale_to_zero_after_seconds.is_some());
+    if wanted == 0 && !holds_requests {
         Verdict::new(
             false,
             "ScaledToZero",
@@ -164,10 +180,17 @@ fn ready_verdict(wanted: i32, lagging: &[String], router_ready: bool, name: &str
     } else if !lagging.is_empty() {
         Verdict::new(false, "GroupsNotReady", lagging.join("; "))
     } else if !router_ready {
+        let router = router_name(&dsd.name_any());
         Verdict::new(
             false,
             "RouterNotReady",
-            format!("router {} has no available replica", router_name(name)),
+            format!("router {router} has no available replica"),
+        )
+    } else if wanted == 0 {
+        Verdict::new(
+            true,
+            "ScaledToZero",
+            "no group runs: the router holds the next request while one starts",
         )
     } else {
         Verdict::new(
@@ -176,6 +199,94 @@ fn ready_verdict(wanted: i32, lagging: &[String], router_ready: bool, name: &str
             format!("{wanted} of {wanted} groups ready on the current revision"),
         )
     }
+}
+
+/// How long a pool stays full before its groups are tried again.
+pub const FULL_FOR_SECONDS: i64 = 600;
+
+/// A pool found full.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FullPool {
+    /// The groups it holds.
+    pub groups: i32,
+    pub since: Time,
+}
+
+/// The pools that count as full, by name. With `spec.replicas`, a pool is full when a pod of
+/// one of its groups has been unschedulable for `spec.spillAfterSeconds`: at the groups none
+/// of whose pods is unschedulable. It stays full (as `status.pools[].fullAt` remembers) for
+/// `FULL_FOR_SECONDS`, then its groups are tried again, so nodes added later are used.
+pub fn full_pools(
+    dsd: &DeepSeekDeployment,
+    pods: &[Pod],
+    now: &Time,
+) -> BTreeMap<String, FullPool> {
+    let mut full = BTreeMap::new();
+    if dsd.spec.replicas.is_none() {
+        return full;
+    }
+    let seconds_since = |t: &Time| now.0.as_second() - t.0.as_second();
+    let previous = dsd
+        .status
+        .as_ref()
+        .map(|s| s.pools.as_slice())
+        .unwrap_or_default();
+    for pool in &dsd.spec.pools {
+        let remembered = previous.iter().find(|p| p.name == pool.name).and_then(|p| {
+            Some(FullPool {
+                groups: p.full_at?,
+                since: p.full_since.clone()?,
+            })
+        });
+        if let Some(remembered) = remembered.filter(|f| seconds_since(&f.since) < FULL_FOR_SECONDS)
+        {
+            full.insert(pool.name.clone(), remembered);
+            continue;
+        }
+        let mut groups = BTreeMap::<&str, bool>::new();
+        let mut stuck = false;
+        for pod in pods
+            .iter()
+            .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name))
+        {
+            let Some(group) = pod.labels().get(LABEL_GROUP) else {
+                continue;
+            };
+            let waited = unschedulable_for(pod, now);
+            stuck |= waited.is_some_and(|s| s >= i64::from(dsd.spec.spill_after_seconds));
+            *groups.entry(group).or_default() |= waited.is_some();
+        }
+        if stuck {
+            let placed = groups
+                .values()
+                .filter(|unschedulable| !**unschedulable)
+                .count();
+            full.insert(
+                pool.name.clone(),
+                FullPool {
+                    groups: placed as i32,
+                    since: now.clone(),
+                },
+            );
+        }
+    }
+    full
+}
+
+/// Seconds the pod has waited for a node, if the scheduler found none (0 when it does not
+/// say since when).
+fn unschedulable_for(pod: &Pod, now: &Time) -> Option<i64> {
+    let condition = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    })?;
+    Some(
+        condition
+            .last_transition_time
+            .as_ref()
+            .map_or(0, |since| now.0.as_second() - since.0.as_second()),
+    )
 }
 
 /// Whether any live pod of a wanted group runs another revision than its pool's.
@@ -255,6 +366,7 @@ fn pool_status(pool: &ResolvedPool, revision: &str, pods: &[Pod]) -> PoolStatus 
         ready_replicas,
         updated_replicas,
         revision: revision.to_string(),
+        ..Default::default()
     }
 }
 

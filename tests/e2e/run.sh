@@ -8,7 +8,8 @@
 # `kubectl apply -k deploy/`; least privilege (`kubectl auth can-i`); `kubectl explain`,
 # printer columns, the short name; specs refused by the API server naming the field; the tiny
 # and the H100+A100 samples (owner references, placement on their pool's nodes, GPU requests,
-# tolerations, honest status, a pool without nodes reported Unschedulable, a pool whose GPUs
+# tolerations, honest status, a pool without nodes reported Unschedulable, spec.replicas
+# spilling from a pool that cannot place another group, a pool whose GPUs
 # cannot hold the model refused with its memory plan); `kubectl scale`
 # and a HorizontalPodAutoscaler on the scale subresource; the built-in autoscaler stepping
 # aside for an HPA, then writing through the scale subresource itself; a rollout watched end to end, with
@@ -259,10 +260,10 @@ k delete hpa tiny >/dev/null
 # pods serve nothing. run-local drives that part with real load.)
 replicas_is() { [ "$(k get dsd tiny -o jsonpath='{.spec.replicas}')" = "$1" ]; }
 wait_for 30 "the autoscaler to bring spec.replicas back to 3" replicas_is 3
-scaled_by_is operator || fail "status.autoscaling: $(k get dsd tiny -o jsonpath='{.status.autoscaling}')"
+wait_for 10 "status.autoscaling to say the operator scales" scaled_by_is operator
 operator_writes_since "$audit_mark" | grep -q '^patch deepseekdeployments/scale tiny' \
   || fail "the autoscaler did not write through the scale subresource: $(operator_writes_since "$audit_mark")"
-k get events --field-selector involvedObject.name=tiny,reason=Scaled -o jsonpath='{.items[*].note}' \
+k get events --field-selector involvedObject.name=tiny,reason=Scaled -o jsonpath='{.items[*].message}' \
   | grep -q "4 → 3 groups: kept within the pools' 1..3 groups" || fail "no Scaled Event with its reason"
 k patch dsd tiny --type json -p '[{"op": "remove", "path": "/spec/autoscaling"}]' >/dev/null
 wait_for 30 "status.autoscaling to go with spec.autoscaling" scaled_by_is ""
@@ -360,6 +361,20 @@ wait_for 120 "Degraded: Unschedulable" reason_is "$FLAGSHIP" deepseek-v3 Degrade
 wait_for 60 "the H100 pool to serve" summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:0/1"
 ready_is "$FLAGSHIP" deepseek-v3 False || fail "Ready with a pool unschedulable"
 kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
+
+say "spec.replicas spills from a pool that cannot place another group to the next pool"
+# The eight H100 nodes hold two groups of four pods; the third group waits for a node, and
+# after spillAfterSeconds the H100 pool counts as full at two and the A100 pool takes it.
+sample deepseek-v3-h100-a100 "$FLAGSHIP" \
+  | sed 's/^  parallelism:/  replicas: 3\n  spillAfterSeconds: 5\n  parallelism:/' \
+  | kubectl apply -f - >/dev/null
+wait_for 150 "the third group to go to the A100 pool" summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:1/1"
+[ "$(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.pools[0].fullAt}')" = 2 ] \
+  || fail "status.pools[h100].fullAt: $(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.pools}')"
+wait_for 60 "Ready with the spilled group" ready_is "$FLAGSHIP" deepseek-v3 True
+absent -n "$FLAGSHIP" get statefulset deepseek-v3-h100-g2 || fail "the H100 group that found no nodes is still there"
+kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
+wait_for "$pod_gone_s" "the spill-over sample's pods to go" no_pods "$FLAGSHIP"
 
 # ============================================================================================
 say "helm upgrade, then helm uninstall"

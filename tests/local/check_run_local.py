@@ -12,8 +12,9 @@ expert-parallel groups: pool a two pods of one rank, pool b one pod of two ranks
    with no failed request at all; then pool a is scaled to two groups and back, again with
    no failed request;
 4. SIGINT: run-local exits 0 and leaves no process behind;
-5. the autoscaling sample: at zero, the first request wakes a group and is answered; 16
-   streams grow it; idle, it shrinks to one group and then to zero;
+5. the autoscaling sample with a second, lighter pool: at zero, the first request wakes a
+   group and is answered; 10 streams grow the heavier pool, 20 spill to the other; idle,
+   the spill-over group goes first, then the rest, down to zero;
 6. a last run, killed with SIGKILL: its processes die with it.
 
   python tests/local/check_run_local.py --bin-dir target/debug
@@ -217,9 +218,28 @@ def main():
         if run.proc.poll() is None:
             run.proc.kill()
 
-    # The autoscaling sample, with shorter windows than its own to keep CI short.
+    # The autoscaling sample with a second, lighter pool that takes the spill-over, and
+    # shorter windows than its own to keep CI short.
+    one_pool = """    - name: cpu
+      gpusPerPod: 1
+      minReplicas: 0
+      maxReplicas: 3
+"""
+    two_pools = """    - name: spill
+      gpusPerPod: 1
+      minReplicas: 0
+      maxReplicas: 1
+      weight: 1
+    - name: cpu
+      gpusPerPod: 1
+      minReplicas: 0
+      maxReplicas: 2
+      weight: 2
+"""
+    sample = (ROOT / "deploy/samples/tiny-autoscaling.yaml").read_text()
+    check(one_pool in sample, "the autoscaling sample has the pool this check extends")
     manifest = work / "tiny-autoscaling.yaml"
-    manifest.write_text((ROOT / "deploy/samples/tiny-autoscaling.yaml").read_text()
+    manifest.write_text(sample.replace(one_pool, two_pools)
                         .replace("scaleDownWindowSeconds: 30", "scaleDownWindowSeconds: 10")
                         .replace("scaleToZeroAfterSeconds: 60", "scaleToZeroAfterSeconds: 15"))
     run = RunLocal(bin_dir, manifest)
@@ -237,15 +257,25 @@ def main():
             pass
         run.wait_for(r"autoscaling 0 → 1 groups: woken from zero")
         check(True, f"the first request at zero woke a group and was answered (first token after {woke:.1f} s)")
-        load = Load(client, threads=16)
-        grew = run.wait_for(r"autoscaling 1 → (\d) groups", timeout=60).group(1)
-        run.wait_for(rf"pool cpu {grew}/{grew} groups ready")
-        load.stop()
-        outcomes = load.take()
+        check(any(l.startswith("cpu/0: starting") for l in run.lines), "it woke in the heavier pool")
+        loads = [Load(client, threads=10)]
+        run.wait_for(r"autoscaling 1 → 2 groups", timeout=60)
+        started = run.wait_for(r"^(\w+)/\d+: starting").group(1)
+        check(started == "cpu", f"10 streams: a second group, in the heavier pool ({started})")
+        loads.append(Load(client, threads=10))
+        run.wait_for(r"autoscaling 2 → 3 groups", timeout=60)
+        started = run.wait_for(r"^(\w+)/\d+: starting").group(1)
+        check(started == "spill", f"20 streams: the heavier pool is at its maximum, the third group spills ({started})")
+        run.wait_for(r"pool spill 1/1 groups ready, pool cpu 2/2 groups ready")
+        for load in loads:
+            load.stop()
+        outcomes = [o for load in loads for o in load.take()]
         failed = [e for _, e in outcomes if e]
-        check(not failed, f"16 streams: the pool grew to {grew} groups; {len(outcomes)} requests, none failed")
+        check(not failed, f"10 then 20 streams: {len(outcomes)} requests, none failed")
+        retired = run.wait_for(r"^(\w+)/\d+: retiring", timeout=60).group(1)
+        check(retired == "spill", f"idle: the spill-over group goes first ({retired})")
         run.wait_for(r"autoscaling 1 → 0 groups: no request for 15 s", timeout=120)
-        run.wait_for(r"pool cpu 0/0 groups ready")
+        run.wait_for(r"pool spill 0/0 groups ready, pool cpu 0/0 groups ready")
         check(True, "idle: one group after the scale-down window, none after 15 s without a request")
         run.proc.send_signal(signal.SIGINT)
         run.proc.wait(timeout=120)

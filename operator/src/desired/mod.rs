@@ -55,6 +55,8 @@ pub struct Surroundings {
     /// Whose pods may scrape worker metrics when the spec does not say
     /// (`spec.metricsFrom`).
     pub metrics_namespace: Option<String>,
+    /// Pools found full, by name: the groups each holds (`status::full_pools`).
+    pub full_pools: BTreeMap<String, i32>,
 }
 
 impl DeepSeekDeployment {
@@ -67,7 +69,7 @@ impl DeepSeekDeployment {
     /// Like `desired`, with what the running operator knows.
     pub fn desired_in(&self, surroundings: &Surroundings) -> Result<Desired, SpecError> {
         let load = &surroundings.expert_load;
-        let pools = resolve::resolve(self)?;
+        let pools = resolve::resolve(self, &surroundings.full_pools)?;
         let mut ctx = Ctx::new(self);
         ctx.metrics_namespace = surroundings.metrics_namespace.clone();
         let mut out = Desired::default();

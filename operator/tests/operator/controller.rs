@@ -118,8 +118,13 @@ const CORE: &str = "/api/v1/namespaces/default";
 
 /// The reads at the start of a reconcile of the tiny sample.
 async fn observe(api: &mut FakeApi, stateful_sets: Vec<Value>, pods: Vec<Value>) {
-    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
     observe_children(api, stateful_sets, pods).await;
+    model_volume(api).await;
+}
+
+/// The model's claim, read once the spec resolves.
+async fn model_volume(api: &mut FakeApi) {
+    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
 }
 
 async fn observe_children(api: &mut FakeApi, stateful_sets: Vec<Value>, pods: Vec<Value>) {
@@ -247,8 +252,8 @@ async fn a_ready_group_patches_status_ready_and_an_unchanged_world_writes_nothin
     let router = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "tiny-router"}, "status": {"availableReplicas": 1}});
 
     let task = run(&ctx, dsd.clone());
-    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
     observe_children_with_router(&mut api, vec![sts.clone()], pods.clone(), router.clone()).await;
+    model_volume(&mut api).await;
     applies(&mut api).await;
     events(&mut api, 2).await;
     let status = status_patch(&mut api).await;
@@ -263,8 +268,8 @@ async fn a_ready_group_patches_status_ready_and_an_unchanged_world_writes_nothin
     let mut stored = dsd.clone();
     stored.status = Some(serde_json::from_value(status).unwrap());
     let task = run(&ctx, stored);
-    api.expect("GET", &format!("{CORE}/persistentvolumeclaims/tiny-model"), Reply::Json(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-model"}}))).await;
     observe_children_with_router(&mut api, vec![sts.clone()], pods.clone(), router.clone()).await;
+    model_volume(&mut api).await;
     applies(&mut api).await;
     task.await.unwrap().unwrap();
     api.expect_no_more_calls().await;
@@ -332,13 +337,13 @@ async fn a_conflict_on_apply_fails_the_reconcile_and_backs_off() {
 async fn a_missing_model_volume_blocks_without_creating_anything() {
     let (ctx, mut api) = setup();
     let task = run(&ctx, tiny());
+    observe_children(&mut api, vec![], vec![]).await;
     api.expect(
         "GET",
         &format!("{CORE}/persistentvolumeclaims/tiny-model"),
         Reply::Status(404),
     )
     .await;
-    observe_children(&mut api, vec![], vec![]).await;
     let events = events(&mut api, 1).await;
     assert_eq!(events[0]["reason"], "ModelVolumeMissing");
     assert_eq!(events[0]["type"], "Warning");
@@ -407,13 +412,14 @@ async fn the_expert_load_config_map_feeds_the_placement_plan() {
     let metrics = "deepseek_worker_expert_routed_tokens_total{layer=\"1\",expert=\"3\"} 900\n";
     let config_map = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "expert-load"}, "data": {"metrics": metrics}});
+    observe_children(&mut api, vec![], vec![]).await;
     api.expect(
         "GET",
         &format!("{CORE}/configmaps/expert-load"),
         Reply::Json(config_map),
     )
     .await;
-    observe(&mut api, vec![], vec![]).await;
+    model_volume(&mut api).await;
     let applied = applies(&mut api).await;
     let plan = applied[3]["data"]["plan.json"].as_str().unwrap();
     let plan: Value = serde_json::from_str(plan).unwrap();
@@ -425,13 +431,13 @@ async fn the_expert_load_config_map_feeds_the_placement_plan() {
 async fn a_missing_expert_load_config_map_blocks_naming_the_field() {
     let (ctx, mut api) = setup();
     let task = run(&ctx, with_expert_load());
+    observe_children(&mut api, vec![], vec![]).await;
     api.expect(
         "GET",
         &format!("{CORE}/configmaps/expert-load"),
         Reply::Status(404),
     )
     .await;
-    observe_children(&mut api, vec![], vec![]).await;
     let events = events(&mut api, 1).await;
     assert_eq!(events[0]["reason"], "ExpertLoadMissing");
     let status = status_patch(&mut api).await;

@@ -1,5 +1,7 @@
 //! The pure builders: spec in, objects out.
 
+use std::collections::BTreeMap;
+
 use deepseek_operator::api::{DeepSeekDeployment, Dtype};
 use deepseek_operator::desired::Desired;
 use deepseek_operator::names::*;
@@ -500,13 +502,24 @@ fn changing_the_model_rolls_a_new_revision() {
 }
 
 #[test]
-fn total_replicas_fill_pools_in_preference_order_within_bounds() {
+fn total_replicas_fill_pools_by_weight_within_bounds_and_spill_from_full_pools() {
     let pools = v3().spec.pools; // h100 min 1 max 8, a100 min 0 max 4
-    assert_eq!(pool_replicas(None, &pools), [2, 1]);
-    assert_eq!(pool_replicas(Some(0), &pools), [1, 0]);
-    assert_eq!(pool_replicas(Some(5), &pools), [5, 0]);
-    assert_eq!(pool_replicas(Some(10), &pools), [8, 2]);
-    assert_eq!(pool_replicas(Some(99), &pools), [8, 4]);
+    let none = BTreeMap::new();
+    assert_eq!(pool_replicas(None, &pools, &none), [2, 1]);
+    assert_eq!(pool_replicas(Some(0), &pools, &none), [1, 0]);
+    assert_eq!(pool_replicas(Some(5), &pools, &none), [5, 0]);
+    assert_eq!(pool_replicas(Some(10), &pools, &none), [8, 2]);
+    assert_eq!(pool_replicas(Some(99), &pools, &none), [8, 4]);
+    // The highest weight fills first, whatever the list order.
+    let reversed: Vec<_> = pools.iter().rev().cloned().collect();
+    assert_eq!(pool_replicas(Some(10), &reversed, &none), [2, 8]);
+    // A full pool holds what it holds; the rest spills to the next.
+    let h100_full = BTreeMap::from([("h100".to_string(), 3)]);
+    assert_eq!(pool_replicas(Some(5), &pools, &h100_full), [3, 2]);
+    assert_eq!(pool_replicas(Some(99), &pools, &h100_full), [3, 4]);
+    // Never below a pool's minimum.
+    let h100_empty = BTreeMap::from([("h100".to_string(), 0)]);
+    assert_eq!(pool_replicas(Some(3), &pools, &h100_empty), [1, 2]);
     let mut dsd = v3();
     dsd.spec.replicas = Some(10);
     let counts: Vec<i32> = desired(&dsd)

@@ -114,6 +114,15 @@ impl PodBuilder {
         self
     }
 
+    /// Unschedulable, since `seconds` before `now()`.
+    pub fn unschedulable_for(self, seconds: i64) -> Self {
+        let mut built = self.unschedulable();
+        let since = now().0 - k8s_openapi::jiff::SignedDuration::from_secs(seconds);
+        let conditions = built.pod.status.as_mut().unwrap().conditions.as_mut();
+        conditions.unwrap().last_mut().unwrap().last_transition_time = Some(Time(since));
+        built
+    }
+
     pub fn crash_looping(mut self) -> Self {
         let status = self.pod.status.as_mut().unwrap();
         status.container_statuses = Some(vec![ContainerStatus {

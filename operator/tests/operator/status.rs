@@ -193,6 +193,76 @@ fn unschedulable_ranks_are_reported() {
 }
 
 #[test]
+fn a_pool_whose_group_stays_unschedulable_is_full_at_the_groups_it_holds() {
+    let mut dsd = v3(); // h100 (weight 3) min 1 max 8, a100 (weight 1) max 4
+    dsd.spec.replicas = Some(3);
+    let h100 = revision(&dsd, 0);
+    let template = dsd.clone();
+    let placed = |group| {
+        worker_pod(&template, "h100", group, 0, &h100)
+            .ready()
+            .build()
+    };
+    let waiting = |seconds| {
+        worker_pod(&template, "h100", 2, 0, &h100)
+            .unschedulable_for(seconds)
+            .build()
+    };
+    let full = |pods: &[Pod], dsd: &DeepSeekDeployment| status::full_pools(dsd, pods, &now());
+    // Within spillAfterSeconds (120) the cluster autoscaler may still add a node.
+    assert!(full(&[placed(0), placed(1), waiting(60)], &dsd).is_empty());
+    let found = full(&[placed(0), placed(1), waiting(130)], &dsd);
+    assert_eq!(found["h100"].groups, 2);
+    // Full, its third group goes to the next pool, and the status remembers it.
+    let status = compute(&dsd, vec![placed(0), placed(1), waiting(130)]);
+    assert_eq!(status.pools[0].full_at, Some(2));
+    dsd.status = Some(status);
+    let spilled: Vec<i32> = dsd
+        .desired_in(&deepseek_operator::desired::Surroundings {
+            full_pools: [("h100".to_string(), 2)].into(),
+            ..Default::default()
+        })
+        .unwrap()
+        .pools
+        .iter()
+        .map(|(p, _)| p.replicas)
+        .collect();
+    assert_eq!(spilled, [2, 1]);
+    // Once the pending group is gone it stays full for ten minutes, then is tried again.
+    assert_eq!(full(&[placed(0), placed(1)], &dsd)["h100"].groups, 2);
+    let pools = &mut dsd.status.as_mut().unwrap().pools[0];
+    pools.full_since = Some(Time(
+        now().0 - k8s_openapi::jiff::SignedDuration::from_secs(601),
+    ));
+    assert!(full(&[placed(0), placed(1)], &dsd).is_empty());
+    // Pools with their own counts (no spec.replicas) never spill.
+    dsd.spec.replicas = None;
+    dsd.status = None;
+    assert!(full(&[placed(0), placed(1), waiting(130)], &dsd).is_empty());
+}
+
+#[test]
+fn at_zero_groups_an_autoscaled_deployment_is_ready_when_its_router_holds_requests() {
+    let dsd = sample("tiny-autoscaling.yaml");
+    let status = compute(&dsd, Vec::new());
+    assert_eq!(
+        state(&status, "Ready"),
+        ("True".into(), "ScaledToZero".into())
+    );
+    let mut without_zero = dsd.clone();
+    without_zero
+        .spec
+        .autoscaling
+        .as_mut()
+        .unwrap()
+        .scale_to_zero_after_seconds = None;
+    assert_eq!(
+        state(&compute(&without_zero, Vec::new()), "Ready"),
+        ("False".into(), "ScaledToZero".into())
+    );
+}
+
+#[test]
 fn blocked_specs_are_not_ready_with_the_reason() {
     let dsd = tiny();
     let blocked = Blocked {
