@@ -36,6 +36,7 @@ import openai
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "worker"))
 from bench_concurrency import cpu_name  # noqa: E402
+from bench_start import first_token  # noqa: E402
 
 PER_GROUP, MAX_GROUPS = 6, 3
 
@@ -69,17 +70,6 @@ class RunLocal:
             if time.perf_counter() > deadline:
                 raise SystemExit("timed out")
             time.sleep(0.1)
-
-
-def first_token(client):
-    sent = time.perf_counter()
-    stream = client.chat.completions.create(model="tiny-deepseek", stream=True, max_tokens=4,
-                                            messages=[{"role": "user", "content": "Hello"}])
-    took = None
-    for chunk in stream:
-        if took is None and chunk.choices and chunk.choices[0].delta.content:
-            took = time.perf_counter() - sent
-    return took
 
 
 class Streams:
@@ -129,8 +119,8 @@ def main():
         wakes = []
         for _ in range(args.wakes):
             run.until(run.at_zero, 120)
-            wake = first_token(client)
-            warm = first_token(client)
+            wake = first_token(client, time.perf_counter(), max_tokens=4)
+            warm = first_token(client, time.perf_counter(), max_tokens=4)
             wakes.append({"wake_s": round(wake, 3), "warm_s": round(warm, 3)})
 
         run.until(run.at_zero, 120)

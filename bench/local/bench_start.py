@@ -39,6 +39,18 @@ def cpu_name():
     return platform.processor()
 
 
+def first_token(client, since, max_tokens=8):
+    """Seconds from `since` to the first content token of a streamed chat completion (read
+    to its end)."""
+    stream = client.chat.completions.create(model="tiny-deepseek", stream=True, max_tokens=max_tokens,
+                                            messages=[{"role": "user", "content": "Hello"}])
+    took = None
+    for chunk in stream:
+        if took is None and chunk.choices and chunk.choices[0].delta.content:
+            took = time.perf_counter() - since
+    return took
+
+
 def run_local_once(bin_dir, sample):
     started = time.perf_counter()
     proc = subprocess.Popen([bin_dir / "deepseek-operator", "run-local", "-f", sample], cwd=ROOT,
@@ -51,16 +63,11 @@ def run_local_once(bin_dir, sample):
             break
     ready = time.perf_counter() - started
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-    stream = client.chat.completions.create(model="tiny-deepseek", stream=True, max_tokens=8,
-                                            messages=[{"role": "user", "content": "Hello"}])
-    first_token = None
-    for chunk in stream:
-        if first_token is None and chunk.choices and chunk.choices[0].delta.content:
-            first_token = time.perf_counter() - started
+    first = first_token(client, started)
     stopping = time.perf_counter()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    return {"ready_s": ready, "first_token_s": first_token, "stop_s": time.perf_counter() - stopping}
+    return {"ready_s": ready, "first_token_s": first, "stop_s": time.perf_counter() - stopping}
 
 
 def free_port():

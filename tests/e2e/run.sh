@@ -114,9 +114,12 @@ kubectl -n "$SYSTEM" rollout status deployment "$OPERATOR_SA" --timeout 120s >/d
   || fail "the chart's operator Deployment did not become available"
 
 say "kubectl explain, printer columns, short name"
-explained() { [[ "$(kubectl explain "$1")" == *"$2"* ]] || fail "kubectl explain $1 does not say \"$2\""; }
+# (its text reflowed: explain wraps lines)
+explained() { [[ "$(kubectl explain "$1" | tr -s ' \n' '  ')" == *"$2"* ]] || fail "kubectl explain $1 does not say \"$2\""; }
 explained dsd.spec.pools.gpusPerPod "one expert-parallel rank per GPU"
 explained deepseekdeployments.spec.replicas "HorizontalPodAutoscaler"
+explained dsd.spec.autoscaling.scaleToZeroAfterSeconds "holds the next request"
+explained dsd.status.autoscaling.scaledBy "steps aside"
 explained dsd.status.conditions "lastTransitionTime"
 kubectl api-resources --api-group serving.deepseek-operator.io | grep -qw dsd || fail "short name dsd missing"
 

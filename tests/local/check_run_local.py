@@ -257,7 +257,8 @@ def main():
             pass
         run.wait_for(r"autoscaling 0 → 1 groups: woken from zero")
         check(True, f"the first request at zero woke a group and was answered (first token after {woke:.1f} s)")
-        check(any(l.startswith("cpu/0: starting") for l in run.lines), "it woke in the heavier pool")
+        woken = run.wait_for(r"^(\w+)/\d+: starting").group(1)
+        check(woken == "cpu", f"it woke in the heavier pool ({woken})")
         loads = [Load(client, threads=10)]
         run.wait_for(r"autoscaling 1 → 2 groups", timeout=60)
         started = run.wait_for(r"^(\w+)/\d+: starting").group(1)
