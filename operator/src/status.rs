@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus, PoolStatus};
 use crate::desired::Desired;
 use crate::names::*;
-use crate::resolve::ResolvedPool;
+use crate::resolve::{self, ResolvedPool};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -213,8 +213,10 @@ pub struct FullPool {
 }
 
 /// The pools that count as full, by name. With `spec.replicas`, a pool is full when a pod of
-/// one of its groups has been unschedulable for `spec.spillAfterSeconds`: at the groups none
-/// of whose pods is unschedulable. It stays full (as `status.pools[].fullAt` remembers) for
+/// its groups has been unschedulable for `spec.spillAfterSeconds`: at the groups its placed
+/// pods make, whichever groups they belong to (groups start all their pods at once, so the
+/// scheduler may place some of every group; the groups beyond are removed and free their
+/// pods' nodes for the others). It stays full (as `status.pools[].fullAt` remembers) for
 /// `FULL_FOR_SECONDS`, then its groups are tried again, so nodes added later are used.
 pub fn full_pools(
     dsd: &DeepSeekDeployment,
@@ -222,16 +224,17 @@ pub fn full_pools(
     now: &Time,
 ) -> BTreeMap<String, FullPool> {
     let mut full = BTreeMap::new();
-    if dsd.spec.replicas.is_none() {
+    // A spec that does not resolve is refused anyway; pools with their own counts never spill.
+    let (Some(_), Ok(pools)) = (dsd.spec.replicas, resolve::resolve(dsd, &BTreeMap::new())) else {
         return full;
-    }
+    };
     let seconds_since = |t: &Time| now.0.as_second() - t.0.as_second();
     let previous = dsd
         .status
         .as_ref()
         .map(|s| s.pools.as_slice())
         .unwrap_or_default();
-    for pool in &dsd.spec.pools {
+    for pool in &pools {
         let remembered = previous.iter().find(|p| p.name == pool.name).and_then(|p| {
             Some(FullPool {
                 groups: p.full_at?,
@@ -243,31 +246,19 @@ pub fn full_pools(
             full.insert(pool.name.clone(), remembered);
             continue;
         }
-        let mut groups = BTreeMap::<&str, bool>::new();
-        let mut stuck = false;
-        for pod in pods
+        let live = pods
             .iter()
-            .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name))
-        {
-            let Some(group) = pod.labels().get(LABEL_GROUP) else {
-                continue;
-            };
-            let waited = unschedulable_for(pod, now);
-            stuck |= waited.is_some_and(|s| s >= i64::from(dsd.spec.spill_after_seconds));
-            *groups.entry(group).or_default() |= waited.is_some();
+            .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name) && !terminating(p));
+        let (mut placed, mut stuck) = (0, false);
+        for pod in live {
+            placed += i32::from(pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()));
+            stuck |= unschedulable_for(pod, now)
+                .is_some_and(|waited| waited >= i64::from(dsd.spec.spill_after_seconds));
         }
         if stuck {
-            let placed = groups
-                .values()
-                .filter(|unschedulable| !**unschedulable)
-                .count();
-            full.insert(
-                pool.name.clone(),
-                FullPool {
-                    groups: placed as i32,
-                    since: now.clone(),
-                },
-            );
+            let groups = placed / pool.pods_per_group.max(1);
+            let since = now.clone();
+            full.insert(pool.name.clone(), FullPool { groups, since });
         }
     }
     full

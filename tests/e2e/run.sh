@@ -368,6 +368,8 @@ kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
 say "spec.replicas spills from a pool that cannot place another group to the next pool"
 # The eight H100 nodes hold two groups of four pods; the third group waits for a node, and
 # after spillAfterSeconds the H100 pool counts as full at two and the A100 pool takes it.
+# (The last sample's pods must be gone first: terminating, they still hold their nodes.)
+wait_for "$pod_gone_s" "the last sample's pods to go" no_pods "$FLAGSHIP"
 sample deepseek-v3-h100-a100 "$FLAGSHIP" \
   | sed 's/^  parallelism:/  replicas: 3\n  spillAfterSeconds: 5\n  parallelism:/' \
   | kubectl apply -f - >/dev/null

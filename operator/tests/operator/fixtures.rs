@@ -105,6 +105,12 @@ pub fn worker_pod(
 impl PodBuilder {
     pub fn ready(mut self) -> Self {
         self.condition("Ready", "True", None);
+        self.on_node("node-0")
+    }
+
+    /// Placed by the scheduler.
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.pod.spec.get_or_insert_with(Default::default).node_name = Some(node.into());
         self
     }
 

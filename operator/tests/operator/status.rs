@@ -5,6 +5,7 @@ use deepseek_operator::status::{self, Blocked, Observed};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::jiff::SignedDuration;
 
 use crate::fixtures::*;
 
@@ -193,28 +194,27 @@ fn unschedulable_ranks_are_reported() {
 }
 
 #[test]
-fn a_pool_whose_group_stays_unschedulable_is_full_at_the_groups_it_holds() {
-    let mut dsd = v3(); // h100 (weight 3) min 1 max 8, a100 (weight 1) max 4
+fn a_pool_whose_pods_stay_unschedulable_is_full_at_the_groups_its_placed_pods_make() {
+    let mut dsd = v3(); // h100 (weight 3): groups of 4 pods, min 1 max 8; a100 (weight 1)
     dsd.spec.replicas = Some(3);
     let h100 = revision(&dsd, 0);
     let template = dsd.clone();
-    let placed = |group| {
-        worker_pod(&template, "h100", group, 0, &h100)
-            .ready()
-            .build()
-    };
-    let waiting = |seconds| {
-        worker_pod(&template, "h100", 2, 0, &h100)
-            .unschedulable_for(seconds)
-            .build()
+    // Eight nodes for three groups started at once: the scheduler placed some of each.
+    let pods = |waited: i64| -> Vec<Pod> {
+        let pod = |group, index| worker_pod(&template, "h100", group, index, &h100);
+        let mut pods: Vec<Pod> = (0..4).map(|i| pod(0, i).on_node("h").build()).collect();
+        for group in [1, 2] {
+            pods.extend((0..2).map(|i| pod(group, i).on_node("h").build()));
+            pods.extend((2..4).map(|i| pod(group, i).unschedulable_for(waited).build()));
+        }
+        pods
     };
     let full = |pods: &[Pod], dsd: &DeepSeekDeployment| status::full_pools(dsd, pods, &now());
-    // Within spillAfterSeconds (120) the cluster autoscaler may still add a node.
-    assert!(full(&[placed(0), placed(1), waiting(60)], &dsd).is_empty());
-    let found = full(&[placed(0), placed(1), waiting(130)], &dsd);
-    assert_eq!(found["h100"].groups, 2);
+    // Within spillAfterSeconds (120) a cluster autoscaler may still add nodes.
+    assert!(full(&pods(60), &dsd).is_empty());
+    assert_eq!(full(&pods(130), &dsd)["h100"].groups, 2);
     // Full, its third group goes to the next pool, and the status remembers it.
-    let status = compute(&dsd, vec![placed(0), placed(1), waiting(130)]);
+    let status = compute(&dsd, pods(130));
     assert_eq!(status.pools[0].full_at, Some(2));
     dsd.status = Some(status);
     let spilled: Vec<i32> = dsd
@@ -228,17 +228,16 @@ fn a_pool_whose_group_stays_unschedulable_is_full_at_the_groups_it_holds() {
         .map(|(p, _)| p.replicas)
         .collect();
     assert_eq!(spilled, [2, 1]);
-    // Once the pending group is gone it stays full for ten minutes, then is tried again.
-    assert_eq!(full(&[placed(0), placed(1)], &dsd)["h100"].groups, 2);
+    // Once the third group is gone it stays full for ten minutes, then is tried again.
+    let placed: Vec<Pod> = pods(130).into_iter().take(4).collect();
+    assert_eq!(full(&placed, &dsd)["h100"].groups, 2);
     let pools = &mut dsd.status.as_mut().unwrap().pools[0];
-    pools.full_since = Some(Time(
-        now().0 - k8s_openapi::jiff::SignedDuration::from_secs(601),
-    ));
-    assert!(full(&[placed(0), placed(1)], &dsd).is_empty());
+    pools.full_since = Some(Time(now().0 - SignedDuration::from_secs(601)));
+    assert!(full(&placed, &dsd).is_empty());
     // Pools with their own counts (no spec.replicas) never spill.
     dsd.spec.replicas = None;
     dsd.status = None;
-    assert!(full(&[placed(0), placed(1), waiting(130)], &dsd).is_empty());
+    assert!(full(&pods(130), &dsd).is_empty());
 }
 
 #[test]
