@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod download;
 pub mod ep;
 pub mod error;
 pub mod generate;

@@ -42,6 +42,34 @@ enum Command {
     GpuCheck(GpuCheckArgs),
     /// Compile every GPU kernel into the kernel cache, for machines without NVRTC.
     Kernels(KernelsArgs),
+    /// Download a model repository from the Hugging Face Hub (or the mirror at HF_ENDPOINT;
+    /// HF_TOKEN for gated or private ones) into a directory: the revision pinned to its
+    /// commit, files in parallel, interrupted files resumed, sizes and safetensors headers
+    /// checked. Progress on stderr (JSON lines when it is not a terminal); the result as
+    /// JSON on stdout.
+    Download(DownloadArgs),
+}
+
+#[derive(clap::Args)]
+struct DownloadArgs {
+    /// The model repository, OWNER/NAME.
+    #[arg(long)]
+    repo: String,
+    /// Branch, tag or commit; resolved to its commit before anything is fetched.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Where the files go (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Only the files this glob matches (repeatable; `*` matches across `/`).
+    #[arg(long = "include")]
+    include: Vec<String>,
+    /// Files fetched at once.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// The hub or a mirror of it.
+    #[arg(long, env = "HF_ENDPOINT", default_value = deepseek_worker::download::DEFAULT_ENDPOINT)]
+    endpoint: String,
 }
 
 #[derive(clap::Args)]
@@ -135,7 +163,59 @@ fn main() -> anyhow::Result<()> {
         Command::Plan(args) => run_plan(args),
         Command::GpuCheck(args) => run_gpu_check(args),
         Command::Kernels(args) => run_kernels(args),
+        Command::Download(args) => run_download(args).inspect_err(record_for_kubernetes),
     }
+}
+
+fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    use std::sync::Arc;
+
+    use deepseek_worker::download::{DownloadConfig, Progress, download};
+
+    let config = DownloadConfig {
+        endpoint: args.endpoint,
+        // Never a flag: a flag shows in the process list.
+        token: std::env::var("HF_TOKEN").ok(),
+        repo: args.repo,
+        revision: args.revision,
+        dir: args.dir,
+        include: args.include,
+        parallel: args.parallel,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let report = move |progress: &Progress| {
+        let line = progress.line();
+        let mut err = std::io::stderr();
+        let _ = if terminal {
+            write!(err, "\r{}", line.terminal())
+        } else {
+            writeln!(err, "{}", line.json())
+        };
+    };
+    let progress = Arc::new(Progress::default());
+    let downloaded = tokio::runtime::Runtime::new()?.block_on(async {
+        let reporting = {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                let every = Duration::from_millis(if terminal { 250 } else { 1000 });
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    report(&progress);
+                }
+            })
+        };
+        let downloaded = download(&config, &progress).await;
+        reporting.abort();
+        downloaded
+    })?;
+    report(&progress);
+    if terminal {
+        eprintln!();
+    }
+    println!("{}", serde_json::to_string(&downloaded)?);
+    Ok(())
 }
 
 /// In a pod, why the worker stopped, where Kubernetes shows it in the pod's status (the

@@ -57,17 +57,8 @@ impl Checkpoint {
             progress: None,
         };
         for (path, expected) in files {
-            let file = File::open(&path).map_err(|e| file_error(&path, e))?;
-            // SAFETY: the mapping is read-only and every access below is bounds-checked
-            // against its length; a file truncated by someone else while mapped is outside
-            // what any loader can defend against.
-            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| file_error(&path, e))?);
+            let (map, tensors) = map_checked(&path)?;
             let shard = checkpoint.shards.len();
-            let tensors = parse_header(&map).map_err(|(tensor, message)| LoadError {
-                file: path.clone(),
-                tensor,
-                message,
-            })?;
             let missing = expected
                 .and_then(|names| names.into_iter().find(|name| !tensors.contains_key(name)));
             if let Some(missing) = missing {
@@ -184,6 +175,27 @@ impl Checkpoint {
             message,
         }
     }
+}
+
+/// A safetensors file mapped, with its header parsed and checked against its data.
+fn map_checked(path: &Path) -> Result<(Arc<Mmap>, HashMap<String, TensorInfo>), LoadError> {
+    let file = File::open(path).map_err(|e| file_error(path, e))?;
+    // SAFETY: the mapping is read-only and every access is bounds-checked against its
+    // length; a file truncated by someone else while mapped is outside what any loader can
+    // defend against.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| file_error(path, e))?);
+    let tensors = parse_header(&map).map_err(|(tensor, message)| LoadError {
+        file: path.to_path_buf(),
+        tensor,
+        message,
+    })?;
+    Ok((map, tensors))
+}
+
+/// Checks a safetensors file's header against its data without reading a tensor: what a
+/// download verifies before it calls a file done.
+pub fn check_safetensors(path: &Path) -> Result<(), LoadError> {
+    map_checked(path).map(|_| ())
 }
 
 fn file_error(path: &Path, err: std::io::Error) -> LoadError {

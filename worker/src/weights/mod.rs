@@ -23,7 +23,7 @@ mod tests_support;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use self::checkpoint::Checkpoint;
+pub use self::checkpoint::{Checkpoint, check_safetensors};
 pub use self::dtype::{Bf16Weights, Dtype};
 pub use self::fp8::fp8_e4m3_to_f32;
 pub use self::header::TensorInfo;
