@@ -3,7 +3,9 @@
 //! `generate` runs the model on one prompt from the command line; `serve` serves it over gRPC
 //! (`deepseek.v1.Inference`, health, reflection).
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -12,6 +14,9 @@ use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
 use deepseek_proto::serving::shutdown_signal;
 use deepseek_worker::backend;
 use deepseek_worker::config::Config;
+use deepseek_worker::download::{
+    DEFAULT_ENDPOINT, DownloadConfig, DownloadError, Progress, download, hub_model, into_cache,
+};
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::gpu::{self, DeviceSpec};
 use deepseek_worker::rank;
@@ -117,7 +122,8 @@ struct PlanArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Checkpoint directory: config.json and safetensors (tokenizer.json for text prompts).
+    /// Checkpoint directory (config.json, safetensors; tokenizer.json for text prompts), or
+    /// `hf:OWNER/NAME[@REVISION]`: downloaded into the Hugging Face cache first.
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (needs tokenizer.json).
@@ -168,21 +174,59 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
-    use std::io::{IsTerminal, Write};
-    use std::sync::Arc;
-
-    use deepseek_worker::download::{DownloadConfig, Progress, download};
-
     let config = DownloadConfig {
         endpoint: args.endpoint,
-        // Never a flag: a flag shows in the process list.
-        token: std::env::var("HF_TOKEN").ok(),
+        token: hf_token(),
         repo: args.repo,
         revision: args.revision,
         dir: args.dir,
         include: args.include,
         parallel: args.parallel,
     };
+    let downloaded = with_progress(|progress| async move { download(&config, &progress).await })?;
+    println!("{}", serde_json::to_string(&downloaded)?);
+    Ok(())
+}
+
+/// `HF_TOKEN`, never a flag: a flag shows in the process list.
+fn hf_token() -> Option<String> {
+    std::env::var("HF_TOKEN").ok()
+}
+
+/// A `--model` naming a hub repository, `hf:OWNER/NAME[@REVISION]`, is downloaded into the
+/// Hugging Face cache (`HF_HOME`, else `~/.cache/huggingface`) first, or found there; a
+/// directory is used as it is.
+fn local_model(model: &Path) -> anyhow::Result<PathBuf> {
+    let Some((repo, revision)) = model.to_str().and_then(hub_model) else {
+        return Ok(model.to_path_buf());
+    };
+    let hf_home = std::env::var_os("HF_HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/huggingface"))
+        })
+        .context("set HF_HOME (or HOME) for the Hugging Face cache")?;
+    let config = DownloadConfig {
+        endpoint: std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.into()),
+        token: hf_token(),
+        repo,
+        revision,
+        dir: PathBuf::new(),
+        // What serving reads: the config, the tokenizer, the weights.
+        include: vec!["*.json".into(), "*.safetensors".into()],
+        parallel: 8,
+    };
+    let (dir, _) =
+        with_progress(|progress| async move { into_cache(config, &hf_home, &progress).await })?;
+    Ok(dir)
+}
+
+/// Runs a download, reporting its progress on stderr meanwhile: a line redrawn on a
+/// terminal, JSON lines otherwise.
+fn with_progress<T, Fut>(start: impl FnOnce(Arc<Progress>) -> Fut) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<T, DownloadError>>,
+{
     let terminal = std::io::stderr().is_terminal();
     let report = move |progress: &Progress| {
         let line = progress.line();
@@ -194,7 +238,7 @@ fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
         };
     };
     let progress = Arc::new(Progress::default());
-    let downloaded = tokio::runtime::Runtime::new()?.block_on(async {
+    let result = tokio::runtime::Runtime::new()?.block_on(async {
         let reporting = {
             let progress = progress.clone();
             tokio::spawn(async move {
@@ -206,16 +250,15 @@ fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
                 }
             })
         };
-        let downloaded = download(&config, &progress).await;
+        let result = start(progress.clone()).await;
         reporting.abort();
-        downloaded
-    })?;
+        result
+    });
     report(&progress);
     if terminal {
         eprintln!();
     }
-    println!("{}", serde_json::to_string(&downloaded)?);
-    Ok(())
+    Ok(result?)
 }
 
 /// In a pod, why the worker stopped, where Kubernetes shows it in the pod's status (the
@@ -292,18 +335,19 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         // SAFETY: set before any other thread exists; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
+    let model_dir = local_model(&args.model)?;
     let start = Instant::now();
-    let model = backend::open(&args.model, args.device, args.dtype)?;
+    let model = backend::open(&model_dir, args.device, args.dtype)?;
     let stop_ids = model.config().eos_token_ids.clone();
     let load_seconds = start.elapsed().as_secs_f64();
 
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let prompt_ids = match (args.prompt_ids, &args.prompt, &tokenizer) {
         (Some(ids), _, _) => ids,
         (None, Some(text), Some(tokenizer)) => tokenizer.encode(text, true)?,
         (None, Some(_), None) => bail!(
             "--prompt needs {}/tokenizer.json; this model has none, so give --prompt-ids",
-            args.model.display()
+            model_dir.display()
         ),
         (None, None, _) => bail!("give --prompt or --prompt-ids"),
     };
@@ -374,10 +418,12 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         println!("{}", args.dry_run_report(&ranks));
         return Ok(());
     }
-    let model_dir = args
-        .model
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(TINY_MODEL));
+    let model_dir = local_model(
+        &args
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(TINY_MODEL)),
+    )?;
     let config = Config::from_file(&model_dir.join("config.json"))?;
     let chat_template = match &args.chat_template {
         Some(path) => Some(

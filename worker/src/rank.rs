@@ -26,7 +26,9 @@ pub struct ServeArgs {
     /// else bf16), `bf16` or `fp8`. The CPU path computes in f32 whatever this says.
     #[arg(long, env = env::DTYPE, value_enum, default_value = "auto")]
     pub dtype: Dtype,
-    /// Checkpoint directory (config.json, safetensors).
+    /// Checkpoint directory (config.json, safetensors), or `hf:OWNER/NAME[@REVISION]`:
+    /// downloaded into the Hugging Face cache (`HF_HOME`) first (what is there already is
+    /// checked, not fetched again).
     #[arg(long, env = env::MODEL)]
     pub model: Option<PathBuf>,
     /// gRPC listen address.

@@ -83,6 +83,7 @@ pub async fn download(
     }
     let http = Http::new(&config.endpoint, config.token.clone()).map_err(fail)?;
     let revision = resolve(&http, config).await?;
+    tracing::debug!(repo = %config.repo, commit = %revision.commit, "revision resolved");
     let files: Vec<HubFile> = revision
         .files
         .into_iter()
@@ -118,7 +119,60 @@ pub async fn download(
     })
 }
 
+/// `hf:OWNER/NAME[@REVISION]` as `(repo, revision)`; `None` for anything else (a path).
+pub fn hub_model(arg: &str) -> Option<(String, String)> {
+    let spec = arg.strip_prefix("hf:")?;
+    let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    Some((repo.to_string(), revision.to_string()))
+}
+
+/// The Hugging Face cache's directory for a repository (`huggingface_hub`'s layout):
+/// `HF_HOME/hub/models--OWNER--NAME`.
+pub fn cache_repo_dir(hf_home: &Path, repo: &str) -> PathBuf {
+    hf_home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")))
+}
+
+/// Downloads a revision into the Hugging Face cache, `snapshots/COMMIT/` of its repository,
+/// and points `refs/REVISION` at the commit, as `huggingface_hub` does (whole files, not
+/// links into `blobs/`); gives the snapshot directory.
+pub async fn into_cache(
+    mut config: DownloadConfig,
+    hf_home: &Path,
+    progress: &Arc<Progress>,
+) -> Result<(PathBuf, Downloaded), DownloadError> {
+    let http = Http::new(&config.endpoint, config.token.clone()).map_err(DownloadError)?;
+    let commit = resolve(&http, &config).await?.commit;
+    // The files at that commit even if the branch moves meanwhile.
+    let revision = std::mem::replace(&mut config.revision, commit.clone());
+    let repo_dir = cache_repo_dir(hf_home, &config.repo);
+    config.dir = repo_dir.join("snapshots").join(&commit);
+    let mut downloaded = download(&config, progress).await?;
+    downloaded.revision.clone_from(&revision);
+    let ref_file = repo_dir.join("refs").join(&revision);
+    let write_ref = async {
+        if let Some(dir) = ref_file.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        tokio::fs::write(&ref_file, &commit).await
+    };
+    // A commit as revision is its own ref; branch names with `/` get directories.
+    if revision != commit {
+        write_ref
+            .await
+            .map_err(|e| DownloadError(format!("{}: {e}", ref_file.display())))?;
+    }
+    Ok((config.dir, downloaded))
+}
+
 async fn resolve(http: &Http, config: &DownloadConfig) -> Result<Revision, DownloadError> {
+    if config.repo.split('/').count() != 2 || config.repo.split('/').any(str::is_empty) {
+        return Err(DownloadError(format!(
+            "{:?}: expected a repository as OWNER/NAME",
+            config.repo
+        )));
+    }
     let url = hub::revision_url(&config.endpoint, &config.repo, &config.revision);
     let answer = http.get_body(&url).await.map_err(DownloadError)?;
     if answer.status != 200 {

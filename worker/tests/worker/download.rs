@@ -387,3 +387,64 @@ async fn the_command_reports_progress_as_json_lines_and_the_result_on_stdout() {
     assert_eq!(result["commit"], COMMIT);
     assert_eq!(result["files"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_serves_a_hub_model_from_the_hugging_face_cache() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-v3-bf16");
+    let files = std::fs::read_dir(&fixture)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    let addr = serve(Arc::new(Hub {
+        files,
+        ..Default::default()
+    }))
+    .await;
+    let hf_home = temp_dir("hf-home");
+    let generate = move |hf_home: PathBuf| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deepseek-worker"));
+        command
+            .args([
+                "generate",
+                "--model",
+                "hf:o/n@main",
+                "--prompt-ids",
+                "1,2,3",
+            ])
+            .args(["--max-new-tokens", "2", "--threads", "1"])
+            .env("HF_HOME", hf_home)
+            .env("HF_ENDPOINT", format!("http://{addr}"));
+        command.output().unwrap()
+    };
+    let home = hf_home.clone();
+    let output = tokio::task::spawn_blocking(move || generate(home))
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report["tokens"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    let repo = hf_home.join("hub/models--o--n");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    assert!(
+        repo.join("snapshots")
+            .join(COMMIT)
+            .join("config.json")
+            .is_file()
+    );
+}
