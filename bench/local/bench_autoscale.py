@@ -7,10 +7,11 @@ then:
 1. wake: with the deployment at zero groups, streams one chat completion (official OpenAI
    client) and times its first token from the request; then, the group up, the same request
    again (warm), same run. Repeated `--wakes` times, each after it is back at zero.
-2. ramp: 0 → 4 → 8 → 12 → 16 → 0 concurrent streams, `--step` seconds each; every second it
-   records the streams, the groups they call for (streams ÷ 6, rounded up, at most 3), and the
-   groups ready (from run-local's status lines). Reports, per step up, how long after the
-   step the groups it called for were ready, and after the ramp, how long until zero.
+2. ramp: 0 → 4 → 8 → 12 → 16 concurrent streams, `--step` seconds each, then none; every
+   second it records the streams, the groups they call for (streams ÷ 6, rounded up, at most
+   3), and the groups desired and ready (from run-local's status lines). Reports, per step,
+   how long after it the groups it called for were ready, and how long after the last
+   stream the deployment was back at zero (every group's processes stopped).
 
   python bench/local/bench_autoscale.py --bin-dir target/debug
 
@@ -49,12 +50,15 @@ class RunLocal:
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         self.ready, self.desired, self.url, self.lines = 0, 0, None, []
+        self.started, self.stopped = 0, 0
         self.url_seen = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         for line in self.proc.stdout:
             self.lines.append((time.perf_counter(), line.rstrip("\n")))
+            self.started += bool(re.match(r"\w+/\d+: starting", line))
+            self.stopped += bool(re.match(r"\w+/\d+: stopped", line))
             if m := re.search(r"pool cpu (\d+)/(\d+) groups ready", line):
                 self.ready, self.desired = int(m.group(1)), int(m.group(2))
             if (m := re.search(r"(http://127\.0\.0\.1:\d+) ", line)) and not self.url:
@@ -62,7 +66,9 @@ class RunLocal:
                 self.url_seen.set()
 
     def at_zero(self):
-        return self.ready == 0 and self.desired == 0
+        """No group wanted, and every group's processes stopped (a retiring group still
+        serves until the router has re-read its backends)."""
+        return self.desired == 0 and self.started == self.stopped
 
     def until(self, condition, timeout):
         deadline = time.perf_counter() + timeout
@@ -124,24 +130,28 @@ def main():
             wakes.append({"wake_s": round(wake, 3), "warm_s": round(warm, 3)})
 
         run.until(run.at_zero, 120)
-        streams, timeline, steps = Streams(client), [], [4, 8, 12, 16, 0]
+        streams, timeline = Streams(client), []
         ramp_start = time.perf_counter()
         reached = []
-        for n in steps:
+        for n in [4, 8, 12, 16]:
             streams.set(n)
             step_start = time.perf_counter()
             called = min(MAX_GROUPS, math.ceil(n / PER_GROUP))
             ready_after = None
             while time.perf_counter() - step_start < args.step:
-                if ready_after is None and run.ready >= called and n:
+                if ready_after is None and run.ready >= called:
                     ready_after = time.perf_counter() - step_start
-                timeline.append([round(time.perf_counter() - ramp_start, 1), n, called, run.ready])
+                timeline.append([round(time.perf_counter() - ramp_start, 1), n, called, run.desired, run.ready])
                 time.sleep(1)
-            if n:
-                reached.append({"streams": n, "groups_called_for": called,
-                                "ready_after_s": None if ready_after is None else round(ready_after, 1)})
+            reached.append({"streams": n, "groups_called_for": called,
+                            "ready_after_s": None if ready_after is None else round(ready_after, 1)})
+        streams.set(0)
         idle_start = time.perf_counter()
-        run.until(run.at_zero, 300)
+        while not run.at_zero():
+            if time.perf_counter() - idle_start > 300:
+                raise SystemExit("not back at zero within 300 s")
+            timeline.append([round(time.perf_counter() - ramp_start, 1), 0, 0, run.desired, run.ready])
+            time.sleep(1)
         to_zero = time.perf_counter() - idle_start
     finally:
         run.proc.send_signal(signal.SIGINT)
