@@ -118,7 +118,8 @@ pub struct DeepSeekDeploymentSpec {
     pub autoscaling: Option<AutoscalingSpec>,
 }
 
-/// Load-aware scaling: the load is the requests running and waiting on the workers.
+/// Load-aware scaling: the load is the requests running and waiting on the workers and held
+/// by the routers, and optionally the share of the KV cache in use.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
@@ -146,6 +147,13 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_to_zero_after_seconds: Option<i32>,
+
+    /// Also scale by KV-cache use: enough groups that the share of the KV cache in use
+    /// (over the serving ranks, from the routers) comes down to this percentage; the
+    /// deployment gets the more groups of this and the request target. Absent: requests only.
+    #[schemars(range(min = 1, max = 100))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_kv_cache_percent: Option<i32>,
 
     /// How long the router holds a request while no group serves (waking from zero, every
     /// group restarting) before it answers UNAVAILABLE (HTTP 503 with `Retry-After`).

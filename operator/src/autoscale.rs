@@ -8,12 +8,45 @@
 use crate::api::{AutoscalingSpec, PoolSpec};
 
 /// The deployment's load at one moment.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Sample {
     /// Seconds since any fixed start.
     pub at: f64,
-    /// Requests running and waiting on all its workers.
+    /// Requests running and waiting on all its workers, and held by its routers.
     pub requests: u64,
+    /// Share of the KV cache in use over its serving ranks (0 to 1; 0 when none serves).
+    pub kv_cache_usage: f64,
+}
+
+impl Sample {
+    /// The load its routers reported at `at`.
+    pub fn of(at: f64, routers: &[RouterLoad]) -> Self {
+        Sample {
+            at,
+            requests: deployment_requests(routers),
+            kv_cache_usage: deployment_kv_cache_usage(routers),
+        }
+    }
+}
+
+/// Adds `sample` (none when no router answered: the load is unknown, not zero) and forgets
+/// what the windows no longer reach, keeping one sample older than the longest so that the
+/// history covers it.
+pub fn remember(
+    history: &mut Vec<Sample>,
+    sample: Option<Sample>,
+    spec: &AutoscalingSpec,
+    now: f64,
+) {
+    history.extend(sample);
+    let reach = f64::from(
+        spec.scale_up_window_seconds
+            .max(spec.scale_down_window_seconds)
+            .max(spec.scale_to_zero_after_seconds.unwrap_or(0)),
+    );
+    while history.len() > 1 && history[1].at <= now - reach {
+        history.remove(0);
+    }
 }
 
 /// What one router replica's `/metrics` page says of the load.
@@ -23,6 +56,8 @@ pub struct RouterLoad {
     pub waiting: u64,
     /// Requests running or waiting on each pool's healthy ranks.
     pub pools: Vec<(String, u64)>,
+    /// Each pool's healthy ranks and the share of their KV cache in use.
+    pub kv: Vec<(String, u64, f64)>,
 }
 
 impl RouterLoad {
@@ -37,19 +72,58 @@ impl RouterLoad {
             let Ok(value) = value.parse::<f64>() else {
                 continue;
             };
-            // Gauges of counts: whole and non-negative.
-            let value = value.max(0.0) as u64;
+            let pool = |gauge: &str| {
+                series
+                    .strip_prefix(gauge)?
+                    .strip_prefix("{pool=\"")?
+                    .strip_suffix("\"}")
+                    .map(str::to_string)
+            };
+            // Gauges of counts are whole and non-negative.
+            let count = value.max(0.0) as u64;
             if series == "deepseek_router_waiting_requests" {
-                load.waiting = value;
-            } else if let Some(pool) = series
-                .strip_prefix("deepseek_router_pool_requests{pool=\"")
-                .and_then(|rest| rest.strip_suffix("\"}"))
-            {
-                load.pools.push((pool.to_string(), value));
+                load.waiting = count;
+            } else if let Some(pool) = pool("deepseek_router_pool_requests") {
+                load.pools.push((pool, count));
+            } else if let Some(pool) = pool("deepseek_router_pool_healthy_ranks") {
+                kv_entry(&mut load.kv, pool).1 = count;
+            } else if let Some(pool) = pool("deepseek_router_pool_kv_cache_usage") {
+                kv_entry(&mut load.kv, pool).2 = value.clamp(0.0, 1.0);
             }
         }
         load
     }
+}
+
+fn kv_entry(kv: &mut Vec<(String, u64, f64)>, pool: String) -> &mut (String, u64, f64) {
+    let at = match kv.iter().position(|(name, _, _)| *name == pool) {
+        Some(at) => at,
+        None => {
+            kv.push((pool, 0, 0.0));
+            kv.len() - 1
+        }
+    };
+    &mut kv[at]
+}
+
+/// The share of the deployment's KV cache in use: each pool's share (the most any replica
+/// reports) weighted by its serving ranks; 0 when none serves.
+pub fn deployment_kv_cache_usage(routers: &[RouterLoad]) -> f64 {
+    let mut pools: Vec<(&str, u64, f64)> = Vec::new();
+    for (pool, ranks, usage) in routers.iter().flat_map(|r| &r.kv) {
+        match pools.iter_mut().find(|(name, _, _)| name == pool) {
+            Some(seen) => {
+                seen.1 = seen.1.max(*ranks);
+                seen.2 = seen.2.max(*usage);
+            }
+            None => pools.push((pool, *ranks, *usage)),
+        }
+    }
+    let ranks: u64 = pools.iter().map(|p| p.1).sum();
+    if ranks == 0 {
+        return 0.0;
+    }
+    pools.iter().map(|p| p.1 as f64 * p.2).sum::<f64>() / ranks as f64
 }
 
 /// The deployment's requests from its router replicas: what each holds (they hold different
@@ -82,10 +156,17 @@ pub fn bounds(pools: &[PoolSpec]) -> Option<(i32, i32)> {
     Some((min, max))
 }
 
-/// Groups `requests` call for at `target` requests a group.
-fn called_for(requests: u64, target: i32) -> i32 {
-    let target = u64::try_from(target.max(1)).unwrap_or(1);
-    i32::try_from(requests.div_ceil(target)).unwrap_or(i32::MAX)
+/// Groups a sample calls for: its requests at `targetRequestsPerGroup`, or, with
+/// `targetKvCachePercent`, the groups that would bring the KV cache use of the `current`
+/// groups down to that target, whichever is more (as an HPA with two metrics).
+fn called_for(sample: &Sample, spec: &AutoscalingSpec, current: i32) -> i32 {
+    let per_group = u64::try_from(spec.target_requests_per_group.max(1)).unwrap_or(1);
+    let by_requests = i32::try_from(sample.requests.div_ceil(per_group)).unwrap_or(i32::MAX);
+    let by_kv_cache = spec.target_kv_cache_percent.map_or(0, |percent| {
+        let used = f64::from(current) * sample.kv_cache_usage * 100.0;
+        (used / f64::from(percent.max(1))).ceil() as i32
+    });
+    by_requests.max(by_kv_cache)
 }
 
 /// The groups to run now, `current` running, given the samples up to `now` (oldest first),
@@ -122,14 +203,20 @@ pub fn decide(
             .first()
             .is_some_and(|s| s.at <= now - f64::from(window))
     };
-    let called = |window: i32| {
-        within(window).map(|s| called_for(s.requests, spec.target_requests_per_group))
-    };
-    let requests = history.last().map_or(0, |s| s.requests);
+    let called = |window: i32| within(window).map(|s| called_for(s, spec, current));
+    let last = history.last().copied().unwrap_or_default();
+    let requests = last.requests;
     let per_group = spec.target_requests_per_group;
+    let load = match spec.target_kv_cache_percent {
+        Some(percent) => format!(
+            "{requests} requests at {per_group} a group, KV cache {:.0}% used against {percent}%",
+            last.kv_cache_usage * 100.0
+        ),
+        None => format!("{requests} requests at {per_group} a group"),
+    };
     let decision = |groups, reason| Decision { groups, reason };
     if current == 0 && requests > 0 {
-        let groups = called_for(requests, per_group).clamp(1, max.max(1));
+        let groups = called_for(&last, spec, 0).clamp(1, max.max(1));
         return decision(
             groups,
             format!("woken from zero by {requests} waiting requests"),
@@ -140,7 +227,7 @@ pub fn decide(
         return decision(
             up,
             format!(
-                "{requests} requests at {per_group} a group call for {up} (for {} s)",
+                "{load} call for {up} (for {} s)",
                 spec.scale_up_window_seconds
             ),
         );
@@ -193,6 +280,7 @@ mod tests {
             scale_down_window_seconds: down,
             scale_to_zero_after_seconds: None,
             hold_requests_seconds: 60,
+            target_kv_cache_percent: None,
         }
     }
 
@@ -206,7 +294,11 @@ mod tests {
             .enumerate()
             .map(|(second, &requests)| {
                 let now = second as f64;
-                history.push(Sample { at: now, requests });
+                history.push(Sample {
+                    at: now,
+                    requests,
+                    ..Default::default()
+                });
                 groups = decide(spec, bounds, groups, &history, now, false).groups;
                 groups
             })
@@ -256,7 +348,12 @@ mod tests {
     #[test]
     fn the_count_stays_within_the_pools_bounds() {
         let spec = spec(0, 0);
-        let at = |requests| [Sample { at: 0.0, requests }];
+        let at = |requests| {
+            [Sample {
+                requests,
+                ..Default::default()
+            }]
+        };
         assert_eq!(decide(&spec, (2, 3), 5, &at(50), 0.0, false).groups, 3);
         assert_eq!(decide(&spec, (2, 3), 1, &at(50), 0.0, false).groups, 3);
         assert_eq!(decide(&spec, (2, 3), 3, &at(0), 0.0, false).groups, 2);
@@ -294,7 +391,7 @@ mod tests {
         let history: Vec<Sample> = (0..5)
             .map(|at| Sample {
                 at: f64::from(at),
-                requests: 0,
+                ..Default::default()
             })
             .collect();
         assert_eq!(decide(&spec, (1, 4), 3, &history, 4.0, true).groups, 3);
@@ -320,6 +417,7 @@ mod tests {
             RouterLoad {
                 waiting: 2,
                 pools: vec![("h100".into(), 30), ("a100".into(), 4)],
+                kv: vec![("h100".into(), 16, 0.0)],
             }
         );
         // Two replicas see the same pools (a moment apart) and hold their own requests.
@@ -353,6 +451,34 @@ mod tests {
             shares(&h100_full),
             [[0, 1], [1, 1], [2, 1], [3, 1], [3, 1], [0, 1]]
         );
+    }
+
+    #[test]
+    fn kv_cache_use_above_its_target_adds_groups_that_requests_alone_would_not() {
+        let page = "deepseek_router_pool_healthy_ranks{pool=\"h100\"} 12\n\
+                    deepseek_router_pool_kv_cache_usage{pool=\"h100\"} 0.9\n\
+                    deepseek_router_pool_healthy_ranks{pool=\"a100\"} 4\n\
+                    deepseek_router_pool_kv_cache_usage{pool=\"a100\"} 0.5\n";
+        let sample = Sample::of(0.0, &[RouterLoad::parse(page)]);
+        // Weighted by serving ranks: (12 × 0.9 + 4 × 0.5) / 16.
+        assert!((sample.kv_cache_usage - 0.8).abs() < 1e-9, "{sample:?}");
+        let mut spec = spec(0, 60);
+        spec.target_kv_cache_percent = Some(50);
+        // Few requests (one group's worth), but two groups at 80% against 50%: four.
+        let busy = Sample {
+            requests: 5,
+            ..sample
+        };
+        let decision = decide(&spec, (1, 6), 2, &[busy], 0.0, false);
+        assert_eq!(decision.groups, 4, "{decision:?}");
+        assert!(
+            decision.reason.contains("KV cache 80% used against 50%"),
+            "{decision:?}"
+        );
+        // Without the target the requests call for one group (the 60 s window keeps two).
+        spec.target_kv_cache_percent = None;
+        assert_eq!(decide(&spec, (1, 6), 2, &[busy], 0.0, false).groups, 2);
+        assert_eq!(deployment_kv_cache_usage(&[]), 0.0);
     }
 
     #[test]

@@ -111,22 +111,8 @@ async fn step(
         return Ok(());
     }
     let loads = router_loads(ctx, &ns, &name).await?;
-    // No router answered: the load is unknown, not zero.
-    if !loads.is_empty() {
-        history.push(Sample {
-            at: now,
-            requests: autoscale::deployment_requests(&loads),
-        });
-    }
-    let reach = f64::from(
-        spec.scale_up_window_seconds
-            .max(spec.scale_down_window_seconds)
-            .max(spec.scale_to_zero_after_seconds.unwrap_or(0)),
-    );
-    // One sample older than the longest window stays, so the history covers it.
-    while history.len() > 1 && history[1].at <= now - reach {
-        history.remove(0);
-    }
+    let sample = (!loads.is_empty()).then(|| Sample::of(now, &loads));
+    autoscale::remember(history, sample, spec, now);
     let current = dsd
         .spec
         .replicas

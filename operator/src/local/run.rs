@@ -358,21 +358,13 @@ impl Deployment {
         if self.load.last().is_some_and(|s| now - s.at < 1.0) {
             return Ok(());
         }
-        let router_serving = self.router.as_ref().is_some_and(Supervised::ready);
-        // No answer: the load is unknown, not zero.
-        if router_serving && let Ok(page) = scrape_metrics(self.endpoints.metrics).await {
-            let requests = autoscale::deployment_requests(&[RouterLoad::parse(&page)]);
-            self.load.push(Sample { at: now, requests });
-        }
-        // One sample older than the longest window stays, so the history covers it.
-        let reach = f64::from(
-            spec.scale_up_window_seconds
-                .max(spec.scale_down_window_seconds)
-                .max(spec.scale_to_zero_after_seconds.unwrap_or(0)),
-        );
-        while self.load.len() > 1 && self.load[1].at <= now - reach {
-            self.load.remove(0);
-        }
+        let page = if self.router.as_ref().is_some_and(Supervised::ready) {
+            scrape_metrics(self.endpoints.metrics).await.ok()
+        } else {
+            None
+        };
+        let sample = page.map(|page| Sample::of(now, &[RouterLoad::parse(&page)]));
+        autoscale::remember(&mut self.load, sample, &spec, now);
         let current = self.groups_wanted();
         let in_service = self.groups.iter().filter(|g| g.leaving.is_none());
         let starting =
