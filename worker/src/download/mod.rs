@@ -31,6 +31,9 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Tries per file before the download fails (a dropped connection resumes where it was).
 const ATTEMPTS: u32 = 5;
 
+/// Bytes gathered before a write to disk.
+const WRITE_BUFFER: usize = 8 << 20;
+
 /// How long a body may send nothing before the connection counts as dropped.
 const STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -289,7 +292,7 @@ async fn fetch_into(
         }
         _ => return Err(Fetch::Retry(0, format!("the hub answered {status}"))),
     };
-    let mut out = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(append)
         .write(true)
@@ -297,6 +300,9 @@ async fn fetch_into(
         .open(partial)
         .await
         .map_err(|e| Fetch::Fatal(format!("opening {}: {e}", partial.display())))?;
+    // Large writes: each write of a tokio file is a trip to a blocking thread, and the
+    // body comes in chunks of a few KiB.
+    let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
     let mut body = std::pin::pin!(http::body_stream(response));
     let mut fetched = 0u64;
     loop {
