@@ -11,7 +11,9 @@ into an empty directory, then the directory is deleted:
 - curl: `curl -sfL -o D/FILE URL` for each file's `resolve` URL, one after another (the
   large file dominates; neither side splits a file into ranges).
 
-Runs alternate, `--runs` each, with the disk synced between them; medians. Rerun (nginx from Debian: apt-get install
+Both write into `--dest` (`/dev/shm` by default: memory, so that the disk's pace and its
+writeback of the previous run are not what is measured). Runs alternate, `--runs` each;
+medians. Rerun (nginx from Debian: apt-get install
 nginx-light; the model from bench/engine/make_bench_model.py):
 
   python3 bench/worker/bench_download.py --bin target/release/deepseek-worker
@@ -88,6 +90,9 @@ def main():
     parser.add_argument("--bin", default=str(ROOT / "target/release/deepseek-worker"))
     parser.add_argument("--model", default=str(ROOT / ".tools/bench-model/bench-small"))
     parser.add_argument("--runs", type=int, default=3)
+    # In memory, so that the disk's own pace (and its writeback of the last run) is not what
+    # is measured.
+    parser.add_argument("--dest", default="/dev/shm")
     args = parser.parse_args()
     model = pathlib.Path(args.model).resolve()
     files = sorted(p.name for p in model.iterdir() if p.is_file())
@@ -102,15 +107,14 @@ def main():
         wait_port(port)
         endpoint = f"http://127.0.0.1:{port}"
         ours, curl = [], []
+        dest_root = pathlib.Path(tempfile.mkdtemp(prefix="bench-download-", dir=args.dest))
         for _ in range(args.runs):
-            dest = work / "ours"
+            dest = dest_root / "ours"
             ours.append(timed([args.bin, "download", "--repo", "bench/small", "--dir", str(dest)],
                               env={**os.environ, "HF_ENDPOINT": endpoint}))
             assert all((dest / f).stat().st_size == (model / f).stat().st_size for f in files)
             shutil.rmtree(dest)
-            # Neither side pays for the other's writes still going to disk.
-            os.sync()
-            dest = work / "curl"
+            dest = dest_root / "curl"
             dest.mkdir()
             start = time.perf_counter()
             for f in files:
@@ -118,7 +122,7 @@ def main():
                                 f"{endpoint}/bench/small/resolve/{COMMIT}/{f}"], check=True)
             curl.append(time.perf_counter() - start)
             shutil.rmtree(dest)
-            os.sync()
+        dest_root.rmdir()
     finally:
         nginx.terminate()
         nginx.wait()

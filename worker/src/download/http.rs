@@ -17,6 +17,9 @@ use hyper_util::rt::TokioExecutor;
 
 const REDIRECTS: usize = 10;
 
+/// Bytes read from a connection at once.
+const READ_BUFFER: usize = 1 << 20;
+
 /// How long the hub may take to answer a request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -47,7 +50,10 @@ impl Http {
             .enable_http1()
             .build();
         Ok(Http {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            // Large reads: a checkpoint is hundreds of GB, and each read is a system call.
+            client: Client::builder(TokioExecutor::new())
+                .http1_read_buf_exact_size(READ_BUFFER)
+                .build(connector),
             token: token.filter(|t| !t.is_empty()),
             hub: uri.authority().map(|a| a.to_string()),
         })
