@@ -156,17 +156,26 @@ pub fn bounds(pools: &[PoolSpec]) -> Option<(i32, i32)> {
     Some((min, max))
 }
 
+/// How far the load may stray from what the current groups are meant to hold before it
+/// calls for another count (the HorizontalPodAutoscaler's default tolerance): per-rank loads
+/// are read a second apart, so a load right at a group boundary would otherwise flap.
+const TOLERANCE: f64 = 0.1;
+
 /// Groups a sample calls for: its requests at `targetRequestsPerGroup`, or, with
 /// `targetKvCachePercent`, the groups that would bring the KV cache use of the `current`
-/// groups down to that target, whichever is more (as an HPA with two metrics).
+/// groups down to that target, whichever is more (as an HPA with two metrics). A need within
+/// `TOLERANCE` of the current groups calls for them.
 fn called_for(sample: &Sample, spec: &AutoscalingSpec, current: i32) -> i32 {
-    let per_group = u64::try_from(spec.target_requests_per_group.max(1)).unwrap_or(1);
-    let by_requests = i32::try_from(sample.requests.div_ceil(per_group)).unwrap_or(i32::MAX);
-    let by_kv_cache = spec.target_kv_cache_percent.map_or(0, |percent| {
-        let used = f64::from(current) * sample.kv_cache_usage * 100.0;
-        (used / f64::from(percent.max(1))).ceil() as i32
+    let by_requests = sample.requests as f64 / f64::from(spec.target_requests_per_group.max(1));
+    let by_kv_cache = spec.target_kv_cache_percent.map_or(0.0, |percent| {
+        f64::from(current) * sample.kv_cache_usage * 100.0 / f64::from(percent.max(1))
     });
-    by_requests.max(by_kv_cache)
+    let needed = by_requests.max(by_kv_cache);
+    let current = f64::from(current);
+    if current > 0.0 && (needed / current - 1.0).abs() <= TOLERANCE {
+        return current as i32;
+    }
+    needed.ceil().min(f64::from(i32::MAX)) as i32
 }
 
 /// The groups to run now, `current` running, given the samples up to `now` (oldest first),
@@ -451,6 +460,15 @@ mod tests {
             shares(&h100_full),
             [[0, 1], [1, 1], [2, 1], [3, 1], [3, 1], [0, 1]]
         );
+    }
+
+    #[test]
+    fn a_load_within_the_tolerance_of_the_groups_keeps_them() {
+        // Two groups of 10: 21 requests is within 10%, 23 is not.
+        assert_eq!(follow(&spec(0, 0), (1, 4), 2, &[21, 21]), [2, 2]);
+        assert_eq!(follow(&spec(0, 0), (1, 4), 2, &[23]), [3]);
+        // And down: 19 keeps two, 15 calls for two as well (1.5 rounds up), 9 for one.
+        assert_eq!(follow(&spec(0, 0), (1, 4), 2, &[19, 15, 9]), [2, 2, 1]);
     }
 
     #[test]
