@@ -33,7 +33,7 @@ CHART="charts/deepseek-operator"
 CRD_NAME="deepseekdeployments.yaml"
 SAMPLES=(deploy/samples/tiny.yaml deploy/samples/tiny-ep.yaml deploy/samples/tiny-autoscaling.yaml deploy/samples/deepseek-v3-h100-a100.yaml)
 # "Kind apiVersion" pairs that may lack a schema (custom resources of other projects).
-ALLOWED_CUSTOM_KINDS=("ServiceMonitor monitoring.coreos.com/v1")
+ALLOWED_CUSTOM_KINDS=("ServiceMonitor monitoring.coreos.com/v1" "PodMonitor monitoring.coreos.com/v1")
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "${WORK}"' EXIT
@@ -98,6 +98,32 @@ helm_template_validate() {
   local out="${WORK}/helm-${name}.yaml"
   "${HELM}" template deepseek-operator "${CHART}" --namespace deepseek-system "$@" >"${out}" || return 1
   validate "${out}"
+}
+
+# The chart's PodMonitors select pods the operator makes, on a port those pods name.
+pod_monitors_rendered() {
+  "${HELM}" template deepseek-operator "${CHART}" --namespace deepseek-system \
+    --set metrics.podMonitors.enabled=true >"${WORK}/podmonitors.yaml" || return 1
+  "${OPERATOR_BIN}" render -f deploy/samples/tiny.yaml >"${WORK}/tiny-objects.yaml" || return 1
+  "${PY}" - "${WORK}/podmonitors.yaml" "${WORK}/tiny-objects.yaml" <<'PYEOF'
+import sys
+import yaml
+
+monitors = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PodMonitor"]
+templates = [d["spec"]["template"] for d in yaml.safe_load_all(open(sys.argv[2]))
+             if d and d["kind"] in ("StatefulSet", "Deployment")]
+assert len(monitors) == 2, f"expected 2 PodMonitors, got {len(monitors)}"
+for monitor in monitors:
+    name = monitor["metadata"]["name"]
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    selected = [t for t in templates
+                if all(t["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+    assert selected, f"{name} selects no pod the operator makes"
+    for template in selected:
+        ports = [p.get("name") for c in template["spec"]["containers"] for p in c.get("ports", [])]
+        assert port in ports, f"{name}: no port {port!r} among {ports}"
+PYEOF
 }
 
 render_validate() {
@@ -191,6 +217,11 @@ check "helm lint --strict (serviceMonitor, watchNamespace=foo)" \
 check "helm template | kubernetes-validate (defaults)" helm_template_validate defaults
 check "helm template | kubernetes-validate (serviceMonitor, watchNamespace=foo)" \
   helm_template_validate servicemonitor --set metrics.serviceMonitor.enabled=true --set watchNamespace=foo
+check "helm lint --strict (podMonitors)" helm_lint --set metrics.podMonitors.enabled=true
+check "helm template | kubernetes-validate (podMonitors)" \
+  helm_template_validate podmonitors --set metrics.podMonitors.enabled=true
+check "helm template (podMonitors): a router and a worker PodMonitor on the metrics port" \
+  pod_monitors_rendered
 check "helm template | kubernetes-validate (no leader election, existing ServiceAccount)" \
   helm_template_validate single --set leaderElection.enabled=false --set replicaCount=1 \
   --set serviceAccount.create=false --set serviceAccount.name=operator
