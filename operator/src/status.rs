@@ -212,9 +212,9 @@ pub struct FullPool {
     pub since: Time,
 }
 
-/// The pools that count as full, by name. With `spec.replicas`, a pool is full when a pod of
-/// its groups has been unschedulable for `spec.spillAfterSeconds`: at the groups its placed
-/// pods make, whichever groups they belong to (groups start all their pods at once, so the
+/// The pools that count as full, by name. With `spec.replicas`, a pool is full when every
+/// pod of its groups the scheduler has not placed has been unschedulable for
+/// `spec.spillAfterSeconds`: at the groups its placed pods make, whichever groups they belong to (groups start all their pods at once, so the
 /// scheduler may place some of every group; the groups beyond are removed and free their
 /// pods' nodes for the others). It stays full (as `status.pools[].fullAt` remembers) for
 /// `FULL_FOR_SECONDS`, then its groups are tried again, so nodes added later are used.
@@ -249,13 +249,22 @@ pub fn full_pools(
         let live = pods
             .iter()
             .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name) && !terminating(p));
-        let (mut placed, mut stuck) = (0, false);
+        // Full once the scheduler has tried every pod it has not placed, and found no node
+        // for any of them for spillAfterSeconds: until then the count of placed pods may
+        // still grow.
+        let (mut placed, mut waiting, mut stuck) = (0, 0, 0);
         for pod in live {
-            placed += i32::from(pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()));
-            stuck |= unschedulable_for(pod, now)
-                .is_some_and(|waited| waited >= i64::from(dsd.spec.spill_after_seconds));
+            if pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
+                placed += 1;
+                continue;
+            }
+            waiting += 1;
+            stuck += i32::from(
+                unschedulable_for(pod, now)
+                    .is_some_and(|waited| waited >= i64::from(dsd.spec.spill_after_seconds)),
+            );
         }
-        if stuck {
+        if waiting > 0 && stuck == waiting {
             let groups = placed / pool.pods_per_group.max(1);
             let since = now.clone();
             full.insert(pool.name.clone(), FullPool { groups, since });

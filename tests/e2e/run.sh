@@ -371,7 +371,7 @@ say "spec.replicas spills from a pool that cannot place another group to the nex
 # (The last sample's pods must be gone first: terminating, they still hold their nodes.)
 wait_for "$pod_gone_s" "the last sample's pods to go" no_pods "$FLAGSHIP"
 sample deepseek-v3-h100-a100 "$FLAGSHIP" \
-  | sed 's/^  parallelism:/  replicas: 3\n  spillAfterSeconds: 5\n  parallelism:/' \
+  | sed 's/^  parallelism:/  replicas: 3\n  spillAfterSeconds: 10\n  parallelism:/' \
   | kubectl apply -f - >/dev/null
 wait_for 150 "the third group to go to the A100 pool" summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:1/1"
 [ "$(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.pools[0].fullAt}')" = 2 ] \

@@ -212,6 +212,10 @@ fn a_pool_whose_pods_stay_unschedulable_is_full_at_the_groups_its_placed_pods_ma
     let full = |pods: &[Pod], dsd: &DeepSeekDeployment| status::full_pools(dsd, pods, &now());
     // Within spillAfterSeconds (120) a cluster autoscaler may still add nodes.
     assert!(full(&pods(60), &dsd).is_empty());
+    // A pod the scheduler has not tried yet may still be placed.
+    let mut untried = pods(130);
+    untried.push(worker_pod(&template, "h100", 3, 0, &h100).build());
+    assert!(full(&untried, &dsd).is_empty());
     assert_eq!(full(&pods(130), &dsd)["h100"].groups, 2);
     // Full, its third group goes to the next pool, and the status remembers it.
     let status = compute(&dsd, pods(130));
