@@ -16,12 +16,15 @@ Rerun (from the repository root; nginx from Debian: apt-get install nginx-light)
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench/worker"))
+from bench_concurrency import wait_port  # noqa: E402
+
 RELEASE = ROOT / "target/release"
 PORTS = {"fake": 50061, "router": 50062, "router_http": 50063, "nginx": 50064}
 
@@ -48,16 +51,6 @@ http {{
   }}
 }}
 """
-
-
-def wait_port(port, deadline_s=30):
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def load(port, *args):

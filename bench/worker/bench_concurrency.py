@@ -39,6 +39,17 @@ def stubs(out_dir):
     return inference_pb2, inference_pb2_grpc
 
 
+def wait_port(port, deadline_s=30):
+    """Returns once something listens on the loopback port."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

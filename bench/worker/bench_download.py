@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "worker"))
-from bench_concurrency import cpu_name, free_port  # noqa: E402
+from bench_concurrency import cpu_name, free_port, wait_port  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -67,16 +66,6 @@ http {{
   }}
 }}
 """
-
-
-def wait_port(port, deadline_s=30):
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def timed(command, **kwargs):

@@ -123,19 +123,15 @@ async fn the_backend_set_follows_the_endpoint_slices() {
 
 #[tokio::test]
 async fn the_backend_set_follows_a_rewritten_backends_file() {
-    let dir = std::env::temp_dir().join(format!("router-backends-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("backends");
-    let write = |text: &str| {
-        std::fs::write(dir.join("next"), text).unwrap();
-        std::fs::rename(dir.join("next"), &path).unwrap();
-    };
-    write("pool=a,addr=127.0.0.1:1\npool=b,addr=127.0.0.1:2\n");
+    let file = crate::BackendsFile::new(
+        "backends",
+        "pool=a,addr=127.0.0.1:1\npool=b,addr=127.0.0.1:2\n",
+    );
     let router = empty_router();
     let fixed = vec!["pool=x,addr=127.0.0.1:9".parse().unwrap()];
     let following = tokio::spawn(discovery::follow_file(
         deepseek_router::BackendsFile {
-            path: path.clone(),
+            path: file.path.clone(),
             fixed,
         },
         router.clone(),
@@ -150,11 +146,10 @@ async fn the_backend_set_follows_a_rewritten_backends_file() {
     )
     .await;
     // A line that does not parse keeps what the router has; a good file replaces it.
-    write("pool=a,addr=nowhere\n");
+    file.write("pool=a,addr=nowhere\n");
     tokio::time::sleep(discovery::BACKENDS_FILE_POLL * 2).await;
     assert_eq!(addrs(&router).len(), 3);
-    write("# the group in pool a is gone\npool=b,addr=127.0.0.1:2\n");
+    file.write("# the group in pool a is gone\npool=b,addr=127.0.0.1:2\n");
     wait_for_backends(&router, &[("x", "127.0.0.1:9"), ("b", "127.0.0.1:2")]).await;
     following.abort();
-    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -643,18 +643,11 @@ fn retry_after_header(head: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_backend_a_request_is_held_until_one_serves() {
-    let dir = std::env::temp_dir().join(format!("router-hold-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("backends");
-    let write = |text: &str| {
-        std::fs::write(dir.join("next"), text).unwrap();
-        std::fs::rename(dir.join("next"), &path).unwrap();
-    };
-    write("# the deployment is at zero groups\n");
+    let file = crate::BackendsFile::new("hold", "# the deployment is at zero groups\n");
     let mut cfg = config(Policy::LeastLoad, &[], &[]);
     cfg.routing.hold_for_backend = Duration::from_secs(30);
     cfg.backends_file = Some(deepseek_router::BackendsFile {
-        path: path.clone(),
+        path: file.path.clone(),
         fixed: Vec::new(),
     });
     // Ready (SERVING) with no backend: it takes requests and holds them.
@@ -664,9 +657,8 @@ async fn with_no_backend_a_request_is_held_until_one_serves() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!held.is_finished());
     let woken = FakeServer::start("woken", Mode::Answer).await;
-    write(&format!("pool=p,addr={}\n", woken.addr));
+    file.write(&format!("pool=p,addr={}\n", woken.addr));
     assert_eq!(held.await.unwrap(), "woken");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,37 @@ impl Running {
     }
 }
 
+/// A backends file in its own temporary directory, replaced whole on each write (write,
+/// then rename) as its supervisor does.
+pub struct BackendsFile {
+    dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl BackendsFile {
+    pub fn new(tag: &str, text: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("router-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = BackendsFile {
+            path: dir.join("backends"),
+            dir,
+        };
+        file.write(text);
+        file
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(self.dir.join("next"), text).unwrap();
+        std::fs::rename(self.dir.join("next"), &self.path).unwrap();
+    }
+}
+
+impl Drop for BackendsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAddr)]) -> RunConfig {
     RunConfig {
         backends: backends
