@@ -209,13 +209,15 @@ impl Router {
         self.backends().iter().any(|b| b.healthy())
     }
 
-    /// Returns once some backend is healthy, holding a request that `arrived` up to
-    /// `hold_for_backend` while none is (its pools are at zero or still starting);
-    /// UNAVAILABLE after that, with a `retry-after` in seconds (HTTP's `Retry-After`).
-    async fn until_backend(&self, arrived: Instant) -> Result<(), Status> {
+    /// With no backend left to try (the picker takes healthy ones only): whether to try
+    /// again once one is healthy. When none is and requests are held (the pools are at zero,
+    /// or a group just listed is still loading), waits for one up to `hold_for_backend` after
+    /// the request `arrived`, counted in `waiting`; UNAVAILABLE after that, with a
+    /// `retry-after` in seconds (HTTP's `Retry-After`).
+    async fn wait_again(&self, arrived: Instant) -> Result<bool, Status> {
         let hold = self.config.hold_for_backend;
         if hold.is_zero() || self.any_healthy() {
-            return Ok(());
+            return Ok(false);
         }
         let _waiting = Counted::new(&self.waiting);
         while !self.any_healthy() {
@@ -231,17 +233,6 @@ impl Router {
             }
             tokio::time::sleep(HOLD_POLL).await;
         }
-        Ok(())
-    }
-
-    /// With no backend left to try: whether to wait for one to become healthy and try
-    /// again (a held request, and none is healthy: a group just listed that is still
-    /// loading, say); UNAVAILABLE once the request has been held long enough.
-    async fn wait_again(&self, arrived: Instant) -> Result<bool, Status> {
-        if !self.holds_requests() || self.any_healthy() {
-            return Ok(false);
-        }
-        self.until_backend(arrived).await?;
         Ok(true)
     }
 
@@ -287,7 +278,6 @@ impl Router {
     ) -> Result<ResponseStream, Status> {
         let admitted = self.admit()?;
         let started = Instant::now();
-        self.until_backend(started).await?;
         // What the policy reads of the prompt: its opening's hash, or all of it in chunks.
         let (key, prompt) = match self.config.policy {
             Policy::PrefixAffinity => (affinity_key(&request), Vec::new()),
@@ -361,7 +351,6 @@ impl Router {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
-        self.until_backend(started).await?;
         let mut tried = Vec::new();
         let mut last = None;
         loop {
