@@ -208,7 +208,9 @@ pub struct ModelSource {
     pub pvc: Option<PvcSource>,
 }
 
-/// A Hugging Face Hub repository.
+/// A Hugging Face Hub repository. The operator downloads it once per revision into a
+/// PersistentVolumeClaim it creates (a Job running `deepseek-worker download`), and creates
+/// the worker groups once that succeeded; they mount the claim read-only.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HuggingFaceSource {
@@ -216,7 +218,8 @@ pub struct HuggingFaceSource {
     #[schemars(length(min = 1))]
     pub repo: String,
 
-    /// Branch, tag or commit. Pin a commit for reproducible rollouts.
+    /// Branch, tag or commit. Pin a commit for reproducible rollouts. A new revision is
+    /// downloaded into a new claim beside the old one, which goes once no group uses it.
     #[serde(default = "default_revision")]
     pub revision: String,
 
@@ -224,14 +227,40 @@ pub struct HuggingFaceSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<SecretKeyRef>,
 
-    /// Size limit of the per-pod download volume (emptyDir), e.g. `800Gi`.
+    /// The hub or a mirror of it (`HF_ENDPOINT`), e.g. `https://hf-mirror.example`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// Storage request of the model cache claim, e.g. `800Gi` for DeepSeek-V3 (the
+    /// checkpoint is about 690 GB). Default `1Ti`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_size: Option<Quantity>,
 
-    /// Image of the init container that downloads the checkpoint; it needs `python3` and
-    /// network access to PyPI and the Hub.
-    #[serde(default = "default_downloader_image")]
-    pub downloader_image: String,
+    /// Storage class of the model cache claim; the cluster's default class when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+
+    /// Access mode of the model cache claim. `ReadWriteMany` (the default) lets groups on
+    /// many nodes mount it; `ReadWriteOnce` only suits deployments whose pods share a node.
+    #[serde(default)]
+    pub access_mode: CacheAccessMode,
+}
+
+/// How the model cache claim may be mounted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheAccessMode {
+    #[default]
+    ReadWriteMany,
+    ReadWriteOnce,
+}
+
+impl CacheAccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheAccessMode::ReadWriteMany => "ReadWriteMany",
+            CacheAccessMode::ReadWriteOnce => "ReadWriteOnce",
+        }
+    }
 }
 
 /// A key in a Secret of the same namespace.
@@ -435,6 +464,20 @@ pub struct RouterSpec {
     /// minute); clients then send `Authorization: Bearer KEY`. Unset: no key is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_secret: Option<String>,
+
+    /// Serve HTTPS and gRPC over TLS with this certificate. Without it, plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RouterTls>,
+}
+
+/// The router's serving certificate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterTls {
+    /// A `kubernetes.io/tls` Secret in this namespace (`tls.crt`, `tls.key`), such as a
+    /// cert-manager `Certificate` writes. A renewed Secret is served without a restart.
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
 }
 
 impl Default for RouterSpec {
@@ -447,6 +490,7 @@ impl Default for RouterSpec {
             image: None,
             resources: None,
             api_keys_secret: None,
+            tls: None,
         }
     }
 }
@@ -536,10 +580,32 @@ pub struct DeepSeekDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
 
+    /// The model cache of a `huggingFace` source: its claim, the download's progress and
+    /// the commit it resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelStatus>,
+
     /// The built-in autoscaler's last decision (with `spec.autoscaling`). Serialized as null
     /// when absent, so that the controller's merge patch clears it.
     #[serde(default)]
     pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// The download of a `huggingFace` source into its model cache claim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// The claim that holds (or will hold) the spec's revision.
+    pub claim_name: String,
+    /// The commit the revision resolved to, once downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Bytes on the claim so far, as the download last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<i64>,
+    /// Bytes of the files to download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<i64>,
 }
 
 /// What the built-in autoscaler last decided, and whether it is the one deciding.
@@ -619,9 +685,6 @@ fn default_revision() -> String {
 }
 fn default_token_key() -> String {
     "token".into()
-}
-fn default_downloader_image() -> String {
-    "python:3.12-slim".into()
 }
 fn default_router_replicas() -> i32 {
     2

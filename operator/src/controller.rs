@@ -15,12 +15,13 @@ use deepseek_proto::placement::expert_load_from_metrics;
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -30,9 +31,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus};
-use crate::desired::{Desired, ExpertLoad, Surroundings};
+use crate::desired::{Desired, ExpertLoad, ModelMount, Surroundings};
 pub use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::model_cache::{self, Caches};
 use crate::names::*;
 use crate::resolve;
 use crate::status::{self, Blocked, Observed};
@@ -68,6 +70,8 @@ impl Context {
 /// so these only bound how stale status can get.
 const RESYNC: Duration = Duration::from_secs(300);
 const NOT_READY_RESYNC: Duration = Duration::from_secs(30);
+/// How often a running download's progress is read into status.
+const DOWNLOAD_RESYNC: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -101,6 +105,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .owns(api::<Deployment>(&client, &namespace), managed.clone())
         .owns(api::<Service>(&client, &namespace), managed.clone())
         .owns(api::<ConfigMap>(&client, &namespace), managed.clone())
+        .owns(api::<Job>(&client, &namespace), managed.clone())
         // Pods belong to the StatefulSets; map them back to their deployment by label so
         // readiness changes update status at once.
         .watches(api::<Pod>(&client, &namespace), managed, |pod: Pod| {
@@ -144,7 +149,15 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         // Garbage collection follows the owner references.
         return Ok(Action::await_change());
     }
-    let observed = observe(&ctx.client, &ns, &name).await?;
+    let mut observed = observe(&ctx.client, &ns, &name).await?;
+    if dsd.spec.model.source.hugging_face.is_some() {
+        let caches = observe_caches(&ctx.client, &dsd, &ns, &observed.pods).await?;
+        observed.model = model_cache::state(&dsd, &caches, &observed.stateful_sets, &observed.pods);
+    }
+    let model_mount = observed
+        .model
+        .as_ref()
+        .map_or(ModelMount::Wanted, |m| m.mount.clone());
     let now = Time(Timestamp::now());
     let full_pools = status::full_pools(&dsd, &observed.pods, &now)
         .into_iter()
@@ -156,6 +169,7 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
             expert_load,
             metrics_namespace: ctx.metrics_namespace.clone(),
             full_pools,
+            model_mount,
         }) {
             Ok(desired) => model_volume_present(&ctx.client, &dsd, &ns)
                 .await?
@@ -167,12 +181,28 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         },
     };
     if let Ok(desired) = &desired {
+        if let Some(cache) = &desired.model_cache {
+            create_if_missing(&ctx.client, &ns, &cache.claim).await?;
+            create_if_missing(&ctx.client, &ns, &cache.job).await?;
+        }
         apply_all(&ctx.client, &ns, desired).await?;
-        prune(&ctx.client, &ns, desired, &observed).await?;
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        for pod in status::pods_to_replace(desired, &observed.pods) {
-            tracing::info!(%pod, "replacing pod of an old revision");
-            delete_ignoring_missing(&pods, &pod).await?;
+        if !desired.groups_wait_for_model {
+            prune(&ctx.client, &ns, desired, &observed).await?;
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            for pod in status::pods_to_replace(desired, &observed.pods) {
+                tracing::info!(%pod, "replacing pod of an old revision");
+                delete_ignoring_missing(&pods, &pod).await?;
+            }
+        }
+        for cache in observed.model.iter().flat_map(|m| &m.stale) {
+            tracing::info!(%cache, "deleting the model cache of a revision no group uses");
+            delete_ignoring_missing(&Api::<Job>::namespaced(ctx.client.clone(), &ns), cache)
+                .await?;
+            delete_ignoring_missing(
+                &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns),
+                cache,
+            )
+            .await?;
         }
     }
 
@@ -193,9 +223,14 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         .conditions
         .iter()
         .any(|c| c.type_ == status::READY && c.status == "True");
+    let downloading = observed
+        .model
+        .as_ref()
+        .is_some_and(|m| !m.ready.status && !m.failed);
     Ok(match desired {
         // Nothing will change until the spec (or the PVC) does; do not spin.
         Err(_) => Action::requeue(RESYNC),
+        Ok(_) if downloading => Action::requeue(DOWNLOAD_RESYNC),
         Ok(_) if ready => Action::requeue(RESYNC),
         Ok(_) => Action::requeue(NOT_READY_RESYNC),
     })
@@ -273,17 +308,79 @@ async fn model_volume_present(
     })
 }
 
+/// The deployment's download Jobs and cache claims, and the running download's progress
+/// from the tail of its log (a log that cannot be read is only logged).
+async fn observe_caches(
+    client: &Client,
+    dsd: &DeepSeekDeployment,
+    ns: &str,
+    pods: &[Pod],
+) -> Result<Caches, Error> {
+    let caches =
+        ListParams::default().labels(&selector_string(&model_cache_selector(&dsd.name_any())));
+    let jobs = list(client, ns, &caches).await?;
+    let claims = list(client, ns, &caches).await?;
+    let mut progress = None;
+    if let Some(pod) = model_cache::running_download_pod(dsd, pods) {
+        let params = LogParams {
+            tail_lines: Some(8),
+            ..Default::default()
+        };
+        match Api::<Pod>::namespaced(client.clone(), ns)
+            .logs(&pod.name_any(), &params)
+            .await
+        {
+            Ok(log) => progress = model_cache::last_progress(&log),
+            Err(err) => {
+                tracing::debug!(pod = %pod.name_any(), error = %err, "reading the download's progress")
+            }
+        }
+    }
+    Ok(Caches {
+        jobs,
+        claims,
+        progress,
+    })
+}
+
+/// Creates the object unless one of its name exists: a model cache claim or download Job
+/// is never changed once made (a claim found there is adopted as it is).
+async fn create_if_missing<K>(client: &Client, ns: &str, object: &K) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    if api.get_opt(&object.name_any()).await?.is_some() {
+        return Ok(());
+    }
+    match api.create(&PostParams::default(), object).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        result => result.map(drop).map_err(Error::from),
+    }
+}
+
+async fn list<K>(client: &Client, ns: &str, params: &ListParams) -> Result<Vec<K>, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    Ok(Api::<K>::namespaced(client.clone(), ns)
+        .list(params)
+        .await?
+        .items)
+}
+
 async fn observe(client: &Client, ns: &str, name: &str) -> Result<Observed, Error> {
     let workers = ListParams::default().labels(&selector_string(&workers_selector(name)));
     let deployment = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
-    let stateful_sets = Api::<StatefulSet>::namespaced(client.clone(), ns)
-        .list(&workers)
-        .await?
-        .items;
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&deployment)
-        .await?
-        .items;
+    let stateful_sets = list(client, ns, &workers).await?;
+    let pods = list(client, ns, &deployment).await?;
     let router = Api::<Deployment>::namespaced(client.clone(), ns)
         .get_opt(&router_name(name))
         .await?;
@@ -291,6 +388,7 @@ async fn observe(client: &Client, ns: &str, name: &str) -> Result<Observed, Erro
         stateful_sets,
         pods,
         router,
+        model: None,
     })
 }
 

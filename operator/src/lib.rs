@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+pub mod model_cache;
 pub mod names;
 pub mod resolve;
 pub mod status;

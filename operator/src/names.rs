@@ -23,6 +23,7 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 pub const COMPONENT_WORKER: &str = "worker";
 pub const COMPONENT_ROUTER: &str = "router";
+pub const COMPONENT_MODEL_CACHE: &str = "model-cache";
 
 // The pod contract's ports (`deepseek_proto::pod`) as Kubernetes' i32.
 /// Worker gRPC (`deepseek.v1.Inference` + health); also the readiness probe target.
@@ -39,6 +40,11 @@ pub const EXPERT_LOAD_ENTRY: &str = "metrics";
 /// Where the router finds its API keys, and the Secret entry that holds them.
 pub const ROUTER_KEYS_DIR: &str = "/etc/deepseek-router";
 pub const ROUTER_KEYS_ENTRY: &str = "api-keys";
+/// Where the router's TLS Secret is mounted (beside the keys: a mount inside a read-only
+/// Secret volume cannot be made), and its entries.
+pub const ROUTER_TLS_DIR: &str = "/etc/deepseek-router-tls";
+pub const TLS_CERT_ENTRY: &str = "tls.crt";
+pub const TLS_KEY_ENTRY: &str = "tls.key";
 
 /// Unprivileged uid/gid of every container (distroless `nonroot`).
 pub const RUN_AS: i64 = 65532;
@@ -56,6 +62,25 @@ pub fn group_name(deployment: &str, pool: &str, group: i32) -> String {
 
 pub fn placement_name(deployment: &str, pool: &str) -> String {
     format!("{deployment}-{pool}-placement")
+}
+
+/// The model cache claim, and the Job that fills it, of one repository revision: a new
+/// revision gets a new name, so it downloads beside the old one.
+pub fn model_cache_name(deployment: &str, repo: &str, revision: &str) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in repo.bytes().chain([0]).chain(revision.bytes()) {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("{deployment}-model-{hash:08x}")
+}
+
+/// Selector of a deployment's model cache claims and download Jobs (and the Jobs' pods).
+pub fn model_cache_selector(deployment: &str) -> BTreeMap<String, String> {
+    labels(&[
+        (LABEL_DEPLOYMENT, deployment),
+        ("app.kubernetes.io/component", COMPONENT_MODEL_CACHE),
+    ])
 }
 
 pub fn router_name(deployment: &str) -> String {

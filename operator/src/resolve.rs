@@ -62,6 +62,8 @@ pub enum SpecError {
     DuplicatePool(String),
     #[error("spec.pools: at least one pool is required")]
     NoPools,
+    #[error("spec.model.source: needs exactly one of huggingFace or pvc")]
+    ModelSource,
     #[error("metadata.name: {0:?} is too long; names of its objects must stay DNS labels (≤ 63)")]
     NameTooLong(String),
     #[error(
@@ -103,6 +105,10 @@ pub fn resolve(
     }
     if spec.pools.is_empty() {
         return Err(SpecError::NoPools);
+    }
+    let source = &spec.model.source;
+    if source.hugging_face.is_some() == source.pvc.is_some() {
+        return Err(SpecError::ModelSource);
     }
     for (i, pool) in spec.pools.iter().enumerate() {
         if spec.pools[..i].iter().any(|p| p.name == pool.name) {

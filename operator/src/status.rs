@@ -11,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
 use crate::api::{DeepSeekDeployment, DeepSeekDeploymentStatus, PoolStatus};
-use crate::desired::Desired;
+use crate::desired::{Desired, ModelMount};
+use crate::model_cache::{MODEL_READY, ModelState};
 use crate::names::*;
 use crate::resolve::{self, ResolvedPool};
 
@@ -27,6 +28,8 @@ pub struct Observed {
     /// Worker and router pods.
     pub pods: Vec<Pod>,
     pub router: Option<Deployment>,
+    /// The model cache of a `huggingFace` source, as read (`model_cache::state`).
+    pub model: Option<ModelState>,
 }
 
 /// Why the deployment cannot be realised right now.
@@ -106,27 +109,58 @@ pub fn compute(
     let wanted: i32 = status.pools.iter().map(|p| p.replicas).sum();
     let lagging = lagging_pools(&status.pools);
     let router_ready = router_ready(dsd, observed.router.as_ref());
-    let ready = ready_verdict(dsd, wanted, &lagging, router_ready);
+    let mut ready = ready_verdict(dsd, wanted, &lagging, router_ready);
     let rolling_out = rolling_out(desired, &observed.pods);
-    let progressing = progressing_verdict(rolling_out, status.replicas, wanted, &lagging);
-    let degraded = degraded_verdict(&failing_pods(&observed.pods));
+    let mut progressing = progressing_verdict(rolling_out, status.replicas, wanted, &lagging);
+    let mut degraded = degraded_verdict(&failing_pods(&observed.pods));
+    let model = observed.model.as_ref();
+    if let Some(model) = model {
+        status.model = Some(model.status.clone());
+        if model.mount == ModelMount::NotYet {
+            ready = Verdict::new(
+                false,
+                model.ready.reason.clone(),
+                format!(
+                    "groups start once the model is downloaded: {}",
+                    model.ready.message
+                ),
+            );
+        }
+        if !model.ready.status && !rolling_out {
+            progressing = Verdict::new(
+                true,
+                model.ready.reason.clone(),
+                model.ready.message.clone(),
+            );
+        }
+        if model.failed {
+            degraded = model.ready.clone();
+            degraded.status = true;
+        }
+    }
     status.conditions = vec![
         condition(READY, ready),
         condition(PROGRESSING, progressing),
         condition(DEGRADED, degraded),
     ];
+    if let Some(model) = model {
+        status
+            .conditions
+            .push(condition(MODEL_READY, model.ready.clone()));
+    }
     status
 }
 
 /// A condition's status, reason and message; [`make_condition`] adds the bookkeeping.
-struct Verdict {
-    status: bool,
-    reason: String,
-    message: String,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
 }
 
 impl Verdict {
-    fn new(status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
         Verdict {
             status,
             reason: reason.into(),
@@ -442,7 +476,14 @@ pub fn groups_to_replace(pools: &[Vec<GroupState>]) -> Vec<(usize, usize)> {
 /// `(pod, reason, message)` for every pod that is stuck in a way that needs a human.
 pub fn failing_pods(pods: &[Pod]) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for pod in pods {
+    // A download attempt's failure is the Job's to retry; `ModelReady` reports it.
+    let serving = pods.iter().filter(|p| {
+        p.labels()
+            .get("app.kubernetes.io/component")
+            .map(String::as_str)
+            != Some(COMPONENT_MODEL_CACHE)
+    });
+    for pod in serving {
         let Some(status) = &pod.status else { continue };
         if status.phase.as_deref() == Some("Failed") {
             let reason = status.reason.clone().unwrap_or_else(|| "PodFailed".into());

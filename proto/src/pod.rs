@@ -54,5 +54,9 @@ pub const METRICS_PORT: u16 = 9090;
 pub const LIVENESS_SERVICE: &str = "liveness";
 /// Where the checkpoint volume is mounted.
 pub const MODEL_MOUNT: &str = "/models";
+
+/// The files of a hub repository that serving reads (the config, the tokenizer, the
+/// weights): what a download fetches.
+pub const CHECKPOINT_FILES: &[&str] = &["*.json", "*.safetensors"];
 /// Where the placement ConfigMap is mounted; the plan is its `placement::PLAN_FILE`.
 pub const PLACEMENT_MOUNT: &str = "/etc/deepseek/placement";

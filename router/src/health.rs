@@ -45,7 +45,7 @@ pub async fn watch(
             };
             // A router that holds requests until a backend is up takes them meanwhile.
             reporter
-                .set_service_status("", status(any || router.holds_requests()))
+                .set_service_status("", status(router.ready()))
                 .await;
             reporter
                 .set_service_status(

@@ -13,9 +13,13 @@ pub mod openai;
 pub mod policy;
 pub mod proxy;
 pub mod routed;
+pub mod tls;
 
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::InferenceServer;
@@ -25,6 +29,10 @@ pub use crate::error::Error;
 use crate::auth::ApiKeys;
 use crate::backend::BackendSpec;
 use crate::proxy::{Router, RouterConfig};
+use crate::tls::{ServingCert, TlsListener};
+
+/// How often the serving certificate's files are read for a renewal.
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where the EndpointSlices of the workers are watched.
 pub struct Discovery {
@@ -51,6 +59,8 @@ pub struct RunConfig {
     pub keys: ApiKeys,
     pub served_name: Option<String>,
     pub health_interval: Duration,
+    /// Serve gRPC and HTTP over TLS with this certificate (plaintext without).
+    pub tls: Option<Arc<ServingCert>>,
 }
 
 /// Serves gRPC, HTTP and (when given) metrics on the listeners until `shutdown` completes.
@@ -84,22 +94,7 @@ pub async fn serve(
         config.health_interval,
     ));
     if let Some(listener) = metrics {
-        let router = router.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let body = router.metrics_text();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        );
+        let app = metrics_app(router.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
     }
 
@@ -116,23 +111,91 @@ pub async fn serve(
         keys: keys.clone(),
         served_name,
     }));
-    let http_server = axum::serve(http, http_app).with_graceful_shutdown(stopped(stop.clone()));
+    type Serving = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+    let http_server: Serving = match &config.tls {
+        None => Box::pin(
+            axum::serve(http, http_app)
+                .with_graceful_shutdown(stopped(stop.clone()))
+                .into_future(),
+        ),
+        Some(cert) => {
+            let listener = TlsListener {
+                local: http.local_addr()?,
+                connections: tls::accept(http, cert.server_config(&[b"http/1.1"])),
+            };
+            Box::pin(
+                axum::serve(listener, http_app)
+                    .with_graceful_shutdown(stopped(stop.clone()))
+                    .into_future(),
+            )
+        }
+    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(deepseek_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_routes = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(InferenceServer::new(grpc::Front { router, keys }))
-        .serve_with_incoming_shutdown(
+        .add_service(InferenceServer::new(grpc::Front { router, keys }));
+    type GrpcServing = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let grpc_server: GrpcServing = match &config.tls {
+        None => Box::pin(grpc_routes.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc),
             stopped(stop),
-        );
+        )),
+        Some(cert) => {
+            let connections = tls::accept(grpc, cert.server_config(&[b"h2"]));
+            tokio::spawn(cert.clone().follow(TLS_RELOAD_INTERVAL));
+            Box::pin(
+                grpc_routes.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(connections)
+                        .map(Ok::<_, std::io::Error>),
+                    stopped(stop),
+                ),
+            )
+        }
+    };
     let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);
     http_result?;
     grpc_result?;
     Ok(())
+}
+
+/// Prometheus metrics, and the probes' endpoints: `/health` answers while the process
+/// runs, `/ready` while the router can take requests (the gRPC health service's overall
+/// status), so probes work with TLS on the client ports.
+fn metrics_app(router: Arc<Router>) -> axum::Router {
+    use axum::http::StatusCode;
+    let ready = router.clone();
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = router.metrics_text();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let status = if ready.ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                async move { status }
+            }),
+        )
 }

@@ -2,6 +2,7 @@
 //! a DeepSeekDeployment's pools. See the crate docs and ARCHITECTURE.md.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,6 +12,7 @@ use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::backend::{BackendSpec, parse_backends_file};
 use deepseek_router::policy::Policy;
 use deepseek_router::proxy::RouterConfig;
+use deepseek_router::tls::{ServingCert, TlsFiles};
 use deepseek_router::{BackendsFile, RunConfig, serve};
 
 #[derive(Parser, Debug)]
@@ -69,6 +71,13 @@ struct Cli {
     /// Milliseconds between active health checks of every backend.
     #[arg(long, default_value_t = 1000)]
     health_interval_ms: u64,
+    /// PEM certificate chain (leaf first) to serve gRPC and HTTP over TLS; read again when
+    /// it changes (a renewed Secret), so a rotation needs no restart. With `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn parse_pool(value: &str) -> Result<(String, u32), String> {
@@ -117,6 +126,12 @@ impl Cli {
             }
             None => ApiKeys::default(),
         };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                ServingCert::load(TlsFiles { cert, key }).map_err(anyhow::Error::msg)?,
+            )),
+            _ => None,
+        };
         Ok((
             RunConfig {
                 backends,
@@ -133,6 +148,7 @@ impl Cli {
                 keys,
                 served_name: self.served_name,
                 health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
+                tls,
             },
             discovery,
         ))

@@ -205,6 +205,12 @@ impl Router {
         !self.config.hold_for_backend.is_zero()
     }
 
+    /// Whether the router takes requests: a backend is healthy, or it holds requests until
+    /// one is (the gRPC health service's overall status, and `/ready`).
+    pub fn ready(&self) -> bool {
+        self.any_healthy() || self.holds_requests()
+    }
+
     fn any_healthy(&self) -> bool {
         self.backends().iter().any(|b| b.healthy())
     }

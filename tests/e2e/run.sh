@@ -135,6 +135,9 @@ check_least_privilege() {
   expect_can patch statefulsets.apps -n "$NS"
   expect_can delete pods -n "$NS"
   expect_can get persistentvolumeclaims -n "$NS"
+  expect_can create persistentvolumeclaims -n "$NS"
+  expect_can create jobs.batch -n "$NS"
+  expect_can get pods --subresource log -n "$NS"
   expect_can create events.events.k8s.io -n "$NS"
   expect_can update leases.coordination.k8s.io/"$LEASE" -n "$SYSTEM"
   expect_cannot get secrets -n "$NS"
@@ -143,7 +146,8 @@ check_least_privilege() {
   expect_cannot create pods -n "$NS"
   expect_cannot delete deepseekdeployments.serving.deepseek-operator.io -n "$NS"
   expect_cannot patch deepseekdeployments.serving.deepseek-operator.io -n "$NS"
-  expect_cannot create persistentvolumeclaims -n "$NS"
+  expect_cannot patch persistentvolumeclaims -n "$NS"
+  expect_cannot patch jobs.batch -n "$NS"
   expect_cannot patch nodes
   expect_cannot create clusterroles.rbac.authorization.k8s.io
   expect_cannot create clusterrolebindings.rbac.authorization.k8s.io
@@ -321,10 +325,52 @@ for object in $owned_objects; do wait_for 60 "$object to be collected" absent -n
 wait_for "$pod_gone_s" "the worker pods to go" no_pods "$NS"
 
 # ============================================================================================
-say "H100 + A100 sample: pods only on their pool's nodes, with their GPUs and tolerations"
+# This cluster has no storage provisioner: a model cache claim gets a PersistentVolume made
+# for it, as a provisioner would (kwok's nodes mount nothing, so the hostPath is never used).
+bind_volume() { # bind_volume NAMESPACE CLAIM
+  kubectl delete pv "$1-$2" --ignore-not-found >/dev/null
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $1-$2}
+spec:
+  capacity: {storage: 1Ti}
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  hostPath: {path: /var/lib/$1/$2}
+  claimRef: {namespace: $1, name: $2}
+YAML
+}
+model_cache() { jsonpath -n "$1" get dsd "$2" -o jsonpath='{.status.model.claimName}'; }
+model_cache_is_not() { local claim; claim=$(model_cache "$1" "$2"); [ -n "$claim" ] && [ "$claim" != "$3" ]; }
+bind_model_cache() { # bind_model_cache NAMESPACE DEPLOYMENT
+  wait_for 60 "$2's model cache claim" model_cache_is_not "$1" "$2" ""
+  bind_volume "$1" "$(model_cache "$1" "$2")"
+}
+model_says() { # model_says NAMESPACE DEPLOYMENT TEXT: ModelReady's message contains TEXT
+  jsonpath -n "$1" get dsd "$2" -o jsonpath='{.status.conditions[?(@.type=="ModelReady")].message}' | grep -q -- "$3"
+}
+claims_mounted() { # the claims the groups' model volumes name, sorted and unique
+  jsonpath -n "$1" get statefulsets -l app.kubernetes.io/component=worker \
+    -o jsonpath='{range .items[*]}{.spec.template.spec.volumes[?(@.name=="model")].persistentVolumeClaim.claimName}{"\n"}{end}' | sort -u
+}
+
+say "H100 + A100 sample: the model downloads once, into a cache claim, before any group starts"
 restricted_namespace "$FLAGSHIP"
 sample deepseek-v3-h100-a100 "$FLAGSHIP" | kubectl apply -f - >/dev/null
+wait_for 60 "ModelReady: Downloading" reason_is "$FLAGSHIP" deepseek-v3 ModelReady "False Downloading"
+cache=$(model_cache "$FLAGSHIP" deepseek-v3)
+kubectl -n "$FLAGSHIP" get "job/$cache" "pvc/$cache" >/dev/null || fail "no download Job and claim $cache"
+# Without a volume the download's pod is not scheduled, and the status says why.
+wait_for 60 "the download to wait for its claim" model_says "$FLAGSHIP" deepseek-v3 "unbound immediate PersistentVolumeClaims"
+reason_is "$FLAGSHIP" deepseek-v3 Ready "False Downloading" || fail "Ready: $(condition "$FLAGSHIP" deepseek-v3 Ready)"
+[ -z "$(jsonpath -n "$FLAGSHIP" get statefulsets -o name)" ] || fail "groups created before the model was downloaded"
+bind_volume "$FLAGSHIP" "$cache"
+wait_for 60 "ModelReady: Downloaded" reason_is "$FLAGSHIP" deepseek-v3 ModelReady "True Downloaded"
+
+say "H100 + A100 sample: pods only on their pool's nodes, with their GPUs and tolerations"
 wait_for 120 "deepseek-v3 to be Ready" ready_is "$FLAGSHIP" deepseek-v3 True
+[ "$(claims_mounted "$FLAGSHIP")" = "$cache" ] || fail "the groups mount $(claims_mounted "$FLAGSHIP"), not $cache"
 summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:1/1" \
   || fail "pool summary: $(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.poolSummary}')"
 placements=$(kubectl -n "$FLAGSHIP" get pods -l app.kubernetes.io/component=worker -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.serving\.deepseek-operator\.io/pool} {.spec.nodeName} {.spec.containers[0].resources.requests.nvidia\.com/gpu}{"\n"}{end}')
@@ -338,6 +384,23 @@ while read -r pod pool node gpus; do
 done <<<"$placements"
 kubectl -n "$FLAGSHIP" get events --field-selector reason=FailedCreate -o jsonpath='{.items[*].message}' \
   | grep -q PodSecurity && fail "restricted Pod Security refused a pod of the H100+A100 sample"
+
+say "a new revision downloads beside the old; the groups move once it is there; the old cache goes"
+kubectl -n "$FLAGSHIP" patch dsd deepseek-v3 --type merge \
+  -p '{"spec":{"model":{"source":{"huggingFace":{"revision":"v3.1"}}}}}' >/dev/null
+wait_for 60 "the new revision's cache claim" model_cache_is_not "$FLAGSHIP" deepseek-v3 "$cache"
+next_cache=$(model_cache "$FLAGSHIP" deepseek-v3)
+wait_for 60 "the new revision to download" model_says "$FLAGSHIP" deepseek-v3 "unbound immediate PersistentVolumeClaims"
+ready_is "$FLAGSHIP" deepseek-v3 True || fail "the groups stopped serving while the new revision downloads"
+[ "$(claims_mounted "$FLAGSHIP")" = "$cache" ] || fail "the groups left $cache before $next_cache was there"
+bind_volume "$FLAGSHIP" "$next_cache"
+wait_for 60 "ModelReady: Downloaded" reason_is "$FLAGSHIP" deepseek-v3 ModelReady "True Downloaded"
+mounts_only() { [ "$(claims_mounted "$1")" = "$2" ]; }
+wait_for 30 "the groups to mount $next_cache" mounts_only "$FLAGSHIP" "$next_cache"
+wait_for 240 "the rollout to the new revision" reason_is "$FLAGSHIP" deepseek-v3 Progressing "False Complete"
+wait_for 120 "the old cache claim to go" absent -n "$FLAGSHIP" get pvc "$cache"
+absent -n "$FLAGSHIP" get job "$cache" || fail "the old revision's download Job is still there"
+ready_is "$FLAGSHIP" deepseek-v3 True || fail "not Ready after the rollout: $(condition "$FLAGSHIP" deepseek-v3 Ready)"
 kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
 wait_for "$pod_gone_s" "the H100+A100 pods to go" no_pods "$FLAGSHIP"
 
@@ -350,7 +413,7 @@ case "$message" in
   *"spec.pools[h100]: the model does not fit a rank's NVIDIA-H100-80GB-HBM3"*"KV cache 0 tokens"*) ;;
   *) fail "the refusal does not give the plan: $message" ;;
 esac
-[ -z "$(jsonpath -n "$FLAGSHIP" get statefulsets -o name)" ] || fail "objects created for a pool that does not fit"
+[ -z "$(jsonpath -n "$FLAGSHIP" get statefulsets,jobs,pvc -o name)" ] || fail "objects created for a pool that does not fit"
 kubectl -n "$FLAGSHIP" get events --field-selector reason=InsufficientGpuMemory -o name | grep -q . \
   || fail "no InsufficientGpuMemory Event"
 kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
@@ -360,6 +423,7 @@ say "a pool with no nodes it may use is reported Unschedulable while the other s
 sample deepseek-v3-h100-a100 "$FLAGSHIP" \
   | python3 -c 'import sys; text = sys.stdin.read(); start = text.index("      tolerations:"); end = text.index("  router:"); print(text[:start] + text[end:], end="")' \
   | kubectl apply -f - >/dev/null
+bind_model_cache "$FLAGSHIP" deepseek-v3
 wait_for 120 "Degraded: Unschedulable" reason_is "$FLAGSHIP" deepseek-v3 Degraded "True Unschedulable"
 wait_for 60 "the H100 pool to serve" summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:0/1"
 ready_is "$FLAGSHIP" deepseek-v3 False || fail "Ready with a pool unschedulable"
@@ -373,6 +437,7 @@ wait_for "$pod_gone_s" "the last sample's pods to go" no_pods "$FLAGSHIP"
 sample deepseek-v3-h100-a100 "$FLAGSHIP" \
   | sed 's/^  parallelism:/  replicas: 3\n  spillAfterSeconds: 10\n  parallelism:/' \
   | kubectl apply -f - >/dev/null
+bind_model_cache "$FLAGSHIP" deepseek-v3
 wait_for 150 "the third group to go to the A100 pool" summary_is "$FLAGSHIP" deepseek-v3 "h100:2/2 a100:1/1"
 [ "$(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.pools[0].fullAt}')" = 2 ] \
   || fail "status.pools[h100].fullAt: $(kubectl -n "$FLAGSHIP" get dsd deepseek-v3 -o jsonpath='{.status.pools}')"

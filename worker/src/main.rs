@@ -184,7 +184,10 @@ fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
         parallel: args.parallel,
     };
     let downloaded = with_progress(|progress| async move { download(&config, &progress).await })?;
-    println!("{}", serde_json::to_string(&downloaded)?);
+    let summary = serde_json::to_string(&downloaded)?;
+    println!("{summary}");
+    // The operator reads the commit from there.
+    termination_message(&summary);
     Ok(())
 }
 
@@ -212,8 +215,10 @@ fn local_model(model: &Path) -> anyhow::Result<PathBuf> {
         repo,
         revision,
         dir: PathBuf::new(),
-        // What serving reads: the config, the tokenizer, the weights.
-        include: vec!["*.json".into(), "*.safetensors".into()],
+        include: deepseek_proto::pod::CHECKPOINT_FILES
+            .iter()
+            .map(|glob| glob.to_string())
+            .collect(),
         parallel: 8,
     };
     let (dir, _) =
@@ -264,9 +269,14 @@ where
 /// In a pod, why the worker stopped, where Kubernetes shows it in the pod's status (the
 /// container's termination message) and the operator in the deployment's.
 fn record_for_kubernetes(err: &anyhow::Error) {
+    termination_message(&format!("{err:#}"));
+}
+
+/// Writes the container's termination message, in a pod (elsewhere there is no such file).
+fn termination_message(text: &str) {
     let path = std::path::Path::new("/dev/termination-log");
     if path.exists() {
-        let _ = std::fs::write(path, format!("{err:#}"));
+        let _ = std::fs::write(path, text);
     }
 }
 

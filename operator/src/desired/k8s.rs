@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, PodSecurityContext,
-    Probe, ResourceRequirements, SeccompProfile, SecurityContext, ServicePort, Volume, VolumeMount,
+    Capabilities, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, HTTPGetAction,
+    PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServicePort, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -29,6 +30,16 @@ pub(super) fn restricted_pod() -> PodSecurityContext {
 }
 
 /// The Pod Security "restricted" container profile.
+/// A pod that needs no API access and no Service environment, under the restricted profile.
+pub(super) fn locked_down_pod() -> PodSpec {
+    PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(restricted_pod()),
+        ..Default::default()
+    }
+}
+
 pub(super) fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -48,6 +59,20 @@ pub(super) fn grpc_probe(port: i32, service: Option<&str>, period: i32, failures
         grpc: Some(GRPCAction {
             port,
             service: service.map(str::to_string),
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// An HTTP GET probe of `path` on `port`.
+pub(super) fn http_probe(port: i32, path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            port: IntOrString::Int(port),
+            path: Some(path.into()),
+            ..Default::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),

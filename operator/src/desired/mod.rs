@@ -3,10 +3,11 @@
 //! Per pool × group: a StatefulSet of ranks and its PodDisruptionBudget (`workers`), its
 //! headless Service (peer discovery) and NetworkPolicy (`network`). Per pool: the placement
 //! ConfigMap (`placement`). Per deployment: the router Deployment, Service and its discovery
-//! RBAC (`router`). Nothing here does I/O.
+//! RBAC (`router`), and for a `huggingFace` source the model cache claim and the Job that
+//! downloads into it (`model`). Nothing here does I/O.
 
 mod k8s;
-mod model;
+pub mod model;
 mod network;
 mod placement;
 mod router;
@@ -15,7 +16,10 @@ mod workers;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, PodTemplateSpec, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -41,8 +45,31 @@ pub struct Desired {
     pub pod_disruption_budgets: Vec<PodDisruptionBudget>,
     pub network_policies: Vec<NetworkPolicy>,
     pub deployments: Vec<Deployment>,
+    /// The model cache of a `huggingFace` source (created once, never updated).
+    pub model_cache: Option<ModelCache>,
+    /// No group objects: the first download has not finished. The groups that exist (from
+    /// before the operator managed a cache) are left as they are.
+    pub groups_wait_for_model: bool,
 }
 
+/// The spec revision's model cache claim and the Job that fills it.
+#[derive(Clone, Debug)]
+pub struct ModelCache {
+    pub claim: PersistentVolumeClaim,
+    pub job: Job,
+}
+
+/// Which claim the workers of a `huggingFace` source mount.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ModelMount {
+    /// The spec revision's cache: its download succeeded (or, offline, is assumed to).
+    #[default]
+    Wanted,
+    /// This earlier revision's cache, which the groups keep while the spec's downloads.
+    Previous(String),
+    /// None yet: groups wait for the first download.
+    NotYet,
+}
 /// Tokens routed to each expert: layer → count per expert.
 pub type ExpertLoad = BTreeMap<u32, Vec<u64>>;
 
@@ -57,6 +84,8 @@ pub struct Surroundings {
     pub metrics_namespace: Option<String>,
     /// Pools found full, by name: the groups each holds (`status::full_pools`).
     pub full_pools: BTreeMap<String, i32>,
+    /// Which model cache the workers mount (`model_cache::state`).
+    pub model_mount: ModelMount,
 }
 
 impl DeepSeekDeployment {
@@ -72,13 +101,23 @@ impl DeepSeekDeployment {
         let pools = resolve::resolve(self, &surroundings.full_pools)?;
         let mut ctx = Ctx::new(self);
         ctx.metrics_namespace = surroundings.metrics_namespace.clone();
-        let mut out = Desired::default();
+        ctx.model_mount = surroundings.model_mount.clone();
+        let mut out = Desired {
+            model_cache: ctx.model_cache(),
+            groups_wait_for_model: ctx.model_mount == ModelMount::NotYet,
+            ..Default::default()
+        };
         for pool in pools {
             let plan_json = ctx.placement_plan_json(&pool, load);
             let revision = revision_hash(&ctx.pod_template(&pool, 0, None), &plan_json);
             out.config_maps
                 .push(ctx.placement_config_map(&pool, plan_json));
-            for group in 0..pool.replicas {
+            let groups = if out.groups_wait_for_model {
+                0
+            } else {
+                pool.replicas
+            };
+            for group in 0..groups {
                 out.services.push(ctx.group_service(&pool, group));
                 out.stateful_sets
                     .push(ctx.group_stateful_set(&pool, group, &revision));
@@ -97,7 +136,15 @@ impl DeepSeekDeployment {
         let ns = self.namespace().unwrap_or_else(|| "default".into());
         Endpoints {
             grpc: format!("{router}.{ns}.svc:{}", self.spec.router.grpc_port),
-            http: format!("http://{router}.{ns}.svc:{}", self.spec.router.http_port),
+            http: format!(
+                "{}://{router}.{ns}.svc:{}",
+                if self.spec.router.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                self.spec.router.http_port
+            ),
         }
     }
 }
@@ -112,6 +159,10 @@ impl Desired {
             }
         }
         let mut out = String::new();
+        if let Some(cache) = &self.model_cache {
+            docs(&mut out, std::slice::from_ref(&cache.claim));
+            docs(&mut out, std::slice::from_ref(&cache.job));
+        }
         docs(&mut out, &self.service_accounts);
         docs(&mut out, &self.roles);
         docs(&mut out, &self.role_bindings);
@@ -133,6 +184,7 @@ struct Ctx<'a> {
     namespace: String,
     owner: Option<OwnerReference>,
     metrics_namespace: Option<String>,
+    model_mount: ModelMount,
 }
 
 impl<'a> Ctx<'a> {
@@ -144,6 +196,7 @@ impl<'a> Ctx<'a> {
             // Without a uid (rendering offline) there is nothing to own the objects yet.
             owner: dsd.controller_owner_ref(&()),
             metrics_namespace: None,
+            model_mount: ModelMount::default(),
         }
     }
 

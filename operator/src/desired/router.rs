@@ -12,7 +12,7 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::k8s::{
-    container_port, grpc_probe, label_selector, read_only_mount, requests, restricted,
+    container_port, http_probe, label_selector, read_only_mount, requests, restricted,
     restricted_pod, service_port,
 };
 use super::{Ctx, Desired};
@@ -84,8 +84,20 @@ impl Ctx<'_> {
 
     fn router_deployment(&self, name: String, labels: BTreeMap<String, String>) -> Deployment {
         let router = &self.dsd.spec.router;
-        let api_keys = router.api_keys_secret.as_deref().map(api_keys_volume);
-        let container = self.router_container(api_keys.as_ref().map(|(_, mount)| mount.clone()));
+        let secrets: Vec<(Volume, VolumeMount)> = [
+            router.api_keys_secret.as_deref().map(|secret| {
+                secret_volume("api-keys", secret, &[ROUTER_KEYS_ENTRY], ROUTER_KEYS_DIR)
+            }),
+            router.tls.as_ref().map(|tls| {
+                let entries = [TLS_CERT_ENTRY, TLS_KEY_ENTRY];
+                secret_volume("tls", &tls.secret_name, &entries, ROUTER_TLS_DIR)
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let container = self.router_container(secrets.iter().map(|(_, m)| m.clone()).collect());
+        let volumes: Vec<Volume> = secrets.into_iter().map(|(volume, _)| volume).collect();
         let mut pod_labels = labels.clone();
         pod_labels.extend(router_selector(&self.name));
         Deployment {
@@ -103,7 +115,7 @@ impl Ctx<'_> {
                         enable_service_links: Some(false),
                         security_context: Some(restricted_pod()),
                         containers: vec![container],
-                        volumes: api_keys.map(|(volume, _)| vec![volume]),
+                        volumes: (!volumes.is_empty()).then_some(volumes),
                         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
                             max_skew: 1,
                             topology_key: "kubernetes.io/hostname".into(),
@@ -121,14 +133,22 @@ impl Ctx<'_> {
         }
     }
 
-    /// `api_keys`: where the API keys file is mounted, if there is one.
-    fn router_container(&self, api_keys: Option<VolumeMount>) -> Container {
+    /// `mounts`: the Secrets it reads (API keys, its certificate).
+    fn router_container(&self, mounts: Vec<VolumeMount>) -> Container {
         let router = &self.dsd.spec.router;
         let mut args = self.router_args();
-        if api_keys.is_some() {
+        if router.api_keys_secret.is_some() {
             args.extend([
                 "--api-keys-file".to_string(),
                 format!("{ROUTER_KEYS_DIR}/{ROUTER_KEYS_ENTRY}"),
+            ]);
+        }
+        if router.tls.is_some() {
+            args.extend([
+                "--tls-cert".to_string(),
+                format!("{ROUTER_TLS_DIR}/{TLS_CERT_ENTRY}"),
+                "--tls-key".to_string(),
+                format!("{ROUTER_TLS_DIR}/{TLS_KEY_ENTRY}"),
             ]);
         }
         Container {
@@ -151,10 +171,11 @@ impl Ctx<'_> {
                     .clone()
                     .unwrap_or_else(|| requests(&[("cpu", "500m"), ("memory", "256Mi")])),
             ),
-            liveness_probe: Some(grpc_probe(router.grpc_port, Some(LIVENESS_SERVICE), 10, 3)),
-            readiness_probe: Some(grpc_probe(router.grpc_port, None, 5, 2)),
+            // On the plaintext metrics port: the kubelet's gRPC probes speak no TLS.
+            liveness_probe: Some(http_probe(METRICS_PORT, "/health", 10, 3)),
+            readiness_probe: Some(http_probe(METRICS_PORT, "/ready", 5, 2)),
             security_context: Some(restricted()),
-            volume_mounts: api_keys.map(|mount| vec![mount]),
+            volume_mounts: (!mounts.is_empty()).then_some(mounts),
             ..Default::default()
         }
     }
@@ -196,22 +217,28 @@ impl Ctx<'_> {
 }
 
 /// API keys from a Secret, mounted read-only as a file the router reads at start.
-fn api_keys_volume(secret: &str) -> (Volume, VolumeMount) {
+/// The Secret's `entries`, mounted read-only at `dir` (so a renewed Secret shows there).
+fn secret_volume(volume: &str, secret: &str, entries: &[&str], dir: &str) -> (Volume, VolumeMount) {
     (
         Volume {
-            name: "api-keys".into(),
+            name: volume.into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.into()),
-                items: Some(vec![KeyToPath {
-                    key: ROUTER_KEYS_ENTRY.into(),
-                    path: ROUTER_KEYS_ENTRY.into(),
-                    ..Default::default()
-                }]),
+                items: Some(
+                    entries
+                        .iter()
+                        .map(|entry| KeyToPath {
+                            key: entry.to_string(),
+                            path: entry.to_string(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
                 ..Default::default()
             }),
             ..Default::default()
         },
-        read_only_mount("api-keys", ROUTER_KEYS_DIR),
+        read_only_mount(volume, dir),
     )
 }
 

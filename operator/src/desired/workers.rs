@@ -17,8 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::k8s::{
-    container_port, empty_dir, env_var, grpc_probe, label_selector, read_only_mount, requests,
-    restricted, restricted_pod, volume_mount,
+    container_port, empty_dir, env_var, grpc_probe, label_selector, locked_down_pod,
+    read_only_mount, requests, restricted, volume_mount,
 };
 use super::{Ctx, dtype_name, ep_port_name};
 use crate::names::*;
@@ -98,10 +98,6 @@ impl Ctx<'_> {
                 ..Default::default()
             }),
             spec: Some(PodSpec {
-                automount_service_account_token: Some(false),
-                enable_service_links: Some(false),
-                security_context: Some(restricted_pod()),
-                init_containers: model.init_container.map(|c| vec![c]),
                 containers: vec![self.worker_container(pool, group, &model.path)],
                 node_selector: (!node_selector.is_empty()).then_some(node_selector),
                 tolerations: tolerations(pool),
@@ -109,7 +105,7 @@ impl Ctx<'_> {
                 topology_spread_constraints: Some(vec![self.rank_spread(pool, group)]),
                 termination_grace_period_seconds: Some(60),
                 volumes: Some(self.worker_volumes(pool, model.volume)),
-                ..Default::default()
+                ..locked_down_pod()
             }),
         }
     }
@@ -163,16 +159,14 @@ impl Ctx<'_> {
         }
     }
 
+    pub(super) fn worker_image(&self) -> String {
+        (self.dsd.spec.worker.image.clone()).unwrap_or_else(|| default_image("deepseek-worker"))
+    }
+
     fn worker_container(&self, pool: &ResolvedPool, group: i32, model_path: &str) -> Container {
-        let worker = &self.dsd.spec.worker;
         Container {
             name: "worker".into(),
-            image: Some(
-                worker
-                    .image
-                    .clone()
-                    .unwrap_or_else(|| default_image("deepseek-worker")),
-            ),
+            image: Some(self.worker_image()),
             args: Some(vec!["serve".into()]),
             env: Some(self.worker_env(pool, group, model_path)),
             ports: Some(worker_ports(pool)),

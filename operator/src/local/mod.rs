@@ -34,7 +34,9 @@ pub enum LocalError {
     #[error("{0}")]
     Unsupported(String),
     #[error(
-        "spec.model.source.pvc: claim {claim:?} has no local directory; give --pvc {claim}=DIR"
+        "the model volume's claim {claim:?} has no local directory; give --pvc {claim}=DIR \
+         (for a huggingFace source, DIR/checkpoint holds the checkpoint: \
+         `deepseek-worker download --repo OWNER/NAME --dir DIR/checkpoint` fetches it)"
     )]
     UnmappedClaim { claim: String },
     #[error(
@@ -229,9 +231,7 @@ fn model_dir(pod: &PodSpec, volumes: &LocalVolumes) -> Result<PathBuf, LocalErro
         .ok_or_else(|| LocalError::Unsupported("the pod template has no model volume".into()))?;
     let Some(claim) = &model.persistent_volume_claim else {
         return Err(LocalError::Unsupported(
-            "spec.model.source.huggingFace: run-local serves a local copy; download it and \
-             use a pvc source with --pvc CLAIM=DIR"
-                .into(),
+            "the pod template's model volume is not a claim".into(),
         ));
     };
     volumes
@@ -329,6 +329,11 @@ pub fn router_process(
         "--backends-file",
         Some(backends_file.display().to_string()),
     );
+    if flag_value(&args, "--tls-cert").is_some() {
+        return Err(LocalError::Unsupported(
+            "spec.router.tls: run-local serves plaintext on loopback; leave it out here".into(),
+        ));
+    }
     let keys_flag = "--api-keys-file";
     if flag_value(&args, keys_flag).is_some_and(|v| v.starts_with(ROUTER_KEYS_DIR)) {
         let file = volumes.api_keys_file.as_ref().ok_or_else(|| {

@@ -135,7 +135,7 @@ fn what_needs_a_cluster_is_refused_by_name() {
     let err = group(&v3, 0, &mut (0..64).collect())
         .unwrap_err()
         .to_string();
-    assert!(err.starts_with("spec.model.source.huggingFace"), "{err}");
+    assert!(err.contains("--pvc deepseek-v3-model-"), "{err}");
 
     let mut other_claim = parse(TWO_POOLS);
     other_claim
@@ -193,6 +193,14 @@ fn the_router_reads_a_backends_file_on_local_ports() {
     let (router, _) =
         router_process(&desired, &with_file, Path::new("/b"), &mut counter()).unwrap();
     assert!(router.args.join(" ").contains("--api-keys-file /keys"));
+
+    let mut tls = dsd.clone();
+    tls.spec.router.tls = Some(crate::api::RouterTls {
+        secret_name: "cert".into(),
+    });
+    let desired = tls.desired().unwrap();
+    let err = router_process(&desired, &volumes(), Path::new("/b"), &mut counter()).unwrap_err();
+    assert!(err.to_string().starts_with("spec.router.tls"), "{err}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use deepseek_operator::api::{DeepSeekDeployment, Dtype};
-use deepseek_operator::desired::Desired;
+use deepseek_operator::desired::{Desired, ModelMount, Surroundings};
 use deepseek_operator::names::*;
 use deepseek_operator::resolve::pool_replicas;
 use deepseek_proto::placement::{PLAN_FILE, PlacementPlan};
@@ -259,12 +259,34 @@ fn pods_run_restricted_with_grpc_probes_and_shared_memory() {
 }
 
 #[test]
-fn hugging_face_models_download_in_an_init_container_with_the_token_secret() {
-    let d = desired(&v3());
-    let spec = pod_spec(sts(&d, "deepseek-v3-h100-g0"));
-    let init = &spec.init_containers.as_ref().unwrap()[0];
-    assert_eq!(env(init, "HF_REPO"), Some("deepseek-ai/DeepSeek-V3"));
-    let token = init
+fn hugging_face_models_download_once_per_revision_into_a_claim_the_workers_mount() {
+    let dsd = v3();
+    let d = desired(&dsd);
+    let cache = d.model_cache.as_ref().unwrap();
+    let name = cache.claim.metadata.name.clone().unwrap();
+    assert!(name.starts_with("deepseek-v3-model-"), "{name}");
+    assert_eq!(cache.job.metadata.name.as_deref(), Some(name.as_str()));
+    let claim = cache.claim.spec.as_ref().unwrap();
+    assert_eq!(claim.access_modes, Some(vec!["ReadWriteMany".to_string()]));
+    assert_eq!(
+        claim.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+        "800Gi"
+    );
+
+    // The Job runs the worker image's downloader into the claim, with the token secret.
+    let job = cache.job.spec.as_ref().unwrap();
+    let pod = job.template.spec.as_ref().unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    let download = &pod.containers[0];
+    assert_eq!(
+        download.image,
+        pod_spec(sts(&d, "deepseek-v3-h100-g0")).containers[0].image
+    );
+    assert_eq!(
+        download.args.as_ref().unwrap()[..7].join(" "),
+        "download --repo deepseek-ai/DeepSeek-V3 --revision main --dir /models/checkpoint"
+    );
+    let token = download
         .env
         .as_ref()
         .unwrap()
@@ -282,7 +304,67 @@ fn hugging_face_models_download_in_an_init_container_with_the_token_secret() {
         (secret.name.as_str(), secret.key.as_str()),
         ("hf-token", "token")
     );
-    assert_eq!(env(&spec.containers[0], "DSD_MODEL"), Some("/models/model"));
+
+    // The workers mount it read-only, with no download of their own.
+    let spec = pod_spec(sts(&d, "deepseek-v3-h100-g0"));
+    assert!(spec.init_containers.is_none());
+    assert_eq!(model_claim(spec), (name.as_str(), true));
+    assert_eq!(
+        env(&spec.containers[0], "DSD_MODEL"),
+        Some("/models/checkpoint")
+    );
+
+    // Another revision is another cache.
+    let mut next = dsd.clone();
+    next.spec
+        .model
+        .source
+        .hugging_face
+        .as_mut()
+        .unwrap()
+        .revision = "v3.1".into();
+    let next_name = desired(&next)
+        .model_cache
+        .unwrap()
+        .claim
+        .metadata
+        .name
+        .unwrap();
+    assert_ne!(next_name, name);
+
+    // While it downloads, the groups keep the claim they mount.
+    let keep = next
+        .desired_in(&Surroundings {
+            model_mount: ModelMount::Previous(name.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    let spec = pod_spec(sts(&keep, "deepseek-v3-h100-g0"));
+    assert_eq!(model_claim(spec), (name.as_str(), true));
+
+    // At the first download there are no groups yet, but the pools and the router are there.
+    let waiting = dsd
+        .desired_in(&Surroundings {
+            model_mount: ModelMount::NotYet,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(waiting.groups_wait_for_model && waiting.stateful_sets.is_empty());
+    assert_eq!(waiting.pools.len(), 2);
+    assert!(waiting.model_cache.is_some() && !waiting.deployments.is_empty());
+}
+
+fn model_claim(spec: &PodSpec) -> (&str, bool) {
+    let claim = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "model")
+        .unwrap()
+        .persistent_volume_claim
+        .as_ref()
+        .unwrap();
+    (claim.claim_name.as_str(), claim.read_only == Some(true))
 }
 
 #[test]
@@ -424,7 +506,7 @@ fn every_object_is_owned_and_labelled() {
         .filter(|s| !s.trim().is_empty())
         .map(|s| serde_yaml::from_str(s).unwrap())
         .collect();
-    assert_eq!(docs.len(), 3 + 2 + 3 * 4 + 1 + 1);
+    assert_eq!(docs.len(), 2 + 3 + 2 + 3 * 4 + 1 + 1);
     for doc in &docs {
         let meta = &doc["metadata"];
         let owner = &meta["ownerReferences"][0];
@@ -627,6 +709,60 @@ fn an_api_keys_secret_is_mounted_and_passed_to_the_router() {
     assert_eq!(secret.items.unwrap()[0].key, "api-keys");
     // Without the field the router takes no keys and mounts nothing.
     assert!(router_pod(&desired(&v3())).volumes.is_none());
+}
+
+#[test]
+fn a_tls_secret_makes_the_router_serve_tls_beside_its_keys_with_http_probes() {
+    let mut dsd = v3();
+    dsd.spec.router.api_keys_secret = Some("deepseek-api-keys".into());
+    dsd.spec.router.tls = Some(deepseek_operator::api::RouterTls {
+        secret_name: "deepseek-router-cert".into(),
+    });
+    let d = desired(&dsd);
+    let pod = router_pod(&d);
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap().join(" ");
+    assert!(
+        args.contains(
+            "--tls-cert /etc/deepseek-router-tls/tls.crt --tls-key /etc/deepseek-router-tls/tls.key"
+        ),
+        "{args}"
+    );
+    let mounts: Vec<(&str, &str)> = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("api-keys", "/etc/deepseek-router"),
+            ("tls", "/etc/deepseek-router-tls")
+        ]
+    );
+    let tls = pod.volumes.as_ref().unwrap()[1].secret.clone().unwrap();
+    assert_eq!(tls.secret_name.as_deref(), Some("deepseek-router-cert"));
+    let entries: Vec<String> = tls.items.unwrap().into_iter().map(|i| i.key).collect();
+    assert_eq!(entries, ["tls.crt", "tls.key"]);
+    // The kubelet's gRPC probes speak no TLS: the probes use the plaintext metrics port.
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = p.as_ref().unwrap().http_get.clone().unwrap();
+        (get.path.unwrap(), get.port)
+    };
+    let metrics = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9090);
+    assert_eq!(
+        probe(&container.readiness_probe),
+        ("/ready".into(), metrics.clone())
+    );
+    assert_eq!(
+        probe(&container.liveness_probe),
+        ("/health".into(), metrics)
+    );
+    assert_eq!(
+        dsd.endpoints().http,
+        "https://deepseek-v3-router.inference.svc:8000"
+    );
 }
 
 #[test]

@@ -7,5 +7,6 @@ mod desired;
 mod fixtures;
 mod images;
 mod metrics;
+mod model_cache;
 mod pod_contract;
 mod status;

@@ -28,6 +28,7 @@ fn compute(dsd: &DeepSeekDeployment, pods: Vec<Pod>) -> DeepSeekDeploymentStatus
         stateful_sets: groups(existing),
         pods,
         router: Some(available_router()),
+        model: None,
     };
     status::compute(dsd, Ok(&desired), &observed, &now())
 }
@@ -295,6 +296,7 @@ fn transition_times_only_move_when_a_condition_flips() {
         stateful_sets: groups(3),
         pods: all_ready_pods(&dsd),
         router: Some(available_router()),
+        model: None,
     };
     let again = status::compute(&dsd, Ok(&desired), &observed, &later);
     assert_eq!(

@@ -98,6 +98,7 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
         },
         keys: ApiKeys::default(),
         served_name: None,
+        tls: None,
         health_interval: Duration::from_millis(50),
     }
 }
