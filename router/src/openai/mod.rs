@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -49,7 +49,28 @@ pub fn app(state: Arc<Http>) -> axum::Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").with_code("not_found")
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed here"),
+            )
+            .with_code("method_not_allowed")
+        })
         .with_state(state)
+}
+
+/// The request body, or an OpenAI error saying why it could not be read (too large, say).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Body)
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+    }
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response {
@@ -119,7 +140,7 @@ fn read_request<T: DeserializeOwned>(
 async fn chat_completions(
     State(http): State<Arc<Http>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let (key, common, request): (_, Common, ChatRequest) = read_request(&http, &headers, &body)?;
     refuse_alternatives("top_logprobs", request.top_logprobs)?;
@@ -141,7 +162,7 @@ async fn chat_completions(
 async fn completions(
     State(http): State<Arc<Http>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let (key, common, request): (_, Common, CompletionRequest) =
         read_request(&http, &headers, &body)?;

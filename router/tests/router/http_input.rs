@@ -71,6 +71,32 @@ async fn client_mistakes_get_openai_errors_naming_the_field() {
         assert!(error["error"]["message"].is_string(), "{text}");
         assert!(text.contains(says), "{body}: {text}");
     }
+    // Refused before a handler runs: a wrong method, a body past the limit (2 MiB).
+    let too_large = vec![b' '; 3 << 20];
+    for (method, path, body, status, says) in [
+        (
+            "GET",
+            "/v1/chat/completions",
+            &b""[..],
+            405,
+            "GET is not allowed here",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            &too_large[..],
+            413,
+            "length limit exceeded",
+        ),
+    ] {
+        let (got, text) = http(router.http, method, path, &[], body).await;
+        assert_eq!(got, status, "{method} {path}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(says),
+            "{text}"
+        );
+    }
     let (status, text) = http(router.http, "GET", "/v1/models", &[], b"").await;
     assert_eq!(status, 200);
     assert_eq!(
