@@ -80,6 +80,11 @@ pub struct DeepSeekDeploymentSpec {
     #[serde(default)]
     pub router: RouterSpec,
 
+    /// Mutual TLS between the router and the workers. Without it, that hop is plaintext
+    /// (the workers' NetworkPolicy still admits only the router).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_tls: Option<WorkerTls>,
+
     /// Settings for every worker rank (pools may override some of them).
     #[serde(default)]
     pub worker: WorkerSpec,
@@ -468,6 +473,19 @@ pub struct RouterSpec {
     /// Serve HTTPS and gRPC over TLS with this certificate. Without it, plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RouterTls>,
+}
+
+/// The certificate the router and the workers show each other.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerTls {
+    /// A Secret in this namespace with `ca.crt`, `tls.crt` and `tls.key`, such as a
+    /// cert-manager `Certificate` from a CA issuer of this deployment's own writes (usages
+    /// server auth and client auth). Each side accepts the other's certificate when that CA
+    /// signed it, whatever its names, so the CA must sign for nothing else. A renewed Secret
+    /// is used without a restart.
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
 }
 
 /// The router's serving certificate.

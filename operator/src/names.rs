@@ -31,6 +31,7 @@ pub const WORKER_GRPC_PORT: i32 = pod::GRPC_PORT as i32;
 /// First expert-parallel transport port; local rank `i` of a pod listens on `+ i`.
 pub const WORKER_EP_PORT: i32 = pod::EP_PORT as i32;
 pub const METRICS_PORT: i32 = pod::METRICS_PORT as i32;
+pub const WORKER_HEALTH_PORT: i32 = pod::HEALTH_PORT as i32;
 
 pub use pod::{LIVENESS_SERVICE, MODEL_MOUNT, PLACEMENT_MOUNT};
 /// The worker's kernel cache: on the pod's `/tmp` emptyDir, the one writable path.
@@ -45,6 +46,9 @@ pub const ROUTER_KEYS_ENTRY: &str = "api-keys";
 pub const ROUTER_TLS_DIR: &str = "/etc/deepseek-router-tls";
 pub const TLS_CERT_ENTRY: &str = "tls.crt";
 pub const TLS_KEY_ENTRY: &str = "tls.key";
+pub const TLS_CA_ENTRY: &str = "ca.crt";
+/// Where `spec.workerTls`'s Secret is mounted, in the workers and in the router.
+pub const WORKER_TLS_DIR: &str = "/etc/deepseek-worker-tls";
 
 /// Unprivileged uid/gid of every container (distroless `nonroot`).
 pub const RUN_AS: i64 = 65532;

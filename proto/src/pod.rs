@@ -37,6 +37,13 @@ pub mod env {
     pub const KERNEL_CACHE: &str = "DSD_KERNEL_CACHE";
     /// KV cache size as a fraction of the memory left once the weights are loaded.
     pub const KV_CACHE_FRACTION: &str = "DSD_KV_CACHE_FRACTION";
+    /// Mutual TLS on the gRPC port: the worker's certificate, its key, and the CA clients'
+    /// certificates must chain to.
+    pub const TLS_CERT: &str = "DSD_TLS_CERT";
+    pub const TLS_KEY: &str = "DSD_TLS_KEY";
+    pub const TLS_CLIENT_CA: &str = "DSD_TLS_CLIENT_CA";
+    /// Plaintext gRPC health only, for the kubelet's probes when the gRPC port wants TLS.
+    pub const HEALTH_LISTEN: &str = "DSD_HEALTH_LISTEN";
 }
 
 /// The worker's token budget of one scheduler step when `MAX_BATCH_TOKENS` is not set; the
@@ -48,6 +55,8 @@ pub const GRPC_PORT: u16 = 50051;
 pub const EP_PORT: u16 = 50061;
 /// Prometheus `/metrics`.
 pub const METRICS_PORT: u16 = 9090;
+/// Plaintext gRPC health (`HEALTH_LISTEN`), when the gRPC port wants mutual TLS.
+pub const HEALTH_PORT: u16 = 50052;
 /// The gRPC health service name the startup and liveness probes ask for: SERVING while the
 /// process runs, even when the group is down (readiness covers that), so a lost peer does
 /// not restart pods. The router answers it too.

@@ -9,6 +9,8 @@ use deepseek_proto::v1::GetLoadResponse;
 use deepseek_proto::v1::inference_client::InferenceClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::WorkerConnector;
+
 use crate::error::Error;
 use crate::routed::{RoutedChunks, capacity_chunks};
 
@@ -129,15 +131,19 @@ pub fn health_after(check: Check, healthy: bool, unanswered: u32) -> (bool, u32)
 }
 
 impl Backend {
-    pub fn new(spec: BackendSpec) -> Result<Self, Error> {
-        let channel = Endpoint::from_shared(format!("http://{}", spec.addr))
+    /// A backend reached in plaintext, or over mutual TLS through `tls`.
+    pub fn new(spec: BackendSpec, tls: Option<&WorkerConnector>) -> Result<Self, Error> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", spec.addr))
             .map_err(|source| Error::BackendAddr {
                 addr: spec.addr.clone(),
                 source,
             })?
             .connect_timeout(std::time::Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = match tls {
+            None => endpoint.connect_lazy(),
+            Some(connector) => endpoint.connect_with_connector_lazy(connector.clone()),
+        };
         Ok(Backend {
             client: InferenceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             channel,

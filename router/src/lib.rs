@@ -19,8 +19,6 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use deepseek_proto::serving::starting_health;
 use deepseek_proto::v1::inference_server::InferenceServer;
 
@@ -29,10 +27,8 @@ pub use crate::error::Error;
 use crate::auth::ApiKeys;
 use crate::backend::BackendSpec;
 use crate::proxy::{Router, RouterConfig};
-use crate::tls::{ServingCert, TlsListener};
-
-/// How often the serving certificate's files are read for a renewal.
-const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+use crate::tls::TlsListener;
+use deepseek_proto::tls::{self as shared_tls, Identity};
 
 /// Where the EndpointSlices of the workers are watched.
 pub struct Discovery {
@@ -60,7 +56,9 @@ pub struct RunConfig {
     pub served_name: Option<String>,
     pub health_interval: Duration,
     /// Serve gRPC and HTTP over TLS with this certificate (plaintext without).
-    pub tls: Option<Arc<ServingCert>>,
+    pub tls: Option<Arc<Identity>>,
+    /// The certificate the router shows workers (`routing.worker_tls`), reloaded here.
+    pub worker_identity: Option<Arc<Identity>>,
 }
 
 /// Serves gRPC, HTTP and (when given) metrics on the listeners until `shutdown` completes.
@@ -85,6 +83,9 @@ pub async fn serve(
     }
     if let Some(file) = config.backends_file {
         tokio::spawn(discovery::follow_file(file, router.clone()));
+    }
+    if let Some(identity) = config.worker_identity {
+        tokio::spawn(identity.follow());
     }
     let (reporter, health_service) = starting_health().await;
     tokio::spawn(health::watch(
@@ -121,7 +122,7 @@ pub async fn serve(
         Some(cert) => {
             let listener = TlsListener {
                 local: http.local_addr()?,
-                connections: tls::accept(http, cert.server_config(&[b"http/1.1"])),
+                connections: shared_tls::accept(http, cert.server_config(&[b"http/1.1"])),
             };
             Box::pin(
                 axum::serve(listener, http_app)
@@ -147,15 +148,11 @@ pub async fn serve(
             stopped(stop),
         )),
         Some(cert) => {
-            let connections = tls::accept(grpc, cert.server_config(&[b"h2"]));
-            tokio::spawn(cert.clone().follow(TLS_RELOAD_INTERVAL));
-            Box::pin(
-                grpc_routes.serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::ReceiverStream::new(connections)
-                        .map(Ok::<_, std::io::Error>),
-                    stopped(stop),
-                ),
-            )
+            tokio::spawn(cert.clone().follow());
+            Box::pin(grpc_routes.serve_with_incoming_shutdown(
+                shared_tls::incoming(grpc, cert.server_config(&[b"h2"])),
+                stopped(stop),
+            ))
         }
     };
     let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);

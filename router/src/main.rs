@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use deepseek_proto::serving::shutdown_signal;
+use deepseek_proto::tls::{Identity, TlsFiles};
 use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::backend::{BackendSpec, parse_backends_file};
 use deepseek_router::policy::Policy;
 use deepseek_router::proxy::RouterConfig;
-use deepseek_router::tls::{ServingCert, TlsFiles};
+use deepseek_router::tls::WorkerConnector;
 use deepseek_router::{BackendsFile, RunConfig, serve};
 
 #[derive(Parser, Debug)]
@@ -78,6 +79,17 @@ struct Cli {
     /// PEM private key of `--tls-cert`.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Reach the workers over mutual TLS: the CA (PEM) their certificates must chain to.
+    /// With `--worker-tls-cert` and `--worker-tls-key`, the router's own certificate, which
+    /// that CA signed. Read again when they change.
+    #[arg(long, requires_all = ["worker_tls_cert", "worker_tls_key"])]
+    worker_tls_ca: Option<PathBuf>,
+    /// PEM certificate the router presents to the workers.
+    #[arg(long, requires = "worker_tls_ca")]
+    worker_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--worker-tls-cert`.
+    #[arg(long, requires = "worker_tls_ca")]
+    worker_tls_key: Option<PathBuf>,
 }
 
 fn parse_pool(value: &str) -> Result<(String, u32), String> {
@@ -128,8 +140,30 @@ impl Cli {
         };
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(
-                ServingCert::load(TlsFiles { cert, key }).map_err(anyhow::Error::msg)?,
+                Identity::load(TlsFiles {
+                    cert,
+                    key,
+                    ca: None,
+                    flags: ["--tls-cert", "--tls-key", ""],
+                })
+                .map_err(anyhow::Error::msg)?,
             )),
+            _ => None,
+        };
+        let worker_tls = match (self.worker_tls_cert, self.worker_tls_key) {
+            (Some(cert), Some(key)) => {
+                let identity = Arc::new(
+                    Identity::load(TlsFiles {
+                        cert,
+                        key,
+                        ca: self.worker_tls_ca,
+                        flags: ["--worker-tls-cert", "--worker-tls-key", "--worker-tls-ca"],
+                    })
+                    .map_err(anyhow::Error::msg)?,
+                );
+                let config = identity.client_config(&[b"h2"]).expect("a CA is required");
+                Some((identity, WorkerConnector { config }))
+            }
             _ => None,
         };
         Ok((
@@ -144,11 +178,13 @@ impl Cli {
                     max_in_flight: self.max_in_flight.max(1),
                     max_attempts: self.max_attempts.max(1),
                     hold_for_backend: Duration::from_secs(self.hold_for_backend_seconds),
+                    worker_tls: worker_tls.as_ref().map(|(_, connector)| connector.clone()),
                 },
                 keys,
                 served_name: self.served_name,
                 health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
                 tls,
+                worker_identity: worker_tls.map(|(identity, _)| identity),
             },
             discovery,
         ))

@@ -227,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_page_has_a_gauge_per_pool() {
-        let backend = |spec: &str| Arc::new(Backend::new(spec.parse().unwrap()).unwrap());
+        let backend = |spec: &str| Arc::new(Backend::new(spec.parse().unwrap(), None).unwrap());
         let backends = [
             backend("pool=h100,addr=10.0.0.1:50051"),
             backend("pool=h100,addr=10.0.0.2:50051"),

@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::policy::{Picker, Policy, View, stable_hash};
 use crate::routed::chunk_names;
+use crate::tls::WorkerConnector;
 
 /// Bytes of the prompt that decide prefix affinity: enough for a system prompt's opening.
 const AFFINITY_PREFIX_BYTES: usize = 256;
@@ -43,6 +44,8 @@ pub struct RouterConfig {
     /// How long a request waits for a healthy backend when there is none (a deployment
     /// waking from zero groups); zero: UNAVAILABLE at once.
     pub hold_for_backend: Duration,
+    /// Mutual TLS to the workers; plaintext without.
+    pub worker_tls: Option<WorkerConnector>,
 }
 
 /// How often a held request looks for a healthy backend again.
@@ -128,7 +131,7 @@ impl Router {
             .map(
                 |spec| match current.backends.iter().find(|b| b.spec == spec) {
                     Some(kept) => Ok(kept.clone()),
-                    None => Backend::new(spec).map(Arc::new),
+                    None => Backend::new(spec, self.config.worker_tls.as_ref()).map(Arc::new),
                 },
             )
             .collect::<Result<Vec<_>, _>>()?;

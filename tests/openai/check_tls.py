@@ -1,7 +1,13 @@
-"""deepseek-router over TLS, with real clients: the official OpenAI client over HTTPS and a
-gRPC client over TLS, both trusting a test CA; plaintext and untrusting clients refused; the
-probes' endpoints on the metrics port; and the certificate rotated under load, as the kubelet
-rotates a mounted Secret (an atomic swap of the `..data` link), with no failed request.
+"""TLS with real clients and processes.
+
+The router's client ports: the official OpenAI client over HTTPS and a gRPC client over TLS,
+both trusting a test CA; plaintext and untrusting clients refused; the probes' endpoints on
+the metrics port; and the certificate rotated under load, as the kubelet rotates a mounted
+Secret (an atomic swap of the `..data` link), with no failed request.
+
+The router to the workers: mutual TLS with the deployment's CA. The worker refuses clients
+without a certificate or with one from another CA; the router, with its own, serves; the
+probes' plaintext health port answers and serves nothing else.
 
   python tests/openai/check_tls.py --bin-dir target/debug
 """
@@ -39,6 +45,13 @@ CA = str(FIXTURES / "ca.crt")
 
 def trusting_ca():
     return ssl.create_default_context(cafile=CA)
+
+
+def stop(procs):
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
 
 
 def secret_volume(root, name):
@@ -116,6 +129,58 @@ class Load:
             thread.join(timeout=120)
 
 
+def check_mutual_tls(bin_dir, pb, pb_grpc):
+    worker_port, health_port, grpc_port, http_port = free_port(), free_port(), free_port(), free_port()
+    pair = ["--tls-cert", str(FIXTURES / "router-b.crt"), "--tls-key", str(FIXTURES / "router-b.key")]
+    procs = [
+        subprocess.Popen([bin_dir / "deepseek-worker", "serve", "--listen", f"127.0.0.1:{worker_port}",
+                          "--health-listen", f"127.0.0.1:{health_port}", *pair, "--tls-client-ca", CA], cwd=ROOT),
+        subprocess.Popen([bin_dir / "deepseek-router", "--grpc-listen", f"127.0.0.1:{grpc_port}",
+                          "--http-listen", f"127.0.0.1:{http_port}", "--metrics-listen", "",
+                          "--backend", f"pool=cpu,addr=127.0.0.1:{worker_port}", "--health-interval-ms", "100",
+                          "--worker-tls-ca", CA, "--worker-tls-cert", str(FIXTURES / "router-a.crt"),
+                          "--worker-tls-key", str(FIXTURES / "router-a.key")], cwd=ROOT),
+    ]
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0)
+        wait_ready(client)
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3)
+        check(reply.usage.completion_tokens == 3, "the router reaches the worker over mutual TLS")
+
+        request = pb.GenerateRequest(text="Hi", stopping=pb.StoppingCriteria(max_new_tokens=1))
+        ca = pathlib.Path(CA).read_bytes()
+        for what, credentials in [
+            ("no client certificate", grpc.ssl_channel_credentials(root_certificates=ca)),
+            ("a client certificate from another CA", grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=(FIXTURES / "stranger.key").read_bytes(),
+                certificate_chain=(FIXTURES / "stranger.crt").read_bytes())),
+        ]:
+            with grpc.secure_channel(f"localhost:{worker_port}", credentials) as channel:
+                try:
+                    list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
+                    check(False, f"the worker refuses {what}")
+                except grpc.RpcError as e:
+                    check(e.code() == grpc.StatusCode.UNAVAILABLE, f"the worker refuses {what}")
+        with grpc.insecure_channel(f"127.0.0.1:{worker_port}") as channel:
+            try:
+                list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
+                check(False, "the worker refuses plaintext")
+            except grpc.RpcError as e:
+                check(e.code() == grpc.StatusCode.UNAVAILABLE, "the worker refuses plaintext")
+
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            answer = channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+            check(answer == b"\x08\x01", "the plaintext health port answers SERVING (probes)")
+            try:
+                list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
+                check(False, "the health port serves nothing else")
+            except grpc.RpcError as e:
+                check(e.code() == grpc.StatusCode.UNIMPLEMENTED, "the health port serves nothing else")
+    finally:
+        stop(procs)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", default=str(ROOT / "target/debug"))
@@ -185,11 +250,9 @@ def main():
         check(rotated, "the renewed certificate is served on both ports, without a restart")
         check(not load.errors and load.done >= 10,
               f"no failed request while it rotated ({load.done} done, errors: {load.errors[:3]})")
+        check_mutual_tls(bin_dir, pb, pb_grpc)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 

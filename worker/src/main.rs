@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
 use deepseek_proto::serving::shutdown_signal;
+use deepseek_proto::tls::{Identity, TlsFiles};
 use deepseek_worker::backend;
 use deepseek_worker::config::Config;
 use deepseek_worker::download::{
@@ -38,7 +39,8 @@ enum Command {
     /// Generate from one prompt and print the result as JSON.
     Generate(GenerateArgs),
     /// Serve the model over gRPC as ranks of an expert-parallel group.
-    Serve(rank::ServeArgs),
+    // Boxed: its flags outweigh the other commands' many times over.
+    Serve(Box<rank::ServeArgs>),
     /// Print an expert placement plan (JSON) for `serve --placement`: balanced from the
     /// tokens each expert was routed (the ranks' `/metrics`), or round-robin without them.
     Plan(PlanArgs),
@@ -165,7 +167,7 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => run_serve(args).inspect_err(record_for_kubernetes),
+        Command::Serve(args) => run_serve(*args).inspect_err(record_for_kubernetes),
         Command::Plan(args) => run_plan(args),
         Command::GpuCheck(args) => run_gpu_check(args),
         Command::Kernels(args) => run_kernels(args),
@@ -189,6 +191,23 @@ fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
     // The operator reads the commit from there.
     termination_message(&summary);
     Ok(())
+}
+
+/// The gRPC port's certificate, when `--tls-cert` is given (mutual TLS with
+/// `--tls-client-ca`).
+fn tls_identity(args: &rank::ServeArgs) -> anyhow::Result<Option<Arc<Identity>>> {
+    let (Some(cert), Some(key)) = (args.tls_cert.clone(), args.tls_key.clone()) else {
+        return Ok(None);
+    };
+    let files = TlsFiles {
+        cert,
+        key,
+        ca: args.tls_client_ca.clone(),
+        flags: ["--tls-cert", "--tls-key", "--tls-client-ca"],
+    };
+    Ok(Some(Arc::new(
+        Identity::load(files).map_err(anyhow::Error::msg)?,
+    )))
 }
 
 /// `HF_TOKEN`, never a flag: a flag shows in the process list.
@@ -453,6 +472,8 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         model_dir,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        tls: tls_identity(&args)?,
+        health_listen: args.health_listen,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
         scheduler: SchedulerConfig {
             max_batch_tokens,

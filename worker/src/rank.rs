@@ -65,6 +65,19 @@ pub struct ServeArgs {
     /// Address for Prometheus `/metrics` (not served when unset).
     #[arg(long, env = env::METRICS_LISTEN)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve gRPC over TLS with this PEM certificate (read again when it changes).
+    #[arg(long, env = env::TLS_CERT, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = env::TLS_KEY, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With `--tls-cert`: a client must present a certificate this CA (PEM) signed.
+    #[arg(long, env = env::TLS_CLIENT_CA, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Also serve gRPC health, and nothing else, in plaintext here: for the kubelet's
+    /// probes, which speak no TLS.
+    #[arg(long, env = env::HEALTH_LISTEN)]
+    pub health_listen: Option<SocketAddr>,
     /// Seconds open streams may run after SIGTERM before they are ended.
     #[arg(long, env = "DSD_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

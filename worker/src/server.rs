@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use deepseek_proto::deadline::grpc_timeout;
 use deepseek_proto::placement::PlacementPlan;
 use deepseek_proto::serving::starting_health;
+use deepseek_proto::tls::{self, Identity};
 use deepseek_proto::v1::inference_server::{Inference, InferenceServer};
 use deepseek_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, GetLoadRequest,
@@ -50,6 +51,10 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve gRPC over (mutual, with a CA) TLS.
+    pub tls: Option<Arc<Identity>>,
+    /// Where gRPC health alone is served in plaintext, if anywhere (for probes).
+    pub health_listen: Option<SocketAddr>,
     /// After the shutdown signal, how long open streams may run before they are ended.
     pub shutdown_grace: std::time::Duration,
     pub served_name: String,
@@ -283,6 +288,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
 
+    let (tls_identity, health_listen) = (config.tls.clone(), config.health_listen);
     let load_health = health.clone();
     let stopping = draining.clone();
     // A model that cannot load ends the process, so that the pod restarts and says why.
@@ -310,16 +316,33 @@ pub async fn serve(
         }
     });
 
-    let server = tonic::transport::Server::builder()
+    if let Some(addr) = health_listen {
+        let probes = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-listen {addr}"))?;
+        let health_only = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(probes));
+        tokio::spawn(health_only);
+    }
+    let routes = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         // v1alpha too: grpcurl and many clients still ask for it.
         .add_service(reflection().build_v1alpha()?)
-        .add_service(InferenceServer::new(service))
-        .serve_with_incoming_shutdown(
+        .add_service(InferenceServer::new(service));
+    type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let server: Serving = match &tls_identity {
+        None => Box::pin(routes.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             drain,
-        );
+        )),
+        Some(identity) => {
+            tokio::spawn(identity.clone().follow());
+            let incoming = tls::incoming(listener, identity.server_config(&[b"h2"]));
+            Box::pin(routes.serve_with_incoming_shutdown(incoming, drain))
+        }
+    };
     tokio::select! {
         served = server => served?,
         Ok(err) = load_failed => return Err(err).context("loading the model"),

@@ -92,6 +92,11 @@ impl Ctx<'_> {
                 let entries = [TLS_CERT_ENTRY, TLS_KEY_ENTRY];
                 secret_volume("tls", &tls.secret_name, &entries, ROUTER_TLS_DIR)
             }),
+            self.dsd
+                .spec
+                .worker_tls
+                .as_ref()
+                .map(|tls| worker_tls_volume(&tls.secret_name)),
         ]
         .into_iter()
         .flatten()
@@ -142,6 +147,15 @@ impl Ctx<'_> {
                 "--api-keys-file".to_string(),
                 format!("{ROUTER_KEYS_DIR}/{ROUTER_KEYS_ENTRY}"),
             ]);
+        }
+        if self.dsd.spec.worker_tls.is_some() {
+            for (flag, entry) in [
+                ("--worker-tls-ca", TLS_CA_ENTRY),
+                ("--worker-tls-cert", TLS_CERT_ENTRY),
+                ("--worker-tls-key", TLS_KEY_ENTRY),
+            ] {
+                args.extend([flag.to_string(), format!("{WORKER_TLS_DIR}/{entry}")]);
+            }
         }
         if router.tls.is_some() {
             args.extend([
@@ -217,6 +231,12 @@ impl Ctx<'_> {
 }
 
 /// API keys from a Secret, mounted read-only as a file the router reads at start.
+/// `spec.workerTls`'s Secret, as the router and the workers mount it.
+pub(super) fn worker_tls_volume(secret: &str) -> (Volume, VolumeMount) {
+    let entries = [TLS_CA_ENTRY, TLS_CERT_ENTRY, TLS_KEY_ENTRY];
+    secret_volume("worker-tls", secret, &entries, WORKER_TLS_DIR)
+}
+
 /// The Secret's `entries`, mounted read-only at `dir` (so a renewed Secret shows there).
 fn secret_volume(volume: &str, secret: &str, entries: &[&str], dir: &str) -> (Volume, VolumeMount) {
     (

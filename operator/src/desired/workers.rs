@@ -20,6 +20,7 @@ use super::k8s::{
     container_port, empty_dir, env_var, grpc_probe, label_selector, locked_down_pod,
     read_only_mount, requests, restricted, volume_mount,
 };
+use super::router::worker_tls_volume;
 use super::{Ctx, dtype_name, ep_port_name};
 use crate::names::*;
 use crate::resolve::{DEFAULT_GPU_MEMORY_FRACTION, ResolvedPool};
@@ -135,6 +136,9 @@ impl Ctx<'_> {
             empty_dir("shm", Some("Memory"), Some(shm_size)),
             empty_dir("tmp", None, None),
         ];
+        if let Some(tls) = &self.dsd.spec.worker_tls {
+            volumes.push(worker_tls_volume(&tls.secret_name).0);
+        }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
         volumes
     }
@@ -164,6 +168,21 @@ impl Ctx<'_> {
     }
 
     fn worker_container(&self, pool: &ResolvedPool, group: i32, model_path: &str) -> Container {
+        let mut mounts = vec![
+            read_only_mount("model", MODEL_MOUNT),
+            read_only_mount("placement", PLACEMENT_MOUNT),
+            volume_mount("shm", "/dev/shm"),
+            volume_mount("tmp", "/tmp"),
+        ];
+        // With mutual TLS on the gRPC port the kubelet's probes, which speak no TLS, ask the
+        // plaintext health port.
+        let probe_port = match &self.dsd.spec.worker_tls {
+            Some(tls) => {
+                mounts.push(worker_tls_volume(&tls.secret_name).1);
+                WORKER_HEALTH_PORT
+            }
+            None => WORKER_GRPC_PORT,
+        };
         Container {
             name: "worker".into(),
             image: Some(self.worker_image()),
@@ -172,19 +191,14 @@ impl Ctx<'_> {
             ports: Some(worker_ports(pool)),
             resources: Some(self.worker_resources(pool)),
             // Answers as soon as the process is up; weight loading is covered by readiness.
-            startup_probe: Some(grpc_probe(WORKER_GRPC_PORT, Some(LIVENESS_SERVICE), 10, 30)),
-            liveness_probe: Some(grpc_probe(WORKER_GRPC_PORT, Some(LIVENESS_SERVICE), 10, 3)),
+            startup_probe: Some(grpc_probe(probe_port, Some(LIVENESS_SERVICE), 10, 30)),
+            liveness_probe: Some(grpc_probe(probe_port, Some(LIVENESS_SERVICE), 10, 3)),
             // SERVING only with weights loaded and the group formed.
-            readiness_probe: Some(grpc_probe(WORKER_GRPC_PORT, None, 5, 2)),
+            readiness_probe: Some(grpc_probe(probe_port, None, 5, 2)),
             security_context: Some(restricted()),
             // The worker writes why it stopped there; failing that, the log's tail.
             termination_message_policy: Some("FallbackToLogsOnError".into()),
-            volume_mounts: Some(vec![
-                read_only_mount("model", MODEL_MOUNT),
-                read_only_mount("placement", PLACEMENT_MOUNT),
-                volume_mount("shm", "/dev/shm"),
-                volume_mount("tmp", "/tmp"),
-            ]),
+            volume_mounts: Some(mounts),
             ..Default::default()
         }
     }
@@ -235,6 +249,17 @@ impl Ctx<'_> {
         };
         if let Some(fraction) = fraction {
             env.push(env_var(env::KV_CACHE_FRACTION, &fraction.to_string()));
+        }
+        if self.dsd.spec.worker_tls.is_some() {
+            env.extend([
+                env_var(env::TLS_CERT, &format!("{WORKER_TLS_DIR}/{TLS_CERT_ENTRY}")),
+                env_var(env::TLS_KEY, &format!("{WORKER_TLS_DIR}/{TLS_KEY_ENTRY}")),
+                env_var(
+                    env::TLS_CLIENT_CA,
+                    &format!("{WORKER_TLS_DIR}/{TLS_CA_ENTRY}"),
+                ),
+                env_var(env::HEALTH_LISTEN, &format!("0.0.0.0:{WORKER_HEALTH_PORT}")),
+            ]);
         }
         env.extend(worker.env.clone().unwrap_or_default());
         env

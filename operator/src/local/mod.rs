@@ -283,6 +283,12 @@ fn local_env(container: &Container, pod: &LocalPod) -> Result<Vec<(String, Strin
                     ))),
                 };
             }
+            if name == env::TLS_CERT {
+                return Err(LocalError::Unsupported(
+                    "spec.workerTls: run-local runs plaintext on loopback; leave it out here"
+                        .into(),
+                ));
+            }
             let value = var.value.clone().unwrap_or_default();
             let value = match name {
                 env::MODEL => under_mount(&value, MODEL_MOUNT, pod.model_dir),

@@ -201,6 +201,13 @@ fn the_router_reads_a_backends_file_on_local_ports() {
     let desired = tls.desired().unwrap();
     let err = router_process(&desired, &volumes(), Path::new("/b"), &mut counter()).unwrap_err();
     assert!(err.to_string().starts_with("spec.router.tls"), "{err}");
+
+    let mut mutual = dsd.clone();
+    mutual.spec.worker_tls = Some(crate::api::WorkerTls {
+        secret_name: "mtls".into(),
+    });
+    let err = group(&mutual, 0, &mut Vec::new()).unwrap_err().to_string();
+    assert!(err.starts_with("spec.workerTls"), "{err}");
 }
 
 #[test]

@@ -766,6 +766,67 @@ fn a_tls_secret_makes_the_router_serve_tls_beside_its_keys_with_http_probes() {
 }
 
 #[test]
+fn worker_tls_mounts_one_secret_in_router_and_workers_and_probes_the_plaintext_health_port() {
+    let mut dsd = v3();
+    dsd.spec.worker_tls = Some(deepseek_operator::api::WorkerTls {
+        secret_name: "deepseek-v3-mtls".into(),
+    });
+    let d = desired(&dsd);
+    let dir = "/etc/deepseek-worker-tls";
+    let router = &router_pod(&d).containers[0];
+    let args = router.args.clone().unwrap().join(" ");
+    assert!(
+        args.contains(&format!(
+            "--worker-tls-ca {dir}/ca.crt --worker-tls-cert {dir}/tls.crt --worker-tls-key {dir}/tls.key"
+        )),
+        "{args}"
+    );
+    let spec = pod_spec(sts(&d, "deepseek-v3-h100-g0"));
+    let worker = &spec.containers[0];
+    assert_eq!(
+        env(worker, "DSD_TLS_CERT"),
+        Some("/etc/deepseek-worker-tls/tls.crt")
+    );
+    assert_eq!(
+        env(worker, "DSD_TLS_CLIENT_CA"),
+        Some("/etc/deepseek-worker-tls/ca.crt")
+    );
+    assert_eq!(env(worker, "DSD_HEALTH_LISTEN"), Some("0.0.0.0:50052"));
+    for pod in [spec, router_pod(&d)] {
+        let secret = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "worker-tls")
+            .and_then(|v| v.secret.clone())
+            .unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("deepseek-v3-mtls"));
+    }
+    for probe in [
+        &worker.startup_probe,
+        &worker.liveness_probe,
+        &worker.readiness_probe,
+    ] {
+        assert_eq!(probe.as_ref().unwrap().grpc.as_ref().unwrap().port, 50052);
+    }
+    // Without it: plaintext, probes on the gRPC port.
+    let plain = desired(&v3());
+    let worker = &pod_spec(sts(&plain, "deepseek-v3-h100-g0")).containers[0];
+    assert_eq!(env(worker, "DSD_TLS_CERT"), None);
+    assert_eq!(
+        worker
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .grpc
+            .as_ref()
+            .unwrap()
+            .port,
+        50051
+    );
+}
+
+#[test]
 fn the_router_discovers_this_deployments_workers_with_pool_weights() {
     let d = desired(&v3());
     let joined = router_pod(&d).containers[0].args.clone().unwrap().join(" ");

@@ -41,6 +41,7 @@ fn empty_router() -> Arc<Router> {
                 max_in_flight: 8,
                 max_attempts: 1,
                 hold_for_backend: Duration::ZERO,
+                worker_tls: None,
             },
         )
         .unwrap(),

@@ -95,10 +95,12 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
             max_in_flight: 1024,
             max_attempts: 3,
             hold_for_backend: Duration::ZERO,
+            worker_tls: None,
         },
         keys: ApiKeys::default(),
         served_name: None,
         tls: None,
+        worker_identity: None,
         health_interval: Duration::from_millis(50),
     }
 }

@@ -77,6 +77,8 @@ async fn launch(
         chat_template,
         listen: addr,
         metrics_listen,
+        tls: None,
+        health_listen: None,
         shutdown_grace,
         served_name: "tiny".into(),
         scheduler: SchedulerConfig {
