@@ -6,7 +6,7 @@
 //! pool at a time, and writes status. Owner references make deletion of the custom resource
 //! remove everything, so no finalizer is needed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -159,9 +159,9 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         .as_ref()
         .map_or(ModelMount::Wanted, |m| m.mount.clone());
     let now = Time(Timestamp::now());
-    let full_pools = status::full_pools(&dsd, &observed.pods, &now)
-        .into_iter()
-        .map(|(pool, full)| (pool, full.groups))
+    observed.full_pools = status::full_pools(&dsd, &observed.pods, &now);
+    let full_pools = (observed.full_pools.iter())
+        .map(|(pool, full)| (pool.clone(), full.groups))
         .collect();
     let desired = match expert_load(&ctx.client, &dsd, &ns).await? {
         Err(blocked) => Err(blocked),
@@ -389,6 +389,7 @@ async fn observe(client: &Client, ns: &str, name: &str) -> Result<Observed, Erro
         pods,
         router,
         model: None,
+        full_pools: BTreeMap::new(),
     })
 }
 

@@ -30,6 +30,8 @@ pub struct Observed {
     pub router: Option<Deployment>,
     /// The model cache of a `huggingFace` source, as read (`model_cache::state`).
     pub model: Option<ModelState>,
+    /// The pools found full, as `full_pools` reads the pods.
+    pub full_pools: BTreeMap<String, FullPool>,
 }
 
 /// Why the deployment cannot be realised right now.
@@ -93,7 +95,7 @@ pub fn compute(
         }
     };
 
-    let full = full_pools(dsd, &observed.pods, now);
+    let full = &observed.full_pools;
     status.pools = desired
         .pools
         .iter()

@@ -86,7 +86,8 @@ kill_operator() { # kill_operator IDENTITY [SIGNAL]
 lease_is() { [ "$(jsonpath -n "$SYSTEM" get lease "$LEASE" -o jsonpath='{.spec.holderIdentity}')" = "$1" ]; }
 cleanup() {
   for id in "${!operator_pid[@]}"; do kill_operator "$id" KILL; done
-  kubectl delete namespace "$NS" "$FLAGSHIP" --wait=false >/dev/null 2>&1 || true
+  kubectl delete namespace "$NS" "$FLAGSHIP" dsd-scoped --wait=false >/dev/null 2>&1 || true
+  helm uninstall dsd-scoped -n dsd-scoped-system >/dev/null 2>&1 || true
   kubectl delete persistentvolume "$NS-tiny-model" --wait=false >/dev/null 2>&1 || true
   helm uninstall "$RELEASE" -n "$SYSTEM" >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -445,6 +446,44 @@ wait_for 60 "Ready with the spilled group" ready_is "$FLAGSHIP" deepseek-v3 True
 absent -n "$FLAGSHIP" get statefulset deepseek-v3-h100-g2 || fail "the H100 group that found no nodes is still there"
 kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
 wait_for "$pod_gone_s" "the spill-over sample's pods to go" no_pods "$FLAGSHIP"
+
+# ============================================================================================
+say "namespace-scoped install: the chart's rules bound in one namespace, an operator that serves only it"
+SCOPED=dsd-scoped SCOPED_SYSTEM=dsd-scoped-system
+restricted_namespace "$SCOPED_SYSTEM"
+restricted_namespace "$SCOPED"
+helm install dsd-scoped charts/deepseek-operator -n "$SCOPED_SYSTEM" --set watchNamespace="$SCOPED" \
+  --set leaderElection.enabled=false --set replicaCount=1 --wait --timeout 120s >/dev/null 2>"$work/helm.err" \
+  || fail "helm install with watchNamespace: $(cat "$work/helm.err")"
+scoped_sa=$(kubectl -n "$SCOPED_SYSTEM" get deployment -o jsonpath='{.items[0].spec.template.spec.serviceAccountName}')
+as_scoped=(--as "system:serviceaccount:$SCOPED_SYSTEM:$scoped_sa")
+kubectl auth can-i "${as_scoped[@]}" patch statefulsets.apps -n "$SCOPED" >/dev/null \
+  || fail "the scoped operator cannot manage its namespace"
+for denied in "patch statefulsets.apps -n $NS" "watch deepseekdeployments.serving.deepseek-operator.io --all-namespaces" \
+  "create jobs.batch -n $NS" "get secrets -n $SCOPED"; do
+  # shellcheck disable=SC2086
+  ! kubectl auth can-i "${as_scoped[@]}" $denied >/dev/null 2>&1 || fail "the scoped operator can $denied"
+done
+tests/cluster/token-kubeconfig.sh "$SCOPED_SYSTEM" "$scoped_sa" "$work/scoped.kubeconfig"
+KUBECONFIG="$work/scoped.kubeconfig" RUST_LOG=info,deepseek_operator=debug \
+  "$OPERATOR_BIN" run --namespace "$SCOPED" --metrics-listen "127.0.0.1:$(free_port)" --log-format text \
+  >>"$logs/e2e-operator-scoped.log" 2>&1 &
+operator_pid[scoped]=$!
+# With TLS to the router and between router and workers: the Secrets are mounted, never read.
+tests/cluster/static-claim.sh "$SCOPED" tiny-model
+sample tiny "$SCOPED" \
+  | sed 's/^  router:$/  workerTls: {secretName: tiny-mtls}\n  router:\n    tls: {secretName: tiny-router-cert}/' \
+  | kubectl apply -f - >/dev/null
+wait_for 90 "tiny to be Ready in the watched namespace" ready_is "$SCOPED" tiny True
+volumes=$(kubectl -n "$SCOPED" get deployment tiny-router -o jsonpath='{.spec.template.spec.volumes[*].secret.secretName}')
+[ "$volumes" = "tiny-router-cert tiny-mtls" ] || fail "the router mounts the Secrets $volumes"
+probe=$(kubectl -n "$SCOPED" get statefulset tiny-cpu-g0 -o jsonpath='{.spec.template.spec.containers[0].readinessProbe.grpc.port}')
+[ "$probe" = 50052 ] || fail "with workerTls the workers' probes ask port $probe"
+[ "$(condition "$SCOPED" tiny Ready)" = "True AllGroupsReady" ] || fail "$(condition "$SCOPED" tiny Ready)"
+kill_operator scoped
+kubectl delete namespace "$SCOPED" --wait=false >/dev/null
+kubectl delete persistentvolume "$SCOPED-tiny-model" --wait=false >/dev/null
+helm uninstall dsd-scoped -n "$SCOPED_SYSTEM" --wait >/dev/null
 
 # ============================================================================================
 say "helm upgrade, then helm uninstall"

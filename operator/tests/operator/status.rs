@@ -26,9 +26,10 @@ fn compute(dsd: &DeepSeekDeployment, pods: Vec<Pod>) -> DeepSeekDeploymentStatus
     let existing = desired.stateful_sets.len();
     let observed = Observed {
         stateful_sets: groups(existing),
+        full_pools: status::full_pools(dsd, &pods, &now()),
         pods,
         router: Some(available_router()),
-        model: None,
+        ..Default::default()
     };
     status::compute(dsd, Ok(&desired), &observed, &now())
 }
@@ -296,7 +297,7 @@ fn transition_times_only_move_when_a_condition_flips() {
         stateful_sets: groups(3),
         pods: all_ready_pods(&dsd),
         router: Some(available_router()),
-        model: None,
+        ..Default::default()
     };
     let again = status::compute(&dsd, Ok(&desired), &observed, &later);
     assert_eq!(
