@@ -150,10 +150,11 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         return Ok(Action::await_change());
     }
     let mut observed = observe(&ctx.client, &ns, &name).await?;
-    if dsd.spec.model.source.hugging_face.is_some() {
-        let caches = observe_caches(&ctx.client, &dsd, &ns, &observed.pods).await?;
-        observed.model = model_cache::state(&dsd, &caches, &observed.stateful_sets, &observed.pods);
-    }
+    let caches = match dsd.spec.model.source.hugging_face {
+        Some(_) => observe_caches(&ctx.client, &dsd, &ns, &observed.pods).await?,
+        None => Caches::default(),
+    };
+    observed.model = model_cache::state(&dsd, &caches, &observed.stateful_sets, &observed.pods);
     let model_mount = observed
         .model
         .as_ref()
@@ -182,8 +183,8 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
     };
     if let Ok(desired) = &desired {
         if let Some(cache) = &desired.model_cache {
-            create_if_missing(&ctx.client, &ns, &cache.claim).await?;
-            create_if_missing(&ctx.client, &ns, &cache.job).await?;
+            create_unless_listed(&ctx.client, &ns, &cache.claim, &caches.claims).await?;
+            create_unless_listed(&ctx.client, &ns, &cache.job, &caches.jobs).await?;
         }
         apply_all(&ctx.client, &ns, desired).await?;
         if !desired.groups_wait_for_model {
@@ -343,33 +344,50 @@ async fn observe_caches(
     })
 }
 
-/// Creates the object unless one of its name exists: a model cache claim or download Job
-/// is never changed once made (a claim found there is adopted as it is).
-async fn create_if_missing<K>(client: &Client, ns: &str, object: &K) -> Result<(), Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Debug,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    if api.get_opt(&object.name_any()).await?.is_some() {
+/// Creates the object unless `listed` (what the controller read) has one of its name: a
+/// model cache claim or download Job is never changed once made. One of that name the list
+/// did not show (a claim the user made, unlabelled) is adopted as it is.
+async fn create_unless_listed<K: Namespaced>(
+    client: &Client,
+    ns: &str,
+    object: &K,
+    listed: &[K],
+) -> Result<(), Error> {
+    let name = object.name_any();
+    if listed.iter().any(|o| o.name_any() == name) {
         return Ok(());
     }
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
     match api.create(&PostParams::default(), object).await {
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
         result => result.map(drop).map_err(Error::from),
     }
 }
 
-async fn list<K>(client: &Client, ns: &str, params: &ListParams) -> Result<Vec<K>, Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + Debug,
+/// The namespaced kinds the controller lists, creates and applies.
+trait Namespaced:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + Debug
 {
+}
+
+impl<K> Namespaced for K where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug
+{
+}
+
+async fn list<K: Namespaced>(
+    client: &Client,
+    ns: &str,
+    params: &ListParams,
+) -> Result<Vec<K>, Error> {
     Ok(Api::<K>::namespaced(client.clone(), ns)
         .list(params)
         .await?
@@ -406,14 +424,7 @@ async fn apply_all(client: &Client, ns: &str, desired: &Desired) -> Result<(), E
     Ok(())
 }
 
-async fn apply_each<K>(client: &Client, ns: &str, objects: &[K]) -> Result<(), Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Debug,
-{
+async fn apply_each<K: Namespaced>(client: &Client, ns: &str, objects: &[K]) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for object in objects {

@@ -75,7 +75,7 @@ pub fn state(
 ) -> Option<ModelState> {
     let hf = dsd.spec.model.source.hugging_face.as_ref()?;
     let deployment = dsd.name_any();
-    let wanted = model_cache_name(&deployment, &hf.repo, &hf.revision);
+    let wanted = wanted_cache(dsd)?;
     let model = format!("{}@{}", hf.repo, hf.revision);
     let job = caches.jobs.iter().find(|j| j.name_any() == wanted);
     let job_pods: Vec<&Pod> = pods
@@ -149,21 +149,32 @@ pub fn state(
         ),
     };
 
-    let mounted = mounted_caches(&deployment, stateful_sets, pods);
+    let templates = stateful_sets
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.template.spec.as_ref());
+    let groups_mount: Vec<&str> = cache_claims(&deployment, templates).collect();
+    // A pod of an old revision, terminating or not, still reads its claim.
+    let workers = pods
+        .iter()
+        .filter(|p| {
+            p.labels()
+                .get("app.kubernetes.io/component")
+                .map(String::as_str)
+                == Some(COMPONENT_WORKER)
+        })
+        .filter_map(|p| p.spec.as_ref());
+    let mounted: BTreeSet<&str> = groups_mount
+        .iter()
+        .copied()
+        .chain(cache_claims(&deployment, workers))
+        .collect();
     let mount = if ready.status {
         ModelMount::Wanted
     } else {
         // The claim most groups mount; an earlier revision's cache keeps serving.
         let mut by_groups: BTreeMap<&str, usize> = BTreeMap::new();
-        for sts in stateful_sets {
-            if let Some(claim) = sts
-                .spec
-                .as_ref()
-                .and_then(|s| model_claim(s.template.spec.as_ref()?))
-                .filter(|c| is_cache_of(&deployment, c))
-            {
-                *by_groups.entry(claim).or_default() += 1;
-            }
+        for claim in &groups_mount {
+            *by_groups.entry(claim).or_default() += 1;
         }
         match by_groups.into_iter().max_by_key(|(_, groups)| *groups) {
             Some((claim, _)) if claim != wanted => ModelMount::Previous(claim.to_string()),
@@ -203,10 +214,15 @@ pub fn last_progress(log: &str) -> Option<DownloadProgress> {
         .find_map(|line| serde_json::from_str(line.trim()).ok())
 }
 
+/// The spec revision's cache (its claim's and Job's name), for a `huggingFace` source.
+fn wanted_cache(dsd: &DeepSeekDeployment) -> Option<String> {
+    let hf = dsd.spec.model.source.hugging_face.as_ref()?;
+    Some(model_cache_name(&dsd.name_any(), &hf.repo, &hf.revision))
+}
+
 /// The wanted Job's pod to read progress from: the one running.
 pub fn running_download_pod<'a>(dsd: &DeepSeekDeployment, pods: &'a [Pod]) -> Option<&'a Pod> {
-    let hf = dsd.spec.model.source.hugging_face.as_ref()?;
-    let wanted = model_cache_name(&dsd.name_any(), &hf.repo, &hf.revision);
+    let wanted = wanted_cache(dsd)?;
     pods.iter().find(|p| {
         p.labels().get(JOB_NAME_LABEL) == Some(&wanted)
             && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
@@ -298,30 +314,14 @@ fn waiting(pods: &[&Pod]) -> Option<String> {
         })
 }
 
-/// The cache claims the deployment's groups and worker pods mount (a pod of an old
-/// revision, terminating or not, still reads its claim).
-fn mounted_caches<'a>(
-    deployment: &str,
-    stateful_sets: &'a [StatefulSet],
-    pods: &'a [Pod],
-) -> BTreeSet<&'a str> {
-    let templates = stateful_sets
-        .iter()
-        .filter_map(|s| s.spec.as_ref()?.template.spec.as_ref());
-    let pods = pods
-        .iter()
-        .filter(|p| {
-            p.labels()
-                .get("app.kubernetes.io/component")
-                .map(String::as_str)
-                == Some(COMPONENT_WORKER)
-        })
-        .filter_map(|p| p.spec.as_ref());
-    templates
-        .chain(pods)
+/// The deployment's model caches these pods (or pod templates) mount.
+fn cache_claims<'a>(
+    deployment: &'a str,
+    specs: impl Iterator<Item = &'a PodSpec>,
+) -> impl Iterator<Item = &'a str> {
+    specs
         .filter_map(model_claim)
-        .filter(|claim| is_cache_of(deployment, claim))
-        .collect()
+        .filter(move |claim| is_model_cache_of(deployment, claim))
 }
 
 /// The claim a worker pod's `model` volume names.
@@ -333,12 +333,6 @@ fn model_claim(spec: &PodSpec) -> Option<&str> {
         .persistent_volume_claim
         .as_ref()
         .map(|c| c.claim_name.as_str())
-}
-
-fn is_cache_of(deployment: &str, claim: &str) -> bool {
-    claim
-        .strip_prefix(deployment)
-        .is_some_and(|rest| rest.starts_with("-model-"))
 }
 
 fn gigabytes(bytes: u64) -> String {

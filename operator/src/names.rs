@@ -79,6 +79,13 @@ pub fn model_cache_name(deployment: &str, repo: &str, revision: &str) -> String 
     format!("{deployment}-model-{hash:08x}")
 }
 
+/// Whether `claim` is one of `deployment`'s model caches (`model_cache_name`).
+pub fn is_model_cache_of(deployment: &str, claim: &str) -> bool {
+    claim
+        .strip_prefix(deployment)
+        .is_some_and(|rest| rest.starts_with("-model-"))
+}
+
 /// Selector of a deployment's model cache claims and download Jobs (and the Jobs' pods).
 pub fn model_cache_selector(deployment: &str) -> BTreeMap<String, String> {
     labels(&[

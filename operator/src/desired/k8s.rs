@@ -29,7 +29,6 @@ pub(super) fn restricted_pod() -> PodSecurityContext {
     }
 }
 
-/// The Pod Security "restricted" container profile.
 /// A pod that needs no API access and no Service environment, under the restricted profile.
 pub(super) fn locked_down_pod() -> PodSpec {
     PodSpec {
@@ -40,6 +39,7 @@ pub(super) fn locked_down_pod() -> PodSpec {
     }
 }
 
+/// The Pod Security "restricted" container profile.
 pub(super) fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),

@@ -70,6 +70,7 @@ pub enum ModelMount {
     /// None yet: groups wait for the first download.
     NotYet,
 }
+
 /// Tokens routed to each expert: layer → count per expert.
 pub type ExpertLoad = BTreeMap<u32, Vec<u64>>;
 
