@@ -57,8 +57,6 @@ pub struct RunConfig {
     pub health_interval: Duration,
     /// Serve gRPC and HTTP over TLS with this certificate (plaintext without).
     pub tls: Option<Arc<Identity>>,
-    /// The certificate the router shows workers (`routing.worker_tls`), reloaded here.
-    pub worker_identity: Option<Arc<Identity>>,
 }
 
 /// Serves gRPC, HTTP and (when given) metrics on the listeners until `shutdown` completes.
@@ -69,6 +67,15 @@ pub async fn serve(
     metrics: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    // Renewed certificates are read in, for the client ports and for the workers.
+    let worker_identity = config
+        .routing
+        .worker_tls
+        .as_ref()
+        .map(|c| c.identity.clone());
+    for identity in config.tls.iter().cloned().chain(worker_identity) {
+        tokio::spawn(identity.follow());
+    }
     let router = Arc::new(Router::new(config.backends, config.routing)?);
     let keys = Arc::new(config.keys);
     let served_name = Arc::new(OnceLock::new());
@@ -83,9 +90,6 @@ pub async fn serve(
     }
     if let Some(file) = config.backends_file {
         tokio::spawn(discovery::follow_file(file, router.clone()));
-    }
-    if let Some(identity) = config.worker_identity {
-        tokio::spawn(identity.follow());
     }
     let (reporter, health_service) = starting_health().await;
     tokio::spawn(health::watch(
@@ -112,23 +116,14 @@ pub async fn serve(
         keys: keys.clone(),
         served_name,
     }));
-    type Serving = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
-    let http_server: Serving = match &config.tls {
-        None => Box::pin(
-            axum::serve(http, http_app)
-                .with_graceful_shutdown(stopped(stop.clone()))
-                .into_future(),
-        ),
+    let http_server = match &config.tls {
+        None => serve_http(http, http_app, stopped(stop.clone())),
         Some(cert) => {
             let listener = TlsListener {
                 local: http.local_addr()?,
                 connections: shared_tls::accept(http, cert.server_config(&[b"http/1.1"])),
             };
-            Box::pin(
-                axum::serve(listener, http_app)
-                    .with_graceful_shutdown(stopped(stop.clone()))
-                    .into_future(),
-            )
+            serve_http(listener, http_app, stopped(stop.clone()))
         }
     };
     let reflection = || {
@@ -147,18 +142,32 @@ pub async fn serve(
             tokio_stream::wrappers::TcpListenerStream::new(grpc),
             stopped(stop),
         )),
-        Some(cert) => {
-            tokio::spawn(cert.clone().follow());
-            Box::pin(grpc_routes.serve_with_incoming_shutdown(
-                shared_tls::incoming(grpc, cert.server_config(&[b"h2"])),
-                stopped(stop),
-            ))
-        }
+        Some(cert) => Box::pin(grpc_routes.serve_with_incoming_shutdown(
+            shared_tls::incoming(grpc, cert.server_config(&[b"h2"])),
+            stopped(stop),
+        )),
     };
     let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);
     http_result?;
     grpc_result?;
     Ok(())
+}
+
+/// The HTTP front on `listener` (plain TCP or TLS) until `shutdown`.
+fn serve_http<L>(
+    listener: L,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    Box::pin(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .into_future(),
+    )
 }
 
 /// Prometheus metrics, and the probes' endpoints: `/health` answers while the process

@@ -161,8 +161,7 @@ impl Cli {
                     })
                     .map_err(anyhow::Error::msg)?,
                 );
-                let config = identity.client_config(&[b"h2"]).expect("a CA is required");
-                Some((identity, WorkerConnector { config }))
+                Some(WorkerConnector::new(identity).context("--worker-tls-ca is required")?)
             }
             _ => None,
         };
@@ -178,13 +177,12 @@ impl Cli {
                     max_in_flight: self.max_in_flight.max(1),
                     max_attempts: self.max_attempts.max(1),
                     hold_for_backend: Duration::from_secs(self.hold_for_backend_seconds),
-                    worker_tls: worker_tls.as_ref().map(|(_, connector)| connector.clone()),
+                    worker_tls,
                 },
                 keys,
                 served_name: self.served_name,
                 health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
                 tls,
-                worker_identity: worker_tls.map(|(identity, _)| identity),
             },
             discovery,
         ))

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use deepseek_proto::tls::TlsConnection;
+use deepseek_proto::tls::{Identity, TlsConnection};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -49,7 +49,17 @@ impl axum::serve::Listener for TlsListener {
 /// pod addresses).
 #[derive(Clone, Debug)]
 pub struct WorkerConnector {
-    pub config: Arc<ClientConfig>,
+    /// The router's certificate and the CA; `serve` keeps them current.
+    pub identity: Arc<Identity>,
+    config: Arc<ClientConfig>,
+}
+
+impl WorkerConnector {
+    /// A connector presenting `identity`, or `None` when it has no CA to check workers by.
+    pub fn new(identity: Arc<Identity>) -> Option<Self> {
+        let config = identity.client_config(&[b"h2"])?;
+        Some(WorkerConnector { identity, config })
+    }
 }
 
 /// The name sent in the handshake; workers serve one certificate whatever it is.

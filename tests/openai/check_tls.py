@@ -47,6 +47,15 @@ def trusting_ca():
     return ssl.create_default_context(cafile=CA)
 
 
+def generate_fails(pb_grpc, channel, request, code, what):
+    """Checks that a Generate on `channel` fails with gRPC status `code`."""
+    try:
+        list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
+        check(False, what)
+    except grpc.RpcError as e:
+        check(e.code() == code, what)
+
+
 def stop(procs):
     for proc in procs:
         proc.terminate()
@@ -157,26 +166,14 @@ def check_mutual_tls(bin_dir, pb, pb_grpc):
                 certificate_chain=(FIXTURES / "stranger.crt").read_bytes())),
         ]:
             with grpc.secure_channel(f"localhost:{worker_port}", credentials) as channel:
-                try:
-                    list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
-                    check(False, f"the worker refuses {what}")
-                except grpc.RpcError as e:
-                    check(e.code() == grpc.StatusCode.UNAVAILABLE, f"the worker refuses {what}")
+                generate_fails(pb_grpc, channel, request, grpc.StatusCode.UNAVAILABLE, f"the worker refuses {what}")
         with grpc.insecure_channel(f"127.0.0.1:{worker_port}") as channel:
-            try:
-                list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
-                check(False, "the worker refuses plaintext")
-            except grpc.RpcError as e:
-                check(e.code() == grpc.StatusCode.UNAVAILABLE, "the worker refuses plaintext")
+            generate_fails(pb_grpc, channel, request, grpc.StatusCode.UNAVAILABLE, "the worker refuses plaintext")
 
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
             answer = channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
             check(answer == b"\x08\x01", "the plaintext health port answers SERVING (probes)")
-            try:
-                list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
-                check(False, "the health port serves nothing else")
-            except grpc.RpcError as e:
-                check(e.code() == grpc.StatusCode.UNIMPLEMENTED, "the health port serves nothing else")
+            generate_fails(pb_grpc, channel, request, grpc.StatusCode.UNIMPLEMENTED, "the health port serves nothing else")
     finally:
         stop(procs)
 
@@ -227,11 +224,7 @@ def main():
             responses = list(pb_grpc.InferenceStub(channel).Generate(request, timeout=60))
             check(sum(len(r.token_ids) for r in responses) == 3, "gRPC Generate over TLS")
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            try:
-                list(pb_grpc.InferenceStub(channel).Generate(request, timeout=10))
-                check(False, "plaintext gRPC to the TLS port is refused")
-            except grpc.RpcError as e:
-                check(e.code() == grpc.StatusCode.UNAVAILABLE, "plaintext gRPC to the TLS port is refused")
+            generate_fails(pb_grpc, channel, request, grpc.StatusCode.UNAVAILABLE, "plaintext gRPC to the TLS port is refused")
 
         for path, status in [("/health", 200), ("/ready", 200)]:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as response:

@@ -100,7 +100,6 @@ pub fn config(policy: Policy, pools: &[(&str, u32)], backends: &[(&str, SocketAd
         keys: ApiKeys::default(),
         served_name: None,
         tls: None,
-        worker_identity: None,
         health_interval: Duration::from_millis(50),
     }
 }
