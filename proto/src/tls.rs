@@ -255,8 +255,11 @@ impl ServerCertVerifier for Identity {
     }
 }
 
+/// ring's provider, built once: handshakes ask it for every signature they check.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> =
+        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
 }
 
 fn read_all(files: &TlsFiles) -> Result<Vec<Vec<u8>>, String> {
