@@ -20,6 +20,7 @@ use deepseek_worker::download::{
 };
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::gpu::{self, DeviceSpec};
+use deepseek_worker::model::kernels::Isa;
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
 use deepseek_worker::scheduler::SchedulerConfig;
@@ -162,6 +163,10 @@ struct GenerateArgs {
     /// Expert GEMM precision on a GPU: auto, bf16 or fp8 (not yet in the model step).
     #[arg(long, value_enum, default_value = "auto")]
     dtype: gpu::Dtype,
+    /// CPU kernels: `baseline`, `avx2` or `avx512` (default: the best this CPU has). Every
+    /// path gives the same bits; this changes speed only.
+    #[arg(long, value_enum)]
+    cpu_kernels: Option<Isa>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -359,11 +364,20 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fixes `--cpu-kernels` for the process before any kernel runs.
+fn choose_cpu_kernels(isa: Option<Isa>) -> anyhow::Result<()> {
+    match isa {
+        Some(isa) => Isa::choose(isa).map_err(|e| anyhow::anyhow!("--cpu-kernels: {e}")),
+        None => Ok(()),
+    }
+}
+
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads.filter(|&n| n > 0) {
         // SAFETY: set before any other thread exists; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
+    choose_cpu_kernels(args.cpu_kernels)?;
     let model_dir = local_model(&args.model)?;
     let start = Instant::now();
     let model = backend::open(&model_dir, args.device, args.dtype)?;
@@ -415,6 +429,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             "prefill_tokens_per_s": per_second(prompt_ids.len(), out.prefill_seconds),
             "decode_tokens_per_s": per_second(decoded, out.decode_seconds),
         },
+        "cpu_kernels": Isa::selected().name(),
     });
     if let Some(tokenizer) = &tokenizer {
         report["text"] = tokenizer.decode(&out.tokens, true)?.into();
@@ -436,6 +451,8 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         )
         .init();
     let ranks = args.resolve()?;
+    choose_cpu_kernels(args.cpu_kernels)?;
+    tracing::info!(cpu_kernels = Isa::selected().name(), "CPU kernels");
     if args.ep_transport == deepseek_worker::ep::EpTransport::Nccl && args.device == DeviceSpec::Cpu
     {
         bail!("--ep-transport nccl needs --device cuda:N");

@@ -12,6 +12,7 @@ use deepseek_proto::pod::{self, env};
 use crate::bail;
 use crate::error::{Context, Error, Result};
 use crate::gpu::{DeviceSpec, Dtype};
+use crate::model::kernels::Isa;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -26,6 +27,10 @@ pub struct ServeArgs {
     /// else bf16), `bf16` or `fp8`. The CPU path computes in f32 whatever this says.
     #[arg(long, env = env::DTYPE, value_enum, default_value = "auto")]
     pub dtype: Dtype,
+    /// CPU kernels: `baseline`, `avx2` or `avx512` (default: the best this CPU has). Every
+    /// path gives the same bits; this changes speed only.
+    #[arg(long, value_enum)]
+    pub cpu_kernels: Option<Isa>,
     /// Checkpoint directory (config.json, safetensors), or `hf:OWNER/NAME[@REVISION]`:
     /// downloaded into the Hugging Face cache (`HF_HOME`) first (what is there already is
     /// checked, not fetched again).

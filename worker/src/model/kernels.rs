@@ -2,30 +2,119 @@
 //! reading each weight once and widening bf16 to f32 in registers, so decode streams half the
 //! bytes an f32 copy would and stays within the memory-bandwidth bound.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
-/// Defines `fn name(args) = portable`: calls `portable` compiled for AVX2 and FMA when the CPU
-/// has them (x86-64 builds target the baseline otherwise), else the baseline build. Same
-/// source, same operations in the same order, and `mul_add` rounds once either way, so the
-/// bits never depend on the path taken.
+/// The instruction sets the kernels are built for, from the baseline up. Every path does the
+/// same operations in the same order (`mul_add` rounds once on each), so results are bit for
+/// bit the same whichever runs: the choice is speed only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Isa {
+    /// x86-64 baseline (SSE2) or any other architecture.
+    Baseline,
+    /// AVX2 with FMA: 8-wide vectors, 16 registers.
+    #[value(name = "avx2")]
+    Avx2Fma,
+    /// AVX-512F (with AVX2 and FMA): 16-wide vectors, 32 registers, the blocked bf16 kernel.
+    #[value(name = "avx512")]
+    Avx512,
+}
+
+/// The path `Isa::choose` set for this process.
+static CHOSEN: OnceLock<Isa> = OnceLock::new();
+
+impl Isa {
+    /// The path the kernels take: the one chosen for this process, else the best detected.
+    pub fn selected() -> Isa {
+        *CHOSEN.get_or_init(Isa::detected)
+    }
+
+    /// Sets the path for this process (`--cpu-kernels`: to compare paths in a benchmark, or
+    /// to keep a CPU whose AVX-512 clocks down on AVX2). Refused if this CPU lacks it, or if
+    /// the kernels already ran on another.
+    pub fn choose(isa: Isa) -> Result<(), String> {
+        if isa > Isa::detected() {
+            return Err(format!(
+                "{} kernels need a CPU with {}; this one runs up to {}",
+                isa.name(),
+                isa.name(),
+                Isa::detected().name()
+            ));
+        }
+        match *CHOSEN.get_or_init(|| isa) {
+            chosen if chosen == isa => Ok(()),
+            chosen => Err(format!("the kernels already run on {}", chosen.name())),
+        }
+    }
+
+    /// The best path this CPU runs.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                return if has!("avx512f") {
+                    Isa::Avx512
+                } else {
+                    Isa::Avx2Fma
+                };
+            }
+        }
+        Isa::Baseline
+    }
+
+    /// Every path this CPU runs, for tests that compare them.
+    pub fn available() -> impl Iterator<Item = Isa> {
+        let best = Isa::detected();
+        [Isa::Baseline, Isa::Avx2Fma, Isa::Avx512]
+            .into_iter()
+            .filter(move |isa| *isa <= best)
+    }
+
+    /// The name logs and benchmarks print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Baseline => "baseline",
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Avx512 => "avx512f",
+        }
+    }
+}
+
+/// Defines `fn name(args)` and `fn name_on(isa, args)` from `fn portable(args)`: `portable`
+/// compiled for AVX-512F or AVX2+FMA when `isa` asks for it (x86-64 builds target the
+/// baseline otherwise), else the baseline build. Same source, so the same bits on every path;
+/// `name` takes the selected path.
 macro_rules! simd_fn {
     (
         $(#[$attr:meta])*
-        $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $portable:ident
+        $vis:vis fn $name:ident / $name_on:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
+            = $portable:ident
     ) => {
         $(#[$attr])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            $name_on(Isa::selected(), $($arg),*)
+        }
+
+        $(#[$attr])*
+        $vis fn $name_on(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
+            assert!(isa <= Isa::detected(), "{isa:?} is not available on this CPU");
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2,fma")]
-                fn fast($($arg: $ty),*) $(-> $ret)? {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $portable($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `fast` is compiled for.
-                    return unsafe { fast($($arg),*) };
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                match isa {
+                    // SAFETY: the CPU has the features (asserted above).
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    Isa::Avx2Fma => return unsafe { avx2($($arg),*) },
+                    Isa::Baseline => {}
                 }
             }
             $portable($($arg),*)
@@ -82,9 +171,17 @@ pub struct Product<'a> {
 
 /// Runs many products as one parallel dispatch: waking the thread pool once per layer step
 /// instead of once per matrix matters at decode, where each product takes microseconds.
-/// Every weight row is read once per pair of inputs, and every output is computed exactly as
-/// `dot` computes it alone, so no input's result depends on the others.
-pub fn products(mut jobs: Vec<Product<'_>>) {
+/// Every output is computed exactly as `dot_portable` computes it alone, so no input's result
+/// depends on the others, while each weight is read once per block of inputs.
+pub fn products(jobs: Vec<Product<'_>>) {
+    products_on(Isa::selected(), jobs)
+}
+
+fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
+    assert!(
+        isa <= Isa::detected(),
+        "{isa:?} is not available on this CPU"
+    );
     let mut tasks = Vec::new();
     for Product {
         weight,
@@ -105,20 +202,230 @@ pub fn products(mut jobs: Vec<Product<'_>>) {
             tasks.push((rows, inputs, out));
         }
     }
-    tasks.into_par_iter().for_each(|(rows, inputs, out)| {
+    tasks
+        .into_par_iter()
+        .for_each(|(rows, inputs, out)| rows_times_inputs(isa, rows, inputs, out));
+}
+
+/// `out[r · n + t] = dot_portable(row r, inputs[t])` for one task's rows and all `n` inputs.
+fn rows_times_inputs(isa: Isa, rows: &[u16], inputs: &[&[f32]], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `products_on` checked that the CPU has the features.
+        Isa::Avx512 => return unsafe { x86::rows_times_inputs_avx512(rows, inputs, out) },
+        Isa::Avx2Fma => return unsafe { x86::rows_times_inputs_avx2(rows, inputs, out) },
+        Isa::Baseline => {}
+    }
+    let n = inputs.len();
+    let in_dim = inputs[0].len();
+    // Input pairs outermost: a pair stays in L1 while the task's rows (in L2) stream past.
+    for t in (0..n).step_by(2) {
+        for (row, out) in rows.chunks_exact(in_dim).zip(out.chunks_exact_mut(n)) {
+            if t + 1 < n {
+                (out[t], out[t + 1]) = dot2_portable(row, inputs[t], inputs[t + 1]);
+            } else {
+                out[t] = dot_portable(row, inputs[t]);
+            }
+        }
+    }
+}
+
+/// The bf16 products blocked for x86 vector registers: each weight register, widened once,
+/// serves several inputs, and each input register several rows. Every (row, input) pair keeps
+/// the portable kernel's 32 lanes and order of terms, and sums them as `sum_lanes` does, so
+/// each result is bit for bit the one `dot_portable` gives.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{LANES, add_tail};
+
+    /// Weights fetched this many elements (2 KiB) ahead of use: the hardware prefetcher
+    /// alone left decode at half the memory bandwidth.
+    const PREFETCH_AHEAD: usize = 1024;
+
+    /// AVX-512F: 2 rows × 4 inputs × 2 registers = 16 of the 32 registers accumulate.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn rows_times_inputs_avx512(rows: &[u16], inputs: &[&[f32]], out: &mut [f32]) {
+        rows_times_inputs::<Zmm2, 2, 4>(rows, inputs, out)
+    }
+
+    /// AVX2: 1 row × 2 inputs × 4 registers = 8 of the 16 registers accumulate.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn rows_times_inputs_avx2(rows: &[u16], inputs: &[&[f32]], out: &mut [f32]) {
+        rows_times_inputs::<Ymm4, 1, 2>(rows, inputs, out)
+    }
+
+    /// 32 f32 lanes in registers of one width. The methods are inlined into kernels compiled
+    /// for that width; called anywhere else they would be unsound, hence `unsafe`.
+    trait Lanes: Copy {
+        unsafe fn zero() -> Self;
+        /// 32 bf16 at `bits`, widened to f32 (exact: the bits shifted into the high half).
+        unsafe fn widen(bits: *const u16) -> Self;
+        /// `self[i] = w[i] · x[i] + self[i]`, rounded once, for the 32 f32 at `x`.
+        unsafe fn fma(&mut self, w: Self, x: *const f32);
+        /// `super::sum_lanes`, the same adds in registers.
+        unsafe fn sum(self) -> f32;
+    }
+
+    #[derive(Clone, Copy)]
+    struct Zmm2([__m512; 2]);
+
+    #[derive(Clone, Copy)]
+    struct Ymm4([__m256; 4]);
+
+    impl Lanes for Zmm2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Zmm2([_mm512_setzero_ps(); 2]) }
+        }
+        #[inline(always)]
+        unsafe fn widen(bits: *const u16) -> Self {
+            let widen16 = |p: *const u16| unsafe {
+                let halves = _mm256_loadu_si256(p.cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+            };
+            Zmm2([widen16(bits), widen16(bits.wrapping_add(16))])
+        }
+        #[inline(always)]
+        unsafe fn fma(&mut self, w: Self, x: *const f32) {
+            for (k, (acc, w)) in self.0.iter_mut().zip(w.0).enumerate() {
+                unsafe { *acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.add(16 * k)), *acc) };
+            }
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            unsafe {
+                let sixteen = _mm512_add_ps(self.0[0], self.0[1]);
+                let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sixteen));
+                let eight = _mm256_add_ps(_mm512_castps512_ps256(sixteen), _mm256_castpd_ps(high));
+                sum_four(eight)
+            }
+        }
+    }
+
+    impl Lanes for Ymm4 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Ymm4([_mm256_setzero_ps(); 4]) }
+        }
+        #[inline(always)]
+        unsafe fn widen(bits: *const u16) -> Self {
+            let widen8 = |p: *const u16| unsafe {
+                let halves = _mm_loadu_si128(p.cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+            };
+            Ymm4(std::array::from_fn(|k| widen8(bits.wrapping_add(8 * k))))
+        }
+        #[inline(always)]
+        unsafe fn fma(&mut self, w: Self, x: *const f32) {
+            for (k, (acc, w)) in self.0.iter_mut().zip(w.0).enumerate() {
+                unsafe { *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.add(8 * k)), *acc) };
+            }
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            let [a, b, c, d] = self.0;
+            // Lanes i + 16 are register i + 2, lanes i + 8 register i + 1.
+            unsafe { sum_four(_mm256_add_ps(_mm256_add_ps(a, c), _mm256_add_ps(b, d))) }
+        }
+    }
+
+    /// The last steps of `super::sum_lanes`: eight lanes to four, then `(0 + 2) + (1 + 3)`.
+    #[inline(always)]
+    unsafe fn sum_four(eight: __m256) -> f32 {
+        let mut four = [0f32; 4];
+        unsafe {
+            let halves = _mm_add_ps(
+                _mm256_castps256_ps128(eight),
+                _mm256_extractf128_ps::<1>(eight),
+            );
+            _mm_storeu_ps(four.as_mut_ptr(), halves);
+        }
+        (four[0] + four[2]) + (four[1] + four[3])
+    }
+
+    /// `out[r · n + t] = dot_portable(row r, inputs[t])`: input groups outermost, so a group stays in
+    /// L1 while the task's rows (in L2) stream past.
+    #[inline(always)]
+    fn rows_times_inputs<L: Lanes, const ROWS: usize, const INPUTS: usize>(
+        rows: &[u16],
+        inputs: &[&[f32]],
+        out: &mut [f32],
+    ) {
         let n = inputs.len();
         let in_dim = inputs[0].len();
-        // Input pairs outermost: a pair stays in L1 while the task's rows (in L2) stream past.
-        for t in (0..n).step_by(2) {
-            for (row, out) in rows.chunks_exact(in_dim).zip(out.chunks_exact_mut(n)) {
-                if t + 1 < n {
-                    (out[t], out[t + 1]) = dot2(row, inputs[t], inputs[t + 1]);
-                } else {
-                    out[t] = dot(row, inputs[t]);
+        for first in (0..n).step_by(INPUTS) {
+            let group = &inputs[first..n.min(first + INPUTS)];
+            for (index, block_rows) in rows.chunks(ROWS * in_dim).enumerate() {
+                let at = index * ROWS;
+                let sums = |out: &mut [f32], r: usize, sums: &[f32]| {
+                    out[(at + r) * n + first..][..sums.len()].copy_from_slice(sums);
+                };
+                // Blocks of up to ROWS × INPUTS; the match covers the remainders.
+                macro_rules! run {
+                    ($r:literal, $t:literal) => {
+                        for (r, s) in block::<L, $r, $t>(block_rows, group).iter().enumerate() {
+                            sums(out, r, s);
+                        }
+                    };
+                }
+                match (block_rows.len() / in_dim, group.len()) {
+                    (2, 4) if ROWS >= 2 && INPUTS >= 4 => run!(2, 4),
+                    (2, 3) if ROWS >= 2 && INPUTS >= 3 => run!(2, 3),
+                    (2, 2) if ROWS >= 2 => run!(2, 2),
+                    (2, _) if ROWS >= 2 => run!(2, 1),
+                    (_, 4) if INPUTS >= 4 => run!(1, 4),
+                    (_, 3) if INPUTS >= 3 => run!(1, 3),
+                    (_, 2) => run!(1, 2),
+                    _ => run!(1, 1),
                 }
             }
         }
-    });
+    }
+
+    /// `sums[r][t] = dot_portable(row r, inputs[t])` for `R` rows of `weights` and `T` inputs.
+    #[inline(always)]
+    fn block<L: Lanes, const R: usize, const T: usize>(
+        weights: &[u16],
+        inputs: &[&[f32]],
+    ) -> [[f32; T]; R] {
+        let in_dim = inputs[0].len();
+        assert!(weights.len() == R * in_dim && inputs.len() == T);
+        assert!(inputs.iter().all(|x| x.len() == in_dim));
+        let whole = in_dim / LANES * LANES;
+        // SAFETY (all blocks below): the kernels calling this run on a CPU with the
+        // registers' features, and every pointer stays within the asserted lengths: weights
+        // r · in_dim + i + 32 ≤ R · in_dim and inputs i + 32 ≤ in_dim, as i + 32 ≤ whole.
+        let mut acc = [[unsafe { L::zero() }; T]; R];
+        for i in (0..whole).step_by(LANES) {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let w = weights[r * in_dim..].as_ptr().wrapping_add(i);
+                let w = unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_AHEAD).cast());
+                    L::widen(w)
+                };
+                for (acc, x) in acc.iter_mut().zip(inputs) {
+                    unsafe { acc.fma(w, x.as_ptr().add(i)) };
+                }
+            }
+        }
+        // Every register summed in straight-line code: a loop with the tails in it would
+        // index `acc` at run time, and keep it on the stack through the loop above.
+        let mut sums = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                sums[r][t] = unsafe { acc[r][t].sum() };
+            }
+        }
+        for (r, sums) in sums.iter_mut().enumerate() {
+            let row = &weights[r * in_dim..][..in_dim];
+            for (sum, x) in sums.iter_mut().zip(inputs) {
+                *sum = add_tail(*sum, &row[whole..], &x[whole..]);
+            }
+        }
+        sums
+    }
 }
 
 /// Rows of W widened per GEMM panel: 128 rows × 1024 inputs × 4 bytes = 512 KiB, so a panel
@@ -200,7 +507,7 @@ impl SharedOut {
 simd_fn! {
     /// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never
     /// depends on what else is computed with it.
-    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 = dot_f32_portable
+    pub fn dot_f32 / dot_f32_on(a: &[f32], b: &[f32]) -> f32 = dot_f32_portable
 }
 
 #[inline(always)]
@@ -222,7 +529,7 @@ fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
 
 simd_fn! {
     /// `y += a · x`, element by element (each element's sum keeps its order of terms).
-    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) = axpy_portable
+    pub fn axpy / axpy_on(a: f32, x: &[f32], y: &mut [f32]) = axpy_portable
 }
 
 #[inline(always)]
@@ -237,13 +544,9 @@ pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
     bits.par_iter().map(|&b| widen(b)).collect()
 }
 
-simd_fn! {
-    fn dot(weights: &[u16], x: &[f32]) -> f32 = dot_portable
-}
-
-/// Lanes of a bf16 dot product: 32 independent accumulators let the compiler keep four
-/// 8-wide vectors in flight, enough to cover FMA latency (16 measured 27 GB/s on 65 MB of
-/// weights, 32 measured 50).
+/// Lanes of a bf16 dot product: lane i sums the products of elements i, i + 32, i + 64, …,
+/// so every path keeps enough independent accumulators in flight (two AVX-512 or four AVX2
+/// registers) to cover FMA latency, and all of them add in the same order.
 const LANES: usize = 32;
 
 #[inline(always)]
@@ -266,25 +569,35 @@ fn dot_portable(weights: &[u16], x: &[f32]) -> f32 {
     finish_dot(&acc, &weights[chunks..], &x[chunks..])
 }
 
-/// Sums the lanes, then the tail past the last whole chunk.
+/// Sums the lanes, then adds the tail past the last whole chunk.
 #[inline(always)]
 fn finish_dot(acc: &[f32; LANES], weights: &[u16], x: &[f32]) -> f32 {
-    let mut sum: f32 = acc.iter().sum();
+    add_tail(sum_lanes(acc), weights, x)
+}
+
+/// Sums 32 lanes pairwise, lane i with lane i + 16, then i + 8, and so on down to one: the
+/// order a vector reduction takes (so the AVX-512 kernel does it in registers), five
+/// dependent adds where a running sum took 32.
+#[inline(always)]
+fn sum_lanes(acc: &[f32; LANES]) -> f32 {
+    let sixteen: [f32; 16] = std::array::from_fn(|i| acc[i] + acc[i + 16]);
+    let eight: [f32; 8] = std::array::from_fn(|i| sixteen[i] + sixteen[i + 8]);
+    let four: [f32; 4] = std::array::from_fn(|i| eight[i] + eight[i + 4]);
+    (four[0] + four[2]) + (four[1] + four[3])
+}
+
+/// `sum` plus the products of the elements past the last whole chunk, in order.
+#[inline(always)]
+fn add_tail(mut sum: f32, weights: &[u16], x: &[f32]) -> f32 {
     for (w, v) in weights.iter().zip(x) {
         sum += widen(*w) * v;
     }
     sum
 }
 
-simd_fn! {
-    /// `dot` for two inputs at once: each gets exactly `dot`'s arithmetic (same lanes, same
-    /// order, so a token's result does not depend on its neighbour), while each weight is
-    /// loaded and widened once for both. Sixteen 8-wide accumulators would not fit the 16 AVX2
-    /// registers, so pairs it is.
-    fn dot2(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) = dot2_portable
-}
-
-#[inline(always)]
+/// `dot_portable` for two inputs at once: each gets exactly its arithmetic (same lanes, same
+/// order, so a token's result does not depend on its neighbour), while each weight is loaded
+/// and widened once for both.
 fn dot2_portable(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
     let (mut acc0, mut acc1) = ([0f32; LANES], [0f32; LANES]);
     let chunks = weights.len() / LANES * LANES;
@@ -345,6 +658,80 @@ mod tests {
         for t in 0..tokens {
             let alone = matmul_bf16(&x[t * in_dim..][..in_dim], 1, &weight, out_dim, in_dim);
             assert_eq!(batch[t * out_dim..][..out_dim], alone[..], "token {t}");
+        }
+    }
+
+    /// bf16 bits of a deterministic pseudo-random matrix in [-0.6, 0.6).
+    fn weights(len: usize) -> Vec<u16> {
+        (0..len)
+            .map(|i| half::bf16::from_f32(((i * 7919) % 1201) as f32 / 1000.0 - 0.6).to_bits())
+            .collect()
+    }
+
+    fn activations(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 104_729) % 2003) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_cpu_path_gives_the_baseline_bits() {
+        // 1 to 9 inputs cover every block shape and remainder; 83 rows leave a lone row and a
+        // short last task; in_dim 1000 has a lane tail (1000 = 31 · 32 + 8).
+        let (rows, in_dim) = (83, 1000);
+        let weight = weights(rows * in_dim);
+        let x = activations(9 * in_dim);
+        for n in 1..=9 {
+            let run = |isa| {
+                let mut out = vec![0f32; rows * n];
+                products_on(
+                    isa,
+                    vec![Product {
+                        weight: &weight,
+                        inputs: x.chunks_exact(in_dim).take(n).collect(),
+                        out: &mut out,
+                    }],
+                );
+                out
+            };
+            let baseline = run(Isa::Baseline);
+            for isa in Isa::available() {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&run(isa)), bits(&baseline), "{isa:?}, {n} inputs");
+            }
+        }
+        let (a, b) = (&x[..in_dim], &x[in_dim..2 * in_dim]);
+        for isa in Isa::available() {
+            let name = isa.name();
+            let (dot, base) = (dot_f32_on(isa, a, b), dot_f32_on(Isa::Baseline, a, b));
+            assert_eq!(dot.to_bits(), base.to_bits(), "dot_f32 on {name}");
+            let (mut y, mut base) = (b.to_vec(), b.to_vec());
+            axpy_on(isa, 0.37, a, &mut y);
+            axpy_on(Isa::Baseline, 0.37, a, &mut base);
+            assert_eq!(y, base, "axpy on {name}");
+        }
+    }
+
+    #[test]
+    fn the_baseline_matches_a_plain_sum() {
+        let (rows, in_dim) = (5, 1000);
+        let (weight, x) = (weights(rows * in_dim), activations(in_dim));
+        let mut out = vec![0f32; rows];
+        products_on(
+            Isa::Baseline,
+            vec![Product {
+                weight: &weight,
+                inputs: vec![&x],
+                out: &mut out,
+            }],
+        );
+        for (row, got) in weight.chunks_exact(in_dim).zip(out) {
+            let plain: f64 = row
+                .iter()
+                .zip(&x)
+                .map(|(w, x)| f64::from(widen(*w)) * f64::from(*x))
+                .sum();
+            assert!((f64::from(got) - plain).abs() < 1e-4, "{got} vs {plain}");
         }
     }
 
