@@ -121,7 +121,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(ROOT / ".tools/bench-model/bench-small"))
     parser.add_argument("--worker-bin", default=os.environ.get("WORKER_BIN", str(ROOT / "target/release/deepseek-worker")))
-    parser.add_argument("--levels", default="1,4,16,64")
+    parser.add_argument("--levels", default="1,4,16,32,64")
+    parser.add_argument("--worker-args", default="",
+                        help="more `serve` flags, space-separated (e.g. '--cpu-kernels avx2')")
+    parser.add_argument("--out", default=str(ROOT / "bench/worker/results.json"))
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -135,7 +138,7 @@ def main():
     port = free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), RUST_LOG="warn")
     worker = subprocess.Popen([args.worker_bin, "serve", "--model", args.model, "--listen", f"127.0.0.1:{port}",
-                               "--max-seqs", "64", "--max-batch-tokens", "4096"], env=env)
+                               "--max-seqs", "64", "--max-batch-tokens", "4096", *args.worker_args.split()], env=env)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.InferenceStub(channel)
@@ -156,11 +159,12 @@ def main():
         worker.terminate()
         worker.wait(timeout=60)
     single = rows[0]["output_tokens_per_s"]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": args.model,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu_name(),
+              "worker_bin": args.worker_bin, "worker_args": args.worker_args, "model": args.model,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads,
               "requests_per_stream": args.requests_per_stream, "levels": rows,
               "scaling_vs_one_stream": {str(r["streams"]): r["output_tokens_per_s"] / single for r in rows}}
-    out = ROOT / "bench/worker/results.json"
+    out = pathlib.Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| streams | output tok/s | × one stream | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|")

@@ -9,8 +9,8 @@ use crate::error::Result;
 use crate::weights::{Bf16Weights, Checkpoint, Dtype};
 
 /// `y = x Wᵀ`. Weights stored as bf16 stay bf16 in memory (exact, half the bytes); decode
-/// steps read them through [`kernels::matmul_bf16`], larger batches through
-/// [`kernels::matmul_bf16_panels`], which widens them an L2-sized panel at a time.
+/// steps and short prompts read them through [`kernels::matmul_bf16`], longer prompts
+/// through [`kernels::matmul_bf16_panels`], which widens them an L2-sized panel at a time.
 /// Other dtypes (f32, f16, dequantised FP8) are kept as f32, transposed for the GEMM.
 pub struct Linear {
     storage: Storage,
@@ -27,8 +27,9 @@ enum Storage {
     },
 }
 
-/// Up to this many tokens the bf16 kernel beats widening the weight for a GEMM.
-pub const BF16_KERNEL_MAX_TOKENS: usize = 4;
+/// Up to this many tokens the blocked bf16 kernel is as fast as widening the weight for a
+/// GEMM or faster (measured on 32-, 128- and 1024-token prompts: `bench/engine/README.md`).
+const BF16_KERNEL_MAX_TOKENS: usize = 64;
 
 impl Linear {
     pub fn load(ckpt: &Checkpoint, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
