@@ -452,7 +452,6 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         .init();
     let ranks = args.resolve()?;
     choose_cpu_kernels(args.cpu_kernels)?;
-    tracing::info!(cpu_kernels = Isa::selected().name(), "CPU kernels");
     if args.ep_transport == deepseek_worker::ep::EpTransport::Nccl && args.device == DeviceSpec::Cpu
     {
         bail!("--ep-transport nccl needs --device cuda:N");
@@ -464,6 +463,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         println!("{}", args.dry_run_report(&ranks));
         return Ok(());
     }
+    tracing::info!(cpu_kernels = Isa::selected().name(), "CPU kernels");
     let model_dir = local_model(
         &args
             .model
