@@ -77,6 +77,51 @@ fn greedy_generation_prints_the_reference_tokens_and_logits() {
     }
 }
 
+/// `--cpu-kernels` changes speed only: every path this CPU has gives the same logits, bit for
+/// bit, and the output names the path that ran.
+#[test]
+fn every_cpu_kernel_path_gives_the_same_logits() {
+    let dir = fixture("tiny-v3-bf16");
+    let mut paths = vec![("baseline", "baseline")];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            paths.push(("avx2", "avx2+fma"));
+            if has!("avx512f") {
+                paths.push(("avx512", "avx512f"));
+            }
+        }
+    }
+    let runs: Vec<String> = paths
+        .iter()
+        .map(|(flag, name)| {
+            let logits = std::env::temp_dir()
+                .join(format!("dsd-kernels-{flag}-{}.json", std::process::id()));
+            let out = json(&worker(&[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                "0,5,17,99,3,250,42,7",
+                "--max-new-tokens",
+                "8",
+                "--cpu-kernels",
+                flag,
+                "--logits-out",
+                logits.to_str().unwrap(),
+            ]));
+            assert_eq!(out["cpu_kernels"], *name);
+            let text = std::fs::read_to_string(&logits).unwrap();
+            std::fs::remove_file(&logits).unwrap();
+            text
+        })
+        .collect();
+    for ((flag, _), run) in paths.iter().zip(&runs) {
+        assert!(run == &runs[0], "--cpu-kernels {flag} gave other logits");
+    }
+}
+
 /// The trained demo model answers as transformers did when it was made: the same greedy
 /// words (`training.json` keeps transformers' answers, computed with the bf16 weights).
 #[test]
@@ -132,7 +177,7 @@ fn bad_input_fails_with_a_message_and_no_output() {
     let v3 = v3.to_str().unwrap();
     let lite = fixture("tiny-v2-lite");
     let lite = lite.to_str().unwrap();
-    let cases: [(Vec<&str>, &str); 6] = [
+    let cases: [(Vec<&str>, &str); 7] = [
         (
             vec!["--model", v3, "--prompt-ids", "1", "--device", "tpu:0"],
             "expected `cpu` or `cuda:N`",
@@ -140,6 +185,10 @@ fn bad_input_fails_with_a_message_and_no_output() {
         (
             vec!["--model", "/nonexistent", "--prompt-ids", "1"],
             "/nonexistent/config.json",
+        ),
+        (
+            vec!["--model", v3, "--prompt-ids", "1", "--cpu-kernels", "sse9"],
+            "invalid value 'sse9' for '--cpu-kernels",
         ),
         (
             vec!["--model", lite, "--prompt", "hi"],
