@@ -24,6 +24,9 @@ pub enum Isa {
 /// The path `Isa::choose` set for this process.
 static CHOSEN: OnceLock<Isa> = OnceLock::new();
 
+/// What the CPU has, asked once: every dispatch checks its path against it.
+static DETECTED: OnceLock<Isa> = OnceLock::new();
+
 impl Isa {
     /// The path the kernels take: the one chosen for this process, else the best detected.
     pub fn selected() -> Isa {
@@ -50,6 +53,10 @@ impl Isa {
 
     /// The best path this CPU runs.
     pub fn detected() -> Isa {
+        *DETECTED.get_or_init(Isa::probe)
+    }
+
+    fn probe() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
@@ -353,39 +360,32 @@ mod x86 {
         let in_dim = inputs[0].len();
         for first in (0..n).step_by(INPUTS) {
             let group = &inputs[first..n.min(first + INPUTS)];
-            for (index, block_rows) in rows.chunks(ROWS * in_dim).enumerate() {
-                let at = index * ROWS;
-                let sums = |out: &mut [f32], r: usize, sums: &[f32]| {
-                    out[(at + r) * n + first..][..sums.len()].copy_from_slice(sums);
-                };
+            let blocks = rows.chunks(ROWS * in_dim).zip(out.chunks_mut(ROWS * n));
+            for (w, out) in blocks {
                 // Blocks of up to ROWS × INPUTS; the match covers the remainders.
-                macro_rules! run {
-                    ($r:literal, $t:literal) => {
-                        for (r, s) in block::<L, $r, $t>(block_rows, group).iter().enumerate() {
-                            sums(out, r, s);
-                        }
-                    };
-                }
-                match (block_rows.len() / in_dim, group.len()) {
-                    (2, 4) if ROWS >= 2 && INPUTS >= 4 => run!(2, 4),
-                    (2, 3) if ROWS >= 2 && INPUTS >= 3 => run!(2, 3),
-                    (2, 2) if ROWS >= 2 => run!(2, 2),
-                    (2, _) if ROWS >= 2 => run!(2, 1),
-                    (_, 4) if INPUTS >= 4 => run!(1, 4),
-                    (_, 3) if INPUTS >= 3 => run!(1, 3),
-                    (_, 2) => run!(1, 2),
-                    _ => run!(1, 1),
+                match (w.len() / in_dim, group.len()) {
+                    (2, 4) if ROWS >= 2 && INPUTS >= 4 => block::<L, 2, 4>(w, group, out, first),
+                    (2, 3) if ROWS >= 2 && INPUTS >= 3 => block::<L, 2, 3>(w, group, out, first),
+                    (2, 2) if ROWS >= 2 => block::<L, 2, 2>(w, group, out, first),
+                    (2, _) if ROWS >= 2 => block::<L, 2, 1>(w, group, out, first),
+                    (_, 4) if INPUTS >= 4 => block::<L, 1, 4>(w, group, out, first),
+                    (_, 3) if INPUTS >= 3 => block::<L, 1, 3>(w, group, out, first),
+                    (_, 2) => block::<L, 1, 2>(w, group, out, first),
+                    _ => block::<L, 1, 1>(w, group, out, first),
                 }
             }
         }
     }
 
-    /// `sums[r][t] = dot_portable(row r, inputs[t])` for `R` rows of `weights` and `T` inputs.
+    /// `out[r · n + first + t] = dot_portable(row r, inputs[t])` for `R` rows of `weights`
+    /// and `T` inputs, where `out` holds the rows' outputs for all `n` inputs.
     #[inline(always)]
     fn block<L: Lanes, const R: usize, const T: usize>(
         weights: &[u16],
         inputs: &[&[f32]],
-    ) -> [[f32; T]; R] {
+        out: &mut [f32],
+        first: usize,
+    ) {
         let in_dim = inputs[0].len();
         assert!(weights.len() == R * in_dim && inputs.len() == T);
         assert!(inputs.iter().all(|x| x.len() == in_dim));
@@ -422,7 +422,10 @@ mod x86 {
                 *sum = add_tail(*sum, &row[whole..], &x[whole..]);
             }
         }
-        sums
+        let n = out.len() / R;
+        for (r, sums) in sums.iter().enumerate() {
+            out[r * n + first..][..T].copy_from_slice(sums);
+        }
     }
 }
 
