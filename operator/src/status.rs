@@ -282,16 +282,22 @@ pub fn full_pools(
             full.insert(pool.name.clone(), remembered);
             continue;
         }
-        let live = pods
+        let of_pool = pods
             .iter()
-            .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name) && !terminating(p));
+            .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name));
         // Full once the scheduler has tried every pod it has not placed, and found no node
         // for any of them for spillAfterSeconds: until then the count of placed pods may
-        // still grow.
+        // still grow. Placed pods count while they terminate: they hold their nodes until
+        // gone, then free them for the waiting pods of the groups kept. (Not counting them
+        // made a reconcile that read a status from before `fullAt` was written find the
+        // pool full again, at fewer groups, while the groups beyond were being removed.)
         let (mut placed, mut waiting, mut stuck) = (0, 0, 0);
-        for pod in live {
+        for pod in of_pool {
             if pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
                 placed += 1;
+                continue;
+            }
+            if terminating(pod) {
                 continue;
             }
             waiting += 1;

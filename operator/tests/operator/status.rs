@@ -234,6 +234,13 @@ fn a_pool_whose_pods_stay_unschedulable_is_full_at_the_groups_its_placed_pods_ma
         .map(|(p, _)| p.replicas)
         .collect();
     assert_eq!(spilled, [2, 1]);
+    // While the third group's pods terminate, a reconcile that reads a status from before
+    // fullAt was written finds the same two groups.
+    let mut removing: Vec<Pod> = pods(130).into_iter().take(8).collect();
+    let third_group = |index| worker_pod(&template, "h100", 2, index, &h100);
+    removing.extend((0..2).map(|i| third_group(i).on_node("h").terminating().build()));
+    removing.extend((2..4).map(|i| third_group(i).terminating().build()));
+    assert_eq!(full(&removing, &template)["h100"].groups, 2);
     // Once the third group is gone it stays full for ten minutes, then is tried again.
     let placed: Vec<Pod> = pods(130).into_iter().take(4).collect();
     assert_eq!(full(&placed, &dsd)["h100"].groups, 2);
