@@ -1,7 +1,9 @@
-//! CPU kernels for bf16 weights with f32 activations: `y = x Wᵀ` for a few tokens (decode),
-//! reading each weight once and widening bf16 to f32 in registers, so decode streams half the
-//! bytes an f32 copy would and stays within the memory-bandwidth bound.
+//! CPU kernels for weights kept as the checkpoint stores them (bf16, or FP8 e4m3 with block
+//! scales) and f32 activations: `y = x Wᵀ` for a few tokens (decode), reading each weight once
+//! and widening it to f32 in registers, so decode streams a half (bf16) or a quarter (FP8) of
+//! the bytes an f32 copy would.
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -13,10 +15,10 @@ use rayon::prelude::*;
 pub enum Isa {
     /// x86-64 baseline (SSE2) or any other architecture.
     Baseline,
-    /// AVX2 with FMA: 8-wide vectors, 16 registers.
+    /// AVX2 with FMA (and F16C, which every such CPU has): 8-wide vectors, 16 registers.
     #[value(name = "avx2")]
     Avx2Fma,
-    /// AVX-512F (with AVX2 and FMA): 16-wide vectors, 32 registers, the blocked bf16 kernel.
+    /// AVX-512F (with AVX2, FMA and F16C): 16-wide vectors, 32 registers.
     #[value(name = "avx512")]
     Avx512,
 }
@@ -60,7 +62,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
+            if has!("avx2") && has!("fma") && has!("f16c") {
                 return if has!("avx512f") {
                     Isa::Avx512
                 } else {
@@ -109,11 +111,11 @@ macro_rules! simd_fn {
             assert!(isa <= Isa::detected(), "{isa:?} is not available on this CPU");
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[target_feature(enable = "avx512f,avx2,fma,f16c")]
                 fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $portable($($arg),*)
                 }
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $portable($($arg),*)
                 }
@@ -133,16 +135,217 @@ macro_rules! simd_fn {
 /// balance two to a few dozen threads.
 const ROWS_PER_TASK: usize = 64;
 
-/// `x`: `[tokens, in]`, `weight`: `[out, in]` bf16 bits → `[tokens, out]`.
-pub fn matmul_bf16(
+/// A weight matrix `[rows, in_dim]`, row-major, as the checkpoint stores it.
+#[derive(Clone, Copy)]
+pub enum Packed<'a> {
+    /// bf16 bits, widened exactly.
+    Bf16(&'a [u16]),
+    /// e4m3 bytes, each times its block's scale.
+    Fp8(Fp8Matrix<'a>),
+}
+
+/// FP8 weights as `weights::Fp8Weights` holds them.
+#[derive(Clone, Copy)]
+pub struct Fp8Matrix<'a> {
+    bytes: &'a [u8],
+    /// `[⌈rows / block_rows⌉, in_dim]`: each element's block scale times 2⁸.
+    column_scales: &'a [f32],
+    block_rows: usize,
+    /// Where `bytes` starts among the rows `column_scales` describes (tasks take slices).
+    first_row: usize,
+}
+
+impl<'a> Packed<'a> {
+    /// e4m3 `bytes` `[rows, in_dim]` with `column_scales` `[⌈rows / block_rows⌉, in_dim]`
+    /// (each element's block scale times 2⁸, as `weights::Fp8Weights` keeps them).
+    pub fn fp8(
+        bytes: &'a [u8],
+        column_scales: &'a [f32],
+        block_rows: usize,
+        in_dim: usize,
+    ) -> Self {
+        let rows = bytes.len() / in_dim.max(1);
+        assert!(block_rows > 0 && column_scales.len() == rows.div_ceil(block_rows) * in_dim);
+        Packed::Fp8(Fp8Matrix {
+            bytes,
+            column_scales,
+            block_rows,
+            first_row: 0,
+        })
+    }
+
+    fn elements(self) -> usize {
+        match self {
+            Packed::Bf16(bits) => bits.len(),
+            Packed::Fp8(m) => m.bytes.len(),
+        }
+    }
+
+    /// Rows `range` of the matrix.
+    fn rows(self, range: Range<usize>, in_dim: usize) -> Self {
+        let elements = range.start * in_dim..range.end * in_dim;
+        match self {
+            Packed::Bf16(bits) => Packed::Bf16(&bits[elements]),
+            Packed::Fp8(m) => Packed::Fp8(Fp8Matrix {
+                bytes: &m.bytes[elements],
+                first_row: m.first_row + range.start,
+                ..m
+            }),
+        }
+    }
+
+    /// The matrix widened to f32, as the kernels see it.
+    pub fn widen(self, in_dim: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.elements()];
+        out.par_chunks_mut(in_dim.max(1))
+            .enumerate()
+            .for_each(|(r, out)| self.widen_row(r, out));
+        out
+    }
+
+    /// Row `r`, widened into `out` (`in_dim` long).
+    fn widen_row(self, r: usize, out: &mut [f32]) {
+        fn widen_into(row: impl Row, out: &mut [f32]) {
+            for (i, out) in out.iter_mut().enumerate() {
+                *out = row.at(i);
+            }
+        }
+        match self {
+            Packed::Bf16(m) => widen_into(m.row(r, out.len()), out),
+            Packed::Fp8(m) => widen_into(m.row(r, out.len()), out),
+        }
+    }
+}
+
+/// A matrix the kernels read row by row.
+trait Matrix: Copy + Send + Sync {
+    type Row: Row;
+    /// Row `r` of `in_dim` elements (bounds-checked).
+    fn row(self, r: usize, in_dim: usize) -> Self::Row;
+}
+
+/// One row of weights: elements widened one at a time (the portable kernel, the tails), or
+/// 32 at a time into registers.
+trait Row: Copy {
+    fn at(self, i: usize) -> f32;
+
+    /// Elements `i..i + 32` widened, as `at` widens them.
+    ///
+    /// # Safety
+    /// `i + 32` is at most the row's length, and the CPU has the registers' features.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L;
+
+    /// The address `elements` past element `i`, to prefetch (it may lie past the row).
+    #[cfg(target_arch = "x86_64")]
+    fn ahead(self, i: usize, elements: usize) -> *const i8;
+}
+
+#[derive(Clone, Copy)]
+struct Bf16Row<'a>(&'a [u16]);
+
+impl<'a> Matrix for &'a [u16] {
+    type Row = Bf16Row<'a>;
+    fn row(self, r: usize, in_dim: usize) -> Self::Row {
+        Bf16Row(&self[r * in_dim..][..in_dim])
+    }
+}
+
+impl Row for Bf16Row<'_> {
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        widen(self.0[i])
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
+        debug_assert!(i + LANES <= self.0.len());
+        unsafe { L::widen_bf16(self.0.as_ptr().add(i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn ahead(self, i: usize, elements: usize) -> *const i8 {
+        self.0.as_ptr().wrapping_add(i + elements).cast()
+    }
+}
+
+/// A row of e4m3 bytes with the scales of its elements' blocks.
+#[derive(Clone, Copy)]
+struct Fp8Row<'a> {
+    bytes: &'a [u8],
+    scales: &'a [f32],
+}
+
+impl<'a> Matrix for Fp8Matrix<'a> {
+    type Row = Fp8Row<'a>;
+    fn row(self, r: usize, in_dim: usize) -> Self::Row {
+        let block = (self.first_row + r) / self.block_rows;
+        Fp8Row {
+            bytes: &self.bytes[r * in_dim..][..in_dim],
+            scales: &self.column_scales[block * in_dim..][..in_dim],
+        }
+    }
+}
+
+impl Row for Fp8Row<'_> {
+    /// One rounding, of `e4m3 · 2⁻⁸` (exact) times `scale · 2⁸`: the dequantised f32 weight.
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        E4M3_TIMES_2_POW_MINUS_8[usize::from(self.bytes[i])] * self.scales[i]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
+        debug_assert!(i + LANES <= self.bytes.len());
+        unsafe { L::widen_fp8(self.bytes.as_ptr().add(i), self.scales.as_ptr().add(i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn ahead(self, i: usize, elements: usize) -> *const i8 {
+        self.bytes.as_ptr().wrapping_add(i + elements).cast()
+    }
+}
+
+/// Each e4m3 byte's value times 2⁻⁸: the f16 with the same sign, exponent and mantissa bits,
+/// which is what the registers decode (`x86::Lanes::widen_fp8`). NaN bytes are refused when
+/// the weights load.
+static E4M3_TIMES_2_POW_MINUS_8: [f32; 256] = e4m3_as_f16_values();
+
+const fn e4m3_as_f16_values() -> [f32; 256] {
+    let mut values = [0f32; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let (exponent, mantissa) = ((byte >> 3) & 0xf, byte & 7);
+        // f16: 2^(e − 15) · (1 + m/8), or m/8 · 2⁻¹⁴ for e = 0
+        let magnitude = if exponent == 0 {
+            mantissa as f32 / 131_072.0
+        } else {
+            f32::from_bits(((exponent + 112) << 23) | (mantissa << 20))
+        };
+        values[byte as usize] = if byte & 0x80 == 0 {
+            magnitude
+        } else {
+            -magnitude
+        };
+        byte += 1;
+    }
+    values
+}
+
+/// `x`: `[tokens, in]`, `weight`: `[out, in]` → `[tokens, out]`.
+pub fn matmul(
     x: &[f32],
     tokens: usize,
-    weight: &[u16],
+    weight: Packed<'_>,
     out_dim: usize,
     in_dim: usize,
 ) -> Vec<f32> {
     debug_assert_eq!(x.len(), tokens * in_dim);
-    debug_assert_eq!(weight.len(), out_dim * in_dim);
+    debug_assert_eq!(weight.elements(), out_dim * in_dim);
     // [out, tokens], as `products` writes it.
     let mut by_row = vec![0f32; out_dim * tokens];
     products(vec![Product {
@@ -168,10 +371,10 @@ pub fn transpose(a: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-/// One weight matrix (row-major bf16) applied to a few inputs:
+/// One weight matrix applied to a few inputs:
 /// `out[r · inputs + t] = Σᵢ weight[r][i] · inputs[t][i]`, so `out` is `[rows, inputs]`.
 pub struct Product<'a> {
-    pub weight: &'a [u16],
+    pub weight: Packed<'a>,
     pub inputs: Vec<&'a [f32]>,
     pub out: &'a mut [f32],
 }
@@ -200,22 +403,27 @@ fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
         let Some(in_dim) = inputs.first().map(|x| x.len()) else {
             continue;
         };
-        debug_assert_eq!(weight.len() * n, out.len() * in_dim);
+        assert_eq!(weight.elements() * n, out.len() * in_dim);
         let inputs: &[&[f32]] = inputs;
-        for (rows, out) in weight
-            .chunks(ROWS_PER_TASK * in_dim)
+        let rows = out.len() / n;
+        for (first, out) in (0..rows)
+            .step_by(ROWS_PER_TASK)
             .zip(out.chunks_mut(ROWS_PER_TASK * n))
         {
-            tasks.push((rows, inputs, out));
+            let task_rows = weight.rows(first..rows.min(first + ROWS_PER_TASK), in_dim);
+            tasks.push((task_rows, inputs, out));
         }
     }
     tasks
         .into_par_iter()
-        .for_each(|(rows, inputs, out)| rows_times_inputs(isa, rows, inputs, out));
+        .for_each(|(rows, inputs, out)| match rows {
+            Packed::Bf16(m) => rows_times_inputs(isa, m, inputs, out),
+            Packed::Fp8(m) => rows_times_inputs(isa, m, inputs, out),
+        });
 }
 
 /// `out[r · n + t] = dot_portable(row r, inputs[t])` for one task's rows and all `n` inputs.
-fn rows_times_inputs(isa: Isa, rows: &[u16], inputs: &[&[f32]], out: &mut [f32]) {
+fn rows_times_inputs<M: Matrix>(isa: Isa, rows: M, inputs: &[&[f32]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: `products_on` checked that the CPU has the features.
@@ -227,7 +435,8 @@ fn rows_times_inputs(isa: Isa, rows: &[u16], inputs: &[&[f32]], out: &mut [f32])
     let in_dim = inputs[0].len();
     // Input pairs outermost: a pair stays in L1 while the task's rows (in L2) stream past.
     for t in (0..n).step_by(2) {
-        for (row, out) in rows.chunks_exact(in_dim).zip(out.chunks_exact_mut(n)) {
+        for (r, out) in out.chunks_exact_mut(n).enumerate() {
+            let row = rows.row(r, in_dim);
             if t + 1 < n {
                 (out[t], out[t + 1]) = dot2_portable(row, inputs[t], inputs[t + 1]);
             } else {
@@ -245,30 +454,47 @@ fn rows_times_inputs(isa: Isa, rows: &[u16], inputs: &[&[f32]], out: &mut [f32])
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, add_tail};
+    use super::{LANES, Matrix, Row, add_tail};
 
     /// AVX-512F: 2 rows × 4 inputs × 2 registers = 16 of the 32 registers accumulate.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn rows_times_inputs_avx512(rows: &[u16], inputs: &[&[f32]], out: &mut [f32]) {
-        rows_times_inputs::<Zmm2, 2, 4>(rows, inputs, out)
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) fn rows_times_inputs_avx512<M: Matrix>(rows: M, inputs: &[&[f32]], out: &mut [f32]) {
+        rows_times_inputs::<Zmm2, M, 2, 4>(rows, inputs, out)
     }
 
     /// AVX2: 1 row × 2 inputs × 4 registers = 8 of the 16 registers accumulate.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn rows_times_inputs_avx2(rows: &[u16], inputs: &[&[f32]], out: &mut [f32]) {
-        rows_times_inputs::<Ymm4, 1, 2>(rows, inputs, out)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn rows_times_inputs_avx2<M: Matrix>(rows: M, inputs: &[&[f32]], out: &mut [f32]) {
+        rows_times_inputs::<Ymm4, M, 1, 2>(rows, inputs, out)
     }
 
     /// 32 f32 lanes in registers of one width. The methods are inlined into kernels compiled
     /// for that width; called anywhere else they would be unsound, hence `unsafe`.
-    trait Lanes: Copy {
+    pub(super) trait Lanes: Copy {
         unsafe fn zero() -> Self;
         /// 32 bf16 at `bits`, widened to f32 (exact: the bits shifted into the high half).
-        unsafe fn widen(bits: *const u16) -> Self;
+        unsafe fn widen_bf16(bits: *const u16) -> Self;
+        /// 32 e4m3 at `bytes`, each read as the f16 of its bits (its value · 2⁻⁸, exact) and
+        /// multiplied by its scale at `scales` (which carries the 2⁸): one rounding.
+        unsafe fn widen_fp8(bytes: *const u8, scales: *const f32) -> Self;
         /// `self[i] = w[i] · x[i] + self[i]`, rounded once, for the 32 f32 at `x`.
         unsafe fn fma(&mut self, w: Self, x: *const f32);
         /// `super::sum_lanes`, the same adds in registers.
         unsafe fn sum(self) -> f32;
+    }
+
+    /// 16 e4m3 bytes as the f16 of their bits: sign-extended to 16 bits and shifted left by
+    /// 7, the sign lands in bit 15, exponent and mantissa in bits 13..7, and the mask clears
+    /// bit 14 (the top of f16's 5-bit exponent, which e4m3's 4 bits never reach).
+    #[inline(always)]
+    unsafe fn e4m3_as_f16(bytes: *const u8) -> __m256i {
+        unsafe {
+            let signed = _mm256_cvtepi8_epi16(_mm_loadu_si128(bytes.cast()));
+            _mm256_and_si256(
+                _mm256_slli_epi16::<7>(signed),
+                _mm256_set1_epi16(0xbf80_u16 as i16),
+            )
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -283,12 +509,23 @@ mod x86 {
             unsafe { Zmm2([_mm512_setzero_ps(); 2]) }
         }
         #[inline(always)]
-        unsafe fn widen(bits: *const u16) -> Self {
+        unsafe fn widen_bf16(bits: *const u16) -> Self {
             let widen16 = |p: *const u16| unsafe {
                 let halves = _mm256_loadu_si256(p.cast());
                 _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
             };
             Zmm2([widen16(bits), widen16(bits.wrapping_add(16))])
+        }
+        #[inline(always)]
+        unsafe fn widen_fp8(bytes: *const u8, scales: *const f32) -> Self {
+            unsafe {
+                let low = _mm512_cvtph_ps(e4m3_as_f16(bytes));
+                let high = _mm512_cvtph_ps(e4m3_as_f16(bytes.add(16)));
+                Zmm2([
+                    _mm512_mul_ps(low, _mm512_loadu_ps(scales)),
+                    _mm512_mul_ps(high, _mm512_loadu_ps(scales.add(16))),
+                ])
+            }
         }
         #[inline(always)]
         unsafe fn fma(&mut self, w: Self, x: *const f32) {
@@ -313,12 +550,30 @@ mod x86 {
             unsafe { Ymm4([_mm256_setzero_ps(); 4]) }
         }
         #[inline(always)]
-        unsafe fn widen(bits: *const u16) -> Self {
+        unsafe fn widen_bf16(bits: *const u16) -> Self {
             let widen8 = |p: *const u16| unsafe {
                 let halves = _mm_loadu_si128(p.cast());
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
             };
             Ymm4(std::array::from_fn(|k| widen8(bits.wrapping_add(8 * k))))
+        }
+        #[inline(always)]
+        unsafe fn widen_fp8(bytes: *const u8, scales: *const f32) -> Self {
+            unsafe {
+                let (low, high) = (e4m3_as_f16(bytes), e4m3_as_f16(bytes.add(16)));
+                let halves = [
+                    _mm256_castsi256_si128(low),
+                    _mm256_extracti128_si256::<1>(low),
+                    _mm256_castsi256_si128(high),
+                    _mm256_extracti128_si256::<1>(high),
+                ];
+                let mut lanes = [_mm256_setzero_ps(); 4];
+                for (k, (lanes, half)) in lanes.iter_mut().zip(halves).enumerate() {
+                    *lanes =
+                        _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_loadu_ps(scales.add(8 * k)));
+                }
+                Ymm4(lanes)
+            }
         }
         #[inline(always)]
         unsafe fn fma(&mut self, w: Self, x: *const f32) {
@@ -348,60 +603,56 @@ mod x86 {
         (four[0] + four[2]) + (four[1] + four[3])
     }
 
-    /// `out[r · n + t] = dot_portable(row r, inputs[t])`: input groups outermost, so a group stays in
-    /// L1 while the task's rows (in L2) stream past.
+    /// `out[r · n + t] = dot_portable(row r, inputs[t])`: input groups outermost, so a group
+    /// stays in L1 while the task's rows (in L2) stream past.
     #[inline(always)]
-    fn rows_times_inputs<L: Lanes, const ROWS: usize, const INPUTS: usize>(
-        rows: &[u16],
+    fn rows_times_inputs<L: Lanes, M: Matrix, const ROWS: usize, const INPUTS: usize>(
+        rows: M,
         inputs: &[&[f32]],
         out: &mut [f32],
     ) {
         let n = inputs.len();
-        let in_dim = inputs[0].len();
+        let count = out.len() / n;
         for first in (0..n).step_by(INPUTS) {
             let group = &inputs[first..n.min(first + INPUTS)];
-            let blocks = rows.chunks(ROWS * in_dim).zip(out.chunks_mut(ROWS * n));
-            for (w, out) in blocks {
+            for (row, out) in (0..count).step_by(ROWS).zip(out.chunks_mut(ROWS * n)) {
                 // Blocks of up to ROWS × INPUTS; the match covers the remainders.
-                match (w.len() / in_dim, group.len()) {
-                    (2, 4) if ROWS >= 2 && INPUTS >= 4 => block::<L, 2, 4>(w, group, out, first),
-                    (2, 3) if ROWS >= 2 && INPUTS >= 3 => block::<L, 2, 3>(w, group, out, first),
-                    (2, 2) if ROWS >= 2 => block::<L, 2, 2>(w, group, out, first),
-                    (2, _) if ROWS >= 2 => block::<L, 2, 1>(w, group, out, first),
-                    (_, 4) if INPUTS >= 4 => block::<L, 1, 4>(w, group, out, first),
-                    (_, 3) if INPUTS >= 3 => block::<L, 1, 3>(w, group, out, first),
-                    (_, 2) => block::<L, 1, 2>(w, group, out, first),
-                    _ => block::<L, 1, 1>(w, group, out, first),
+                let at = (rows, row, group, out, first);
+                match (count.min(row + ROWS) - row, group.len()) {
+                    (2, 4) if ROWS >= 2 && INPUTS >= 4 => block::<L, M, 2, 4>(at),
+                    (2, 3) if ROWS >= 2 && INPUTS >= 3 => block::<L, M, 2, 3>(at),
+                    (2, 2) if ROWS >= 2 => block::<L, M, 2, 2>(at),
+                    (2, _) if ROWS >= 2 => block::<L, M, 2, 1>(at),
+                    (_, 4) if INPUTS >= 4 => block::<L, M, 1, 4>(at),
+                    (_, 3) if INPUTS >= 3 => block::<L, M, 1, 3>(at),
+                    (_, 2) => block::<L, M, 1, 2>(at),
+                    _ => block::<L, M, 1, 1>(at),
                 }
             }
         }
     }
 
-    /// `out[r · n + first + t] = dot_portable(row r, inputs[t])` for `R` rows of `weights`
-    /// and `T` inputs, where `out` holds the rows' outputs for all `n` inputs.
+    /// `out[r · n + first + t] = dot_portable(row first_row + r, inputs[t])` for `R` rows and
+    /// `T` inputs, where `out` holds the `R` rows' outputs for all `n` inputs.
     #[inline(always)]
-    fn block<L: Lanes, const R: usize, const T: usize>(
-        weights: &[u16],
-        inputs: &[&[f32]],
-        out: &mut [f32],
-        first: usize,
+    fn block<L: Lanes, M: Matrix, const R: usize, const T: usize>(
+        (weights, first_row, inputs, out, first): (M, usize, &[&[f32]], &mut [f32], usize),
     ) {
         let in_dim = inputs[0].len();
-        assert!(weights.len() == R * in_dim && inputs.len() == T);
-        assert!(inputs.iter().all(|x| x.len() == in_dim));
+        assert!(inputs.len() == T && inputs.iter().all(|x| x.len() == in_dim));
+        let rows: [M::Row; R] = std::array::from_fn(|r| weights.row(first_row + r, in_dim));
         let whole = in_dim / LANES * LANES;
         // SAFETY (all blocks below): the kernels calling this run on a CPU with the
-        // registers' features, and every pointer stays within the asserted lengths: weights
-        // r · in_dim + i + 32 ≤ R · in_dim and inputs i + 32 ≤ in_dim, as i + 32 ≤ whole.
+        // registers' features, and every access stays within the rows and inputs, each
+        // in_dim long: i + 32 ≤ whole ≤ in_dim.
         let mut acc = [[unsafe { L::zero() }; T]; R];
         for i in (0..whole).step_by(LANES) {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let w = weights[r * in_dim..].as_ptr().wrapping_add(i);
+            for (row, acc) in rows.iter().zip(acc.iter_mut()) {
                 // The same place in the next block's rows, one block ahead: the hardware
                 // prefetcher alone left decode at half the memory bandwidth.
                 let w = unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(R * in_dim).cast());
-                    L::widen(w)
+                    _mm_prefetch::<_MM_HINT_T0>(row.ahead(i, R * in_dim));
+                    row.lanes::<L>(i)
                 };
                 for (acc, x) in acc.iter_mut().zip(inputs) {
                     unsafe { acc.fma(w, x.as_ptr().add(i)) };
@@ -416,10 +667,9 @@ mod x86 {
                 sums[r][t] = unsafe { acc[r][t].sum() };
             }
         }
-        for (r, sums) in sums.iter_mut().enumerate() {
-            let row = &weights[r * in_dim..][..in_dim];
+        for (row, sums) in rows.iter().zip(sums.iter_mut()) {
             for (sum, x) in sums.iter_mut().zip(inputs) {
-                *sum = add_tail(*sum, &row[whole..], &x[whole..]);
+                *sum = add_tail(*sum, *row, whole, x);
             }
         }
         let n = out.len() / R;
@@ -433,18 +683,18 @@ mod x86 {
 /// stays in a core's L2 while the GEMM reuses it for every token.
 const PANEL_ROWS: usize = 128;
 
-/// `x`: `[tokens, in]`, `weight`: `[out, in]` bf16 → `[tokens, out]`, for prefill-sized
-/// batches. Each thread widens one panel of rows into its own buffer and multiplies it with
-/// all tokens, so the weights cross memory once, as bf16.
-pub fn matmul_bf16_panels(
+/// `x`: `[tokens, in]`, `weight`: `[out, in]` → `[tokens, out]`, for prefill-sized batches.
+/// Each thread widens one panel of rows into its own buffer and multiplies it with all
+/// tokens, so the weights cross memory once, as stored.
+pub fn matmul_panels(
     x: &[f32],
     tokens: usize,
-    weight: &[u16],
+    weight: Packed<'_>,
     out_dim: usize,
     in_dim: usize,
 ) -> Vec<f32> {
     assert_eq!(x.len(), tokens * in_dim);
-    assert_eq!(weight.len(), out_dim * in_dim);
+    assert_eq!(weight.elements(), out_dim * in_dim);
     let mut y = vec![0f32; tokens * out_dim];
     let y_ptr = SharedOut(y.as_mut_ptr());
     let panels = out_dim.div_ceil(PANEL_ROWS);
@@ -453,12 +703,10 @@ pub fn matmul_bf16_panels(
         .for_each_init(Vec::new, |panel, p| {
             let first = p * PANEL_ROWS;
             let rows = PANEL_ROWS.min(out_dim - first);
-            panel.clear();
-            panel.extend(
-                weight[first * in_dim..(first + rows) * in_dim]
-                    .iter()
-                    .map(|&b| widen(b)),
-            );
+            panel.resize(rows * in_dim, 0.0);
+            for (r, row) in panel.chunks_exact_mut(in_dim).enumerate() {
+                weight.widen_row(first + r, row);
+            }
             // SAFETY: panel p writes only columns first..first + rows of y ([tokens, out_dim]
             // row-major), disjoint from every other panel's, and y outlives the loop. The strides
             // describe the buffers exactly: dst(r, t) = y[t·out_dim + first + r], lhs(r, i) =
@@ -494,7 +742,7 @@ pub fn matmul_bf16_panels(
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
-// SAFETY: only used by `matmul_bf16_panels`, whose tasks write disjoint elements.
+// SAFETY: only used by `matmul_panels`, whose tasks write disjoint elements.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -540,11 +788,6 @@ fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Widens bf16 weights to f32 (exact).
-pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
-    bits.par_iter().map(|&b| widen(b)).collect()
-}
-
 /// Lanes of a bf16 dot product: lane i sums the products of elements i, i + 32, i + 64, …,
 /// so every path keeps enough independent accumulators in flight (two AVX-512 or four AVX2
 /// registers) to cover FMA latency, and all of them add in the same order.
@@ -556,24 +799,15 @@ fn widen(bits: u16) -> f32 {
 }
 
 #[inline(always)]
-fn dot_portable(weights: &[u16], x: &[f32]) -> f32 {
+fn dot_portable(row: impl Row, x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
-    let chunks = weights.len() / LANES * LANES;
-    for (w, v) in weights[..chunks]
-        .chunks_exact(LANES)
-        .zip(x[..chunks].chunks_exact(LANES))
-    {
+    let whole = x.len() / LANES * LANES;
+    for (c, v) in x[..whole].chunks_exact(LANES).enumerate() {
         for i in 0..LANES {
-            acc[i] = widen(w[i]).mul_add(v[i], acc[i]);
+            acc[i] = row.at(c * LANES + i).mul_add(v[i], acc[i]);
         }
     }
-    finish_dot(&acc, &weights[chunks..], &x[chunks..])
-}
-
-/// Sums the lanes, then adds the tail past the last whole chunk.
-#[inline(always)]
-fn finish_dot(acc: &[f32; LANES], weights: &[u16], x: &[f32]) -> f32 {
-    add_tail(sum_lanes(acc), weights, x)
+    add_tail(sum_lanes(&acc), row, whole, x)
 }
 
 /// Sums 32 lanes pairwise, lane i with lane i + 16, then i + 8, and so on down to one: the
@@ -587,41 +821,42 @@ fn sum_lanes(acc: &[f32; LANES]) -> f32 {
     (four[0] + four[2]) + (four[1] + four[3])
 }
 
-/// `sum` plus the products of the elements past the last whole chunk, in order.
+/// `sum` plus the products of the elements from `whole` (past the last whole chunk), in order.
 #[inline(always)]
-fn add_tail(mut sum: f32, weights: &[u16], x: &[f32]) -> f32 {
-    for (w, v) in weights.iter().zip(x) {
-        sum += widen(*w) * v;
+fn add_tail(mut sum: f32, row: impl Row, whole: usize, x: &[f32]) -> f32 {
+    for (i, v) in x.iter().enumerate().skip(whole) {
+        sum += row.at(i) * v;
     }
     sum
 }
 
 /// `dot_portable` for two inputs at once: each gets exactly its arithmetic (same lanes, same
-/// order, so a token's result does not depend on its neighbour), while each weight is loaded
-/// and widened once for both.
-fn dot2_portable(weights: &[u16], x0: &[f32], x1: &[f32]) -> (f32, f32) {
+/// order, so a token's result does not depend on its neighbour), while each weight is
+/// widened once for both.
+fn dot2_portable(row: impl Row, x0: &[f32], x1: &[f32]) -> (f32, f32) {
     let (mut acc0, mut acc1) = ([0f32; LANES], [0f32; LANES]);
-    let chunks = weights.len() / LANES * LANES;
-    for ((w, v0), v1) in weights[..chunks]
+    let whole = x0.len() / LANES * LANES;
+    for (c, (v0, v1)) in x0[..whole]
         .chunks_exact(LANES)
-        .zip(x0[..chunks].chunks_exact(LANES))
-        .zip(x1[..chunks].chunks_exact(LANES))
+        .zip(x1[..whole].chunks_exact(LANES))
+        .enumerate()
     {
         for i in 0..LANES {
-            let w = widen(w[i]);
+            let w = row.at(c * LANES + i);
             acc0[i] = w.mul_add(v0[i], acc0[i]);
             acc1[i] = w.mul_add(v1[i], acc1[i]);
         }
     }
     (
-        finish_dot(&acc0, &weights[chunks..], &x0[chunks..]),
-        finish_dot(&acc1, &weights[chunks..], &x1[chunks..]),
+        add_tail(sum_lanes(&acc0), row, whole, x0),
+        add_tail(sum_lanes(&acc1), row, whole, x1),
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::weights::{E4M3_AS_F16_FACTOR, fp8_e4m3_to_f32};
 
     #[test]
     fn many_products_in_one_dispatch_equal_one_at_a_time() {
@@ -632,17 +867,17 @@ mod tests {
         let (mut a, mut b) = (vec![0f32; 200], vec![0f32; 150]);
         products(vec![
             Product {
-                weight: &weight,
+                weight: Packed::Bf16(&weight),
                 inputs: vec![&x],
                 out: &mut a,
             },
             Product {
-                weight: &weight[..150 * 33],
+                weight: Packed::Bf16(&weight[..150 * 33]),
                 inputs: vec![&x],
                 out: &mut b,
             },
         ]);
-        assert_eq!(a, matmul_bf16(&x, 1, &weight, 200, 33));
+        assert_eq!(a, matmul(&x, 1, Packed::Bf16(&weight), 200, 33));
         assert_eq!(b[..], a[..150]);
     }
 
@@ -655,9 +890,15 @@ mod tests {
         let x: Vec<f32> = (0..tokens * in_dim)
             .map(|i| ((i * 5) % 11) as f32 * 0.0537 - 0.2)
             .collect();
-        let batch = matmul_bf16(&x, tokens, &weight, out_dim, in_dim);
+        let batch = matmul(&x, tokens, Packed::Bf16(&weight), out_dim, in_dim);
         for t in 0..tokens {
-            let alone = matmul_bf16(&x[t * in_dim..][..in_dim], 1, &weight, out_dim, in_dim);
+            let alone = matmul(
+                &x[t * in_dim..][..in_dim],
+                1,
+                Packed::Bf16(&weight),
+                out_dim,
+                in_dim,
+            );
             assert_eq!(batch[t * out_dim..][..out_dim], alone[..], "token {t}");
         }
     }
@@ -675,20 +916,43 @@ mod tests {
             .collect()
     }
 
+    /// Every finite e4m3 byte in turn (NaN bytes are refused at load), in blocks of 3 rows ×
+    /// 7 columns (which straddle register blocks, tasks and lanes) scaled by 2⁻¹⁰ to 13 · 2⁻¹⁰.
+    fn fp8_weights(rows: usize, in_dim: usize) -> (Vec<u8>, Vec<f32>) {
+        let finite = (0..=255u8).filter(|b| b & 0x7f != 0x7f).cycle();
+        let bytes = finite.skip(77).take(rows * in_dim).collect();
+        let scales = (0..rows.div_ceil(3) * in_dim)
+            .map(|k| {
+                let (row_block, column_block) = (k / in_dim, k % in_dim / 7);
+                let scale = (1 + (5 * row_block + column_block) % 13) as f32 / 1024.0;
+                scale * E4M3_AS_F16_FACTOR
+            })
+            .collect();
+        (bytes, scales)
+    }
+
     #[test]
     fn every_cpu_path_gives_the_baseline_bits() {
         // 1 to 9 inputs cover every block shape and remainder; 83 rows leave a lone row and a
         // short last task; in_dim 1000 has a lane tail (1000 = 31 · 32 + 8).
         let (rows, in_dim) = (83, 1000);
-        let weight = weights(rows * in_dim);
+        let bf16 = weights(rows * in_dim);
+        let (bytes, scales) = fp8_weights(rows, in_dim);
         let x = activations(9 * in_dim);
-        for n in 1..=9 {
+        let formats = [
+            ("bf16", Packed::Bf16(&bf16)),
+            ("fp8", Packed::fp8(&bytes, &scales, 3, in_dim)),
+        ];
+        for ((format, weight), n) in formats
+            .into_iter()
+            .flat_map(|f| (1..=9).map(move |n| (f, n)))
+        {
             let run = |isa| {
                 let mut out = vec![0f32; rows * n];
                 products_on(
                     isa,
                     vec![Product {
-                        weight: &weight,
+                        weight,
                         inputs: x.chunks_exact(in_dim).take(n).collect(),
                         out: &mut out,
                     }],
@@ -698,7 +962,11 @@ mod tests {
             let baseline = run(Isa::Baseline);
             for isa in Isa::available() {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&run(isa)), bits(&baseline), "{isa:?}, {n} inputs");
+                assert_eq!(
+                    bits(&run(isa)),
+                    bits(&baseline),
+                    "{format} on {isa:?}, {n} inputs"
+                );
             }
         }
         let (a, b) = (&x[..in_dim], &x[in_dim..2 * in_dim]);
@@ -715,24 +983,58 @@ mod tests {
 
     #[test]
     fn the_baseline_matches_a_plain_sum() {
-        let (rows, in_dim) = (5, 1000);
-        let (weight, x) = (weights(rows * in_dim), activations(in_dim));
-        let mut out = vec![0f32; rows];
-        products_on(
-            Isa::Baseline,
-            vec![Product {
-                weight: &weight,
-                inputs: vec![&x],
-                out: &mut out,
-            }],
-        );
-        for (row, got) in weight.chunks_exact(in_dim).zip(out) {
-            let plain: f64 = row
-                .iter()
-                .zip(&x)
-                .map(|(w, x)| f64::from(widen(*w)) * f64::from(*x))
-                .sum();
-            assert!((f64::from(got) - plain).abs() < 1e-4, "{got} vs {plain}");
+        let (rows, in_dim) = (7, 1000);
+        let bf16 = weights(rows * in_dim);
+        let (bytes, scales) = fp8_weights(rows, in_dim);
+        let x = activations(in_dim);
+        // The weights as the checkpoint loader dequantises them.
+        let bf16_values: Vec<f64> = bf16.iter().map(|&b| f64::from(widen(b))).collect();
+        let fp8_values: Vec<f64> = (0..rows * in_dim)
+            .map(|k| {
+                let scale = scales[(k / in_dim / 3) * in_dim + k % in_dim] / E4M3_AS_F16_FACTOR;
+                f64::from(fp8_e4m3_to_f32(bytes[k]) * scale)
+            })
+            .collect();
+        let formats = [
+            (Packed::Bf16(&bf16), bf16_values),
+            (Packed::fp8(&bytes, &scales, 3, in_dim), fp8_values),
+        ];
+        for (weight, values) in formats {
+            let mut out = vec![0f32; rows];
+            products_on(
+                Isa::Baseline,
+                vec![Product {
+                    weight,
+                    inputs: vec![&x],
+                    out: &mut out,
+                }],
+            );
+            assert_eq!(
+                weight.widen(in_dim),
+                values.iter().map(|&v| v as f32).collect::<Vec<_>>()
+            );
+            for (row, got) in values.chunks_exact(in_dim).zip(out) {
+                let plain: f64 = row.iter().zip(&x).map(|(w, x)| w * f64::from(*x)).sum();
+                assert!((f64::from(got) - plain).abs() < 1e-4, "{got} vs {plain}");
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_reads_as_the_f16_of_its_bits() {
+        for byte in (0..=255u8).filter(|b| b & 0x7f != 0x7f) {
+            let value = E4M3_TIMES_2_POW_MINUS_8[usize::from(byte)];
+            assert_eq!(
+                value * E4M3_AS_F16_FACTOR,
+                fp8_e4m3_to_f32(byte),
+                "{byte:#04x}"
+            );
+            let f16_bits = (u16::from(byte & 0x80) << 8) | (u16::from(byte & 0x7f) << 7);
+            assert_eq!(
+                value,
+                half::f16::from_bits(f16_bits).to_f32(),
+                "{byte:#04x}"
+            );
         }
     }
 
@@ -745,8 +1047,8 @@ mod tests {
         let x: Vec<f32> = (0..tokens * in_dim)
             .map(|i| ((i * 5) % 11) as f32 * 0.05 - 0.2)
             .collect();
-        let a = matmul_bf16_panels(&x, tokens, &weight, out_dim, in_dim);
-        let b = matmul_bf16(&x, tokens, &weight, out_dim, in_dim);
+        let a = matmul_panels(&x, tokens, Packed::Bf16(&weight), out_dim, in_dim);
+        let b = matmul(&x, tokens, Packed::Bf16(&weight), out_dim, in_dim);
         assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4));
     }
 
@@ -759,8 +1061,8 @@ mod tests {
         let x: Vec<f32> = (0..tokens * in_dim)
             .map(|i| ((i * 5) % 11) as f32 * 0.05 - 0.2)
             .collect();
-        let w = bf16_to_f32(&weight);
-        let y = matmul_bf16(&x, tokens, &weight, out_dim, in_dim);
+        let w = Packed::Bf16(&weight).widen(in_dim);
+        let y = matmul(&x, tokens, Packed::Bf16(&weight), out_dim, in_dim);
         for t in 0..tokens {
             for o in 0..out_dim {
                 let expected: f32 = (0..in_dim)

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{Device, Tensor};
 
 use super::kernels;
-use super::ops::{Mlp, mlps_bf16};
+use super::ops::{Mlp, mlps_packed};
 use crate::config::{Config, Family, Moe as MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
@@ -95,20 +95,20 @@ impl RoutedExperts for LocalExperts {
         per_row: bool,
     ) -> Result<Tensor> {
         let tokens = x.dims2()?.0;
-        let bf16 = self.layers[layer].iter().flatten().all(Mlp::is_bf16);
-        if per_row && tokens > 1 && !bf16 {
+        let packed = self.layers[layer].iter().flatten().all(Mlp::is_packed);
+        if per_row && tokens > 1 && !packed {
             return self.forward_each_row_alone(layer, x, routing);
         }
-        if bf16 {
-            return self.forward_bf16_batched(layer, x, routing);
+        if packed {
+            return self.forward_packed_batched(layer, x, routing);
         }
         self.forward_by_expert(layer, x, routing)
     }
 }
 
 impl LocalExperts {
-    /// Each token alone, as `per_row` asks, where the experts have no bf16 kernel that keeps
-    /// rows independent.
+    /// Each token alone, as `per_row` asks, where the experts (f32) have no kernel that
+    /// keeps rows independent.
     fn forward_each_row_alone(
         &self,
         layer: usize,
@@ -127,11 +127,16 @@ impl LocalExperts {
         Ok(Tensor::cat(&rows, 0)?)
     }
 
-    /// bf16 experts, decode or prefill: each expert runs once on every token routed to it,
-    /// all experts in two dispatches; a token's output then sums its experts in its own
-    /// routing order. A prompt routes only tokens · top-k / experts rows to each expert (3
+    /// Experts kept as stored (bf16 or FP8), decode or prefill: each expert runs once on every
+    /// token routed to it, all experts in two dispatches; a token's output then sums its
+    /// experts in its own routing order. A prompt routes only tokens · top-k / experts rows to each expert (3
     /// for a 32-token prompt on 64 experts, top-6), too few to repay widening it for a GEMM.
-    fn forward_bf16_batched(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+    fn forward_packed_batched(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+    ) -> Result<Tensor> {
         let experts = &self.layers[layer];
         let (tokens, hidden) = x.dims2()?;
         let x = x.flatten_all()?.to_vec1::<f32>()?;
@@ -147,7 +152,7 @@ impl LocalExperts {
             item_of[e] = items.len();
             items.push((self.expert(layer, e)?, xs));
         }
-        let outputs = mlps_bf16(&items);
+        let outputs = mlps_packed(&items);
         let mut out = vec![0f32; tokens * hidden];
         add_in_routing_order(
             &mut out,
@@ -160,8 +165,8 @@ impl LocalExperts {
         Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?)
     }
 
-    /// f32 experts (f32, f16 or dequantised FP8 checkpoints): each expert runs as one tensor
-    /// op on the tokens routed to it.
+    /// f32 experts (f32 or f16 checkpoints): each expert runs as one tensor op on the tokens
+    /// routed to it.
     fn forward_by_expert(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let mut out = x.zeros_like()?;
         for e in 0..self.layers[layer].len() {

@@ -6,12 +6,13 @@ use candle_core::{D, Device, Tensor};
 use super::kernels;
 use crate::config::{Config, Yarn};
 use crate::error::Result;
-use crate::weights::{Bf16Weights, Checkpoint, Dtype};
+use crate::weights::{Bf16Weights, Checkpoint, Dtype, Fp8Weights};
 
-/// `y = x Wᵀ`. Weights stored as bf16 stay bf16 in memory (exact, half the bytes); decode
-/// steps and short prompts read them through [`kernels::matmul_bf16`], longer prompts
-/// through [`kernels::matmul_bf16_panels`], which widens them an L2-sized panel at a time.
-/// Other dtypes (f32, f16, dequantised FP8) are kept as f32, transposed for the GEMM.
+/// `y = x Wᵀ`. Weights stored as bf16 or FP8 stay so in memory, read in place from the
+/// checkpoint's mapping (a half or a quarter of f32's bytes); decode steps and short prompts
+/// read them through [`kernels::matmul`], which widens them in registers, longer prompts
+/// through [`kernels::matmul_panels`], which widens them an L2-sized panel at a time for a
+/// GEMM. f32 and f16 weights are kept as f32, transposed for the GEMM.
 pub struct Linear {
     storage: Storage,
 }
@@ -20,30 +21,39 @@ enum Storage {
     F32 {
         weight_t: Tensor,
     },
-    Bf16 {
-        bits: Bf16Weights,
+    Packed {
+        weights: PackedWeights,
         out_dim: usize,
         in_dim: usize,
     },
 }
 
-/// Up to this many tokens the blocked bf16 kernel is as fast as widening the weight for a
-/// GEMM or faster (measured on 32-, 128- and 1024-token prompts: `bench/engine/README.md`).
-const BF16_KERNEL_MAX_TOKENS: usize = 64;
+/// Weights the kernels read as the checkpoint stores them.
+enum PackedWeights {
+    Bf16(Bf16Weights),
+    Fp8(Fp8Weights),
+}
+
+/// Up to this many tokens the blocked kernel is as fast as widening the weight for a GEMM or
+/// faster (measured with bf16 weights on 32-, 128- and 1024-token prompts:
+/// `bench/engine/README.md`).
+const KERNEL_MAX_TOKENS: usize = 64;
 
 impl Linear {
     pub fn load(ckpt: &Checkpoint, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
         let name = format!("{name}.weight");
-        let storage = if ckpt.info(&name)?.dtype == Dtype::Bf16 {
-            Storage::Bf16 {
-                bits: ckpt.load_bf16(&name, &[out_dim, in_dim])?,
-                out_dim,
-                in_dim,
-            }
-        } else {
-            Storage::F32 {
-                weight_t: load(ckpt, &name, &[out_dim, in_dim])?.t()?.contiguous()?,
-            }
+        let shape = [out_dim, in_dim];
+        let packed = |weights| Storage::Packed {
+            weights,
+            out_dim,
+            in_dim,
+        };
+        let storage = match ckpt.info(&name)?.dtype {
+            Dtype::Bf16 => packed(PackedWeights::Bf16(ckpt.load_bf16(&name, &shape)?)),
+            Dtype::F8E4M3 => packed(PackedWeights::Fp8(ckpt.load_fp8_in_place(&name, &shape)?)),
+            Dtype::F32 | Dtype::F16 => Storage::F32 {
+                weight_t: load(ckpt, &name, &shape)?.t()?.contiguous()?,
+            },
         };
         Ok(Linear { storage })
     }
@@ -60,26 +70,31 @@ impl Linear {
         match &self.storage {
             Storage::F32 { .. } if per_row && tokens > 1 => each_row(x, |row| self.forward(row)),
             Storage::F32 { weight_t } => Ok(x.matmul(weight_t)?),
-            Storage::Bf16 {
-                bits,
+            Storage::Packed {
+                weights,
                 out_dim,
                 in_dim,
             } => {
                 let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = if per_row || tokens <= BF16_KERNEL_MAX_TOKENS {
-                    kernels::matmul_bf16(&input, tokens, bits.bits(), *out_dim, *in_dim)
+                let weight = weights.view(*in_dim);
+                let y = if per_row || tokens <= KERNEL_MAX_TOKENS {
+                    kernels::matmul(&input, tokens, weight, *out_dim, *in_dim)
                 } else {
-                    kernels::matmul_bf16_panels(&input, tokens, bits.bits(), *out_dim, *in_dim)
+                    kernels::matmul_panels(&input, tokens, weight, *out_dim, *in_dim)
                 };
                 Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?)
             }
         }
     }
 
-    /// The bf16 weight bits and output rows, when stored as bf16.
-    fn bf16(&self) -> Option<(&[u16], usize)> {
+    /// The weights as stored and the output rows, when kept as stored.
+    fn packed(&self) -> Option<(kernels::Packed<'_>, usize)> {
         match &self.storage {
-            Storage::Bf16 { bits, out_dim, .. } => Some((bits.bits(), *out_dim)),
+            Storage::Packed {
+                weights,
+                out_dim,
+                in_dim,
+            } => Some((weights.view(*in_dim), *out_dim)),
             Storage::F32 { .. } => None,
         }
     }
@@ -88,15 +103,26 @@ impl Linear {
     pub fn weight(&self) -> Result<Tensor> {
         match &self.storage {
             Storage::F32 { weight_t } => Ok(weight_t.t()?),
-            Storage::Bf16 {
-                bits,
+            Storage::Packed {
+                weights,
                 out_dim,
                 in_dim,
             } => Ok(Tensor::from_vec(
-                kernels::bf16_to_f32(bits.bits()),
+                weights.view(*in_dim).widen(*in_dim),
                 (*out_dim, *in_dim),
                 &Device::Cpu,
             )?),
+        }
+    }
+}
+
+impl PackedWeights {
+    fn view(&self, in_dim: usize) -> kernels::Packed<'_> {
+        match self {
+            PackedWeights::Bf16(w) => kernels::Packed::Bf16(w.bits()),
+            PackedWeights::Fp8(w) => {
+                kernels::Packed::fp8(w.bytes(), w.column_scales(), w.block_rows(), in_dim)
+            }
         }
     }
 }
@@ -197,24 +223,25 @@ impl Mlp {
     /// Like `forward`; with `per_row` every row is computed exactly as it would be alone.
     pub fn forward_with(&self, x: &Tensor, per_row: bool) -> Result<Tensor> {
         let (tokens, hidden) = x.dims2()?;
-        if per_row && tokens > 1 && !self.is_bf16() {
+        if per_row && tokens > 1 && !self.is_packed() {
             return each_row(x, |row| self.forward(row));
         }
-        if (per_row || tokens <= BF16_KERNEL_MAX_TOKENS) && self.is_bf16() {
+        if (per_row || tokens <= KERNEL_MAX_TOKENS) && self.is_packed() {
             let x = x.flatten_all()?.to_vec1::<f32>()?;
-            let out = mlps_bf16(&[(self, x.chunks_exact(hidden).collect())]).remove(0);
+            let out = mlps_packed(&[(self, x.chunks_exact(hidden).collect())]).remove(0);
             return Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?);
         }
         let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
         self.down.forward(&gated)
     }
 
-    pub fn is_bf16(&self) -> bool {
-        self.bf16().is_some()
+    /// Whether all three weights are kept as stored (bf16 or FP8).
+    pub fn is_packed(&self) -> bool {
+        self.packed().is_some()
     }
 
-    fn bf16(&self) -> Option<[(&[u16], usize); 3]> {
-        Some([self.gate.bf16()?, self.up.bf16()?, self.down.bf16()?])
+    fn packed(&self) -> Option<[(kernels::Packed<'_>, usize); 3]> {
+        Some([self.gate.packed()?, self.up.packed()?, self.down.packed()?])
     }
 }
 
@@ -226,14 +253,14 @@ pub fn each_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Ten
     Ok(Tensor::cat(&rows, 0)?)
 }
 
-/// `mlp(x)` for each `(mlp, inputs)` pair, every MLP bf16 (check with [`Mlp::is_bf16`]):
-/// all gate and up products in one dispatch, all down products in a second; each MLP's
-/// weights are read once for all its inputs. Returns `[inputs, hidden]` per pair. The
-/// routed experts of a decode step go through here together.
-pub fn mlps_bf16(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
-    let weights: Vec<[(&[u16], usize); 3]> = items
+/// `mlp(x)` for each `(mlp, inputs)` pair, every MLP kept as stored (check with
+/// [`Mlp::is_packed`]): all gate and up products in one dispatch, all down products in a
+/// second; each MLP's weights are read once for all its inputs. Returns `[inputs, hidden]`
+/// per pair. The routed experts of a decode step go through here together.
+pub fn mlps_packed(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
+    let weights: Vec<[(kernels::Packed<'_>, usize); 3]> = items
         .iter()
-        .map(|(mlp, _)| mlp.bf16().expect("bf16 MLP"))
+        .map(|(mlp, _)| mlp.packed().expect("MLP kept as stored"))
         .collect();
     let buffers = |which: usize| -> Vec<Vec<f32>> {
         weights

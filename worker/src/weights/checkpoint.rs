@@ -10,6 +10,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use super::dtype::to_f32;
+use super::fp8::{Fp8Weights, column_scales};
 use super::header::{TensorInfo, parse_header};
 use super::progress::Progress;
 use super::{Bf16Weights, DEFAULT_FP8_BLOCK, Dtype, INDEX_FILE, LoadError, SINGLE_FILE};
@@ -150,6 +151,33 @@ impl Checkpoint {
     /// An FP8 tensor checked to have `shape`, kept as its e4m3 bytes, with its block scales
     /// (`{name}_scale_inv`, [⌈rows/block⌉, ⌈cols/block⌉] as f32): for FP8 tensor cores.
     pub fn load_fp8(&self, name: &str, shape: &[usize]) -> Result<(Vec<u8>, Vec<f32>), LoadError> {
+        let info = self.fp8_info(name, shape)?;
+        let bytes = self.bytes(info).to_vec();
+        self.advance(bytes.len());
+        let scales = self.block_scales(name, info)?;
+        Ok((bytes, scales))
+    }
+
+    /// An FP8 tensor checked to have `shape` and finite values, read in place from the
+    /// mapping, with its block scales spread over the columns: for the CPU kernels.
+    pub fn load_fp8_in_place(&self, name: &str, shape: &[usize]) -> Result<Fp8Weights, LoadError> {
+        let info = self.fp8_info(name, shape)?;
+        let bytes = self.bytes(info);
+        if let Some(i) = bytes.iter().position(|&b| b & 0x7f == 0x7f) {
+            let message = format!("element {i} is NaN (e4m3 byte {:#04x})", bytes[i]);
+            return Err(self.error(info, name, message));
+        }
+        self.advance(bytes.len());
+        let scales = self.block_scales(name, info)?;
+        Ok(Fp8Weights::new(
+            &self.shards[info.shard].map,
+            info.start..info.end,
+            column_scales(&scales, info.shape[1], self.fp8_block),
+            self.fp8_block[0],
+        ))
+    }
+
+    fn fp8_info(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo, LoadError> {
         let info = self.info(name)?;
         if info.shape != shape || info.dtype != Dtype::F8E4M3 {
             let message = format!(
@@ -158,10 +186,7 @@ impl Checkpoint {
             );
             return Err(self.error(info, name, message));
         }
-        let bytes = self.bytes(info).to_vec();
-        self.advance(bytes.len());
-        let scales = self.block_scales(name, info)?;
-        Ok((bytes, scales))
+        Ok(info)
     }
 
     pub(super) fn bytes(&self, info: &TensorInfo) -> &[u8] {

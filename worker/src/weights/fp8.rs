@@ -1,8 +1,70 @@
 //! FP8 e4m3 weights: the byte decoding, and dequantisation with the `weight_scale_inv`
 //! block scales (`w[i][j] = f32(q[i][j]) * scale_inv[i / block_rows][j / block_cols]`).
 
+use std::ops::Range;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
 use super::dtype::to_f32;
 use super::{Checkpoint, Dtype, LoadError, TensorInfo};
+
+/// The CPU kernels read an e4m3 byte as the f16 with the same sign, exponent and mantissa
+/// bits (a shift and a mask, then the hardware's f16 conversion), which is its value times
+/// 2⁻⁸ for normal and subnormal numbers alike: the scales they multiply by carry the 2⁸.
+pub const E4M3_AS_F16_FACTOR: f32 = 256.0;
+
+/// An FP8 weight matrix `[rows, cols]`: its e4m3 bytes read in place from the checkpoint's
+/// mapping (the page cache holds them, one byte per weight), and its block scales spread over
+/// the columns, `[⌈rows / block_rows⌉, cols]` (each times [`E4M3_AS_F16_FACTOR`]), so a
+/// kernel multiplies a register of weights by a register of scales whatever the block shape.
+pub struct Fp8Weights {
+    map: Arc<Mmap>,
+    bytes: Range<usize>,
+    column_scales: Vec<f32>,
+    block_rows: usize,
+}
+
+impl Fp8Weights {
+    pub(super) fn new(
+        map: &Arc<Mmap>,
+        bytes: Range<usize>,
+        column_scales: Vec<f32>,
+        block_rows: usize,
+    ) -> Self {
+        Fp8Weights {
+            map: Arc::clone(map),
+            bytes,
+            column_scales,
+            block_rows,
+        }
+    }
+
+    /// The e4m3 bytes, row-major.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.bytes.clone()]
+    }
+
+    /// `[⌈rows / block_rows⌉, cols]`: element (i, j)'s scale times 2⁸ is at
+    /// `(i / block_rows) · cols + j`.
+    pub fn column_scales(&self) -> &[f32] {
+        &self.column_scales
+    }
+
+    pub fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+}
+
+/// Block scales `[⌈rows / block⌉, ⌈cols / block⌉]` spread to `[⌈rows / block⌉, cols]`, times
+/// [`E4M3_AS_F16_FACTOR`] (exact: a power of two).
+pub(super) fn column_scales(scales: &[f32], cols: usize, block: [usize; 2]) -> Vec<f32> {
+    let scale_cols = cols.div_ceil(block[1]);
+    scales
+        .chunks_exact(scale_cols.max(1))
+        .flat_map(|row| (0..cols).map(move |j| row[j / block[1]] * E4M3_AS_F16_FACTOR))
+        .collect()
+}
 
 impl Checkpoint {
     pub(super) fn apply_block_scales(
@@ -160,6 +222,43 @@ mod tests {
         assert_eq!(
             w,
             [1., 1., 2., 2., 3., 1., 1., 2., 2., 3., 4., 4., 5., 5., 6.]
+        );
+    }
+
+    #[test]
+    fn fp8_weights_in_place_carry_each_elements_block_scale_and_refuse_nan() {
+        // the 3×5 weight of the test above, q = 1.0 except element 6 (0xc0: −2.0)
+        let mut q = vec![0x38u8; 15];
+        q[6] = 0xc0;
+        let scales = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let tensors = |q: Vec<u8>| {
+            safetensors(&[
+                ("w.weight", "F8_E4M3", vec![3, 5], q),
+                ("w.weight_scale_inv", "F32", vec![2, 3], f32_bytes(&scales)),
+            ])
+        };
+        let ckpt = open(&tensors(q.clone())).unwrap();
+        let dequantised = ckpt.load_f32("w.weight", &[3, 5]).unwrap();
+        let w = ckpt.load_fp8_in_place("w.weight", &[3, 5]).unwrap();
+        assert_eq!(w.bytes(), q);
+        assert_eq!(w.block_rows(), 2);
+        let in_place: Vec<f32> = (0..15)
+            .map(|k| {
+                let scale = w.column_scales()[(k / 5) / 2 * 5 + k % 5] / E4M3_AS_F16_FACTOR;
+                fp8_e4m3_to_f32(w.bytes()[k]) * scale
+            })
+            .collect();
+        assert_eq!(in_place, dequantised);
+        q[7] = 0xff;
+        let err = open(&tensors(q))
+            .unwrap()
+            .load_fp8_in_place("w.weight", &[3, 5])
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .ends_with("tensor w.weight: element 7 is NaN (e4m3 byte 0xff)"),
+            "{err}"
         );
     }
 

@@ -4,8 +4,9 @@
 //! Every header is checked against its file before any tensor is read: a missing tensor, a
 //! wrong shape or dtype, a truncated file or offsets that point outside the data are errors
 //! naming the tensor and the file, never a panic or an out-of-bounds read. FP8 e4m3 weights
-//! are dequantised with their `weight_scale_inv` block scales:
-//! `w[i][j] = f32(q[i][j]) * scale_inv[i / block_rows][j / block_cols]`.
+//! are dequantised with their `weight_scale_inv` block scales,
+//! `w[i][j] = f32(q[i][j]) * scale_inv[i / block_rows][j / block_cols]`: into f32, or in
+//! the CPU kernels' registers from the bytes read in place ([`Fp8Weights`]).
 //!
 //! The parts: `checkpoint.rs` opens the files (one, or the shards an index names) and loads
 //! tensors; `header.rs` parses and checks a safetensors header; `dtype.rs` the element types
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 
 pub use self::checkpoint::{Checkpoint, check_safetensors};
 pub use self::dtype::{Bf16Weights, Dtype};
-pub use self::fp8::fp8_e4m3_to_f32;
+pub use self::fp8::{E4M3_AS_F16_FACTOR, Fp8Weights, fp8_e4m3_to_f32};
 pub use self::header::TensorInfo;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
