@@ -21,7 +21,12 @@ their summed time.
                 model(token, past_key_values) per step, torch.inference_mode().
   ours          $WORKER_BIN generate --model DIR --prompt-ids ... --max-new-tokens N
                 --threads T (default /work/main/target/release/deepseek-worker); its own
-                timing.prefill_tokens_per_s / timing.decode_tokens_per_s / timing.load_s.
+                timing.prefill_tokens_per_s / timing.decode_tokens_per_s / timing.load_s,
+                and its peak resident memory (ru_maxrss from os.wait4) as peak_rss_mib.
+  ours-fp8      the same on the FP8 variant of the model (--fp8-model, default
+                .tools/bench-model/bench-small-fp8, make_bench_model.py --fp8): not in the default
+                --engines; name it (--engines ours,ours-fp8). When both ran, ratios["ours-fp8/ours"]
+                gives its prefill, decode and peak-RSS ratios to ours.
 
 Also: this machine's memory read bandwidth (numpy float32 sum over 1 GiB, one thread, and
 torch.sum over the same array with `threads` threads; median of 7 passes each; the larger is used) and the decode bound
@@ -57,6 +62,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_MODEL = os.path.join(ROOT, ".tools", "bench-model", "bench-small")
+DEFAULT_FP8_MODEL = os.path.join(ROOT, ".tools", "bench-model", "bench-small-fp8")
 LLAMA_PY = os.path.join(ROOT, ".tools", "llamacpp-venv", "bin", "python")
 HF_PY = os.path.join(ROOT, ".tools", "fixtures-venv", "bin", "python")
 WORKER_BIN = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target", "release", "deepseek-worker"))
@@ -72,7 +78,7 @@ def make_prompt(vocab: int, n: int, bos: int) -> list[int]:
 
 def summarize(runs: list[dict]) -> dict:
     out = {"runs": runs}
-    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s", "load_s"):
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s", "load_s", "peak_rss_mib"):
         vals = [r[key] for r in runs if r.get(key) is not None]
         if vals:
             out[key] = statistics.median(vals)
@@ -371,42 +377,61 @@ def run_worker(python: str, name: str, extra: list[str], args, prompt: list[int]
     return with_retries(args, name, once)
 
 
-def run_ours(args, prompt: list[int], logits_npy: str) -> dict:
+def run_peak_rss(cmd: list[str]) -> tuple[int, str, str, float]:
+    """Runs cmd to completion; returns (exit code, stdout, stderr, peak resident memory in MiB:
+    the child's ru_maxrss from os.wait4, KiB on Linux)."""
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        fo.seek(0)
+        fe.seek(0)
+        return (p.returncode, fo.read().decode(errors="replace"), fe.read().decode(errors="replace"),
+                ru.ru_maxrss / 1024)
+
+
+def run_ours(args, prompt: list[int], logits_npy: str, model: str | None = None, label: str = "ours") -> dict:
+    """$WORKER_BIN generate on `model` (default --model), reported as engine `label`."""
+    model = model or args.model
     if not (os.path.isfile(WORKER_BIN) and os.access(WORKER_BIN, os.X_OK)):
         msg = f"skipped: {WORKER_BIN} does not exist (build it with cargo build --release, or set WORKER_BIN)"
-        print(f"== ours: {msg}", flush=True)
+        print(f"== {label}: {msg}", flush=True)
         return {"skipped": msg}
-    cmd = [WORKER_BIN, "generate", "--model", args.model, "--prompt-ids", ",".join(map(str, prompt)),
+    if not os.path.exists(os.path.join(model, "config.json")):
+        msg = f"skipped: {model} has no checkpoint (make_bench_model.py{' --fp8' if 'fp8' in label else ''})"
+        print(f"== {label}: {msg}", flush=True)
+        return {"skipped": msg}
+    cmd = [WORKER_BIN, "generate", "--model", model, "--prompt-ids", ",".join(map(str, prompt)),
            "--max-new-tokens", str(args.gen_len), "--threads", str(args.threads)]
-    print(f"== ours: {' '.join(cmd[:4])} --prompt-ids <{len(prompt)} ids> {' '.join(cmd[6:])}", flush=True)
+    print(f"== {label}: {' '.join(cmd[:4])} --prompt-ids <{len(prompt)} ids> {' '.join(cmd[6:])}", flush=True)
 
     def once() -> dict:
         runs = []
         with ContentionMonitor() as mon:
             for i in range(args.runs + 1):  # the first is the warm-up
                 t = time.time()
-                p = subprocess.run(cmd, capture_output=True, text=True)
+                rc, stdout, stderr, rss = run_peak_rss(cmd)
                 wall = time.time() - t
-                if p.returncode != 0:
-                    return {"error": f"exit {p.returncode}: {p.stderr.strip()[-2000:]}"}
-                doc = json.loads(p.stdout.strip().splitlines()[-1])
+                if rc != 0:
+                    return {"error": f"exit {rc}: {stderr.strip()[-2000:]}"}
+                doc = json.loads(stdout.strip().splitlines()[-1])
                 tm = doc["timing"]
                 r = {"prefill_tokens_per_s": tm["prefill_tokens_per_s"],
                      "decode_tokens_per_s": tm["decode_tokens_per_s"],
-                     "load_s": tm.get("load_s"), "wall_s": wall, "tokens": doc["tokens"]}
+                     "load_s": tm.get("load_s"), "wall_s": wall, "peak_rss_mib": rss, "tokens": doc["tokens"]}
                 if i > 0:
                     runs.append(r)
         out = summarize([{k: v for k, v in r.items() if k != "tokens"} for r in runs])
         out.update(mon.report())
-        out.update({"tokens": runs[-1]["tokens"], "binary": WORKER_BIN,
+        out.update({"tokens": runs[-1]["tokens"], "binary": WORKER_BIN, "model_dir": model,
                     "deterministic": all(r["tokens"] == runs[0]["tokens"] for r in runs)})
         if len(out["tokens"]) < args.gen_len:
             out["note"] = f"stopped after {len(out['tokens'])} tokens (eos)"
-        print(f"   prefill {out['prefill_tokens_per_s']:.1f} tok/s, decode {out['decode_tokens_per_s']:.2f} tok/s",
-              flush=True)
+        print(f"   prefill {out['prefill_tokens_per_s']:.1f} tok/s, decode {out['decode_tokens_per_s']:.2f} tok/s, "
+              f"peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
         return out
 
-    out = with_retries(args, "ours", once)
+    out = with_retries(args, label, once)
     if "error" in out:
         return out
     # one more, untimed run for the correctness check: the last prompt position's logits
@@ -457,11 +482,14 @@ def fmt(x, nd=1):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--fp8-model", default=DEFAULT_FP8_MODEL,
+                    help="the FP8 checkpoint for engine ours-fp8 (make_bench_model.py --fp8)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--engines", default="llamacpp,transformers,ours")
+    ap.add_argument("--engines", default="llamacpp,transformers,ours",
+                    help="any of llamacpp, transformers, ours, ours-fp8 (comma-separated)")
     ap.add_argument("--gguf-types", default="f16,bf16,f32", help="GGUF files bench-small-<type>.gguf in --model")
     ap.add_argument("--hf-dtypes", default="float32,bfloat16")
     ap.add_argument("--hf-experts", default="default", help="transformers experts_implementation")
@@ -482,6 +510,7 @@ def main() -> None:
     ap.add_argument("--logits-out")
     args = ap.parse_args()
     args.model = os.path.abspath(args.model)
+    args.fp8_model = os.path.abspath(args.fp8_model)
 
     if args.worker:
         fn = {"bandwidth": worker_bandwidth, "llamacpp": worker_llamacpp, "transformers": worker_transformers}
@@ -494,6 +523,10 @@ def main() -> None:
     params = json.load(open(os.path.join(args.model, "bench_params.json")))
     prompt = make_prompt(cfg["vocab_size"], args.prompt_len, cfg["bos_token_id"])
     engines = args.engines.split(",")
+    fp8_params_file = os.path.join(args.fp8_model, "bench_params.json")
+    fp8_params = json.load(open(fp8_params_file)) if os.path.exists(fp8_params_file) else {}
+    if "fp8_bytes_per_token" in fp8_params:
+        params.setdefault("fp8_bytes_per_token", fp8_params["fp8_bytes_per_token"])
     # last prompt position's logits, per engine, kept beside the model (out of git) for --update
     ldir = os.path.join(args.model, "bench-logits", os.path.splitext(os.path.basename(args.out))[0])
     os.makedirs(ldir, exist_ok=True)
@@ -504,6 +537,8 @@ def main() -> None:
                   "active_params_per_token": params["active_params_per_token"],
                   "bf16_bytes_per_token": params["bf16_bytes_per_token"],
                   "f32_bytes_per_token": params["f32_bytes_per_token"],
+                  **({"fp8_bytes_per_token": params["fp8_bytes_per_token"], "fp8_dir": args.fp8_model}
+                     if "fp8_bytes_per_token" in params else {}),
                   **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
                                          "num_experts_per_tok", "n_group", "topk_group", "vocab_size")}},
         "setup": {"prompt_len": args.prompt_len, "gen_len": args.gen_len, "threads": args.threads,
@@ -525,9 +560,13 @@ def main() -> None:
         g = bw["read_gbs"] * 1e9
         results["decode_bound_tokens_per_s"] = {"bf16": g / params["bf16_bytes_per_token"],
                                                 "f32": g / params["f32_bytes_per_token"]}
+        if "fp8_bytes_per_token" in params:
+            results["decode_bound_tokens_per_s"]["fp8"] = g / params["fp8_bytes_per_token"]
         print(f"   read bandwidth {bw['read_gbs']:.1f} GB/s -> decode bound bf16 "
               f"{results['decode_bound_tokens_per_s']['bf16']:.1f} tok/s, f32 "
-              f"{results['decode_bound_tokens_per_s']['f32']:.1f} tok/s", flush=True)
+              f"{results['decode_bound_tokens_per_s']['f32']:.1f} tok/s"
+              + (f", fp8 {results['decode_bound_tokens_per_s']['fp8']:.1f} tok/s"
+                 if "fp8" in results["decode_bound_tokens_per_s"] else ""), flush=True)
 
     logits = {}
     if "transformers" in engines:
@@ -547,14 +586,16 @@ def main() -> None:
             lo = os.path.join(ldir, f"llamacpp-{gt}.npy")
             r = run_worker(args.llama_python, "llamacpp", ["--gguf", path, "--logits-out", lo], args, prompt)
             results["engines"][f"llamacpp-{gt}"] = r
-    if "ours" in engines:
-        results["engines"]["ours"] = run_ours(args, prompt, os.path.join(ldir, "ours.npy"))
+    for name, model_dir in (("ours", args.model), ("ours-fp8", args.fp8_model)):
+        if name not in engines:
+            continue
+        results["engines"][name] = run_ours(args, prompt, os.path.join(ldir, f"{name}.npy"), model_dir, name)
         if os.path.exists(WORKER_BIN):
-            results["engines"]["ours"]["binary_mtime"] = time.strftime(
+            results["engines"][name]["binary_mtime"] = time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(WORKER_BIN)))
             git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
-            results["engines"]["ours"]["git_head"] = git("log", "-1", "--format=%h %ci %s")
-            results["engines"]["ours"]["worker_src_uncommitted_changes"] = bool(
+            results["engines"][name]["git_head"] = git("log", "-1", "--format=%h %ci %s")
+            results["engines"][name]["worker_src_uncommitted_changes"] = bool(
                 git("status", "--porcelain", "--", "worker", "Cargo.toml", "Cargo.lock"))
     for name, r in results["engines"].items():
         r.setdefault("measured_at", results["date"])
@@ -574,16 +615,28 @@ def main() -> None:
                         np.abs(logits[name] - logits[ref_name]).max())
         if cfg["eos_token_id"] in ref:
             results["note_eos"] = "transformers' greedy tokens contain eos; 'ours' stops there"
+    # ours-fp8 runs other weights (the FP8-rounded master weights): compare it with ours too
+    fp8r, oursr = results["engines"].get("ours-fp8", {}), results["engines"].get("ours", {})
+    if fp8r.get("tokens") is not None and oursr.get("tokens") is not None:
+        fp8r["agreement_vs_ours"] = agreement(oursr["tokens"], fp8r["tokens"], 8)
+        if "ours-fp8" in logits and "ours" in logits:
+            fp8r["last_prompt_logits_max_abs_diff_vs_ours"] = float(np.abs(logits["ours-fp8"] - logits["ours"]).max())
 
     # ratios
     ours = results["engines"].get("ours", {})
     ratios = {}
     if "decode_tokens_per_s" in ours:
         for name, r in results["engines"].items():
-            if name != "ours" and "decode_tokens_per_s" in r:
+            if name not in ("ours", "ours-fp8") and "decode_tokens_per_s" in r:
                 ratios[f"ours/{name}"] = {
                     "prefill": ours["prefill_tokens_per_s"] / r["prefill_tokens_per_s"],
                     "decode": ours["decode_tokens_per_s"] / r["decode_tokens_per_s"]}
+        if "decode_tokens_per_s" in fp8r:
+            ratios["ours-fp8/ours"] = {
+                "prefill": fp8r["prefill_tokens_per_s"] / ours["prefill_tokens_per_s"],
+                "decode": fp8r["decode_tokens_per_s"] / ours["decode_tokens_per_s"]}
+            if fp8r.get("peak_rss_mib") and ours.get("peak_rss_mib"):
+                ratios["ours-fp8/ours"]["peak_rss"] = fp8r["peak_rss_mib"] / ours["peak_rss_mib"]
     results["ratios"] = ratios
 
     results["loadavg_end"] = os.getloadavg()
@@ -606,8 +659,8 @@ def main() -> None:
             lines.append(f"| {name} | | {r.get('skipped') or r.get('error')} | | | | | | | |")
             continue
         wt = ("f32" if name.endswith(("float32", "-f32")) else
-              "f16" if name.endswith("-f16") else "bf16")
-        b = bound.get("f32" if wt == "f32" else "bf16")
+              "f16" if name.endswith("-f16") else "fp8" if name.endswith("-fp8") else "bf16")
+        b = bound.get(wt if wt in ("f32", "fp8") else "bf16")
         ag = r.get("agreement_vs_" + ref_name, {})
         ld = r.get("last_prompt_logits_max_abs_diff_vs_" + ref_name)
         lines.append(f"| {name} | {wt} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('decode_tokens_per_s'), 2)} | "
@@ -619,9 +672,14 @@ def main() -> None:
     if bw.get("read_gbs"):
         lines.append(f"Memory read bandwidth: {bw['read_gbs']:.1f} GB/s ("
                      + ", ".join(f"{k} {v:.1f}" for k, v in bw.items() if k.endswith("_gbs") and k != "read_gbs")
-                     + f"); decode bound: bf16 {bound['bf16']:.1f} tok/s, f32 {bound['f32']:.1f} tok/s")
+                     + f"); decode bound: bf16 {bound['bf16']:.1f} tok/s, f32 {bound['f32']:.1f} tok/s"
+                     + (f", fp8 {bound['fp8']:.1f} tok/s" if "fp8" in bound else ""))
+    rss = [f"{name} {r['peak_rss_mib']:.0f} MiB" for name, r in results["engines"].items() if r.get("peak_rss_mib")]
+    if rss:
+        lines.append("peak RSS: " + ", ".join(rss))
     for k, v in ratios.items():
-        lines.append(f"{k}: prefill x{v['prefill']:.2f}, decode x{v['decode']:.2f}")
+        lines.append(f"{k}: prefill x{v['prefill']:.2f}, decode x{v['decode']:.2f}"
+                     + (f", peak RSS x{v['peak_rss']:.2f}" if "peak_rss" in v else ""))
     lines.append("load average (1/5/15 min) at start %s, at end %s" % (
         "/".join(f"{x:.2f}" for x in results["loadavg_start"]), "/".join(f"{x:.2f}" for x in results["loadavg_end"])))
     print("\n".join(lines))

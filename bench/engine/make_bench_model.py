@@ -2,6 +2,7 @@
 """Writes "bench-small": a random DeepSeek-V3 checkpoint for engine benchmarks.
 
     .tools/fixtures-venv/bin/python bench/engine/make_bench_model.py .tools/bench-model/bench-small
+    .tools/fixtures-venv/bin/python bench/engine/make_bench_model.py .tools/bench-model/bench-small-fp8 --fp8
 
 model_type deepseek_v3 with the official checkpoint's layout and naming (per-expert tensors
 `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, f32 `e_score_correction_bias`,
@@ -19,6 +20,21 @@ about 0.81 B parameters, 0.14 B of them active per token.
 Weights: N(0, 0.02) for every matrix (embeddings, attention, MLPs, experts, router, lm_head),
 norms 1, e_score_correction_bias N(0, 0.02) (f32); drawn from numpy's PCG64 with a fixed seed
 (the same files every run with the same numpy). Nothing is downloaded.
+
+--fp8 writes the FP8 variant ("bench-small-fp8"), stored like the official DeepSeek-V3 FP8
+checkpoint: the same f32 master weights (same seed, same draw order), and every matrix whose
+all_shapes() kind is "linear" (attention projections, the dense MLP, routed and shared experts;
+as make_fixtures.to_storage(fp8=True)) becomes float8_e4m3fn with a `<name>_scale_inv` f32 tensor
+of shape [ceil(rows/128), ceil(cols/128)] beside it (per 128x128 block: scale = amax / 448,
+q = e4m3(w / scale), w ~ f32(q) * scale_inv: make_fixtures.quantize_fp8 itself, a few seconds
+for the whole model); embeddings, router, norms, lm_head stay bf16, e_score_correction_bias f32.
+config.json gains the official `quantization_config` (dynamic activations, e4m3, 128x128 blocks).
+The tokenizer is the same trainer's output: copy tokenizer.json and tokenizer_config.json from
+bench-small and pass --skip-tokenizer to skip retraining.
+
+bench_params.json: total_params, active_params_per_token, and the weight bytes one decoded token
+reads: bf16_bytes_per_token, f32_bytes_per_token, fp8_bytes_per_token (FP8 storage: 1 byte per
+FP8 element plus its 4-byte block scales, 2 bytes per bf16 element, 4 per f32 bias element).
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ from safetensors.torch import save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
-from make_fixtures import V3_COMMON, all_shapes  # noqa: E402  (tensor list in official naming)
+from make_fixtures import BLOCK, V3_COMMON, all_shapes, quantize_fp8  # noqa: E402  (tensor list in official naming)
 from make_tokenizer import CHAT_TEMPLATE, SPECIALS  # noqa: E402  (DeepSeek's specials, template)
 
 SEED = 4242
@@ -82,32 +98,57 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 
+# As in the official DeepSeek-V3 config.json (and tests/fixtures' tiny-v3-fp8).
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [BLOCK, BLOCK],
+}
+
+
+def n_blocks(shape: tuple[int, ...]) -> int:
+    """Number of 128x128 blocks (= scale_inv elements) of a matrix, partial edge blocks included."""
+    return -(-shape[0] // BLOCK) * -(-shape[1] // BLOCK)
+
 
 def param_counts(cfg: dict) -> dict:
-    """Total parameters, and the weights one decoded token reads (bf16 bytes, f32 bytes)."""
+    """Total parameters, and the weights one decoded token reads (bf16 bytes, f32 bytes, and the
+    bytes of the FP8 storage: FP8 linear weights + f32 block scales, bf16 rest, f32 bias)."""
     total = 0
     active = 0
+    fp8_bytes = 0.0
     k, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
     h = cfg["hidden_size"]
-    for name, shape, _kind in all_shapes(cfg):
+    for name, shape, kind in all_shapes(cfg):
         n = int(np.prod(shape))
         total += n
+        if kind == "linear":
+            nbytes = n + 4 * n_blocks(shape)
+        elif kind == "bias":
+            nbytes = 4 * n
+        else:
+            nbytes = 2 * n
         if ".mlp.experts." in name:
             active += n * k / E  # k of E routed experts per MoE layer
+            fp8_bytes += nbytes * k / E
         elif name == "model.embed_tokens.weight":
             active += h  # one row is looked up
+            fp8_bytes += 2 * h
         else:
             active += n
+            fp8_bytes += nbytes
     active = int(active)
     return {
         "total_params": total,
         "active_params_per_token": active,
         "bf16_bytes_per_token": 2 * active,
         "f32_bytes_per_token": 4 * active,
+        "fp8_bytes_per_token": int(fp8_bytes),
     }
 
 
-def write_weights(cfg: dict, out: str) -> None:
+def write_weights(cfg: dict, out: str, fp8: bool = False) -> None:
     rng = np.random.Generator(np.random.PCG64(SEED))
     tensors = {}
     for name, shape, kind in all_shapes(cfg):
@@ -116,6 +157,12 @@ def write_weights(cfg: dict, out: str) -> None:
         else:
             w = rng.standard_normal(shape, dtype=np.float32)
             w *= INIT_STD
+        if fp8 and kind == "linear":
+            # quantised from the f32 master, as make_fixtures.to_storage(fp8=True)
+            q, s = quantize_fp8(w)
+            tensors[name] = q
+            tensors[name + "_scale_inv"] = s
+            continue
         t = torch.from_numpy(w)
         # e_score_correction_bias stays f32 as in the official checkpoint
         tensors[name] = t if kind == "bias" else t.to(torch.bfloat16)
@@ -185,20 +232,23 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--skip-tokenizer", action="store_true", help="keep an existing tokenizer.json")
     ap.add_argument("--skip-weights", action="store_true", help="keep an existing model.safetensors")
+    ap.add_argument("--fp8", action="store_true",
+                    help="store the linear weights as float8_e4m3fn with 128x128 block scales (bench-small-fp8)")
     args = ap.parse_args()
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    text = json.dumps(CONFIG, indent=2, sort_keys=True) + "\n"
+    cfg = {**CONFIG, "quantization_config": FP8_QUANTIZATION_CONFIG} if args.fp8 else CONFIG
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(text)
     counts = param_counts(CONFIG)
     with open(os.path.join(out, "bench_params.json"), "w") as f:
-        json.dump({**counts, "seed": SEED, "init_std": INIT_STD,
+        json.dump({**counts, "seed": SEED, "init_std": INIT_STD, "storage": "fp8" if args.fp8 else "bf16",
                    "config_sha256": hashlib.sha256(text.encode()).hexdigest()}, f, indent=2)
         f.write("\n")
     if not (args.skip_weights and os.path.exists(os.path.join(out, "model.safetensors"))):
-        write_weights(CONFIG, out)
+        write_weights(CONFIG, out, fp8=args.fp8)
         print(f"weights written in {time.time() - t0:.1f} s")
     if not (args.skip_tokenizer and os.path.exists(os.path.join(out, "tokenizer.json"))):
         t1 = time.time()
@@ -209,7 +259,7 @@ def main() -> None:
     print(f"total params:            {counts['total_params']:,}")
     print(f"active params per token: {counts['active_params_per_token']:,}")
     print(f"weight bytes read per decoded token: bf16 {counts['bf16_bytes_per_token'] / 1e6:.1f} MB, "
-          f"f32 {counts['f32_bytes_per_token'] / 1e6:.1f} MB")
+          f"f32 {counts['f32_bytes_per_token'] / 1e6:.1f} MB, fp8 storage {counts['fp8_bytes_per_token'] / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -246,6 +246,7 @@ struct Bf16Row<'a>(&'a [u16]);
 
 impl<'a> Matrix for &'a [u16] {
     type Row = Bf16Row<'a>;
+    #[inline(always)]
     fn row(self, r: usize, in_dim: usize) -> Self::Row {
         Bf16Row(&self[r * in_dim..][..in_dim])
     }
@@ -280,6 +281,7 @@ struct Fp8Row<'a> {
 
 impl<'a> Matrix for Fp8Matrix<'a> {
     type Row = Fp8Row<'a>;
+    #[inline(always)]
     fn row(self, r: usize, in_dim: usize) -> Self::Row {
         let block = (self.first_row + r) / self.block_rows;
         Fp8Row {
