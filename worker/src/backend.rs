@@ -38,6 +38,11 @@ pub trait Backend: Send + Sync {
     /// Whether a pass can sample next tokens where the logits are (`Want::Token`).
     fn samples_on_device(&self) -> bool;
 
+    /// Prompt chunks of up to this many tokens compute in a batch-invariant pass, among other
+    /// sequences' rows, exactly what they compute in a pass of their own (0: none do), so the
+    /// scheduler runs them with the decode rows and each weight is read once for all.
+    fn batchable_chunk_tokens(&self) -> usize;
+
     /// Tokens routed to each expert so far.
     fn expert_load(&self) -> &ExpertLoad;
 

@@ -132,6 +132,11 @@ impl ExpertParallel {
 }
 
 impl RoutedExperts for ExpertParallel {
+    /// Every rank holds its experts as the checkpoint stores them, as this one does.
+    fn rows_independent(&self) -> bool {
+        self.local.rows_independent()
+    }
+
     fn bytes_sent(&self) -> Option<u64> {
         Some(self.sent.load(Ordering::Relaxed))
     }

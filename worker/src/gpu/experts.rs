@@ -149,6 +149,11 @@ fn padded_slots(
 /// wanting some of its experts here (a varying number: they are padded to the most any
 /// token wants, with weight 0).
 impl RoutedExperts for GpuExperts {
+    /// cuBLAS picks its kernels by the number of rows.
+    fn rows_independent(&self) -> bool {
+        false
+    }
+
     fn forward(
         &self,
         layer: usize,

@@ -48,6 +48,16 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Whether the projections a pass's rows go through are kept as stored (`kv_up` runs on
+    /// each sequence's own latents).
+    pub fn is_packed(&self) -> bool {
+        let q = match &self.q {
+            QProj::Plain(proj) => proj.is_packed(),
+            QProj::LowRank { down, up, .. } => down.is_packed() && up.is_packed(),
+        };
+        q && self.kv_down.is_packed() && self.o_proj.is_packed()
+    }
+
     pub fn load(cfg: &Config, ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
         let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
         let (nope, rope_dim, v_dim, kv_lora) = (

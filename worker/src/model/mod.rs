@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use self::attention::Attention;
 use self::cache::{BLOCK_TOKENS, BlockTable, KvPool, SequenceCache};
 use self::moe::{ExpertLoad, LocalExperts, MoeMlp, RoutedExperts, Routing};
-use self::ops::{Embedding, Linear, Mlp, RmsNorm, Rope};
+use self::ops::{Embedding, KERNEL_MAX_TOKENS, Linear, Mlp, RmsNorm, Rope};
 use crate::backend::{self, Backend, KvCache, Output, Pass};
 use crate::config::Config;
 use crate::error::{Context, Result};
@@ -84,6 +84,8 @@ pub struct Model {
     rope: Rope,
     experts: Box<dyn RoutedExperts>,
     expert_load: ExpertLoad,
+    /// `Backend::batchable_chunk_tokens`.
+    batchable_chunk_tokens: usize,
 }
 
 impl Model {
@@ -125,7 +127,7 @@ impl Model {
     ) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = Embedding::load(ckpt, "model.embed_tokens.weight", vocab, hidden)?;
-        let layers = (0..cfg.num_hidden_layers)
+        let layers: Vec<DecoderLayer> = (0..cfg.num_hidden_layers)
             .map(|l| DecoderLayer::load(&cfg, ckpt, l))
             .collect::<Result<_>>()?;
         let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
@@ -135,7 +137,21 @@ impl Model {
         };
         let norm = RmsNorm::load(ckpt, "model.norm", hidden, cfg.rms_norm_eps)?;
         let experts = experts(&cfg, ckpt)?;
+        let packed = |layer: &DecoderLayer| {
+            layer.attention.is_packed()
+                && match &layer.mlp {
+                    FeedForward::Dense(mlp) => mlp.is_packed(),
+                    FeedForward::Moe(moe) => moe.is_packed(),
+                }
+        };
+        let rows_independent =
+            lm_head.is_packed() && layers.iter().all(packed) && experts.rows_independent();
         Ok(Model {
+            batchable_chunk_tokens: if rows_independent {
+                KERNEL_MAX_TOKENS
+            } else {
+                0
+            },
             norm,
             rope: Rope::new(&cfg),
             embed,
@@ -308,6 +324,12 @@ impl Backend for Model {
 
     fn samples_on_device(&self) -> bool {
         false
+    }
+
+    /// With every weight a row goes through kept as stored, rows take the blocked kernel in
+    /// a batch-invariant pass, and so do a pass's own rows up to `KERNEL_MAX_TOKENS`.
+    fn batchable_chunk_tokens(&self) -> usize {
+        self.batchable_chunk_tokens
     }
 
     fn expert_load(&self) -> &ExpertLoad {

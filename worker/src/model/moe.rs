@@ -25,6 +25,10 @@ pub trait RoutedExperts: Send + Sync {
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing, per_row: bool)
     -> Result<Tensor>;
 
+    /// Whether every row's output is what it would be alone, whatever else is in the call
+    /// (experts kept as stored run the blocked kernel on all their rows).
+    fn rows_independent(&self) -> bool;
+
     /// Bytes sent to other ranks so far (expert parallelism); None when all are local.
     fn bytes_sent(&self) -> Option<u64> {
         None
@@ -87,6 +91,10 @@ impl LocalExperts {
 }
 
 impl RoutedExperts for LocalExperts {
+    fn rows_independent(&self) -> bool {
+        self.layers.iter().flatten().flatten().all(Mlp::is_packed)
+    }
+
     fn forward(
         &self,
         layer: usize,
@@ -409,6 +417,11 @@ pub struct MoeMlp {
 }
 
 impl MoeMlp {
+    /// Whether the shared experts (if any) are kept as stored; the router is per-token.
+    pub fn is_packed(&self) -> bool {
+        self.shared.as_ref().is_none_or(Mlp::is_packed)
+    }
+
     pub fn load(cfg: &Config, ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
         let shared = match cfg.moe.n_shared_experts {
             0 => None,

@@ -37,7 +37,7 @@ enum PackedWeights {
 /// Up to this many tokens the blocked kernel is as fast as widening the weight for a GEMM or
 /// faster (measured with bf16 weights on 32-, 128- and 1024-token prompts:
 /// `bench/engine/README.md`).
-const KERNEL_MAX_TOKENS: usize = 64;
+pub const KERNEL_MAX_TOKENS: usize = 64;
 
 impl Linear {
     pub fn load(ckpt: &Checkpoint, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
@@ -85,6 +85,13 @@ impl Linear {
                 Ok(Tensor::from_vec(y, (tokens, *out_dim), &Device::Cpu)?)
             }
         }
+    }
+
+    /// Whether the weight is kept as stored (bf16 or FP8): products of up to
+    /// [`KERNEL_MAX_TOKENS`] rows, or of any rows in a batch-invariant pass, then take the
+    /// blocked kernel, where each row computes what it would alone.
+    pub fn is_packed(&self) -> bool {
+        self.packed().is_some()
     }
 
     /// The weights as stored and the output rows, when kept as stored.

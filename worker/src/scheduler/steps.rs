@@ -1,6 +1,7 @@
 //! One step of the engine: stream the tokens whose logits are ready, give decoding sequences
 //! their blocks (preempting the newest when the pool is dry), then run the batched decode
-//! pass and the prompt chunks that fit the token budget.
+//! pass and the prompt chunks that fit the token budget: in it, those short enough to compute
+//! there what they compute alone (`Backend::batchable_chunk_tokens`), each other one alone.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -50,7 +51,10 @@ impl Engine {
             .filter(|s| s.next_decode_token().is_some())
             .count();
         let chunks = self.plan_chunks(self.config.max_batch_tokens.saturating_sub(decodes));
-        let passes = usize::from(decodes > 0) + chunks.len();
+        let batchable = self.model.batchable_chunk_tokens();
+        let (together, alone): (Vec<_>, Vec<_>) =
+            chunks.into_iter().partition(|&(_, len)| len <= batchable);
+        let passes = usize::from(decodes > 0 || !together.is_empty()) + alone.len();
         let passes = match self.agree_on_passes(passes) {
             Ok(passes) => {
                 self.load.group_busy.store(passes > 0, Ordering::Relaxed);
@@ -61,17 +65,23 @@ impl Engine {
                 return generated;
             }
         };
-        if let Err(err) = self.run_passes(&chunks, passes) {
+        if let Err(err) = self.run_passes(&together, &alone, passes) {
             self.group_failed(&err);
         }
         generated
     }
 
-    /// The decode pass, the prompt chunks, then idle passes up to `passes`. Errs only when
-    /// the expert-parallel group failed.
-    fn run_passes(&mut self, chunks: &[u64], passes: usize) -> Result<()> {
-        let mut done = usize::from(self.decode_together()?);
-        for id in chunks {
+    /// The decode pass with the chunks `together`, the chunks `alone` (sequence ids and
+    /// chunk lengths), then idle passes up to `passes`. Errs only when the expert-parallel
+    /// group failed.
+    fn run_passes(
+        &mut self,
+        together: &[(u64, usize)],
+        alone: &[(u64, usize)],
+        passes: usize,
+    ) -> Result<()> {
+        let mut done = usize::from(self.run_together(together)?);
+        for (id, _) in alone {
             // By id: a failed decode may have removed sequences and moved the others.
             if let Some(i) = self.running.iter().position(|s| s.id == *id) {
                 done += usize::from(self.prefill_chunk(i)?);
@@ -111,25 +121,38 @@ impl Engine {
         self.waiting.push_front(seq);
     }
 
-    /// Runs every sequence's next known token through the model in one batched pass;
-    /// true when the pass ran, an error when the expert-parallel group failed.
-    fn decode_together(&mut self) -> Result<bool> {
-        let rows: Vec<usize> = (0..self.running.len())
-            .filter(|&i| self.running[i].next_decode_token().is_some())
-            .collect();
+    /// Runs every sequence's next known token, and the prompt chunks `chunks` (sequence ids
+    /// and lengths), through the model in one batch-invariant pass: every row computes what
+    /// it would alone, each weight read once for all. True when the pass ran, an error when
+    /// the expert-parallel group failed.
+    fn run_together(&mut self, chunks: &[(u64, usize)]) -> Result<bool> {
+        // (sequence index, rows, cache position before the pass, a prompt chunk or not)
+        let mut rows: Vec<(usize, usize, usize, bool)> = Vec::new();
+        let mut tokens: Vec<u32> = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
+            let done = seq.blocks.tokens();
+            if let Some(&(_, len)) = chunks.iter().find(|(id, _)| *id == seq.id) {
+                tokens.extend_from_slice(&seq.request.prompt_ids[done..done + len]);
+                rows.push((i, len, done, true));
+            } else if let Some(token) = seq.next_decode_token() {
+                tokens.push(token);
+                rows.push((i, 1, done, false));
+            }
+        }
         if rows.is_empty() {
             return Ok(false);
         }
         let on_device = self.model.samples_on_device();
         let wants: Vec<Want> = rows
             .iter()
-            .map(|&i| self.running[i].want(1, on_device))
+            .map(|&(i, len, _, _)| self.running[i].want(len, on_device))
             .collect();
-        let (tokens, mut segments): (Vec<u32>, Vec<(usize, &mut BlockTable)>) = self
-            .running
-            .iter_mut()
-            .filter_map(|seq| Some((seq.next_decode_token()?, (1, &mut seq.blocks))))
-            .unzip();
+        let mut segments: Vec<(usize, &mut BlockTable)> = (self.running.iter_mut().enumerate())
+            .filter_map(|(i, seq)| {
+                let &(_, len, _, _) = rows.iter().find(|&&(row, ..)| row == i)?;
+                Some((len, &mut seq.blocks))
+            })
+            .collect();
         let pass = Pass {
             tokens: &tokens,
             segments: &mut segments,
@@ -138,8 +161,11 @@ impl Engine {
         };
         match self.model.forward(&mut self.cache, pass) {
             Ok(outputs) => {
-                for (&i, next) in rows.iter().zip(outputs) {
+                for (&(i, len, done, chunk), next) in rows.iter().zip(outputs) {
                     self.running[i].take(next);
+                    if chunk {
+                        self.register_prompt_blocks(i, done, len);
+                    }
                 }
                 Ok(true)
             }
@@ -148,7 +174,7 @@ impl Engine {
             Err(err) => {
                 let status = internal(err);
                 // Highest index first, so removal leaves the others where they are.
-                for &i in rows.iter().rev() {
+                for &(i, ..) in rows.iter().rev() {
                     self.finish(i, Outcome::Failed(status.clone()));
                 }
                 Ok(false)
@@ -160,7 +186,7 @@ impl Engine {
     /// fit in `budget`; the first always runs. Chunks start at multiples of `prefill_chunk`,
     /// whatever the budget, so a prompt is computed the same way in every batch and after
     /// every preemption.
-    fn plan_chunks(&self, mut budget: usize) -> Vec<u64> {
+    fn plan_chunks(&self, mut budget: usize) -> Vec<(u64, usize)> {
         let mut chosen = Vec::new();
         for seq in &self.running {
             if !seq.prefilling() {
@@ -171,7 +197,7 @@ impl Engine {
                 break;
             }
             budget = budget.saturating_sub(chunk);
-            chosen.push(seq.id);
+            chosen.push((seq.id, chunk));
         }
         chosen
     }
@@ -204,17 +230,7 @@ impl Engine {
                 if let Some(next) = outputs.pop() {
                     seq.take(next);
                 }
-                // A whole chunk at its fixed offset computes what any prompt starting the
-                // same way would: later prompts may share its blocks.
-                let prefill_chunk = self.config.prefill_chunk;
-                if self.config.cached_chunk_blocks().is_some()
-                    && chunk == prefill_chunk
-                    && done.is_multiple_of(prefill_chunk)
-                {
-                    let (first, end) = (done / BLOCK_TOKENS, (done + chunk) / BLOCK_TOKENS);
-                    let names = &seq.prompt_names[first..end.min(seq.prompt_names.len())];
-                    self.cache.pool.register(&seq.blocks, first, names);
-                }
+                self.register_prompt_blocks(i, done, chunk);
                 (Outcome::Continue, true)
             }
             Err(err) if err.is_group() || self.group.is_some() => return Err(err),
@@ -222,5 +238,22 @@ impl Engine {
         };
         self.finish(i, outcome);
         Ok(ran)
+    }
+
+    /// After sequence `i`'s prompt chunk of `chunk` tokens from `done` ran: a whole chunk at
+    /// its fixed offset computes what any prompt starting the same way would, so later
+    /// prompts may share its blocks.
+    fn register_prompt_blocks(&mut self, i: usize, done: usize, chunk: usize) {
+        let prefill_chunk = self.config.prefill_chunk;
+        if self.config.cached_chunk_blocks().is_none()
+            || chunk != prefill_chunk
+            || !done.is_multiple_of(prefill_chunk)
+        {
+            return;
+        }
+        let seq = &self.running[i];
+        let (first, end) = (done / BLOCK_TOKENS, (done + chunk) / BLOCK_TOKENS);
+        let names = &seq.prompt_names[first..end.min(seq.prompt_names.len())];
+        self.cache.pool.register(&seq.blocks, first, names);
     }
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use deepseek_worker::backend::Backend;
 use deepseek_worker::model::Model;
 use deepseek_worker::model::cache::BlockTable;
 use serde::Deserialize;
@@ -125,6 +126,65 @@ fn batched_decode_equals_alone(name: &str) {
     let mut refs: Vec<&mut _> = tables.iter_mut().collect();
     let batched = rows(&model.forward_decode(&[7; 5], &mut pool, &mut refs).unwrap());
     assert_eq!(batched, alone, "{name}");
+}
+
+/// One batch-invariant pass of decode rows and prompt chunks (a prompt's first chunk and
+/// another's second) gives every sequence exactly the logits of its own passes: what lets
+/// the scheduler run short chunks with the decode rows.
+fn chunks_among_decode_rows_equal_alone(name: &str) {
+    let (model, reference) = load(name);
+    assert_eq!(model.batchable_chunk_tokens(), 64, "{name}");
+    let p = &reference.prompt_ids;
+    // (cached before, rows of the shared pass), by sequence
+    let plans: [(&[u32], &[u32]); 4] = [
+        (&p[..3], &[7]),
+        (&[], &p[..4]),
+        (&p[..5], &[9]),
+        (&p[..2], &p[2..6]),
+    ];
+    let mut alone = Vec::new();
+    for (before, rows_now) in plans {
+        let mut solo = model.new_cache();
+        if !before.is_empty() {
+            model.forward(before, &mut solo).unwrap();
+        }
+        alone.extend(rows(&model.forward(rows_now, &mut solo).unwrap()));
+    }
+    let mut pool = model.new_pool(64);
+    let mut tables: Vec<BlockTable> = plans.iter().map(|_| BlockTable::default()).collect();
+    for ((before, rows_now), table) in plans.iter().zip(&mut tables) {
+        assert!(pool.reserve(table, before.len() + rows_now.len()));
+        if !before.is_empty() {
+            model
+                .forward_batch(before, &mut pool, &mut [(before.len(), table)], false)
+                .unwrap();
+        }
+    }
+    let tokens: Vec<u32> = plans
+        .iter()
+        .flat_map(|(_, now)| now.iter().copied())
+        .collect();
+    let mut segments: Vec<(usize, &mut BlockTable)> = plans
+        .iter()
+        .zip(&mut tables)
+        .map(|((_, now), table)| (now.len(), table))
+        .collect();
+    let together = rows(
+        &model
+            .forward_batch(&tokens, &mut pool, &mut segments, true)
+            .unwrap(),
+    );
+    assert_eq!(together, alone, "{name}");
+}
+
+#[test]
+fn prompt_chunks_among_decode_rows_are_batch_invariant_bf16() {
+    chunks_among_decode_rows_equal_alone("tiny-v3-bf16");
+}
+
+#[test]
+fn prompt_chunks_among_decode_rows_are_batch_invariant_fp8() {
+    chunks_among_decode_rows_equal_alone("tiny-v3-fp8");
 }
 
 #[test]

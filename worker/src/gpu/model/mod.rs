@@ -385,6 +385,12 @@ impl Backend for GpuModel {
         true
     }
 
+    /// cuBLAS picks its kernels by batch size: a chunk among other rows agrees with its
+    /// pass alone to rounding only, and the prefix cache needs the same bits.
+    fn batchable_chunk_tokens(&self) -> usize {
+        0
+    }
+
     fn forward_idle(&self) -> Result<()> {
         let Routed::Parallel(ep) = &self.routed else {
             return Ok(());
