@@ -10,8 +10,8 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::cache::{BlockTable, LayerBlocks};
-use super::kernels::{axpy, dot_f32};
+use super::cache::{BLOCK_TOKENS, BlockTable, LayerBlocks};
+use super::kernels::{axpy, dots_f32};
 use super::ops::{Linear, RmsNorm, Rope, softmax_last, yarn_mscale};
 use crate::config::Config;
 use crate::error::Result;
@@ -275,16 +275,21 @@ impl Attention {
                 let q_nope = &q_nope[(row * heads + h) * nope..][..nope];
                 let q_pe = &q_pe[(row * heads + h) * rope..][..rope];
                 // The query in latent space: W_UKᵀ q_nope.
-                let q_latent: Vec<f32> = self.w_uk_t[h * kv_lora * nope..][..kv_lora * nope]
-                    .chunks_exact(nope)
-                    .map(|w| dot_f32(w, q_nope))
-                    .collect();
-                let mut probs: Vec<f32> = (0..total)
-                    .map(|position| {
-                        let (c_kv, k_pe) = store.read(table, position);
-                        (dot_f32(&q_latent, c_kv) + dot_f32(q_pe, k_pe)) * scale
-                    })
-                    .collect();
+                let mut q_latent = vec![0f32; kv_lora];
+                let w_uk_t = &self.w_uk_t[h * kv_lora * nope..][..kv_lora * nope];
+                dots_f32(w_uk_t, q_nope, &mut q_latent);
+                // Scores a block of positions at a time (their latents lie together).
+                let mut probs = vec![0f32; total];
+                let mut pe = [0f32; BLOCK_TOKENS];
+                for (block, probs) in probs.chunks_mut(BLOCK_TOKENS).enumerate() {
+                    let (c_kv, k_pe) = store.read_run(table, block * BLOCK_TOKENS, probs.len());
+                    let pe = &mut pe[..probs.len()];
+                    dots_f32(c_kv, &q_latent, probs);
+                    dots_f32(k_pe, q_pe, pe);
+                    for (p, pe) in probs.iter_mut().zip(pe) {
+                        *p = (*p + *pe) * scale;
+                    }
+                }
                 let max = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for p in &mut probs {
@@ -295,12 +300,11 @@ impl Attention {
                 for (position, p) in probs.iter().enumerate() {
                     axpy(p / sum, store.read(table, position).0, &mut latent_out);
                 }
-                for (o, w) in head_out
-                    .iter_mut()
-                    .zip(self.w_uv[h * v_dim * kv_lora..].chunks_exact(kv_lora))
-                {
-                    *o = dot_f32(w, &latent_out);
-                }
+                dots_f32(
+                    &self.w_uv[h * v_dim * kv_lora..][..v_dim * kv_lora],
+                    &latent_out,
+                    head_out,
+                );
             });
         let width = heads * v_dim;
         for (i, &(row, _)) in rows.iter().enumerate() {

@@ -50,6 +50,17 @@ impl LayerBlocks {
         )
     }
 
+    /// Positions `first..first + count`, all in one block: their latents and roped keys,
+    /// which lie together there.
+    pub fn read_run(&self, table: &BlockTable, first: usize, count: usize) -> (&[f32], &[f32]) {
+        assert!(first % BLOCK_TOKENS + count <= BLOCK_TOKENS);
+        let slot = table.slot(first);
+        (
+            &self.c_kv[slot * self.kv_lora..][..count * self.kv_lora],
+            &self.k_pe[slot * self.rope..][..count * self.rope],
+        )
+    }
+
     /// Positions `0..tokens` copied out contiguously: `([tokens × kv_lora], [tokens × rope])`.
     pub fn gather(&self, table: &BlockTable, tokens: usize) -> (Vec<f32>, Vec<f32>) {
         let mut c_kv = Vec::with_capacity(tokens * self.kv_lora);

@@ -813,27 +813,65 @@ impl SharedOut {
     }
 }
 
+/// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never
+/// depends on what else is computed with it.
+#[inline(always)]
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let [dot] = dot_lanes([a], b);
+    dot
+}
+
 simd_fn! {
-    /// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never
-    /// depends on what else is computed with it.
-    pub fn dot_f32 / dot_f32_on(a: &[f32], b: &[f32]) -> f32 = dot_f32_portable
+    /// `out[k] = dot_f32(row k, x)` for the `out.len()` rows of `rows` (each `x.len()` long),
+    /// four at a time: each is `dot_f32`'s sum, bit for bit, while four chains of adds run
+    /// side by side (one alone waits on each add's latency: the short dot products of decode
+    /// attention spent most of their time so).
+    pub fn dots_f32 / dots_f32_on(rows: &[f32], x: &[f32], out: &mut [f32]) = dots_f32_portable
 }
 
 #[inline(always)]
-fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let whole = a.len().min(b.len()) / LANES * LANES;
-    for (x, y) in a[..whole]
-        .chunks_exact(LANES)
-        .zip(b[..whole].chunks_exact(LANES))
-    {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
+fn dots_f32_portable(rows: &[f32], x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    assert_eq!(rows.len(), out.len() * n);
+    if n == 0 {
+        return out.fill(0.0);
+    }
+    for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4 * n)) {
+        match out {
+            [a, b, c, d] => {
+                let four: [&[f32]; 4] = std::array::from_fn(|k| &rows[k * n..][..n]);
+                [*a, *b, *c, *d] = dot_lanes(four, x);
+            }
+            _ => {
+                for (out, row) in out.iter_mut().zip(rows.chunks_exact(n)) {
+                    *out = dot_f32(row, x);
+                }
+            }
         }
     }
-    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+}
+
+/// `K` dot products with `x`: each sums its products in 8 lanes (`acc[i] += a[i] · x[i]`,
+/// element i, i + 8, … in lane i), adds the lanes in order, then the tail, over the shorter
+/// of the two lengths.
+#[inline(always)]
+fn dot_lanes<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K] {
+    const LANES: usize = 8;
+    let mut acc = [[0f32; LANES]; K];
+    let lens: [usize; K] = std::array::from_fn(|k| rows[k].len().min(x.len()));
+    let whole = lens.iter().fold(x.len(), |n, &len| n.min(len)) / LANES * LANES;
+    for (c, y) in x[..whole].chunks_exact(LANES).enumerate() {
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let a = &row[c * LANES..][..LANES];
+            for i in 0..LANES {
+                acc[i] += a[i] * y[i];
+            }
+        }
+    }
+    std::array::from_fn(|k| {
+        let tail = rows[k][whole..lens[k]].iter().zip(&x[whole..lens[k]]);
+        acc[k].iter().sum::<f32>() + tail.map(|(a, y)| a * y).sum::<f32>()
+    })
 }
 
 simd_fn! {
@@ -1030,10 +1068,16 @@ mod tests {
             }
         }
         let (a, b) = (&x[..in_dim], &x[in_dim..2 * in_dim]);
+        // 7 rows: a group of four and three alone; rows of 125 have a lane tail.
+        let (rows, row) = (&x[..7 * 125], &x[7 * 125..8 * 125]);
+        let alone: Vec<u32> = (rows.chunks_exact(125))
+            .map(|r| dot_f32(r, row).to_bits())
+            .collect();
         for isa in Isa::available() {
             let name = isa.name();
-            let (dot, base) = (dot_f32_on(isa, a, b), dot_f32_on(Isa::Baseline, a, b));
-            assert_eq!(dot.to_bits(), base.to_bits(), "dot_f32 on {name}");
+            let mut dots = [0f32; 7];
+            dots_f32_on(isa, rows, row, &mut dots);
+            assert_eq!(dots.map(f32::to_bits)[..], alone[..], "dots_f32 on {name}");
             let (mut y, mut base) = (b.to_vec(), b.to_vec());
             axpy_on(isa, 0.37, a, &mut y);
             axpy_on(Isa::Baseline, 0.37, a, &mut base);

@@ -290,10 +290,9 @@ impl Router {
         let logits: Vec<Vec<f32>> = rows
             .iter()
             .map(|row| {
-                self.weight
-                    .chunks_exact(self.hidden)
-                    .map(|w| kernels::dot_f32(w, row))
-                    .collect()
+                let mut logits = vec![0f32; self.weight.len() / self.hidden];
+                kernels::dots_f32(&self.weight, row, &mut logits);
+                logits
             })
             .collect();
         let mut routing = Routing {
