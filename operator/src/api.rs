@@ -121,6 +121,21 @@ pub struct DeepSeekDeploymentSpec {
     /// spec (or `kubectl scale`, or an HPA) does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+
+    /// OpenTelemetry traces of the router and the workers. Absent: none are exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+/// Spans exported over OTLP/gRPC: a request's span in the router continues its client's
+/// trace (a W3C `traceparent` header or gRPC metadata), and the worker's the router's.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// The collector's OTLP/gRPC endpoint, `http://HOST:4317` (or `https://`), given to the
+    /// router and every worker as `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[schemars(regex(pattern = r"^https?://\S+$"))]
+    pub otlp_endpoint: String,
 }
 
 /// Load-aware scaling: the load is the requests running and waiting on the workers and held

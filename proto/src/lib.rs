@@ -1,6 +1,6 @@
 //! Contracts between clients, the router, the workers and the operator: the `deepseek.v1`
 //! gRPC services, their deadline header, the expert placement plan and the pod contract; and
-//! what the router and the worker share as gRPC servers (`serving`, `tls`).
+//! what the router and the worker share as gRPC servers (`serving`, `tls`, `telemetry`).
 
 pub mod codec;
 pub mod deadline;
@@ -8,6 +8,7 @@ pub mod memory;
 pub mod placement;
 pub mod pod;
 pub mod serving;
+pub mod telemetry;
 pub mod tls;
 
 /// Generated `deepseek.v1` messages, client and server.

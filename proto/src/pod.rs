@@ -28,6 +28,8 @@ pub mod env {
     pub const LISTEN: &str = "DSD_LISTEN";
     /// Prometheus `/metrics` listen address.
     pub const METRICS_LISTEN: &str = "DSD_METRICS_LISTEN";
+    /// Where spans go over OTLP/gRPC: OpenTelemetry's own variable, which the router reads too.
+    pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
     /// Token budget of one scheduler step.
     pub const MAX_BATCH_TOKENS: &str = "DSD_MAX_BATCH_TOKENS";
     /// The pool's GPU product (`nvidia.com/gpu.product`); a rank on another GPU refuses to

@@ -76,10 +76,8 @@ impl Inference for Front {
             })?;
         }
         let timeout = grpc_timeout(request.metadata());
-        let stream = self
-            .router
-            .generate(request.into_inner(), timeout, key)
-            .await?;
+        let (trace, _, request) = request.into_parts();
+        let stream = self.router.generate(request, timeout, key, &trace).await?;
         Ok(Response::new(stream))
     }
 

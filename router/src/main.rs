@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use deepseek_proto::serving::shutdown_signal;
+use deepseek_proto::telemetry;
 use deepseek_proto::tls::{Identity, TlsFiles};
 use deepseek_router::auth::{ApiKeys, key_line};
 use deepseek_router::backend::{BackendSpec, parse_backends_file};
@@ -30,6 +31,11 @@ struct Cli {
     /// Metrics listen address (`/metrics`); empty turns it off.
     #[arg(long, default_value = "0.0.0.0:9090")]
     metrics_listen: String,
+    /// Export spans over OTLP/gRPC to this collector (`http://HOST:4317`); off when unset.
+    /// A request's span continues the trace of its `traceparent` header, and the worker's
+    /// continues the router's.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Model name clients use (default: what the workers report).
     #[arg(long)]
     served_name: Option<String>,
@@ -206,12 +212,14 @@ async fn bind(flag: &str, addr: &str) -> anyhow::Result<tokio::net::TcpListener>
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    // Dropped before the runtime: the last spans flush over its connections.
+    let _telemetry = {
+        let _inside = runtime.enter();
+        telemetry::init("deepseek-router", cli.otlp_endpoint.as_deref())
+            .map_err(anyhow::Error::msg)?
+    };
     if let Some(Command::HashKey { name }) = &cli.command {
         let key = std::io::read_to_string(std::io::stdin())?;
         let key = key.trim();
@@ -227,7 +235,7 @@ fn main() -> anyhow::Result<()> {
         cli.metrics_listen.clone(),
     );
     let (mut config, discover) = cli.run_config()?;
-    tokio::runtime::Runtime::new()?.block_on(async move {
+    runtime.block_on(async move {
         if let Some((namespace, selector)) = discover {
             let client = kube::Client::try_default()
                 .await

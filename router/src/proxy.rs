@@ -7,12 +7,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use deepseek_proto::telemetry;
 use deepseek_proto::v1::generate_request::Prompt;
 use deepseek_proto::v1::inference_client::InferenceClient;
 use deepseek_proto::v1::{GenerateRequest, GenerateResponse, GetLoadRequest, GetLoadResponse};
 use futures::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
+use tracing::Instrument;
 
 use crate::auth::Key;
 use crate::backend::{Backend, BackendSpec, InFlight};
@@ -259,14 +262,19 @@ impl Router {
     /// Opens a `Generate` stream on the best backend. A failure before the first message is
     /// retried on another backend (up to `max_attempts`); after it, errors pass through.
     /// Opens a stream on a backend for a caller with API key `key` (if keys are in use),
-    /// whose requests and tokens are counted, and whose tokens spend its rate limit.
+    /// whose requests and tokens are counted, and whose tokens spend its rate limit. The
+    /// request's span continues the caller's trace (`trace`: its headers or metadata), and
+    /// the backend's continues this one.
     pub async fn generate(
         &self,
         request: GenerateRequest,
         timeout: Option<Duration>,
         key: Option<Arc<Key>>,
+        trace: &MetadataMap,
     ) -> Result<ResponseStream, Status> {
-        let opened = self.open_stream(request, timeout).await;
+        let span = tracing::info_span!("route", id = %request.request_id);
+        telemetry::continue_trace(&span, trace);
+        let opened = self.open_stream(request, timeout).instrument(span).await;
         self.metrics.opened(opened.as_ref().err().map(Status::code));
         let Some(key) = key else {
             return opened;
@@ -313,6 +321,7 @@ impl Router {
             tried.push(backend.spec.addr.clone());
             let in_flight = backend.start();
             let mut call = tonic::Request::new(request.clone());
+            telemetry::propagate(&tracing::Span::current(), call.metadata_mut());
             if let Some(timeout) = timeout {
                 call.set_timeout(timeout.saturating_sub(started.elapsed()));
             }

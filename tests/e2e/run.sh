@@ -179,6 +179,7 @@ tiny | sed 's/^      gpusPerPod: 1$/      gpusPerPod: 1\n      colour: blue/' | 
 tiny | sed 's/^    source:$/    source:\n      huggingFace: {repo: a\/b}/' | refused "exactly one of huggingFace or pvc"
 tiny | sed 's/^  pools:$/  parallelism: {expertParallelRanks: 3}\n  pools:\n    - {name: two, gpusPerPod: 2, replicas: 1}/' \
   | refused expertParallelRanks
+tiny | sed 's/^  pools:$/  tracing: {otlpEndpoint: "collector:4317"}\n  pools:/' | refused otlpEndpoint   # schema pattern
 kubectl get dsd -n "$NS" -o name | grep -q . && fail "a refused spec left an object behind"
 
 # ============================================================================================

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use deepseek_proto::placement::{PlacementPlan, expert_load_from_metrics};
 use deepseek_proto::serving::shutdown_signal;
+use deepseek_proto::telemetry;
 use deepseek_proto::tls::{Identity, TlsFiles};
 use deepseek_worker::backend;
 use deepseek_worker::config::Config;
@@ -445,11 +446,13 @@ const TINY_MODEL: &str = concat!(
 );
 
 fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    // Dropped before the runtime: the last spans flush over its connections.
+    let _telemetry = {
+        let _inside = runtime.enter();
+        telemetry::init("deepseek-worker", args.otlp_endpoint.as_deref())
+            .map_err(anyhow::Error::msg)?
+    };
     let ranks = args.resolve()?;
     choose_cpu_kernels(args.cpu_kernels)?;
     if args.ep_transport == deepseek_worker::ep::EpTransport::Nccl && args.device == DeviceSpec::Cpu
@@ -524,7 +527,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         dtype: args.dtype,
         kv_cache_fraction: args.kv_cache_fraction,
     };
-    tokio::runtime::Runtime::new()?.block_on(async move {
+    runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("--listen {}", serve.listen))?;
         tracing::info!(listen = %listener.local_addr()?, model = %serve.model_dir.display(), "listening");
         let shutdown = async {

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// probes, which speak no TLS.
     #[arg(long, env = env::HEALTH_LISTEN)]
     pub health_listen: Option<SocketAddr>,
+    /// Export spans over OTLP/gRPC to this collector (`http://HOST:4317`); off when unset. A
+    /// request's span continues the trace its caller's `traceparent` names.
+    #[arg(long, env = env::OTLP_ENDPOINT)]
+    pub otlp_endpoint: Option<String>,
     /// Seconds open streams may run after SIGTERM before they are ended.
     #[arg(long, env = "DSD_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

@@ -161,17 +161,15 @@ impl Inference for InferenceService {
     ) -> Result<Response<GenerateStream>, Status> {
         let loaded = self.loaded()?;
         let deadline = grpc_timeout(request.metadata()).map(|t| std::time::Instant::now() + t);
-        let valid = validate(
-            request.into_inner(),
-            loaded.tokenizer.as_deref(),
-            &loaded.limits,
-        )
-        .map_err(|e| invalid_argument(&e))?;
+        let (trace, _, request) = request.into_parts();
+        let valid = validate(request, loaded.tokenizer.as_deref(), &loaded.limits)
+            .map_err(|e| invalid_argument(&e))?;
         let (respond, responses) = tokio::sync::mpsc::unbounded_channel();
         loaded.least_busy().scheduler.submit(Submission {
             request: valid,
             deadline,
             respond,
+            trace,
         })?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             responses,

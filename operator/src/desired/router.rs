@@ -226,6 +226,9 @@ impl Ctx<'_> {
                 autoscaling.hold_requests_seconds.to_string(),
             ]);
         }
+        if let Some(tracing) = &self.dsd.spec.tracing {
+            args.extend(["--otlp-endpoint".to_string(), tracing.otlp_endpoint.clone()]);
+        }
         args
     }
 }

@@ -250,6 +250,9 @@ impl Ctx<'_> {
         if let Some(fraction) = fraction {
             env.push(env_var(env::KV_CACHE_FRACTION, &fraction.to_string()));
         }
+        if let Some(tracing) = &self.dsd.spec.tracing {
+            env.push(env_var(env::OTLP_ENDPOINT, &tracing.otlp_endpoint));
+        }
         if self.dsd.spec.worker_tls.is_some() {
             env.extend([
                 env_var(env::TLS_CERT, &format!("{WORKER_TLS_DIR}/{TLS_CERT_ENTRY}")),

@@ -868,3 +868,27 @@ fn with_autoscaling_the_router_holds_requests_while_no_group_serves() {
         .unwrap();
     assert!(!plain.contains(&"--hold-for-backend-seconds".to_string()));
 }
+
+#[test]
+fn spec_tracing_sends_the_router_and_every_worker_to_the_collector() {
+    let endpoint = "http://otel-collector.observability:4317";
+    let mut dsd = v3();
+    let router_args = |d: &Desired| router_pod(d).containers[0].args.clone().unwrap();
+    assert!(!router_args(&desired(&dsd)).contains(&"--otlp-endpoint".to_string()));
+    dsd.spec.tracing = Some(deepseek_operator::api::TracingSpec {
+        otlp_endpoint: endpoint.into(),
+    });
+    let d = desired(&dsd);
+    assert!(
+        router_args(&d)
+            .join(" ")
+            .contains(&format!("--otlp-endpoint {endpoint}"))
+    );
+    for sts in &d.stateful_sets {
+        assert_eq!(
+            env(worker(sts), "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some(endpoint)
+        );
+    }
+    assert!(!d.stateful_sets.is_empty());
+}

@@ -156,7 +156,17 @@ async fn chat_completions(
         reasoning_in_text: !request.separate_reasoning,
         tool_choice: (tools.choice, tools.function),
     };
-    respond(&http, key, Kind::Chat, common, prompt, max_tokens, options).await
+    let caller = Origin::new(key, headers);
+    respond(
+        &http,
+        caller,
+        Kind::Chat,
+        common,
+        prompt,
+        max_tokens,
+        options,
+    )
+    .await
 }
 
 async fn completions(
@@ -189,7 +199,7 @@ async fn completions(
     };
     respond(
         &http,
-        key,
+        Origin::new(key, headers),
         Kind::Completion,
         common,
         prompt,
@@ -224,10 +234,23 @@ struct Options {
     tool_choice: (ToolChoice, String),
 }
 
+/// Who asks: the API key (when keys are in use) and the trace the request continues.
+struct Origin {
+    key: Option<Arc<Key>>,
+    trace: tonic::metadata::MetadataMap,
+}
+
+impl Origin {
+    fn new(key: Option<Arc<Key>>, headers: HeaderMap) -> Self {
+        let trace = tonic::metadata::MetadataMap::from_headers(headers);
+        Origin { key, trace }
+    }
+}
+
 /// Routes the request and writes the answer: SSE chunks when `stream`, else one body.
 async fn respond(
     http: &Http,
-    key: Option<Arc<Key>>,
+    Origin { key, trace }: Origin,
     kind: Kind,
     common: Common,
     prompt: Prompt,
@@ -254,7 +277,7 @@ async fn respond(
         tool_choice_function,
         ..common.into_request(prompt, max_tokens, id.clone(), logprobs, reasoning_in_text)
     };
-    let messages = http.router.generate(request, None, key).await?;
+    let messages = http.router.generate(request, None, key, &trace).await?;
     let frame = Frame {
         kind,
         id,

@@ -81,6 +81,9 @@ pub struct Submission {
     pub request: ValidRequest,
     pub deadline: Option<Instant>,
     pub respond: ResponseSender,
+    /// The caller's trace context (gRPC metadata with its `traceparent`), which the request's
+    /// span continues.
+    pub trace: tonic::metadata::MetadataMap,
 }
 
 /// The handle the gRPC service submits through.

@@ -51,6 +51,7 @@ impl Sequence {
             prompt_tokens = s.request.prompt_ids.len(),
             max_new_tokens = s.request.max_new_tokens,
         );
+        deepseek_proto::telemetry::continue_trace(&span, &s.trace);
         Sequence {
             sampler: Sampler::new(s.request.sampling.clone()),
             stops: StopStrings::new(s.request.stop.clone()),
