@@ -465,7 +465,14 @@ fn join_group(
     let config_json = std::fs::read(config.model_dir.join("config.json"))?;
     let identity = group_identity(&config_json, &g.plan, g.wire);
     tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
-    let tcp = TcpTransport::connect(rank, &g.peers, identity, g.connect_timeout, g.stall_timeout)?;
+    let tcp = TcpTransport::connect(
+        rank,
+        &g.peers,
+        identity,
+        g.connect_timeout,
+        g.stall_timeout,
+        config.tls.as_ref(),
+    )?;
     match (g.transport, gpu) {
         (EpTransport::Tcp, _) => Ok(Arc::new(tcp)),
         (EpTransport::Nccl, Some(gpu)) => {

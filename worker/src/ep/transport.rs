@@ -3,9 +3,14 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use deepseek_proto::tls::Identity;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 
 use super::GroupError;
 use super::wire::{get_u32, put_u32};
@@ -92,18 +97,32 @@ impl Transport for ChannelTransport {
 }
 
 const HELLO_MAGIC: &[u8; 4] = b"DSEP";
-const HELLO_VERSION: u32 = 1;
+const HELLO_VERSION: u32 = 2;
+
+/// ALPN of the expert-parallel links over TLS.
+const ALPN: &[u8] = b"dsd-ep/2";
 
 /// Ranks in different processes: a full mesh of TCP connections, one length-prefixed frame
-/// per message. Each peer has a writer thread, so a rank never blocks sending while its
-/// peer blocks sending to it; reads wait at most `stall_timeout`.
+/// per message, over mutual TLS when the rank has a certificate. Two connections per pair,
+/// one each way: a rank dials every peer to send to it and accepts every peer to hear from
+/// it, so no stream is both read and written (a TLS session cannot be split between a
+/// reading and a writing thread). Each peer has a writer thread, so a rank never blocks
+/// sending while its peer blocks sending to it; reads wait at most `stall_timeout`.
 pub struct TcpTransport {
     rank: usize,
     peers: Vec<String>,
     identity: u64,
     connect_timeout: Duration,
     stall_timeout: Duration,
+    tls: Option<LinkTls>,
     links: Mutex<Links>,
+}
+
+/// Mutual TLS on every link: peers present certificates the group's CA signed.
+#[derive(Clone)]
+struct LinkTls {
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
 }
 
 /// The live connections of a rank, one per peer (None for itself).
@@ -111,26 +130,93 @@ struct Links {
     /// `writers[d]` queues frames for rank `d`.
     writers: Vec<Option<Sender<Vec<u8>>>>,
     /// `readers[s]` reads frames from rank `s`.
-    readers: Vec<Option<TcpStream>>,
+    readers: Vec<Option<Link>>,
+}
+
+/// One way of a link: a plain TCP stream, or TLS as the end that dialed or accepted.
+enum Link {
+    Plain(TcpStream),
+    Dialed(Box<StreamOwned<ClientConnection, TcpStream>>),
+    Accepted(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Link {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Dialed(s) => s.get_ref(),
+            Link::Accepted(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Dialed(s) => s.read(buf),
+            Link::Accepted(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Dialed(s) => s.write(buf),
+            Link::Accepted(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Dialed(s) => s.flush(),
+            Link::Accepted(s) => s.flush(),
+        }
+    }
+}
+
+/// What a rank checks a peer's hello against.
+#[derive(Clone, Copy)]
+struct Group {
+    rank: usize,
+    size: usize,
+    identity: u64,
+    timeout: Duration,
 }
 
 impl TcpTransport {
-    /// Joins the group: listens on `peers[rank]`, dials every lower rank (retrying until
-    /// `connect_timeout`) and accepts every higher one. Each connection opens with a hello
-    /// (rank, group size, identity); a peer with another model or plan is refused.
+    /// Joins the group: listens on `peers[rank]`, dials every peer (retrying until
+    /// `connect_timeout`) and accepts every peer. Each connection opens with a hello each
+    /// way (rank, group size, identity); a peer with another model or plan is refused. With
+    /// `tls` (this rank's certificate and the CA), every link is mutual TLS and a peer
+    /// without a certificate the CA signed is refused.
     pub fn connect(
         rank: usize,
         peers: &[String],
         identity: u64,
         connect_timeout: Duration,
         stall_timeout: Duration,
+        tls: Option<&Arc<Identity>>,
     ) -> Result<Self> {
+        let tls = match tls {
+            None => None,
+            Some(tls) => Some(LinkTls {
+                client: tls.client_config(&[ALPN]).context(
+                    "expert-parallel links over TLS need the CA peers' certificates chain to (--tls-client-ca)",
+                )?,
+                server: tls.server_config(&[ALPN]),
+            }),
+        };
         let transport = TcpTransport {
             rank,
             peers: peers.to_vec(),
             identity,
             connect_timeout,
             stall_timeout,
+            tls,
             links: Mutex::new(Links {
                 writers: Vec::new(),
                 readers: Vec::new(),
@@ -146,25 +232,71 @@ impl TcpTransport {
         if rank >= size {
             bail!("rank {rank} is not in a group of {size}");
         }
+        let group = Group {
+            rank,
+            size,
+            identity: self.identity,
+            timeout: self.connect_timeout,
+        };
         let listener = self.listen()?;
         let deadline = Instant::now() + self.connect_timeout;
-        let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
-        // One connection per pair: the higher rank dials, the lower one accepts.
-        for (peer, addr) in self.peers.iter().enumerate().take(rank) {
-            let mut stream = dial(peer, addr, deadline)?;
-            stream.set_nodelay(true)?;
-            self.send_hello(&mut stream)?;
-            check_hello(
-                &mut stream,
-                Some(peer),
-                size,
-                self.identity,
-                self.connect_timeout,
-            )?;
-            streams[peer] = Some(stream);
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepting = {
+            let (server, stop) = (self.tls.as_ref().map(|t| t.server.clone()), stop.clone());
+            std::thread::spawn(move || accept_peers(&listener, group, server, deadline, &stop))
+        };
+        let dialed = self.dial_peers(group, deadline);
+        if dialed.is_err() {
+            stop.store(true, Ordering::Relaxed);
         }
-        self.accept_higher_ranks(&listener, deadline, &mut streams)?;
-        start_links(streams, self.stall_timeout)
+        let accepted = accepting
+            .join()
+            .expect("the accepting thread does not panic");
+        let (dialed, accepted) = match (dialed, accepted) {
+            (Ok(dialed), Ok(accepted)) => (dialed, accepted),
+            // Whichever side first saw what is wrong (a hello, a certificate) says it.
+            (Err(to), Err(from)) => bail!("dialing peers: {to:#}; accepting peers: {from:#}"),
+            (Err(err), _) | (_, Err(err)) => return Err(err),
+        };
+        let (mut writers, mut readers) = (Vec::with_capacity(size), Vec::with_capacity(size));
+        for (to, from) in dialed.into_iter().zip(accepted) {
+            if let Some(from) = &from {
+                from.tcp().set_read_timeout(Some(self.stall_timeout))?;
+            }
+            writers.push(to.map(spawn_writer).transpose()?);
+            readers.push(from);
+        }
+        Ok(Links { writers, readers })
+    }
+
+    /// A link to every peer, hellos exchanged, for sending.
+    fn dial_peers(&self, group: Group, deadline: Instant) -> Result<Vec<Option<Link>>> {
+        let mut links = Vec::with_capacity(group.size);
+        for (peer, addr) in self.peers.iter().enumerate() {
+            if peer == group.rank {
+                links.push(None);
+                continue;
+            }
+            let stream = dial(peer, addr, deadline)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(group.timeout))?;
+            let mut link = match &self.tls {
+                None => Link::Plain(stream),
+                Some(tls) => {
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                    let name = ServerName::try_from(host.to_string())
+                        .map_err(|e| GroupError(format!("peer address {addr:?}: {e}")))?;
+                    let session = ClientConnection::new(tls.client.clone(), name)
+                        .map_err(|e| GroupError(format!("TLS to rank {peer}: {e}")))?;
+                    Link::Dialed(Box::new(StreamOwned::new(session, stream)))
+                }
+            };
+            send_hello(&mut link, group)
+                .with_context(|| format!("greeting rank {peer} at {addr}"))?;
+            check_hello(&mut link, Some(peer), group)?;
+            links.push(Some(link));
+        }
+        Ok(links)
     }
 
     /// Listens on every interface, on this rank's port: its entry may be a name (a pod's DNS
@@ -178,52 +310,56 @@ impl TcpTransport {
         TcpListener::bind(("0.0.0.0", port))
             .with_context(|| format!("listening for peers on port {port}"))
     }
+}
 
-    /// This rank's hello: magic, version, rank, group size, identity.
-    fn send_hello(&self, stream: &mut TcpStream) -> Result<()> {
-        let mut frame = HELLO_MAGIC.to_vec();
-        for v in [HELLO_VERSION, self.rank as u32, self.peers.len() as u32] {
-            put_u32(&mut frame, v);
-        }
-        frame.extend_from_slice(&self.identity.to_le_bytes());
-        write_frame(stream, &frame)?;
-        Ok(())
-    }
-
-    /// Accepts every higher rank once, each checked by its hello, until `deadline`.
-    fn accept_higher_ranks(
-        &self,
-        listener: &TcpListener,
-        deadline: Instant,
-        streams: &mut [Option<TcpStream>],
-    ) -> Result<()> {
-        let (rank, size, timeout) = (self.rank, self.peers.len(), self.connect_timeout);
-        listener.set_nonblocking(true)?;
-        while streams[rank + 1..].iter().any(Option::is_none) {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    stream.set_nonblocking(false)?;
-                    stream.set_nodelay(true)?;
-                    let peer = check_hello(&mut stream, None, size, self.identity, timeout)?;
-                    if peer <= rank || streams[peer].is_some() {
-                        bail!("rank {peer} connected twice or out of turn");
+/// Accepts every peer once, each checked by its hello, until `deadline` (or `stop`): the
+/// links to read from, with reads timing out after the group's stall timeout later.
+fn accept_peers(
+    listener: &TcpListener,
+    group: Group,
+    tls: Option<Arc<ServerConfig>>,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<Vec<Option<Link>>> {
+    let mut links: Vec<Option<Link>> = (0..group.size).map(|_| None).collect();
+    listener.set_nonblocking(true)?;
+    while (0..group.size).any(|p| p != group.rank && links[p].is_none()) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(group.timeout))?;
+                let mut link = match &tls {
+                    None => Link::Plain(stream),
+                    Some(config) => {
+                        let session = ServerConnection::new(config.clone())
+                            .map_err(|e| GroupError(format!("TLS from a peer: {e}")))?;
+                        Link::Accepted(Box::new(StreamOwned::new(session, stream)))
                     }
-                    self.send_hello(&mut stream)?;
-                    streams[peer] = Some(stream);
+                };
+                let peer = check_hello(&mut link, None, group)?;
+                if peer == group.rank || links[peer].is_some() {
+                    bail!("rank {peer} connected twice");
                 }
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<usize> =
-                            (rank + 1..size).filter(|&p| streams[p].is_none()).collect();
-                        bail!("ranks {missing:?} did not join within {timeout:?}");
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(err) => return Err(err.into()),
+                send_hello(&mut link, group)?;
+                links[peer] = Some(link);
             }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) {
+                    bail!("stopped: this rank could not reach its peers");
+                }
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> = (0..group.size)
+                        .filter(|&p| p != group.rank && links[p].is_none())
+                        .collect();
+                    bail!("ranks {missing:?} did not join within {:?}", group.timeout);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => return Err(err.into()),
         }
-        Ok(())
     }
+    Ok(links)
 }
 
 /// Dials rank `peer` at `addr`, retrying until `deadline` while it starts up.
@@ -237,27 +373,9 @@ fn dial(peer: usize, addr: &str, deadline: Instant) -> Result<TcpStream> {
     }
 }
 
-/// The links over a full mesh's streams (None for this rank): reads time out after
-/// `stall_timeout`, and each peer gets a writer thread.
-fn start_links(streams: Vec<Option<TcpStream>>, stall_timeout: Duration) -> Result<Links> {
-    let mut writers = Vec::with_capacity(streams.len());
-    let mut readers = Vec::with_capacity(streams.len());
-    for stream in streams {
-        let Some(stream) = stream else {
-            writers.push(None);
-            readers.push(None);
-            continue;
-        };
-        stream.set_read_timeout(Some(stall_timeout))?;
-        writers.push(Some(spawn_writer(stream.try_clone()?)?));
-        readers.push(Some(stream));
-    }
-    Ok(Links { writers, readers })
-}
-
 /// A thread that writes the frames sent to it, in order, until the channel or the
 /// connection closes.
-fn spawn_writer(mut writer: TcpStream) -> Result<Sender<Vec<u8>>> {
+fn spawn_writer(mut writer: Link) -> Result<Sender<Vec<u8>>> {
     let (tx, rx) = channel::<Vec<u8>>();
     std::thread::Builder::new()
         .name("ep-writer".into())
@@ -271,16 +389,22 @@ fn spawn_writer(mut writer: TcpStream) -> Result<Sender<Vec<u8>>> {
     Ok(tx)
 }
 
+/// This rank's hello: magic, version, rank, group size, identity.
+fn send_hello(link: &mut Link, group: Group) -> Result<()> {
+    let mut frame = HELLO_MAGIC.to_vec();
+    for v in [HELLO_VERSION, group.rank as u32, group.size as u32] {
+        put_u32(&mut frame, v);
+    }
+    frame.extend_from_slice(&group.identity.to_le_bytes());
+    write_frame(link, &frame)?;
+    link.flush()?;
+    Ok(())
+}
+
 /// Reads a peer's hello and checks it against this group; returns the peer's rank.
-fn check_hello(
-    stream: &mut TcpStream,
-    expected: Option<usize>,
-    size: usize,
-    identity: u64,
-    timeout: Duration,
-) -> Result<usize> {
-    stream.set_read_timeout(Some(timeout))?;
-    let frame = read_frame(stream).context("reading a peer's hello")?;
+fn check_hello(link: &mut Link, expected: Option<usize>, group: Group) -> Result<usize> {
+    let Group { size, identity, .. } = group;
+    let frame = read_frame(link).context("reading a peer's hello")?;
     let mut bytes = frame.as_slice();
     if bytes.len() != 24 || &bytes[..4] != HELLO_MAGIC {
         bail!("a peer spoke something other than the expert-parallel protocol");
@@ -391,12 +515,55 @@ mod tests {
             .collect()
     }
 
+    /// A test certificate (`tests/fixtures/tls`) and the CA peers must chain to.
+    fn identity(name: &str) -> Arc<Identity> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls");
+        let files = deepseek_proto::tls::TlsFiles {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+            ca: Some(dir.join("ca.crt")),
+            flags: ["--tls-cert", "--tls-key", "--tls-client-ca"],
+        };
+        Arc::new(Identity::load(files).unwrap())
+    }
+
     #[test]
     fn tcp_ranks_form_a_mesh_and_exchange_all_to_all() {
+        exchange_in_a_mesh_of_three(None);
+    }
+
+    #[test]
+    fn tls_ranks_form_a_mesh_and_exchange_all_to_all() {
+        exchange_in_a_mesh_of_three(Some(identity("router-a")));
+    }
+
+    #[test]
+    fn a_rank_whose_certificate_another_ca_signed_is_refused() {
+        let peers = free_addrs(2);
+        let other = peers.clone();
+        let short = Duration::from_secs(5);
+        let stranger = identity("stranger");
+        let rank1 = std::thread::spawn(move || {
+            TcpTransport::connect(1, &other, 7, short, short, Some(&stranger)).err()
+        });
+        let rank0 = TcpTransport::connect(0, &peers, 7, short, short, Some(&identity("router-a")));
+        let errors: Vec<String> = [rank0.err(), rank1.join().unwrap()]
+            .into_iter()
+            .flatten()
+            .map(|e| format!("{e:#}"))
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains("certificate")),
+            "{errors:?}"
+        );
+    }
+
+    fn exchange_in_a_mesh_of_three(tls: Option<Arc<Identity>>) {
         let peers = free_addrs(3);
         let handles: Vec<_> = (0..3)
             .map(|rank| {
-                let peers = peers.clone();
+                let (peers, tls) = (peers.clone(), tls.clone());
                 std::thread::spawn(move || {
                     let t = TcpTransport::connect(
                         rank,
@@ -404,6 +571,7 @@ mod tests {
                         7,
                         Duration::from_secs(10),
                         Duration::from_secs(10),
+                        tls.as_ref(),
                     )
                     .unwrap();
                     let me = rank as u8;
@@ -430,9 +598,10 @@ mod tests {
         let peers = free_addrs(2);
         let other = peers.clone();
         let short = Duration::from_secs(5);
-        let rank1 =
-            std::thread::spawn(move || TcpTransport::connect(1, &other, 2, short, short).err());
-        let rank0 = TcpTransport::connect(0, &peers, 1, short, short).err();
+        let rank1 = std::thread::spawn(move || {
+            TcpTransport::connect(1, &other, 2, short, short, None).err()
+        });
+        let rank0 = TcpTransport::connect(0, &peers, 1, short, short, None).err();
         let errors: Vec<String> = [rank0, rank1.join().unwrap()]
             .into_iter()
             .flatten()

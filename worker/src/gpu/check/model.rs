@@ -260,7 +260,14 @@ pub(super) fn check_expert_parallel(device: usize, dir: &Path) -> Result<Vec<Che
 pub(super) fn check_nccl(device: usize) -> Result<Vec<Check>> {
     let gpu = Gpu::open(device)?;
     let timeout = std::time::Duration::from_secs(10);
-    let tcp = TcpTransport::connect(0, &["127.0.0.1:50199".to_string()], 0, timeout, timeout)?;
+    let tcp = TcpTransport::connect(
+        0,
+        &["127.0.0.1:50199".to_string()],
+        0,
+        timeout,
+        timeout,
+        None,
+    )?;
     let nccl = NcclTransport::connect(tcp, gpu.stream.clone())?;
     let large: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 256) as u8).collect();
     let mut differing = 0;
