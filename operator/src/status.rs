@@ -240,6 +240,10 @@ fn ready_verdict(
 /// How long a pool stays full before its groups are tried again.
 pub const FULL_FOR_SECONDS: i64 = 600;
 
+/// How long past its deletion time (its grace period's end) a terminating pod still counts
+/// as holding its node: the kubelet's last steps, not a lost node's forever.
+const TERMINATING_MARGIN_SECONDS: i64 = 30;
+
 /// A pool found full.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FullPool {
@@ -287,14 +291,18 @@ pub fn full_pools(
             .filter(|p| p.labels().get(LABEL_POOL) == Some(&pool.name));
         // Full once the scheduler has tried every pod it has not placed, and found no node
         // for any of them for spillAfterSeconds: until then the count of placed pods may
-        // still grow. Placed pods count while they terminate: they hold their nodes until
-        // gone, then free them for the waiting pods of the groups kept. (Not counting them
-        // made a reconcile that read a status from before `fullAt` was written find the
-        // pool full again, at fewer groups, while the groups beyond were being removed.)
+        // still grow. Placed pods count while they terminate within their grace period:
+        // they hold their nodes until gone, then free them for the waiting pods of the
+        // groups kept. (Not counting them made a reconcile that read a status from before
+        // `fullAt` was written find the pool full again, at fewer groups, while the groups
+        // beyond were being removed.) One stuck past it (a lost node) holds nothing usable.
         let (mut placed, mut waiting, mut stuck) = (0, 0, 0);
         for pod in of_pool {
             if pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
-                placed += 1;
+                let gone_by = pod.metadata.deletion_timestamp.as_ref();
+                placed += i32::from(gone_by.is_none_or(|t| {
+                    now.0.as_second() < t.0.as_second() + TERMINATING_MARGIN_SECONDS
+                }));
                 continue;
             }
             if terminating(pod) {

@@ -27,12 +27,12 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the subscriber: `RUST_LOG` (default `info`) for logs and spans alike, and spans
-/// of `service` batched to `otlp_endpoint` (`http://collector:4317`) when one is given. Must
+/// Installs the subscriber: `RUST_LOG` (default `info`) for logs, and spans of `service` at
+/// info and above batched to `otlp_endpoint` (`http://collector:4317`) when one is given. Must
 /// run inside a Tokio runtime when it is: the exporter's channel lives on it.
 pub fn init(service: &str, otlp_endpoint: Option<&str>) -> Result<Telemetry, String> {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt::layer().with_filter(filter());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt::layer().with_filter(filter);
     let Some(endpoint) = otlp_endpoint else {
         tracing_subscriber::registry().with(logs).init();
         return Ok(Telemetry { provider: None });
@@ -50,9 +50,12 @@ pub fn init(service: &str, otlp_endpoint: Option<&str>) -> Result<Telemetry, Str
                 .build(),
         )
         .build();
+    // Spans at info and above whatever RUST_LOG says of logs, and none of the exporter's own
+    // stack (its spans would feed it).
+    let quiet = "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,opentelemetry=off";
     let spans = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service.to_string()))
-        .with_filter(filter());
+        .with_filter(EnvFilter::new(quiet));
     tracing_subscriber::registry().with(logs).with(spans).init();
     Ok(Telemetry {
         provider: Some(provider),

@@ -56,9 +56,9 @@ pub struct Pass<'a, 'b> {
     /// Each sequence's row count and block table, in row order. The tables hold blocks for
     /// the new positions and advance past them.
     pub segments: &'a mut [(usize, &'b mut BlockTable)],
-    /// Every row's numbers exactly what they would be alone (the CPU path's batched decode;
-    /// cuBLAS picks kernels by batch size, so GPU rows agree with their runs alone to
-    /// rounding, not bit for bit).
+    /// Every row's numbers exactly what they would be alone (the CPU path's batched decode,
+    /// with short prompt chunks among its rows; cuBLAS picks kernels by batch size, so GPU
+    /// rows agree with their runs alone to rounding, not bit for bit).
     pub batch_invariant: bool,
     pub output: Output<'a>,
 }

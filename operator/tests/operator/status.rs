@@ -241,6 +241,15 @@ fn a_pool_whose_pods_stay_unschedulable_is_full_at_the_groups_its_placed_pods_ma
     removing.extend((0..2).map(|i| third_group(i).on_node("h").terminating().build()));
     removing.extend((2..4).map(|i| third_group(i).terminating().build()));
     assert_eq!(full(&removing, &template)["h100"].groups, 2);
+    // A pod stuck terminating long past its grace period (a lost node) holds no node.
+    let lost_node = |pod: Pod| {
+        let mut pod = pod;
+        pod.metadata.deletion_timestamp = Some(Time(now().0 - SignedDuration::from_secs(600)));
+        pod
+    };
+    let mut lost: Vec<Pod> = pods(130).into_iter().skip(4).collect();
+    lost.extend(pods(130).into_iter().take(4).map(lost_node));
+    assert_eq!(full(&lost, &template)["h100"].groups, 1);
     // Once the third group is gone it stays full for ten minutes, then is tried again.
     let placed: Vec<Pod> = pods(130).into_iter().take(4).collect();
     assert_eq!(full(&placed, &dsd)["h100"].groups, 2);

@@ -260,8 +260,12 @@ impl TcpTransport {
         };
         let (mut writers, mut readers) = (Vec::with_capacity(size), Vec::with_capacity(size));
         for (to, from) in dialed.into_iter().zip(accepted) {
+            // A peer that stops reading or writing is a failed peer, not a hung thread.
             if let Some(from) = &from {
                 from.tcp().set_read_timeout(Some(self.stall_timeout))?;
+            }
+            if let Some(to) = &to {
+                to.tcp().set_write_timeout(Some(self.stall_timeout))?;
             }
             writers.push(to.map(spawn_writer).transpose()?);
             readers.push(from);

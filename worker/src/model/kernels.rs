@@ -483,7 +483,7 @@ fn rows_times_inputs<M: Matrix>(isa: Isa, rows: M, inputs: &[&[f32]], out: &mut 
     }
 }
 
-/// The bf16 products blocked for x86 vector registers: each weight register, widened once,
+/// The products blocked for x86 vector registers: each weight register, widened once,
 /// serves several inputs, and each input register several rows. Every (row, input) pair keeps
 /// the portable kernel's 32 lanes and order of terms, and sums them as `sum_lanes` does, so
 /// each result is bit for bit the one `dot_portable` gives.
@@ -851,15 +851,15 @@ fn dots_f32_portable(rows: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `K` dot products with `x`: each sums its products in 8 lanes (`acc[i] += a[i] · x[i]`,
-/// element i, i + 8, … in lane i), adds the lanes in order, then the tail, over the shorter
-/// of the two lengths.
+/// `K` dot products with `x` (each row as long as it): each sums its products in 8 lanes
+/// (`acc[i] += a[i] · x[i]`, element i, i + 8, … in lane i), adds the lanes in order, then
+/// the tail.
 #[inline(always)]
 fn dot_lanes<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K] {
     const LANES: usize = 8;
+    assert!(rows.iter().all(|row| row.len() == x.len()));
     let mut acc = [[0f32; LANES]; K];
-    let lens: [usize; K] = std::array::from_fn(|k| rows[k].len().min(x.len()));
-    let whole = lens.iter().fold(x.len(), |n, &len| n.min(len)) / LANES * LANES;
+    let whole = x.len() / LANES * LANES;
     for (c, y) in x[..whole].chunks_exact(LANES).enumerate() {
         for (acc, row) in acc.iter_mut().zip(rows) {
             let a = &row[c * LANES..][..LANES];
@@ -869,7 +869,7 @@ fn dot_lanes<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K] {
         }
     }
     std::array::from_fn(|k| {
-        let tail = rows[k][whole..lens[k]].iter().zip(&x[whole..lens[k]]);
+        let tail = rows[k][whole..].iter().zip(&x[whole..]);
         acc[k].iter().sum::<f32>() + tail.map(|(a, y)| a * y).sum::<f32>()
     })
 }
@@ -886,7 +886,7 @@ fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Lanes of a bf16 dot product: lane i sums the products of elements i, i + 32, i + 64, …,
+/// Lanes of a weight row's dot product: lane i sums the products of elements i, i + 32, …,
 /// so every path keeps enough independent accumulators in flight (two AVX-512 or four AVX2
 /// registers) to cover FMA latency, and all of them add in the same order.
 const LANES: usize = 32;

@@ -137,8 +137,9 @@ impl LocalExperts {
 
     /// Experts kept as stored (bf16 or FP8), decode or prefill: each expert runs once on every
     /// token routed to it, all experts in two dispatches; a token's output then sums its
-    /// experts in its own routing order. A prompt routes only tokens · top-k / experts rows to each expert (3
-    /// for a 32-token prompt on 64 experts, top-6), too few to repay widening it for a GEMM.
+    /// experts in its own routing order. A prompt routes only tokens · top-k / experts rows
+    /// to each expert (3 for a 32-token prompt on 64 experts, top-6), too few to repay
+    /// widening it for a GEMM.
     fn forward_packed_batched(
         &self,
         layer: usize,

@@ -10,7 +10,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use super::dtype::to_f32;
-use super::fp8::{Fp8Weights, column_scales};
+use super::fp8::{E4M3_AS_F16_FACTOR, Fp8Weights, column_scales};
 use super::header::{TensorInfo, parse_header};
 use super::progress::Progress;
 use super::{Bf16Weights, DEFAULT_FP8_BLOCK, Dtype, INDEX_FILE, LoadError, SINGLE_FILE};
@@ -169,6 +169,12 @@ impl Checkpoint {
         }
         self.advance(bytes.len());
         let scales = self.block_scales(name, info)?;
+        // The kernels multiply by scale · 2⁸, which must stay finite (and 0 · scale zero).
+        let usable = |s: &f32| s.is_finite() && s.abs() < f32::MAX / E4M3_AS_F16_FACTOR;
+        if let Some(bad) = scales.iter().find(|s| !usable(s)) {
+            let message = format!("block scale {bad} is not a finite scale below 2^120");
+            return Err(self.error(info, &format!("{name}_scale_inv"), message));
+        }
         Ok(Fp8Weights::new(
             &self.shards[info.shard].map,
             info.start..info.end,

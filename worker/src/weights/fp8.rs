@@ -230,14 +230,14 @@ mod tests {
         // the 3×5 weight of the test above, q = 1.0 except element 6 (0xc0: −2.0)
         let mut q = vec![0x38u8; 15];
         q[6] = 0xc0;
-        let scales = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let tensors = |q: Vec<u8>| {
+        let tensors = |q: Vec<u8>, scales: [f32; 6]| {
             safetensors(&[
                 ("w.weight", "F8_E4M3", vec![3, 5], q),
                 ("w.weight_scale_inv", "F32", vec![2, 3], f32_bytes(&scales)),
             ])
         };
-        let ckpt = open(&tensors(q.clone())).unwrap();
+        let scales = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let ckpt = open(&tensors(q.clone(), scales)).unwrap();
         let dequantised = ckpt.load_f32("w.weight", &[3, 5]).unwrap();
         let w = ckpt.load_fp8_in_place("w.weight", &[3, 5]).unwrap();
         assert_eq!(w.bytes(), q);
@@ -249,8 +249,19 @@ mod tests {
             })
             .collect();
         assert_eq!(in_place, dequantised);
+        let infinite = [1.0, 2.0, f32::INFINITY, 4.0, 5.0, 6.0];
+        let err = open(&tensors(q.clone(), infinite))
+            .unwrap()
+            .load_fp8_in_place("w.weight", &[3, 5])
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .ends_with("block scale inf is not a finite scale below 2^120"),
+            "{err}"
+        );
         q[7] = 0xff;
-        let err = open(&tensors(q))
+        let err = open(&tensors(q, scales))
             .unwrap()
             .load_fp8_in_place("w.weight", &[3, 5])
             .err()
