@@ -394,10 +394,22 @@ fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
         isa <= Isa::detected(),
         "{isa:?} is not available on this CPU"
     );
-    let copies: Vec<LineAligned> = jobs.iter().map(|j| LineAligned::copy(&j.inputs)).collect();
+    // One aligned copy per run of jobs on the same inputs (an MLP's gate and up products).
+    let mut copies: Vec<LineAligned> = Vec::new();
+    let mut copy_of = Vec::with_capacity(jobs.len());
+    for (j, job) in jobs.iter().enumerate() {
+        let same = |a: &[&[f32]], b: &[&[f32]]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| std::ptr::eq(*a, *b))
+        };
+        if j == 0 || !same(&jobs[j - 1].inputs, &job.inputs) {
+            copies.push(LineAligned::copy(&job.inputs));
+        }
+        copy_of.push(copies.len() - 1);
+    }
     let aligned: Vec<Vec<&[f32]>> = copies.iter().map(LineAligned::rows).collect();
     let mut tasks = Vec::new();
-    for (Product { weight, out, .. }, inputs) in jobs.iter_mut().zip(&aligned) {
+    for (Product { weight, out, .. }, &copy) in jobs.iter_mut().zip(&copy_of) {
+        let inputs = &aligned[copy];
         let n = inputs.len();
         let Some(in_dim) = inputs.first().map(|x| x.len()) else {
             continue;

@@ -249,26 +249,23 @@ mod tests {
             })
             .collect();
         assert_eq!(in_place, dequantised);
+        let refusal = |q: Vec<u8>, scales| {
+            let ckpt = open(&tensors(q, scales)).unwrap();
+            ckpt.load_fp8_in_place("w.weight", &[3, 5])
+                .err()
+                .unwrap()
+                .to_string()
+        };
         let infinite = [1.0, 2.0, f32::INFINITY, 4.0, 5.0, 6.0];
-        let err = open(&tensors(q.clone(), infinite))
-            .unwrap()
-            .load_fp8_in_place("w.weight", &[3, 5])
-            .err()
-            .unwrap();
+        let err = refusal(q.clone(), infinite);
         assert!(
-            err.to_string()
-                .ends_with("block scale inf is not a finite scale below 2^120"),
+            err.ends_with("block scale inf is not a finite scale below 2^120"),
             "{err}"
         );
         q[7] = 0xff;
-        let err = open(&tensors(q, scales))
-            .unwrap()
-            .load_fp8_in_place("w.weight", &[3, 5])
-            .err()
-            .unwrap();
+        let err = refusal(q, scales);
         assert!(
-            err.to_string()
-                .ends_with("tensor w.weight: element 7 is NaN (e4m3 byte 0xff)"),
+            err.ends_with("tensor w.weight: element 7 is NaN (e4m3 byte 0xff)"),
             "{err}"
         );
     }
