@@ -103,7 +103,8 @@ helm_template_validate() {
 # The chart's PodMonitors select pods the operator makes, on a port those pods name.
 pod_monitors_rendered() {
   "${HELM}" template deepseek-operator "${CHART}" --namespace deepseek-system \
-    --set metrics.podMonitors.enabled=true >"${WORK}/podmonitors.yaml" || return 1
+    --set metrics.podMonitors.enabled=true --set metrics.dashboard.enabled=true \
+    >"${WORK}/podmonitors.yaml" || return 1
   "${OPERATOR_BIN}" render -f deploy/samples/tiny.yaml >"${WORK}/tiny-objects.yaml" || return 1
   "${PY}" - "${WORK}/podmonitors.yaml" "${WORK}/tiny-objects.yaml" <<'PYEOF'
 import sys
@@ -123,6 +124,19 @@ for monitor in monitors:
     for template in selected:
         ports = [p.get("name") for c in template["spec"]["containers"] for p in c.get("ports", [])]
         assert port in ports, f"{name}: no port {port!r} among {ports}"
+    relabelled = {r["targetLabel"] for r in monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    assert {"deployment", "pool", "component"} <= relabelled, f"{name}: relabels only {relabelled}"
+
+# The dashboard: every query keeps to the deployments chosen, a label the PodMonitors set.
+import json
+import re
+[config] = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap"]
+assert config["metadata"]["labels"].get("grafana_dashboard") == "1", config["metadata"]
+dashboard = json.loads(config["data"]["deepseek-serving.json"])
+for panel in dashboard["panels"]:
+    for target in panel["targets"]:
+        for selector in re.findall(r"deepseek_\w+\{([^}]*)\}", target["expr"]):
+            assert 'deployment=~"$deployment"' in selector, f"{panel['title']}: {target['expr']}"
 PYEOF
 }
 
@@ -218,9 +232,10 @@ check "helm template | kubernetes-validate (defaults)" helm_template_validate de
 check "helm template | kubernetes-validate (serviceMonitor, watchNamespace=foo)" \
   helm_template_validate servicemonitor --set metrics.serviceMonitor.enabled=true --set watchNamespace=foo
 check "helm lint --strict (podMonitors)" helm_lint --set metrics.podMonitors.enabled=true
-check "helm template | kubernetes-validate (podMonitors)" \
-  helm_template_validate podmonitors --set metrics.podMonitors.enabled=true
-check "helm template (podMonitors): a router and a worker PodMonitor on the metrics port" \
+check "helm template | kubernetes-validate (podMonitors, dashboard)" \
+  helm_template_validate podmonitors --set metrics.podMonitors.enabled=true \
+  --set metrics.dashboard.enabled=true
+check "helm template (podMonitors, dashboard): PodMonitors on the metrics port, the dashboard on their labels" \
   pod_monitors_rendered
 check "helm template | kubernetes-validate (no leader election, existing ServiceAccount)" \
   helm_template_validate single --set leaderElection.enabled=false --set replicaCount=1 \

@@ -69,6 +69,11 @@ struct RunLocalArgs {
     /// executable, else on PATH).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Keep FILE a Prometheus `file_sd_configs` list of the router's and every worker's
+    /// `/metrics` (labels `deployment`, `component`, `pool`, `pod`), rewritten as processes
+    /// come and go.
+    #[arg(long, value_name = "FILE")]
+    prometheus_targets: Option<PathBuf>,
 }
 
 fn parse_claim(value: &str) -> Result<(String, PathBuf), String> {
@@ -153,6 +158,7 @@ fn run_local(args: RunLocalArgs) -> anyhow::Result<()> {
         },
         gpus: args.gpus.unwrap_or_else(nvidia_devices),
         bin_dir: args.bin_dir,
+        prometheus_targets: args.prometheus_targets,
     };
     // One thread: the children's parent-death signal follows the thread that started them.
     tokio::runtime::Builder::new_current_thread()

@@ -82,6 +82,8 @@ pub struct Process {
     pub env: Vec<(String, String)>,
     /// Where its gRPC health service answers.
     pub grpc: SocketAddr,
+    /// Where its Prometheus `/metrics` answers.
+    pub metrics: SocketAddr,
     /// How long it may drain after SIGTERM (the pod's `terminationGracePeriodSeconds`).
     pub grace: Duration,
     /// The GPUs it holds (as `CUDA_VISIBLE_DEVICES`, as the device plugin would).
@@ -189,6 +191,7 @@ pub fn worker_group(
             args: container.args.clone().unwrap_or_default(),
             env,
             grpc,
+            metrics,
             grace,
             gpus,
         });
@@ -356,10 +359,46 @@ pub fn router_process(
         args,
         env: Vec::new(),
         grpc: endpoints.grpc,
+        metrics,
         grace: Duration::from_secs(pod.termination_grace_period_seconds.unwrap_or(30) as u64),
         gpus: Vec::new(),
     };
     Ok((process, endpoints))
+}
+
+/// One process's `/metrics`, for Prometheus's file-based discovery.
+pub struct ScrapeTarget<'a> {
+    pub deployment: &'a str,
+    /// The worker's pool; none for the router.
+    pub pool: Option<&'a str>,
+    pub process: &'a Process,
+}
+
+/// A `file_sd_configs` file of `targets`, labelled as the chart's PodMonitors label a
+/// cluster's pods (`deployment`, `component`, `pool`, `pod`), so one dashboard reads both.
+pub fn prometheus_targets<'a>(targets: impl IntoIterator<Item = ScrapeTarget<'a>>) -> String {
+    let groups: Vec<serde_json::Value> = targets
+        .into_iter()
+        .map(|target| {
+            let mut labels = serde_json::Map::new();
+            labels.insert("deployment".into(), target.deployment.into());
+            let component = if target.pool.is_some() {
+                "worker"
+            } else {
+                "router"
+            };
+            labels.insert("component".into(), component.into());
+            if let Some(pool) = target.pool {
+                labels.insert("pool".into(), pool.into());
+            }
+            labels.insert("pod".into(), target.process.label.as_str().into());
+            serde_json::json!({
+                "targets": [target.process.metrics.to_string()],
+                "labels": labels,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&groups).expect("JSON values always serialise") + "\n"
 }
 
 /// Where clients reach a deployment run here.

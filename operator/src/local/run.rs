@@ -39,6 +39,8 @@ pub struct Options {
     /// Where `deepseek-worker` and `deepseek-router` are; else beside this executable, else
     /// on `PATH`.
     pub bin_dir: Option<PathBuf>,
+    /// Where to keep a Prometheus `file_sd_configs` list of every process's `/metrics`.
+    pub prometheus_targets: Option<PathBuf>,
 }
 
 /// How often readiness is probed and the spec looked at.
@@ -60,7 +62,8 @@ pub async fn run(options: Options) -> Result<(), LocalError> {
         free_gpus: (0..options.gpus).collect(),
         plain_logs: !std::io::stderr().is_terminal(),
     };
-    let result = supervise(&options.files, options.watch, &mut shared).await;
+    let targets = options.prometheus_targets.as_deref();
+    let result = supervise(&options.files, options.watch, targets, &mut shared).await;
     let _ = std::fs::remove_dir_all(&run_dir);
     result
 }
@@ -81,7 +84,17 @@ fn remove_stale_run_dirs() {
     }
 }
 
-async fn supervise(files: &[PathBuf], watch: bool, shared: &mut Shared) -> Result<(), LocalError> {
+async fn supervise(
+    files: &[PathBuf],
+    watch: bool,
+    targets_file: Option<&Path>,
+    shared: &mut Shared,
+) -> Result<(), LocalError> {
+    let mut targets_written = prometheus_targets([]);
+    if let Some(path) = targets_file {
+        // A path that cannot be written is refused before anything starts.
+        write_replacing(path, &targets_written)?;
+    }
     let mut deployments = Vec::new();
     let several = files.len() > 1;
     let mut started = Ok(());
@@ -132,6 +145,16 @@ async fn supervise(files: &[PathBuf], watch: bool, shared: &mut Shared) -> Resul
             }
             deployment.report();
         }
+        if let Some(path) = targets_file {
+            let targets =
+                prometheus_targets(deployments.iter().flat_map(Deployment::scrape_targets));
+            if targets != targets_written {
+                if let Err(err) = write_replacing(path, &targets) {
+                    println!("{err}");
+                }
+                targets_written = targets;
+            }
+        }
     }
     println!("stopping");
     let all: Vec<Supervised> = deployments
@@ -143,6 +166,10 @@ async fn supervise(files: &[PathBuf], watch: bool, shared: &mut Shared) -> Resul
     }
     for process in all {
         let _ = process.task.await;
+    }
+    if let Some(path) = targets_file {
+        // Prometheus drops the targets rather than report them down.
+        let _ = write_replacing(path, &prometheus_targets([]));
     }
     println!("stopped");
     started
@@ -571,6 +598,22 @@ impl Deployment {
             println!("{}: {warning}", self.name);
             self.last_warning = warning;
         }
+    }
+
+    fn scrape_targets(&self) -> impl Iterator<Item = ScrapeTarget<'_>> {
+        let router = self.router.iter().map(|router| ScrapeTarget {
+            deployment: &self.name,
+            pool: None,
+            process: &router.process,
+        });
+        let workers = self.groups.iter().flat_map(|running| {
+            running.pods.iter().map(|pod| ScrapeTarget {
+                deployment: &self.name,
+                pool: Some(&running.group.pool),
+                process: &pod.process,
+            })
+        });
+        router.chain(workers)
     }
 
     fn into_processes(self) -> impl Iterator<Item = Supervised> {

@@ -229,6 +229,37 @@ fn the_backends_file_lists_every_pod_of_the_groups_in_service() {
     );
 }
 
+#[test]
+fn prometheus_finds_the_router_and_every_worker_with_the_podmonitors_labels() {
+    let dsd = parse(TWO_POOLS);
+    let desired = dsd.desired().unwrap();
+    let (router, _) =
+        router_process(&desired, &volumes(), Path::new("/b"), &mut counter()).unwrap();
+    let b = group(&dsd, 1, &mut Vec::new()).unwrap();
+    let targets = std::iter::once(ScrapeTarget {
+        deployment: "tiny-ep",
+        pool: None,
+        process: &router,
+    })
+    .chain(b.pods.iter().map(|pod| ScrapeTarget {
+        deployment: "tiny-ep",
+        pool: Some("b"),
+        process: pod,
+    }));
+    let file: serde_json::Value = serde_json::from_str(&prometheus_targets(targets)).unwrap();
+    assert_eq!(
+        file,
+        serde_json::json!([
+            {"targets": ["127.0.0.1:40002"],
+             "labels": {"deployment": "tiny-ep", "component": "router", "pod": "router"}},
+            {"targets": ["127.0.0.1:40003"],
+             "labels": {"deployment": "tiny-ep", "component": "worker", "pool": "b",
+                        "pod": "b/0/0-1"}},
+        ])
+    );
+    assert_eq!(prometheus_targets([]), "[]\n");
+}
+
 fn view(index: i32, revision: &str, ready: bool) -> GroupView {
     GroupView {
         index,
