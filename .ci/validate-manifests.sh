@@ -168,11 +168,13 @@ crd_validate() {
   validate "${WORK}/crd-bin.yaml"
 }
 
-# The chart and deploy/rbac.yaml must grant the same rules; neither may use wildcards or
-# touch Secrets.
+# The chart and deploy/rbac.yaml must grant the same rules; neither may use wildcards, and
+# Secrets only by name for the worker CA (none with workerCa.enabled=false).
 rbac_policy() {
   "${HELM}" template deepseek-operator "${CHART}" --namespace deepseek-system >"${WORK}/rbac-helm.yaml" || return 1
-  "${PY}" - deploy/rbac.yaml "${WORK}/rbac-helm.yaml" <<'PYEOF'
+  "${HELM}" template deepseek-operator "${CHART}" --namespace deepseek-system \
+    --set workerCa.enabled=false >"${WORK}/rbac-helm-no-ca.yaml" || return 1
+  "${PY}" - deploy/rbac.yaml "${WORK}/rbac-helm.yaml" "${WORK}/rbac-helm-no-ca.yaml" <<'PYEOF'
 import sys
 import yaml
 
@@ -212,10 +214,15 @@ for kind in ("ClusterRole", "Role"):
         if "*" in (g, res, v):
             print(f"    {kind} uses a wildcard: {(g, res, v)}")
             ok = False
-        if g == "" and res.split("/")[0] == "secrets":
-            print(f"    {kind} grants access to Secrets: {v}")
+        if g == "" and res.split("/")[0] == "secrets" and v not in ("get", "create", "update"):
+            print(f"    {kind} grants more than get, create, update on Secrets: {v}")
             ok = False
-    print(f"    {kind}: {len(a)} (group, resource, verb) grants, no wildcards, no Secrets")
+    print(f"    {kind}: {len(a)} (group, resource, verb) grants, no wildcards, Secrets by name only")
+for kind, rules in roles(sys.argv[3]).items():
+    secrets = [x for x in normalize(rules) if x[0] == "" and x[1] == "secrets"]
+    if secrets:
+        print(f"    {kind} with workerCa.enabled=false grants Secrets: {secrets}")
+        ok = False
 sys.exit(0 if ok else 1)
 PYEOF
 }

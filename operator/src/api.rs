@@ -80,8 +80,10 @@ pub struct DeepSeekDeploymentSpec {
     #[serde(default)]
     pub router: RouterSpec,
 
-    /// Mutual TLS between the router and the workers. Without it, that hop is plaintext
-    /// (the workers' NetworkPolicy still admits only the router).
+    /// Mutual TLS between the router and the workers, and between a group's ranks: `{}` for
+    /// a CA the operator keeps and rotates, or `secretName` for a certificate of yours.
+    /// Without it, those hops are plaintext (the workers' NetworkPolicy still admits only
+    /// the router and the group's own ranks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_tls: Option<WorkerTls>,
 
@@ -491,16 +493,34 @@ pub struct RouterSpec {
 }
 
 /// The certificate the router and the workers show each other.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerTls {
     /// A Secret in this namespace with `ca.crt`, `tls.crt` and `tls.key`, such as a
     /// cert-manager `Certificate` from a CA issuer of this deployment's own writes (usages
     /// server auth and client auth). Each side accepts the other's certificate when that CA
     /// signed it, whatever its names, so the CA must sign for nothing else. A renewed Secret
-    /// is used without a restart.
+    /// is used without a restart. Unset: the operator makes a CA for this deployment and
+    /// the Secret `NAME-worker-tls`, and rotates both (certificates renewed after 20 of
+    /// their 30 days, the CA after 8 of its 12 months, with no failed handshake); the CA's
+    /// key stays in `NAME-worker-ca`, which no pod mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub secret_name: String,
+    pub secret_name: Option<String>,
+}
+
+impl WorkerTls {
+    /// The Secret the pods mount.
+    pub fn secret(&self, deployment: &str) -> String {
+        self.secret_name
+            .clone()
+            .unwrap_or_else(|| crate::names::worker_tls_secret_name(deployment))
+    }
+
+    /// Whether the operator keeps the CA.
+    pub fn operator_ca(&self) -> bool {
+        self.secret_name.is_none()
+    }
 }
 
 /// The router's serving certificate.

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -38,6 +38,7 @@ use crate::model_cache::{self, Caches};
 use crate::names::*;
 use crate::resolve;
 use crate::status::{self, Blocked, Observed};
+use crate::worker_ca;
 
 /// What reconciliations share.
 pub struct Context {
@@ -181,6 +182,17 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
             }),
         },
     };
+    let worker_ca = match &dsd.spec.worker_tls {
+        Some(tls) if tls.operator_ca() => Some(keep_worker_ca(&ctx.client, &dsd, &ns).await?),
+        _ => None,
+    };
+    let worker_ca_due = worker_ca
+        .as_ref()
+        .and_then(|due| due.as_ref().ok().copied());
+    let desired = match worker_ca {
+        Some(Err(blocked)) => Err(blocked),
+        _ => desired,
+    };
     if let Ok(desired) = &desired {
         if let Some(cache) = &desired.model_cache {
             create_unless_listed(&ctx.client, &ns, &cache.claim, &caches.claims).await?;
@@ -228,13 +240,16 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         .model
         .as_ref()
         .is_some_and(|m| !m.ready.status && !m.failed);
-    Ok(match desired {
+    let resync = match desired {
         // Nothing will change until the spec (or the PVC) does; do not spin.
-        Err(_) => Action::requeue(RESYNC),
-        Ok(_) if downloading => Action::requeue(DOWNLOAD_RESYNC),
-        Ok(_) if ready => Action::requeue(RESYNC),
-        Ok(_) => Action::requeue(NOT_READY_RESYNC),
-    })
+        Err(_) => RESYNC,
+        Ok(_) if downloading => DOWNLOAD_RESYNC,
+        Ok(_) if ready => RESYNC,
+        Ok(_) => NOT_READY_RESYNC,
+    };
+    Ok(Action::requeue(
+        worker_ca_due.map_or(resync, |due| due.min(resync)),
+    ))
 }
 
 pub fn error_policy(dsd: Arc<DeepSeekDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -362,6 +377,83 @@ async fn create_unless_listed<K: Namespaced>(
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
         result => result.map(drop).map_err(Error::from),
     }
+}
+
+/// Keeps the deployment's worker CA and the Secret the pods mount (`worker_ca::plan`, one
+/// step a pass); returns how long until the next step is due, or why it cannot.
+async fn keep_worker_ca(
+    client: &Client,
+    dsd: &DeepSeekDeployment,
+    ns: &str,
+) -> Result<Result<Duration, Blocked>, Error> {
+    match keep_worker_ca_steps(client, dsd, ns).await {
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 403 => Ok(Err(Blocked {
+            reason: "WorkerCaForbidden",
+            message: format!(
+                "spec.workerTls: the operator may not read and write Secrets in namespace \
+                 {ns} (installed with workerCa.enabled=false): name a Secret of yours in \
+                 spec.workerTls.secretName, or grant it ({})",
+                status.message
+            ),
+        })),
+        result => result.map(Ok),
+    }
+}
+
+async fn keep_worker_ca_steps(
+    client: &Client,
+    dsd: &DeepSeekDeployment,
+    ns: &str,
+) -> Result<Duration, Error> {
+    let name = dsd.name_any();
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let owner = dsd.controller_owner_ref(&());
+    // A first CA takes two steps (keep, publish) before it waits.
+    for _ in 0..3 {
+        let kept = api.get_opt(&worker_ca_secret_name(&name)).await?;
+        let shown = api.get_opt(&worker_tls_secret_name(&name)).await?;
+        let authority = kept.as_ref().and_then(worker_ca::authority_from);
+        let published = shown.as_ref().and_then(worker_ca::published_from);
+        let now = Timestamp::now().as_second();
+        let plan = worker_ca::plan(
+            &name,
+            authority.as_ref(),
+            published.as_ref().map(|(p, at)| (p, *at)),
+            now,
+            worker_ca::LIFETIMES,
+        )?;
+        match plan {
+            worker_ca::Plan::Keep(authority) => {
+                tracing::info!(secret = %worker_ca_secret_name(&name), "keeping a new state of the worker CA");
+                let secret = worker_ca::authority_secret(&name, owner.clone(), &authority);
+                create_or_replace(&api, kept, secret).await?;
+            }
+            worker_ca::Plan::Publish(published) => {
+                tracing::info!(secret = %worker_tls_secret_name(&name), "publishing the worker certificate and trusted CAs");
+                let secret = worker_ca::published_secret(&name, owner.clone(), &published, now);
+                create_or_replace(&api, shown, secret).await?;
+            }
+            worker_ca::Plan::WaitFor(wait) => return Ok(wait),
+        }
+    }
+    Ok(Duration::ZERO)
+}
+
+/// Creates `object`, or replaces `existing` with it (failing if it changed since read).
+async fn create_or_replace<K: Namespaced>(
+    api: &Api<K>,
+    existing: Option<K>,
+    mut object: K,
+) -> Result<(), Error> {
+    match existing {
+        None => api.create(&PostParams::default(), &object).await?,
+        Some(existing) => {
+            object.meta_mut().resource_version = existing.resource_version();
+            api.replace(&existing.name_any(), &PostParams::default(), &object)
+                .await?
+        }
+    };
+    Ok(())
 }
 
 /// The namespaced kinds the controller lists, creates and applies.

@@ -15,6 +15,8 @@ pub enum Error {
     /// The held lease could not be renewed before it expired.
     #[error("could not renew lease {lease} within {within:?}")]
     LeaseExpired { lease: String, within: Duration },
+    #[error("the worker CA: {0}")]
+    WorkerCa(#[from] crate::worker_ca::CaError),
 }
 
 impl Error {
@@ -25,6 +27,7 @@ impl Error {
             Error::Kube(_) => "client",
             Error::NotNamespaced(_) => "not_namespaced",
             Error::LostLease(_) | Error::LeaseExpired { .. } => "lease",
+            Error::WorkerCa(_) => "worker_ca",
         }
     }
 }

@@ -15,3 +15,4 @@ pub mod model_cache;
 pub mod names;
 pub mod resolve;
 pub mod status;
+pub mod worker_ca;

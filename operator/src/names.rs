@@ -24,6 +24,7 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const COMPONENT_WORKER: &str = "worker";
 pub const COMPONENT_ROUTER: &str = "router";
 pub const COMPONENT_MODEL_CACHE: &str = "model-cache";
+pub const COMPONENT_WORKER_TLS: &str = "worker-tls";
 
 // The pod contract's ports (`deepseek_proto::pod`) as Kubernetes' i32.
 /// Worker gRPC (`deepseek.v1.Inference` + health); also the readiness probe target.
@@ -93,6 +94,19 @@ pub fn model_cache_selector(deployment: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/component", COMPONENT_MODEL_CACHE),
     ])
 }
+
+/// The Secret the pods mount when the operator keeps the deployment's worker CA.
+pub fn worker_tls_secret_name(deployment: &str) -> String {
+    format!("{deployment}-worker-tls")
+}
+
+/// The operator's own Secret of that CA, with its key (never mounted).
+pub fn worker_ca_secret_name(deployment: &str) -> String {
+    format!("{deployment}-worker-ca")
+}
+
+/// When the operator last changed the worker TLS Secret (RFC 3339), on that Secret.
+pub const ANNOTATION_TLS_PUBLISHED: &str = "serving.deepseek-operator.io/published-at";
 
 pub fn router_name(deployment: &str) -> String {
     format!("{deployment}-router")

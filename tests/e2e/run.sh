@@ -59,6 +59,7 @@ condition() { # condition NAMESPACE NAME TYPE -> "status reason"
   jsonpath -n "$1" get dsd "$2" -o jsonpath="{.status.conditions[?(@.type==\"$3\")].status} {.status.conditions[?(@.type==\"$3\")].reason}"
 }
 ready_is() { [ "$(condition "$1" "$2" Ready | cut -d' ' -f1)" = "$3" ]; }
+absent() { ! kubectl "$@" >/dev/null 2>&1; }
 summary_is() { [ "$(jsonpath -n "$1" get dsd "$2" -o jsonpath='{.status.poolSummary}')" = "$3" ]; }
 # A sample moved to another namespace.
 sample() { sed "s/^  namespace: .*/  namespace: $2/" "deploy/samples/$1.yaml"; }
@@ -141,9 +142,14 @@ check_least_privilege() {
   expect_can get pods --subresource log -n "$NS"
   expect_can create events.events.k8s.io -n "$NS"
   expect_can update leases.coordination.k8s.io/"$LEASE" -n "$SYSTEM"
-  expect_cannot get secrets -n "$NS"
+  # Secrets by name only, for the worker CA (workerCa.enabled, the default).
+  expect_can get secrets -n "$NS"
+  expect_can create secrets -n "$NS"
+  expect_can update secrets -n "$NS"
   expect_cannot list secrets --all-namespaces
-  expect_cannot get secrets -n "$SYSTEM"
+  expect_cannot watch secrets -n "$NS"
+  expect_cannot patch secrets -n "$NS"
+  expect_cannot delete secrets -n "$NS"
   expect_cannot create pods -n "$NS"
   expect_cannot delete deepseekdeployments.serving.deepseek-operator.io -n "$NS"
   expect_cannot patch deepseekdeployments.serving.deepseek-operator.io -n "$NS"
@@ -319,9 +325,36 @@ k scale dsd tiny --replicas 1
 wait_for "$pod_gone_s" "the new leader to scale down" groups_ready "$NS" tiny 1
 k get statefulset tiny-cpu-g1 >/dev/null 2>&1 && fail "the second group is still there after scaling to 1"
 
+say "workerTls: {}: a CA the operator keeps, one certificate for router and workers, collected with the deployment"
+tiny | sed 's/^  name: tiny$/  name: tiny-ca/; s/^  router:$/  workerTls: {}\n  router:/' | kubectl apply -f - >/dev/null
+wait_for 60 "the workers' TLS Secret" k get secret tiny-ca-worker-tls
+for secret in tiny-ca-worker-ca tiny-ca-worker-tls; do
+  owner=$(k get secret "$secret" -o jsonpath='{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}/{.metadata.ownerReferences[0].controller}')
+  [ "$owner" = DeepSeekDeployment/tiny-ca/true ] || fail "Secret $secret is not controlled by the DeepSeekDeployment ($owner)"
+done
+[ "$(k get secret tiny-ca-worker-tls -o jsonpath='{.type}')" = kubernetes.io/tls ] || fail "the pods' Secret is not kubernetes.io/tls"
+entries=$(k get secret tiny-ca-worker-tls -o go-template='{{range $k, $v := .data}}{{$k}} {{end}}')
+[ "$entries" = "ca.crt tls.crt tls.key " ] || fail "the pods' Secret holds $entries (the CA's key must not be there)"
+k get secret tiny-ca-worker-tls -o jsonpath='{.data.ca\.crt}' | base64 -d >"$work/ca.crt"
+k get secret tiny-ca-worker-tls -o jsonpath='{.data.tls\.crt}' | base64 -d >"$work/tls.crt"
+openssl verify -CAfile "$work/ca.crt" "$work/tls.crt" >/dev/null || fail "the CA did not sign the certificate"
+openssl x509 -in "$work/tls.crt" -noout -ext extendedKeyUsage | grep -q "TLS Web Client Authentication" \
+  || fail "the certificate is not for client auth"
+wait_for 90 "tiny-ca to be Ready" ready_is "$NS" tiny-ca True
+for object in statefulset/tiny-ca-cpu-g0 deployment/tiny-ca-router; do
+  mounted=$(k get "$object" -o jsonpath='{.spec.template.spec.volumes[?(@.name=="worker-tls")].secret.secretName}')
+  [ "$mounted" = tiny-ca-worker-tls ] || fail "$object mounts $mounted"
+done
+versions=$(k get secret tiny-ca-worker-ca tiny-ca-worker-tls -o jsonpath='{.items[*].metadata.resourceVersion}')
+k annotate dsd tiny-ca e2e.deepseek-operator.io/poke=1 >/dev/null # another reconcile
+sleep 5
+[ "$(k get secret tiny-ca-worker-ca tiny-ca-worker-tls -o jsonpath='{.items[*].metadata.resourceVersion}')" = "$versions" ] \
+  || fail "a reconcile with nothing due rewrote the CA's Secrets"
+k delete dsd tiny-ca --wait=true >/dev/null
+for secret in tiny-ca-worker-ca tiny-ca-worker-tls; do wait_for 60 "Secret $secret to be collected" absent -n "$NS" get secret "$secret"; done
+
 say "deletion: garbage collection removes everything"
 k delete dsd tiny --wait=true >/dev/null
-absent() { ! kubectl "$@" >/dev/null 2>&1; }
 no_pods() { [ -z "$(jsonpath -n "$1" get pods -o name)" ]; }
 for object in $owned_objects; do wait_for 60 "$object to be collected" absent -n "$NS" get "$object"; done
 wait_for "$pod_gone_s" "the worker pods to go" no_pods "$NS"
@@ -449,12 +482,12 @@ kubectl -n "$FLAGSHIP" delete dsd deepseek-v3 --wait=true >/dev/null
 wait_for "$pod_gone_s" "the spill-over sample's pods to go" no_pods "$FLAGSHIP"
 
 # ============================================================================================
-say "namespace-scoped install: the chart's rules bound in one namespace, an operator that serves only it"
+say "namespace-scoped install without Secret access: the chart's rules bound in one namespace, an operator that serves only it"
 SCOPED=dsd-scoped SCOPED_SYSTEM=dsd-scoped-system
 restricted_namespace "$SCOPED_SYSTEM"
 restricted_namespace "$SCOPED"
 helm install dsd-scoped charts/deepseek-operator -n "$SCOPED_SYSTEM" --set watchNamespace="$SCOPED" \
-  --set leaderElection.enabled=false --set replicaCount=1 --wait --timeout 120s >/dev/null 2>"$work/helm.err" \
+  --set workerCa.enabled=false --set leaderElection.enabled=false --set replicaCount=1 --wait --timeout 120s >/dev/null 2>"$work/helm.err" \
   || fail "helm install with watchNamespace: $(cat "$work/helm.err")"
 scoped_sa=$(kubectl -n "$SCOPED_SYSTEM" get deployment -o jsonpath='{.items[0].spec.template.spec.serviceAccountName}')
 as_scoped=(--as "system:serviceaccount:$SCOPED_SYSTEM:$scoped_sa")
@@ -481,6 +514,10 @@ volumes=$(kubectl -n "$SCOPED" get deployment tiny-router -o jsonpath='{.spec.te
 probe=$(kubectl -n "$SCOPED" get statefulset tiny-cpu-g0 -o jsonpath='{.spec.template.spec.containers[0].readinessProbe.grpc.port}')
 [ "$probe" = 50052 ] || fail "with workerTls the workers' probes ask port $probe"
 [ "$(condition "$SCOPED" tiny Ready)" = "True AllGroupsReady" ] || fail "$(condition "$SCOPED" tiny Ready)"
+# workerCa.enabled=false: a deployment that wants the operator's CA is refused, saying why.
+sample tiny "$SCOPED" | sed 's/^  name: tiny$/  name: tiny-ca/; s/^  router:$/  workerTls: {}\n  router:/' \
+  | kubectl apply -f - >/dev/null
+wait_for 60 "WorkerCaForbidden" reason_is "$SCOPED" tiny-ca Ready "False WorkerCaForbidden"
 kill_operator scoped
 kubectl delete namespace "$SCOPED" --wait=false >/dev/null
 kubectl delete persistentvolume "$SCOPED-tiny-model" --wait=false >/dev/null

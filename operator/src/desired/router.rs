@@ -96,7 +96,7 @@ impl Ctx<'_> {
                 .spec
                 .worker_tls
                 .as_ref()
-                .map(|tls| worker_tls_volume(&tls.secret_name)),
+                .map(|tls| worker_tls_volume(&tls.secret(&self.name))),
         ]
         .into_iter()
         .flatten()

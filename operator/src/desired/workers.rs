@@ -137,7 +137,7 @@ impl Ctx<'_> {
             empty_dir("tmp", None, None),
         ];
         if let Some(tls) = &self.dsd.spec.worker_tls {
-            volumes.push(worker_tls_volume(&tls.secret_name).0);
+            volumes.push(worker_tls_volume(&tls.secret(&self.name)).0);
         }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
         volumes
@@ -178,7 +178,7 @@ impl Ctx<'_> {
         // plaintext health port.
         let probe_port = match &self.dsd.spec.worker_tls {
             Some(tls) => {
-                mounts.push(worker_tls_volume(&tls.secret_name).1);
+                mounts.push(worker_tls_volume(&tls.secret(&self.name)).1);
                 WORKER_HEALTH_PORT
             }
             None => WORKER_GRPC_PORT,

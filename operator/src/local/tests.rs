@@ -204,7 +204,7 @@ fn the_router_reads_a_backends_file_on_local_ports() {
 
     let mut mutual = dsd.clone();
     mutual.spec.worker_tls = Some(crate::api::WorkerTls {
-        secret_name: "mtls".into(),
+        secret_name: Some("mtls".into()),
     });
     let err = group(&mutual, 0, &mut Vec::new()).unwrap_err().to_string();
     assert!(err.starts_with("spec.workerTls"), "{err}");

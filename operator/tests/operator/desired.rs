@@ -769,7 +769,7 @@ fn a_tls_secret_makes_the_router_serve_tls_beside_its_keys_with_http_probes() {
 fn worker_tls_mounts_one_secret_in_router_and_workers_and_probes_the_plaintext_health_port() {
     let mut dsd = v3();
     dsd.spec.worker_tls = Some(deepseek_operator::api::WorkerTls {
-        secret_name: "deepseek-v3-mtls".into(),
+        secret_name: Some("deepseek-v3-mtls".into()),
     });
     let d = desired(&dsd);
     let dir = "/etc/deepseek-worker-tls";
@@ -808,6 +808,21 @@ fn worker_tls_mounts_one_secret_in_router_and_workers_and_probes_the_plaintext_h
         &worker.readiness_probe,
     ] {
         assert_eq!(probe.as_ref().unwrap().grpc.as_ref().unwrap().port, 50052);
+    }
+    // `workerTls: {}`: the Secret the operator keeps, the same in the router and the workers.
+    dsd.spec.worker_tls = Some(Default::default());
+    let d = desired(&dsd);
+    for pod in [pod_spec(sts(&d, "deepseek-v3-h100-g0")), router_pod(&d)] {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "worker-tls");
+        let secret = volume.and_then(|v| v.secret.clone()).unwrap();
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some("deepseek-v3-worker-tls")
+        );
     }
     // Without it: plaintext, probes on the gRPC port.
     let plain = desired(&v3());

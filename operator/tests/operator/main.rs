@@ -10,3 +10,4 @@ mod metrics;
 mod model_cache;
 mod pod_contract;
 mod status;
+mod worker_ca;
