@@ -140,6 +140,16 @@ for panel in dashboard["panels"]:
 PYEOF
 }
 
+# PodMonitors "auto": none where the cluster lacks the API, both where it serves it.
+pod_monitors_auto() {
+  local without with
+  without=$("${HELM}" template x "${CHART}" | grep -c '^kind: PodMonitor$' || true)
+  with=$("${HELM}" template x "${CHART}" --api-versions monitoring.coreos.com/v1/PodMonitor \
+    | grep -c '^kind: PodMonitor$' || true)
+  [ "${without}" = 0 ] && [ "${with}" = 2 ] \
+    || { echo "    auto: ${without} PodMonitors without the API, ${with} with it"; return 1; }
+}
+
 render_validate() {
   local sample="$1" out
   out="${WORK}/render-$(basename "${sample}")"
@@ -244,6 +254,8 @@ check "helm template | kubernetes-validate (podMonitors, dashboard)" \
   --set metrics.dashboard.enabled=true
 check "helm template (podMonitors, dashboard): PodMonitors on the metrics port, the dashboard on their labels" \
   pod_monitors_rendered
+check "helm template (podMonitors auto): only where the cluster serves monitoring.coreos.com/v1" \
+  pod_monitors_auto
 check "helm template | kubernetes-validate (no leader election, existing ServiceAccount)" \
   helm_template_validate single --set leaderElection.enabled=false --set replicaCount=1 \
   --set serviceAccount.create=false --set serviceAccount.name=operator

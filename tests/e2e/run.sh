@@ -14,13 +14,16 @@
 # and a HorizontalPodAutoscaler on the scale subresource; the built-in autoscaler stepping
 # aside for an HPA, then writing through the scale subresource itself; a rollout watched end to end, with
 # the operator killed in the middle; leader election hand-over; no writes when idle; restricted
-# Pod Security admission; garbage collection.
+# Pod Security admission; garbage collection; the operator's worker CA (`workerTls: {}`), and
+# its refusal without Secret access; the chart's PodMonitors, ServiceMonitor and dashboard
+# against the Prometheus Operator's own CRDs.
 #
 # Env: OPERATOR_BIN (default ./target/debug/deepseek-operator), HELM (default helm on PATH,
 # else .tools/bin/helm), KUBECTL (default kubectl on PATH: the one up.sh built).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$PWD"
+source tests/cluster/versions.sh
 source tests/cluster/lib.sh
 
 KUBECTL="${KUBECTL:-$(command -v kubectl)}"
@@ -524,11 +527,30 @@ kubectl delete persistentvolume "$SCOPED-tiny-model" --wait=false >/dev/null
 helm uninstall dsd-scoped -n "$SCOPED_SYSTEM" --wait >/dev/null
 
 # ============================================================================================
-say "helm upgrade, then helm uninstall"
+say "the Prometheus Operator's CRDs installed: helm upgrade adds the PodMonitors (auto), the ServiceMonitor and the dashboard, as those CRDs accept them"
 kill_operator e2e-b
-helm upgrade "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --set logLevel=debug --wait --timeout 120s >/dev/null
+# The CRDs from the Prometheus Operator's own Go module, at a pinned version.
+prometheus_operator=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])') \
+  || fail "could not fetch the Prometheus Operator $PROMETHEUS_OPERATOR_VERSION module"
+for kind in podmonitors servicemonitors; do
+  kubectl apply --server-side -f "$prometheus_operator/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" >/dev/null
+  kubectl wait --for condition=Established "crd/$kind.monitoring.coreos.com" --timeout 60s >/dev/null
+done
+helm upgrade "$RELEASE" charts/deepseek-operator -n "$SYSTEM" --set logLevel=debug \
+  --set metrics.serviceMonitor.enabled=true --set metrics.dashboard.enabled=true --wait --timeout 120s >/dev/null
+[ "$(kubectl -n "$SYSTEM" get podmonitors -o name | sort | tr '\n' ' ')" \
+  = "podmonitor.monitoring.coreos.com/$OPERATOR_SA-routers podmonitor.monitoring.coreos.com/$OPERATOR_SA-workers " ] \
+  || fail "PodMonitors after the upgrade: $(kubectl -n "$SYSTEM" get podmonitors -o name)"
+relabelled=$(kubectl -n "$SYSTEM" get podmonitor "$OPERATOR_SA-workers" -o jsonpath='{.spec.podMetricsEndpoints[0].relabelings[*].targetLabel}')
+[ "$relabelled" = "component deployment gpu_product pool" ] || fail "the PodMonitor relabels to $relabelled"
+kubectl -n "$SYSTEM" get servicemonitor "$OPERATOR_SA" >/dev/null || fail "no ServiceMonitor for the operator"
+kubectl -n "$SYSTEM" get configmap "$OPERATOR_SA-dashboard" -o jsonpath='{.data.deepseek-serving\.json}' \
+  | python3 -c 'import json, sys; assert json.load(sys.stdin)["panels"]' || fail "the dashboard ConfigMap"
 [ "$(kubectl -n "$SYSTEM" get deployment "$OPERATOR_SA" -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="RUST_LOG")].value}')" = debug ] \
   || fail "helm upgrade did not change the operator Deployment"
+
+say "helm uninstall"
 helm uninstall "$RELEASE" -n "$SYSTEM" --wait >/dev/null
 wait_for 60 "the release's objects to go" absent -n "$SYSTEM" get deployment "$OPERATOR_SA"
 absent get clusterrole "$OPERATOR_SA" || fail "helm uninstall left the ClusterRole"
