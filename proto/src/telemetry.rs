@@ -1,9 +1,10 @@
 //! Logs to stderr and, given an OTLP endpoint, spans exported to it over gRPC. W3C trace
 //! context (`traceparent`) crosses every process boundary: the router's request span is a
-//! child of its client's, and the worker's of the router's, so one request is one trace.
+//! child of its client's, and the worker's of the router's, so one request is one trace. A
+//! worker's scheduler steps are spans of their own, linked to the requests they served.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -68,6 +69,15 @@ pub fn continue_trace(span: &tracing::Span, metadata: &MetadataMap) {
     let parent = TraceContextPropagator::new().extract(&Metadata(metadata));
     // Fails only when no OpenTelemetry layer is installed: then there is nothing to join.
     let _ = span.set_parent(parent);
+}
+
+/// Links `span` to `to`'s span, as OpenTelemetry relates a batch to the requests in it: a
+/// scheduler step serves many requests, each its own trace, so it is a child of none.
+pub fn link(span: &tracing::Span, to: &tracing::Span) {
+    let context = to.context().span().span_context().clone();
+    if context.is_valid() {
+        span.add_link(context);
+    }
 }
 
 /// Writes `span`'s trace context into `metadata`, for the next hop.

@@ -28,7 +28,8 @@ from check_client import MODEL, check, free_port, wait_ready  # noqa: E402  (thi
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every exported span as (service, name, trace id, span id, parent span id)."""
+    """Keeps every exported span as (service, name, trace id, span id, parent span id, the
+    span ids it links to)."""
 
     def __init__(self):
         self.spans = []
@@ -42,7 +43,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 for scope in resource_spans.scope_spans:
                     for span in scope.spans:
                         self.spans.append((service, span.name, span.trace_id.hex(), span.span_id.hex(),
-                                           span.parent_span_id.hex()))
+                                           span.parent_span_id.hex(), {link.span_id.hex() for link in span.links}))
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def of_trace(self, trace_id):
@@ -67,6 +68,20 @@ def spans_joined(receiver, trace_id, client_span, what, deadline_s=30):
     else:
         check(len(route) == 1 and route[0][4] == client_span, f"{what}: the router's span continues the client's")
     check(len(request) == 1 and request[0][4] == route[0][3], f"{what}: the worker's span is the router's child")
+    return request[0]
+
+
+def steps_linked(receiver, request, wanted, deadline_s=30):
+    """The worker's scheduler steps that served `request` (spans of their own traces, linked
+    to it), once `wanted` have come or the deadline passed."""
+    deadline = time.time() + deadline_s
+    while True:
+        with receiver.lock:
+            steps = [s for s in receiver.spans
+                     if s[0] == "deepseek-worker" and s[1] == "step" and request[3] in s[5]]
+        if len(steps) >= wanted or time.time() > deadline:
+            return steps
+        time.sleep(0.2)
 
 
 def traceparent():
@@ -101,7 +116,12 @@ def main():
         trace_id, span_id, header = traceparent()
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                        extra_headers={"traceparent": header})
-        spans_joined(receiver, trace_id, span_id, "OpenAI client over HTTP")
+        request = spans_joined(receiver, trace_id, span_id, "OpenAI client over HTTP")
+        steps = steps_linked(receiver, request, 4)
+        # A prompt pass, then one pass per token but the last (it is sampled from the one
+        # before): 4 steps for 4 tokens.
+        check(len(steps) == 4 and all(s[2] != trace_id and s[4] == "" for s in steps),
+              f"the worker's scheduler steps are spans of their own, linked to the request ({len(steps)})")
 
         pb, pb_grpc = grpc_stubs.generate(tempfile.mkdtemp())
         trace_id, span_id, header = traceparent()

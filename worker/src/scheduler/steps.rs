@@ -65,7 +65,18 @@ impl Engine {
                 return generated;
             }
         };
-        if let Err(err) = self.run_passes(&together, &alone, passes) {
+        if passes == 0 {
+            return generated;
+        }
+        let prompt_tokens: usize = together.iter().chain(&alone).map(|&(_, len)| len).sum();
+        let span = tracing::info_span!("step", decodes, prompt_tokens, passes);
+        for seq in &self.running {
+            let chunked = together.iter().chain(&alone).any(|&(id, _)| id == seq.id);
+            if chunked || seq.next_decode_token().is_some() {
+                deepseek_proto::telemetry::link(&span, &seq.span);
+            }
+        }
+        if let Err(err) = span.in_scope(|| self.run_passes(&together, &alone, passes)) {
             self.group_failed(&err);
         }
         generated
