@@ -197,8 +197,9 @@ pub struct ModelSpec {
     /// Where the checkpoint comes from: exactly one of `huggingFace` or `pvc`.
     pub source: ModelSource,
 
-    /// Weight precision on the GPUs. `auto` picks FP8 on Hopper and newer (H100, H200) and
-    /// bf16 on Ampere (A100). Pools may override it.
+    /// Weight precision on the GPUs. `auto` is FP8 (the routed experts at one byte per
+    /// weight): multiplied in FP8 on Hopper and newer (H100, H200), in bf16 on Ampere (A100)
+    /// on weights dequantised tile by tile inside the GEMM. Pools may override it.
     #[serde(default)]
     pub dtype: Dtype,
 
@@ -313,10 +314,11 @@ pub struct PvcSource {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
-    /// FP8 on GPUs that have it (sm_89 and newer), bf16 otherwise.
+    /// FP8 weights on GPUs (see `fp8`).
     #[default]
     Auto,
-    /// FP8 e4m3 weights with 128×128 block scales.
+    /// FP8 e4m3 weights with 128×128 block scales, from an FP8 checkpoint: FP8 GEMMs on
+    /// sm_89 and newer, bf16 GEMMs on weights dequantised inside the kernel on Ampere.
     Fp8,
     /// bfloat16 weights.
     Bf16,

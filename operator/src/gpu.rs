@@ -82,14 +82,13 @@ pub fn memory_bytes(product: &str) -> Option<u64> {
         .map(|&(_, _, mib)| mib << 20)
 }
 
-impl GpuArch {
-    /// `auto` resolves to FP8 where the hardware has it and bf16 elsewhere.
-    pub fn resolve(self, dtype: Dtype) -> Dtype {
-        match (dtype, self) {
-            (Dtype::Auto, GpuArch::Ampere) => Dtype::Bf16,
-            (Dtype::Auto, _) => Dtype::Fp8,
-            (explicit, _) => explicit,
-        }
+/// On a GPU, `auto` is FP8 weights (DeepSeek publishes FP8 checkpoints): every architecture
+/// holds them at a byte each; Ada, Hopper and newer multiply in FP8, Ampere in bf16 on
+/// weights dequantised inside the GEMM.
+pub fn resolve_dtype(dtype: Dtype) -> Dtype {
+    match dtype {
+        Dtype::Auto => Dtype::Fp8,
+        explicit => explicit,
     }
 }
 
@@ -133,10 +132,9 @@ mod tests {
     }
 
     #[test]
-    fn auto_dtype_follows_fp8_support() {
-        assert_eq!(GpuArch::Hopper.resolve(Dtype::Auto), Dtype::Fp8);
-        assert_eq!(GpuArch::Ampere.resolve(Dtype::Auto), Dtype::Bf16);
-        assert_eq!(GpuArch::Ampere.resolve(Dtype::Fp8), Dtype::Fp8);
-        assert_eq!(GpuArch::Hopper.resolve(Dtype::Bf16), Dtype::Bf16);
+    fn auto_dtype_is_fp8_weights_on_every_gpu() {
+        assert_eq!(resolve_dtype(Dtype::Auto), Dtype::Fp8);
+        assert_eq!(resolve_dtype(Dtype::Fp8), Dtype::Fp8);
+        assert_eq!(resolve_dtype(Dtype::Bf16), Dtype::Bf16);
     }
 }

@@ -289,8 +289,8 @@ fn memory_table(args: &MemoryTableArgs) -> String {
         "NVIDIA-H200",
         "NVIDIA-A100-SXM4-80GB",
     ] {
-        let arch = gpu::arch_of(product).expect("a listed product");
-        let (linear, experts) = memory::gpu_weight_formats(arch.resolve(Dtype::Auto) == Dtype::Fp8);
+        let fp8 = gpu::resolve_dtype(Dtype::Auto) == Dtype::Fp8;
+        let (linear, experts) = memory::gpu_weight_formats(fp8);
         for group_size in [8, 16, 32, 64] {
             let rank = Rank {
                 gpu_bytes: gpu::memory_bytes(product).expect("a listed product"),

@@ -166,7 +166,7 @@ fn resolve_pool(
     };
     let dtype = pool.dtype.unwrap_or(dsd.spec.model.dtype);
     let dtype = match arch {
-        Some(arch) => arch.resolve(dtype),
+        Some(_) => gpu::resolve_dtype(dtype),
         // The CPU path computes in f32 from whatever the checkpoint holds.
         None => dtype,
     };

@@ -1,6 +1,6 @@
-// FP8 checkpoints on GPUs without FP8 tensor cores (A100): the weights are dequantised to
-// bf16 once, at load, as the numerics contract reads them:
-// w = fp8_to_f32(q) · scale_inv[i / 128][j / 128].
+// FP8 weights to bf16, as the numerics contract reads them:
+// w = fp8_to_f32(q) · scale_inv[i / 128][j / 128], rounded to bf16. grouped_gemm_fp8_weights
+// makes the same values tile by tile; gpu-check holds it to this.
 #include "common.cuh"
 
 // q and out are `matrices` stacked [rows, cols] matrices (one per expert, say); scale_inv is

@@ -9,6 +9,11 @@
 // The FP8 kernel (sm_89+) takes e4m3 activations with 1×128 scales and weights with
 // 128×128 block scales, DeepSeek-V3's format: each 128-deep K block accumulates on its own
 // and is added to the total times its two scales.
+// The weight-only FP8 kernel (any architecture; A100 has no FP8 tensor cores) takes bf16
+// activations and those e4m3 weights: each stage's 32-deep weight slice is dequantised in
+// shared memory to bf16, bf16(w · scale) as dequant_fp8 makes it at load, so it computes
+// what the bf16 kernel computes on dequantised weights, bit for bit, holding one byte per
+// weight instead of two.
 //
 // Blocks: x = N tile, y = row tile over all experts (tile_start from moe_sort); blocks past
 // the last tile return at once, so the grid can be sized without reading counts back.
@@ -20,6 +25,11 @@ constexpr int BM = 128, BN = 128, SLICE = 64, STAGES = 4, THREADS = 256;
 constexpr int TILE_BYTES = BM * SLICE;          // one operand's slice; BN == BM
 constexpr int STAGE_BYTES = 2 * TILE_BYTES;     // x and W
 constexpr int SCALE_BLOCK = 128;                // FP8 scale granularity, in K values and N rows
+constexpr int W8_SLICE = SLICE / 2;             // a weight-only stage's e4m3 bytes per row
+
+// What the operands are: both bf16, both e4m3 (scaled), or bf16 activations and e4m3
+// weights dequantised in shared memory.
+enum class Operands { Bf16, Fp8, Fp8Weights };
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row`: chunks rotate with the row
 // pair so that the 8 rows one ldmatrix reads fall in 8 different bank groups.
@@ -76,7 +86,25 @@ __device__ __forceinline__ int expert_of_tile(const int* tile_start, int experts
     return lo;
 }
 
-template <bool FP8>
+// Stage `stage`'s e4m3 weight slice (BN rows × 32 bytes, unswizzled) → bf16(w · scale) in
+// `out`, laid out as a bf16 stage's W tile (BN rows × 64 bytes, swizzled) for ldmatrix.
+__device__ __forceinline__ void dequantize_slice(const unsigned char* w8, unsigned char* out,
+                                                 float scale) {
+    const int row = threadIdx.x / 2, half = threadIdx.x % 2;  // 16 values a thread
+    const uint4 packed = *reinterpret_cast<const uint4*>(w8 + row * W8_SLICE + half * 16);
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(&packed);
+    __align__(16) __nv_bfloat16 values[16];
+    for (int i = 0; i < 16; ++i) {
+        __nv_fp8_e4m3 q;
+        q.__x = bytes[i];
+        values[i] = __float2bfloat16(float(q) * scale);
+    }
+    const uint4* chunks = reinterpret_cast<const uint4*>(values);
+    *reinterpret_cast<uint4*>(out + swizzle(row, 2 * half)) = chunks[0];
+    *reinterpret_cast<uint4*>(out + swizzle(row, 2 * half + 1)) = chunks[1];
+}
+
+template <Operands OPS>
 __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x,
                                              const float* __restrict__ x_scale,
                                              const unsigned char* __restrict__ w,
@@ -85,6 +113,7 @@ __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x
                                              const int* __restrict__ offsets,
                                              const int* __restrict__ tile_start, int experts,
                                              int n, int k) {
+    constexpr bool FP8 = OPS == Operands::Fp8, W8 = OPS == Operands::Fp8Weights;
     extern __shared__ __align__(128) unsigned char shared[];
     const int tile = blockIdx.y;
     if (tile >= tile_start[experts]) return;
@@ -92,9 +121,12 @@ __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x
     const int row0 = offsets[e] + (tile - tile_start[e]) * BM;
     const int row_end = offsets[e + 1];
     const int n0 = blockIdx.x * BN;
-    const int row_bytes = FP8 ? k : 2 * k;
+    const int row_bytes = FP8 ? k : 2 * k;  // of x; of W too but for W8 (k)
+    const int w_row_bytes = FP8 || W8 ? k : 2 * k;
     const int slices = (row_bytes + SLICE - 1) / SLICE;
-    const unsigned char* weight = w + (size_t)e * n * row_bytes;
+    const unsigned char* weight = w + (size_t)e * n * w_row_bytes;
+    // W8: the bf16 W tile the MMAs read, past the stages.
+    unsigned char* dequantized = shared + STAGES * STAGE_BYTES;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
@@ -107,11 +139,21 @@ __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x
             const int byte = slice * SLICE + chunk * 16;
             const bool in_k = byte < row_bytes;
             const bool x_ok = in_k && row0 + row < row_end;
-            const bool w_ok = in_k && n0 + row < n;
             cp_async16(tile_x + swizzle(row, chunk),
                        x_ok ? x + (size_t)(row0 + row) * row_bytes + byte : x, x_ok);
-            cp_async16(tile_w + swizzle(row, chunk),
-                       w_ok ? weight + (size_t)(n0 + row) * row_bytes + byte : weight, w_ok);
+            if constexpr (W8) {
+                // The same 32 K values of W: 32 bytes a row, two chunks, unswizzled.
+                if (chunk >= 2) continue;
+                const int w_byte = slice * W8_SLICE + chunk * 16;
+                const bool w_ok = w_byte < w_row_bytes && n0 + row < n;
+                cp_async16(tile_w + row * W8_SLICE + chunk * 16,
+                           w_ok ? weight + (size_t)(n0 + row) * w_row_bytes + w_byte : weight,
+                           w_ok);
+            } else {
+                const bool w_ok = in_k && n0 + row < n;
+                cp_async16(tile_w + swizzle(row, chunk),
+                           w_ok ? weight + (size_t)(n0 + row) * row_bytes + byte : weight, w_ok);
+            }
         }
     };
 
@@ -132,6 +174,16 @@ __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x
 
         const unsigned char* tile_x = shared + (slice % STAGES) * STAGE_BYTES;
         const unsigned char* tile_w = tile_x + TILE_BYTES;
+        if constexpr (W8) {
+            // Every thread has finished the last slice's MMAs (the barrier above).
+            const int blocks_k = (k + SCALE_BLOCK - 1) / SCALE_BLOCK;
+            const int blocks_n = (n + SCALE_BLOCK - 1) / SCALE_BLOCK;
+            const int block_k = slice * (SLICE / 2) / SCALE_BLOCK;
+            dequantize_slice(tile_w, dequantized,
+                             w_scale[((size_t)e * blocks_n + n0 / SCALE_BLOCK) * blocks_k + block_k]);
+            __syncthreads();
+            tile_w = dequantized;
+        }
         for (int half = 0; half < 2; ++half) {  // 32 bytes: one k16 (bf16) or k32 (FP8) step
             unsigned a[4][4], b[4][2];
             for (int mi = 0; mi < 4; ++mi) {
@@ -203,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     grouped_gemm_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                       __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
                       const int* __restrict__ tile_start, int experts, int n, int k) {
-    grouped_gemm<false>(reinterpret_cast<const unsigned char*>(x), nullptr,
+    grouped_gemm<Operands::Bf16>(reinterpret_cast<const unsigned char*>(x), nullptr,
                         reinterpret_cast<const unsigned char*>(w), nullptr, y, offsets,
                         tile_start, experts, n, k);
 }
@@ -217,8 +269,21 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                      __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
                      const int* __restrict__ tile_start, int experts, int n, int k) {
 #if __CUDA_ARCH__ >= 890
-    grouped_gemm<true>(reinterpret_cast<const unsigned char*>(x), x_scale,
+    grouped_gemm<Operands::Fp8>(reinterpret_cast<const unsigned char*>(x), x_scale,
                        reinterpret_cast<const unsigned char*>(w), w_scale, y, offsets,
                        tile_start, experts, n, k);
 #endif
+}
+
+// x [rows, k] bf16; w [experts, n, k] e4m3 with w_scale [experts, ⌈n/128⌉, ⌈k/128⌉]. Dynamic
+// shared memory: GROUPED_GEMM_W8_SHARED_BYTES (the stages and one dequantised W tile). k is
+// a multiple of 16 and n of 2.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    grouped_gemm_fp8_weights(const __nv_bfloat16* __restrict__ x,
+                             const __nv_fp8_e4m3* __restrict__ w, const float* __restrict__ w_scale,
+                             __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
+                             const int* __restrict__ tile_start, int experts, int n, int k) {
+    grouped_gemm<Operands::Fp8Weights>(reinterpret_cast<const unsigned char*>(x), nullptr,
+                                       reinterpret_cast<const unsigned char*>(w), w_scale, y,
+                                       offsets, tile_start, experts, n, k);
 }

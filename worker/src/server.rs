@@ -534,8 +534,7 @@ fn preflight(config: &ServeConfig, gpu: &Gpu) -> Result<()> {
         Some(g) => g.plan.clone(),
         None => PlacementPlan::round_robin(1, model.moe.n_routed_experts as u32, 0),
     };
-    let fp8_experts =
-        resolve_dtype(config.dtype, gpu.capability, model.fp8.is_some())? == Dtype::Fp8;
+    let fp8_experts = resolve_dtype(config.dtype, model.fp8.is_some()) == Dtype::Fp8;
     let (free, total) = gpu.stream.context().mem_get_info()?;
     let load = RankLoad {
         shape: model.shape(),

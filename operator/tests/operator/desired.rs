@@ -135,18 +135,13 @@ fn gpu_pods_request_their_gpus_on_the_right_nodes() {
 }
 
 #[test]
-fn auto_dtype_is_fp8_on_hopper_and_bf16_on_ampere() {
+fn auto_dtype_is_fp8_weights_on_hopper_and_on_ampere() {
     let d = desired(&v3());
-    assert_eq!(
-        env(worker(sts(&d, "deepseek-v3-h100-g0")), "DSD_DTYPE"),
-        Some("fp8")
-    );
-    assert_eq!(
-        env(worker(sts(&d, "deepseek-v3-a100-g0")), "DSD_DTYPE"),
-        Some("bf16")
-    );
+    for group in ["deepseek-v3-h100-g0", "deepseek-v3-a100-g0"] {
+        assert_eq!(env(worker(sts(&d, group)), "DSD_DTYPE"), Some("fp8"));
+    }
     let pools: Vec<Dtype> = d.pools.iter().map(|(p, _)| p.dtype).collect();
-    assert_eq!(pools, [Dtype::Fp8, Dtype::Bf16]);
+    assert_eq!(pools, [Dtype::Fp8, Dtype::Fp8]);
 }
 
 #[test]

@@ -144,7 +144,7 @@ fn a_gpu_pod_finds_its_rank_and_its_peers() {
     let own = format!("deepseek-v3-h100-g0-1.deepseek-v3-h100-g0.inference.svc:{WORKER_EP_PORT}");
     assert_eq!(report["expert_parallel_listen"], serde_json::json!([own]));
     assert_eq!(report["peers"][1], own.as_str());
-    assert_eq!(dry_run(&dsd, "a100", 0).unwrap()["dtype"], "bf16");
+    assert_eq!(dry_run(&dsd, "a100", 0).unwrap()["dtype"], "fp8");
 }
 
 #[test]

@@ -31,7 +31,7 @@ pub(super) enum Weights {
         down: CudaSlice<bf16>,
     },
     /// As the checkpoint stores them, gate and up apart (a 128-row scale block may not end
-    /// where gate ends).
+    /// where gate ends); multiplied in FP8 on sm_89 and later, weight-only elsewhere.
     Fp8 {
         gate: Fp8Weights,
         up: Fp8Weights,
@@ -87,6 +87,29 @@ impl GpuExperts {
                 gpu.grouped_gemm_bf16(&permuted, gate_up, &mut gu, &order, 2 * width, hidden)?;
                 gpu.silu_mul(&gu, &mut h, rows)?;
                 gpu.grouped_gemm_bf16(&h, down, &mut expert_out, &order, hidden, width)?;
+            }
+            Weights::Fp8 { gate, up, down } if !gpu.has_fp8_tensor_cores() => {
+                // bf16 activations, FP8 weights dequantised in the kernel: what the bf16
+                // GEMMs give on the dequantised weights, at one byte per weight.
+                let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
+                gpu.moe_permute(x, &order, &mut permuted, hidden)?;
+                let mut g = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+                let mut u = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+                for (w, out) in [(gate, &mut g), (up, &mut u)] {
+                    gpu.grouped_gemm_fp8_weights(
+                        &permuted, &w.q, &w.scale, out, &order, width, hidden,
+                    )?;
+                }
+                gpu.silu_mul_rows(&g.as_view(), &u.as_view(), width, &mut h, rows)?;
+                gpu.grouped_gemm_fp8_weights(
+                    &h,
+                    &down.q,
+                    &down.scale,
+                    &mut expert_out,
+                    &order,
+                    hidden,
+                    width,
+                )?;
             }
             Weights::Fp8 { gate, up, down } => {
                 let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * hidden)?;

@@ -293,6 +293,59 @@ pub(super) fn check_grouped_gemm_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
         .collect()
 }
 
+/// The weight-only FP8 GEMM against the bf16 GEMM on `dequant_fp8`'s weights: the same
+/// bf16 values in the same MMAs, so the same bits; and both against an f64 sum.
+pub(super) fn check_grouped_gemm_fp8_weights(gpu: &Gpu) -> Result<Vec<Check>> {
+    let (order, expert_of_row) = uneven_routing(gpu)?;
+    let per_shape = [(272usize, 144usize), (256, 512)]
+        .into_iter()
+        .map(|(n, k)| -> Result<[Check; 2]> {
+            let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+            let x = to_bf16(&uniform(order.rows * k, 60, 1.0));
+            let w = random_fp8(order.experts * n * k, 61);
+            let w_scale: Vec<f32> = uniform(order.experts * nb * kb, 62, 1e-2)
+                .iter()
+                .map(|v| v.abs() + 1e-4)
+                .collect();
+            let (x_dev, w_dev, scale_dev) = (up(gpu, &x)?, up(gpu, &w)?, up(gpu, &w_scale)?);
+            let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
+            gpu.grouped_gemm_fp8_weights(&x_dev, &w_dev, &scale_dev, &mut y, &order, n, k)?;
+            let mut dequantized = gpu.stream.alloc_zeros::<bf16>(w.len())?;
+            gpu.dequant_fp8(&w_dev, &scale_dev, &mut dequantized, (order.experts, n, k))?;
+            let mut y_bf16 = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
+            gpu.grouped_gemm_bf16(&x_dev, &dequantized, &mut y_bf16, &order, n, k)?;
+            let got: Vec<f32> = down(gpu, &y)?.iter().map(|v| v.to_f32()).collect();
+            let bf16_path: Vec<f32> = down(gpu, &y_bf16)?.iter().map(|v| v.to_f32()).collect();
+            let expected = reference_gemm(
+                order.rows,
+                n,
+                k,
+                &expert_of_row,
+                |r, i| x[r * k + i].to_f32(),
+                |e, j, i| {
+                    let scale = w_scale[(e * nb + j / 128) * kb + i / 128];
+                    bf16::from_f32(fp8_e4m3_to_f32(w[(e * n + j) * k + i]) * scale).to_f32()
+                },
+            );
+            Ok([
+                Check::new(
+                    format!("grouped_gemm_fp8_weights/n{n}k{k}/vs_bf16_on_dequantised"),
+                    max_diff(&got, &bf16_path),
+                    0.0,
+                    "the same bf16 weights in the same MMAs: bit for bit",
+                ),
+                Check::new(
+                    format!("grouped_gemm_fp8_weights/n{n}k{k}"),
+                    relative_diff(&got, &expected),
+                    1e-2,
+                    "bf16 activations, 128×128 weight scales; bf16 output",
+                ),
+            ])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(per_shape.into_iter().flatten().collect())
+}
+
 pub(super) fn check_dequant_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
     let (matrices, rows, cols) = (3, 200, 136);
     let q = random_fp8(matrices * rows * cols, 50);

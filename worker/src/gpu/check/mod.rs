@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 
 use self::bench::{benchmarks, layer_benchmark};
 use self::experts::{
-    check_dequant_fp8, check_grouped_gemm_bf16, check_grouped_gemm_fp8, check_permute,
+    check_dequant_fp8, check_grouped_gemm_bf16, check_grouped_gemm_fp8,
+    check_grouped_gemm_fp8_weights, check_permute,
 };
 use self::kernels::{
     check_mla_decode, check_moe_gate, check_rms_norm, check_rope, check_sample, check_silu_mul,
@@ -87,6 +88,10 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
     if gpu.has_fp8_tensor_cores() {
         record("grouped_gemm_fp8", check_grouped_gemm_fp8(&gpu));
     }
+    record(
+        "grouped_gemm_fp8_weights",
+        check_grouped_gemm_fp8_weights(&gpu),
+    );
     record("dequant_fp8", check_dequant_fp8(&gpu));
     record("mla_decode", check_mla_decode(&gpu));
     record("sample", check_sample(&gpu));

@@ -1,5 +1,6 @@
 //! The routed experts' GEMMs (grouped_gemm.cu): one launch multiplies each expert's segment
-//! of the expert-ordered rows by that expert's weights, in bf16 or FP8.
+//! of the expert-ordered rows by that expert's weights, in bf16, in FP8, or bf16 activations
+//! with FP8 weights (any GPU).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -11,19 +12,22 @@ use crate::error::Result;
 /// Shared memory of one grouped-GEMM block: 4 stages × (128 + 128) rows × 64 bytes.
 pub(super) const GROUPED_GEMM_SHARED_BYTES: u32 = 4 * 2 * 128 * 64;
 
+/// The weight-only FP8 kernel's: the stages and one dequantised W tile (128 rows × 64 bytes).
+pub(super) const GROUPED_GEMM_W8_SHARED_BYTES: u32 = GROUPED_GEMM_SHARED_BYTES + 128 * 64;
+
 /// Row tile of the grouped GEMM (BM in grouped_gemm.cu).
 pub const GEMM_TILE_ROWS: usize = 128;
 
 const GEMM_TILE_COLS: usize = 128;
 
 impl Gpu {
-    fn grouped_grid(order: &MoeOrder, n: usize) -> LaunchConfig {
+    fn grouped_grid(order: &MoeOrder, n: usize, shared_bytes: u32) -> LaunchConfig {
         // An upper bound on row tiles: blocks past the last return at once.
         let tiles = order.rows.div_ceil(GEMM_TILE_ROWS) + order.experts;
         blocks(
             (n.div_ceil(GEMM_TILE_COLS), tiles),
             256,
-            GROUPED_GEMM_SHARED_BYTES as usize,
+            shared_bytes as usize,
         )
     }
 
@@ -63,7 +67,7 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        queue(launch, Self::grouped_grid(order, n))?;
+        queue(launch, Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES))?;
         Ok(())
     }
 
@@ -116,7 +120,56 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        queue(launch, Self::grouped_grid(order, n))?;
+        queue(launch, Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES))?;
+        Ok(())
+    }
+
+    /// Weight-only FP8, on any GPU: x [rows, k] bf16; w [experts, n, k] e4m3 with w_scale
+    /// [experts, ⌈n/128⌉, ⌈k/128⌉], dequantised tile by tile in the kernel. Gives what
+    /// `grouped_gemm_bf16` gives on `dequant_fp8`'s weights, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_fp8_weights(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<Fp8>,
+        w_scale: &CudaSlice<f32>,
+        y: &mut CudaSlice<bf16>,
+        order: &MoeOrder,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        ensure!(
+            k.is_multiple_of(16) && n.is_multiple_of(2),
+            "grouped_gemm_fp8_weights: k ({k}) must be a multiple of 16 and n ({n}) even"
+        );
+        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+        ensure!(
+            x.len() == order.rows * k
+                && w.len() == order.experts * n * k
+                && w_scale.len() == order.experts * nb * kb
+                && y.len() == order.rows * n,
+            "grouped_gemm_fp8_weights: shapes do not match {} rows, {} experts, n {n}, k {k}",
+            order.rows,
+            order.experts
+        );
+        let args = [order.experts, n, k].map(|v| v as i32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("grouped_gemm_fp8_weights"));
+        launch
+            .arg(x)
+            .arg(w)
+            .arg(w_scale)
+            .arg(y)
+            .arg(&order.offsets)
+            .arg(&order.tile_start)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        queue(
+            launch,
+            Self::grouped_grid(order, n, GROUPED_GEMM_W8_SHARED_BYTES),
+        )?;
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use self::grouped_gemm::GROUPED_GEMM_SHARED_BYTES;
+use self::grouped_gemm::{GROUPED_GEMM_SHARED_BYTES, GROUPED_GEMM_W8_SHARED_BYTES};
 use super::{KernelCache, Nvrtc, architecture, cuda_include_dir};
 use crate::bail;
 use crate::error::{Context, Result};
@@ -127,10 +127,14 @@ impl Gpu {
                 functions.insert(entry.to_string(), module.load_function(entry)?);
             }
         }
-        for entry in ["grouped_gemm_bf16", "grouped_gemm_fp8"] {
+        for (entry, bytes) in [
+            ("grouped_gemm_bf16", GROUPED_GEMM_SHARED_BYTES),
+            ("grouped_gemm_fp8", GROUPED_GEMM_SHARED_BYTES),
+            ("grouped_gemm_fp8_weights", GROUPED_GEMM_W8_SHARED_BYTES),
+        ] {
             functions[entry].set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                GROUPED_GEMM_SHARED_BYTES as i32,
+                bytes as i32,
             )?;
         }
         let stream = context.default_stream();
@@ -171,7 +175,11 @@ mod tests {
             .1;
         assert_eq!(
             entry_points(gemm),
-            ["grouped_gemm_bf16", "grouped_gemm_fp8"]
+            [
+                "grouped_gemm_bf16",
+                "grouped_gemm_fp8",
+                "grouped_gemm_fp8_weights"
+            ]
         );
         let permute = super::super::KERNELS
             .iter()
