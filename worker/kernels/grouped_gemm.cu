@@ -86,8 +86,8 @@ __device__ __forceinline__ int expert_of_tile(const int* tile_start, int experts
     return lo;
 }
 
-// Stage `stage`'s e4m3 weight slice (BN rows × 32 bytes, unswizzled) → bf16(w · scale) in
-// `out`, laid out as a bf16 stage's W tile (BN rows × 64 bytes, swizzled) for ldmatrix.
+// A stage's e4m3 weight slice (BN rows × 32 bytes, unswizzled) → bf16(w · scale) in `out`,
+// laid out as a bf16 stage's W tile (BN rows × 64 bytes, swizzled) for ldmatrix.
 __device__ __forceinline__ void dequantize_slice(const unsigned char* w8, unsigned char* out,
                                                  float scale) {
     const int row = threadIdx.x / 2, half = threadIdx.x % 2;  // 16 values a thread
@@ -121,7 +121,7 @@ __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x
     const int row0 = offsets[e] + (tile - tile_start[e]) * BM;
     const int row_end = offsets[e + 1];
     const int n0 = blockIdx.x * BN;
-    const int row_bytes = FP8 ? k : 2 * k;  // of x; of W too but for W8 (k)
+    const int row_bytes = FP8 ? k : 2 * k;  // of x, and of W but for W8
     const int w_row_bytes = FP8 || W8 ? k : 2 * k;
     const int slices = (row_bytes + SLICE - 1) / SLICE;
     const unsigned char* weight = w + (size_t)e * n * w_row_bytes;

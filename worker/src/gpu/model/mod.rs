@@ -85,7 +85,7 @@ impl GpuModel {
     /// sm_89+ for an FP8 checkpoint) the routed experts stay FP8 and their GEMMs take FP8
     /// activations; everything else runs bf16 weights (FP8 ones dequantised at load).
     pub fn open(dir: &Path, gpu: Gpu, dtype: Dtype) -> Result<Self> {
-        let (cfg, ckpt, dtype) = Self::checkpoint(dir, &gpu, dtype)?;
+        let (cfg, ckpt, dtype) = Self::checkpoint(dir, dtype)?;
         Self::build(
             cfg,
             Arc::new(gpu),
@@ -106,7 +106,7 @@ impl GpuModel {
         (plan, rank, wire): (PlacementPlan, usize, Wire),
         join: impl FnOnce(&Gpu) -> Result<Arc<dyn Transport>>,
     ) -> Result<(Self, Arc<dyn Transport>)> {
-        let (cfg, ckpt, dtype) = Self::checkpoint(dir, &gpu, dtype)?;
+        let (cfg, ckpt, dtype) = Self::checkpoint(dir, dtype)?;
         plan_matches_model(&plan, cfg.moe.n_routed_experts)?;
         let hidden = cfg.hidden_size;
         let owns = |layer: usize, e: usize| plan.layer(layer as u32)[e].contains(&(rank as u32));
@@ -129,7 +129,7 @@ impl GpuModel {
     }
 
     /// The configuration, the opened checkpoint and the expert precision `dtype` comes to.
-    fn checkpoint(dir: &Path, gpu: &Gpu, dtype: Dtype) -> Result<(Config, Checkpoint, Dtype)> {
+    fn checkpoint(dir: &Path, dtype: Dtype) -> Result<(Config, Checkpoint, Dtype)> {
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let asked = dtype;
         let mut dtype = resolve_dtype(asked, cfg.fp8.is_some());

@@ -67,7 +67,10 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        queue(launch, Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES))?;
+        queue(
+            launch,
+            Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES),
+        )?;
         Ok(())
     }
 
@@ -120,7 +123,10 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        queue(launch, Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES))?;
+        queue(
+            launch,
+            Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES),
+        )?;
         Ok(())
     }
 

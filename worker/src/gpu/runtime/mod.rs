@@ -200,6 +200,6 @@ mod tests {
             .iter()
             .map(|(_, s)| entry_points(s).len())
             .sum();
-        assert_eq!(total, 21);
+        assert_eq!(total, 22);
     }
 }
