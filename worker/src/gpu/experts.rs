@@ -93,14 +93,11 @@ impl GpuExperts {
                 // GEMMs give on the dequantised weights, at one byte per weight.
                 let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
                 gpu.moe_permute(x, &order, &mut permuted, hidden)?;
-                let mut g = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-                let mut u = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-                for (w, out) in [(gate, &mut g), (up, &mut u)] {
+                gated(gpu, [gate, up], (rows, width), &mut h, |w, out| {
                     gpu.grouped_gemm_fp8_weights(
                         &permuted, &w.q, &w.scale, out, &order, width, hidden,
-                    )?;
-                }
-                gpu.silu_mul_rows(&g.as_view(), &u.as_view(), width, &mut h, rows)?;
+                    )
+                })?;
                 gpu.grouped_gemm_fp8_weights(
                     &h,
                     &down.q,
@@ -115,14 +112,9 @@ impl GpuExperts {
                 let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * hidden)?;
                 let mut x8_scale = gpu.stream.alloc_zeros::<f32>(rows * hidden.div_ceil(128))?;
                 gpu.moe_permute_fp8(x, &order, &mut x8, &mut x8_scale, hidden)?;
-                let mut g = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-                let mut u = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
-                for (w, out) in [(gate, &mut g), (up, &mut u)] {
-                    gpu.grouped_gemm_fp8(
-                        &x8, &x8_scale, &w.q, &w.scale, out, &order, width, hidden,
-                    )?;
-                }
-                gpu.silu_mul_rows(&g.as_view(), &u.as_view(), width, &mut h, rows)?;
+                gated(gpu, [gate, up], (rows, width), &mut h, |w, out| {
+                    gpu.grouped_gemm_fp8(&x8, &x8_scale, &w.q, &w.scale, out, &order, width, hidden)
+                })?;
                 let mut h8 = gpu.stream.alloc_zeros::<Fp8>(rows * width)?;
                 let mut h8_scale = gpu.stream.alloc_zeros::<f32>(rows * width.div_ceil(128))?;
                 gpu.quantize_fp8(&h, &mut h8, &mut h8_scale, (rows, width))?;
@@ -142,6 +134,22 @@ impl GpuExperts {
         gpu.moe_unpermute(&expert_out, &order, weights, &mut y, hidden)?;
         Ok(y)
     }
+}
+
+/// h = silu(gate) · up for FP8 experts kept apart: `gemm` computes each of the two into a
+/// [rows, width] buffer.
+fn gated(
+    gpu: &Gpu,
+    [gate, up]: [&Fp8Weights; 2],
+    (rows, width): (usize, usize),
+    h: &mut CudaSlice<bf16>,
+    gemm: impl Fn(&Fp8Weights, &mut CudaSlice<bf16>) -> Result<()>,
+) -> Result<()> {
+    let mut g = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+    let mut u = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+    gemm(gate, &mut g)?;
+    gemm(up, &mut u)?;
+    gpu.silu_mul_rows(&g.as_view(), &u.as_view(), width, h, rows)
 }
 
 /// Each token's experts as slots here, and their weights, padded to `topk` per token with
