@@ -421,7 +421,11 @@ async fn keep_worker_ca_steps(
             published.as_ref().map(|(p, at)| (p, *at)),
             now,
             worker_ca::LIFETIMES,
-        )?;
+        )
+        .map_err(|source| Error::WorkerCa {
+            secret: worker_ca_secret_name(&name),
+            source,
+        })?;
         match plan {
             worker_ca::Plan::Keep(authority) => {
                 tracing::info!(secret = %worker_ca_secret_name(&name), "keeping a new state of the worker CA");
@@ -436,7 +440,8 @@ async fn keep_worker_ca_steps(
             worker_ca::Plan::WaitFor(wait) => return Ok(wait),
         }
     }
-    Ok(Duration::ZERO)
+    // Not settled in three steps (the Secrets changed under it): look again soon.
+    Ok(Duration::from_secs(1))
 }
 
 /// Creates `object`, or replaces `existing` with it (failing if it changed since read).

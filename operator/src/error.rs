@@ -15,8 +15,11 @@ pub enum Error {
     /// The held lease could not be renewed before it expired.
     #[error("could not renew lease {lease} within {within:?}")]
     LeaseExpired { lease: String, within: Duration },
-    #[error("the worker CA: {0}")]
-    WorkerCa(#[from] crate::worker_ca::CaError),
+    #[error("the worker CA in Secret {secret}: {source}")]
+    WorkerCa {
+        secret: String,
+        source: crate::worker_ca::CaError,
+    },
 }
 
 impl Error {
@@ -27,7 +30,7 @@ impl Error {
             Error::Kube(_) => "client",
             Error::NotNamespaced(_) => "not_namespaced",
             Error::LostLease(_) | Error::LeaseExpired { .. } => "lease",
-            Error::WorkerCa(_) => "worker_ca",
+            Error::WorkerCa { .. } => "worker_ca",
         }
     }
 }

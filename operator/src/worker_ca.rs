@@ -235,7 +235,8 @@ pub enum Plan {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{what}: not a PEM certificate")]
+    /// Only an edit of the operator's Secret makes one; deleting that Secret starts over.
+    #[error("{what}: not a PEM certificate (delete that Secret to make a new CA)")]
     Unreadable { what: &'static str },
     #[error("making a certificate: {0}")]
     Making(#[from] rcgen::Error),

@@ -251,5 +251,8 @@ fn the_secrets_hold_the_state_and_what_pods_mount() {
     let mut garbled = authority.clone();
     garbled.ca.cert = "not a certificate".into();
     let err = worker_ca::plan("tiny", Some(&garbled), None, START, LIFETIMES).unwrap_err();
-    assert_eq!(err.to_string(), "the CA: not a PEM certificate");
+    assert_eq!(
+        err.to_string(),
+        "the CA: not a PEM certificate (delete that Secret to make a new CA)"
+    );
 }
