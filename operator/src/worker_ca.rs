@@ -109,10 +109,7 @@ pub fn authority_secret(
 
 /// What the operator's Secret holds; none when it lacks an entry (made again then).
 pub fn authority_from(secret: &Secret) -> Option<Authority> {
-    let entry = |name: &str| {
-        let value = secret.data.as_ref()?.get(name)?;
-        String::from_utf8(value.0.clone()).ok()
-    };
+    let entry = |name: &str| text_entry(secret, name);
     let pair = |cert: &str, key: &str| {
         Some(Pair {
             cert: entry(cert)?,
@@ -160,10 +157,7 @@ pub fn published_secret(
 /// What the pods' Secret holds and when it was published; none when it was not all made
 /// here (published again then).
 pub fn published_from(secret: &Secret) -> Option<(Published, i64)> {
-    let entry = |name: &str| {
-        let value = secret.data.as_ref()?.get(name)?;
-        String::from_utf8(value.0.clone()).ok()
-    };
+    let entry = |name: &str| text_entry(secret, name);
     let at: Timestamp = secret
         .metadata
         .annotations
@@ -177,6 +171,12 @@ pub fn published_from(secret: &Secret) -> Option<(Published, i64)> {
         key: entry(TLS_KEY_ENTRY)?,
     };
     Some((published, at.as_second()))
+}
+
+/// A Secret's entry as text; none when missing or not UTF-8.
+fn text_entry(secret: &Secret, name: &str) -> Option<String> {
+    let value = secret.data.as_ref()?.get(name)?;
+    String::from_utf8(value.0.clone()).ok()
 }
 
 fn bytes(text: &str) -> ByteString {
