@@ -197,9 +197,10 @@ pub struct ModelSpec {
     /// Where the checkpoint comes from: exactly one of `huggingFace` or `pvc`.
     pub source: ModelSource,
 
-    /// Weight precision on the GPUs. `auto` is FP8 (the routed experts at one byte per
-    /// weight): multiplied in FP8 on Hopper and newer (H100, H200), in bf16 on Ampere (A100)
-    /// on weights dequantised tile by tile inside the GEMM. Pools may override it.
+    /// Weight precision on the GPUs. `auto` is FP8 (an FP8 checkpoint's linear weights at
+    /// one byte per weight, routed experts included): multiplied in FP8 on Hopper and newer
+    /// (H100, H200), in bf16 on Ampere (A100) on weights dequantised tile by tile inside the
+    /// GEMM. Pools may override it.
     #[serde(default)]
     pub dtype: Dtype,
 

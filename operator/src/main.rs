@@ -11,7 +11,7 @@ use deepseek_operator::controller::{self, Context};
 use deepseek_operator::leader::{self, LeaseConfig};
 use deepseek_operator::metrics::Metrics;
 use deepseek_operator::{autoscaler, gpu, local, resolve};
-use deepseek_proto::memory::{self, ModelShape, Rank};
+use deepseek_proto::memory::{self, ModelShape, Rank, WeightFormat};
 use kube::CustomResourceExt;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -272,7 +272,8 @@ fn render(file: &PathBuf) -> anyhow::Result<String> {
 }
 
 /// One row per GPU and group size: where a rank's memory goes, as the worker holds the
-/// model today (routed experts FP8 where the GPU has FP8, everything else bf16).
+/// model with the operator's default dtype (an FP8 checkpoint's linear weights in FP8 on
+/// every GPU; see `WeightFormat::on_gpu`).
 fn memory_table(args: &MemoryTableArgs) -> String {
     let shape = match args.architecture {
         TableArchitecture::DeepseekV3 => ModelShape::DEEPSEEK_V3,
@@ -290,21 +291,20 @@ fn memory_table(args: &MemoryTableArgs) -> String {
         "NVIDIA-A100-SXM4-80GB",
     ] {
         let fp8 = gpu::resolve_dtype(Dtype::Auto) == Dtype::Fp8;
-        let (linear, experts) = memory::gpu_weight_formats(fp8);
         for group_size in [8, 16, 32, 64] {
             let rank = Rank {
                 gpu_bytes: gpu::memory_bytes(product).expect("a listed product"),
                 memory_fraction: args.memory_fraction,
                 group_size,
                 redundant_experts: args.redundant_experts,
-                linear,
-                experts,
+                weights: WeightFormat::on_gpu(fp8),
                 batch_tokens: args.max_batch_tokens,
             };
             let plan = memory::plan(&shape, &rank);
             out.push_str(&format!(
-                "| {product} | {group_size} | {} × {experts} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+                "| {product} | {group_size} | {} × {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
                 plan.expert_slots,
+                rank.weights,
                 gib(plan.replicated),
                 gib(plan.experts),
                 gib(plan.working),

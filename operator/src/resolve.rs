@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use deepseek_proto::memory::{self, MemoryPlan, Rank};
+use deepseek_proto::memory::{self, MemoryPlan, Rank, WeightFormat};
 use deepseek_proto::pod;
 
 use crate::api::{DeepSeekDeployment, Dtype, PoolSpec};
@@ -263,7 +263,6 @@ fn memory_plan(
     routed_experts: u32,
 ) -> Option<MemoryPlan> {
     let shape = dsd.spec.model.architecture?.shape(routed_experts)?;
-    let (linear, experts) = memory::gpu_weight_formats(dtype == Dtype::Fp8);
     let rank = Rank {
         gpu_bytes: gpu::memory_bytes(pool.gpu_product.as_deref()?)?,
         memory_fraction: dsd
@@ -273,8 +272,7 @@ fn memory_plan(
             .unwrap_or(DEFAULT_GPU_MEMORY_FRACTION),
         group_size: group_size as u64,
         redundant_experts: dsd.spec.parallelism.redundant_experts.max(0) as u64,
-        linear,
-        experts,
+        weights: WeightFormat::on_gpu(dtype == Dtype::Fp8),
         batch_tokens: batch_tokens(dsd),
     };
     Some(memory::plan(&shape, &rank))

@@ -96,7 +96,7 @@ impl ModelShape {
         self.layers - self.dense_layers
     }
 
-    /// One layer's attention projections, as [rows, cols] matrices.
+    /// One layer's attention projections, as [rows, cols] matrices, but `kv_up_matrix`.
     fn attention_matrices(&self) -> Vec<[u64; 2]> {
         let q_out = self.heads * self.qk_head_dim();
         let mut matrices = match self.q_lora_rank {
@@ -105,13 +105,18 @@ impl ModelShape {
         };
         matrices.extend([
             [self.kv_lora_rank + self.qk_rope_head_dim, self.hidden],
-            [
-                self.heads * (self.qk_nope_head_dim + self.v_head_dim),
-                self.kv_lora_rank,
-            ],
             [self.hidden, self.heads * self.v_head_dim],
         ]);
         matrices
+    }
+
+    /// `kv_b_proj`, which the GPU holds in bf16 whatever the checkpoint: the absorbed
+    /// attention multiplies it per head through cuBLAS.
+    fn kv_up_matrix(&self) -> [u64; 2] {
+        [
+            self.heads * (self.qk_nope_head_dim + self.v_head_dim),
+            self.kv_lora_rank,
+        ]
     }
 
     /// A SwiGLU MLP of `width`: gate, up, down.
@@ -124,12 +129,14 @@ impl ModelShape {
     }
 
     /// Bytes of the weights every rank holds: embeddings and `lm_head` (bf16), attention,
-    /// dense MLPs and shared experts (`linear`), routers (f32, as the GPU path routes) and
-    /// norms (bf16).
+    /// dense MLPs and shared experts (`linear`, but `kv_b_proj` in bf16), routers (f32, as
+    /// the GPU path routes) and norms (bf16).
     pub fn replicated_bytes(&self, linear: WeightFormat) -> u64 {
         let matrices = |list: &[[u64; 2]]| list.iter().map(|&m| linear.bytes(m)).sum::<u64>();
         let norms = 2 * (2 * self.hidden + self.q_lora_rank + self.kv_lora_rank);
-        let attention = matrices(&self.attention_matrices()) + norms;
+        let attention = matrices(&self.attention_matrices())
+            + WeightFormat::Bf16.bytes(self.kv_up_matrix())
+            + norms;
         let dense_mlp = matrices(&self.mlp_matrices(self.intermediate));
         let shared = matrices(&self.mlp_matrices(self.shared_experts * self.moe_intermediate));
         let router = 4 * self.routed_experts * (self.hidden + 1);
@@ -189,15 +196,16 @@ impl WeightFormat {
     }
 }
 
-/// How the worker holds a model on a GPU today, as (everything but the routed experts, the
-/// routed experts): only the experts stay FP8, when the rank runs FP8.
-pub fn gpu_weight_formats(fp8_experts: bool) -> (WeightFormat, WeightFormat) {
-    let experts = if fp8_experts {
-        WeightFormat::Fp8
-    } else {
-        WeightFormat::Bf16
-    };
-    (WeightFormat::Bf16, experts)
+impl WeightFormat {
+    /// How a GPU rank holds the linear weights, routed experts included: FP8 when it runs
+    /// an FP8 checkpoint in FP8, bf16 otherwise.
+    pub fn on_gpu(fp8: bool) -> Self {
+        if fp8 {
+            WeightFormat::Fp8
+        } else {
+            WeightFormat::Bf16
+        }
+    }
 }
 
 impl fmt::Display for WeightFormat {
@@ -221,9 +229,8 @@ pub struct Rank {
     pub group_size: u64,
     /// Extra expert copies per layer across the group.
     pub redundant_experts: u64,
-    /// Attention, dense MLPs and shared experts.
-    pub linear: WeightFormat,
-    pub experts: WeightFormat,
+    /// The linear weights: attention, dense MLPs, shared and routed experts.
+    pub weights: WeightFormat,
     /// Tokens of one pass (the scheduler's `--max-batch-tokens`).
     pub batch_tokens: u64,
 }
@@ -248,8 +255,8 @@ pub fn plan(shape: &ModelShape, rank: &Rank) -> MemoryPlan {
     let expert_slots =
         (shape.routed_experts + rank.redundant_experts).div_ceil(rank.group_size.max(1));
     let budget = (rank.memory_fraction * rank.gpu_bytes as f64) as u64;
-    let replicated = shape.replicated_bytes(rank.linear);
-    let experts = shape.moe_layers() * expert_slots * shape.expert_bytes(rank.experts);
+    let replicated = shape.replicated_bytes(rank.weights);
+    let experts = shape.moe_layers() * expert_slots * shape.expert_bytes(rank.weights);
     let working = shape.working_bytes(rank.batch_tokens);
     let kv_per_token = shape.kv_bytes_per_token();
     let left = budget.saturating_sub(replicated + experts + working);
@@ -331,11 +338,25 @@ mod tests {
             memory_fraction: 0.9,
             group_size: 32,
             redundant_experts: 32,
-            linear: WeightFormat::Bf16,
-            experts: WeightFormat::Fp8,
+            weights: WeightFormat::Fp8,
             batch_tokens: 4096,
         };
         let plan = plan(&V3, &rank);
+        // Per layer: q_a, q_b, kv_a and o in FP8 with their block scales, kv_b in bf16, norms.
+        let attention = (1536 * 7168 + 4 * 12 * 56)
+            + (24576 * 1536 + 4 * 192 * 12)
+            + (576 * 7168 + 4 * 5 * 56)
+            + (7168 * 16384 + 4 * 56 * 128)
+            + 2 * 32768 * 512
+            + 2 * (2 * 7168 + 1536 + 512);
+        let dense_mlp = 3 * (18432 * 7168 + 4 * 144 * 56);
+        let shared = 3 * (2048 * 7168 + 4 * 16 * 56);
+        let router = 4 * 256 * 7169;
+        let embeddings = 2 * 2 * 129280 * 7168 + 2 * 7168;
+        assert_eq!(
+            plan.replicated,
+            61 * attention + 3 * dense_mlp + 58 * (shared + router) + embeddings
+        );
         // 288 expert copies over 32 ranks.
         assert_eq!(plan.expert_slots, 9);
         let expert = 3 * (2048 * 7168 + 4 * 16 * 56);

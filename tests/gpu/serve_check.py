@@ -1,8 +1,9 @@
 """Serving from the GPU, end to end: `deepseek-worker serve --device cuda:0`, an expert-parallel
-group of two GPU ranks (both on the one GPU, over the TCP mesh), and a CPU worker, each behind
-its own `deepseek-router`, asked the same greedy completions over the OpenAI HTTP API, eight
-at once so that the workers batch them. The GPU answers must equal the CPU's. Standard
-library only (GPU machines may lack our Python packages).
+group of two GPU ranks in two processes (both on the one GPU, over the TCP mesh), the same
+group as one pod's process running both ranks (`--ranks-per-pod 2 --ranks-per-gpu 2`), and a
+CPU worker, each behind its own `deepseek-router`, asked the same greedy completions over the
+OpenAI HTTP API, eight at once so that the workers batch them. The GPU answers must equal the
+CPU's. Standard library only (GPU machines may lack our Python packages).
 
     python3 tests/gpu/serve_check.py BIN_DIR REPORT_JSON   # merges a "serve" entry into it
 """
@@ -52,10 +53,13 @@ def main():
     bin_dir, report_path = Path(sys.argv[1]), Path(sys.argv[2])
     # name: ([(device, worker gRPC port, extra serve flags)], router gRPC, HTTP, metrics ports)
     mesh = "127.0.0.1:50181,127.0.0.1:50182"
+    pod_mesh = "127.0.0.1:50183,127.0.0.1:50184"
     sides = {
         "gpu": ([("cuda:0", 50161, [])], 50171, 8171, 9171),
         "gpu-ep2": ([("cuda:0", 50163 + r, ["--group-size", "2", "--rank", str(r), "--peers", mesh])
                      for r in range(2)], 50173, 8173, 9173),
+        "gpu-pod2": ([("cuda:0", 50165, ["--group-size", "2", "--ranks-per-pod", "2", "--ranks-per-gpu", "2",
+                                         "--peers", pod_mesh])], 50174, 8174, 9174),
         "cpu": ([("cpu", 50162, [])], 50172, 8172, 9172),
     }
     processes = []
@@ -77,10 +81,11 @@ def main():
         for name, (_, _, http_port, _) in sides.items():
             wait_ready(http_port, processes, deadline)
             texts[name] = completions(http_port)
-        differing = {name: sum(g != c for g, c in zip(texts[name], texts["cpu"])) for name in ("gpu", "gpu-ep2")}
+        differing = {name: sum(g != c for g, c in zip(texts[name], texts["cpu"])) for name in ("gpu", "gpu-ep2", "gpu-pod2")}
         result = {"passed": not any(differing.values()), "requests": len(PROMPTS), "differing": differing,
                   "detail": "8 concurrent greedy completions of 16 tokens through deepseek-router: one GPU "
-                            "worker, and two GPU ranks of an expert-parallel group, against a CPU worker"}
+                            "worker, two GPU ranks of an expert-parallel group in two processes and in "
+                            "one (two ranks in one pod on one GPU), against a CPU worker"}
     except Exception as error:  # the report says what broke; the exit code fails the run
         result = {"passed": False, "error": repr(error)}
     finally:

@@ -1,7 +1,8 @@
 // Grouped GEMM over experts: y[r] = x[r] · W_eᵀ for every row r of expert e's segment
 // [offsets[e], offsets[e+1]) of the expert-ordered batch (see moe_permute.cu). x is
 // [rows, K]; W is [experts, N, K], each expert's weight as checkpoints store it ([out, in]);
-// y is [rows, N] bf16 with f32 accumulation. A dense GEMM is the one-expert case.
+// y is [rows, N] bf16 with f32 accumulation. A dense layer's linear is the one-expert case:
+// the linear_* kernels run the same tiles over all rows, writing f32 as cuBLAS's linears do.
 //
 // Tensor cores through mma.sync, which sm_80 and sm_90 both run: 128×128 output tiles,
 // 8 warps of 64×32, a 4-stage cp.async pipeline of 64-byte K slices (32 bf16 or 64 FP8
@@ -104,22 +105,39 @@ __device__ __forceinline__ void dequantize_slice(const unsigned char* w8, unsign
     *reinterpret_cast<uint4*>(out + swizzle(row, 2 * half + 1)) = chunks[1];
 }
 
-template <Operands OPS>
-__device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x,
-                                             const float* __restrict__ x_scale,
-                                             const unsigned char* __restrict__ w,
-                                             const float* __restrict__ w_scale,
-                                             __nv_bfloat16* __restrict__ y,
-                                             const int* __restrict__ offsets,
-                                             const int* __restrict__ tile_start, int experts,
-                                             int n, int k) {
+// Two adjacent outputs, as bf16 (the experts') or f32 (a linear's).
+__device__ __forceinline__ void store_pair(__nv_bfloat16* y, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(y) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(float* y, float a, float b) {
+    *reinterpret_cast<float2*>(y) = make_float2(a, b);
+}
+
+// A block's rows: those of expert e from row0, up to row_end (128 at most).
+struct RowTile {
+    int expert, row0, row_end;
+};
+
+// The row tile of grouped-GEMM block row `tile`; false past the last.
+__device__ __forceinline__ bool grouped_row_tile(const int* offsets, const int* tile_start,
+                                                 int experts, int tile, RowTile& out) {
+    if (tile >= tile_start[experts]) return false;
+    const int e = expert_of_tile(tile_start, experts, tile);
+    out = {e, offsets[e] + (tile - tile_start[e]) * BM, offsets[e + 1]};
+    return true;
+}
+
+// One block's 128×128 output tile: rows.row0.. of x times columns blockIdx.x × BN.. of
+// expert rows.expert's W.
+template <Operands OPS, typename Out>
+__device__ __forceinline__ void gemm_tile(const unsigned char* __restrict__ x,
+                                          const float* __restrict__ x_scale,
+                                          const unsigned char* __restrict__ w,
+                                          const float* __restrict__ w_scale,
+                                          Out* __restrict__ y, RowTile rows, int n, int k) {
     constexpr bool FP8 = OPS == Operands::Fp8, W8 = OPS == Operands::Fp8Weights;
     extern __shared__ __align__(128) unsigned char shared[];
-    const int tile = blockIdx.y;
-    if (tile >= tile_start[experts]) return;
-    const int e = expert_of_tile(tile_start, experts, tile);
-    const int row0 = offsets[e] + (tile - tile_start[e]) * BM;
-    const int row_end = offsets[e + 1];
+    const int e = rows.expert, row0 = rows.row0, row_end = rows.row_end;
     const int n0 = blockIdx.x * BN;
     const int row_bytes = FP8 ? k : 2 * k;  // of x, and of W but for W8
     const int w_row_bytes = FP8 || W8 ? k : 2 * k;
@@ -240,8 +258,7 @@ __device__ __forceinline__ void grouped_gemm(const unsigned char* __restrict__ x
             for (int ni = 0; ni < 4; ++ni) {
                 const int col = n0 + warp_n + ni * 8 + 2 * (lane % 4);
                 if (col >= n) continue;  // n is even, so col + 1 < n too
-                *reinterpret_cast<__nv_bfloat162*>(y + (size_t)row * n + col) =
-                    __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                store_pair(y + (size_t)row * n + col, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
             }
         }
     }
@@ -255,23 +272,25 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     grouped_gemm_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                       __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
                       const int* __restrict__ tile_start, int experts, int n, int k) {
-    grouped_gemm<Operands::Bf16>(reinterpret_cast<const unsigned char*>(x), nullptr,
-                        reinterpret_cast<const unsigned char*>(w), nullptr, y, offsets,
-                        tile_start, experts, n, k);
+    RowTile rows;
+    if (!grouped_row_tile(offsets, tile_start, experts, blockIdx.y, rows)) return;
+    gemm_tile<Operands::Bf16>(reinterpret_cast<const unsigned char*>(x), nullptr,
+                              reinterpret_cast<const unsigned char*>(w), nullptr, y, rows, n, k);
 }
 
 // x_scale is [rows, ⌈k/128⌉], w_scale [experts, ⌈n/128⌉, ⌈k/128⌉]; k is a multiple of 16.
 // Compiled for every architecture, but it only computes on sm_89 and later: the host never
-// launches it on sm_80 (A100 runs FP8 checkpoints dequantised to bf16).
+// launches it on sm_80 (A100 runs the weight-only kernel below).
 extern "C" __global__ void __launch_bounds__(THREADS)
     grouped_gemm_fp8(const __nv_fp8_e4m3* __restrict__ x, const float* __restrict__ x_scale,
                      const __nv_fp8_e4m3* __restrict__ w, const float* __restrict__ w_scale,
                      __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
                      const int* __restrict__ tile_start, int experts, int n, int k) {
 #if __CUDA_ARCH__ >= 890
-    grouped_gemm<Operands::Fp8>(reinterpret_cast<const unsigned char*>(x), x_scale,
-                       reinterpret_cast<const unsigned char*>(w), w_scale, y, offsets,
-                       tile_start, experts, n, k);
+    RowTile rows;
+    if (!grouped_row_tile(offsets, tile_start, experts, blockIdx.y, rows)) return;
+    gemm_tile<Operands::Fp8>(reinterpret_cast<const unsigned char*>(x), x_scale,
+                             reinterpret_cast<const unsigned char*>(w), w_scale, y, rows, n, k);
 #endif
 }
 
@@ -283,7 +302,33 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                              const __nv_fp8_e4m3* __restrict__ w, const float* __restrict__ w_scale,
                              __nv_bfloat16* __restrict__ y, const int* __restrict__ offsets,
                              const int* __restrict__ tile_start, int experts, int n, int k) {
-    grouped_gemm<Operands::Fp8Weights>(reinterpret_cast<const unsigned char*>(x), nullptr,
-                                       reinterpret_cast<const unsigned char*>(w), w_scale, y,
-                                       offsets, tile_start, experts, n, k);
+    RowTile rows;
+    if (!grouped_row_tile(offsets, tile_start, experts, blockIdx.y, rows)) return;
+    gemm_tile<Operands::Fp8Weights>(reinterpret_cast<const unsigned char*>(x), nullptr,
+                                    reinterpret_cast<const unsigned char*>(w), w_scale, y, rows,
+                                    n, k);
+}
+
+// A linear layer's y [rows, n] f32 = x [rows, k] · wᵀ, w [n, k] e4m3 with w_scale
+// [⌈n/128⌉, ⌈k/128⌉]: grid (⌈n/128⌉, ⌈rows/128⌉). The FP8 form (sm_89+) takes x in e4m3 with
+// x_scale [rows, ⌈k/128⌉]; the weight-only form (any architecture) takes x in bf16. Shared
+// memory and the conditions on n and k as for the grouped kernels above.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    linear_fp8(const __nv_fp8_e4m3* __restrict__ x, const float* __restrict__ x_scale,
+               const __nv_fp8_e4m3* __restrict__ w, const float* __restrict__ w_scale,
+               float* __restrict__ y, int rows, int n, int k) {
+#if __CUDA_ARCH__ >= 890
+    gemm_tile<Operands::Fp8>(reinterpret_cast<const unsigned char*>(x), x_scale,
+                             reinterpret_cast<const unsigned char*>(w), w_scale, y,
+                             RowTile{0, int(blockIdx.y) * BM, rows}, n, k);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    linear_fp8_weights(const __nv_bfloat16* __restrict__ x, const __nv_fp8_e4m3* __restrict__ w,
+                       const float* __restrict__ w_scale, float* __restrict__ y, int rows, int n,
+                       int k) {
+    gemm_tile<Operands::Fp8Weights>(reinterpret_cast<const unsigned char*>(x), nullptr,
+                                    reinterpret_cast<const unsigned char*>(w), w_scale, y,
+                                    RowTile{0, int(blockIdx.y) * BM, rows}, n, k);
 }

@@ -505,6 +505,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
         },
         rank: ranks.first,
         ranks: ranks.count,
+        ranks_per_gpu: args.ranks_per_gpu,
         group_size: ranks.group_size,
         pool: args.pool.clone(),
         group: if ranks.group_size > 1 {

@@ -3,7 +3,7 @@
 //! oversized rank then says why at once (in its log and its pod's termination message)
 //! instead of failing deep in loading, or running out of memory mid-pass.
 
-use deepseek_proto::memory::{self, MemoryPlan, ModelShape, Rank};
+use deepseek_proto::memory::{self, MemoryPlan, ModelShape, Rank, WeightFormat};
 use deepseek_proto::placement::PlacementPlan;
 
 use crate::bail;
@@ -28,8 +28,9 @@ pub fn check_product(device_name: &str, expected: &str) -> Result<()> {
 pub struct RankLoad<'a> {
     pub shape: ModelShape,
     pub plan: &'a PlacementPlan,
-    /// Whether the routed experts run in FP8 (`memory::gpu_weight_formats`).
-    pub fp8_experts: bool,
+    /// Whether the rank holds an FP8 checkpoint's linear weights in FP8
+    /// (`WeightFormat::on_gpu`).
+    pub fp8: bool,
     pub batch_tokens: u64,
     pub memory_fraction: f64,
 }
@@ -40,14 +41,12 @@ pub struct RankLoad<'a> {
 pub fn check_memory(load: &RankLoad<'_>, free: u64, total: u64) -> Result<MemoryPlan> {
     let copies: usize = load.plan.default.iter().map(Vec::len).sum();
     let routed = load.shape.routed_experts;
-    let (linear, experts) = memory::gpu_weight_formats(load.fp8_experts);
     let rank = Rank {
         gpu_bytes: total,
         memory_fraction: load.memory_fraction,
         group_size: u64::from(load.plan.group_size),
         redundant_experts: (copies as u64).saturating_sub(routed),
-        linear,
-        experts,
+        weights: WeightFormat::on_gpu(load.fp8),
         batch_tokens: load.batch_tokens,
     };
     let mut plan = memory::plan(&load.shape, &rank);
@@ -90,7 +89,7 @@ mod tests {
         let load = RankLoad {
             shape: ModelShape::DEEPSEEK_V3,
             plan: &plan,
-            fp8_experts: true,
+            fp8: true,
             batch_tokens: 4096,
             memory_fraction: 0.9,
         };

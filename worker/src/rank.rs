@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// Ranks this process runs (one per local GPU).
     #[arg(long, env = env::RANKS_PER_POD, default_value_t = 1)]
     pub ranks_per_pod: u32,
+    /// Local ranks sharing each GPU, splitting its memory (`--kv-cache-fraction`) evenly:
+    /// local rank i runs on GPU i / N from `--device`. For testing a multi-rank pod on one
+    /// GPU; serving gives each rank its own.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ranks_per_gpu: u32,
     /// Expert-parallel address of every rank in rank order, this process's own included.
     #[arg(long, env = env::PEERS, value_delimiter = ',')]
     pub peers: Vec<String>,
@@ -311,6 +316,10 @@ mod tests {
                 .starts_with("ranks 2..4 do not fit in a group of 2")
         );
         assert!(resolve_ranks(&args(&["--group-size", "0"])).is_err());
+        let zero = Cli::try_parse_from(["serve", "--ranks-per-gpu", "0"])
+            .err()
+            .unwrap();
+        assert!(zero.to_string().contains("--ranks-per-gpu"), "{zero}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! reflection. Health answers SERVING for the service name `liveness` as soon as the process
 //! listens, and for the whole server only once the weights are loaded.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,9 @@ use crate::backend::{Backend, open_gpu};
 use crate::bail;
 use crate::config::{Config, Family};
 use crate::ep::EpTransport;
-use crate::ep::{TcpTransport, Transport, Wire, group_identity, open_rank};
+use crate::ep::{
+    TcpTransport, Transport, Wire, check_peers_answer, group_identity, listen_for_peers, open_rank,
+};
 use crate::error::{Context, Error, Result};
 use crate::gpu::model::GpuModel;
 use crate::gpu::nccl::NcclTransport;
@@ -64,6 +66,8 @@ pub struct ServeConfig {
     /// Ranks this process runs, `rank` onwards: one per local GPU (`cuda:N` onwards), or
     /// several on the CPU; each serves requests of its own.
     pub ranks: u32,
+    /// Local ranks on each GPU (`--ranks-per-gpu`).
+    pub ranks_per_gpu: u32,
     pub group_size: u32,
     pub pool: String,
     /// Set for a rank of an expert-parallel group (group_size > 1).
@@ -75,6 +79,13 @@ pub struct ServeConfig {
     /// Size the KV cache to this share of the device's memory once the weights are loaded
     /// (instead of `scheduler.kv_blocks`).
     pub kv_cache_fraction: Option<f64>,
+}
+
+impl ServeConfig {
+    /// A GPU rank's share of its GPU's memory: `fraction` over the ranks on one GPU.
+    fn gpu_rank_share(&self, fraction: f64) -> f64 {
+        fraction / f64::from(self.ranks_per_gpu)
+    }
 }
 
 /// How a rank joins its expert-parallel group.
@@ -459,13 +470,14 @@ fn invalid_argument(invalid: &InvalidRequest) -> Status {
 fn join_group(
     config: &ServeConfig,
     g: &GroupConfig,
-    rank: usize,
+    (rank, listener): (usize, TcpListener),
     gpu: Option<&Gpu>,
 ) -> Result<Arc<dyn Transport>> {
     let config_json = std::fs::read(config.model_dir.join("config.json"))?;
     let identity = group_identity(&config_json, &g.plan, g.wire);
     tracing::info!(rank, peers = ?g.peers, "weights loaded; joining the expert-parallel group");
     let tcp = TcpTransport::connect(
+        listener,
         rank,
         &g.peers,
         identity,
@@ -486,36 +498,44 @@ fn join_group(
 type Opened = (Arc<dyn Backend>, Option<Arc<dyn Transport>>);
 
 /// Local rank `local`'s model on its device (the `local`-th GPU from `--device`): the whole
-/// model, or its rank's part of an expert-parallel group.
+/// model, or its rank's part of an expert-parallel group. A rank's preflight comes first:
+/// its GPU (`preflight`), then its peers, which must answer before it loads anything.
 fn open_model(config: &ServeConfig, local: u32) -> Result<Opened> {
     let dir = &config.model_dir;
     let rank = (config.rank + local) as usize;
-    let group = config.group.as_ref();
-    match config.device {
-        DeviceSpec::Cpu => match group {
-            None => Ok((Arc::new(Model::open(dir)?), None)),
-            Some(g) => {
-                let join = || join_group(config, g, rank, None);
-                let (model, transport) = open_rank(dir, g.plan.clone(), rank, g.wire, join)?;
-                Ok((Arc::new(model), Some(transport)))
-            }
-        },
+    // Bound first, so that the peers' preflight finds this rank while it checks its GPU.
+    let group = match &config.group {
+        None => None,
+        Some(g) => Some((g, listen_for_peers(&g.peers, rank)?)),
+    };
+    let gpu = match config.device {
+        DeviceSpec::Cpu => None,
         DeviceSpec::Cuda(first) => {
-            let gpu = open_gpu(first + local as usize)?;
+            let gpu = open_gpu(first + (local / config.ranks_per_gpu) as usize)?;
             preflight(config, &gpu)?;
-            match group {
-                None => Ok((Arc::new(GpuModel::open(dir, gpu, config.dtype)?), None)),
-                Some(g) => {
-                    let (model, transport) = GpuModel::open_rank(
-                        dir,
-                        gpu,
-                        config.dtype,
-                        (g.plan.clone(), rank, g.wire),
-                        |gpu| join_group(config, g, rank, Some(gpu)),
-                    )?;
-                    Ok((Arc::new(model), Some(transport)))
-                }
-            }
+            Some(gpu)
+        }
+    };
+    if let Some((g, _)) = &group {
+        check_peers_answer(&g.peers, rank, g.connect_timeout)?;
+    }
+    match (gpu, group) {
+        (None, None) => Ok((Arc::new(Model::open(dir)?), None)),
+        (None, Some((g, listener))) => {
+            let join = || join_group(config, g, (rank, listener), None);
+            let (model, transport) = open_rank(dir, g.plan.clone(), rank, g.wire, join)?;
+            Ok((Arc::new(model), Some(transport)))
+        }
+        (Some(gpu), None) => Ok((Arc::new(GpuModel::open(dir, gpu, config.dtype)?), None)),
+        (Some(gpu), Some((g, listener))) => {
+            let (model, transport) = GpuModel::open_rank(
+                dir,
+                gpu,
+                config.dtype,
+                (g.plan.clone(), rank, g.wire),
+                |gpu| join_group(config, g, (rank, listener), Some(gpu)),
+            )?;
+            Ok((Arc::new(model), Some(transport)))
         }
     }
 }
@@ -526,7 +546,7 @@ fn preflight(config: &ServeConfig, gpu: &Gpu) -> Result<()> {
     if let Some(product) = &config.gpu_product {
         preflight::check_product(&gpu.name, product)?;
     }
-    let Some(memory_fraction) = config.kv_cache_fraction else {
+    let Some(memory_fraction) = config.kv_cache_fraction.map(|f| config.gpu_rank_share(f)) else {
         return Ok(());
     };
     let model = Config::from_file(&config.model_dir.join("config.json"))?;
@@ -534,12 +554,12 @@ fn preflight(config: &ServeConfig, gpu: &Gpu) -> Result<()> {
         Some(g) => g.plan.clone(),
         None => PlacementPlan::round_robin(1, model.moe.n_routed_experts as u32, 0),
     };
-    let fp8_experts = resolve_dtype(config.dtype, model.fp8.is_some()) == Dtype::Fp8;
+    let fp8 = resolve_dtype(config.dtype, model.fp8.is_some()) == Dtype::Fp8;
     let (free, total) = gpu.stream.context().mem_get_info()?;
     let load = RankLoad {
         shape: model.shape(),
         plan: &plan,
-        fp8_experts,
+        fp8,
         batch_tokens: config.scheduler.max_batch_tokens as u64,
         memory_fraction,
     };
@@ -586,10 +606,10 @@ fn load(config: &ServeConfig, metrics: Arc<Metrics>) -> Result<Loaded> {
         scheduler_config.compute_threads = Some((cores / opened.len()).max(1));
     }
     if let Some(fraction) = config.kv_cache_fraction {
-        // CPU ranks share the host's memory; GPU ranks have a device each.
+        // CPU ranks share the host's memory; GPU ranks have a device each, or a share of one.
         let share = match config.device {
             DeviceSpec::Cpu => fraction / opened.len() as f64,
-            DeviceSpec::Cuda(_) => fraction,
+            DeviceSpec::Cuda(_) => config.gpu_rank_share(fraction),
         };
         scheduler_config.kv_blocks = opened
             .iter()

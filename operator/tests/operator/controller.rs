@@ -592,7 +592,7 @@ async fn an_unknown_gpu_product_is_reported_without_creating_anything() {
 #[tokio::test]
 async fn a_pool_the_model_does_not_fit_is_refused_with_its_numbers() {
     let (ctx, mut api) = setup();
-    // DeepSeek-V3 in groups of 16 H100s: the experts leave no room for a KV cache.
+    // DeepSeek-V3 in groups of 8 H100s: the experts leave no room for a KV cache.
     let mut dsd = tiny();
     dsd.spec.model.architecture = v3().spec.model.architecture;
     dsd.spec.model.routed_experts = None;
@@ -600,7 +600,7 @@ async fn a_pool_the_model_does_not_fit_is_refused_with_its_numbers() {
     let pool = &mut dsd.spec.pools[0];
     pool.name = "h100".into();
     pool.gpu_product = Some("NVIDIA-H100-80GB-HBM3".into());
-    (pool.gpus_per_pod, pool.pods_per_group) = (8, Some(2));
+    (pool.gpus_per_pod, pool.pods_per_group) = (8, Some(1));
     let task = run(&ctx, dsd);
     observe_children(&mut api, vec![], vec![]).await;
     let events = events(&mut api, 1).await;
@@ -615,7 +615,7 @@ async fn a_pool_the_model_does_not_fit_is_refused_with_its_numbers() {
         .to_string();
     for says in [
         "spec.pools[h100]: the model does not fit a rank's NVIDIA-H100-80GB-HBM3",
-        "38.1 GiB experts (16 per layer)",
+        "76.1 GiB experts (32 per layer)",
         "KV cache 0 tokens",
         "a pass needs 4096 tokens",
     ] {

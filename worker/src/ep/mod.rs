@@ -21,7 +21,9 @@ use std::sync::Arc;
 use deepseek_proto::placement::PlacementPlan;
 
 pub use self::dispatch::ExpertParallel;
-pub use self::transport::{ChannelTransport, TcpTransport, Transport};
+pub use self::transport::{
+    ChannelTransport, TcpTransport, Transport, check_peers_answer, listen_for_peers,
+};
 pub use self::wire::Wire;
 use crate::bail;
 use crate::error::Result;

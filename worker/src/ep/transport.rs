@@ -116,6 +116,9 @@ pub struct TcpTransport {
     stall_timeout: Duration,
     tls: Option<LinkTls>,
     links: Mutex<Links>,
+    /// The listener bound before loading (see `listen_for_peers`), for the first mesh;
+    /// every later one binds afresh, so no connection of a failed mesh lingers.
+    first_listener: Mutex<Option<TcpListener>>,
 }
 
 /// Mutual TLS on every link: peers present certificates the group's CA signed.
@@ -188,12 +191,14 @@ struct Group {
 }
 
 impl TcpTransport {
-    /// Joins the group: listens on `peers[rank]`, dials every peer (retrying until
-    /// `connect_timeout`) and accepts every peer. Each connection opens with a hello each
-    /// way (rank, group size, identity); a peer with another model or plan is refused. With
-    /// `tls` (this rank's certificate and the CA), every link is mutual TLS and a peer
-    /// without a certificate the CA signed is refused.
+    /// Joins the group: accepts on `listener` (bound on `peers[rank]`'s port by
+    /// `listen_for_peers`), dials every peer (retrying until `connect_timeout`) and accepts
+    /// every peer. Each connection opens with a hello each way (rank, group size,
+    /// identity); a peer with another model or plan is refused. With `tls` (this rank's
+    /// certificate and the CA), every link is mutual TLS and a peer without a certificate
+    /// the CA signed is refused.
     pub fn connect(
+        listener: TcpListener,
         rank: usize,
         peers: &[String],
         identity: u64,
@@ -221,6 +226,7 @@ impl TcpTransport {
                 writers: Vec::new(),
                 readers: Vec::new(),
             }),
+            first_listener: Mutex::new(Some(listener)),
         };
         *transport.links.lock().unwrap_or_else(|p| p.into_inner()) = transport.mesh()?;
         Ok(transport)
@@ -238,7 +244,15 @@ impl TcpTransport {
             identity: self.identity,
             timeout: self.connect_timeout,
         };
-        let listener = self.listen()?;
+        let first = self
+            .first_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let listener = match first {
+            Some(listener) => listener,
+            None => listen_for_peers(&self.peers, rank)?,
+        };
         let deadline = Instant::now() + self.connect_timeout;
         let stop = Arc::new(AtomicBool::new(false));
         let accepting = {
@@ -302,18 +316,37 @@ impl TcpTransport {
         }
         Ok(links)
     }
+}
 
-    /// Listens on every interface, on this rank's port: its entry may be a name (a pod's DNS
-    /// name) that resolves to an address the process cannot bind by name.
-    fn listen(&self) -> Result<TcpListener> {
-        let own = &self.peers[self.rank];
-        let port = own
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .with_context(|| format!("peer address {own:?} has no port"))?;
-        TcpListener::bind(("0.0.0.0", port))
-            .with_context(|| format!("listening for peers on port {port}"))
+/// Listens for rank `rank`'s peers on every interface, on its port in `peers`: its entry
+/// may be a name (a pod's DNS name) that resolves to an address the process cannot bind by
+/// name. Bound before the rank loads, so its peers' `check_peers_answer` finds it.
+pub fn listen_for_peers(peers: &[String], rank: usize) -> Result<TcpListener> {
+    let own = peers
+        .get(rank)
+        .with_context(|| format!("rank {rank} is not in a group of {}", peers.len()))?;
+    let port = own
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .with_context(|| format!("peer address {own:?} has no port"))?;
+    TcpListener::bind(("0.0.0.0", port))
+        .with_context(|| format!("listening for peers on port {port}"))
+}
+
+/// Preflight, before a rank loads anything: every peer's expert-parallel port accepts a
+/// connection within `timeout` (each peer binds it first thing, see `listen_for_peers`).
+/// The connections close at once, unused; a rank's mesh skips them.
+pub fn check_peers_answer(peers: &[String], rank: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for (peer, addr) in peers.iter().enumerate().filter(|&(p, _)| p != rank) {
+        dial(peer, addr, deadline).with_context(|| {
+            format!(
+                "preflight: rank {rank} needs every rank of its group within {timeout:?} \
+                 (--ep-connect-timeout-seconds) before it loads"
+            )
+        })?;
     }
+    Ok(())
 }
 
 /// Accepts every peer once, each checked by its hello, until `deadline` (or `stop`): the
@@ -333,6 +366,10 @@ fn accept_peers(
                 stream.set_nonblocking(false)?;
                 stream.set_nodelay(true)?;
                 stream.set_read_timeout(Some(group.timeout))?;
+                // A peer's preflight (or a dial it gave up) closes without a word: no link.
+                if stream.peek(&mut [0u8])? == 0 {
+                    continue;
+                }
                 let mut link = match &tls {
                     None => Link::Plain(stream),
                     Some(config) => {
@@ -509,6 +546,69 @@ impl Transport for TcpTransport {
 mod tests {
     use super::*;
 
+    /// Binds rank `rank`'s port and joins, as a rank does.
+    fn connect(
+        rank: usize,
+        peers: &[String],
+        identity: u64,
+        connect_timeout: Duration,
+        stall_timeout: Duration,
+        tls: Option<&Arc<Identity>>,
+    ) -> Result<TcpTransport> {
+        let listener = listen_for_peers(peers, rank)?;
+        TcpTransport::connect(
+            listener,
+            rank,
+            peers,
+            identity,
+            connect_timeout,
+            stall_timeout,
+            tls,
+        )
+    }
+
+    #[test]
+    fn preflight_names_the_rank_that_does_not_answer() {
+        let peers = free_addrs(2);
+        let _rank0 = listen_for_peers(&peers, 0).unwrap();
+        let err = check_peers_answer(&peers, 0, Duration::from_millis(300)).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("preflight"), "{text}");
+        assert!(
+            text.contains(&format!("rank 1 at {} did not answer", peers[1])),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn preflight_probes_leave_the_mesh_to_form() {
+        let peers = free_addrs(2);
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|rank| listen_for_peers(&peers, rank).unwrap())
+            .collect();
+        // Each rank finds the other's port open before it would load; the probes wait,
+        // closed, in the listeners' queues.
+        for rank in 0..2 {
+            check_peers_answer(&peers, rank, Duration::from_secs(5)).unwrap();
+        }
+        let second = Duration::from_secs(5);
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    let t = TcpTransport::connect(listener, rank, &peers, 7, second, second, None)
+                        .unwrap();
+                    t.all_to_all(vec![vec![rank as u8]; 2]).unwrap()
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap(), [[0], [1]], "rank {rank}");
+        }
+    }
+
     fn free_addrs(n: usize) -> Vec<String> {
         let listeners: Vec<_> = (0..n)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
@@ -547,10 +647,9 @@ mod tests {
         let other = peers.clone();
         let short = Duration::from_secs(5);
         let stranger = identity("stranger");
-        let rank1 = std::thread::spawn(move || {
-            TcpTransport::connect(1, &other, 7, short, short, Some(&stranger)).err()
-        });
-        let rank0 = TcpTransport::connect(0, &peers, 7, short, short, Some(&identity("router-a")));
+        let rank1 =
+            std::thread::spawn(move || connect(1, &other, 7, short, short, Some(&stranger)).err());
+        let rank0 = connect(0, &peers, 7, short, short, Some(&identity("router-a")));
         let errors: Vec<String> = [rank0.err(), rank1.join().unwrap()]
             .into_iter()
             .flatten()
@@ -569,7 +668,7 @@ mod tests {
             .map(|rank| {
                 let (peers, tls) = (peers.clone(), tls.clone());
                 std::thread::spawn(move || {
-                    let t = TcpTransport::connect(
+                    let t = connect(
                         rank,
                         &peers,
                         7,
@@ -602,10 +701,8 @@ mod tests {
         let peers = free_addrs(2);
         let other = peers.clone();
         let short = Duration::from_secs(5);
-        let rank1 = std::thread::spawn(move || {
-            TcpTransport::connect(1, &other, 2, short, short, None).err()
-        });
-        let rank0 = TcpTransport::connect(0, &peers, 1, short, short, None).err();
+        let rank1 = std::thread::spawn(move || connect(1, &other, 2, short, short, None).err());
+        let rank0 = connect(0, &peers, 1, short, short, None).err();
         let errors: Vec<String> = [rank0, rank1.join().unwrap()]
             .into_iter()
             .flatten()

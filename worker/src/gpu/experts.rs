@@ -136,9 +136,9 @@ impl GpuExperts {
     }
 }
 
-/// h = silu(gate) · up for FP8 experts kept apart: `gemm` computes each of the two into a
-/// [rows, width] buffer.
-fn gated(
+/// h = silu(gate) · up for FP8 gate and up matrices kept apart: `gemm` computes each of the
+/// two into a [rows, width] buffer.
+pub(super) fn gated(
     gpu: &Gpu,
     [gate, up]: [&Fp8Weights; 2],
     (rows, width): (usize, usize),

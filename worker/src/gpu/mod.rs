@@ -219,15 +219,17 @@ impl FromStr for DeviceSpec {
     }
 }
 
-/// `--dtype`: how the routed experts are held and multiplied.
+/// `--dtype`: how an FP8 checkpoint's linear weights (routed experts included) are held
+/// and multiplied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
     /// FP8 for an FP8 checkpoint, bf16 otherwise.
     Auto,
     /// bf16 weights (an FP8 checkpoint dequantised at load).
     Bf16,
-    /// FP8 weights, one byte each: FP8 tensor-core GEMMs on sm_89 and later; elsewhere
-    /// (A100) bf16 GEMMs on weights dequantised tile by tile inside the kernel.
+    /// FP8 weights, one byte each (but `kv_b_proj`, bf16): FP8 tensor-core GEMMs on sm_89
+    /// and later; elsewhere (A100) bf16 GEMMs on weights dequantised tile by tile inside
+    /// the kernel.
     Fp8,
 }
 

@@ -1,7 +1,8 @@
 //! An expert-parallel group of worker processes on loopback: each rank serves its own
 //! requests (data-parallel attention) and holds half the experts; the group's tokens equal
-//! one process's, an idle rank keeps stepping with a busy one, and a killed rank fails the
-//! others' requests promptly with UNAVAILABLE.
+//! one process's, an idle rank keeps stepping with a busy one, a killed rank fails the
+//! others' requests promptly with UNAVAILABLE, and a rank whose peer does not answer stops
+//! before it loads.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,7 +60,13 @@ impl Addrs {
     }
 
     fn spawn(&self, rank: usize) -> Rank {
-        let child = Command::new(env!("CARGO_BIN_EXE_deepseek-worker"))
+        Rank(self.serve(rank).stderr(Stdio::null()).spawn().unwrap())
+    }
+
+    /// `deepseek-worker serve` as rank `rank`.
+    fn serve(&self, rank: usize) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_deepseek-worker"));
+        command
             .args(["serve", "--listen", &self.grpc[rank]])
             .args(["--group-size", &self.peers.len().to_string()])
             .args([
@@ -70,11 +77,8 @@ impl Addrs {
             ])
             .args(["--ep-wire", "f32", "--ep-stall-timeout-seconds", "5"])
             .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Rank(child)
+            .stdout(Stdio::null());
+        command
     }
 }
 
@@ -203,6 +207,24 @@ async fn a_two_rank_group_serves_what_one_process_does_fails_fast_when_a_rank_di
         tokens(channel, prompts[2].clone(), 10).await.unwrap(),
         alone(&prompts[2], 10)
     );
+}
+
+#[test]
+fn a_rank_whose_peer_does_not_answer_stops_before_it_loads() {
+    let mut addrs = Addrs::new(2);
+    addrs.extra = vec!["--ep-connect-timeout-seconds".into(), "1".into()];
+    let started = Instant::now();
+    let out = addrs.serve(0).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    for says in [
+        "preflight",
+        &format!("rank 1 at {} did not answer", addrs.peers[1]),
+    ] {
+        assert!(log.contains(says), "{says:?} not in {log}");
+    }
+    assert!(!log.contains("weights loaded"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

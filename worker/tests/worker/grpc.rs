@@ -91,6 +91,7 @@ async fn launch(
         },
         rank: 0,
         ranks: 1,
+        ranks_per_gpu: 1,
         group_size: 1,
         pool: "cpu".into(),
         group: None,

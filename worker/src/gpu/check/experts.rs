@@ -1,4 +1,5 @@
-//! The routed experts' kernels: permutation, grouped GEMMs (bf16 and FP8), FP8 dequantisation.
+//! The routed experts' kernels: permutation, grouped GEMMs (bf16 and FP8), FP8 dequantisation;
+//! and the FP8 linear layers, the grouped GEMM's one-expert case.
 
 use half::bf16;
 
@@ -344,6 +345,75 @@ pub(super) fn check_grouped_gemm_fp8_weights(gpu: &Gpu) -> Result<Vec<Check>> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(per_shape.into_iter().flatten().collect())
+}
+
+/// The FP8 linear kernels over 300 rows (two full row tiles and a partial one) against an
+/// f64 sum: weight-only on any GPU, and with FP8 activations where the GPU has FP8 tensor
+/// cores. f32 out, so only the sums' rounding is left.
+pub(super) fn check_linear_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    let rows = 300;
+    let one_expert = vec![0; rows];
+    let mut checks = Vec::new();
+    for (n, k) in [(272usize, 144usize), (256, 512)] {
+        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+        let w = random_fp8(n * k, 70);
+        let w_scale: Vec<f32> = uniform(nb * kb, 71, 1e-2)
+            .iter()
+            .map(|v| v.abs() + 1e-4)
+            .collect();
+        let weight =
+            |j: usize, i: usize| fp8_e4m3_to_f32(w[j * k + i]) * w_scale[j / 128 * kb + i / 128];
+        let (w_dev, scale_dev) = (up(gpu, &w)?, up(gpu, &w_scale)?);
+        let mut y = gpu.stream.alloc_zeros::<f32>(rows * n)?;
+
+        let x = to_bf16(&uniform(rows * k, 72, 1.0));
+        gpu.linear_fp8_weights(&up(gpu, &x)?, &w_dev, &scale_dev, &mut y, (rows, n, k))?;
+        let expected = reference_gemm(
+            rows,
+            n,
+            k,
+            &one_expert,
+            |r, i| x[r * k + i].to_f32(),
+            |_, j, i| bf16::from_f32(weight(j, i)).to_f32(),
+        );
+        checks.push(Check::new(
+            format!("linear_fp8_weights/n{n}k{k}"),
+            relative_diff(&down(gpu, &y)?, &expected),
+            1e-4,
+            "300 rows, bf16 activations, weights dequantised to bf16 in the kernel; f32 output",
+        ));
+
+        if gpu.has_fp8_tensor_cores() {
+            let x8 = random_fp8(rows * k, 73);
+            let x_scale: Vec<f32> = uniform(rows * kb, 74, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.01)
+                .collect();
+            gpu.linear_fp8(
+                &up(gpu, &x8)?,
+                &up(gpu, &x_scale)?,
+                &w_dev,
+                &scale_dev,
+                &mut y,
+                (rows, n, k),
+            )?;
+            let expected = reference_gemm(
+                rows,
+                n,
+                k,
+                &one_expert,
+                |r, i| fp8_e4m3_to_f32(x8[r * k + i]) * x_scale[r * kb + i / 128],
+                |_, j, i| weight(j, i),
+            );
+            checks.push(Check::new(
+                format!("linear_fp8/n{n}k{k}"),
+                relative_diff(&down(gpu, &y)?, &expected),
+                1e-4,
+                "300 rows, 128×128 weight and 1×128 activation scales; f32 output",
+            ));
+        }
+    }
+    Ok(checks)
 }
 
 pub(super) fn check_dequant_fp8(gpu: &Gpu) -> Result<Vec<Check>> {

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use self::bench::{benchmarks, layer_benchmark};
 use self::experts::{
     check_dequant_fp8, check_grouped_gemm_bf16, check_grouped_gemm_fp8,
-    check_grouped_gemm_fp8_weights, check_permute,
+    check_grouped_gemm_fp8_weights, check_linear_fp8, check_permute,
 };
 use self::kernels::{
     check_mla_decode, check_moe_gate, check_rms_norm, check_rope, check_sample, check_silu_mul,
@@ -92,6 +92,7 @@ pub fn run(device: usize, fixtures: &Path, bench: bool) -> Result<Value> {
         "grouped_gemm_fp8_weights",
         check_grouped_gemm_fp8_weights(&gpu),
     );
+    record("linear_fp8", check_linear_fp8(&gpu));
     record("dequant_fp8", check_dequant_fp8(&gpu));
     record("mla_decode", check_mla_decode(&gpu));
     record("sample", check_sample(&gpu));

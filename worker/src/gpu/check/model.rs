@@ -8,7 +8,7 @@ use deepseek_proto::placement::PlacementPlan;
 
 use super::{Check, relative_diff, sampling_cases};
 use crate::backend::{Backend, KvCache, Output, Pass};
-use crate::ep::{ChannelTransport, TcpTransport, Transport, Wire};
+use crate::ep::{ChannelTransport, TcpTransport, Transport, Wire, listen_for_peers};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Generation, generate};
 use crate::gpu::Dtype;
@@ -260,9 +260,11 @@ pub(super) fn check_expert_parallel(device: usize, dir: &Path) -> Result<Vec<Che
 pub(super) fn check_nccl(device: usize) -> Result<Vec<Check>> {
     let gpu = Gpu::open(device)?;
     let timeout = std::time::Duration::from_secs(10);
+    let peers = ["127.0.0.1:50199".to_string()];
     let tcp = TcpTransport::connect(
+        listen_for_peers(&peers, 0)?,
         0,
-        &["127.0.0.1:50199".to_string()],
+        &peers,
         0,
         timeout,
         timeout,

@@ -5,6 +5,7 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use super::linear::Linear;
 use super::{GpuKv, GpuModel};
 use crate::error::Result;
 use crate::gpu::runtime::{GemmShape, Gpu, Layout};
@@ -12,11 +13,11 @@ use crate::model::cache::BlockTable;
 use crate::model::ops::Rope;
 
 pub(super) enum QProj {
-    Plain(CudaSlice<bf16>),
+    Plain(Linear),
     LowRank {
-        down: CudaSlice<bf16>,
+        down: Linear,
         norm: CudaSlice<bf16>,
-        up: CudaSlice<bf16>,
+        up: Linear,
         rank: usize,
     },
 }
@@ -25,11 +26,12 @@ pub(super) enum QProj {
 pub(super) struct Attention {
     pub(super) q: QProj,
     /// [kv_lora + rope, hidden]
-    pub(super) kv_down: CudaSlice<bf16>,
+    pub(super) kv_down: Linear,
     pub(super) kv_norm: CudaSlice<bf16>,
-    /// [heads × (nope + v), kv_lora]: per head, nope key rows then v value rows.
+    /// [heads × (nope + v), kv_lora]: per head, nope key rows then v value rows. Always
+    /// bf16: the absorbed attention multiplies it per head through cuBLAS's strided batches.
     pub(super) kv_up: CudaSlice<bf16>,
-    pub(super) o_proj: CudaSlice<bf16>,
+    pub(super) o_proj: Linear,
 }
 
 /// Where each row of a pass sits: its position, its cache slot, and its sequence's block
@@ -121,9 +123,9 @@ impl GpuModel {
         let (q, q_pe) = self.project_into_cache(l, attention, x, rows, kv)?;
         let o = self.absorbed_attention(l, attention, (&q, &q_pe), rows, kv)?;
         let mut out = gpu.stream.alloc_zeros::<f32>(n * hidden)?;
-        gpu.linear(
+        attention.o_proj.apply(
+            gpu,
             &self.bf16(&o)?,
-            &attention.o_proj,
             &mut out,
             (n, hidden, heads * cfg.v_head_dim),
         )?;
@@ -171,12 +173,9 @@ impl GpuModel {
         let (n, hidden) = (rows.count, cfg.hidden_size);
         let (rope, kv_lora) = (cfg.qk_rope_head_dim, cfg.kv_lora_rank);
         let mut kv_a = stream.alloc_zeros::<f32>(n * (kv_lora + rope))?;
-        gpu.linear(
-            x,
-            &attention.kv_down,
-            &mut kv_a,
-            (n, kv_lora + rope, hidden),
-        )?;
+        attention
+            .kv_down
+            .apply(gpu, x, &mut kv_a, (n, kv_lora + rope, hidden))?;
         let mut c_kv = stream.alloc_zeros::<f32>(n * kv_lora)?;
         gpu.rms_norm(
             &kv_a.as_view(),
@@ -278,7 +277,7 @@ impl GpuModel {
         let (hidden, out) = (cfg.hidden_size, cfg.num_attention_heads * cfg.qk_head_dim());
         let mut y = gpu.stream.alloc_zeros::<f32>(n * out)?;
         match q {
-            QProj::Plain(w) => gpu.linear(x, w, &mut y, (n, out, hidden))?,
+            QProj::Plain(w) => w.apply(gpu, x, &mut y, (n, out, hidden))?,
             QProj::LowRank {
                 down,
                 norm,
@@ -286,9 +285,9 @@ impl GpuModel {
                 rank,
             } => {
                 let mut qa = gpu.stream.alloc_zeros::<f32>(n * rank)?;
-                gpu.linear(x, down, &mut qa, (n, *rank, hidden))?;
+                down.apply(gpu, x, &mut qa, (n, *rank, hidden))?;
                 let qa = self.bf16(&self.norm_rows(&qa, norm, n)?)?;
-                gpu.linear(&qa, up, &mut y, (n, out, *rank))?;
+                up.apply(gpu, &qa, &mut y, (n, out, *rank))?;
             }
         }
         Ok(y)

@@ -7,12 +7,13 @@ use half::bf16;
 
 use super::Layer;
 use super::attention::{Attention, QProj};
-use super::mlp::{Dense, FeedForward, Moe};
+use super::linear::Linear;
+use super::mlp::{Dense, FeedForward, GateUp, Moe};
 use crate::config::{Config, TopkMethod};
 use crate::error::Result;
 use crate::gpu::experts::{Fp8Weights, LayerExperts, Weights};
 use crate::gpu::runtime::{Fp8, Gpu};
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, Dtype};
 
 /// Where the weights come from: a checkpoint, or random numbers made on the device (for
 /// benchmarks at full model shapes without the checkpoint).
@@ -21,10 +22,13 @@ pub(super) enum Source<'a> {
     Random(Cell<u64>),
 }
 
-/// Weights onto the device: matrices as bf16, the router as f32.
+/// Weights onto the device: matrices as bf16 (or, with `fp8`, an FP8 checkpoint's linear
+/// layers as stored), the router as f32.
 pub(super) struct Loader<'a> {
     pub(super) gpu: &'a Gpu,
     pub(super) source: Source<'a>,
+    /// Keep FP8 weights FP8 (`--dtype fp8`, or auto for an FP8 checkpoint).
+    pub(super) fp8: bool,
 }
 
 impl Loader<'_> {
@@ -105,13 +109,12 @@ impl Loader<'_> {
         Ok(Fp8Weights { q, scale })
     }
 
-    /// The routed experts of layer `layer` that `owns` selects, in FP8 when `fp8`; None for
-    /// a dense layer.
+    /// The routed experts of layer `layer` that `owns` selects, in FP8 with `self.fp8`;
+    /// None for a dense layer.
     pub(super) fn experts(
         &self,
         cfg: &Config,
         layer: usize,
-        fp8: bool,
         owns: &dyn Fn(usize, usize) -> bool,
     ) -> Result<Option<LayerExperts>> {
         if !cfg.is_moe_layer(layer) {
@@ -132,7 +135,7 @@ impl Loader<'_> {
         let name =
             |e: usize, part: &str| format!("model.layers.{layer}.mlp.experts.{e}.{part}.weight");
         let all = |part: &str| -> Vec<String> { held.iter().map(|&e| name(e, part)).collect() };
-        let weights = if fp8 {
+        let weights = if self.fp8 {
             Weights::Fp8 {
                 gate: self.fp8_stacked(&all("gate_proj"), width, hidden)?,
                 up: self.fp8_stacked(&all("up_proj"), width, hidden)?,
@@ -167,16 +170,40 @@ impl Loader<'_> {
         self.stacked(&[name.to_string()], &[len])
     }
 
+    /// Whether the [rows, cols] weight `name` is held in FP8: kept so with `self.fp8` where
+    /// the checkpoint stores it so and the FP8 kernels take its shape (16-byte rows, column
+    /// pairs out).
+    fn keeps_fp8(&self, name: &str, rows: usize, cols: usize) -> bool {
+        let stored_fp8 = match &self.source {
+            Source::Checkpoint(ckpt) => ckpt.info(name).is_ok_and(|t| t.dtype == Dtype::F8E4M3),
+            Source::Random(_) => true,
+        };
+        self.fp8 && stored_fp8 && cols.is_multiple_of(16) && rows.is_multiple_of(2)
+    }
+
+    /// A linear layer's [rows, cols] weight, FP8 where `keeps_fp8`.
+    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
+        Ok(if self.keeps_fp8(name, rows, cols) {
+            Linear::Fp8(self.fp8_stacked(&[name.to_string()], rows, cols)?)
+        } else {
+            Linear::Bf16(self.matrix(name, rows, cols)?)
+        })
+    }
+
     fn dense(&self, prefix: &str, hidden: usize, width: usize) -> Result<Dense> {
+        let [gate, up] = ["gate_proj", "up_proj"].map(|p| format!("{prefix}.{p}.weight"));
+        let gate_up = if self.keeps_fp8(&gate, width, hidden) && self.keeps_fp8(&up, width, hidden)
+        {
+            GateUp::Fp8 {
+                gate: self.fp8_stacked(&[gate], width, hidden)?,
+                up: self.fp8_stacked(&[up], width, hidden)?,
+            }
+        } else {
+            GateUp::Fused(self.stacked(&[gate, up], &[width, hidden])?)
+        };
         Ok(Dense {
-            gate_up: self.stacked(
-                &[
-                    format!("{prefix}.gate_proj.weight"),
-                    format!("{prefix}.up_proj.weight"),
-                ],
-                &[width, hidden],
-            )?,
-            down: self.matrix(&format!("{prefix}.down_proj.weight"), hidden, width)?,
+            gate_up,
+            down: self.linear(&format!("{prefix}.down_proj.weight"), hidden, width)?,
             width,
         })
     }
@@ -188,7 +215,7 @@ impl Loader<'_> {
         let ffn = if cfg.is_moe_layer(layer) {
             let moe = &cfg.moe;
             let (experts, width) = (moe.n_routed_experts, moe.moe_intermediate_size);
-            FeedForward::Moe(Box::new(Moe {
+            FeedForward::Moe(Moe {
                 router: self.f32(&format!("{p}.mlp.gate.weight"), &[experts, hidden])?,
                 bias: match moe.topk_method {
                     TopkMethod::NoauxTc => Some(
@@ -200,7 +227,7 @@ impl Loader<'_> {
                     0 => None,
                     n => Some(self.dense(&format!("{p}.mlp.shared_experts"), hidden, n * width)?),
                 },
-            }))
+            })
         } else {
             FeedForward::Dense(self.dense(&format!("{p}.mlp"), hidden, cfg.intermediate_size)?)
         };
@@ -218,15 +245,15 @@ impl Loader<'_> {
         let q_out = heads * cfg.qk_head_dim();
         Ok(Attention {
             q: match cfg.q_lora_rank {
-                None => QProj::Plain(self.matrix(&format!("{p}.q_proj.weight"), q_out, hidden)?),
+                None => QProj::Plain(self.linear(&format!("{p}.q_proj.weight"), q_out, hidden)?),
                 Some(rank) => QProj::LowRank {
-                    down: self.matrix(&format!("{p}.q_a_proj.weight"), rank, hidden)?,
+                    down: self.linear(&format!("{p}.q_a_proj.weight"), rank, hidden)?,
                     norm: self.vector(&format!("{p}.q_a_layernorm.weight"), rank)?,
-                    up: self.matrix(&format!("{p}.q_b_proj.weight"), q_out, rank)?,
+                    up: self.linear(&format!("{p}.q_b_proj.weight"), q_out, rank)?,
                     rank,
                 },
             },
-            kv_down: self.matrix(
+            kv_down: self.linear(
                 &format!("{p}.kv_a_proj_with_mqa.weight"),
                 kv_lora + rope,
                 hidden,
@@ -237,7 +264,7 @@ impl Loader<'_> {
                 heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                 kv_lora,
             )?,
-            o_proj: self.matrix(
+            o_proj: self.linear(
                 &format!("{p}.o_proj.weight"),
                 hidden,
                 heads * cfg.v_head_dim,

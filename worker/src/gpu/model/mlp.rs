@@ -6,17 +6,28 @@ use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use super::linear::{Linear, fp8_linear};
 use super::{GpuModel, Routed};
 use crate::ep::GroupError;
 use crate::error::Result;
+use crate::gpu::experts::{Fp8Weights, gated};
 use crate::gpu::runtime::GateRule;
 use crate::model::moe::{RoutedExperts, Routing};
 
-/// A SwiGLU MLP: gate and up fused into one [2 × width, hidden] weight.
+/// A SwiGLU MLP (a dense layer's, or the shared experts).
 pub(super) struct Dense {
-    pub(super) gate_up: CudaSlice<bf16>,
-    pub(super) down: CudaSlice<bf16>,
+    pub(super) gate_up: GateUp,
+    pub(super) down: Linear,
     pub(super) width: usize,
+}
+
+/// A SwiGLU MLP's gate and up projections.
+pub(super) enum GateUp {
+    /// [2 × width, hidden]: the gate's rows, then up's; one GEMM makes both.
+    Fused(CudaSlice<bf16>),
+    /// An FP8 checkpoint's two matrices as stored: a 128-row scale block may straddle
+    /// where the gate's rows would end.
+    Fp8 { gate: Fp8Weights, up: Fp8Weights },
 }
 
 pub(super) struct Moe {
@@ -28,7 +39,7 @@ pub(super) struct Moe {
 
 pub(super) enum FeedForward {
     Dense(Dense),
-    Moe(Box<Moe>),
+    Moe(Moe),
 }
 
 impl GpuModel {
@@ -39,13 +50,25 @@ impl GpuModel {
         x: &CudaSlice<bf16>,
         rows: usize,
     ) -> Result<CudaSlice<f32>> {
-        let (gpu, hidden) = (&self.gpu, self.cfg.hidden_size);
-        let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * mlp.width)?;
-        gpu.linear(x, &mlp.gate_up, &mut gate_up, (rows, 2 * mlp.width, hidden))?;
-        let mut h = gpu.stream.alloc_zeros::<bf16>(rows * mlp.width)?;
-        gpu.silu_mul(&gate_up, &mut h, rows)?;
+        let (gpu, hidden, width) = (&self.gpu, self.cfg.hidden_size, mlp.width);
+        let mut h = gpu.stream.alloc_zeros::<bf16>(rows * width)?;
+        match &mlp.gate_up {
+            GateUp::Fused(w) => {
+                let mut gate_up = gpu.stream.alloc_zeros::<bf16>(rows * 2 * width)?;
+                gpu.linear(x, w, &mut gate_up, (rows, 2 * width, hidden))?;
+                gpu.silu_mul(&gate_up, &mut h, rows)?;
+            }
+            GateUp::Fp8 { gate, up } => {
+                // rounded to bf16 as the fused GEMM's output is
+                gated(gpu, [gate, up], (rows, width), &mut h, |w, out| {
+                    let mut y = gpu.stream.alloc_zeros::<f32>(rows * width)?;
+                    fp8_linear(gpu, w, x, &mut y, (rows, width, hidden))?;
+                    gpu.to_bf16(&y, out)
+                })?;
+            }
+        }
         let mut y = gpu.stream.alloc_zeros::<f32>(rows * hidden)?;
-        gpu.linear(&h, &mlp.down, &mut y, (rows, hidden, mlp.width))?;
+        mlp.down.apply(gpu, &h, &mut y, (rows, hidden, width))?;
         Ok(y)
     }
 

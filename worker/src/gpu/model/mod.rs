@@ -1,9 +1,10 @@
 //! The model step on a GPU: the CPU path's computation (`model/`) with the weights on the
-//! device as bf16 (FP8 ones dequantised at load, but for routed experts run in FP8; see
-//! `experts.rs`) and each step a sequence of the kernels in `kernels/` and cuBLAS GEMMs,
-//! activations f32 between them and bf16 into the tensor cores. The parts mirror `model/`:
-//! `attention.rs` (MLA), `mlp.rs` (dense and MoE), `head.rs` (final norm, `lm_head`,
-//! sampling on the device), `load.rs` (weights onto the device).
+//! device as bf16, or with FP8 compute an FP8 checkpoint's linear layers and routed experts
+//! as stored (`linear.rs`, `experts.rs`), and each step a sequence of the kernels in
+//! `kernels/` and cuBLAS GEMMs, activations f32 between them and bf16 (or FP8) into the
+//! tensor cores. The parts mirror `model/`: `attention.rs` (MLA), `mlp.rs` (dense and MoE),
+//! `head.rs` (final norm, `lm_head`, sampling on the device), `load.rs` (weights onto the
+//! device).
 //!
 //! The latent cache lives on the device in the blocks a [`KvPool`] hands out (the pool does
 //! the bookkeeping, as on the CPU, with no host storage), so the scheduler batches GPU steps
@@ -11,6 +12,7 @@
 
 mod attention;
 mod head;
+mod linear;
 mod load;
 mod mlp;
 
@@ -61,7 +63,7 @@ pub struct GpuModel {
     /// Tokens routed to each expert (counted where the routing reaches the host: on a rank
     /// of an expert-parallel group).
     expert_load: ExpertLoad,
-    /// The routed experts' GEMM precision (bf16 or FP8).
+    /// How FP8 checkpoint weights are held and multiplied (bf16 or FP8).
     pub dtype: Dtype,
     cfg: Config,
     embed: CudaSlice<bf16>,
@@ -81,9 +83,10 @@ pub struct GpuKv {
 }
 
 impl GpuModel {
-    /// Loads a checkpoint directory onto `gpu`. With FP8 compute (`--dtype fp8`, or auto on
-    /// sm_89+ for an FP8 checkpoint) the routed experts stay FP8 and their GEMMs take FP8
-    /// activations; everything else runs bf16 weights (FP8 ones dequantised at load).
+    /// Loads a checkpoint directory onto `gpu`. With FP8 compute (`--dtype fp8`, or auto
+    /// for an FP8 checkpoint) every FP8 linear weight stays FP8 but `kv_b_proj` (see
+    /// `Attention::kv_up`): FP8 GEMMs on sm_89 and later, weight-only FP8 elsewhere; the
+    /// embeddings, norms, router and `lm_head` are bf16 (f32 router) as stored.
     pub fn open(dir: &Path, gpu: Gpu, dtype: Dtype) -> Result<Self> {
         let (cfg, ckpt, dtype) = Self::checkpoint(dir, dtype)?;
         Self::build(
@@ -183,7 +186,11 @@ impl GpuModel {
         owns: &dyn Fn(usize, usize) -> bool,
         routed: impl FnOnce(GpuExperts) -> Result<Routed>,
     ) -> Result<Self> {
-        let load = Loader { gpu: &gpu, source };
+        let load = Loader {
+            gpu: &gpu,
+            source,
+            fp8: dtype == Dtype::Fp8,
+        };
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let embed = load.matrix("model.embed_tokens.weight", vocab, hidden)?;
         let layers = (0..cfg.num_hidden_layers)
@@ -201,7 +208,7 @@ impl GpuModel {
         let experts = GpuExperts {
             layers: (0..cfg.num_hidden_layers)
                 .map(|l| {
-                    load.experts(&cfg, l, dtype == Dtype::Fp8, owns)
+                    load.experts(&cfg, l, owns)
                         .with_context(|| format!("layer {l}'s experts onto the GPU"))
                 })
                 .collect::<Result<_>>()?,

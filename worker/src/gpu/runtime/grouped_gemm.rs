@@ -1,6 +1,7 @@
 //! The routed experts' GEMMs (grouped_gemm.cu): one launch multiplies each expert's segment
 //! of the expert-ordered rows by that expert's weights, in bf16, in FP8, or bf16 activations
-//! with FP8 weights (any GPU).
+//! with FP8 weights (any GPU). The same kernels make the FP8 linear layers (one expert, f32
+//! out).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -178,4 +179,103 @@ impl Gpu {
         )?;
         Ok(())
     }
+
+    /// A linear layer in FP8, y [rows, n] f32 = x · wᵀ: x [rows, k] e4m3 with x_scale
+    /// [rows, ⌈k/128⌉], w [n, k] e4m3 with w_scale [⌈n/128⌉, ⌈k/128⌉]. Needs FP8 tensor cores.
+    pub fn linear_fp8(
+        &self,
+        x: &CudaSlice<Fp8>,
+        x_scale: &CudaSlice<f32>,
+        w: &CudaSlice<Fp8>,
+        w_scale: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (rows, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        ensure!(
+            self.has_fp8_tensor_cores(),
+            "linear_fp8 needs sm_89 or later; this GPU is {}",
+            self.architecture
+        );
+        check_fp8_linear("linear_fp8", w, w_scale, y, (rows, n, k))?;
+        ensure!(
+            x.len() == rows * k && x_scale.len() == rows * k.div_ceil(128),
+            "linear_fp8: x must be [{rows}, {k}] with scales [{rows}, {}]",
+            k.div_ceil(128)
+        );
+        let args = [rows, n, k].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(self.function("linear_fp8"));
+        launch
+            .arg(x)
+            .arg(x_scale)
+            .arg(w)
+            .arg(w_scale)
+            .arg(y)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        queue(launch, linear_grid(rows, n, GROUPED_GEMM_SHARED_BYTES))
+    }
+
+    /// A linear layer with FP8 weights on any GPU, y [rows, n] f32 = x · wᵀ: x [rows, k]
+    /// bf16, w [n, k] e4m3 with w_scale [⌈n/128⌉, ⌈k/128⌉], dequantised tile by tile.
+    pub fn linear_fp8_weights(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<Fp8>,
+        w_scale: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (rows, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        check_fp8_linear("linear_fp8_weights", w, w_scale, y, (rows, n, k))?;
+        ensure!(
+            x.len() == rows * k,
+            "linear_fp8_weights: x must be [{rows}, {k}]"
+        );
+        let args = [rows, n, k].map(|v| v as i32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("linear_fp8_weights"));
+        launch
+            .arg(x)
+            .arg(w)
+            .arg(w_scale)
+            .arg(y)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2]);
+        queue(launch, linear_grid(rows, n, GROUPED_GEMM_W8_SHARED_BYTES))
+    }
+}
+
+/// A linear's grid: one block per 128 × 128 output tile.
+fn linear_grid(rows: usize, n: usize, shared_bytes: u32) -> LaunchConfig {
+    blocks(
+        (n.div_ceil(GEMM_TILE_COLS), rows.div_ceil(GEMM_TILE_ROWS)),
+        256,
+        shared_bytes as usize,
+    )
+}
+
+/// The FP8 weights and the output of a linear [rows, n] = [rows, k] · [n, k]ᵀ: the kernels
+/// read 16-byte rows of W and write column pairs.
+fn check_fp8_linear(
+    kernel: &str,
+    w: &CudaSlice<Fp8>,
+    w_scale: &CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    (rows, n, k): (usize, usize, usize),
+) -> Result<()> {
+    ensure!(
+        k.is_multiple_of(16) && n.is_multiple_of(2),
+        "{kernel}: k ({k}) must be a multiple of 16 and n ({n}) even"
+    );
+    ensure!(
+        w.len() == n * k
+            && w_scale.len() == n.div_ceil(128) * k.div_ceil(128)
+            && y.len() == rows * n,
+        "{kernel}: w must be [{n}, {k}] with scales [{}, {}], y [{rows}, {n}]",
+        n.div_ceil(128),
+        k.div_ceil(128)
+    );
+    Ok(())
 }

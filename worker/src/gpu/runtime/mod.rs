@@ -4,7 +4,7 @@
 //!
 //! The launches by concern: `elementwise.rs` (norm, activation, embedding, adds and casts),
 //! `attention.rs` (rope, the latent cache, MLA decode), `moe.rs` (routing and the expert
-//! order), `grouped_gemm.rs` (the experts' GEMMs), `gemm.rs` (cuBLAS), `fp8.rs` (FP8
+//! order), `grouped_gemm.rs` (the experts' GEMMs and FP8 linears), `gemm.rs` (cuBLAS), `fp8.rs` (FP8
 //! conversion), `sampling.rs` (tokens drawn on the device) and `random.rs` (test data).
 
 mod attention;
@@ -131,6 +131,8 @@ impl Gpu {
             ("grouped_gemm_bf16", GROUPED_GEMM_SHARED_BYTES),
             ("grouped_gemm_fp8", GROUPED_GEMM_SHARED_BYTES),
             ("grouped_gemm_fp8_weights", GROUPED_GEMM_W8_SHARED_BYTES),
+            ("linear_fp8", GROUPED_GEMM_SHARED_BYTES),
+            ("linear_fp8_weights", GROUPED_GEMM_W8_SHARED_BYTES),
         ] {
             functions[entry].set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -178,7 +180,9 @@ mod tests {
             [
                 "grouped_gemm_bf16",
                 "grouped_gemm_fp8",
-                "grouped_gemm_fp8_weights"
+                "grouped_gemm_fp8_weights",
+                "linear_fp8",
+                "linear_fp8_weights"
             ]
         );
         let permute = super::super::KERNELS
@@ -200,6 +204,6 @@ mod tests {
             .iter()
             .map(|(_, s)| entry_points(s).len())
             .sum();
-        assert_eq!(total, 22);
+        assert_eq!(total, 24);
     }
 }
