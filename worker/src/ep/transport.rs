@@ -546,25 +546,17 @@ impl Transport for TcpTransport {
 mod tests {
     use super::*;
 
-    /// Binds rank `rank`'s port and joins, as a rank does.
+    /// Binds rank `rank`'s port and joins, as a rank does; `timeout` for connecting and
+    /// for stalls.
     fn connect(
         rank: usize,
         peers: &[String],
         identity: u64,
-        connect_timeout: Duration,
-        stall_timeout: Duration,
+        timeout: Duration,
         tls: Option<&Arc<Identity>>,
     ) -> Result<TcpTransport> {
         let listener = listen_for_peers(peers, rank)?;
-        TcpTransport::connect(
-            listener,
-            rank,
-            peers,
-            identity,
-            connect_timeout,
-            stall_timeout,
-            tls,
-        )
+        TcpTransport::connect(listener, rank, peers, identity, timeout, timeout, tls)
     }
 
     #[test]
@@ -647,9 +639,8 @@ mod tests {
         let other = peers.clone();
         let short = Duration::from_secs(5);
         let stranger = identity("stranger");
-        let rank1 =
-            std::thread::spawn(move || connect(1, &other, 7, short, short, Some(&stranger)).err());
-        let rank0 = connect(0, &peers, 7, short, short, Some(&identity("router-a")));
+        let rank1 = std::thread::spawn(move || connect(1, &other, 7, short, Some(&stranger)).err());
+        let rank0 = connect(0, &peers, 7, short, Some(&identity("router-a")));
         let errors: Vec<String> = [rank0.err(), rank1.join().unwrap()]
             .into_iter()
             .flatten()
@@ -668,15 +659,8 @@ mod tests {
             .map(|rank| {
                 let (peers, tls) = (peers.clone(), tls.clone());
                 std::thread::spawn(move || {
-                    let t = connect(
-                        rank,
-                        &peers,
-                        7,
-                        Duration::from_secs(10),
-                        Duration::from_secs(10),
-                        tls.as_ref(),
-                    )
-                    .unwrap();
+                    let t =
+                        connect(rank, &peers, 7, Duration::from_secs(10), tls.as_ref()).unwrap();
                     let me = rank as u8;
                     // Two rounds, one large, so writes overlap reads.
                     let big: Vec<Vec<u8>> = (0..3).map(|d| vec![me ^ d; 3 << 20]).collect();
@@ -701,8 +685,8 @@ mod tests {
         let peers = free_addrs(2);
         let other = peers.clone();
         let short = Duration::from_secs(5);
-        let rank1 = std::thread::spawn(move || connect(1, &other, 2, short, short, None).err());
-        let rank0 = connect(0, &peers, 1, short, short, None).err();
+        let rank1 = std::thread::spawn(move || connect(1, &other, 2, short, None).err());
+        let rank0 = connect(0, &peers, 1, short, None).err();
         let errors: Vec<String> = [rank0, rank1.join().unwrap()]
             .into_iter()
             .flatten()

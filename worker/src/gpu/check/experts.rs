@@ -5,7 +5,7 @@ use half::bf16;
 
 use super::{Check, down, max_diff, relative_diff, to_bf16, uniform, up};
 use crate::error::Result;
-use crate::gpu::runtime::{Gpu, MoeOrder};
+use crate::gpu::runtime::{Gpu, LinearInput, MoeOrder};
 use crate::sampling::Rng;
 use crate::weights::fp8_e4m3_to_f32;
 
@@ -364,21 +364,26 @@ pub(super) fn check_linear_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
         let weight =
             |j: usize, i: usize| fp8_e4m3_to_f32(w[j * k + i]) * w_scale[j / 128 * kb + i / 128];
         let (w_dev, scale_dev) = (up(gpu, &w)?, up(gpu, &w_scale)?);
-        let mut y = gpu.stream.alloc_zeros::<f32>(rows * n)?;
+        // The kernel on `input` against an f64 sum of `x(r, i) · w(j, i)`.
+        let against_f64 = |input: LinearInput<'_>,
+                           x: &dyn Fn(usize, usize) -> f32,
+                           w: &dyn Fn(usize, usize) -> f32|
+         -> Result<f64> {
+            let mut y = gpu.stream.alloc_zeros::<f32>(rows * n)?;
+            gpu.linear_fp8(input, &w_dev, &scale_dev, &mut y, (rows, n, k))?;
+            let expected = reference_gemm(rows, n, k, &one_expert, x, |_, j, i| w(j, i));
+            Ok(relative_diff(&down(gpu, &y)?, &expected))
+        };
 
         let x = to_bf16(&uniform(rows * k, 72, 1.0));
-        gpu.linear_fp8_weights(&up(gpu, &x)?, &w_dev, &scale_dev, &mut y, (rows, n, k))?;
-        let expected = reference_gemm(
-            rows,
-            n,
-            k,
-            &one_expert,
-            |r, i| x[r * k + i].to_f32(),
-            |_, j, i| bf16::from_f32(weight(j, i)).to_f32(),
-        );
+        let error = against_f64(
+            LinearInput::Bf16(&up(gpu, &x)?),
+            &|r, i| x[r * k + i].to_f32(),
+            &|j, i| bf16::from_f32(weight(j, i)).to_f32(),
+        )?;
         checks.push(Check::new(
             format!("linear_fp8_weights/n{n}k{k}"),
-            relative_diff(&down(gpu, &y)?, &expected),
+            error,
             1e-4,
             "300 rows, bf16 activations, weights dequantised to bf16 in the kernel; f32 output",
         ));
@@ -389,25 +394,14 @@ pub(super) fn check_linear_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 .iter()
                 .map(|v| v.abs() + 0.01)
                 .collect();
-            gpu.linear_fp8(
-                &up(gpu, &x8)?,
-                &up(gpu, &x_scale)?,
-                &w_dev,
-                &scale_dev,
-                &mut y,
-                (rows, n, k),
+            let error = against_f64(
+                LinearInput::Fp8(&up(gpu, &x8)?, &up(gpu, &x_scale)?),
+                &|r, i| fp8_e4m3_to_f32(x8[r * k + i]) * x_scale[r * kb + i / 128],
+                &weight,
             )?;
-            let expected = reference_gemm(
-                rows,
-                n,
-                k,
-                &one_expert,
-                |r, i| fp8_e4m3_to_f32(x8[r * k + i]) * x_scale[r * kb + i / 128],
-                |_, j, i| weight(j, i),
-            );
             checks.push(Check::new(
                 format!("linear_fp8/n{n}k{k}"),
-                relative_diff(&down(gpu, &y)?, &expected),
+                error,
                 1e-4,
                 "300 rows, 128×128 weight and 1×128 activation scales; f32 output",
             ));

@@ -180,102 +180,68 @@ impl Gpu {
         Ok(())
     }
 
-    /// A linear layer in FP8, y [rows, n] f32 = x · wᵀ: x [rows, k] e4m3 with x_scale
-    /// [rows, ⌈k/128⌉], w [n, k] e4m3 with w_scale [⌈n/128⌉, ⌈k/128⌉]. Needs FP8 tensor cores.
+    /// A linear layer with FP8 weights, y [rows, n] f32 = x · wᵀ: w [n, k] e4m3 with
+    /// w_scale [⌈n/128⌉, ⌈k/128⌉]; x in FP8 (`linear_fp8`, FP8 tensor cores) or bf16
+    /// (`linear_fp8_weights`, any GPU: w dequantised tile by tile in the kernel).
     pub fn linear_fp8(
         &self,
-        x: &CudaSlice<Fp8>,
-        x_scale: &CudaSlice<f32>,
+        x: LinearInput<'_>,
         w: &CudaSlice<Fp8>,
         w_scale: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         (rows, n, k): (usize, usize, usize),
     ) -> Result<()> {
         ensure!(
-            self.has_fp8_tensor_cores(),
-            "linear_fp8 needs sm_89 or later; this GPU is {}",
-            self.architecture
+            k.is_multiple_of(16) && n.is_multiple_of(2),
+            "linear_fp8: k ({k}) must be a multiple of 16 and n ({n}) even"
         );
-        check_fp8_linear("linear_fp8", w, w_scale, y, (rows, n, k))?;
+        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
         ensure!(
-            x.len() == rows * k && x_scale.len() == rows * k.div_ceil(128),
-            "linear_fp8: x must be [{rows}, {k}] with scales [{rows}, {}]",
-            k.div_ceil(128)
+            w.len() == n * k && w_scale.len() == nb * kb && y.len() == rows * n,
+            "linear_fp8: w must be [{n}, {k}] with scales [{nb}, {kb}], y [{rows}, {n}]"
         );
+        let (kernel, shared_bytes) = match x {
+            LinearInput::Fp8(x, x_scale) => {
+                ensure!(
+                    self.has_fp8_tensor_cores(),
+                    "linear_fp8 with FP8 activations needs sm_89 or later; this GPU is {}",
+                    self.architecture
+                );
+                ensure!(
+                    x.len() == rows * k && x_scale.len() == rows * kb,
+                    "linear_fp8: x must be [{rows}, {k}] e4m3 with scales [{rows}, {kb}]"
+                );
+                ("linear_fp8", GROUPED_GEMM_SHARED_BYTES)
+            }
+            LinearInput::Bf16(x) => {
+                ensure!(
+                    x.len() == rows * k,
+                    "linear_fp8: x must be [{rows}, {k}] bf16"
+                );
+                ("linear_fp8_weights", GROUPED_GEMM_W8_SHARED_BYTES)
+            }
+        };
         let args = [rows, n, k].map(|v| v as i32);
-        let mut launch = self.stream.launch_builder(self.function("linear_fp8"));
+        let mut launch = self.stream.launch_builder(self.function(kernel));
+        match x {
+            LinearInput::Fp8(x, x_scale) => launch.arg(x).arg(x_scale),
+            LinearInput::Bf16(x) => launch.arg(x),
+        };
         launch
-            .arg(x)
-            .arg(x_scale)
             .arg(w)
             .arg(w_scale)
             .arg(y)
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        queue(launch, linear_grid(rows, n, GROUPED_GEMM_SHARED_BYTES))
-    }
-
-    /// A linear layer with FP8 weights on any GPU, y [rows, n] f32 = x · wᵀ: x [rows, k]
-    /// bf16, w [n, k] e4m3 with w_scale [⌈n/128⌉, ⌈k/128⌉], dequantised tile by tile.
-    pub fn linear_fp8_weights(
-        &self,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<Fp8>,
-        w_scale: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        (rows, n, k): (usize, usize, usize),
-    ) -> Result<()> {
-        check_fp8_linear("linear_fp8_weights", w, w_scale, y, (rows, n, k))?;
-        ensure!(
-            x.len() == rows * k,
-            "linear_fp8_weights: x must be [{rows}, {k}]"
-        );
-        let args = [rows, n, k].map(|v| v as i32);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function("linear_fp8_weights"));
-        launch
-            .arg(x)
-            .arg(w)
-            .arg(w_scale)
-            .arg(y)
-            .arg(&args[0])
-            .arg(&args[1])
-            .arg(&args[2]);
-        queue(launch, linear_grid(rows, n, GROUPED_GEMM_W8_SHARED_BYTES))
+        let grid = (n.div_ceil(GEMM_TILE_COLS), rows.div_ceil(GEMM_TILE_ROWS));
+        queue(launch, blocks(grid, 256, shared_bytes as usize))
     }
 }
 
-/// A linear's grid: one block per 128 × 128 output tile.
-fn linear_grid(rows: usize, n: usize, shared_bytes: u32) -> LaunchConfig {
-    blocks(
-        (n.div_ceil(GEMM_TILE_COLS), rows.div_ceil(GEMM_TILE_ROWS)),
-        256,
-        shared_bytes as usize,
-    )
-}
-
-/// The FP8 weights and the output of a linear [rows, n] = [rows, k] · [n, k]ᵀ: the kernels
-/// read 16-byte rows of W and write column pairs.
-fn check_fp8_linear(
-    kernel: &str,
-    w: &CudaSlice<Fp8>,
-    w_scale: &CudaSlice<f32>,
-    y: &CudaSlice<f32>,
-    (rows, n, k): (usize, usize, usize),
-) -> Result<()> {
-    ensure!(
-        k.is_multiple_of(16) && n.is_multiple_of(2),
-        "{kernel}: k ({k}) must be a multiple of 16 and n ({n}) even"
-    );
-    ensure!(
-        w.len() == n * k
-            && w_scale.len() == n.div_ceil(128) * k.div_ceil(128)
-            && y.len() == rows * n,
-        "{kernel}: w must be [{n}, {k}] with scales [{}, {}], y [{rows}, {n}]",
-        n.div_ceil(128),
-        k.div_ceil(128)
-    );
-    Ok(())
+/// The activations of an FP8 linear: e4m3 with 1×128 scales, or bf16.
+#[derive(Clone, Copy)]
+pub enum LinearInput<'a> {
+    Fp8(&'a CudaSlice<Fp8>, &'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<bf16>),
 }
