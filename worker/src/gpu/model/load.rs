@@ -82,13 +82,16 @@ impl Loader<'_> {
         let ckpt = match &self.source {
             Source::Checkpoint(ckpt) => ckpt,
             Source::Random(seed) => {
+                // e4m3 over its whole range, and block scales that bring the weights to the
+                // bf16 ones' size (1/√(input width)), so activations stay in range
+                let scale = 2.0 / (448.0 * (cols as f32).sqrt());
                 return Ok(Fp8Weights {
                     q: self
                         .gpu
                         .random_fp8(names.len() * rows * cols, Self::seed(seed), 448.0)?,
                     scale: self
                         .gpu
-                        .random_f32(names.len() * per_scale, Self::seed(seed), 1e-3)?,
+                        .random_f32(names.len() * per_scale, Self::seed(seed), scale)?,
                 });
             }
         };

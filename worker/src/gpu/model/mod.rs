@@ -131,7 +131,7 @@ impl GpuModel {
         Ok((model, joined.expect("the experts were loaded")))
     }
 
-    /// The configuration, the opened checkpoint and the expert precision `dtype` comes to.
+    /// The configuration, the opened checkpoint and the weights' precision `dtype` comes to.
     fn checkpoint(dir: &Path, dtype: Dtype) -> Result<(Config, Checkpoint, Dtype)> {
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let asked = dtype;
@@ -154,7 +154,7 @@ impl GpuModel {
                 if asked == Dtype::Fp8 {
                     bail!("--dtype fp8 {why}: use --dtype bf16");
                 }
-                tracing::info!("FP8 experts {why}; running them in bf16");
+                tracing::info!("FP8 weights {why}; running them in bf16");
                 dtype = Dtype::Bf16;
             }
         }
