@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::runtime::{Fp8, Gpu};
+use super::runtime::{Fp8, Fp8Activations, Gpu};
 use crate::error::{Error, Result};
 use crate::model::moe::{RoutedExperts, Routing};
 use crate::{bail, ensure};
@@ -88,46 +88,28 @@ impl GpuExperts {
                 gpu.silu_mul(&gu, &mut h, rows)?;
                 gpu.grouped_gemm_bf16(&h, down, &mut expert_out, &order, hidden, width)?;
             }
-            Weights::Fp8 { gate, up, down } if !gpu.has_fp8_tensor_cores() => {
-                // bf16 activations, FP8 weights dequantised in the kernel: what the bf16
-                // GEMMs give on the dequantised weights, at one byte per weight.
-                let mut permuted = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
-                gpu.moe_permute(x, &order, &mut permuted, hidden)?;
-                gated(gpu, [gate, up], (rows, width), &mut h, |w, out| {
-                    gpu.grouped_gemm_fp8_weights(
-                        &permuted, &w.q, &w.scale, out, &order, width, hidden,
-                    )
-                })?;
-                gpu.grouped_gemm_fp8_weights(
-                    &h,
-                    &down.q,
-                    &down.scale,
-                    &mut expert_out,
-                    &order,
-                    hidden,
-                    width,
-                )?;
-            }
             Weights::Fp8 { gate, up, down } => {
-                let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * hidden)?;
-                let mut x8_scale = gpu.stream.alloc_zeros::<f32>(rows * hidden.div_ceil(128))?;
-                gpu.moe_permute_fp8(x, &order, &mut x8, &mut x8_scale, hidden)?;
+                // FP8 activations on FP8 tensor cores (permuted and quantised in one pass);
+                // elsewhere bf16 ones, the weights dequantised in the kernel: what the bf16
+                // GEMMs give on the dequantised weights, at one byte per weight.
+                let mut permuted_bf16;
+                let permuted = if gpu.has_fp8_tensor_cores() {
+                    let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * hidden)?;
+                    let mut scale = gpu.stream.alloc_zeros::<f32>(rows * hidden.div_ceil(128))?;
+                    gpu.moe_permute_fp8(x, &order, &mut x8, &mut scale, hidden)?;
+                    Fp8Activations::Fp8(x8, scale)
+                } else {
+                    permuted_bf16 = gpu.stream.alloc_zeros::<bf16>(rows * hidden)?;
+                    gpu.moe_permute(x, &order, &mut permuted_bf16, hidden)?;
+                    Fp8Activations::Bf16(&permuted_bf16)
+                };
                 gated(gpu, [gate, up], (rows, width), &mut h, |w, out| {
-                    gpu.grouped_gemm_fp8(&x8, &x8_scale, &w.q, &w.scale, out, &order, width, hidden)
+                    let w = (&w.q, &w.scale);
+                    gpu.grouped_gemm_fp8(permuted.input(), w, out, &order, width, hidden)
                 })?;
-                let mut h8 = gpu.stream.alloc_zeros::<Fp8>(rows * width)?;
-                let mut h8_scale = gpu.stream.alloc_zeros::<f32>(rows * width.div_ceil(128))?;
-                gpu.quantize_fp8(&h, &mut h8, &mut h8_scale, (rows, width))?;
-                gpu.grouped_gemm_fp8(
-                    &h8,
-                    &h8_scale,
-                    &down.q,
-                    &down.scale,
-                    &mut expert_out,
-                    &order,
-                    hidden,
-                    width,
-                )?;
+                let h = gpu.fp8_activations(&h, (rows, width))?;
+                let w = (&down.q, &down.scale);
+                gpu.grouped_gemm_fp8(h.input(), w, &mut expert_out, &order, hidden, width)?;
             }
         }
         let mut y = gpu.stream.alloc_zeros::<f32>(tokens * hidden)?;

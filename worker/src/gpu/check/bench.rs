@@ -12,7 +12,7 @@ use crate::ensure;
 use crate::error::Result;
 use crate::gpu::Dtype;
 use crate::gpu::model::GpuModel;
-use crate::gpu::runtime::{GateRule, Gpu, MoeOrder};
+use crate::gpu::runtime::{Fp8GemmInput, GateRule, Gpu, MoeOrder};
 use crate::model::cache::BlockTable;
 
 /// Milliseconds per call of `f`, by CUDA events over `reps` calls after two warm-ups.
@@ -234,10 +234,8 @@ impl PrefillBatch {
         let h8_scale = gpu.random_f32(rows * kb_width, 13, 1e-3)?;
         let fp8_gate_up_ms = time_ms(gpu, REPS, || {
             gpu.grouped_gemm_fp8(
-                &x8,
-                &x8_scale,
-                &w8_gate_up,
-                &s_gate_up,
+                Fp8GemmInput::Fp8(&x8, &x8_scale),
+                (&w8_gate_up, &s_gate_up),
                 &mut self.gate_up,
                 order,
                 2 * WIDTH,
@@ -246,10 +244,8 @@ impl PrefillBatch {
         })?;
         let fp8_down_ms = time_ms(gpu, REPS, || {
             gpu.grouped_gemm_fp8(
-                &h8,
-                &h8_scale,
-                &w8_down,
-                &s_down,
+                Fp8GemmInput::Fp8(&h8, &h8_scale),
+                (&w8_down, &s_down),
                 &mut self.expert_out,
                 order,
                 HIDDEN,

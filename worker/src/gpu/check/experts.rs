@@ -5,7 +5,7 @@ use half::bf16;
 
 use super::{Check, down, max_diff, relative_diff, to_bf16, uniform, up};
 use crate::error::Result;
-use crate::gpu::runtime::{Gpu, LinearInput, MoeOrder};
+use crate::gpu::runtime::{Fp8GemmInput, Gpu, MoeOrder};
 use crate::sampling::Rng;
 use crate::weights::fp8_e4m3_to_f32;
 
@@ -263,10 +263,8 @@ pub(super) fn check_grouped_gemm_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 .collect();
             let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
             gpu.grouped_gemm_fp8(
-                &up(gpu, &x)?,
-                &up(gpu, &x_scale)?,
-                &up(gpu, &w)?,
-                &up(gpu, &w_scale)?,
+                Fp8GemmInput::Fp8(&up(gpu, &x)?, &up(gpu, &x_scale)?),
+                (&up(gpu, &w)?, &up(gpu, &w_scale)?),
                 &mut y,
                 &order,
                 n,
@@ -310,7 +308,8 @@ pub(super) fn check_grouped_gemm_fp8_weights(gpu: &Gpu) -> Result<Vec<Check>> {
                 .collect();
             let (x_dev, w_dev, scale_dev) = (up(gpu, &x)?, up(gpu, &w)?, up(gpu, &w_scale)?);
             let mut y = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
-            gpu.grouped_gemm_fp8_weights(&x_dev, &w_dev, &scale_dev, &mut y, &order, n, k)?;
+            let (input, w8) = (Fp8GemmInput::Bf16(&x_dev), (&w_dev, &scale_dev));
+            gpu.grouped_gemm_fp8(input, w8, &mut y, &order, n, k)?;
             let mut dequantized = gpu.stream.alloc_zeros::<bf16>(w.len())?;
             gpu.dequant_fp8(&w_dev, &scale_dev, &mut dequantized, (order.experts, n, k))?;
             let mut y_bf16 = gpu.stream.alloc_zeros::<bf16>(order.rows * n)?;
@@ -365,19 +364,19 @@ pub(super) fn check_linear_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             |j: usize, i: usize| fp8_e4m3_to_f32(w[j * k + i]) * w_scale[j / 128 * kb + i / 128];
         let (w_dev, scale_dev) = (up(gpu, &w)?, up(gpu, &w_scale)?);
         // The kernel on `input` against an f64 sum of `x(r, i) · w(j, i)`.
-        let against_f64 = |input: LinearInput<'_>,
+        let against_f64 = |input: Fp8GemmInput<'_>,
                            x: &dyn Fn(usize, usize) -> f32,
                            w: &dyn Fn(usize, usize) -> f32|
          -> Result<f64> {
             let mut y = gpu.stream.alloc_zeros::<f32>(rows * n)?;
-            gpu.linear_fp8(input, &w_dev, &scale_dev, &mut y, (rows, n, k))?;
+            gpu.linear_fp8(input, (&w_dev, &scale_dev), &mut y, (rows, n, k))?;
             let expected = reference_gemm(rows, n, k, &one_expert, x, |_, j, i| w(j, i));
             Ok(relative_diff(&down(gpu, &y)?, &expected))
         };
 
         let x = to_bf16(&uniform(rows * k, 72, 1.0));
         let error = against_f64(
-            LinearInput::Bf16(&up(gpu, &x)?),
+            Fp8GemmInput::Bf16(&up(gpu, &x)?),
             &|r, i| x[r * k + i].to_f32(),
             &|j, i| bf16::from_f32(weight(j, i)).to_f32(),
         )?;
@@ -395,7 +394,7 @@ pub(super) fn check_linear_fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                 .map(|v| v.abs() + 0.01)
                 .collect();
             let error = against_f64(
-                LinearInput::Fp8(&up(gpu, &x8)?, &up(gpu, &x_scale)?),
+                Fp8GemmInput::Fp8(&up(gpu, &x8)?, &up(gpu, &x_scale)?),
                 &|r, i| fp8_e4m3_to_f32(x8[r * k + i]) * x_scale[r * kb + i / 128],
                 &weight,
             )?;

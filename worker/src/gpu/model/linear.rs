@@ -8,7 +8,7 @@ use half::bf16;
 
 use crate::error::Result;
 use crate::gpu::experts::Fp8Weights;
-use crate::gpu::runtime::{Fp8, Gpu, LinearInput};
+use crate::gpu::runtime::Gpu;
 
 pub(super) enum Linear {
     Bf16(CudaSlice<bf16>),
@@ -39,12 +39,6 @@ pub(super) fn fp8_linear(
     y: &mut CudaSlice<f32>,
     (rows, out, inp): (usize, usize, usize),
 ) -> Result<()> {
-    let shape = (rows, out, inp);
-    if !gpu.has_fp8_tensor_cores() {
-        return gpu.linear_fp8(LinearInput::Bf16(x), &w.q, &w.scale, y, shape);
-    }
-    let mut x8 = gpu.stream.alloc_zeros::<Fp8>(rows * inp)?;
-    let mut x_scale = gpu.stream.alloc_zeros::<f32>(rows * inp.div_ceil(128))?;
-    gpu.quantize_fp8(x, &mut x8, &mut x_scale, (rows, inp))?;
-    gpu.linear_fp8(LinearInput::Fp8(&x8, &x_scale), &w.q, &w.scale, y, shape)
+    let x = gpu.fp8_activations(x, (rows, inp))?;
+    gpu.linear_fp8(x.input(), (&w.q, &w.scale), y, (rows, out, inp))
 }

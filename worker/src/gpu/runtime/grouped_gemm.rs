@@ -3,7 +3,7 @@
 //! with FP8 weights (any GPU). The same kernels make the FP8 linear layers (one expert, f32
 //! out).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{Fp8, Gpu, MoeOrder, blocks, queue};
@@ -75,47 +75,31 @@ impl Gpu {
         Ok(())
     }
 
-    /// The FP8 form: x [rows, k] e4m3 with x_scale [rows, ⌈k/128⌉]; w [experts, n, k] with
-    /// w_scale [experts, ⌈n/128⌉, ⌈k/128⌉]. Needs FP8 tensor cores.
-    #[allow(clippy::too_many_arguments)]
+    /// FP8 weights per expert segment: w [experts, n, k] e4m3 with w_scale [experts, ⌈n/128⌉,
+    /// ⌈k/128⌉], y [rows, n] bf16; x [rows, k] in FP8 (`grouped_gemm_fp8`, FP8 tensor cores)
+    /// or bf16 (`grouped_gemm_fp8_weights`, any GPU: w dequantised tile by tile in the kernel,
+    /// what `grouped_gemm_bf16` gives on `dequant_fp8`'s weights, bit for bit).
     pub fn grouped_gemm_fp8(
         &self,
-        x: &CudaSlice<Fp8>,
-        x_scale: &CudaSlice<f32>,
-        w: &CudaSlice<Fp8>,
-        w_scale: &CudaSlice<f32>,
+        x: Fp8GemmInput<'_>,
+        (w, w_scale): (&CudaSlice<Fp8>, &CudaSlice<f32>),
         y: &mut CudaSlice<bf16>,
         order: &MoeOrder,
         n: usize,
         k: usize,
     ) -> Result<()> {
-        ensure!(
-            self.has_fp8_tensor_cores(),
-            "grouped_gemm_fp8 needs sm_89 or later; this GPU is {}",
-            self.architecture
-        );
-        ensure!(
-            k.is_multiple_of(16) && n.is_multiple_of(2),
-            "grouped_gemm_fp8: k ({k}) must be a multiple of 16 and n ({n}) even"
-        );
-        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
-        ensure!(
-            x.len() == order.rows * k
-                && x_scale.len() == order.rows * kb
-                && w.len() == order.experts * n * k
-                && w_scale.len() == order.experts * nb * kb
-                && y.len() == order.rows * n,
-            "grouped_gemm_fp8: shapes do not match {} rows, {} experts, n {n}, k {k}",
-            order.rows,
-            order.experts
-        );
+        let shape = Fp8Gemm {
+            rows: order.rows,
+            experts: order.experts,
+            n,
+            k,
+        };
+        let (kernel, shared_bytes) =
+            self.check_fp8_gemm("grouped_gemm_fp8", x, (w, w_scale), y.len(), shape)?;
         let args = [order.experts, n, k].map(|v| v as i32);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function("grouped_gemm_fp8"));
+        let mut launch = self.stream.launch_builder(self.function(&kernel));
+        x.push(&mut launch);
         launch
-            .arg(x)
-            .arg(x_scale)
             .arg(w)
             .arg(w_scale)
             .arg(y)
@@ -124,60 +108,7 @@ impl Gpu {
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2]);
-        queue(
-            launch,
-            Self::grouped_grid(order, n, GROUPED_GEMM_SHARED_BYTES),
-        )?;
-        Ok(())
-    }
-
-    /// Weight-only FP8, on any GPU: x [rows, k] bf16; w [experts, n, k] e4m3 with w_scale
-    /// [experts, ⌈n/128⌉, ⌈k/128⌉], dequantised tile by tile in the kernel. Gives what
-    /// `grouped_gemm_bf16` gives on `dequant_fp8`'s weights, bit for bit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn grouped_gemm_fp8_weights(
-        &self,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<Fp8>,
-        w_scale: &CudaSlice<f32>,
-        y: &mut CudaSlice<bf16>,
-        order: &MoeOrder,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        ensure!(
-            k.is_multiple_of(16) && n.is_multiple_of(2),
-            "grouped_gemm_fp8_weights: k ({k}) must be a multiple of 16 and n ({n}) even"
-        );
-        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
-        ensure!(
-            x.len() == order.rows * k
-                && w.len() == order.experts * n * k
-                && w_scale.len() == order.experts * nb * kb
-                && y.len() == order.rows * n,
-            "grouped_gemm_fp8_weights: shapes do not match {} rows, {} experts, n {n}, k {k}",
-            order.rows,
-            order.experts
-        );
-        let args = [order.experts, n, k].map(|v| v as i32);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function("grouped_gemm_fp8_weights"));
-        launch
-            .arg(x)
-            .arg(w)
-            .arg(w_scale)
-            .arg(y)
-            .arg(&order.offsets)
-            .arg(&order.tile_start)
-            .arg(&args[0])
-            .arg(&args[1])
-            .arg(&args[2]);
-        queue(
-            launch,
-            Self::grouped_grid(order, n, GROUPED_GEMM_W8_SHARED_BYTES),
-        )?;
-        Ok(())
+        queue(launch, Self::grouped_grid(order, n, shared_bytes))
     }
 
     /// A linear layer with FP8 weights, y [rows, n] f32 = x · wᵀ: w [n, k] e4m3 with
@@ -185,48 +116,22 @@ impl Gpu {
     /// (`linear_fp8_weights`, any GPU: w dequantised tile by tile in the kernel).
     pub fn linear_fp8(
         &self,
-        x: LinearInput<'_>,
-        w: &CudaSlice<Fp8>,
-        w_scale: &CudaSlice<f32>,
+        x: Fp8GemmInput<'_>,
+        (w, w_scale): (&CudaSlice<Fp8>, &CudaSlice<f32>),
         y: &mut CudaSlice<f32>,
         (rows, n, k): (usize, usize, usize),
     ) -> Result<()> {
-        ensure!(
-            k.is_multiple_of(16) && n.is_multiple_of(2),
-            "linear_fp8: k ({k}) must be a multiple of 16 and n ({n}) even"
-        );
-        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
-        ensure!(
-            w.len() == n * k && w_scale.len() == nb * kb && y.len() == rows * n,
-            "linear_fp8: w must be [{n}, {k}] with scales [{nb}, {kb}], y [{rows}, {n}]"
-        );
-        let (kernel, shared_bytes) = match x {
-            LinearInput::Fp8(x, x_scale) => {
-                ensure!(
-                    self.has_fp8_tensor_cores(),
-                    "linear_fp8 with FP8 activations needs sm_89 or later; this GPU is {}",
-                    self.architecture
-                );
-                ensure!(
-                    x.len() == rows * k && x_scale.len() == rows * kb,
-                    "linear_fp8: x must be [{rows}, {k}] e4m3 with scales [{rows}, {kb}]"
-                );
-                ("linear_fp8", GROUPED_GEMM_SHARED_BYTES)
-            }
-            LinearInput::Bf16(x) => {
-                ensure!(
-                    x.len() == rows * k,
-                    "linear_fp8: x must be [{rows}, {k}] bf16"
-                );
-                ("linear_fp8_weights", GROUPED_GEMM_W8_SHARED_BYTES)
-            }
+        let shape = Fp8Gemm {
+            rows,
+            experts: 1,
+            n,
+            k,
         };
+        let (kernel, shared_bytes) =
+            self.check_fp8_gemm("linear_fp8", x, (w, w_scale), y.len(), shape)?;
         let args = [rows, n, k].map(|v| v as i32);
-        let mut launch = self.stream.launch_builder(self.function(kernel));
-        match x {
-            LinearInput::Fp8(x, x_scale) => launch.arg(x).arg(x_scale),
-            LinearInput::Bf16(x) => launch.arg(x),
-        };
+        let mut launch = self.stream.launch_builder(self.function(&kernel));
+        x.push(&mut launch);
         launch
             .arg(w)
             .arg(w_scale)
@@ -237,11 +142,74 @@ impl Gpu {
         let grid = (n.div_ceil(GEMM_TILE_COLS), rows.div_ceil(GEMM_TILE_ROWS));
         queue(launch, blocks(grid, 256, shared_bytes as usize))
     }
+
+    /// Checks an FP8-weight GEMM's operands against its shape; the kernel to launch (`name`,
+    /// or `name` + `_weights` for bf16 activations) and its shared memory.
+    fn check_fp8_gemm(
+        &self,
+        name: &'static str,
+        x: Fp8GemmInput<'_>,
+        (w, w_scale): (&CudaSlice<Fp8>, &CudaSlice<f32>),
+        y_len: usize,
+        Fp8Gemm {
+            rows,
+            experts,
+            n,
+            k,
+        }: Fp8Gemm,
+    ) -> Result<(String, u32)> {
+        ensure!(
+            k.is_multiple_of(16) && n.is_multiple_of(2),
+            "{name}: k ({k}) must be a multiple of 16 and n ({n}) even"
+        );
+        let (kb, nb) = (k.div_ceil(128), n.div_ceil(128));
+        ensure!(
+            w.len() == experts * n * k && w_scale.len() == experts * nb * kb && y_len == rows * n,
+            "{name}: w must be {experts} × [{n}, {k}] with scales [{nb}, {kb}] each, y [{rows}, {n}]"
+        );
+        match x {
+            Fp8GemmInput::Fp8(x, x_scale) => {
+                ensure!(
+                    self.has_fp8_tensor_cores(),
+                    "{name} with FP8 activations needs sm_89 or later; this GPU is {}",
+                    self.architecture
+                );
+                ensure!(
+                    x.len() == rows * k && x_scale.len() == rows * kb,
+                    "{name}: x must be [{rows}, {k}] e4m3 with scales [{rows}, {kb}]"
+                );
+                Ok((name.to_string(), GROUPED_GEMM_SHARED_BYTES))
+            }
+            Fp8GemmInput::Bf16(x) => {
+                ensure!(x.len() == rows * k, "{name}: x must be [{rows}, {k}] bf16");
+                Ok((format!("{name}_weights"), GROUPED_GEMM_W8_SHARED_BYTES))
+            }
+        }
+    }
 }
 
-/// The activations of an FP8 linear: e4m3 with 1×128 scales, or bf16.
+/// The sizes of an FP8-weight GEMM: `rows` of x, `experts` weight matrices of [n, k].
 #[derive(Clone, Copy)]
-pub enum LinearInput<'a> {
+struct Fp8Gemm {
+    rows: usize,
+    experts: usize,
+    n: usize,
+    k: usize,
+}
+
+/// The activations of a GEMM with FP8 weights: e4m3 with 1×128 scales, or bf16.
+#[derive(Clone, Copy)]
+pub enum Fp8GemmInput<'a> {
     Fp8(&'a CudaSlice<Fp8>, &'a CudaSlice<f32>),
     Bf16(&'a CudaSlice<bf16>),
+}
+
+impl<'a> Fp8GemmInput<'a> {
+    /// Pushes the kernel arguments x (and x_scale), which come first in every FP8 kernel.
+    fn push(self, launch: &mut LaunchArgs<'a>) {
+        match self {
+            Fp8GemmInput::Fp8(x, x_scale) => launch.arg(x).arg(x_scale),
+            Fp8GemmInput::Bf16(x) => launch.arg(x),
+        };
+    }
 }

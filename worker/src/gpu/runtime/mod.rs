@@ -31,8 +31,9 @@ use crate::bail;
 use crate::error::{Context, Result};
 
 pub use self::fp8::Fp8;
+pub use self::fp8::Fp8Activations;
 pub use self::gemm::{GemmShape, GemmType, Layout};
-pub use self::grouped_gemm::{GEMM_TILE_ROWS, LinearInput};
+pub use self::grouped_gemm::{Fp8GemmInput, GEMM_TILE_ROWS};
 pub use self::moe::{GateRule, MoeOrder};
 
 pub struct Gpu {
