@@ -66,6 +66,11 @@ impl Bf16Weights {
     pub(super) fn mapped(map: &Arc<Mmap>, start: usize, end: usize) -> Self {
         let bytes = &map[start..end];
         if cfg!(target_endian = "little") && bytes.as_ptr().align_offset(2) == 0 {
+            // Map the pages now, at load, rather than fault them in one by one inside the
+            // first request's kernels. A kernel without MADV_POPULATE_READ (before Linux
+            // 5.14) refuses the advice, and the pages fault in on first use as before.
+            #[cfg(target_os = "linux")]
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, start, end - start);
             Bf16Weights(Bf16Storage::Mapped {
                 map: Arc::clone(map),
                 start,
