@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use deepseek_worker::backend::Backend;
+use deepseek_worker::backend::{Backend, Output, Pass};
 use deepseek_worker::model::Model;
 use deepseek_worker::model::cache::BlockTable;
+use deepseek_worker::sampling::{Next, Want};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -195,4 +196,53 @@ fn batched_decode_is_batch_invariant_bf16() {
 #[test]
 fn batched_decode_is_batch_invariant_fp8() {
     batched_decode_equals_alone("tiny-v3-fp8");
+}
+
+/// A pass asked for its segments' last rows gives exactly the logits those rows get when
+/// every row goes through `lm_head`, and an empty answer to a segment that wants nothing;
+/// a pass that wants nothing at all runs no `lm_head`.
+#[test]
+fn a_pass_gives_the_last_rows_asked_for_and_nothing_else() {
+    let (model, reference) = load("tiny-v3-bf16");
+    let p = &reference.prompt_ids;
+    let prompts: [&[u32]; 3] = [&p[..4], &p[..6], &p[..5]];
+    let last_alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|prompt| rows(&model.forward(prompt, &mut model.new_cache()).unwrap()).pop())
+        .map(Option::unwrap)
+        .collect();
+    let mut cache = Backend::new_cache(&model, 64).unwrap();
+    let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::default()).collect();
+    for (prompt, table) in prompts.iter().zip(&mut tables) {
+        assert!(cache.pool.reserve(table, prompt.len() + 1));
+    }
+    let tokens = prompts.concat();
+    let mut segments: Vec<(usize, &mut BlockTable)> = prompts
+        .iter()
+        .zip(&mut tables)
+        .map(|(prompt, table)| (prompt.len(), table))
+        .collect();
+    let wants = [Want::Logits, Want::Nothing, Want::Logits];
+    let pass = Pass {
+        tokens: &tokens,
+        segments: &mut segments,
+        batch_invariant: true,
+        output: Output::LastRows(&wants),
+    };
+    let next = Backend::forward(&model, &mut cache, pass).unwrap();
+    let expected = [
+        Next::Logits(last_alone[0].clone()),
+        Next::Logits(Vec::new()),
+        Next::Logits(last_alone[2].clone()),
+    ];
+    assert_eq!(next, expected);
+
+    let pass = Pass {
+        tokens: &[7],
+        segments: &mut [(1, &mut tables[1])],
+        batch_invariant: true,
+        output: Output::LastRows(&[Want::Nothing]),
+    };
+    let next = Backend::forward(&model, &mut cache, pass).unwrap();
+    assert_eq!(next, [Next::Logits(Vec::new())]);
 }
