@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::cache::{BLOCK_TOKENS, BlockTable, LayerBlocks};
-use super::kernels::{axpy, dots_f32};
+use super::kernels::{self, Packed, Product, axpy, dots_f32};
 use super::ops::{Linear, RmsNorm, Rope, softmax_last, yarn_mscale};
 use crate::config::Config;
 use crate::error::Result;
@@ -33,11 +33,11 @@ pub struct Attention {
     kv_norm: RmsNorm,
     /// `[heads × (nope + v), kv_lora_rank]`, kept for the prefill path.
     kv_up: Linear,
-    /// Key half of `kv_up` per head, transposed: `[heads, kv_lora_rank, nope]` (absorbed
+    /// Key half of `kv_up` per head, transposed: `[heads × kv_lora_rank, nope]` (absorbed
     /// decode).
-    w_uk_t: Vec<f32>,
-    /// Value half of `kv_up` per head: `[heads, v, kv_lora_rank]`.
-    w_uv: Vec<f32>,
+    w_uk_t: HeadWeights,
+    /// Value half of `kv_up` per head: `[heads × v, kv_lora_rank]`.
+    w_uv: HeadWeights,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -92,8 +92,9 @@ impl Attention {
             kv_lora,
         )?;
         let per_head = kv_up.weight()?.reshape((heads, nope + v_dim, kv_lora))?;
-        let flat =
-            |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1()?) };
+        let flat = |t: Tensor| -> Result<HeadWeights> {
+            Ok(HeadWeights::new(t.contiguous()?.flatten_all()?.to_vec1()?))
+        };
         let w_uk_t = flat(per_head.narrow(1, 0, nope)?.transpose(1, 2)?)?;
         let w_uv = flat(per_head.narrow(1, nope, v_dim)?)?;
         Ok(Attention {
@@ -246,11 +247,10 @@ impl Attention {
     }
 
     /// Decode: attention straight over the paged latents, `kv_b_proj` absorbed, for each
-    /// `(row, table)`; writes the row of `out` (`[tokens, heads × v]`). Every (row, head) is
-    /// one task of fixed-order dot products, so a row never depends on the others. Tasks go
-    /// head by head, so a thread's run of tasks reuses one head's W_UK and W_UV (64 KiB
-    /// each in f32 at bench-small's shapes, 256 KiB at V3's) from its cache instead of
-    /// reading every head's for every row.
+    /// `(row, table)`; writes the row of `out` (`[tokens, heads × v]`). The absorbed
+    /// weights go through the blocked kernel, one product per head over every row, so each
+    /// head's W_UK and W_UV are read once a step; every (row, head) then attends in its own
+    /// task of fixed-order dot products. No row depends on the others.
     /// `q_nope`: `[tokens, heads, nope]`, `q_pe`: `[tokens, heads, rope]` (roped).
     fn attend_absorbed(
         &self,
@@ -267,21 +267,40 @@ impl Attention {
             self.v_dim,
             self.kv_lora,
         );
+        let n = rows.len();
         let scale = self.softmax_scale as f32;
-        // [heads, rows, v]
-        let mut results = vec![0f32; rows.len() * heads * v_dim];
-        results
-            .par_chunks_mut(v_dim)
+        // The queries in latent space, W_UKᵀ q_nope: [heads, kv_lora, rows].
+        let mut q_latent = vec![0f32; heads * kv_lora * n];
+        kernels::products(
+            q_latent
+                .chunks_mut(kv_lora * n)
+                .enumerate()
+                .map(|(h, out)| Product {
+                    weight: self.w_uk_t.head(h, kv_lora * nope),
+                    inputs: rows
+                        .iter()
+                        .map(|&(row, _)| &q_nope[(row * heads + h) * nope..][..nope])
+                        .collect(),
+                    out,
+                })
+                .collect(),
+        );
+        // Each (head, row)'s attention over its latents: [heads, rows, kv_lora].
+        let mut latent_out = vec![0f32; heads * n * kv_lora];
+        latent_out
+            .par_chunks_mut(kv_lora)
             .enumerate()
-            .for_each(|(task, head_out)| {
-                let (h, (row, table)) = (task / rows.len(), rows[task % rows.len()]);
+            .for_each(|(task, latent_out)| {
+                let (h, t) = (task / n, task % n);
+                let (row, table) = rows[t];
                 let total = table.tokens() + 1;
-                let q_nope = &q_nope[(row * heads + h) * nope..][..nope];
                 let q_pe = &q_pe[(row * heads + h) * rope..][..rope];
-                // The query in latent space: W_UKᵀ q_nope.
-                let mut q_latent = vec![0f32; kv_lora];
-                let w_uk_t = &self.w_uk_t[h * kv_lora * nope..][..kv_lora * nope];
-                dots_f32(w_uk_t, q_nope, &mut q_latent);
+                let q_latent: Vec<f32> = q_latent[h * kv_lora * n..][..kv_lora * n]
+                    .iter()
+                    .skip(t)
+                    .step_by(n)
+                    .copied()
+                    .collect();
                 // Scores a block of positions at a time (their latents lie together).
                 let mut probs = vec![0f32; total];
                 let mut pe = [0f32; BLOCK_TOKENS];
@@ -300,20 +319,59 @@ impl Attention {
                     *p = (*p - max).exp();
                     sum += *p;
                 }
-                let mut latent_out = vec![0f32; kv_lora];
                 for (position, p) in probs.iter().enumerate() {
-                    axpy(p / sum, store.read(table, position).0, &mut latent_out);
+                    axpy(p / sum, store.read(table, position).0, latent_out);
                 }
-                dots_f32(
-                    &self.w_uv[h * v_dim * kv_lora..][..v_dim * kv_lora],
-                    &latent_out,
-                    head_out,
-                );
             });
+        // Back out of latent space, W_UV · latent: [heads, v, rows].
+        let mut results = vec![0f32; heads * v_dim * n];
+        kernels::products(
+            results
+                .chunks_mut(v_dim * n)
+                .enumerate()
+                .map(|(h, out)| Product {
+                    weight: self.w_uv.head(h, v_dim * kv_lora),
+                    inputs: latent_out[h * n * kv_lora..][..n * kv_lora]
+                        .chunks_exact(kv_lora)
+                        .collect(),
+                    out,
+                })
+                .collect(),
+        );
         let width = heads * v_dim;
-        for (task, head_out) in results.chunks_exact(v_dim).enumerate() {
-            let (h, (row, _)) = (task / rows.len(), rows[task % rows.len()]);
-            out[row * width + h * v_dim..][..v_dim].copy_from_slice(head_out);
+        for (h, head) in results.chunks_exact(v_dim * n).enumerate() {
+            for (t, &(row, _)) in rows.iter().enumerate() {
+                let out = &mut out[row * width + h * v_dim..][..v_dim];
+                for (v, out) in out.iter_mut().enumerate() {
+                    *out = head[v * n + t];
+                }
+            }
+        }
+    }
+}
+
+/// Per-head matrices the model derives from a checkpoint weight: bf16 when every value is
+/// one (as a bf16 checkpoint's are: half the bytes, read exactly), f32 otherwise.
+enum HeadWeights {
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl HeadWeights {
+    fn new(values: Vec<f32>) -> Self {
+        let bf16: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        if bf16.iter().zip(&values).all(|(b, &v)| b.to_f32() == v) {
+            HeadWeights::Bf16(bf16.iter().map(|b| b.to_bits()).collect())
+        } else {
+            HeadWeights::F32(values)
+        }
+    }
+
+    /// Head `h`'s matrix, `elements` long.
+    fn head(&self, h: usize, elements: usize) -> Packed<'_> {
+        match self {
+            HeadWeights::Bf16(bits) => Packed::Bf16(&bits[h * elements..][..elements]),
+            HeadWeights::F32(values) => Packed::F32(&values[h * elements..][..elements]),
         }
     }
 }
@@ -342,4 +400,21 @@ fn causal_mask(tokens: usize, start: usize, total: usize) -> Result<Tensor> {
         })
         .collect();
     Ok(Tensor::from_vec(mask, (tokens, total), &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_weights_are_bf16_only_where_that_is_exact() {
+        let exact = HeadWeights::new(vec![1.0, -0.5, 0.375, 96.0]);
+        let HeadWeights::Bf16(bits) = &exact else {
+            panic!("bf16 values kept as f32");
+        };
+        assert_eq!(bits[1], half::bf16::from_f32(-0.5).to_bits());
+        assert!(matches!(exact.head(1, 2), Packed::Bf16(&[_, b]) if b == 0x42c0));
+        let inexact = HeadWeights::new(vec![1.0, 0.1]);
+        assert!(matches!(inexact.head(0, 2), Packed::F32(&[1.0, v]) if v == 0.1));
+    }
 }

@@ -142,6 +142,9 @@ pub enum Packed<'a> {
     Bf16(&'a [u16]),
     /// e4m3 bytes, each times its block's scale.
     Fp8(Fp8Matrix<'a>),
+    /// f32, as is: weights the model derives at load from FP8 or f32 ones (the absorbed
+    /// attention's per-head halves of `kv_b_proj`).
+    F32(&'a [f32]),
 }
 
 /// FP8 weights as `weights::Fp8Weights` holds them.
@@ -178,6 +181,7 @@ impl<'a> Packed<'a> {
         match self {
             Packed::Bf16(bits) => bits.len(),
             Packed::Fp8(m) => m.bytes.len(),
+            Packed::F32(values) => values.len(),
         }
     }
 
@@ -186,6 +190,7 @@ impl<'a> Packed<'a> {
         let elements = range.start * in_dim..range.end * in_dim;
         match self {
             Packed::Bf16(bits) => Packed::Bf16(&bits[elements]),
+            Packed::F32(values) => Packed::F32(&values[elements]),
             Packed::Fp8(m) => Packed::Fp8(Fp8Matrix {
                 bytes: &m.bytes[elements],
                 first_row: m.first_row + range.start,
@@ -213,6 +218,7 @@ impl<'a> Packed<'a> {
         match self {
             Packed::Bf16(m) => widen_into(m.row(r, out.len()), out),
             Packed::Fp8(m) => widen_into(m.row(r, out.len()), out),
+            Packed::F32(m) => widen_into(m.row(r, out.len()), out),
         }
     }
 }
@@ -263,6 +269,37 @@ impl Row for Bf16Row<'_> {
     unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
         debug_assert!(i + LANES <= self.0.len());
         unsafe { L::widen_bf16(self.0.as_ptr().add(i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn ahead(self, i: usize, elements: usize) -> *const i8 {
+        self.0.as_ptr().wrapping_add(i + elements).cast()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct F32Row<'a>(&'a [f32]);
+
+impl<'a> Matrix for &'a [f32] {
+    type Row = F32Row<'a>;
+    #[inline(always)]
+    fn row(self, r: usize, in_dim: usize) -> Self::Row {
+        F32Row(&self[r * in_dim..][..in_dim])
+    }
+}
+
+impl Row for F32Row<'_> {
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        self.0[i]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
+        debug_assert!(i + LANES <= self.0.len());
+        unsafe { L::load(self.0.as_ptr().add(i)) }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -442,6 +479,7 @@ fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
         .for_each(|(rows, inputs, out)| match rows {
             Packed::Bf16(m) => rows_times_inputs(isa, m, inputs, out),
             Packed::Fp8(m) => rows_times_inputs(isa, m, inputs, out),
+            Packed::F32(m) => rows_times_inputs(isa, m, inputs, out),
         });
 }
 
@@ -1084,9 +1122,11 @@ mod tests {
         let bf16 = weights(rows * in_dim);
         let (bytes, scales) = fp8_weights(rows, in_dim);
         let x = activations(9 * in_dim);
+        let f32s = activations(rows * in_dim);
         let formats = [
             ("bf16", Packed::Bf16(&bf16)),
             ("fp8", Packed::fp8(&bytes, &scales, 3, in_dim)),
+            ("f32", Packed::F32(&f32s)),
         ];
         for ((format, weight), n) in formats
             .into_iter()
@@ -1146,9 +1186,12 @@ mod tests {
                 f64::from(fp8_e4m3_to_f32(bytes[k]) * scale)
             })
             .collect();
+        let f32s = activations(rows * in_dim);
+        let f32_values = f32s.iter().map(|&v| f64::from(v)).collect();
         let formats = [
             (Packed::Bf16(&bf16), bf16_values),
             (Packed::fp8(&bytes, &scales, 3, in_dim), fp8_values),
+            (Packed::F32(&f32s), f32_values),
         ];
         for (weight, values) in formats {
             let mut out = vec![0f32; rows];
