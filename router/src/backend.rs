@@ -186,7 +186,8 @@ impl Backend {
     }
 
     /// An active health check's outcome and the load reported with it. Only the health
-    /// task writes these, so load-then-store does not race with itself.
+    /// task writes these, so load-then-store does not race with itself (a request's
+    /// recheck, `Router::recheck_ejected`, writes `Serving` alone, which reads nothing).
     pub fn observed(&self, check: Check, load: Option<&GetLoadResponse>) {
         let (healthy, unanswered) = health_after(
             check,

@@ -59,17 +59,22 @@ pub async fn watch(
     }
 }
 
-async fn check(backend: &Backend, served_name: &OnceLock<String>) {
+/// Asks a backend for its gRPC health. A refused connection or an error status is an
+/// answer (`NotServing`); only silence for `CHECK_TIMEOUT` is `NoAnswer`.
+pub(crate) async fn probe(backend: &Backend) -> Check {
     let mut health = HealthClient::new(backend.channel.clone());
     let request = HealthCheckRequest {
         service: String::new(),
     };
-    // A refused connection or an error status is an answer; only silence is `NoAnswer`.
-    let outcome = match tokio::time::timeout(CHECK_TIMEOUT, health.check(request)).await {
+    match tokio::time::timeout(CHECK_TIMEOUT, health.check(request)).await {
         Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => Check::Serving,
         Ok(_) => Check::NotServing,
         Err(_) => Check::NoAnswer,
-    };
+    }
+}
+
+async fn check(backend: &Backend, served_name: &OnceLock<String>) {
+    let outcome = probe(backend).await;
     let serving = outcome == Check::Serving;
     let load = if serving {
         let mut client = backend.client();

@@ -18,8 +18,9 @@ use tonic::{Code, Status, Streaming};
 use tracing::Instrument;
 
 use crate::auth::Key;
-use crate::backend::{Backend, BackendSpec, InFlight};
+use crate::backend::{Backend, BackendSpec, Check, InFlight};
 use crate::error::Error;
+use crate::health;
 use crate::metrics::Metrics;
 use crate::policy::{Picker, Policy, View, stable_hash};
 use crate::routed::chunk_names;
@@ -54,6 +55,10 @@ pub struct RouterConfig {
 /// How often a held request looks for a healthy backend again.
 const HOLD_POLL: Duration = Duration::from_millis(50);
 
+/// The least time between two rounds of `Router::recheck_ejected`: in an outage, requests
+/// share one round instead of each asking every backend.
+const RECHECK_SPACING: Duration = Duration::from_millis(250);
+
 /// The backends in use and the picker built over them; replaced whole when discovery
 /// changes the set.
 struct Members {
@@ -71,6 +76,8 @@ pub struct Router {
     /// Prompt bytes per prompt token in answered requests (f64 bits), which turns a
     /// backend's KV capacity in tokens into the prompt bytes it holds.
     bytes_per_token: Arc<AtomicU64>,
+    /// When `recheck_ejected` last asked the ejected backends; one round at a time.
+    rechecked: tokio::sync::Mutex<Option<Instant>>,
     config: RouterConfig,
     pub metrics: Metrics,
 }
@@ -106,6 +113,7 @@ impl Router {
             sends: AtomicU64::new(0),
             // English text in a 100k+ BPE vocabulary; token-id prompts count 4 bytes a token.
             bytes_per_token: Arc::new(AtomicU64::new(4.0f64.to_bits())),
+            rechecked: tokio::sync::Mutex::new(None),
             metrics: Metrics::default(),
             config,
         };
@@ -222,13 +230,23 @@ impl Router {
     }
 
     /// With no backend left to try (the picker takes healthy ones only): whether to try
-    /// again once one is healthy. When none is and requests are held (the pools are at zero,
-    /// or a group just listed is still loading), waits for one up to `hold_for_backend` after
-    /// the request `arrived`, counted in `waiting`; UNAVAILABLE after that, with a
+    /// again once one is healthy. When none is, the ejected ones are asked again, once a
+    /// request (`rechecked`); then, if requests are held (the pools are at zero, or a group
+    /// just listed is still loading), waits for one up to `hold_for_backend` after the
+    /// request `arrived`, counted in `waiting`; UNAVAILABLE after that, with a
     /// `retry-after` in seconds (HTTP's `Retry-After`).
-    async fn wait_again(&self, arrived: Instant) -> Result<bool, Status> {
+    async fn wait_again(&self, arrived: Instant, rechecked: &mut bool) -> Result<bool, Status> {
+        if self.any_healthy() {
+            return Ok(false);
+        }
+        if !*rechecked {
+            *rechecked = true;
+            if self.recheck_ejected().await {
+                return Ok(true);
+            }
+        }
         let hold = self.config.hold_for_backend;
-        if hold.is_zero() || self.any_healthy() {
+        if hold.is_zero() {
             return Ok(false);
         }
         let _waiting = Counted::new(&self.waiting);
@@ -246,6 +264,28 @@ impl Router {
             tokio::time::sleep(HOLD_POLL).await;
         }
         Ok(true)
+    }
+
+    /// With no healthy backend, asks the ejected ones for their health now instead of
+    /// refusing on what a check up to an interval ago found: a rank ejected while it loaded
+    /// may serve by now, just as the group it replaces leaves (a rollout's step). One round
+    /// at a time, at most one per `RECHECK_SPACING`; whether a backend is healthy after it.
+    async fn recheck_ejected(&self) -> bool {
+        let mut last = self.rechecked.lock().await;
+        if last.is_none_or(|at| at.elapsed() >= RECHECK_SPACING) {
+            let ejected: Vec<Arc<Backend>> = (self.backends().into_iter())
+                .filter(|b| !b.healthy())
+                .collect();
+            let checks = futures::future::join_all(ejected.iter().map(|b| health::probe(b)));
+            for (backend, check) in ejected.iter().zip(checks.await) {
+                if check == Check::Serving {
+                    tracing::info!(backend = %backend.spec.addr, "an ejected backend serves again");
+                    backend.observed(check, None);
+                }
+            }
+            *last = Some(Instant::now());
+        }
+        self.any_healthy()
     }
 
     /// Why no backend could be picked.
@@ -302,14 +342,14 @@ impl Router {
             Policy::LeastLoad | Policy::Weighted => (None, Vec::new()),
         };
         let chunks = chunk_names(&prompt);
-        let mut tried = Vec::new();
+        let (mut tried, mut rechecked) = (Vec::new(), false);
         let mut last = None;
         loop {
             let picked = (tried.len() < self.config.max_attempts)
                 .then(|| self.pick(key, &chunks, &tried))
                 .flatten();
             let Some(backend) = picked else {
-                if self.wait_again(started).await? {
+                if self.wait_again(started, &mut rechecked).await? {
                     tried.clear();
                     continue;
                 }
@@ -369,14 +409,14 @@ impl Router {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
-        let mut tried = Vec::new();
+        let (mut tried, mut rechecked) = (Vec::new(), false);
         let mut last = None;
         loop {
             let picked = (tried.len() < self.config.max_attempts)
                 .then(|| self.pick(None, &[], &tried))
                 .flatten();
             let Some(backend) = picked else {
-                if self.wait_again(started).await? {
+                if self.wait_again(started, &mut rechecked).await? {
                     tried.clear();
                     continue;
                 }

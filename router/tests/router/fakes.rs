@@ -167,7 +167,12 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub async fn start(name: &str, mode: Mode) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(name, mode, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// `start` on `addr` (port 0: any free port).
+    pub async fn start_at(name: &str, mode: Mode, addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let deadline = Arc::new(Mutex::new(None));
@@ -680,4 +685,33 @@ async fn a_request_held_past_the_limit_is_refused_with_retry_after() {
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("no healthy backend after holding"), "{text}");
     assert_eq!(retry_after_header(&head), Some(1), "{head}");
+}
+
+/// A backend the router ejected while nothing listened there (a rank still loading), which
+/// serves by now, is asked again before a request finds no healthy backend: a rollout's new
+/// group is up and the old one has just gone, before the next periodic check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_backend_serving_again_is_asked_before_a_request_is_refused() {
+    let mut old = FakeServer::start("old", Mode::Answer).await;
+    // A free port, with nothing listening on it yet.
+    let new_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = config(Policy::LeastLoad, &[], &[("p", old.addr), ("p", new_addr)]);
+    // One check, at start (it ejects the second); only a request's recheck can readmit it.
+    cfg.health_interval = Duration::from_secs(3600);
+    let router = start(cfg).await;
+    let mut client = router.client().await;
+    assert_eq!(answer(&mut client, vec![1]).await, "old");
+    let _new = FakeServer::start_at("new", Mode::Answer, new_addr).await;
+    old.kill().await;
+    // Every request is answered: by `old` while its last connection lingers, then by `new`.
+    for _ in 0..100 {
+        if answer(&mut client, vec![2]).await == "new" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("`new` never answered");
 }
