@@ -217,7 +217,14 @@ impl<'a> Packed<'a> {
         }
         match self {
             Packed::Bf16(m) => widen_into(m.row(r, out.len()), out),
-            Packed::Fp8(m) => widen_into(m.row(r, out.len()), out),
+            Packed::Fp8(m) => {
+                let (bytes, scales) = m.row(r, out.len());
+                for ((out, &byte), scale) in out.iter_mut().zip(bytes).zip(scales) {
+                    // One rounding, of `e4m3 · 2⁻⁸` (exact) times `scale · 2⁸`: the
+                    // dequantised f32 weight.
+                    *out = E4M3_TIMES_2_POW_MINUS_8[usize::from(byte)] * scale;
+                }
+            }
             Packed::F32(m) => widen_into(m.row(r, out.len()), out),
         }
     }
@@ -309,48 +316,55 @@ impl Row for F32Row<'_> {
     }
 }
 
-/// A row of e4m3 bytes with the scales of its elements' blocks.
-#[derive(Clone, Copy)]
-struct Fp8Row<'a> {
-    bytes: &'a [u8],
-    scales: &'a [f32],
-}
-
-impl<'a> Matrix for Fp8Matrix<'a> {
-    type Row = Fp8Row<'a>;
-    #[inline(always)]
-    fn row(self, r: usize, in_dim: usize) -> Self::Row {
+impl<'a> Fp8Matrix<'a> {
+    /// Row `r`'s e4m3 bytes and the scales (· 2⁸) of their blocks.
+    fn row(self, r: usize, in_dim: usize) -> (&'a [u8], &'a [f32]) {
         let block = (self.first_row + r) / self.block_rows;
-        Fp8Row {
-            bytes: &self.bytes[r * in_dim..][..in_dim],
-            scales: &self.column_scales[block * in_dim..][..in_dim],
-        }
+        (
+            &self.bytes[r * in_dim..][..in_dim],
+            &self.column_scales[block * in_dim..][..in_dim],
+        )
     }
 }
 
-impl Row for Fp8Row<'_> {
-    /// One rounding, of `e4m3 · 2⁻⁸` (exact) times `scale · 2⁸`: the dequantised f32 weight.
+/// e4m3 bytes without their scales, each read as its value · 2⁻⁸ (the f16 of its bits):
+/// `fp8_rows_times_inputs` puts the block scales on the inputs instead.
+#[derive(Clone, Copy)]
+struct Fp8Bytes<'a>(&'a [u8]);
+
+#[derive(Clone, Copy)]
+struct Fp8BytesRow<'a>(&'a [u8]);
+
+impl<'a> Matrix for Fp8Bytes<'a> {
+    type Row = Fp8BytesRow<'a>;
+    #[inline(always)]
+    fn row(self, r: usize, in_dim: usize) -> Self::Row {
+        Fp8BytesRow(&self.0[r * in_dim..][..in_dim])
+    }
+}
+
+impl Row for Fp8BytesRow<'_> {
     #[inline(always)]
     fn at(self, i: usize) -> f32 {
-        E4M3_TIMES_2_POW_MINUS_8[usize::from(self.bytes[i])] * self.scales[i]
+        E4M3_TIMES_2_POW_MINUS_8[usize::from(self.0[i])]
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
-        debug_assert!(i + LANES <= self.bytes.len());
-        unsafe { L::widen_fp8(self.bytes.as_ptr().add(i), self.scales.as_ptr().add(i)) }
+        debug_assert!(i + LANES <= self.0.len());
+        unsafe { L::widen_e4m3(self.0.as_ptr().add(i)) }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn ahead(self, i: usize, elements: usize) -> *const i8 {
-        self.bytes.as_ptr().wrapping_add(i + elements).cast()
+        self.0.as_ptr().wrapping_add(i + elements).cast()
     }
 }
 
 /// Each e4m3 byte's value times 2⁻⁸: the f16 with the same sign, exponent and mantissa bits,
-/// which is what the registers decode (`x86::Lanes::widen_fp8`). NaN bytes are refused when
+/// which is what the registers decode (`x86::Lanes::widen_e4m3`). NaN bytes are refused when
 /// the weights load.
 static E4M3_TIMES_2_POW_MINUS_8: [f32; 256] = e4m3_as_f16_values();
 
@@ -478,7 +492,7 @@ fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
         .into_par_iter()
         .for_each(|(rows, inputs, out)| match rows {
             Packed::Bf16(m) => rows_times_inputs(isa, m, inputs, out),
-            Packed::Fp8(m) => rows_times_inputs(isa, m, inputs, out),
+            Packed::Fp8(m) => fp8_rows_times_inputs(isa, m, inputs, out),
             Packed::F32(m) => rows_times_inputs(isa, m, inputs, out),
         });
 }
@@ -514,10 +528,56 @@ impl LineAligned {
         }
     }
 
+    /// Multiplies every input by `scales`, element by element.
+    fn scale(&mut self, scales: &[f32]) {
+        for t in 0..self.n {
+            let x = &mut self.buffer[self.start + t * self.stride..][..self.in_dim];
+            for (x, scale) in x.iter_mut().zip(scales) {
+                *x *= scale;
+            }
+        }
+    }
+
     fn rows(&self) -> Vec<&[f32]> {
         (0..self.n)
             .map(|t| &self.buffer[self.start + t * self.stride..][..self.in_dim])
             .collect()
+    }
+}
+
+/// Inputs scaled at a time by `fp8_rows_times_inputs`: a few pages of copies per task.
+const FP8_INPUTS_PER_COPY: usize = 16;
+
+/// `rows_times_inputs` for FP8 rows: the scales go on the inputs, once per block of rows
+/// and input (`x · s · 2⁸`, then the FMA with the byte's `q · 2⁻⁸`), and the kernel widens
+/// bare bytes, a multiply per weight fewer than widening `q · s` (the dequantised weight,
+/// also one rounding before the FMA). Each result is `dot_portable` of the bytes and the
+/// scaled input, on every path and in any batch.
+fn fp8_rows_times_inputs(isa: Isa, m: Fp8Matrix<'_>, inputs: &[&[f32]], out: &mut [f32]) {
+    let (n, in_dim) = (inputs.len(), inputs[0].len());
+    let rows = out.len() / n;
+    let mut first = 0;
+    while first < rows {
+        let block = (m.first_row + first) / m.block_rows;
+        let end = rows.min((block + 1) * m.block_rows - m.first_row);
+        let scales = &m.column_scales[block * in_dim..][..in_dim];
+        let bytes = Fp8Bytes(&m.bytes[first * in_dim..end * in_dim]);
+        let out = &mut out[first * n..end * n];
+        for c in (0..n).step_by(FP8_INPUTS_PER_COPY) {
+            let group = &inputs[c..n.min(c + FP8_INPUTS_PER_COPY)];
+            let mut scaled = LineAligned::copy(group);
+            scaled.scale(scales);
+            if group.len() == n {
+                rows_times_inputs(isa, bytes, &scaled.rows(), out);
+                continue;
+            }
+            let mut part = vec![0f32; (end - first) * group.len()];
+            rows_times_inputs(isa, bytes, &scaled.rows(), &mut part);
+            for (out, part) in out.chunks_exact_mut(n).zip(part.chunks_exact(group.len())) {
+                out[c..][..group.len()].copy_from_slice(part);
+            }
+        }
+        first = end;
     }
 }
 
@@ -583,9 +643,8 @@ mod x86 {
         unsafe fn zero() -> Self;
         /// 32 bf16 at `bits`, widened to f32 (exact: the bits shifted into the high half).
         unsafe fn widen_bf16(bits: *const u16) -> Self;
-        /// 32 e4m3 at `bytes`, each read as the f16 of its bits (its value · 2⁻⁸, exact) and
-        /// multiplied by its scale at `scales` (which carries the 2⁸): one rounding.
-        unsafe fn widen_fp8(bytes: *const u8, scales: *const f32) -> Self;
+        /// 32 e4m3 at `bytes`, each read as the f16 of its bits: its value · 2⁻⁸, exact.
+        unsafe fn widen_e4m3(bytes: *const u8) -> Self;
         /// The 32 f32 at `x`.
         unsafe fn load(x: *const f32) -> Self;
         /// `self[i] = w[i] · x[i] + self[i]`, rounded once.
@@ -628,13 +687,11 @@ mod x86 {
             Zmm2([widen16(bits), widen16(bits.wrapping_add(16))])
         }
         #[inline(always)]
-        unsafe fn widen_fp8(bytes: *const u8, scales: *const f32) -> Self {
+        unsafe fn widen_e4m3(bytes: *const u8) -> Self {
             unsafe {
-                let low = _mm512_cvtph_ps(e4m3_as_f16(bytes));
-                let high = _mm512_cvtph_ps(e4m3_as_f16(bytes.add(16)));
                 Zmm2([
-                    _mm512_mul_ps(low, _mm512_loadu_ps(scales)),
-                    _mm512_mul_ps(high, _mm512_loadu_ps(scales.add(16))),
+                    _mm512_cvtph_ps(e4m3_as_f16(bytes)),
+                    _mm512_cvtph_ps(e4m3_as_f16(bytes.add(16))),
                 ])
             }
         }
@@ -673,21 +730,15 @@ mod x86 {
             Ymm4(std::array::from_fn(|k| widen8(bits.wrapping_add(8 * k))))
         }
         #[inline(always)]
-        unsafe fn widen_fp8(bytes: *const u8, scales: *const f32) -> Self {
+        unsafe fn widen_e4m3(bytes: *const u8) -> Self {
             unsafe {
                 let (low, high) = (e4m3_as_f16(bytes), e4m3_as_f16(bytes.add(16)));
-                let halves = [
-                    _mm256_castsi256_si128(low),
-                    _mm256_extracti128_si256::<1>(low),
-                    _mm256_castsi256_si128(high),
-                    _mm256_extracti128_si256::<1>(high),
-                ];
-                let mut lanes = [_mm256_setzero_ps(); 4];
-                for (k, (lanes, half)) in lanes.iter_mut().zip(halves).enumerate() {
-                    *lanes =
-                        _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_loadu_ps(scales.add(8 * k)));
-                }
-                Ymm4(lanes)
+                Ymm4([
+                    _mm256_cvtph_ps(_mm256_castsi256_si128(low)),
+                    _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(low)),
+                    _mm256_cvtph_ps(_mm256_castsi256_si128(high)),
+                    _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(high)),
+                ])
             }
         }
         #[inline(always)]
@@ -1174,10 +1225,11 @@ mod tests {
 
     #[test]
     fn the_baseline_matches_a_plain_sum() {
-        let (rows, in_dim) = (7, 1000);
+        // More inputs than FP8 scales in one copy, in rows of three blocks.
+        let (rows, in_dim, n) = (7, 1000, FP8_INPUTS_PER_COPY + 4);
         let bf16 = weights(rows * in_dim);
         let (bytes, scales) = fp8_weights(rows, in_dim);
-        let x = activations(in_dim);
+        let x = activations(n * in_dim);
         // The weights as the checkpoint loader dequantises them.
         let bf16_values: Vec<f64> = bf16.iter().map(|&b| f64::from(widen(b))).collect();
         let fp8_values: Vec<f64> = (0..rows * in_dim)
@@ -1194,12 +1246,12 @@ mod tests {
             (Packed::F32(&f32s), f32_values),
         ];
         for (weight, values) in formats {
-            let mut out = vec![0f32; rows];
+            let mut out = vec![0f32; rows * n];
             products_on(
                 Isa::Baseline,
                 vec![Product {
                     weight,
-                    inputs: vec![&x],
+                    inputs: x.chunks_exact(in_dim).collect(),
                     out: &mut out,
                 }],
             );
@@ -1207,9 +1259,11 @@ mod tests {
                 weight.widen(in_dim),
                 values.iter().map(|&v| v as f32).collect::<Vec<_>>()
             );
-            for (row, got) in values.chunks_exact(in_dim).zip(out) {
-                let plain: f64 = row.iter().zip(&x).map(|(w, x)| w * f64::from(*x)).sum();
-                assert!((f64::from(got) - plain).abs() < 1e-4, "{got} vs {plain}");
+            for (row, got) in values.chunks_exact(in_dim).zip(out.chunks_exact(n)) {
+                for (x, got) in x.chunks_exact(in_dim).zip(got) {
+                    let plain: f64 = row.iter().zip(x).map(|(w, x)| w * f64::from(*x)).sum();
+                    assert!((f64::from(*got) - plain).abs() < 1e-4, "{got} vs {plain}");
+                }
             }
         }
     }
