@@ -270,21 +270,11 @@ impl Attention {
         let n = rows.len();
         let scale = self.softmax_scale as f32;
         // The queries in latent space, W_UKᵀ q_nope: [heads, kv_lora, rows].
-        let mut q_latent = vec![0f32; heads * kv_lora * n];
-        kernels::products(
-            q_latent
-                .chunks_mut(kv_lora * n)
-                .enumerate()
-                .map(|(h, out)| Product {
-                    weight: self.w_uk_t.head(h, kv_lora * nope),
-                    inputs: rows
-                        .iter()
-                        .map(|&(row, _)| &q_nope[(row * heads + h) * nope..][..nope])
-                        .collect(),
-                    out,
-                })
-                .collect(),
-        );
+        let q_latent = self.per_head(&self.w_uk_t, (kv_lora, nope), n, |h| {
+            rows.iter()
+                .map(|&(row, _)| &q_nope[(row * heads + h) * nope..][..nope])
+                .collect()
+        });
         // Each (head, row)'s attention over its latents: [heads, rows, kv_lora].
         let mut latent_out = vec![0f32; heads * n * kv_lora];
         latent_out
@@ -324,20 +314,11 @@ impl Attention {
                 }
             });
         // Back out of latent space, W_UV · latent: [heads, v, rows].
-        let mut results = vec![0f32; heads * v_dim * n];
-        kernels::products(
-            results
-                .chunks_mut(v_dim * n)
-                .enumerate()
-                .map(|(h, out)| Product {
-                    weight: self.w_uv.head(h, v_dim * kv_lora),
-                    inputs: latent_out[h * n * kv_lora..][..n * kv_lora]
-                        .chunks_exact(kv_lora)
-                        .collect(),
-                    out,
-                })
-                .collect(),
-        );
+        let results = self.per_head(&self.w_uv, (v_dim, kv_lora), n, |h| {
+            latent_out[h * n * kv_lora..][..n * kv_lora]
+                .chunks_exact(kv_lora)
+                .collect()
+        });
         let width = heads * v_dim;
         for (h, head) in results.chunks_exact(v_dim * n).enumerate() {
             for (t, &(row, _)) in rows.iter().enumerate() {
@@ -347,6 +328,29 @@ impl Attention {
                 }
             }
         }
+    }
+
+    /// One product per head in one dispatch: head `h`'s matrix of `weights`
+    /// (`[rows, width]`) times `inputs(h)`, `n` vectors `width` long; `[heads, rows, n]`.
+    fn per_head<'a>(
+        &self,
+        weights: &HeadWeights,
+        (rows, width): (usize, usize),
+        n: usize,
+        inputs: impl Fn(usize) -> Vec<&'a [f32]>,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; self.heads * rows * n];
+        kernels::products(
+            out.chunks_mut(rows * n)
+                .enumerate()
+                .map(|(h, out)| Product {
+                    weight: weights.head(h, rows * width),
+                    inputs: inputs(h),
+                    out,
+                })
+                .collect(),
+        );
+        out
     }
 }
 
