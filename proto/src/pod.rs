@@ -8,7 +8,7 @@ pub mod env {
     pub const MODEL: &str = "DSD_MODEL";
     /// Name clients use for the model.
     pub const SERVED_NAME: &str = "DSD_SERVED_NAME";
-    /// Expert GEMM precision: `auto`, `bf16` or `fp8`.
+    /// How a GPU holds and multiplies an FP8 checkpoint's linear weights: `auto`, `bf16` or `fp8`.
     pub const DTYPE: &str = "DSD_DTYPE";
     /// `cpu` or `cuda:N` (the device plugin numbers a pod's own GPUs from 0).
     pub const DEVICE: &str = "DSD_DEVICE";

@@ -161,7 +161,9 @@ struct GenerateArgs {
     /// Where the model runs: `cpu`, or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// Expert GEMM precision on a GPU: auto, bf16 or fp8 (not yet in the model step).
+    /// On a GPU, how an FP8 checkpoint's linear weights are held and multiplied: auto, bf16
+    /// or fp8. The CPU path keeps the checkpoint's weights as stored and computes in f32
+    /// whatever this says.
     #[arg(long, value_enum, default_value = "auto")]
     dtype: gpu::Dtype,
     /// CPU kernels: `baseline`, `avx2` or `avx512` (default: the best this CPU has). Every

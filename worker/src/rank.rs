@@ -23,8 +23,11 @@ pub struct ServeArgs {
     /// The GPU product this rank must run on (an `nvidia.com/gpu.product` label value).
     #[arg(long, env = env::GPU_PRODUCT)]
     pub gpu_product: Option<String>,
-    /// Expert GEMM precision on a GPU: `auto` (FP8 on sm_89 and later for FP8 checkpoints,
-    /// else bf16), `bf16` or `fp8`. The CPU path computes in f32 whatever this says.
+    /// On a GPU, how an FP8 checkpoint's linear weights are held and multiplied: `auto` (FP8
+    /// for an FP8 checkpoint, bf16 otherwise), `bf16` (dequantised at load) or `fp8` (one
+    /// byte a weight; FP8 GEMMs on sm_89 and later, dequantised tile by tile elsewhere). The
+    /// CPU path keeps the checkpoint's weights as stored and computes in f32 whatever this
+    /// says.
     #[arg(long, env = env::DTYPE, value_enum, default_value = "auto")]
     pub dtype: Dtype,
     /// CPU kernels: `baseline`, `avx2` or `avx512` (default: the best this CPU has). Every
