@@ -254,59 +254,83 @@ trait Row: Copy {
     fn ahead(self, i: usize, elements: usize) -> *const i8;
 }
 
-#[derive(Clone, Copy)]
-struct Bf16Row<'a>(&'a [u16]);
+/// A weight as the kernels read it, widened to f32 exactly, one at a time or 32 at a time.
+trait Weight: Copy + Send + Sync {
+    fn value(self) -> f32;
 
-impl<'a> Matrix for &'a [u16] {
-    type Row = Bf16Row<'a>;
+    /// The 32 weights from `at`, widened as `value` widens each.
+    ///
+    /// # Safety
+    /// They are in bounds, and the CPU has the registers' features.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn lanes<L: x86::Lanes>(at: *const Self) -> L;
+}
+
+/// bf16 bits.
+impl Weight for u16 {
     #[inline(always)]
-    fn row(self, r: usize, in_dim: usize) -> Self::Row {
-        Bf16Row(&self[r * in_dim..][..in_dim])
+    fn value(self) -> f32 {
+        widen(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes<L: x86::Lanes>(at: *const Self) -> L {
+        unsafe { L::widen_bf16(at) }
     }
 }
 
-impl Row for Bf16Row<'_> {
+impl Weight for f32 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes<L: x86::Lanes>(at: *const Self) -> L {
+        unsafe { L::load(at) }
+    }
+}
+
+/// An e4m3 byte without its scale, read as its value · 2⁻⁸ (the f16 of its bits):
+/// `fp8_rows_times_inputs` puts the block scales on the inputs instead.
+impl Weight for u8 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        E4M3_TIMES_2_POW_MINUS_8[usize::from(self)]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes<L: x86::Lanes>(at: *const Self) -> L {
+        unsafe { L::widen_e4m3(at) }
+    }
+}
+
+/// One row of weights as stored.
+#[derive(Clone, Copy)]
+struct Stored<'a, W>(&'a [W]);
+
+impl<'a, W: Weight> Matrix for &'a [W] {
+    type Row = Stored<'a, W>;
+    #[inline(always)]
+    fn row(self, r: usize, in_dim: usize) -> Self::Row {
+        Stored(&self[r * in_dim..][..in_dim])
+    }
+}
+
+impl<W: Weight> Row for Stored<'_, W> {
     #[inline(always)]
     fn at(self, i: usize) -> f32 {
-        widen(self.0[i])
+        self.0[i].value()
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
         debug_assert!(i + LANES <= self.0.len());
-        unsafe { L::widen_bf16(self.0.as_ptr().add(i)) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn ahead(self, i: usize, elements: usize) -> *const i8 {
-        self.0.as_ptr().wrapping_add(i + elements).cast()
-    }
-}
-
-#[derive(Clone, Copy)]
-struct F32Row<'a>(&'a [f32]);
-
-impl<'a> Matrix for &'a [f32] {
-    type Row = F32Row<'a>;
-    #[inline(always)]
-    fn row(self, r: usize, in_dim: usize) -> Self::Row {
-        F32Row(&self[r * in_dim..][..in_dim])
-    }
-}
-
-impl Row for F32Row<'_> {
-    #[inline(always)]
-    fn at(self, i: usize) -> f32 {
-        self.0[i]
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
-        debug_assert!(i + LANES <= self.0.len());
-        unsafe { L::load(self.0.as_ptr().add(i)) }
+        unsafe { W::lanes(self.0.as_ptr().add(i)) }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -324,42 +348,6 @@ impl<'a> Fp8Matrix<'a> {
             &self.bytes[r * in_dim..][..in_dim],
             &self.column_scales[block * in_dim..][..in_dim],
         )
-    }
-}
-
-/// e4m3 bytes without their scales, each read as its value · 2⁻⁸ (the f16 of its bits):
-/// `fp8_rows_times_inputs` puts the block scales on the inputs instead.
-#[derive(Clone, Copy)]
-struct Fp8Bytes<'a>(&'a [u8]);
-
-#[derive(Clone, Copy)]
-struct Fp8BytesRow<'a>(&'a [u8]);
-
-impl<'a> Matrix for Fp8Bytes<'a> {
-    type Row = Fp8BytesRow<'a>;
-    #[inline(always)]
-    fn row(self, r: usize, in_dim: usize) -> Self::Row {
-        Fp8BytesRow(&self.0[r * in_dim..][..in_dim])
-    }
-}
-
-impl Row for Fp8BytesRow<'_> {
-    #[inline(always)]
-    fn at(self, i: usize) -> f32 {
-        E4M3_TIMES_2_POW_MINUS_8[usize::from(self.0[i])]
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn lanes<L: x86::Lanes>(self, i: usize) -> L {
-        debug_assert!(i + LANES <= self.0.len());
-        unsafe { L::widen_e4m3(self.0.as_ptr().add(i)) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn ahead(self, i: usize, elements: usize) -> *const i8 {
-        self.0.as_ptr().wrapping_add(i + elements).cast()
     }
 }
 
@@ -561,7 +549,7 @@ fn fp8_rows_times_inputs(isa: Isa, m: Fp8Matrix<'_>, inputs: &[&[f32]], out: &mu
         let block = (m.first_row + first) / m.block_rows;
         let end = rows.min((block + 1) * m.block_rows - m.first_row);
         let scales = &m.column_scales[block * in_dim..][..in_dim];
-        let bytes = Fp8Bytes(&m.bytes[first * in_dim..end * in_dim]);
+        let bytes = &m.bytes[first * in_dim..end * in_dim];
         let out = &mut out[first * n..end * n];
         for c in (0..n).step_by(FP8_INPUTS_PER_COPY) {
             let group = &inputs[c..n.min(c + FP8_INPUTS_PER_COPY)];

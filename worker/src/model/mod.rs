@@ -314,7 +314,7 @@ impl Backend for Model {
     }
 
     /// Only the rows asked for go through `lm_head`: a prompt chunk's last row, and none of
-    /// a segment that wants nothing. Each row's logits are what every row's would hold.
+    /// a segment that wants nothing. Their logits are those a pass of every row gives them.
     fn forward(&self, cache: &mut KvCache, pass: Pass<'_, '_>) -> Result<Vec<Next>> {
         let wants = match pass.output {
             Output::EveryRow => None,
