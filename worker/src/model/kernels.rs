@@ -768,8 +768,15 @@ mod x86 {
         (four[0] + four[2]) + (four[1] + four[3])
     }
 
-    /// `out[r · n + t] = dot_portable(row r, inputs[t])`: input groups outermost, so a group
-    /// stays in L1 while the task's rows (in L2) stream past.
+    /// Rows per chunk when several input groups go past them: 64 KiB of bf16 rows of 1024,
+    /// well within L2. With 32 rows, 12 inputs (a 128-token prompt's share of an expert) ran
+    /// at 160 GFLOP/s here, against 125 streaming all the task's rows past one group at a
+    /// time (`bench/engine/README.md`).
+    const CHUNK_ROWS: usize = 32;
+
+    /// `out[r · n + t] = dot_portable(row r, inputs[t])`, a chunk of rows at a time: every
+    /// input group goes past the chunk's rows (from L1 and L2) while the first group's
+    /// prefetches bring the next chunk from memory, so reading overlaps multiplying.
     #[inline(always)]
     fn rows_times_inputs<L: Lanes, M: Matrix, const ROWS: usize, const INPUTS: usize>(
         rows: M,
@@ -778,30 +785,47 @@ mod x86 {
     ) {
         let n = inputs.len();
         let count = out.len() / n;
-        for first in (0..n).step_by(INPUTS) {
-            let group = &inputs[first..n.min(first + INPUTS)];
-            for (row, out) in (0..count).step_by(ROWS).zip(out.chunks_mut(ROWS * n)) {
-                // Blocks of up to ROWS × INPUTS; the match covers the remainders.
-                let at = (rows, row, group, out, first);
-                match (count.min(row + ROWS) - row, group.len()) {
-                    (2, 4) if ROWS >= 2 && INPUTS >= 4 => block::<L, M, 2, 4>(at),
-                    (2, 3) if ROWS >= 2 && INPUTS >= 3 => block::<L, M, 2, 3>(at),
-                    (2, 2) if ROWS >= 2 => block::<L, M, 2, 2>(at),
-                    (2, _) if ROWS >= 2 => block::<L, M, 2, 1>(at),
-                    (_, 4) if INPUTS >= 4 => block::<L, M, 1, 4>(at),
-                    (_, 3) if INPUTS >= 3 => block::<L, M, 1, 3>(at),
-                    (_, 2) => block::<L, M, 1, 2>(at),
-                    _ => block::<L, M, 1, 1>(at),
+        let in_dim = inputs[0].len();
+        // One group streams its rows, prefetching one block ahead.
+        let chunk = if n <= INPUTS { ROWS } else { CHUNK_ROWS };
+        let ahead = chunk * in_dim;
+        for chunk_first in (0..count).step_by(chunk) {
+            let chunk_end = count.min(chunk_first + chunk);
+            for first in (0..n).step_by(INPUTS) {
+                let group = &inputs[first..n.min(first + INPUTS)];
+                for row in (chunk_first..chunk_end).step_by(ROWS) {
+                    let end = chunk_end.min(row + ROWS);
+                    let out = &mut out[row * n..end * n];
+                    // Blocks of up to ROWS × INPUTS; the match covers the remainders.
+                    let at = (rows, row, group, out, first, ahead);
+                    match (end - row, group.len()) {
+                        (2, 4) if ROWS >= 2 && INPUTS >= 4 => block::<L, M, 2, 4>(at),
+                        (2, 3) if ROWS >= 2 && INPUTS >= 3 => block::<L, M, 2, 3>(at),
+                        (2, 2) if ROWS >= 2 => block::<L, M, 2, 2>(at),
+                        (2, _) if ROWS >= 2 => block::<L, M, 2, 1>(at),
+                        (_, 4) if INPUTS >= 4 => block::<L, M, 1, 4>(at),
+                        (_, 3) if INPUTS >= 3 => block::<L, M, 1, 3>(at),
+                        (_, 2) => block::<L, M, 1, 2>(at),
+                        _ => block::<L, M, 1, 1>(at),
+                    }
                 }
             }
         }
     }
 
     /// `out[r · n + first + t] = dot_portable(row first_row + r, inputs[t])` for `R` rows and
-    /// `T` inputs, where `out` holds the `R` rows' outputs for all `n` inputs.
+    /// `T` inputs, where `out` holds the `R` rows' outputs for all `n` inputs; prefetches
+    /// `ahead` elements past each row's reads.
     #[inline(always)]
     fn block<L: Lanes, M: Matrix, const R: usize, const T: usize>(
-        (weights, first_row, inputs, out, first): (M, usize, &[&[f32]], &mut [f32], usize),
+        (weights, first_row, inputs, out, first, ahead): (
+            M,
+            usize,
+            &[&[f32]],
+            &mut [f32],
+            usize,
+            usize,
+        ),
     ) {
         let in_dim = inputs[0].len();
         assert!(inputs.len() == T && inputs.iter().all(|x| x.len() == in_dim));
@@ -819,10 +843,11 @@ mod x86 {
                 *x = unsafe { L::load(input.as_ptr().add(i)) };
             }
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
-                // The same place in the next block's rows, one block ahead: the hardware
-                // prefetcher alone left decode at half the memory bandwidth.
+                // The same place `ahead` elements on, in the next block's rows when one
+                // group streams them, in the next chunk's when groups share a chunk: the
+                // hardware prefetcher alone left decode at half the memory bandwidth.
                 let w = unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(row.ahead(i, R * in_dim));
+                    _mm_prefetch::<_MM_HINT_T0>(row.ahead(i, ahead));
                     row.lanes::<L>(i)
                 };
                 for (acc, x) in acc.iter_mut().zip(xs) {
