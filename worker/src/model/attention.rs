@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::cache::{BLOCK_TOKENS, BlockTable, LayerBlocks};
 use super::kernels::{self, Packed, Product, axpy, dots_f32};
-use super::ops::{Linear, RmsNorm, Rope, softmax_last, yarn_mscale};
+use super::ops::{Linear, RmsNorm, Rope, yarn_mscale};
 use crate::config::Config;
 use crate::error::Result;
 use crate::weights::Checkpoint;
@@ -179,71 +179,106 @@ impl Attention {
         let width = self.heads * self.v_dim;
         let mut out = vec![0f32; tokens * width];
         let mut decode_rows = Vec::new();
+        let q_nope = q_nope.flatten_all()?.to_vec1::<f32>()?;
+        let q_pe = q_pe.flatten_all()?.to_vec1::<f32>()?;
         let mut row = 0;
         for &(len, table) in segments {
             let start = table.tokens();
             if len == 1 && start > 0 {
                 decode_rows.push((row, table));
             } else {
-                let expanded = self.attend_expanded(
-                    &q_nope.narrow(0, row, len)?,
-                    &q_pe.narrow(0, row, len)?,
+                let rows = row * self.heads..(row + len) * self.heads;
+                self.attend_expanded(
+                    (
+                        &q_nope[rows.start * self.nope..rows.end * self.nope],
+                        &q_pe[rows.start * self.rope_dim..rows.end * self.rope_dim],
+                    ),
                     store,
                     table,
                     start,
+                    &mut out[row * width..(row + len) * width],
                 )?;
-                out[row * width..(row + len) * width]
-                    .copy_from_slice(&expanded.flatten_all()?.to_vec1::<f32>()?);
             }
             row += len;
         }
         if !decode_rows.is_empty() {
-            let q_nope = q_nope.flatten_all()?.to_vec1::<f32>()?;
-            let q_pe = q_pe.flatten_all()?.to_vec1::<f32>()?;
             self.attend_absorbed(&q_nope, &q_pe, store, &decode_rows, &mut out);
         }
         let out = Tensor::from_vec(out, (tokens, width), &Device::Cpu)?;
         self.o_proj.forward_with(&out, per_row)
     }
 
-    /// Prefill: expand every cached latent into per-head keys and values.
+    /// Prefill: expand every cached latent into per-head keys and values, then attend one
+    /// head per task, reading the queries, keys and values where they lie: `out`
+    /// (`[tokens, heads × v]`) gets the segment's rows. `q_nope`: `[tokens, heads, nope]`,
+    /// `q_pe`: `[tokens, heads, rope]` (roped).
     fn attend_expanded(
         &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
+        (q_nope, q_pe): (&[f32], &[f32]),
         store: &LayerBlocks,
         table: &BlockTable,
         start: usize,
-    ) -> Result<Tensor> {
-        let tokens = q_nope.dim(0)?;
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (heads, nope, rope, v_dim) = (self.heads, self.nope, self.rope_dim, self.v_dim);
+        let tokens = out.len() / (heads * v_dim);
         let total = start + tokens;
         let (c_kv, k_pe) = store.gather(table, total);
         let c_kv = Tensor::from_vec(c_kv, (total, self.kv_lora), &Device::Cpu)?;
-        let k_pe = Tensor::from_vec(k_pe, (total, self.rope_dim), &Device::Cpu)?;
-        let kv = self
-            .kv_up
-            .forward(&c_kv)?
-            .reshape((total, self.heads, self.nope + self.v_dim))?;
-        let k_nope = kv.narrow(2, 0, self.nope)?;
-        let v = kv
-            .narrow(2, self.nope, self.v_dim)?
-            .transpose(0, 1)?
-            .contiguous()?; // [heads, total, v]
-        let k_pe = k_pe
-            .unsqueeze(1)?
-            .broadcast_as((total, self.heads, self.rope_dim))?;
-        let k = Tensor::cat(&[k_nope, k_pe], 2)?
-            .transpose(0, 1)?
-            .contiguous()?; // [heads, total, qk]
-        let q = Tensor::cat(&[q_nope, q_pe], 2)?
-            .transpose(0, 1)?
-            .contiguous()?; // [heads, tokens, qk]
-        let scores = (q.matmul(&k.t()?)? * self.softmax_scale)?; // [heads, tokens, total]
-        let scores = scores.broadcast_add(&causal_mask(tokens, start, total)?)?;
-        let out = softmax_last(&scores)?.matmul(&v)?; // [heads, tokens, v]
-        Ok(out
-            .transpose(0, 1)?
-            .reshape((tokens, self.heads * self.v_dim))?)
+        // [total, heads, nope + v]
+        let kv = self.kv_up.forward(&c_kv)?.flatten_all()?.to_vec1::<f32>()?;
+        let kv_row = heads * (nope + v_dim);
+        let scale = self.softmax_scale as f32;
+        let by_head: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let matrix = |data, rows, cols, row_stride| kernels::Strided {
+                    data,
+                    rows,
+                    cols,
+                    row_stride,
+                    col_stride: 1,
+                };
+                // Scores, [tokens, total]: q_nope · k_nopeᵀ + q_pe · k_peᵀ.
+                let mut scores = vec![0f32; tokens * total];
+                let keys_nope = matrix(&kv[h * (nope + v_dim)..], total, nope, kv_row);
+                kernels::gemm_on_thread(
+                    matrix(&q_nope[h * nope..], tokens, nope, heads * nope),
+                    keys_nope.transposed(),
+                    &mut scores,
+                    false,
+                );
+                kernels::gemm_on_thread(
+                    matrix(&q_pe[h * rope..], tokens, rope, heads * rope),
+                    matrix(&k_pe, total, rope, rope).transposed(),
+                    &mut scores,
+                    true,
+                );
+                // Query t sees positions up to start + t; the rest weigh nothing.
+                for (t, row) in scores.chunks_exact_mut(total).enumerate() {
+                    let (seen, unseen) = row.split_at_mut(start + t + 1);
+                    softmax_scaled(seen, scale);
+                    unseen.fill(0.0);
+                }
+                let mut values = vec![0f32; tokens * v_dim];
+                kernels::gemm_on_thread(
+                    matrix(&scores, tokens, total, total),
+                    matrix(&kv[h * (nope + v_dim) + nope..], total, v_dim, kv_row),
+                    &mut values,
+                    false,
+                );
+                values
+            })
+            .collect();
+        for (h, values) in by_head.iter().enumerate() {
+            for (out, values) in out
+                .chunks_exact_mut(heads * v_dim)
+                .zip(values.chunks_exact(v_dim))
+            {
+                out[h * v_dim..][..v_dim].copy_from_slice(values);
+            }
+        }
+        Ok(())
     }
 
     /// Decode: attention straight over the paged latents, `kv_b_proj` absorbed, for each
@@ -390,20 +425,21 @@ pub fn softmax_scale(cfg: &Config) -> f64 {
     scale
 }
 
-/// `[tokens, total]`: 0 where query `t` (at position `start + t`) may see key `s`, −∞ after.
-fn causal_mask(tokens: usize, start: usize, total: usize) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..tokens)
-        .flat_map(|t| {
-            (0..total).map(move |s| {
-                if s <= start + t {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (tokens, total), &Device::Cpu)?)
+/// `scores` times `scale`, then softmax: `exp(s − max) / Σ exp(s − max)`.
+fn softmax_scaled(scores: &mut [f32], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for s in scores.iter_mut() {
+        *s *= scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
 }
 
 #[cfg(test)]

@@ -934,6 +934,71 @@ pub fn matmul_panels(
     y
 }
 
+/// A matrix read in place from a slice: element (r, c) is `data[r · row_stride + c · col_stride]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Strided<'_> {
+    /// The same elements, rows and columns swapped.
+    pub fn transposed(self) -> Self {
+        Strided {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element lies within `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `out = a · b`, or `out += a · b` with `accumulate`; `out` is `[a.rows, b.cols]`,
+/// row-major. A GEMM on the calling thread, for tasks that already split the work (the
+/// prompt's attention, a head per task).
+pub fn gemm_on_thread(a: Strided<'_>, b: Strided<'_>, out: &mut [f32], accumulate: bool) {
+    assert!(a.cols == b.rows && out.len() == a.rows * b.cols);
+    assert!(a.in_bounds() && b.in_bounds());
+    let stride = |s: usize| s as isize;
+    // SAFETY: the asserts keep every element gemm reads within `a.data` and `b.data`, and
+    // every element it writes within `out`, which this call borrows mutably.
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            out.as_mut_ptr(),
+            1,
+            stride(b.cols),
+            accumulate,
+            a.data.as_ptr(),
+            stride(a.col_stride),
+            stride(a.row_stride),
+            b.data.as_ptr(),
+            stride(b.col_stride),
+            stride(b.row_stride),
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// The output buffer shared by panels that write disjoint columns of it.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -1311,6 +1376,43 @@ mod tests {
         let a = matmul_panels(&x, tokens, Packed::Bf16(&weight), out_dim, in_dim);
         let b = matmul(&x, tokens, Packed::Bf16(&weight), out_dim, in_dim);
         assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4));
+    }
+
+    #[test]
+    fn a_strided_gemm_reads_its_views_in_place() {
+        // a: 3 × 5 every other column of a [3, 10] buffer; b: 5 × 4 read transposed from a
+        // [4, 6] buffer (its rows 6 apart); then the same product again, accumulated.
+        let (m, k, n) = (3, 5, 4);
+        let a_data: Vec<f32> = (0..30).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b_data: Vec<f32> = (0..24).map(|i| (i % 5) as f32 * 0.5).collect();
+        let a = Strided {
+            data: &a_data,
+            rows: m,
+            cols: k,
+            row_stride: 10,
+            col_stride: 2,
+        };
+        let b = Strided {
+            data: &b_data,
+            rows: n,
+            cols: k,
+            row_stride: 6,
+            col_stride: 1,
+        }
+        .transposed();
+        let plain: Vec<f32> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..k)
+                    .map(|p| a_data[i * 10 + p * 2] * b_data[j * 6 + p])
+                    .sum()
+            })
+            .collect();
+        let mut out = vec![f32::NAN; m * n];
+        gemm_on_thread(a, b, &mut out, false);
+        assert_eq!(out, plain);
+        gemm_on_thread(a, b, &mut out, true);
+        assert_eq!(out, plain.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
     }
 
     #[test]

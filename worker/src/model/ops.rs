@@ -2,6 +2,7 @@
 //! embeddings. Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
 
 use candle_core::{D, Device, Tensor};
+use rayon::prelude::*;
 
 use super::kernels;
 use crate::config::{Config, Yarn};
@@ -289,16 +290,21 @@ pub fn mlps_packed(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
         }
     }
     kernels::products(jobs);
-    // silu(gate) · up, as x / (1 + e^−x), one row per input for the down products.
+    // silu(gate) · up, as x / (1 + e^−x), written one row per input for the down products;
+    // an MLP per task (a prompt's experts together are a pass over megabytes).
     let hidden: Vec<Vec<f32>> = gates
-        .iter_mut()
+        .par_iter()
         .zip(&ups)
         .zip(items)
         .map(|((gate, up), (_, xs))| {
-            for (g, u) in gate.iter_mut().zip(up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+            let (n, rows) = (xs.len(), gate.len() / xs.len());
+            let mut hidden = vec![0f32; gate.len()];
+            for (r, (gate, up)) in gate.chunks_exact(n).zip(up.chunks_exact(n)).enumerate() {
+                for (t, (&g, &u)) in gate.iter().zip(up).enumerate() {
+                    hidden[t * rows + r] = g / (1.0 + (-g).exp()) * u;
+                }
             }
-            kernels::transpose(gate, xs.len())
+            hidden
         })
         .collect();
     let mut outs = buffers(2);
@@ -314,17 +320,10 @@ pub fn mlps_packed(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
         })
         .collect();
     kernels::products(jobs);
-    outs.iter()
+    outs.par_iter()
         .zip(items)
         .map(|(out, (_, xs))| kernels::transpose(out, xs.len()))
         .collect()
-}
-
-/// Softmax over the last dimension, max-subtracted.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
-    let exp = shifted.exp()?;
-    Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Rotary embedding of the decoupled `qk_rope_head_dim` dims, with YaRN when configured.
