@@ -173,6 +173,7 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    park_candle_pool_at_once();
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(*args).inspect_err(record_for_kubernetes),
@@ -180,6 +181,18 @@ fn main() -> anyhow::Result<()> {
         Command::GpuCheck(args) => run_gpu_check(args),
         Command::Kernels(args) => run_kernels(args),
         Command::Download(args) => run_download(args).inspect_err(record_for_kubernetes),
+    }
+}
+
+/// candle runs elementwise ops on large tensors (a prompt's residual adds) on its own pool,
+/// whose threads then spin 25,000 pauses for the next op on the cores the kernels' threads
+/// need: a 128-token prompt ran 14% faster here with them parked at once. They wake in
+/// microseconds. `CANDLE_BARRIER_POOL_SPIN_LIMIT` set by the user is kept.
+fn park_candle_pool_at_once() {
+    const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN_LIMIT).is_none() {
+        // SAFETY: main's first statement: no other thread exists yet.
+        unsafe { std::env::set_var(SPIN_LIMIT, "0") };
     }
 }
 
