@@ -261,6 +261,9 @@ pub fn each_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Ten
     Ok(Tensor::cat(&rows, 0)?)
 }
 
+/// MLPs whose elementwise work `mlps_packed` gives one task.
+const MLPS_PER_TASK: usize = 8;
+
 /// `mlp(x)` for each `(mlp, inputs)` pair, every MLP kept as stored (check with
 /// [`Mlp::is_packed`]): all gate and up products in one dispatch, all down products in a
 /// second; each MLP's weights are read once for all its inputs. Returns `[inputs, hidden]`
@@ -291,9 +294,11 @@ pub fn mlps_packed(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
     }
     kernels::products(jobs);
     // silu(gate) · up, as x / (1 + e^−x), written one row per input for the down products;
-    // an MLP per task (a prompt's experts together are a pass over megabytes).
+    // MLPS_PER_TASK at a time (a prompt's experts together are a pass over megabytes, a
+    // decode step's few are not worth waking another thread for).
     let hidden: Vec<Vec<f32>> = gates
         .par_iter()
+        .with_min_len(MLPS_PER_TASK)
         .zip(&ups)
         .zip(items)
         .map(|((gate, up), (_, xs))| {
@@ -321,6 +326,7 @@ pub fn mlps_packed(items: &[(&Mlp, Vec<&[f32]>)]) -> Vec<Vec<f32>> {
         .collect();
     kernels::products(jobs);
     outs.par_iter()
+        .with_min_len(MLPS_PER_TASK)
         .zip(items)
         .map(|(out, (_, xs))| kernels::transpose(out, xs.len()))
         .collect()
