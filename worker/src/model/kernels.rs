@@ -775,8 +775,10 @@ mod x86 {
     const CHUNK_ROWS: usize = 32;
 
     /// `out[r · n + t] = dot_portable(row r, inputs[t])`, a chunk of rows at a time: every
-    /// input group goes past the chunk's rows (from L1 and L2) while the first group's
-    /// prefetches bring the next chunk from memory into L2, so reading overlaps multiplying.
+    /// input group goes past the chunk's rows (from L1 and L2) while the prefetches bring the
+    /// next chunk from memory into L2 (the first group's; the later groups' find it there),
+    /// so reading overlaps multiplying. With few inputs reading bounds the product, and the
+    /// rows go one block at a time, every group over it while it is in L1.
     #[inline(always)]
     fn rows_times_inputs<L: Lanes, M: Matrix, const ROWS: usize, const INPUTS: usize>(
         rows: M,
@@ -786,8 +788,7 @@ mod x86 {
         let n = inputs.len();
         let count = out.len() / n;
         let in_dim = inputs[0].len();
-        // One group streams its rows, prefetching one block ahead.
-        let (chunk, into_l2) = if n <= INPUTS {
+        let (chunk, into_l2) = if n <= MEMORY_BOUND_INPUTS {
             (ROWS, false)
         } else {
             (CHUNK_ROWS, true)
@@ -976,12 +977,16 @@ impl Strided<'_> {
         }
     }
 
-    /// Whether every element lies within `data`.
+    /// Whether every element lies within `data` (no offset overflows on the way).
     fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .zip((self.cols - 1).checked_mul(self.col_stride))
+            .and_then(|(r, c)| r.checked_add(c));
+        last.is_some_and(|last| last < self.data.len())
     }
 }
 
@@ -989,9 +994,9 @@ impl Strided<'_> {
 /// row-major. A GEMM on the calling thread, for tasks that already split the work (the
 /// prompt's attention, a head per task).
 pub fn gemm_on_thread(a: Strided<'_>, b: Strided<'_>, out: &mut [f32], accumulate: bool) {
-    assert!(a.cols == b.rows && out.len() == a.rows * b.cols);
+    assert!(a.cols == b.rows && a.rows.checked_mul(b.cols) == Some(out.len()));
     assert!(a.in_bounds() && b.in_bounds());
-    let stride = |s: usize| s as isize;
+    let stride = |s: usize| isize::try_from(s).expect("a stride within isize");
     // SAFETY: the asserts keep every element gemm reads within `a.data` and `b.data`, and
     // every element it writes within `out`, which this call borrows mutably.
     unsafe {
@@ -1433,6 +1438,20 @@ mod tests {
         assert_eq!(out, plain);
         gemm_on_thread(a, b, &mut out, true);
         assert_eq!(out, plain.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+    }
+
+    #[test]
+    #[should_panic]
+    fn a_strided_view_whose_offsets_overflow_is_refused() {
+        let data = [1f32; 4];
+        let wrapping = Strided {
+            data: &data,
+            rows: 2,
+            cols: 2,
+            row_stride: usize::MAX,
+            col_stride: 1,
+        };
+        gemm_on_thread(wrapping, wrapping, &mut [0f32; 4], false);
     }
 
     #[test]

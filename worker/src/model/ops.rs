@@ -1,5 +1,4 @@
-//! Shared building blocks: linear layers, RMSNorm, SwiGLU MLPs, softmax and YaRN rotary
-//! embeddings. Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
+//! Shared building blocks: linear layers, RMSNorm, SwiGLU MLPs and YaRN rotary embeddings. Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
 
 use candle_core::{D, Device, Tensor};
 use rayon::prelude::*;
