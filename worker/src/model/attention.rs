@@ -335,17 +335,12 @@ impl Attention {
                     dots_f32(c_kv, &q_latent, probs);
                     dots_f32(k_pe, q_pe, pe);
                     for (p, pe) in probs.iter_mut().zip(pe) {
-                        *p = (*p + *pe) * scale;
+                        *p += *pe;
                     }
                 }
-                let max = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for p in &mut probs {
-                    *p = (*p - max).exp();
-                    sum += *p;
-                }
-                for (position, p) in probs.iter().enumerate() {
-                    axpy(p / sum, store.read(table, position).0, latent_out);
+                softmax_scaled(&mut probs, scale);
+                for (position, &p) in probs.iter().enumerate() {
+                    axpy(p, store.read(table, position).0, latent_out);
                 }
             });
         // Back out of latent space, W_UV · latent: [heads, v, rows].
