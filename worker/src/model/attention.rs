@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::cache::{BLOCK_TOKENS, BlockTable, LayerBlocks};
-use super::kernels::{self, Packed, Product, axpy, dots_f32};
+use super::kernels::{self, Packed, Product, axpy, dots_by_key};
 use super::ops::{Linear, RmsNorm, Rope, yarn_mscale};
 use crate::config::Config;
 use crate::error::Result;
@@ -310,43 +310,37 @@ impl Attention {
                 .map(|&(row, _)| &q_nope[(row * heads + h) * nope..][..nope])
                 .collect()
         });
-        // Each (head, row)'s attention over its latents: [heads, rows, kv_lora].
-        let mut latent_out = vec![0f32; heads * n * kv_lora];
+        // Each row's attention over its latents, a few heads a task: [rows, heads, kv_lora].
+        let mut latent_out = vec![0f32; n * heads * kv_lora];
         latent_out
-            .par_chunks_mut(kv_lora)
+            .par_chunks_mut(heads * kv_lora)
+            .zip(rows)
             .enumerate()
-            .for_each(|(task, latent_out)| {
-                let (h, t) = (task / n, task % n);
-                let (row, table) = rows[t];
-                let total = table.tokens() + 1;
-                let q_pe = &q_pe[(row * heads + h) * rope..][..rope];
-                let q_latent: Vec<f32> = q_latent[h * kv_lora * n..][..kv_lora * n]
-                    .iter()
-                    .skip(t)
-                    .step_by(n)
-                    .copied()
-                    .collect();
-                // Scores a block of positions at a time (their latents lie together).
-                let mut probs = vec![0f32; total];
-                let mut pe = [0f32; BLOCK_TOKENS];
-                for (block, probs) in probs.chunks_mut(BLOCK_TOKENS).enumerate() {
-                    let (c_kv, k_pe) = store.read_run(table, block * BLOCK_TOKENS, probs.len());
-                    let pe = &mut pe[..probs.len()];
-                    dots_f32(c_kv, &q_latent, probs);
-                    dots_f32(k_pe, q_pe, pe);
-                    for (p, pe) in probs.iter_mut().zip(pe) {
-                        *p += *pe;
-                    }
-                }
-                softmax_scaled(&mut probs, scale);
-                for (position, &p) in probs.iter().enumerate() {
-                    axpy(p, store.read(table, position).0, latent_out);
-                }
+            .for_each(|(t, (row_out, &(row, table)))| {
+                row_out
+                    .par_chunks_mut(HEADS_PER_TASK * kv_lora)
+                    .enumerate()
+                    .for_each(|(group, out)| {
+                        let first_head = group * HEADS_PER_TASK;
+                        let group_heads = out.len() / kv_lora;
+                        // The group's queries one after another, [group_heads, kv_lora].
+                        let q_latent: Vec<f32> = (first_head..first_head + group_heads)
+                            .flat_map(|h| {
+                                q_latent[h * kv_lora * n..][..kv_lora * n]
+                                    .iter()
+                                    .skip(t)
+                                    .step_by(n)
+                                    .copied()
+                            })
+                            .collect();
+                        let q_pe = &q_pe[(row * heads + first_head) * rope..][..group_heads * rope];
+                        attend_latents(store, table, group_heads, (&q_latent, q_pe), scale, out);
+                    });
             });
         // Back out of latent space, W_UV · latent: [heads, v, rows].
         let results = self.per_head(&self.w_uv, (v_dim, kv_lora), n, |h| {
-            latent_out[h * n * kv_lora..][..n * kv_lora]
-                .chunks_exact(kv_lora)
+            (0..n)
+                .map(|t| &latent_out[(t * heads + h) * kv_lora..][..kv_lora])
                 .collect()
         });
         let width = heads * v_dim;
@@ -381,6 +375,61 @@ impl Attention {
                 .collect(),
         );
         out
+    }
+}
+
+/// Heads attended together in decode: each pass over a sequence's latents serves them all
+/// (a pass per head read them 16 times a step on bench-small).
+const HEADS_PER_TASK: usize = 4;
+
+/// One row's attention for a group of heads over the latents in `store`: `q_latent`
+/// (`[heads, kv_lora]`, W_UKᵀ q_nope) and `q_pe` (`[heads, rope]`, roped) against every
+/// cached position, then the probabilities' weighted sum of latents into `out`
+/// (`[heads, kv_lora]`). Each head's scores and sums keep one order of terms whatever the
+/// group, so a head's result never depends on the others.
+fn attend_latents(
+    store: &LayerBlocks,
+    table: &BlockTable,
+    heads: usize,
+    (q_latent, q_pe): (&[f32], &[f32]),
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (kv_lora, rope) = (q_latent.len() / heads, q_pe.len() / heads);
+    let total = table.tokens() + 1;
+    // [heads, total]
+    let mut probs = vec![0f32; heads * total];
+    let mut latent_scores = [0f32; HEADS_PER_TASK * BLOCK_TOKENS];
+    let mut pe_scores = [0f32; HEADS_PER_TASK * BLOCK_TOKENS];
+    // Scores a block of positions at a time (their latents lie together).
+    for first in (0..total).step_by(BLOCK_TOKENS) {
+        let count = BLOCK_TOKENS.min(total - first);
+        let (c_kv, k_pe) = store.read_run(table, first, count);
+        let latent_scores = &mut latent_scores[..heads * count];
+        let pe_scores = &mut pe_scores[..heads * count];
+        dots_by_key(q_latent, c_kv, kv_lora, latent_scores);
+        dots_by_key(q_pe, k_pe, rope, pe_scores);
+        for ((probs, latent), pe) in probs
+            .chunks_exact_mut(total)
+            .zip(latent_scores.chunks_exact(count))
+            .zip(pe_scores.chunks_exact(count))
+        {
+            for ((p, latent), pe) in probs[first..first + count].iter_mut().zip(latent).zip(pe) {
+                *p = latent + pe;
+            }
+        }
+    }
+    for probs in probs.chunks_exact_mut(total) {
+        softmax_scaled(probs, scale);
+    }
+    for first in (0..total).step_by(BLOCK_TOKENS) {
+        let count = BLOCK_TOKENS.min(total - first);
+        let (c_kv, _) = store.read_run(table, first, count);
+        for (position, latent) in (first..).zip(c_kv.chunks_exact(kv_lora)) {
+            for (out, probs) in out.chunks_exact_mut(kv_lora).zip(probs.chunks_exact(total)) {
+                axpy(probs[position], latent, out);
+            }
+        }
     }
 }
 

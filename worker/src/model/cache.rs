@@ -41,15 +41,6 @@ impl LayerBlocks {
         self.k_pe[slot * self.rope..][..self.rope].copy_from_slice(k_pe);
     }
 
-    /// The latent and roped key of position `position`.
-    pub fn read(&self, table: &BlockTable, position: usize) -> (&[f32], &[f32]) {
-        let slot = table.slot(position);
-        (
-            &self.c_kv[slot * self.kv_lora..][..self.kv_lora],
-            &self.k_pe[slot * self.rope..][..self.rope],
-        )
-    }
-
     /// Positions `first..first + count`, all in one block: their latents and roped keys,
     /// which lie together there.
     pub fn read_run(&self, table: &BlockTable, first: usize, count: usize) -> (&[f32], &[f32]) {

@@ -94,12 +94,23 @@ impl Isa {
 /// Defines `fn name(args)` and `fn name_on(isa, args)` from `fn portable(args)`: `portable`
 /// compiled for AVX-512F or AVX2+FMA when `isa` asks for it (x86-64 builds target the
 /// baseline otherwise), else the baseline build. Same source, so the same bits on every path;
-/// `name` takes the selected path.
+/// `name` takes the selected path. `= portable, x86: vectorised` compiles `vectorised` for
+/// the x86 paths instead (the same operations in the same order, in intrinsics).
 macro_rules! simd_fn {
     (
         $(#[$attr:meta])*
         $vis:vis fn $name:ident / $name_on:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
             = $portable:ident
+    ) => {
+        simd_fn! {
+            $(#[$attr])*
+            $vis fn $name / $name_on($($arg: $ty),*) $(-> $ret)? = $portable, x86: $portable
+        }
+    };
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident / $name_on:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
+            = $portable:path, x86: $x86:path
     ) => {
         $(#[$attr])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -113,11 +124,11 @@ macro_rules! simd_fn {
             {
                 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
                 fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $portable($($arg),*)
+                    $x86($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma,f16c")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $portable($($arg),*)
+                    $x86($($arg),*)
                 }
                 match isa {
                     // SAFETY: the CPU has the features (asserted above).
@@ -601,7 +612,7 @@ fn rows_times_inputs<M: Matrix>(isa: Isa, rows: M, inputs: &[&[f32]], out: &mut 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, Matrix, Row, add_tail};
+    use super::{DOT_LANES, LANES, Matrix, Row, add_tail};
 
     /// AVX-512F: 2 rows × 4 inputs × 2 registers = 16 of the 32 registers accumulate. With
     /// few inputs the weights' reading bounds the product, so rows go one at a time: each
@@ -754,6 +765,35 @@ mod x86 {
         }
     }
 
+    /// `super::dot_lanes` with each row's 8 lanes in one register: the same products and
+    /// adds (the compiler vectorised the portable loop across rows, with shuffles).
+    pub(super) struct YmmLanes;
+
+    impl super::DotLanes for YmmLanes {
+        #[inline(always)]
+        unsafe fn dots<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K] {
+            assert!(rows.iter().all(|row| row.len() == x.len()));
+            let whole = x.len() / DOT_LANES * DOT_LANES;
+            // SAFETY: inlined into code compiled for AVX2; every load is 8 floats at c + 8 ≤
+            // whole ≤ len.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); K];
+                for c in (0..whole).step_by(DOT_LANES) {
+                    let y = _mm256_loadu_ps(x.as_ptr().add(c));
+                    for (acc, row) in acc.iter_mut().zip(rows) {
+                        let a = _mm256_loadu_ps(row.as_ptr().add(c));
+                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(a, y));
+                    }
+                }
+                std::array::from_fn(|k| {
+                    let mut lanes = [0f32; DOT_LANES];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[k]);
+                    super::sum_dot_lanes(&lanes, rows[k], x, whole)
+                })
+            }
+        }
+    }
+
     /// The last steps of `super::sum_lanes`: eight lanes to four, then `(0 + 2) + (1 + 3)`.
     #[inline(always)]
     unsafe fn sum_four(eight: __m256) -> f32 {
@@ -768,17 +808,16 @@ mod x86 {
         (four[0] + four[2]) + (four[1] + four[3])
     }
 
-    /// Rows per chunk when several input groups go past them: 64 KiB of bf16 rows of 1024,
-    /// well within L2. With 32 rows, 12 inputs (a 128-token prompt's share of an expert) ran
-    /// at 160 GFLOP/s here, against 125 streaming all the task's rows past one group at a
-    /// time (`bench/engine/README.md`).
+    /// Rows per chunk: 64 KiB of bf16 rows of 1024, well within L2. With 32 rows, 12 inputs (a
+    /// 128-token prompt's share of an expert) ran at 160 GFLOP/s here, against 125 streaming
+    /// all the task's rows past one group at a time; and one input (decode) read its rows
+    /// faster prefetching a chunk ahead than a row ahead (`bench/engine/README.md`).
     const CHUNK_ROWS: usize = 32;
 
     /// `out[r · n + t] = dot_portable(row r, inputs[t])`, a chunk of rows at a time: every
     /// input group goes past the chunk's rows (from L1 and L2) while the prefetches bring the
     /// next chunk from memory into L2 (the first group's; the later groups' find it there),
-    /// so reading overlaps multiplying. With few inputs reading bounds the product, and the
-    /// rows go one block at a time, every group over it while it is in L1.
+    /// so reading overlaps multiplying.
     #[inline(always)]
     fn rows_times_inputs<L: Lanes, M: Matrix, const ROWS: usize, const INPUTS: usize>(
         rows: M,
@@ -788,24 +827,16 @@ mod x86 {
         let n = inputs.len();
         let count = out.len() / n;
         let in_dim = inputs[0].len();
-        let (chunk, into_l2) = if n <= MEMORY_BOUND_INPUTS {
-            (ROWS, false)
-        } else {
-            (CHUNK_ROWS, true)
-        };
-        let prefetch = Prefetch {
-            elements: chunk * in_dim,
-            into_l2,
-        };
-        for chunk_first in (0..count).step_by(chunk) {
-            let chunk_end = count.min(chunk_first + chunk);
+        let prefetch_ahead = CHUNK_ROWS * in_dim;
+        for chunk_first in (0..count).step_by(CHUNK_ROWS) {
+            let chunk_end = count.min(chunk_first + CHUNK_ROWS);
             for first in (0..n).step_by(INPUTS) {
                 let group = &inputs[first..n.min(first + INPUTS)];
                 for row in (chunk_first..chunk_end).step_by(ROWS) {
                     let end = chunk_end.min(row + ROWS);
                     let out = &mut out[row * n..end * n];
                     // Blocks of up to ROWS × INPUTS; the match covers the remainders.
-                    let at = (rows, row, group, out, first, prefetch);
+                    let at = (rows, row, group, out, first, prefetch_ahead);
                     match (end - row, group.len()) {
                         (2, 4) if ROWS >= 2 && INPUTS >= 4 => block::<L, M, 2, 4>(at),
                         (2, 3) if ROWS >= 2 && INPUTS >= 3 => block::<L, M, 2, 3>(at),
@@ -821,26 +852,19 @@ mod x86 {
         }
     }
 
-    /// Where a block prefetches: `elements` past each read, into L1 when one group streams
-    /// the rows, into L2 when several groups go over a chunk (the next chunk's rows: into L1
-    /// they evict the rows and inputs still in use; 5 to 12 inputs ran 10-30% faster).
-    #[derive(Clone, Copy)]
-    struct Prefetch {
-        elements: usize,
-        into_l2: bool,
-    }
-
     /// `out[r · n + first + t] = dot_portable(row first_row + r, inputs[t])` for `R` rows and
-    /// `T` inputs, where `out` holds the `R` rows' outputs for all `n` inputs.
+    /// `T` inputs, where `out` holds the `R` rows' outputs for all `n` inputs; each read
+    /// prefetches the weights `prefetch_ahead` elements on into L2 (into L1 they evicted the
+    /// rows and inputs still in use: 5 to 12 inputs ran 10-30% slower).
     #[inline(always)]
     fn block<L: Lanes, M: Matrix, const R: usize, const T: usize>(
-        (weights, first_row, inputs, out, first, prefetch): (
+        (weights, first_row, inputs, out, first, prefetch_ahead): (
             M,
             usize,
             &[&[f32]],
             &mut [f32],
             usize,
-            Prefetch,
+            usize,
         ),
     ) {
         let in_dim = inputs[0].len();
@@ -859,16 +883,10 @@ mod x86 {
                 *x = unsafe { L::load(input.as_ptr().add(i)) };
             }
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
-                // The same place in the next block's rows when one group streams them, in
-                // the next chunk's when groups share a chunk: the hardware prefetcher alone
-                // left decode at half the memory bandwidth.
+                // The same place in the next chunk's rows: the hardware prefetcher alone left
+                // decode at half the memory bandwidth.
                 let w = unsafe {
-                    let ahead = row.ahead(i, prefetch.elements);
-                    if prefetch.into_l2 {
-                        _mm_prefetch::<_MM_HINT_T1>(ahead);
-                    } else {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    }
+                    _mm_prefetch::<_MM_HINT_T1>(row.ahead(i, prefetch_ahead));
                     row.lanes::<L>(i)
                 };
                 for (acc, x) in acc.iter_mut().zip(xs) {
@@ -1041,7 +1059,7 @@ impl SharedOut {
 
 /// `Σᵢ a[i] · b[i]` in f32 with a fixed order of accumulation, so a row's result never
 /// depends on what else is computed with it.
-#[inline(always)]
+#[cfg(test)]
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let [dot] = dot_lanes([a], b);
     dot
@@ -1052,52 +1070,113 @@ simd_fn! {
     /// four at a time: each is `dot_f32`'s sum, bit for bit, while four chains of adds run
     /// side by side (one alone waits on each add's latency: the short dot products of decode
     /// attention spent most of their time so).
-    pub fn dots_f32 / dots_f32_on(rows: &[f32], x: &[f32], out: &mut [f32]) = dots_f32_portable
+    pub fn dots_f32 / dots_f32_on(rows: &[f32], x: &[f32], out: &mut [f32])
+        = dots_f32_with::<PortableLanes>, x86: dots_f32_with::<x86::YmmLanes>
 }
 
 #[inline(always)]
-fn dots_f32_portable(rows: &[f32], x: &[f32], out: &mut [f32]) {
+fn dots_f32_with<L: DotLanes>(rows: &[f32], x: &[f32], out: &mut [f32]) {
     let n = x.len();
     assert_eq!(rows.len(), out.len() * n);
     if n == 0 {
         return out.fill(0.0);
     }
     for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4 * n)) {
+        // SAFETY (both): `simd_fn!` compiles each `L` for the features it needs.
         match out {
             [a, b, c, d] => {
                 let four: [&[f32]; 4] = std::array::from_fn(|k| &rows[k * n..][..n]);
-                [*a, *b, *c, *d] = dot_lanes(four, x);
+                [*a, *b, *c, *d] = unsafe { L::dots(four, x) };
             }
             _ => {
                 for (out, row) in out.iter_mut().zip(rows.chunks_exact(n)) {
-                    *out = dot_f32(row, x);
+                    [*out] = unsafe { L::dots([row], x) };
                 }
             }
         }
     }
 }
 
+simd_fn! {
+    /// `out[q · m + j] = dot_f32(query q, key j)` for every query of `queries` and each of the
+    /// `m` keys of `keys` (all `n` long): each key is loaded once for four queries, where a
+    /// pass per query loaded it once each. Every result is `dots_f32`'s sum, bit for bit.
+    pub fn dots_by_key / dots_by_key_on(queries: &[f32], keys: &[f32], n: usize, out: &mut [f32])
+        = dots_by_key_with::<PortableLanes>, x86: dots_by_key_with::<x86::YmmLanes>
+}
+
+#[inline(always)]
+fn dots_by_key_with<L: DotLanes>(queries: &[f32], keys: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        return out.fill(0.0);
+    }
+    let m = keys.len() / n;
+    let queries_count = queries.len() / n;
+    assert!(keys.len() == m * n && queries.len() == queries_count * n);
+    assert_eq!(out.len(), queries_count * m);
+    for (j, key) in keys.chunks_exact(n).enumerate() {
+        // x · y and y · x round alike, and the lanes add in the same order either way.
+        for (g, group) in queries.chunks(4 * n).enumerate() {
+            let first = 4 * g;
+            // SAFETY (both): `simd_fn!` compiles each `L` for the features it needs.
+            if group.len() == 4 * n {
+                let four: [&[f32]; 4] = std::array::from_fn(|k| &group[k * n..][..n]);
+                for (k, dot) in unsafe { L::dots(four, key) }.into_iter().enumerate() {
+                    out[(first + k) * m + j] = dot;
+                }
+            } else {
+                for (k, query) in group.chunks_exact(n).enumerate() {
+                    [out[(first + k) * m + j]] = unsafe { L::dots([query], key) };
+                }
+            }
+        }
+    }
+}
+
+/// `K` dot products with one vector, as `dot_lanes` computes them.
+trait DotLanes {
+    /// Unsafe: an implementation may use CPU features, present where it is inlined.
+    unsafe fn dots<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K];
+}
+
+/// `dot_lanes` itself, in any build.
+struct PortableLanes;
+
+impl DotLanes for PortableLanes {
+    #[inline(always)]
+    unsafe fn dots<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K] {
+        dot_lanes(rows, x)
+    }
+}
+
+/// Lanes of `dot_lanes`: 8, one AVX register.
+const DOT_LANES: usize = 8;
+
 /// `K` dot products with `x` (each row as long as it): each sums its products in 8 lanes
 /// (`acc[i] += a[i] · x[i]`, element i, i + 8, … in lane i), adds the lanes in order, then
 /// the tail.
 #[inline(always)]
 fn dot_lanes<const K: usize>(rows: [&[f32]; K], x: &[f32]) -> [f32; K] {
-    const LANES: usize = 8;
     assert!(rows.iter().all(|row| row.len() == x.len()));
-    let mut acc = [[0f32; LANES]; K];
-    let whole = x.len() / LANES * LANES;
-    for (c, y) in x[..whole].chunks_exact(LANES).enumerate() {
+    let mut acc = [[0f32; DOT_LANES]; K];
+    let whole = x.len() / DOT_LANES * DOT_LANES;
+    for (c, y) in x[..whole].chunks_exact(DOT_LANES).enumerate() {
         for (acc, row) in acc.iter_mut().zip(rows) {
-            let a = &row[c * LANES..][..LANES];
-            for i in 0..LANES {
+            let a = &row[c * DOT_LANES..][..DOT_LANES];
+            for i in 0..DOT_LANES {
                 acc[i] += a[i] * y[i];
             }
         }
     }
-    std::array::from_fn(|k| {
-        let tail = rows[k][whole..].iter().zip(&x[whole..]);
-        acc[k].iter().sum::<f32>() + tail.map(|(a, y)| a * y).sum::<f32>()
-    })
+    std::array::from_fn(|k| sum_dot_lanes(&acc[k], rows[k], x, whole))
+}
+
+/// `dot_lanes`' last step for one row: its lanes added in order, then its tail's products
+/// (elements `whole..`).
+#[inline(always)]
+fn sum_dot_lanes(lanes: &[f32; DOT_LANES], row: &[f32], x: &[f32], whole: usize) -> f32 {
+    let tail = row[whole..].iter().zip(&x[whole..]);
+    lanes.iter().sum::<f32>() + tail.map(|(a, y)| a * y).sum::<f32>()
 }
 
 simd_fn! {
@@ -1319,6 +1398,18 @@ mod tests {
             let mut dots = [0f32; 7];
             dots_f32_on(isa, rows, row, &mut dots);
             assert_eq!(dots.map(f32::to_bits)[..], alone[..], "dots_f32 on {name}");
+            // The 7 rows as queries against 2 keys (`row` and the first row).
+            let keys = [row, &rows[..125]].concat();
+            let mut by_key = [0f32; 14];
+            dots_by_key_on(isa, rows, &keys, 125, &mut by_key);
+            let each: Vec<u32> = (rows.chunks_exact(125))
+                .flat_map(|q| keys.chunks_exact(125).map(|k| dot_f32(q, k).to_bits()))
+                .collect();
+            assert_eq!(
+                by_key.map(f32::to_bits)[..],
+                each[..],
+                "dots_by_key on {name}"
+            );
             let (mut y, mut base) = (b.to_vec(), b.to_vec());
             axpy_on(isa, 0.37, a, &mut y);
             axpy_on(Isa::Baseline, 0.37, a, &mut base);
