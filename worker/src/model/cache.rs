@@ -348,7 +348,10 @@ mod tests {
         assert_eq!(c_kv.len(), 34);
         assert_eq!(&c_kv[32..], &[16.0, -16.0]);
         assert_eq!(k_pe[16], 160.0);
-        assert_eq!(pool.layer_mut(0).read(&a, 16).0, &[16.0, -16.0]);
+        assert_eq!(
+            pool.layer_mut(0).read_run(&a, 16, 1),
+            (&[16.0, -16.0][..], &[160.0][..])
+        );
         pool.release(&mut a);
         assert_eq!((a.tokens(), a.capacity(), pool.free_blocks()), (0, 0, 2));
     }

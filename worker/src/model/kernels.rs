@@ -1068,8 +1068,7 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 simd_fn! {
     /// `out[k] = dot_f32(row k, x)` for the `out.len()` rows of `rows` (each `x.len()` long),
     /// four at a time: each is `dot_f32`'s sum, bit for bit, while four chains of adds run
-    /// side by side (one alone waits on each add's latency: the short dot products of decode
-    /// attention spent most of their time so).
+    /// side by side (one alone waits on each add's latency). The router's logits.
     pub fn dots_f32 / dots_f32_on(rows: &[f32], x: &[f32], out: &mut [f32])
         = dots_f32_with::<PortableLanes>, x86: dots_f32_with::<x86::YmmLanes>
 }
