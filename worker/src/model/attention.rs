@@ -144,9 +144,15 @@ impl Attention {
                 up.forward_with(&norm.forward(&down.forward_with(x, per_row)?)?, per_row)?
             }
         };
-        let q = q.reshape((tokens, self.heads, self.nope + self.rope_dim))?;
+        // [tokens, heads, nope + rope] and [tokens, kv_lora + rope]
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
         let kv = self.kv_down.forward_with(x, per_row)?;
-        let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora)?)?;
+        let new_c_kv = self
+            .kv_norm
+            .forward(&kv.narrow(1, 0, self.kv_lora)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let kv = kv.flatten_all()?.to_vec1::<f32>()?;
 
         // Each row's table and position.
         let rows: Vec<(&BlockTable, usize)> = segments
@@ -156,15 +162,11 @@ impl Attention {
             })
             .collect();
         let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
-        let (cos, sin) = rope.tables(&positions)?;
-        let q_nope = q.narrow(2, 0, self.nope)?;
-        let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope_dim)?, &cos, &sin)?;
-        let k_pe =
-            kv.narrow(1, self.kv_lora, self.rope_dim)?
-                .reshape((tokens, 1, self.rope_dim))?;
-        let k_pe = rope.apply(&k_pe, &cos, &sin)?;
-        let new_c_kv = c_kv.flatten_all()?.to_vec1::<f32>()?;
-        let new_k_pe = k_pe.flatten_all()?.to_vec1::<f32>()?;
+        let angles = rope.tables(&positions);
+        let (q_nope, q_pe) = split_rows(&q, self.nope + self.rope_dim, self.nope);
+        let q_pe = rope.apply(&q_pe, (&angles.0, &angles.1));
+        let k_pe = split_rows(&kv, self.kv_lora + self.rope_dim, self.kv_lora).1;
+        let new_k_pe = rope.apply(&k_pe, (&angles.0, &angles.1));
         for (row, &(table, position)) in rows.iter().enumerate() {
             store.write(
                 table,
@@ -179,8 +181,6 @@ impl Attention {
         let width = self.heads * self.v_dim;
         let mut out = vec![0f32; tokens * width];
         let mut decode_rows = Vec::new();
-        let q_nope = q_nope.flatten_all()?.to_vec1::<f32>()?;
-        let q_pe = q_pe.flatten_all()?.to_vec1::<f32>()?;
         let mut row = 0;
         for &(len, table) in segments {
             let start = table.tokens();
@@ -376,6 +376,16 @@ impl Attention {
         );
         out
     }
+}
+
+/// `x`'s rows (`width` long) cut at `at`: their first `at` values, one row after another, and
+/// their other values likewise.
+fn split_rows(x: &[f32], width: usize, at: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.chunks_exact(width);
+    (
+        rows.clone().flat_map(|row| &row[..at]).copied().collect(),
+        rows.flat_map(|row| &row[at..]).copied().collect(),
+    )
 }
 
 /// Heads attended together in decode: each pass over a sequence's latents serves them all

@@ -387,8 +387,8 @@ impl Rope {
         }
     }
 
-    /// `cos` and `sin` tables, `[positions, rope_dim / 2]`.
-    pub fn tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+    /// `cos` and `sin` tables, `[positions, rope_dim / 2]` each.
+    pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let (len, half) = (positions.len(), self.inv_freq.len());
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -399,26 +399,42 @@ impl Rope {
                 sin.push(angle.sin() * self.attention_factor);
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), &Device::Cpu)?,
-            Tensor::from_vec(sin, (len, half), &Device::Cpu)?,
-        ))
+        (cos, sin)
     }
 
     /// Rotates `x` (`[tokens, heads, rope_dim]`, pairs interleaved as the checkpoints store
-    /// them: (x0, x1), (x2, x3), …). The result is in half-split layout (all first elements,
-    /// then all second elements); queries and keys get the same layout, so their dot
-    /// products are unchanged.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (tokens, heads, dim) = x.dims3()?;
-        let pairs = x.reshape((tokens, heads, dim / 2, 2))?;
-        let even = pairs.narrow(3, 0, 1)?.squeeze(3)?;
-        let odd = pairs.narrow(3, 1, 1)?.squeeze(3)?;
-        let cos = cos.unsqueeze(1)?;
-        let sin = sin.unsqueeze(1)?;
-        let first = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-        let second = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
-        Ok(Tensor::cat(&[first, second], 2)?)
+    /// them: (x0, x1), (x2, x3), …) by each token's angles (`tables` of the tokens'
+    /// positions). The result is in half-split layout (all first elements, then all second
+    /// elements); queries and keys get the same layout, so their dot products are unchanged.
+    /// Plain loops over slices: the multiplies, subtractions and adds of the tensor ops
+    /// (views, broadcasts, a concatenation) they replace, so the same bits, with no tensor
+    /// built for a decode step's few rows.
+    pub fn apply(&self, x: &[f32], (cos, sin): (&[f32], &[f32])) -> Vec<f32> {
+        let half = self.inv_freq.len();
+        let tokens = cos.len() / half;
+        assert!(sin.len() == cos.len() && cos.len() == tokens * half);
+        let mut out = vec![0f32; x.len()];
+        if tokens == 0 {
+            return out;
+        }
+        let per_token = x.len() / tokens;
+        assert_eq!(per_token * tokens, x.len());
+        let token_rows = x
+            .chunks_exact(per_token)
+            .zip(out.chunks_exact_mut(per_token));
+        for ((x, out), (cos, sin)) in
+            token_rows.zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
+        {
+            for (x, out) in x.chunks_exact(2 * half).zip(out.chunks_exact_mut(2 * half)) {
+                let (first, second) = out.split_at_mut(half);
+                for (i, pair) in x.chunks_exact(2).enumerate() {
+                    let (even, odd) = (pair[0], pair[1]);
+                    first[i] = even * cos[i] - odd * sin[i];
+                    second[i] = odd * cos[i] + even * sin[i];
+                }
+            }
+        }
+        out
     }
 }
 
@@ -457,26 +473,13 @@ mod tests {
         let rope = Rope::new(&cfg);
         let dim = cfg.qk_rope_head_dim;
         let x: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
-        let t = Tensor::from_vec(x.clone(), (1, 1, dim), &Device::Cpu).unwrap();
-        let (cos, sin) = rope.tables(&[5]).unwrap();
-        let r = rope
-            .apply(&t, &cos, &sin)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (cos, sin) = rope.tables(&[5]);
+        let r = rope.apply(&x, (&cos, &sin));
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&r) - norm(&x)).abs() < 1e-5);
         // position 0 is the identity (in half-split layout)
-        let (cos0, sin0) = rope.tables(&[0]).unwrap();
-        let r0 = rope
-            .apply(&t, &cos0, &sin0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (cos0, sin0) = rope.tables(&[0]);
+        let r0 = rope.apply(&x, (&cos0, &sin0));
         let split: Vec<f32> = x
             .iter()
             .step_by(2)

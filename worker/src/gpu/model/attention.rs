@@ -93,12 +93,12 @@ impl Rows {
     ) -> Result<Self> {
         let stream = &gpu.stream;
         let layout = RowLayout::of(segments);
-        let (cos, sin) = rope.tables(&layout.positions)?;
+        let (cos, sin) = rope.tables(&layout.positions);
         let lengths: Vec<i32> = layout.positions.iter().map(|&p| p as i32 + 1).collect();
         Ok(Rows {
             count: layout.positions.len(),
-            cos: stream.clone_htod(&cos.flatten_all()?.to_vec1::<f32>()?)?,
-            sin: stream.clone_htod(&sin.flatten_all()?.to_vec1::<f32>()?)?,
+            cos: stream.clone_htod(&cos)?,
+            sin: stream.clone_htod(&sin)?,
             slots: stream.clone_htod(&layout.slots)?,
             tables: stream.clone_htod(&layout.tables)?,
             width: layout.width,
