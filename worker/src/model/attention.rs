@@ -7,6 +7,8 @@
 //! the query and its value half applied after attention, so attention runs directly on the
 //! latents.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -163,10 +165,17 @@ impl Attention {
             .collect();
         let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
         let angles = rope.tables(&positions);
-        let (q_nope, q_pe) = split_rows(&q, self.nope + self.rope_dim, self.nope);
-        let q_pe = rope.apply(&q_pe, (&angles.0, &angles.1));
-        let k_pe = split_rows(&kv, self.kv_lora + self.rope_dim, self.kv_lora).1;
-        let new_k_pe = rope.apply(&k_pe, (&angles.0, &angles.1));
+        let head_dim = self.nope + self.rope_dim;
+        let q_nope = columns(&q, head_dim, 0..self.nope);
+        let q_pe = rope.apply(
+            &columns(&q, head_dim, self.nope..head_dim),
+            (&angles.0, &angles.1),
+        );
+        let kv_width = self.kv_lora + self.rope_dim;
+        let new_k_pe = rope.apply(
+            &columns(&kv, kv_width, self.kv_lora..kv_width),
+            (&angles.0, &angles.1),
+        );
         for (row, &(table, position)) in rows.iter().enumerate() {
             store.write(
                 table,
@@ -378,14 +387,12 @@ impl Attention {
     }
 }
 
-/// `x`'s rows (`width` long) cut at `at`: their first `at` values, one row after another, and
-/// their other values likewise.
-fn split_rows(x: &[f32], width: usize, at: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = x.chunks_exact(width);
-    (
-        rows.clone().flat_map(|row| &row[..at]).copied().collect(),
-        rows.flat_map(|row| &row[at..]).copied().collect(),
-    )
+/// Columns `columns` of `x`'s rows (`width` long), one row after another.
+fn columns(x: &[f32], width: usize, columns: Range<usize>) -> Vec<f32> {
+    x.chunks_exact(width)
+        .flat_map(|row| &row[columns.clone()])
+        .copied()
+        .collect()
 }
 
 /// Heads attended together in decode: each pass over a sequence's latents serves them all
@@ -412,9 +419,8 @@ fn attend_latents(
     let mut latent_scores = [0f32; HEADS_PER_TASK * BLOCK_TOKENS];
     let mut pe_scores = [0f32; HEADS_PER_TASK * BLOCK_TOKENS];
     // Scores a block of positions at a time (their latents lie together).
-    for first in (0..total).step_by(BLOCK_TOKENS) {
-        let count = BLOCK_TOKENS.min(total - first);
-        let (c_kv, k_pe) = store.read_run(table, first, count);
+    for (first, c_kv, k_pe) in store.runs(table, total) {
+        let count = c_kv.len() / kv_lora;
         let latent_scores = &mut latent_scores[..heads * count];
         let pe_scores = &mut pe_scores[..heads * count];
         dots_by_key(q_latent, c_kv, kv_lora, latent_scores);
@@ -432,9 +438,7 @@ fn attend_latents(
     for probs in probs.chunks_exact_mut(total) {
         softmax_scaled(probs, scale);
     }
-    for first in (0..total).step_by(BLOCK_TOKENS) {
-        let count = BLOCK_TOKENS.min(total - first);
-        let (c_kv, _) = store.read_run(table, first, count);
+    for (first, c_kv, _) in store.runs(table, total) {
         for (position, latent) in (first..).zip(c_kv.chunks_exact(kv_lora)) {
             for (out, probs) in out.chunks_exact_mut(kv_lora).zip(probs.chunks_exact(total)) {
                 axpy(probs[position], latent, out);

@@ -52,15 +52,26 @@ impl LayerBlocks {
         )
     }
 
+    /// Positions `0..tokens` a block at a time, in order: each run's first position, then its
+    /// latents and roped keys (`read_run`).
+    pub fn runs<'a>(
+        &'a self,
+        table: &'a BlockTable,
+        tokens: usize,
+    ) -> impl Iterator<Item = (usize, &'a [f32], &'a [f32])> + 'a {
+        (0..tokens).step_by(BLOCK_TOKENS).map(move |first| {
+            let (c_kv, k_pe) = self.read_run(table, first, BLOCK_TOKENS.min(tokens - first));
+            (first, c_kv, k_pe)
+        })
+    }
+
     /// Positions `0..tokens` copied out contiguously: `([tokens × kv_lora], [tokens × rope])`.
     pub fn gather(&self, table: &BlockTable, tokens: usize) -> (Vec<f32>, Vec<f32>) {
         let mut c_kv = Vec::with_capacity(tokens * self.kv_lora);
         let mut k_pe = Vec::with_capacity(tokens * self.rope);
-        for (b, &block) in table.blocks.iter().enumerate() {
-            let used = BLOCK_TOKENS.min(tokens.saturating_sub(b * BLOCK_TOKENS));
-            let first = block as usize * BLOCK_TOKENS;
-            c_kv.extend_from_slice(&self.c_kv[first * self.kv_lora..][..used * self.kv_lora]);
-            k_pe.extend_from_slice(&self.k_pe[first * self.rope..][..used * self.rope]);
+        for (_, latents, keys) in self.runs(table, tokens) {
+            c_kv.extend_from_slice(latents);
+            k_pe.extend_from_slice(keys);
         }
         (c_kv, k_pe)
     }

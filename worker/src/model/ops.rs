@@ -1,4 +1,5 @@
-//! Shared building blocks: linear layers, RMSNorm, SwiGLU MLPs and YaRN rotary embeddings. Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
+//! Shared building blocks: linear layers, RMSNorm, SwiGLU MLPs and YaRN rotary embeddings.
+//! Activations are f32 throughout (see the numerics contract in ARCHITECTURE.md).
 
 use candle_core::{D, Device, Tensor};
 use rayon::prelude::*;
