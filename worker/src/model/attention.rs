@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::cache::{BLOCK_TOKENS, BlockTable, LayerBlocks};
-use super::kernels::{self, Packed, Product, axpy, dots_by_key};
+use super::kernels::{self, Packed, Product, dots_by_key, weighted_sums};
 use super::ops::{Linear, RmsNorm, Rope, yarn_mscale};
 use crate::config::Config;
 use crate::error::Result;
@@ -438,12 +438,17 @@ fn attend_latents(
     for probs in probs.chunks_exact_mut(total) {
         softmax_scaled(probs, scale);
     }
+    let mut run_probs = [0f32; HEADS_PER_TASK * BLOCK_TOKENS];
     for (first, c_kv, _) in store.runs(table, total) {
-        for (position, latent) in (first..).zip(c_kv.chunks_exact(kv_lora)) {
-            for (out, probs) in out.chunks_exact_mut(kv_lora).zip(probs.chunks_exact(total)) {
-                axpy(probs[position], latent, out);
-            }
+        let count = c_kv.len() / kv_lora;
+        let run_probs = &mut run_probs[..heads * count];
+        for (run, probs) in run_probs
+            .chunks_exact_mut(count)
+            .zip(probs.chunks_exact(total))
+        {
+            run.copy_from_slice(&probs[first..first + count]);
         }
+        weighted_sums(run_probs, c_kv, kv_lora, out);
     }
 }
 
