@@ -548,12 +548,26 @@ impl LineAligned {
     const LINE: usize = 64 / std::mem::size_of::<f32>();
 
     fn copy(inputs: &[&[f32]]) -> Self {
+        Self::filled(inputs, |x, buffer| buffer.extend_from_slice(x))
+    }
+
+    /// The inputs times `scales`, element by element.
+    fn scaled(inputs: &[&[f32]], scales: &[f32]) -> Self {
+        Self::filled(inputs, |x, buffer| {
+            buffer.extend(x.iter().zip(scales).map(|(x, scale)| x * scale))
+        })
+    }
+
+    /// Each input written by `fill` at the start of a line, in one pass over the buffer.
+    fn filled(inputs: &[&[f32]], fill: impl Fn(&[f32], &mut Vec<f32>)) -> Self {
         let in_dim = inputs.first().map_or(0, |x| x.len());
         let stride = in_dim.next_multiple_of(Self::LINE);
-        let mut buffer = vec![0f32; inputs.len() * stride + Self::LINE];
+        let mut buffer: Vec<f32> = Vec::with_capacity(inputs.len() * stride + Self::LINE);
         let start = buffer.as_ptr().align_offset(64).min(Self::LINE);
-        for (t, x) in inputs.iter().enumerate() {
-            buffer[start + t * stride..][..in_dim].copy_from_slice(x);
+        buffer.resize(start, 0.0);
+        for x in inputs {
+            fill(x, &mut buffer);
+            buffer.resize(buffer.len() - in_dim + stride, 0.0);
         }
         LineAligned {
             buffer,
@@ -561,16 +575,6 @@ impl LineAligned {
             stride,
             in_dim,
             n: inputs.len(),
-        }
-    }
-
-    /// Multiplies every input by `scales`, element by element.
-    fn scale(&mut self, scales: &[f32]) {
-        for t in 0..self.n {
-            let x = &mut self.buffer[self.start + t * self.stride..][..self.in_dim];
-            for (x, scale) in x.iter_mut().zip(scales) {
-                *x *= scale;
-            }
         }
     }
 
@@ -601,8 +605,7 @@ fn fp8_rows_times_inputs(isa: Isa, m: Fp8Matrix<'_>, inputs: &[&[f32]], out: &mu
         let out = &mut out[first * n..end * n];
         for c in (0..n).step_by(FP8_INPUTS_PER_COPY) {
             let group = &inputs[c..n.min(c + FP8_INPUTS_PER_COPY)];
-            let mut scaled = LineAligned::copy(group);
-            scaled.scale(scales);
+            let scaled = LineAligned::scaled(group, scales);
             if group.len() == n {
                 rows_times_inputs(isa, bytes, &scaled.rows(), out);
                 continue;
