@@ -169,28 +169,30 @@ pub enum Packed<'a> {
 #[derive(Clone, Copy)]
 pub struct Fp8Matrix<'a> {
     bytes: &'a [u8],
-    /// `[⌈rows / block_rows⌉, in_dim]`: each element's block scale times 2⁸.
-    column_scales: &'a [f32],
-    block_rows: usize,
-    /// Where `bytes` starts among the rows `column_scales` describes (tasks take slices).
+    /// `[⌈rows / block_rows⌉, ⌈in_dim / block_cols⌉]`: each block's scale times 2⁸.
+    block_scales: &'a [f32],
+    /// `[block_rows, block_cols]`.
+    block: [usize; 2],
+    /// Where `bytes` starts among the rows `block_scales` describes (tasks take slices).
     first_row: usize,
 }
 
 impl<'a> Packed<'a> {
-    /// e4m3 `bytes` `[rows, in_dim]` with `column_scales` `[⌈rows / block_rows⌉, in_dim]`
-    /// (each element's block scale times 2⁸, as `weights::Fp8Weights` keeps them).
-    pub fn fp8(
-        bytes: &'a [u8],
-        column_scales: &'a [f32],
-        block_rows: usize,
-        in_dim: usize,
-    ) -> Self {
+    /// e4m3 `bytes` `[rows, in_dim]` with `block_scales` `[⌈rows / block_rows⌉, ⌈in_dim /
+    /// block_cols⌉]` (each block's scale times 2⁸, as `weights::Fp8Weights` keeps them) for
+    /// `block` `[block_rows, block_cols]`.
+    pub fn fp8(bytes: &'a [u8], block_scales: &'a [f32], block: [usize; 2], in_dim: usize) -> Self {
         let rows = bytes.len() / in_dim.max(1);
-        assert!(block_rows > 0 && column_scales.len() == rows.div_ceil(block_rows) * in_dim);
+        let [block_rows, block_cols] = block;
+        assert!(
+            block_rows > 0
+                && block_cols > 0
+                && block_scales.len() == rows.div_ceil(block_rows) * in_dim.div_ceil(block_cols)
+        );
         Packed::Fp8(Fp8Matrix {
             bytes,
-            column_scales,
-            block_rows,
+            block_scales,
+            block,
             first_row: 0,
         })
     }
@@ -237,10 +239,13 @@ impl<'a> Packed<'a> {
             Packed::Bf16(m) => widen_into(m.row(r, out.len()), out),
             Packed::Fp8(m) => {
                 let (bytes, scales) = m.row(r, out.len());
-                for ((out, &byte), scale) in out.iter_mut().zip(bytes).zip(scales) {
-                    // One rounding, of `e4m3 · 2⁻⁸` (exact) times `scale · 2⁸`: the
-                    // dequantised f32 weight.
-                    *out = E4M3_TIMES_2_POW_MINUS_8[usize::from(byte)] * scale;
+                let blocks = out.chunks_mut(m.block[1]).zip(bytes.chunks(m.block[1]));
+                for ((out, bytes), scale) in blocks.zip(scales) {
+                    for (out, &byte) in out.iter_mut().zip(bytes) {
+                        // One rounding, of `e4m3 · 2⁻⁸` (exact) times `scale · 2⁸`: the
+                        // dequantised f32 weight.
+                        *out = E4M3_TIMES_2_POW_MINUS_8[usize::from(byte)] * scale;
+                    }
                 }
             }
             Packed::F32(m) => widen_into(m.row(r, out.len()), out),
@@ -389,13 +394,18 @@ impl<W: Weight> Row for Stored<'_, W> {
 }
 
 impl<'a> Fp8Matrix<'a> {
-    /// Row `r`'s e4m3 bytes and the scales (· 2⁸) of their blocks.
+    /// Row `r`'s e4m3 bytes and the scales (· 2⁸) of their blocks, a block of columns each.
     fn row(self, r: usize, in_dim: usize) -> (&'a [u8], &'a [f32]) {
-        let block = (self.first_row + r) / self.block_rows;
         (
             &self.bytes[r * in_dim..][..in_dim],
-            &self.column_scales[block * in_dim..][..in_dim],
+            self.scales(self.first_row + r, in_dim),
         )
+    }
+
+    /// The scales (· 2⁸) of the blocks along row `row` (counted from the matrix's first).
+    fn scales(self, row: usize, in_dim: usize) -> &'a [f32] {
+        let scale_cols = in_dim.div_ceil(self.block[1]);
+        &self.block_scales[row / self.block[0] * scale_cols..][..scale_cols]
     }
 }
 
@@ -551,10 +561,12 @@ impl LineAligned {
         Self::filled(inputs, |x, buffer| buffer.extend_from_slice(x))
     }
 
-    /// The inputs times `scales`, element by element.
-    fn scaled(inputs: &[&[f32]], scales: &[f32]) -> Self {
+    /// The inputs times `scales`, one per block of `block_cols` elements.
+    fn scaled(inputs: &[&[f32]], scales: &[f32], block_cols: usize) -> Self {
         Self::filled(inputs, |x, buffer| {
-            buffer.extend(x.iter().zip(scales).map(|(x, scale)| x * scale))
+            for (x, &scale) in x.chunks(block_cols).zip(scales) {
+                buffer.extend(x.iter().map(|x| x * scale));
+            }
         })
     }
 
@@ -598,14 +610,14 @@ fn fp8_rows_times_inputs(isa: Isa, m: Fp8Matrix<'_>, inputs: &[&[f32]], out: &mu
     let rows = out.len() / n;
     let mut first = 0;
     while first < rows {
-        let block = (m.first_row + first) / m.block_rows;
-        let end = rows.min((block + 1) * m.block_rows - m.first_row);
-        let scales = &m.column_scales[block * in_dim..][..in_dim];
+        let block_rows = m.block[0];
+        let end = rows.min(((m.first_row + first) / block_rows + 1) * block_rows - m.first_row);
+        let scales = m.scales(m.first_row + first, in_dim);
         let bytes = &m.bytes[first * in_dim..end * in_dim];
         let out = &mut out[first * n..end * n];
         for c in (0..n).step_by(FP8_INPUTS_PER_COPY) {
             let group = &inputs[c..n.min(c + FP8_INPUTS_PER_COPY)];
-            let scaled = LineAligned::scaled(group, scales);
+            let scaled = LineAligned::scaled(group, scales, m.block[1]);
             if group.len() == n {
                 rows_times_inputs(isa, bytes, &scaled.rows(), out);
                 continue;
@@ -1541,14 +1553,19 @@ mod tests {
             .collect()
     }
 
-    /// Every finite e4m3 byte in turn (NaN bytes are refused at load), in blocks of 3 rows ×
-    /// 7 columns (which straddle register blocks, tasks and lanes) scaled by 2⁻¹⁰ to 13 · 2⁻¹⁰.
+    /// Blocks of `fp8_weights`: 3 rows × 7 columns, which straddle register blocks, tasks and
+    /// lanes.
+    const FP8_BLOCK: [usize; 2] = [3, 7];
+
+    /// Every finite e4m3 byte in turn (NaN bytes are refused at load), in blocks of
+    /// `FP8_BLOCK` scaled by 2⁻¹⁰ to 13 · 2⁻¹⁰.
     fn fp8_weights(rows: usize, in_dim: usize) -> (Vec<u8>, Vec<f32>) {
         let finite = (0..=255u8).filter(|b| b & 0x7f != 0x7f).cycle();
         let bytes = finite.skip(77).take(rows * in_dim).collect();
-        let scales = (0..rows.div_ceil(3) * in_dim)
+        let scale_cols = in_dim.div_ceil(FP8_BLOCK[1]);
+        let scales = (0..rows.div_ceil(FP8_BLOCK[0]) * scale_cols)
             .map(|k| {
-                let (row_block, column_block) = (k / in_dim, k % in_dim / 7);
+                let (row_block, column_block) = (k / scale_cols, k % scale_cols);
                 let scale = (1 + (5 * row_block + column_block) % 13) as f32 / 1024.0;
                 scale * E4M3_AS_F16_FACTOR
             })
@@ -1567,7 +1584,7 @@ mod tests {
         let f32s = activations(rows * in_dim);
         let formats = [
             ("bf16", Packed::Bf16(&bf16)),
-            ("fp8", Packed::fp8(&bytes, &scales, 3, in_dim)),
+            ("fp8", Packed::fp8(&bytes, &scales, FP8_BLOCK, in_dim)),
             ("f32", Packed::F32(&f32s)),
         ];
         for ((format, weight), n) in formats
@@ -1647,7 +1664,10 @@ mod tests {
         let bf16_values: Vec<f64> = bf16.iter().map(|&b| f64::from(widen(b))).collect();
         let fp8_values: Vec<f64> = (0..rows * in_dim)
             .map(|k| {
-                let scale = scales[(k / in_dim / 3) * in_dim + k % in_dim] / E4M3_AS_F16_FACTOR;
+                let (row, column) = (k / in_dim, k % in_dim);
+                let scale_cols = in_dim.div_ceil(FP8_BLOCK[1]);
+                let block = row / FP8_BLOCK[0] * scale_cols + column / FP8_BLOCK[1];
+                let scale = scales[block] / E4M3_AS_F16_FACTOR;
                 f64::from(fp8_e4m3_to_f32(bytes[k]) * scale)
             })
             .collect();
@@ -1655,7 +1675,7 @@ mod tests {
         let f32_values = f32s.iter().map(|&v| f64::from(v)).collect();
         let formats = [
             (Packed::Bf16(&bf16), bf16_values),
-            (Packed::fp8(&bytes, &scales, 3, in_dim), fp8_values),
+            (Packed::fp8(&bytes, &scales, FP8_BLOCK, in_dim), fp8_values),
             (Packed::F32(&f32s), f32_values),
         ];
         for (weight, values) in formats {

@@ -129,7 +129,7 @@ impl PackedWeights {
         match self {
             PackedWeights::Bf16(w) => kernels::Packed::Bf16(w.bits()),
             PackedWeights::Fp8(w) => {
-                kernels::Packed::fp8(w.bytes(), w.column_scales(), w.block_rows(), in_dim)
+                kernels::Packed::fp8(w.bytes(), w.block_scales(), w.block(), in_dim)
             }
         }
     }

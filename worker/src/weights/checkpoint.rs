@@ -10,7 +10,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use super::dtype::to_f32;
-use super::fp8::{E4M3_AS_F16_FACTOR, Fp8Weights, column_scales};
+use super::fp8::{E4M3_AS_F16_FACTOR, Fp8Weights};
 use super::header::{TensorInfo, parse_header};
 use super::progress::Progress;
 use super::{Bf16Weights, DEFAULT_FP8_BLOCK, Dtype, INDEX_FILE, LoadError, SINGLE_FILE};
@@ -178,8 +178,8 @@ impl Checkpoint {
         Ok(Fp8Weights::new(
             &self.shards[info.shard].map,
             info.start..info.end,
-            column_scales(&scales, info.shape[1], self.fp8_block),
-            self.fp8_block[0],
+            &scales,
+            self.fp8_block,
         ))
     }
 

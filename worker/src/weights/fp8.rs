@@ -15,28 +15,30 @@ use super::{Checkpoint, Dtype, LoadError, TensorInfo};
 pub const E4M3_AS_F16_FACTOR: f32 = 256.0;
 
 /// An FP8 weight matrix `[rows, cols]`: its e4m3 bytes read in place from the checkpoint's
-/// mapping (the page cache holds them, one byte per weight), and its block scales spread over
-/// the columns, `[⌈rows / block_rows⌉, cols]` (each times [`E4M3_AS_F16_FACTOR`]), so a
-/// kernel multiplies a register of weights by a register of scales whatever the block shape.
+/// mapping (the page cache holds them, one byte per weight), and its block scales
+/// `[⌈rows / block_rows⌉, ⌈cols / block_cols⌉]`, each times [`E4M3_AS_F16_FACTOR`].
 pub struct Fp8Weights {
     map: Arc<Mmap>,
     bytes: Range<usize>,
-    column_scales: Vec<f32>,
-    block_rows: usize,
+    block_scales: Vec<f32>,
+    block: [usize; 2],
 }
 
 impl Fp8Weights {
+    /// `scales` as the checkpoint stores them (`weight_scale_inv`), for `block`
+    /// `[block_rows, block_cols]`.
     pub(super) fn new(
         map: &Arc<Mmap>,
         bytes: Range<usize>,
-        column_scales: Vec<f32>,
-        block_rows: usize,
+        scales: &[f32],
+        block: [usize; 2],
     ) -> Self {
         Fp8Weights {
             map: Arc::clone(map),
             bytes,
-            column_scales,
-            block_rows,
+            // Exact: a power of two.
+            block_scales: scales.iter().map(|s| s * E4M3_AS_F16_FACTOR).collect(),
+            block,
         }
     }
 
@@ -45,25 +47,16 @@ impl Fp8Weights {
         &self.map[self.bytes.clone()]
     }
 
-    /// `[⌈rows / block_rows⌉, cols]`: element (i, j)'s scale times 2⁸ is at
-    /// `(i / block_rows) · cols + j`.
-    pub fn column_scales(&self) -> &[f32] {
-        &self.column_scales
+    /// `[⌈rows / block_rows⌉, ⌈cols / block_cols⌉]`: element (i, j)'s scale times 2⁸ is at
+    /// `(i / block_rows) · ⌈cols / block_cols⌉ + j / block_cols`.
+    pub fn block_scales(&self) -> &[f32] {
+        &self.block_scales
     }
 
-    pub fn block_rows(&self) -> usize {
-        self.block_rows
+    /// `[block_rows, block_cols]`.
+    pub fn block(&self) -> [usize; 2] {
+        self.block
     }
-}
-
-/// Block scales `[⌈rows / block⌉, ⌈cols / block⌉]` spread to `[⌈rows / block⌉, cols]`, times
-/// [`E4M3_AS_F16_FACTOR`] (exact: a power of two).
-pub(super) fn column_scales(scales: &[f32], cols: usize, block: [usize; 2]) -> Vec<f32> {
-    let scale_cols = cols.div_ceil(block[1]);
-    scales
-        .chunks_exact(scale_cols.max(1))
-        .flat_map(|row| (0..cols).map(move |j| row[j / block[1]] * E4M3_AS_F16_FACTOR))
-        .collect()
 }
 
 impl Checkpoint {
@@ -241,10 +234,10 @@ mod tests {
         let dequantised = ckpt.load_f32("w.weight", &[3, 5]).unwrap();
         let w = ckpt.load_fp8_in_place("w.weight", &[3, 5]).unwrap();
         assert_eq!(w.bytes(), q);
-        assert_eq!(w.block_rows(), 2);
+        assert_eq!(w.block(), [2, 2]);
         let in_place: Vec<f32> = (0..15)
             .map(|k| {
-                let scale = w.column_scales()[(k / 5) / 2 * 5 + k % 5] / E4M3_AS_F16_FACTOR;
+                let scale = w.block_scales()[(k / 5) / 2 * 3 + k % 5 / 2] / E4M3_AS_F16_FACTOR;
                 fp8_e4m3_to_f32(w.bytes()[k]) * scale
             })
             .collect();
