@@ -166,8 +166,8 @@ struct GenerateArgs {
     /// whatever this says.
     #[arg(long, value_enum, default_value = "auto")]
     dtype: gpu::Dtype,
-    /// CPU kernels: `baseline`, `avx2` or `avx512` (default: the best this CPU has). Every
-    /// path gives the same bits; this changes speed only.
+    /// CPU kernels: `baseline`, `avx2`, `avx512` or `avx512vbmi` (default: the best this CPU
+    /// has). Every path gives the same bits; this changes speed only.
     #[arg(long, value_enum)]
     cpu_kernels: Option<Isa>,
 }

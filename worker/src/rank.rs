@@ -30,8 +30,8 @@ pub struct ServeArgs {
     /// says.
     #[arg(long, env = env::DTYPE, value_enum, default_value = "auto")]
     pub dtype: Dtype,
-    /// CPU kernels: `baseline`, `avx2` or `avx512` (default: the best this CPU has). Every
-    /// path gives the same bits; this changes speed only.
+    /// CPU kernels: `baseline`, `avx2`, `avx512` or `avx512vbmi` (default: the best this CPU
+    /// has). Every path gives the same bits; this changes speed only.
     #[arg(long, value_enum)]
     pub cpu_kernels: Option<Isa>,
     /// Checkpoint directory (config.json, safetensors), or `hf:OWNER/NAME[@REVISION]`:

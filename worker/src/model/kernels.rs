@@ -1357,8 +1357,12 @@ simd_fn! {
     /// `[heads, count]` and `rows` `[count, n]`: row by row, a multiply then an add per
     /// element, so each sum keeps one order of terms whatever the heads beside it. Four
     /// heads' sums stay in registers while each row is read once for all of them.
-    pub fn weighted_sums / weighted_sums_on(weights: &[f32], rows: &[f32], n: usize, out: &mut [f32])
-        = weighted_sums_portable
+    pub fn weighted_sums / weighted_sums_on(
+        weights: &[f32],
+        rows: &[f32],
+        n: usize,
+        out: &mut [f32]
+    ) = weighted_sums_portable
 }
 
 #[inline(always)]

@@ -78,10 +78,9 @@ fn greedy_generation_prints_the_reference_tokens_and_logits() {
 }
 
 /// `--cpu-kernels` changes speed only: every path this CPU has gives the same logits, bit for
-/// bit, and the output names the path that ran.
+/// bit, on bf16 and FP8 weights, and the output names the path that ran.
 #[test]
 fn every_cpu_kernel_path_gives_the_same_logits() {
-    let dir = fixture("tiny-v3-bf16");
     let mut paths = vec![("baseline", "baseline")];
     #[cfg(target_arch = "x86_64")]
     {
@@ -90,35 +89,44 @@ fn every_cpu_kernel_path_gives_the_same_logits() {
             paths.push(("avx2", "avx2+fma"));
             if has!("avx512f") {
                 paths.push(("avx512", "avx512f"));
+                if has!("avx512bw") && has!("avx512vbmi") {
+                    paths.push(("avx512vbmi", "avx512f+vbmi"));
+                }
             }
         }
     }
-    let runs: Vec<String> = paths
-        .iter()
-        .map(|(flag, name)| {
-            let logits = std::env::temp_dir()
-                .join(format!("dsd-kernels-{flag}-{}.json", std::process::id()));
-            let out = json(&worker(&[
-                "generate",
-                "--model",
-                dir.to_str().unwrap(),
-                "--prompt-ids",
-                "0,5,17,99,3,250,42,7",
-                "--max-new-tokens",
-                "8",
-                "--cpu-kernels",
-                flag,
-                "--logits-out",
-                logits.to_str().unwrap(),
-            ]));
-            assert_eq!(out["cpu_kernels"], *name);
-            let text = std::fs::read_to_string(&logits).unwrap();
-            std::fs::remove_file(&logits).unwrap();
-            text
-        })
-        .collect();
-    for ((flag, _), run) in paths.iter().zip(&runs) {
-        assert!(run == &runs[0], "--cpu-kernels {flag} gave other logits");
+    for model in ["tiny-v3-bf16", "tiny-v3-fp8"] {
+        let dir = fixture(model);
+        let runs: Vec<String> = paths
+            .iter()
+            .map(|(flag, name)| {
+                let logits = std::env::temp_dir()
+                    .join(format!("dsd-kernels-{flag}-{}.json", std::process::id()));
+                let out = json(&worker(&[
+                    "generate",
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--prompt-ids",
+                    "0,5,17,99,3,250,42,7",
+                    "--max-new-tokens",
+                    "8",
+                    "--cpu-kernels",
+                    flag,
+                    "--logits-out",
+                    logits.to_str().unwrap(),
+                ]));
+                assert_eq!(out["cpu_kernels"], *name);
+                let text = std::fs::read_to_string(&logits).unwrap();
+                std::fs::remove_file(&logits).unwrap();
+                text
+            })
+            .collect();
+        for ((flag, _), run) in paths.iter().zip(&runs) {
+            assert!(
+                run == &runs[0],
+                "{model}: --cpu-kernels {flag} gave other logits"
+            );
+        }
     }
 }
 
