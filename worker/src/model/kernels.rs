@@ -780,35 +780,40 @@ mod x86 {
             if !BYTE_TABLE {
                 return unsafe { [Self::widen_e4m3(bytes), Self::widen_e4m3(bytes.add(32))] };
             }
-            let load = |p: *const u8| unsafe { _mm512_loadu_si512(p.cast()) };
+            // Straight-line intrinsics: a closure would not take the kernel's features.
             let [high, low] = &E4M3_AS_BF16_BYTES;
             unsafe {
-                let bytes = _mm512_permutexvar_epi8(load(UNPACK_ORDER.as_ptr()), load(bytes));
-                let look_up = |table: &[u8; 128]| {
-                    _mm512_permutex2var_epi8(
-                        load(table.as_ptr()),
-                        bytes,
-                        load(table[64..].as_ptr()),
-                    )
-                };
-                // Bit for bit: the byte's where the mask is set (its sign), else the table's.
-                let high = _mm512_ternarylogic_epi32::<0xCA>(
-                    _mm512_set1_epi8(i8::MIN),
+                let order = _mm512_loadu_si512(UNPACK_ORDER.as_ptr().cast());
+                let bytes = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(bytes.cast()));
+                // Each table in two registers: the index's bit 6 picks the register.
+                let high = _mm512_permutex2var_epi8(
+                    _mm512_loadu_si512(high.as_ptr().cast()),
                     bytes,
-                    look_up(high),
+                    _mm512_loadu_si512(high[64..].as_ptr().cast()),
                 );
-                let low = look_up(low);
-                let words = [
+                let low = _mm512_permutex2var_epi8(
+                    _mm512_loadu_si512(low.as_ptr().cast()),
+                    bytes,
+                    _mm512_loadu_si512(low[64..].as_ptr().cast()),
+                );
+                // Bit for bit: the byte's where the mask is set (its sign), else the table's.
+                let high =
+                    _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(i8::MIN), bytes, high);
+                let (first, second) = (
                     _mm512_unpacklo_epi8(low, high),
                     _mm512_unpackhi_epi8(low, high),
-                ];
+                );
                 let zero = _mm512_setzero_si512();
-                words.map(|words| {
+                [
                     Zmm2([
-                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, words)),
-                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, words)),
-                    ])
-                })
+                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, first)),
+                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, first)),
+                    ]),
+                    Zmm2([
+                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, second)),
+                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, second)),
+                    ]),
+                ]
             }
         }
         #[inline(always)]
