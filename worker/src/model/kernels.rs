@@ -1645,20 +1645,27 @@ mod tests {
                 each[..],
                 "dots_by_key on {name}"
             );
-            // 7 heads (a group of four and three) over 3 rows of 125: `y += a · x` row by row.
-            let (weights, start) = (&x[2000..2021], b[..7 * 125].to_vec());
-            let mut each = start.clone();
-            for (h, out) in each.chunks_exact_mut(125).enumerate() {
-                for (p, row) in a[..3 * 125].chunks_exact(125).enumerate() {
-                    for (y, x) in out.iter_mut().zip(row) {
-                        *y += weights[h * 3 + p] * x;
+            // 1 to 7 heads (groups of four and the rest) over 3 rows of 125: `y += a · x` row
+            // by row.
+            for heads in 1..=7 {
+                let (weights, start) = (&x[2000..2000 + 3 * heads], &b[..125 * heads]);
+                let mut each = start.to_vec();
+                for (h, out) in each.chunks_exact_mut(125).enumerate() {
+                    for (p, row) in a[..3 * 125].chunks_exact(125).enumerate() {
+                        for (y, x) in out.iter_mut().zip(row) {
+                            *y += weights[h * 3 + p] * x;
+                        }
                     }
                 }
+                let mut sums = start.to_vec();
+                weighted_sums_on(isa, weights, &a[..3 * 125], 125, &mut sums);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&sums),
+                    bits(&each),
+                    "weighted_sums, {heads} heads, on {name}"
+                );
             }
-            let mut sums = start.clone();
-            weighted_sums_on(isa, weights, &a[..3 * 125], 125, &mut sums);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&sums), bits(&each), "weighted_sums on {name}");
         }
     }
 
