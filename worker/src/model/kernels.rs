@@ -693,7 +693,7 @@ mod x86 {
         if inputs.len() <= MEMORY_BOUND_INPUTS {
             rows_times_inputs::<Zmm2<true>, M, 1, 4>(rows, inputs, out)
         } else {
-            rows_times_inputs::<Zmm2<false>, M, 2, 4>(rows, inputs, out)
+            rows_times_inputs_avx512(rows, inputs, out)
         }
     }
 
