@@ -164,17 +164,14 @@ impl Attention {
             })
             .collect();
         let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
-        let angles = rope.tables(&positions);
+        let (cos, sin) = rope.tables(&positions);
         let head_dim = self.nope + self.rope_dim;
         let q_nope = columns(&q, head_dim, 0..self.nope);
-        let q_pe = rope.apply(
-            &columns(&q, head_dim, self.nope..head_dim),
-            (&angles.0, &angles.1),
-        );
+        let q_pe = rope.apply(&columns(&q, head_dim, self.nope..head_dim), (&cos, &sin));
         let kv_width = self.kv_lora + self.rope_dim;
         let new_k_pe = rope.apply(
             &columns(&kv, kv_width, self.kv_lora..kv_width),
-            (&angles.0, &angles.1),
+            (&cos, &sin),
         );
         for (row, &(table, position)) in rows.iter().enumerate() {
             store.write(
