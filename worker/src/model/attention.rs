@@ -93,12 +93,32 @@ impl Attention {
             heads * (nope + v_dim),
             kv_lora,
         )?;
-        let per_head = kv_up.weight()?.reshape((heads, nope + v_dim, kv_lora))?;
-        let flat = |t: Tensor| -> Result<HeadWeights> {
-            Ok(HeadWeights::new(t.contiguous()?.flatten_all()?.to_vec1()?))
+        let (w_uk_t, w_uv) = match kv_up.fp8_weights() {
+            // FP8 stays FP8: a quarter of f32's bytes read at every decode step.
+            Some(w) => {
+                let source = Fp8Source {
+                    bytes: w.bytes(),
+                    block_scales: w.block_scales(),
+                    block: w.block(),
+                    cols: kv_lora,
+                };
+                let stride = nope + v_dim;
+                (
+                    HeadWeights::fp8(&source, heads, stride, 0..nope, true),
+                    HeadWeights::fp8(&source, heads, stride, nope..stride, false),
+                )
+            }
+            None => {
+                let per_head = kv_up.weight()?.reshape((heads, nope + v_dim, kv_lora))?;
+                let flat = |t: Tensor| -> Result<HeadWeights> {
+                    Ok(HeadWeights::new(t.contiguous()?.flatten_all()?.to_vec1()?))
+                };
+                (
+                    flat(per_head.narrow(1, 0, nope)?.transpose(1, 2)?)?,
+                    flat(per_head.narrow(1, nope, v_dim)?)?,
+                )
+            }
         };
-        let w_uk_t = flat(per_head.narrow(1, 0, nope)?.transpose(1, 2)?)?;
-        let w_uv = flat(per_head.narrow(1, nope, v_dim)?)?;
         Ok(Attention {
             q,
             kv_down: Linear::load(
@@ -374,7 +394,7 @@ impl Attention {
             out.chunks_mut(rows * n)
                 .enumerate()
                 .map(|(h, out)| Product {
-                    weight: weights.head(h, rows * width),
+                    weight: weights.head(h, (rows, width)),
                     inputs: inputs(h),
                     out,
                 })
@@ -454,6 +474,24 @@ fn attend_latents(
 enum HeadWeights {
     Bf16(Vec<u16>),
     F32(Vec<f32>),
+    Fp8(Fp8Heads),
+}
+
+/// Every head's matrix as e4m3 bytes, `[heads, rows, width]`, with its own block scales
+/// (· 2⁸), `[heads, ⌈rows / block_rows⌉ · ⌈width / block_cols⌉]`.
+struct Fp8Heads {
+    bytes: Vec<u8>,
+    block_scales: Vec<f32>,
+    block: [usize; 2],
+}
+
+/// An FP8 matrix as the checkpoint stores it: `[rows, cols]` e4m3 bytes and block scales
+/// (· 2⁸) `[⌈rows / block_rows⌉, ⌈cols / block_cols⌉]` for `block` `[block_rows, block_cols]`.
+struct Fp8Source<'a> {
+    bytes: &'a [u8],
+    block_scales: &'a [f32],
+    block: [usize; 2],
+    cols: usize,
 }
 
 impl HeadWeights {
@@ -466,13 +504,79 @@ impl HeadWeights {
         }
     }
 
-    /// Head `h`'s matrix, `elements` long.
-    fn head(&self, h: usize, elements: usize) -> Packed<'_> {
+    /// Rows `rows` of each head's `stride` rows of `source`, transposed when `transpose`
+    /// (`[cols, rows.len()]`, else `[rows.len(), cols]`), each weight keeping its own scale:
+    /// a head's rows are cut in blocks of g = gcd(stride, rows.start, block_rows), which
+    /// start at multiples of g and so never straddle two of the source's blocks of rows.
+    fn fp8(
+        source: &Fp8Source<'_>,
+        heads: usize,
+        stride: usize,
+        rows: Range<usize>,
+        transpose: bool,
+    ) -> Self {
+        let [block_rows, block_cols] = source.block;
+        let g = gcd(gcd(stride, rows.start), block_rows);
+        let (height, width, block) = if transpose {
+            (source.cols, rows.len(), [block_cols, g])
+        } else {
+            (rows.len(), source.cols, [g, block_cols])
+        };
+        let scale_cols = source.cols.div_ceil(block_cols);
+        let mut bytes = Vec::with_capacity(heads * height * width);
+        let mut block_scales = Vec::new();
+        for h in 0..heads {
+            let first = h * stride + rows.start;
+            // (row, column) of `source` for the head matrix's element (i, j).
+            let at = |i: usize, j: usize| {
+                if transpose {
+                    (first + j, i)
+                } else {
+                    (first + i, j)
+                }
+            };
+            for i in 0..height {
+                for j in 0..width {
+                    let (r, c) = at(i, j);
+                    bytes.push(source.bytes[r * source.cols + c]);
+                }
+            }
+            for i in (0..height).step_by(block[0]) {
+                for j in (0..width).step_by(block[1]) {
+                    let (r, c) = at(i, j);
+                    block_scales
+                        .push(source.block_scales[r / block_rows * scale_cols + c / block_cols]);
+                }
+            }
+        }
+        HeadWeights::Fp8(Fp8Heads {
+            bytes,
+            block_scales,
+            block,
+        })
+    }
+
+    /// Head `h`'s matrix, `[rows, width]`.
+    fn head(&self, h: usize, (rows, width): (usize, usize)) -> Packed<'_> {
+        let elements = rows * width;
         match self {
             HeadWeights::Bf16(bits) => Packed::Bf16(&bits[h * elements..][..elements]),
             HeadWeights::F32(values) => Packed::F32(&values[h * elements..][..elements]),
+            HeadWeights::Fp8(m) => {
+                let scales = rows.div_ceil(m.block[0]) * width.div_ceil(m.block[1]);
+                Packed::fp8(
+                    &m.bytes[h * elements..][..elements],
+                    &m.block_scales[h * scales..][..scales],
+                    m.block,
+                    width,
+                )
+            }
         }
     }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The attention logits' scale: 1/√(qk head dim), times YaRN's mscale² when it applies.
@@ -513,8 +617,48 @@ mod tests {
             panic!("bf16 values kept as f32");
         };
         assert_eq!(bits[1], half::bf16::from_f32(-0.5).to_bits());
-        assert!(matches!(exact.head(1, 2), Packed::Bf16(&[_, b]) if b == 0x42c0));
+        assert!(matches!(exact.head(1, (1, 2)), Packed::Bf16(&[_, b]) if b == 0x42c0));
         let inexact = HeadWeights::new(vec![1.0, 0.1]);
-        assert!(matches!(inexact.head(0, 2), Packed::F32(&[1.0, v]) if v == 0.1));
+        assert!(matches!(inexact.head(0, (1, 2)), Packed::F32(&[1.0, v]) if v == 0.1));
+    }
+
+    /// Each head's FP8 rows, transposed or not, widen to the same weights as the whole
+    /// matrix widened and then cut, including where a head's rows start inside a block.
+    #[test]
+    fn fp8_heads_keep_every_weights_scale() {
+        let (heads, stride, cols, block): (usize, usize, usize, [usize; 2]) = (3, 6, 7, [4, 3]);
+        let rows = heads * stride;
+        // Every byte but the NaNs (0x7f, 0xff), and a distinct scale per block.
+        let bytes: Vec<u8> = (0..rows * cols)
+            .map(|i| (i * 37 % 127) as u8 | (i as u8 & 0x80))
+            .collect();
+        let scale_count = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
+        let block_scales: Vec<f32> = (0..scale_count).map(|i| 1.5 + i as f32 * 0.25).collect();
+        let whole = Packed::fp8(&bytes, &block_scales, block, cols).widen(cols);
+        let source = Fp8Source {
+            bytes: &bytes,
+            block_scales: &block_scales,
+            block,
+            cols,
+        };
+        for (range, transpose) in [(0..4, true), (4..6, false), (1..5, false), (3..6, true)] {
+            let weights = HeadWeights::fp8(&source, heads, stride, range.clone(), transpose);
+            for h in 0..heads {
+                let shape = if transpose {
+                    (cols, range.len())
+                } else {
+                    (range.len(), cols)
+                };
+                let got = weights.head(h, shape).widen(shape.1);
+                let want: Vec<f32> = (0..shape.0)
+                    .flat_map(|i| (0..shape.1).map(move |j| (i, j)))
+                    .map(|(i, j)| {
+                        let (r, c) = if transpose { (j, i) } else { (i, j) };
+                        whole[(h * stride + range.start + r) * cols + c]
+                    })
+                    .collect();
+                assert_eq!(got, want, "head {h}, rows {range:?}, transpose {transpose}");
+            }
+        }
     }
 }

@@ -107,6 +107,17 @@ impl Linear {
         }
     }
 
+    /// The weight's e4m3 bytes and block scales, where it is kept as FP8.
+    pub fn fp8_weights(&self) -> Option<&Fp8Weights> {
+        match &self.storage {
+            Storage::Packed {
+                weights: PackedWeights::Fp8(w),
+                ..
+            } => Some(w),
+            _ => None,
+        }
+    }
+
     /// The weight as stored in the checkpoint, `[out, in]`, in f32.
     pub fn weight(&self) -> Result<Tensor> {
         match &self.storage {
