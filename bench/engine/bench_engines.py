@@ -27,6 +27,9 @@ their summed time.
                 .tools/bench-model/bench-small-fp8, make_bench_model.py --fp8): not in the default
                 --engines; name it (--engines ours,ours-fp8). When both ran, ratios["ours-fp8/ours"]
                 gives its prefill, decode and peak-RSS ratios to ours.
+  ours-coded    ours with --cpu-decode-weights coded (a lossless 12-bit copy of the bf16
+                weights that decode reads; needs AVX-512 VBMI): not in the default --engines;
+                ratios as ours', and against ours and ours-fp8.
 
 Also: this machine's memory read bandwidth (numpy float32 sum over 1 GiB, one thread, and
 torch.sum over the same array with `threads` threads; median of 7 passes each; the larger is used) and the decode bound
@@ -390,8 +393,9 @@ def run_peak_rss(cmd: list[str]) -> tuple[int, str, str, float]:
                 ru.ru_maxrss / 1024)
 
 
-def run_ours(args, prompt: list[int], logits_npy: str, model: str | None = None, label: str = "ours") -> dict:
-    """$WORKER_BIN generate on `model` (default --model), reported as engine `label`."""
+def run_ours(args, prompt: list[int], logits_npy: str, model: str | None = None, label: str = "ours",
+             extra: tuple = ()) -> dict:
+    """$WORKER_BIN generate on `model` (default --model) with flags `extra`, reported as engine `label`."""
     model = model or args.model
     if not (os.path.isfile(WORKER_BIN) and os.access(WORKER_BIN, os.X_OK)):
         msg = f"skipped: {WORKER_BIN} does not exist (build it with cargo build --release, or set WORKER_BIN)"
@@ -401,7 +405,7 @@ def run_ours(args, prompt: list[int], logits_npy: str, model: str | None = None,
         msg = f"skipped: {model} has no checkpoint (make_bench_model.py{' --fp8' if 'fp8' in label else ''})"
         print(f"== {label}: {msg}", flush=True)
         return {"skipped": msg}
-    cmd = [WORKER_BIN, "generate", "--model", model, "--prompt-ids", ",".join(map(str, prompt)),
+    cmd = [WORKER_BIN, "generate", "--model", model, "--prompt-ids", ",".join(map(str, prompt)), *extra,
            "--max-new-tokens", str(args.gen_len), "--threads", str(args.threads)]
     print(f"== {label}: {' '.join(cmd[:4])} --prompt-ids <{len(prompt)} ids> {' '.join(cmd[6:])}", flush=True)
 
@@ -489,7 +493,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="llamacpp,transformers,ours",
-                    help="any of llamacpp, transformers, ours, ours-fp8 (comma-separated)")
+                    help="any of llamacpp, transformers, ours, ours-coded, ours-fp8 (comma-separated)")
     ap.add_argument("--gguf-types", default="f16,bf16,f32", help="GGUF files bench-small-<type>.gguf in --model")
     ap.add_argument("--hf-dtypes", default="float32,bfloat16")
     ap.add_argument("--hf-experts", default="default", help="transformers experts_implementation")
@@ -586,10 +590,12 @@ def main() -> None:
             lo = os.path.join(ldir, f"llamacpp-{gt}.npy")
             r = run_worker(args.llama_python, "llamacpp", ["--gguf", path, "--logits-out", lo], args, prompt)
             results["engines"][f"llamacpp-{gt}"] = r
-    for name, model_dir in (("ours", args.model), ("ours-fp8", args.fp8_model)):
+    coded = ("--cpu-decode-weights", "coded")
+    for name, model_dir, extra in (("ours", args.model, ()), ("ours-coded", args.model, coded),
+                                   ("ours-fp8", args.fp8_model, ())):
         if name not in engines:
             continue
-        results["engines"][name] = run_ours(args, prompt, os.path.join(ldir, f"{name}.npy"), model_dir, name)
+        results["engines"][name] = run_ours(args, prompt, os.path.join(ldir, f"{name}.npy"), model_dir, name, extra)
         if os.path.exists(WORKER_BIN):
             results["engines"][name]["binary_mtime"] = time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(WORKER_BIN)))
@@ -623,20 +629,22 @@ def main() -> None:
             fp8r["last_prompt_logits_max_abs_diff_vs_ours"] = float(np.abs(logits["ours-fp8"] - logits["ours"]).max())
 
     # ratios
-    ours = results["engines"].get("ours", {})
+    def ratio(a: dict, b: dict) -> dict:
+        out = {"prefill": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+               "decode": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]}
+        if a.get("peak_rss_mib") and b.get("peak_rss_mib"):
+            out["peak_rss"] = a["peak_rss_mib"] / b["peak_rss_mib"]
+        return out
+
+    measured = {name: r for name, r in results["engines"].items() if "decode_tokens_per_s" in r}
     ratios = {}
-    if "decode_tokens_per_s" in ours:
-        for name, r in results["engines"].items():
-            if name not in ("ours", "ours-fp8") and "decode_tokens_per_s" in r:
-                ratios[f"ours/{name}"] = {
-                    "prefill": ours["prefill_tokens_per_s"] / r["prefill_tokens_per_s"],
-                    "decode": ours["decode_tokens_per_s"] / r["decode_tokens_per_s"]}
-        if "decode_tokens_per_s" in fp8r:
-            ratios["ours-fp8/ours"] = {
-                "prefill": fp8r["prefill_tokens_per_s"] / ours["prefill_tokens_per_s"],
-                "decode": fp8r["decode_tokens_per_s"] / ours["decode_tokens_per_s"]}
-            if fp8r.get("peak_rss_mib") and ours.get("peak_rss_mib"):
-                ratios["ours-fp8/ours"]["peak_rss"] = fp8r["peak_rss_mib"] / ours["peak_rss_mib"]
+    for ours in ("ours", "ours-coded"):
+        for name, r in measured.items():
+            if ours in measured and not name.startswith("ours"):
+                ratios[f"{ours}/{name}"] = ratio(measured[ours], r)
+    for a, b in (("ours-coded", "ours"), ("ours-fp8", "ours"), ("ours-fp8", "ours-coded")):
+        if a in measured and b in measured:
+            ratios[f"{a}/{b}"] = ratio(measured[a], measured[b])
     results["ratios"] = ratios
 
     results["loadavg_end"] = os.getloadavg()

@@ -21,7 +21,7 @@ use deepseek_worker::download::{
 };
 use deepseek_worker::generate::{GenerateOptions, generate};
 use deepseek_worker::gpu::{self, DeviceSpec};
-use deepseek_worker::model::kernels::Isa;
+use deepseek_worker::model::kernels::{DecodeWeights, Isa};
 use deepseek_worker::rank;
 use deepseek_worker::sampling::SamplingParams;
 use deepseek_worker::scheduler::SchedulerConfig;
@@ -170,6 +170,11 @@ struct GenerateArgs {
     /// has). Every path gives the same bits; this changes speed only.
     #[arg(long, value_enum)]
     cpu_kernels: Option<Isa>,
+    /// How decode reads bf16 weights: `stored` (default: in place from the checkpoint) or
+    /// `coded` (a lossless 12-bit copy made at load: a quarter fewer bytes a decoded token,
+    /// 0.75 more bytes of memory a weight; needs the avx512vbmi kernels).
+    #[arg(long, value_enum, default_value = "stored")]
+    cpu_decode_weights: DecodeWeights,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -380,12 +385,12 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fixes `--cpu-kernels` for the process before any kernel runs.
-fn choose_cpu_kernels(isa: Option<Isa>) -> anyhow::Result<()> {
-    match isa {
-        Some(isa) => Isa::choose(isa).map_err(|e| anyhow::anyhow!("--cpu-kernels: {e}")),
-        None => Ok(()),
+/// Fixes `--cpu-kernels` and `--cpu-decode-weights` for the process before any kernel runs.
+fn choose_cpu_kernels(isa: Option<Isa>, decode_weights: DecodeWeights) -> anyhow::Result<()> {
+    if let Some(isa) = isa {
+        Isa::choose(isa).map_err(|e| anyhow::anyhow!("--cpu-kernels: {e}"))?;
     }
+    DecodeWeights::choose(decode_weights).map_err(|e| anyhow::anyhow!("--cpu-decode-weights: {e}"))
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -393,7 +398,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         // SAFETY: set before any other thread exists; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
-    choose_cpu_kernels(args.cpu_kernels)?;
+    choose_cpu_kernels(args.cpu_kernels, args.cpu_decode_weights)?;
     let model_dir = local_model(&args.model)?;
     let start = Instant::now();
     let model = backend::open(&model_dir, args.device, args.dtype)?;
@@ -469,7 +474,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
     };
     let ranks = args.resolve()?;
-    choose_cpu_kernels(args.cpu_kernels)?;
+    choose_cpu_kernels(args.cpu_kernels, args.cpu_decode_weights)?;
     if args.ep_transport == deepseek_worker::ep::EpTransport::Nccl && args.device == DeviceSpec::Cpu
     {
         bail!("--ep-transport nccl needs --device cuda:N");

@@ -12,7 +12,7 @@ use deepseek_proto::pod::{self, env};
 use crate::bail;
 use crate::error::{Context, Error, Result};
 use crate::gpu::{DeviceSpec, Dtype};
-use crate::model::kernels::Isa;
+use crate::model::kernels::{DecodeWeights, Isa};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -34,6 +34,11 @@ pub struct ServeArgs {
     /// has). Every path gives the same bits; this changes speed only.
     #[arg(long, value_enum)]
     pub cpu_kernels: Option<Isa>,
+    /// How decode reads bf16 weights: `stored` (default: in place from the checkpoint) or
+    /// `coded` (a lossless 12-bit copy made at load: a quarter fewer bytes a decoded token,
+    /// 0.75 more bytes of memory a weight; needs the avx512vbmi kernels).
+    #[arg(long, value_enum, default_value = "stored")]
+    pub cpu_decode_weights: DecodeWeights,
     /// Checkpoint directory (config.json, safetensors), or `hf:OWNER/NAME[@REVISION]`:
     /// downloaded into the Hugging Face cache (`HF_HOME`) first (what is there already is
     /// checked, not fetched again).

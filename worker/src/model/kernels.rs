@@ -8,6 +8,11 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+mod coded;
+
+pub use self::coded::CodedBf16;
+use self::coded::CodedMatrix;
+
 /// The instruction sets the kernels are built for, from the baseline up. Every path does the
 /// same operations in the same order (`mul_add` rounds once on each), so results are bit for
 /// bit the same whichever runs: the choice is speed only.
@@ -25,6 +30,41 @@ pub enum Isa {
     /// (`vpermi2b`), 64 at a time.
     #[value(name = "avx512vbmi")]
     Avx512Vbmi,
+}
+
+/// How decode reads bf16 weights, set once per process (`--cpu-decode-weights`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecodeWeights {
+    /// As the checkpoint stores them, read in place from its mapping.
+    Stored,
+    /// Through a lossless 12-bit copy of each bf16 matrix ([`CodedBf16`]), made at load: a
+    /// quarter fewer bytes a decoded token, 0.75 more bytes of memory a weight (the stored
+    /// bf16 still serves prompts and batches of more than 4 rows). Needs `avx512vbmi`.
+    Coded,
+}
+
+static DECODE_WEIGHTS: OnceLock<DecodeWeights> = OnceLock::new();
+
+impl DecodeWeights {
+    /// The choice for this process: `Stored` unless `choose` said otherwise first.
+    pub fn selected() -> DecodeWeights {
+        *DECODE_WEIGHTS.get_or_init(|| DecodeWeights::Stored)
+    }
+
+    /// Sets the choice for this process, before any weights load. `Coded` is refused where
+    /// the kernels cannot decode it in registers (a path without the byte table).
+    pub fn choose(choice: DecodeWeights) -> Result<(), String> {
+        if choice == DecodeWeights::Coded && Isa::selected() < Isa::Avx512Vbmi {
+            return Err(format!(
+                "coded weights need the avx512vbmi kernels; these run {}",
+                Isa::selected().name()
+            ));
+        }
+        match *DECODE_WEIGHTS.get_or_init(|| choice) {
+            chosen if chosen == choice => Ok(()),
+            chosen => Err(format!("the weights already load {chosen:?}")),
+        }
+    }
 }
 
 /// The path `Isa::choose` set for this process.
@@ -149,6 +189,21 @@ macro_rules! simd_fn {
     };
 }
 
+/// The unpacks that put 64 bytes' values in the high halves of four registers' f32 lanes
+/// (bytes to words, words to dwords) interleave within 128-bit lanes: register k's dword
+/// 4l + q comes from byte 16l + 4k + q, which must hold weight 16k + 4l + q. Byte `b` of a
+/// block so ordered holds weight `unpack_order()[b]`.
+const fn unpack_order() -> [u8; 64] {
+    let mut order = [0; 64];
+    let mut byte = 0;
+    while byte < 64 {
+        let (l, k, q) = (byte / 16, byte % 16 / 4, byte % 4);
+        order[byte] = (16 * k + 4 * l + q) as u8;
+        byte += 1;
+    }
+    order
+}
+
 /// Rows of W per parallel task: large enough to amortise scheduling, small enough to
 /// balance two to a few dozen threads.
 const ROWS_PER_TASK: usize = 64;
@@ -163,6 +218,8 @@ pub enum Packed<'a> {
     /// f32, as is: weights the model derives at load from FP8 or f32 ones (the absorbed
     /// attention's per-head halves of `kv_b_proj`).
     F32(&'a [f32]),
+    /// bf16 with a 12-bit coded copy ([`CodedBf16`]) that decode reads, decoded exactly.
+    Coded(CodedMatrix<'a>),
 }
 
 /// FP8 weights as `weights::Fp8Weights` holds them.
@@ -202,6 +259,7 @@ impl<'a> Packed<'a> {
             Packed::Bf16(bits) => bits.len(),
             Packed::Fp8(m) => m.bytes.len(),
             Packed::F32(values) => values.len(),
+            Packed::Coded(m) => m.bits().len(),
         }
     }
 
@@ -216,6 +274,7 @@ impl<'a> Packed<'a> {
                 first_row: m.first_row + range.start,
                 ..m
             }),
+            Packed::Coded(m) => Packed::Coded(m.rows(range)),
         }
     }
 
@@ -249,6 +308,7 @@ impl<'a> Packed<'a> {
                 }
             }
             Packed::F32(m) => widen_into(m.row(r, out.len()), out),
+            Packed::Coded(m) => widen_into(m.bits().row(r, out.len()), out),
         }
     }
 }
@@ -540,8 +600,16 @@ fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
             Packed::Bf16(m) => rows_times_inputs(isa, m, inputs, out),
             Packed::Fp8(m) => fp8_rows_times_inputs(isa, m, inputs, out),
             Packed::F32(m) => rows_times_inputs(isa, m, inputs, out),
+            // Coded rows for decode's few inputs, which read more than they multiply.
+            Packed::Coded(m) if inputs.len() <= MEMORY_BOUND_INPUTS => {
+                rows_times_inputs(isa, m, inputs, out)
+            }
+            Packed::Coded(m) => rows_times_inputs(isa, m.bits(), inputs, out),
         });
 }
+
+/// Inputs up to which a product reads its weights faster than it multiplies them.
+const MEMORY_BOUND_INPUTS: usize = 4;
 
 /// A product's inputs copied so that each starts a 64-byte cache line: a vector load that
 /// straddles two lines costs two, and activations come at any 4-byte offset (aligning them
@@ -667,7 +735,7 @@ fn rows_times_inputs<M: Matrix>(isa: Isa, rows: M, inputs: &[&[f32]], out: &mut 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{DOT_LANES, LANES, Matrix, Row, add_tail};
+    use super::{DOT_LANES, LANES, MEMORY_BOUND_INPUTS, Matrix, Row, add_tail};
 
     /// AVX-512F: 2 rows × 4 inputs × 2 registers = 16 of the 32 registers accumulate. With
     /// few inputs the weights' reading bounds the product, so rows go one at a time: each
@@ -697,9 +765,6 @@ mod x86 {
         }
     }
 
-    /// Inputs up to which a product reads its weights faster than it multiplies them.
-    const MEMORY_BOUND_INPUTS: usize = 4;
-
     /// AVX2: 1 row × 2 inputs × 4 registers = 8 of the 16 registers accumulate.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn rows_times_inputs_avx2<M: Matrix>(rows: M, inputs: &[&[f32]], out: &mut [f32]) {
@@ -718,6 +783,15 @@ mod x86 {
         #[inline(always)]
         unsafe fn widen_e4m3_pair(bytes: *const u8) -> [Self; 2] {
             unsafe { [Self::widen_e4m3(bytes), Self::widen_e4m3(bytes.add(32))] }
+        }
+        /// A coded block's 64 weights (`super::coded`), in order.
+        #[inline(always)]
+        unsafe fn widen_coded_pair(
+            sign_mantissa: *const u8,
+            codes: *const u8,
+            table: &super::coded::CodeTable,
+        ) -> [Self; 2] {
+            unsafe { super::coded::decoded_pair(sign_mantissa, codes, table) }
         }
         /// The 32 f32 at `x`.
         unsafe fn load(x: *const f32) -> Self;
@@ -748,6 +822,31 @@ mod x86 {
 
     #[derive(Clone, Copy)]
     struct Ymm4([__m256; 4]);
+
+    impl<const BYTE_TABLE: bool> Zmm2<BYTE_TABLE> {
+        /// 64 bf16 as their low and high bytes, in `UNPACK_ORDER`, widened in order: the
+        /// unpacks put each pair in the high half of an f32 lane.
+        #[inline(always)]
+        unsafe fn from_bf16_bytes(low: __m512i, high: __m512i) -> [Self; 2] {
+            unsafe {
+                let (first, second) = (
+                    _mm512_unpacklo_epi8(low, high),
+                    _mm512_unpackhi_epi8(low, high),
+                );
+                let zero = _mm512_setzero_si512();
+                [
+                    Zmm2([
+                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, first)),
+                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, first)),
+                    ]),
+                    Zmm2([
+                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, second)),
+                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, second)),
+                    ]),
+                ]
+            }
+        }
+    }
 
     impl<const BYTE_TABLE: bool> Lanes for Zmm2<BYTE_TABLE> {
         #[inline(always)]
@@ -799,21 +898,45 @@ mod x86 {
                 // Bit for bit: the byte's where the mask is set (its sign), else the table's.
                 let high =
                     _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(i8::MIN), bytes, high);
-                let (first, second) = (
-                    _mm512_unpacklo_epi8(low, high),
-                    _mm512_unpackhi_epi8(low, high),
+                Self::from_bf16_bytes(low, high)
+            }
+        }
+        /// With the byte table's features (BW): each code's exponent bits looked up
+        /// (`vpshufb`, the row's 16-entry tables in every 128-bit lane), the sign and
+        /// mantissa bits merged in, and the bytes unpacked as `widen_e4m3_pair`'s are (a
+        /// block is stored in that order): 12 vector operations for 64 weights.
+        #[inline(always)]
+        unsafe fn widen_coded_pair(
+            sign_mantissa: *const u8,
+            codes: *const u8,
+            table: &super::coded::CodeTable,
+        ) -> [Self; 2] {
+            if !BYTE_TABLE {
+                return unsafe { super::coded::decoded_pair(sign_mantissa, codes, table) };
+            }
+            unsafe {
+                let bits = _mm512_loadu_si512(sign_mantissa.cast());
+                let packed = _mm256_loadu_si256(codes.cast());
+                // Byte s: stored weight s's code, from the low nibbles, then the high ones.
+                let codes = _mm512_and_si512(
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(packed),
+                        _mm256_srli_epi16::<4>(packed),
+                    ),
+                    _mm512_set1_epi8(0x0f),
                 );
-                let zero = _mm512_setzero_si512();
-                [
-                    Zmm2([
-                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, first)),
-                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, first)),
-                    ]),
-                    Zmm2([
-                        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, second)),
-                        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, second)),
-                    ]),
-                ]
+                let high = _mm512_shuffle_epi8(
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr().cast())),
+                    codes,
+                );
+                let low = _mm512_shuffle_epi8(
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(table[16..].as_ptr().cast())),
+                    codes,
+                );
+                // The stored byte's bits where the mask is set, else the table's.
+                let high = _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(i8::MIN), bits, high);
+                let low = _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi8(0x7f), bits, low);
+                Self::from_bf16_bytes(low, high)
             }
         }
         #[inline(always)]
@@ -905,21 +1028,8 @@ mod x86 {
         bytes
     }
 
-    /// Where `widen_e4m3_pair` takes each of its 64 bytes from: the unpacks (bytes to words,
-    /// words to dwords) interleave within 128-bit lanes, so register k's dword 4l + q comes
-    /// from byte 16l + 4k + q, which must hold weight 16k + 4l + q.
-    static UNPACK_ORDER: [u8; 64] = unpack_order();
-
-    const fn unpack_order() -> [u8; 64] {
-        let mut order = [0; 64];
-        let mut byte = 0;
-        while byte < 64 {
-            let (l, k, q) = (byte / 16, byte % 16 / 4, byte % 4);
-            order[byte] = (16 * k + 4 * l + q) as u8;
-            byte += 1;
-        }
-        order
-    }
+    /// Where `widen_e4m3_pair` takes each of its 64 bytes from (`super::unpack_order`).
+    static UNPACK_ORDER: [u8; 64] = super::unpack_order();
 
     /// `super::dot_lanes` with each row's 8 lanes in one register: the same products and
     /// adds (the compiler vectorised the portable loop across rows, with shuffles).
@@ -1583,6 +1693,41 @@ mod tests {
     }
 
     #[test]
+    fn coded_bf16_gives_the_bf16_bits_on_every_path() {
+        // 1 to 4 inputs take the coded rows, 5 to 9 the bf16; 83 rows leave a short last
+        // task; row 5 spans too many binades and stays bf16.
+        let (rows, in_dim) = (83, 192);
+        let mut bf16 = weights(rows * in_dim);
+        bf16[5 * in_dim + 3] = half::bf16::from_f32(3e9).to_bits();
+        let coded = CodedBf16::encode(&bf16, in_dim).unwrap();
+        assert_eq!(coded.bytes(), 82 * (in_dim * 3 / 2 + 32) + 2 * in_dim);
+        let coded = coded.view(&bf16);
+        let x = activations(9 * in_dim);
+        for n in 1..=9 {
+            let bf16_bits = product_bits(Isa::Baseline, Packed::Bf16(&bf16), &x, n, rows);
+            for isa in Isa::available() {
+                let bits = product_bits(isa, coded, &x, n, rows);
+                assert_eq!(bits, bf16_bits, "{isa:?}, {n} inputs");
+            }
+        }
+    }
+
+    /// `weight` (`rows` of them) times the first `n` inputs of `x` on `isa`, as bits.
+    fn product_bits(isa: Isa, weight: Packed<'_>, x: &[f32], n: usize, rows: usize) -> Vec<u32> {
+        let in_dim = weight.elements() / rows;
+        let mut out = vec![0f32; rows * n];
+        products_on(
+            isa,
+            vec![Product {
+                weight,
+                inputs: x.chunks_exact(in_dim).take(n).collect(),
+                out: &mut out,
+            }],
+        );
+        out.iter().map(|f| f.to_bits()).collect()
+    }
+
+    #[test]
     fn every_cpu_path_gives_the_baseline_bits() {
         // 1 to 9 inputs cover every block shape and remainder; 83 rows leave a lone row and a
         // short last task; in_dim 1000 has a lane tail (1000 = 31 · 32 + 8).
@@ -1600,24 +1745,11 @@ mod tests {
             .into_iter()
             .flat_map(|f| (1..=9).map(move |n| (f, n)))
         {
-            let run = |isa| {
-                let mut out = vec![0f32; rows * n];
-                products_on(
-                    isa,
-                    vec![Product {
-                        weight,
-                        inputs: x.chunks_exact(in_dim).take(n).collect(),
-                        out: &mut out,
-                    }],
-                );
-                out
-            };
-            let baseline = run(Isa::Baseline);
+            let baseline = product_bits(Isa::Baseline, weight, &x, n, rows);
             for isa in Isa::available() {
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
-                    bits(&run(isa)),
-                    bits(&baseline),
+                    product_bits(isa, weight, &x, n, rows),
+                    baseline,
                     "{format} on {isa:?}, {n} inputs"
                 );
             }

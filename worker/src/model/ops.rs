@@ -33,6 +33,11 @@ enum Storage {
 enum PackedWeights {
     Bf16(Bf16Weights),
     Fp8(Fp8Weights),
+    /// bf16 with a coded copy for decode (`--cpu-decode-weights coded`).
+    Coded {
+        coded: kernels::CodedBf16,
+        stored: Bf16Weights,
+    },
 }
 
 /// Up to this many tokens the blocked kernel is as fast as widening the weight for a GEMM or
@@ -50,7 +55,16 @@ impl Linear {
             in_dim,
         };
         let storage = match ckpt.info(&name)?.dtype {
-            Dtype::Bf16 => packed(PackedWeights::Bf16(ckpt.load_bf16(&name, &shape)?)),
+            Dtype::Bf16 => {
+                let stored = ckpt.load_bf16(&name, &shape)?;
+                let coded = (kernels::DecodeWeights::selected() == kernels::DecodeWeights::Coded)
+                    .then(|| kernels::CodedBf16::encode(stored.bits(), in_dim))
+                    .flatten();
+                packed(match coded {
+                    Some(coded) => PackedWeights::Coded { coded, stored },
+                    None => PackedWeights::Bf16(stored),
+                })
+            }
             Dtype::F8E4M3 => packed(PackedWeights::Fp8(ckpt.load_fp8_in_place(&name, &shape)?)),
             Dtype::F32 | Dtype::F16 => Storage::F32 {
                 weight_t: load(ckpt, &name, &shape)?.t()?.contiguous()?,
@@ -139,6 +153,7 @@ impl PackedWeights {
     fn view(&self, in_dim: usize) -> kernels::Packed<'_> {
         match self {
             PackedWeights::Bf16(w) => kernels::Packed::Bf16(w.bits()),
+            PackedWeights::Coded { coded, stored } => coded.view(stored.bits()),
             PackedWeights::Fp8(w) => {
                 kernels::Packed::fp8(w.bytes(), w.block_scales(), w.block(), in_dim)
             }

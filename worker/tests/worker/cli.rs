@@ -77,6 +77,42 @@ fn greedy_generation_prints_the_reference_tokens_and_logits() {
     }
 }
 
+/// The output and the logits file of 8 greedy tokens from a fixed prompt with `flags`.
+fn logits_with(dir: &Path, flags: &[&str]) -> (Value, String) {
+    let logits = std::env::temp_dir().join(format!(
+        "dsd-kernels-{}-{}.json",
+        flags.join("-"),
+        std::process::id()
+    ));
+    let mut args = vec![
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "0,5,17,99,3,250,42,7",
+        "--max-new-tokens",
+        "8",
+        "--logits-out",
+        logits.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    let out = json(&worker(&args));
+    let text = std::fs::read_to_string(&logits).unwrap();
+    std::fs::remove_file(&logits).unwrap();
+    (out, text)
+}
+
+/// Whether this CPU runs the `avx512vbmi` kernels.
+fn has_vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2") && has!("fma") && has!("avx512f") && has!("avx512bw") && has!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `--cpu-kernels` changes speed only: every path this CPU has gives the same logits, bit for
 /// bit, on bf16 and FP8 weights, and the output names the path that ran.
 #[test]
@@ -89,7 +125,7 @@ fn every_cpu_kernel_path_gives_the_same_logits() {
             paths.push(("avx2", "avx2+fma"));
             if has!("avx512f") {
                 paths.push(("avx512", "avx512f"));
-                if has!("avx512bw") && has!("avx512vbmi") {
+                if has_vbmi() {
                     paths.push(("avx512vbmi", "avx512f+vbmi"));
                 }
             }
@@ -100,25 +136,9 @@ fn every_cpu_kernel_path_gives_the_same_logits() {
         let runs: Vec<String> = paths
             .iter()
             .map(|(flag, name)| {
-                let logits = std::env::temp_dir()
-                    .join(format!("dsd-kernels-{flag}-{}.json", std::process::id()));
-                let out = json(&worker(&[
-                    "generate",
-                    "--model",
-                    dir.to_str().unwrap(),
-                    "--prompt-ids",
-                    "0,5,17,99,3,250,42,7",
-                    "--max-new-tokens",
-                    "8",
-                    "--cpu-kernels",
-                    flag,
-                    "--logits-out",
-                    logits.to_str().unwrap(),
-                ]));
+                let (out, logits) = logits_with(&dir, &["--cpu-kernels", flag]);
                 assert_eq!(out["cpu_kernels"], *name);
-                let text = std::fs::read_to_string(&logits).unwrap();
-                std::fs::remove_file(&logits).unwrap();
-                text
+                logits
             })
             .collect();
         for ((flag, _), run) in paths.iter().zip(&runs) {
@@ -127,6 +147,35 @@ fn every_cpu_kernel_path_gives_the_same_logits() {
                 "{model}: --cpu-kernels {flag} gave other logits"
             );
         }
+    }
+}
+
+/// `--cpu-decode-weights coded` changes speed and memory only: the same logits, bit for bit
+/// (where the CPU has the kernels that decode it); refused by name on kernels that do not.
+#[test]
+fn coded_decode_weights_give_the_same_logits() {
+    let dir = fixture("tiny-v3-bf16");
+    let refused = worker(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--cpu-kernels",
+        "baseline",
+        "--cpu-decode-weights",
+        "coded",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("--cpu-decode-weights: coded weights need the avx512vbmi kernels"),
+        "{stderr}"
+    );
+    if has_vbmi() {
+        let (_, stored) = logits_with(&dir, &["--cpu-decode-weights", "stored"]);
+        let (_, coded) = logits_with(&dir, &["--cpu-decode-weights", "coded"]);
+        assert!(coded == stored, "coded weights gave other logits");
     }
 }
 
