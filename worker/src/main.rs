@@ -172,7 +172,7 @@ struct GenerateArgs {
     cpu_kernels: Option<Isa>,
     /// How decode reads bf16 weights: `stored` (default: in place from the checkpoint) or
     /// `coded` (a lossless 12-bit copy made at load: a quarter fewer bytes a decoded token,
-    /// 0.75 more bytes of memory a weight; needs the avx512vbmi kernels).
+    /// at most 0.75 more bytes of memory a weight; needs the avx512vbmi kernels).
     #[arg(long, value_enum, default_value = "stored")]
     cpu_decode_weights: DecodeWeights,
 }
@@ -386,7 +386,14 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
 }
 
 /// Fixes `--cpu-kernels` and `--cpu-decode-weights` for the process before any kernel runs.
-fn choose_cpu_kernels(isa: Option<Isa>, decode_weights: DecodeWeights) -> anyhow::Result<()> {
+fn choose_cpu_kernels(
+    isa: Option<Isa>,
+    decode_weights: DecodeWeights,
+    device: DeviceSpec,
+) -> anyhow::Result<()> {
+    if decode_weights == DecodeWeights::Coded && device != DeviceSpec::Cpu {
+        bail!("--cpu-decode-weights coded is for --device cpu; a GPU reads its own weights");
+    }
     if let Some(isa) = isa {
         Isa::choose(isa).map_err(|e| anyhow::anyhow!("--cpu-kernels: {e}"))?;
     }
@@ -398,7 +405,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         // SAFETY: set before any other thread exists; candle and rayon read it at first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
-    choose_cpu_kernels(args.cpu_kernels, args.cpu_decode_weights)?;
+    choose_cpu_kernels(args.cpu_kernels, args.cpu_decode_weights, args.device)?;
     let model_dir = local_model(&args.model)?;
     let start = Instant::now();
     let model = backend::open(&model_dir, args.device, args.dtype)?;
@@ -474,7 +481,7 @@ fn run_serve(args: rank::ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
     };
     let ranks = args.resolve()?;
-    choose_cpu_kernels(args.cpu_kernels, args.cpu_decode_weights)?;
+    choose_cpu_kernels(args.cpu_kernels, args.cpu_decode_weights, args.device)?;
     if args.ep_transport == deepseek_worker::ep::EpTransport::Nccl && args.device == DeviceSpec::Cpu
     {
         bail!("--ep-transport nccl needs --device cuda:N");

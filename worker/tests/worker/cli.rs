@@ -151,27 +151,35 @@ fn every_cpu_kernel_path_gives_the_same_logits() {
 }
 
 /// `--cpu-decode-weights coded` changes speed and memory only: the same logits, bit for bit
-/// (where the CPU has the kernels that decode it); refused by name on kernels that do not.
+/// (where the CPU has the kernels that decode it); refused by name on kernels that do not,
+/// and on a GPU.
 #[test]
 fn coded_decode_weights_give_the_same_logits() {
     let dir = fixture("tiny-v3-bf16");
-    let refused = worker(&[
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        "1,2",
-        "--cpu-kernels",
-        "baseline",
-        "--cpu-decode-weights",
-        "coded",
-    ]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(
-        stderr.contains("--cpu-decode-weights: coded weights need the avx512vbmi kernels"),
-        "{stderr}"
-    );
+    for (flags, message) in [
+        (
+            ["--cpu-kernels", "baseline"],
+            "--cpu-decode-weights: coded weights need the avx512vbmi kernels",
+        ),
+        (
+            ["--device", "cuda:0"],
+            "--cpu-decode-weights coded is for --device cpu",
+        ),
+    ] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2",
+        ];
+        args.extend(flags);
+        args.extend(["--cpu-decode-weights", "coded"]);
+        let refused = worker(&args);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert!(stderr.contains(message), "{stderr}");
+    }
     if has_vbmi() {
         let (_, stored) = logits_with(&dir, &["--cpu-decode-weights", "stored"]);
         let (_, coded) = logits_with(&dir, &["--cpu-decode-weights", "coded"]);
