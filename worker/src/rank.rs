@@ -36,7 +36,7 @@ pub struct ServeArgs {
     pub cpu_kernels: Option<Isa>,
     /// How decode reads bf16 weights: `stored` (default: in place from the checkpoint) or
     /// `coded` (a lossless 12-bit copy made at load: a quarter fewer bytes a decoded token,
-    /// at most 0.75 more bytes of memory a weight; needs the avx512vbmi kernels).
+    /// 1.5 more bytes of memory a weight; needs the avx512vbmi kernels).
     #[arg(long, value_enum, default_value = "stored")]
     pub cpu_decode_weights: DecodeWeights,
     /// Checkpoint directory (config.json, safetensors), or `hf:OWNER/NAME[@REVISION]`:

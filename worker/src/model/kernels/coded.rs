@@ -2,7 +2,7 @@
 //! 4-bit code for its exponent. Trained and random weight matrices alike keep most rows'
 //! exponents within 15 consecutive binades (97% of the trained demo model's rows, 90% of
 //! bench-small's random ones), so a row's code picks one of those (1..=15) or exponent 0
-//! (zeros and subnormals, code 0); rows that do not fit are read as stored. Decode reads a quarter
+//! (zeros and subnormals, code 0); rows that do not fit stay bf16. Decode reads a quarter
 //! fewer bytes, and the kernels rebuild each weight's exact bf16 bits in registers: every
 //! product is bit for bit the bf16 one.
 
@@ -42,7 +42,9 @@ pub struct CodedBf16 {
     /// Per coded row, the bf16 exponent bits each code stands for: the exponent's high 7 bits
     /// (the bf16's high byte without the sign), then its low bit (bit 7 of the low byte).
     tables: Vec<CodeTable>,
-    /// Each row: coded (its index among the coded rows), or read from the stored bf16.
+    /// The rows kept as bf16, one after another.
+    raw: Vec<u16>,
+    /// Each row: coded (its index among the coded rows) or kept (among the raw ones).
     places: Vec<Place>,
     in_dim: usize,
 }
@@ -53,7 +55,7 @@ pub(super) type CodeTable = [u8; 32];
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Place {
     Coded(u32),
-    Stored,
+    Raw(u32),
 }
 
 /// Codes 1..=15 stand for 15 consecutive exponents; code 0 for exponent 0.
@@ -71,14 +73,17 @@ impl CodedBf16 {
         let coded: Vec<(usize, u16)> = (lowest.iter().enumerate())
             .filter_map(|(r, lowest)| lowest.map(|l| (r, l)))
             .collect();
-        let mut next_coded = 0;
-        let places = (lowest.iter())
-            .map(|lowest| match lowest {
+        let (mut next_coded, mut raw) = (0, Vec::new());
+        let places = (bits.chunks_exact(in_dim).zip(&lowest))
+            .map(|(row, lowest)| match lowest {
                 Some(_) => {
                     next_coded += 1;
                     Place::Coded(next_coded - 1)
                 }
-                None => Place::Stored,
+                None => {
+                    raw.extend_from_slice(row);
+                    Place::Raw((raw.len() / in_dim - 1) as u32)
+                }
             })
             .collect();
         let mut sign_mantissa = vec![0; coded.len() * in_dim];
@@ -103,14 +108,14 @@ impl CodedBf16 {
                 .iter()
                 .map(|&(_, lowest)| code_table(lowest))
                 .collect(),
+            raw,
             places,
             in_dim,
         })
     }
 
-    /// The kernels' view of the matrix, with `bits`, the bf16 it was coded from, for the rows
-    /// that did not fit, products of many inputs (which multiply more than they read) and
-    /// prompts' GEMM panels.
+    /// The kernels' view of the matrix, with `bits`, the bf16 it was coded from, for products
+    /// of many inputs (which multiply more than they read) and prompts' GEMM panels.
     pub fn view<'a>(&'a self, bits: &'a [u16]) -> Packed<'a> {
         assert_eq!(bits.len(), self.places.len() * self.in_dim);
         Packed::Coded(CodedMatrix {
@@ -118,15 +123,16 @@ impl CodedBf16 {
             sign_mantissa: &self.sign_mantissa,
             codes: &self.codes,
             tables: &self.tables,
+            raw: &self.raw,
             places: &self.places,
             in_dim: self.in_dim,
         })
     }
 
-    /// Bytes held: 1.5 a coded weight, 32 a coded row's table.
+    /// Bytes held: 1.5 a coded weight, 2 a kept one, 32 a coded row's table.
     #[cfg(test)]
     pub(super) fn bytes(&self) -> usize {
-        self.sign_mantissa.len() + self.codes.len() + 32 * self.tables.len()
+        self.sign_mantissa.len() + self.codes.len() + 32 * self.tables.len() + 2 * self.raw.len()
     }
 }
 
@@ -225,6 +231,7 @@ pub struct CodedMatrix<'a> {
     sign_mantissa: &'a [u8],
     codes: &'a [u8],
     tables: &'a [CodeTable],
+    raw: &'a [u16],
     places: &'a [Place],
     in_dim: usize,
 }
@@ -252,7 +259,7 @@ pub(super) enum CodedRow<'a> {
         codes: &'a [u8],
         table: &'a CodeTable,
     },
-    Stored(Stored<'a, u16>),
+    Raw(Stored<'a, u16>),
 }
 
 impl<'a> Matrix for CodedMatrix<'a> {
@@ -270,7 +277,7 @@ impl<'a> Matrix for CodedMatrix<'a> {
                     table: &self.tables[k],
                 }
             }
-            Place::Stored => CodedRow::Stored(Stored(&self.bits[r * in_dim..][..in_dim])),
+            Place::Raw(k) => CodedRow::Raw(Stored(&self.raw[k as usize * in_dim..][..in_dim])),
         }
     }
 }
@@ -288,7 +295,7 @@ impl Row for CodedRow<'_> {
                 let code = codes[first / 2 + s % 32] >> (4 * (s / 32)) & 0x0f;
                 widen(decode(sign_mantissa[first + s], code, table))
             }
-            CodedRow::Stored(row) => row.at(i),
+            CodedRow::Raw(row) => row.at(i),
         }
     }
 
@@ -319,7 +326,7 @@ impl Row for CodedRow<'_> {
                     )
                 }
             }
-            CodedRow::Stored(row) => unsafe { row.lanes_pair(i) },
+            CodedRow::Raw(row) => unsafe { row.lanes_pair(i) },
         }
     }
 
@@ -340,7 +347,7 @@ impl Row for CodedRow<'_> {
                     codes.as_ptr().wrapping_add((i + elements) / 2).cast()
                 }
             }
-            CodedRow::Stored(row) => row.ahead(i, elements),
+            CodedRow::Raw(row) => row.ahead(i, elements),
         }
     }
 }
@@ -350,7 +357,7 @@ mod tests {
     use super::*;
 
     /// Rows with exponents across 15 binades and zeros, subnormals and both signs code; a row
-    /// spanning 16 binades is read as stored; every weight decodes to its own bits.
+    /// spanning 16 binades stays bf16; every weight decodes to its own bits.
     #[test]
     fn coding_keeps_every_bit() {
         let in_dim = 128;
@@ -366,9 +373,9 @@ mod tests {
         let coded = CodedBf16::encode(&bits, in_dim).unwrap();
         assert_eq!(
             coded.places,
-            [Place::Coded(0), Place::Stored, Place::Coded(1)]
+            [Place::Coded(0), Place::Raw(0), Place::Coded(1)]
         );
-        assert_eq!(coded.bytes(), 2 * (in_dim * 3 / 2 + 32));
+        assert_eq!(coded.bytes(), 2 * (in_dim * 3 / 2 + 32) + 2 * in_dim);
         let Packed::Coded(m) = coded.view(&bits) else {
             unreachable!()
         };
