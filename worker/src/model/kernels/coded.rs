@@ -70,15 +70,12 @@ impl CodedBf16 {
         }
         let lowest: Vec<Option<u16>> = bits.par_chunks_exact(in_dim).map(lowest_binade).collect();
         // (row, its lowest binade) of each coded row.
-        let coded: Vec<(usize, u16)> = (lowest.iter().enumerate())
-            .filter_map(|(r, lowest)| lowest.map(|l| (r, l)))
-            .collect();
-        let (mut next_coded, mut raw) = (0, Vec::new());
-        let places = (bits.chunks_exact(in_dim).zip(&lowest))
-            .map(|(row, lowest)| match lowest {
-                Some(_) => {
-                    next_coded += 1;
-                    Place::Coded(next_coded - 1)
+        let (mut coded, mut raw) = (Vec::new(), Vec::new());
+        let places = (bits.chunks_exact(in_dim).zip(lowest).enumerate())
+            .map(|(r, (row, lowest))| match lowest {
+                Some(lowest) => {
+                    coded.push((r, lowest));
+                    Place::Coded((coded.len() - 1) as u32)
                 }
                 None => {
                     raw.extend_from_slice(row);
@@ -157,16 +154,13 @@ fn exponent(w: u16) -> u16 {
     w >> 7 & 0xff
 }
 
-/// The first of the 15 binades a row's nonzero exponents fit in, if they do.
+/// The first of the 15 binades a row's nonzero exponents fit in, if they do (1 for a row
+/// of zeros).
 fn lowest_binade(row: &[u16]) -> Option<u16> {
     let nonzero = row.iter().map(|&w| exponent(w)).filter(|&e| e != 0);
     let (low, high) = nonzero.fold((u16::MAX, 0), |(l, h), e| (l.min(e), h.max(e)));
-    match high.checked_sub(BINADES - 1) {
-        _ if low == u16::MAX => Some(1),
-        Some(lowest) if lowest <= low => Some(lowest.max(1)),
-        None => Some(1),
-        Some(_) => None,
-    }
+    let lowest = high.saturating_sub(BINADES - 1).max(1);
+    (lowest <= low).then_some(lowest)
 }
 
 fn code_table(lowest: u16) -> CodeTable {
@@ -177,6 +171,12 @@ fn code_table(lowest: u16) -> CodeTable {
         table[16 + usize::from(code)] = ((e & 1) << 7) as u8;
     }
     table
+}
+
+/// Stored weight `s`'s code in a block's code bytes.
+#[inline(always)]
+fn code_of(codes: &[u8], s: usize) -> u8 {
+    codes[s % 32] >> (4 * (s / 32)) & 0x0f
 }
 
 /// The bf16 bits of the weight stored with sign and mantissa `sign_mantissa` and `code`.
@@ -191,8 +191,7 @@ fn decode(sign_mantissa: u8, code: u8, table: &CodeTable) -> u16 {
 pub(super) fn decode_block(sign_mantissa: &[u8], codes: &[u8], table: &CodeTable) -> [u16; 64] {
     let mut block = [0; BLOCK];
     for (s, &i) in STORAGE_ORDER.iter().enumerate() {
-        let code = codes[s % 32] >> (4 * (s / 32)) & 0x0f;
-        block[usize::from(i)] = decode(sign_mantissa[s], code, table);
+        block[usize::from(i)] = decode(sign_mantissa[s], code_of(codes, s), table);
     }
     block
 }
@@ -292,7 +291,7 @@ impl Row for CodedRow<'_> {
                 table,
             } => {
                 let (first, s) = (i / BLOCK * BLOCK, usize::from(SLOT_OF[i % BLOCK]));
-                let code = codes[first / 2 + s % 32] >> (4 * (s / 32)) & 0x0f;
+                let code = code_of(&codes[first / 2..], s);
                 widen(decode(sign_mantissa[first + s], code, table))
             }
             CodedRow::Raw(row) => row.at(i),
