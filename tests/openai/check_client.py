@@ -114,7 +114,8 @@ def main():
                     {"role": "assistant", "content": None, "tool_calls": [
                         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
                     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
-        after = client.chat.completions.create(model=MODEL, messages=fed_back, tools=tools, max_tokens=2)
+        after = client.chat.completions.create(model=MODEL, messages=fed_back, tools=tools, max_tokens=2,
+                                               extra_body={"ignore_eos": True})
         check(after.usage.completion_tokens == 2, "a call and its result fed back are answered")
         for bad, param in [({"tool_choice": "required"}, "tool_choice"),
                            ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),

@@ -154,7 +154,7 @@ def check_mutual_tls(bin_dir, pb, pb_grpc):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0)
         wait_ready(client)
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=3)
+                                               max_tokens=3, extra_body={"ignore_eos": True})
         check(reply.usage.completion_tokens == 3, "the router reaches the worker over mutual TLS")
 
         request = pb.GenerateRequest(text="Hi", stopping=pb.StoppingCriteria(max_new_tokens=1))

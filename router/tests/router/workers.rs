@@ -179,7 +179,8 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
         }
     }
     assert_eq!((scored, &spelled), (6, &streamed), "{text}");
-    let body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0}"#;
+    let body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0,
+                    "ignore_eos": true}"#;
     let (status, text) = http(router.http, "POST", "/v1/completions", &[], body).await;
     assert_eq!(status, 200, "{text}");
     let reply: Value = serde_json::from_str(&text).unwrap();
@@ -202,7 +203,8 @@ async fn real_workers_behind_the_router_answer_both_fronts_and_survive_a_kill() 
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("\"param\":\"top_p\""), "{text}");
     let stream_body = br#"{"model": "tiny-v3-bf16", "prompt": [5, 6, 7], "max_tokens": 5,
-                           "stream": true, "stream_options": {"include_usage": true}}"#;
+                           "ignore_eos": true, "stream": true,
+                           "stream_options": {"include_usage": true}}"#;
     let (status, text) = http(router.http, "POST", "/v1/completions", &[], stream_body).await;
     assert_eq!(status, 200, "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
