@@ -170,9 +170,10 @@ struct GenerateArgs {
     /// has). Every path gives the same bits; this changes speed only.
     #[arg(long, value_enum)]
     cpu_kernels: Option<Isa>,
-    /// How decode reads bf16 weights: `stored` (default: in place from the checkpoint) or
-    /// `coded` (a lossless 12-bit copy made at load: a quarter fewer bytes a decoded token,
-    /// 1.5 more bytes of memory a weight; needs the avx512vbmi kernels).
+    /// How the CPU kernels hold bf16 weights: `stored` (default: in place from the
+    /// checkpoint) or `coded` (recoded at load, losslessly, in 12 bits a weight: a quarter less
+    /// memory and faster decode, slower prompts and large batches; needs the avx512vbmi
+    /// kernels).
     #[arg(long, value_enum, default_value = "stored")]
     cpu_decode_weights: DecodeWeights,
 }

@@ -32,14 +32,15 @@ pub enum Isa {
     Avx512Vbmi,
 }
 
-/// How decode reads bf16 weights, set once per process (`--cpu-decode-weights`).
+/// How the kernels hold bf16 weights, set once per process (`--cpu-decode-weights`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecodeWeights {
     /// As the checkpoint stores them, read in place from its mapping.
     Stored,
-    /// Through a lossless 12-bit copy of each bf16 matrix ([`CodedBf16`]), made at load: a
-    /// quarter fewer bytes a decoded token, 1.5 more bytes of memory a weight (the stored bf16
-    /// still serves prompts and batches of more than 4 rows). Needs `avx512vbmi`.
+    /// Recoded at load into a lossless 12 bits a weight ([`CodedBf16`]), the checkpoint's
+    /// pages given back: a quarter less memory and fewer bytes a decoded token; products
+    /// bound by arithmetic (prompts, large batches) run slower decoding it. Needs
+    /// `avx512vbmi`.
     Coded,
 }
 
@@ -218,7 +219,7 @@ pub enum Packed<'a> {
     /// f32, as is: weights the model derives at load from FP8 or f32 ones (the absorbed
     /// attention's per-head halves of `kv_b_proj`).
     F32(&'a [f32]),
-    /// bf16 with a 12-bit coded copy ([`CodedBf16`]) that decode reads, decoded exactly.
+    /// bf16 coded in 12 bits ([`CodedBf16`]), decoded exactly.
     Coded(CodedMatrix<'a>),
 }
 
@@ -259,7 +260,7 @@ impl<'a> Packed<'a> {
             Packed::Bf16(bits) => bits.len(),
             Packed::Fp8(m) => m.bytes.len(),
             Packed::F32(values) => values.len(),
-            Packed::Coded(m) => m.bits().len(),
+            Packed::Coded(m) => m.elements(),
         }
     }
 
@@ -283,12 +284,12 @@ impl<'a> Packed<'a> {
         let mut out = vec![0f32; self.elements()];
         out.par_chunks_mut(in_dim.max(1))
             .enumerate()
-            .for_each(|(r, out)| self.widen_row(r, out));
+            .for_each(|(r, out)| self.widen_row(Isa::selected(), r, out));
         out
     }
 
-    /// Row `r`, widened into `out` (`in_dim` long).
-    fn widen_row(self, r: usize, out: &mut [f32]) {
+    /// Row `r`, widened into `out` (`in_dim` long) with `isa`'s kernels.
+    fn widen_row(self, isa: Isa, r: usize, out: &mut [f32]) {
         fn widen_into(row: impl Row, out: &mut [f32]) {
             for (i, out) in out.iter_mut().enumerate() {
                 *out = row.at(i);
@@ -308,7 +309,15 @@ impl<'a> Packed<'a> {
                 }
             }
             Packed::F32(m) => widen_into(m.row(r, out.len()), out),
-            Packed::Coded(m) => widen_into(m.bits().row(r, out.len()), out),
+            Packed::Coded(m) => {
+                let row = m.row(r, out.len());
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512Vbmi {
+                    // SAFETY: callers pick kernels this CPU runs.
+                    return unsafe { x86::decode_row_avx512_vbmi(row, out) };
+                }
+                widen_into(row, out)
+            }
         }
     }
 }
@@ -316,6 +325,9 @@ impl<'a> Packed<'a> {
 /// A matrix the kernels read row by row.
 trait Matrix: Copy + Send + Sync {
     type Row: Row;
+    /// Whether rows widen a whole block of 64 at a time (coded rows): the kernels then step
+    /// 64 elements at a time whatever their shape.
+    const WIDENS_IN_PAIRS: bool = false;
     /// Row `r` of `in_dim` elements (bounds-checked).
     fn row(self, r: usize, in_dim: usize) -> Self::Row;
 }
@@ -600,16 +612,36 @@ fn products_on(isa: Isa, mut jobs: Vec<Product<'_>>) {
             Packed::Bf16(m) => rows_times_inputs(isa, m, inputs, out),
             Packed::Fp8(m) => fp8_rows_times_inputs(isa, m, inputs, out),
             Packed::F32(m) => rows_times_inputs(isa, m, inputs, out),
-            // Coded rows for decode's few inputs, which read more than they multiply.
-            Packed::Coded(m) if inputs.len() <= MEMORY_BOUND_INPUTS => {
-                rows_times_inputs(isa, m, inputs, out)
+            #[cfg(target_arch = "x86_64")]
+            Packed::Coded(m) if isa == Isa::Avx512Vbmi && inputs.len() >= DECODED_ONCE_INPUTS => {
+                decoded_rows_times_inputs(m, inputs, out)
             }
-            Packed::Coded(m) => rows_times_inputs(isa, m.bits(), inputs, out),
+            Packed::Coded(m) => rows_times_inputs(isa, m, inputs, out),
         });
 }
 
-/// Inputs up to which a product reads its weights faster than it multiplies them.
-const MEMORY_BOUND_INPUTS: usize = 4;
+/// Inputs from which a coded product decodes its task's rows once, to bf16, rather than once
+/// per group of inputs.
+const DECODED_ONCE_INPUTS: usize = 32;
+
+/// Coded rows times many inputs: the task's rows decoded once into bf16 bits (in L2), then
+/// multiplied as bf16 rows, the same bits.
+#[cfg(target_arch = "x86_64")]
+fn decoded_rows_times_inputs(m: CodedMatrix<'_>, inputs: &[&[f32]], out: &mut [f32]) {
+    thread_local! {
+        // Each pool thread's buffer, kept: a fresh one per task would fault its pages in anew.
+        static DECODED: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let in_dim = inputs[0].len();
+    DECODED.with_borrow_mut(|decoded| {
+        decoded.resize(out.len() / inputs.len() * in_dim, 0);
+        for (r, row) in decoded.chunks_exact_mut(in_dim).enumerate() {
+            // SAFETY: `products_on` checked that the CPU has the VBMI kernels' features.
+            unsafe { x86::decode_row_avx512_vbmi(m.row(r, in_dim), row) };
+        }
+        rows_times_inputs(Isa::Avx512Vbmi, decoded.as_slice(), inputs, out)
+    })
+}
 
 /// A product's inputs copied so that each starts a 64-byte cache line: a vector load that
 /// straddles two lines costs two, and activations come at any 4-byte offset (aligning them
@@ -735,7 +767,10 @@ fn rows_times_inputs<M: Matrix>(isa: Isa, rows: M, inputs: &[&[f32]], out: &mut 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{DOT_LANES, LANES, MEMORY_BOUND_INPUTS, Matrix, Row, add_tail};
+    use super::{DOT_LANES, LANES, Matrix, Row, add_tail};
+
+    /// Inputs up to which a product reads its weights faster than it multiplies them.
+    const MEMORY_BOUND_INPUTS: usize = 4;
 
     /// AVX-512F: 2 rows × 4 inputs × 2 registers = 16 of the 32 registers accumulate. With
     /// few inputs the weights' reading bounds the product, so rows go one at a time: each
@@ -751,7 +786,8 @@ mod x86 {
     }
 
     /// `rows_times_inputs_avx512` with FP8 bytes widened through a byte table where rows go
-    /// one at a time (few inputs: the widening, not the FMAs, bounds FP8 decode on a core).
+    /// one at a time (few inputs: the widening, not the FMAs, bounds FP8 decode on a core),
+    /// and coded rows, which only these kernels decode in registers, at any count.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c")]
     pub(super) fn rows_times_inputs_avx512_vbmi<M: Matrix>(
         rows: M,
@@ -760,8 +796,73 @@ mod x86 {
     ) {
         if inputs.len() <= MEMORY_BOUND_INPUTS {
             rows_times_inputs::<Zmm2<true>, M, 1, 4>(rows, inputs, out)
+        } else if M::WIDENS_IN_PAIRS {
+            rows_times_inputs::<Zmm2<true>, M, 2, 4>(rows, inputs, out)
         } else {
             rows_times_inputs_avx512(rows, inputs, out)
+        }
+    }
+
+    /// Rows ahead that `decode_row_avx512_vbmi` prefetches: it reads from memory with no
+    /// arithmetic to hide behind (decoding a task's rows to bf16 ran 16 inputs at 0.64 of the
+    /// bf16 kernel's rate without, 0.75 with).
+    const PREFETCH_ROWS: usize = 8;
+
+    /// Where decoded weights go: f32 (a GEMM panel) or their bf16 bits.
+    pub(super) trait Decoded: Copy {
+        /// 16 lanes stored at `at`.
+        unsafe fn put(lanes: __m512, at: *mut Self);
+        fn from_f32(value: f32) -> Self;
+    }
+
+    impl Decoded for f32 {
+        #[inline(always)]
+        unsafe fn put(lanes: __m512, at: *mut Self) {
+            unsafe { _mm512_storeu_ps(at, lanes) }
+        }
+        fn from_f32(value: f32) -> Self {
+            value
+        }
+    }
+
+    impl Decoded for u16 {
+        #[inline(always)]
+        unsafe fn put(lanes: __m512, at: *mut Self) {
+            unsafe {
+                let high_halves = _mm512_srli_epi32::<16>(_mm512_castps_si512(lanes));
+                _mm256_storeu_si256(at.cast(), _mm512_cvtepi32_epi16(high_halves));
+            }
+        }
+        fn from_f32(value: f32) -> Self {
+            (value.to_bits() >> 16) as u16
+        }
+    }
+
+    /// `row` decoded into `out` (as long as the row), 64 weights at a time through the byte
+    /// table's decoders.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c")]
+    pub(super) fn decode_row_avx512_vbmi<R: Row, D: Decoded>(row: R, out: &mut [D]) {
+        let whole = out.len() / (2 * LANES) * (2 * LANES);
+        let ahead = PREFETCH_ROWS * out.len();
+        for (i, out) in (0..whole)
+            .step_by(2 * LANES)
+            .zip(out.chunks_exact_mut(2 * LANES))
+        {
+            // SAFETY: i + 64 ≤ whole ≤ the row's length, and `out` holds the 64 stores.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T1>(row.ahead(i, ahead));
+                _mm_prefetch::<_MM_HINT_T1>(row.ahead(i + LANES, ahead));
+                let pair = row.lanes_pair::<Zmm2<true>>(i);
+                // Loops, not iterator adapters: their closures would not take the features.
+                for (half, lanes) in pair.iter().enumerate() {
+                    for (k, &lanes) in lanes.0.iter().enumerate() {
+                        D::put(lanes, out.as_mut_ptr().add(LANES * half + 16 * k));
+                    }
+                }
+            }
+        }
+        for (i, out) in out.iter_mut().enumerate().skip(whole) {
+            *out = D::from_f32(row.at(i));
         }
     }
 
@@ -1163,6 +1264,28 @@ mod x86 {
                 }
                 i += 2 * LANES;
             }
+        } else if M::WIDENS_IN_PAIRS {
+            // Each row's pair widened once, then each input register loaded once for all the
+            // rows, a half at a time.
+            while i + 2 * LANES <= whole {
+                let mut pairs = [[unsafe { L::zero() }; 2]; R];
+                for (pair, row) in pairs.iter_mut().zip(rows) {
+                    *pair = unsafe {
+                        _mm_prefetch::<_MM_HINT_T1>(row.ahead(i, prefetch_ahead));
+                        _mm_prefetch::<_MM_HINT_T1>(row.ahead(i + LANES, prefetch_ahead));
+                        row.lanes_pair::<L>(i)
+                    };
+                }
+                for half in 0..2 {
+                    for (t, input) in inputs.iter().enumerate() {
+                        let x = unsafe { L::load(input.as_ptr().add(i + half * LANES)) };
+                        for (acc, pair) in acc.iter_mut().zip(&pairs) {
+                            unsafe { acc[t].fma(pair[half], x) };
+                        }
+                    }
+                }
+                i += 2 * LANES;
+            }
         }
         for i in (i..whole).step_by(LANES) {
             // Each input loaded once for all the rows (folded into each row's FMAs, the
@@ -1229,7 +1352,7 @@ pub fn matmul_panels(
             let rows = PANEL_ROWS.min(out_dim - first);
             panel.resize(rows * in_dim, 0.0);
             for (r, row) in panel.chunks_exact_mut(in_dim).enumerate() {
-                weight.widen_row(first + r, row);
+                weight.widen_row(Isa::selected(), first + r, row);
             }
             // SAFETY: panel p writes only columns first..first + rows of y ([tokens, out_dim]
             // row-major), disjoint from every other panel's, and y outlives the loop. The strides
@@ -1694,22 +1817,33 @@ mod tests {
 
     #[test]
     fn coded_bf16_gives_the_bf16_bits_on_every_path() {
-        // 1 to 4 inputs take the coded rows, 5 to 9 the bf16; 83 rows leave a short last
-        // task; row 5 spans too many binades and stays bf16.
+        // 1 to 9 inputs cover the memory-bound and the blocked kernels, 32 and 33 the rows
+        // decoded once; 83 rows leave a short last task; row 5 spans too many binades and
+        // stays bf16.
         let (rows, in_dim) = (83, 192);
         let mut bf16 = weights(rows * in_dim);
         bf16[5 * in_dim + 3] = half::bf16::from_f32(3e9).to_bits();
         let coded = CodedBf16::encode(&bf16, in_dim).unwrap();
         assert_eq!(coded.bytes(), 82 * (in_dim * 3 / 2 + 32) + 2 * in_dim);
-        let coded = coded.view(&bf16);
-        let x = activations(9 * in_dim);
-        for n in 1..=9 {
+        let coded = coded.view();
+        let x = activations(33 * in_dim);
+        for n in (1..=9).chain([32, 33]) {
             let bf16_bits = product_bits(Isa::Baseline, Packed::Bf16(&bf16), &x, n, rows);
             for isa in Isa::available() {
                 let bits = product_bits(isa, coded, &x, n, rows);
                 assert_eq!(bits, bf16_bits, "{isa:?}, {n} inputs");
             }
         }
+        // A prompt's GEMM panels widen the coded rows to the bf16's f32.
+        let as_bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(
+            as_bits(coded.widen(in_dim)),
+            as_bits(Packed::Bf16(&bf16).widen(in_dim))
+        );
+        assert_eq!(
+            as_bits(matmul_panels(&x, 33, coded, rows, in_dim)),
+            as_bits(matmul_panels(&x, 33, Packed::Bf16(&bf16), rows, in_dim))
+        );
     }
 
     /// `weight` (`rows` of them) times the first `n` inputs of `x` on `isa`, as bits.

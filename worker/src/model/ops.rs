@@ -33,11 +33,9 @@ enum Storage {
 enum PackedWeights {
     Bf16(Bf16Weights),
     Fp8(Fp8Weights),
-    /// bf16 with a coded copy for decode (`--cpu-decode-weights coded`).
-    Coded {
-        coded: kernels::CodedBf16,
-        stored: Bf16Weights,
-    },
+    /// bf16 coded in 12 bits (`--cpu-decode-weights coded`), the checkpoint's pages given
+    /// back.
+    Coded(kernels::CodedBf16),
 }
 
 /// Up to this many tokens the blocked kernel is as fast as widening the weight for a GEMM or
@@ -61,7 +59,10 @@ impl Linear {
                     .then(|| kernels::CodedBf16::encode(stored.bits(), in_dim))
                     .flatten();
                 packed(match coded {
-                    Some(coded) => PackedWeights::Coded { coded, stored },
+                    Some(coded) => {
+                        stored.release();
+                        PackedWeights::Coded(coded)
+                    }
                     None => PackedWeights::Bf16(stored),
                 })
             }
@@ -153,7 +154,7 @@ impl PackedWeights {
     fn view(&self, in_dim: usize) -> kernels::Packed<'_> {
         match self {
             PackedWeights::Bf16(w) => kernels::Packed::Bf16(w.bits()),
-            PackedWeights::Coded { coded, stored } => coded.view(stored.bits()),
+            PackedWeights::Coded(coded) => coded.view(),
             PackedWeights::Fp8(w) => {
                 kernels::Packed::fp8(w.bytes(), w.block_scales(), w.block(), in_dim)
             }

@@ -63,6 +63,20 @@ impl Bf16Weights {
         }
     }
 
+    /// Gives the tensor's pages back once nothing reads them (its weights were copied into
+    /// another form): a mapped tensor's leave this process's resident memory, the file's
+    /// page cache keeps them while the kernel finds room.
+    pub fn release(self) {
+        #[cfg(target_os = "linux")]
+        if let Bf16Storage::Mapped { map, start, len } = &self.0 {
+            // SAFETY: the mapping is shared and read-only, so dropped pages read back from
+            // the file unchanged if anything (a tensor sharing a page) touches them again.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, 2 * len)
+            };
+        }
+    }
+
     pub(super) fn mapped(map: &Arc<Mmap>, start: usize, end: usize) -> Self {
         let bytes = &map[start..end];
         if cfg!(target_endian = "little") && bytes.as_ptr().align_offset(2) == 0 {

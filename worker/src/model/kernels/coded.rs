@@ -111,12 +111,9 @@ impl CodedBf16 {
         })
     }
 
-    /// The kernels' view of the matrix, with `bits`, the bf16 it was coded from, for products
-    /// of many inputs (which multiply more than they read) and prompts' GEMM panels.
-    pub fn view<'a>(&'a self, bits: &'a [u16]) -> Packed<'a> {
-        assert_eq!(bits.len(), self.places.len() * self.in_dim);
+    /// The kernels' view of the matrix.
+    pub fn view(&self) -> Packed<'_> {
         Packed::Coded(CodedMatrix {
-            bits,
             sign_mantissa: &self.sign_mantissa,
             codes: &self.codes,
             tables: &self.tables,
@@ -223,10 +220,9 @@ pub(super) unsafe fn decoded_pair<L: super::x86::Lanes>(
     }
 }
 
-/// `CodedBf16` as the kernels read it, with the bf16 it was coded from; tasks take rows of it.
+/// `CodedBf16` as the kernels read it; tasks take rows of it.
 #[derive(Clone, Copy)]
 pub struct CodedMatrix<'a> {
-    bits: &'a [u16],
     sign_mantissa: &'a [u8],
     codes: &'a [u8],
     tables: &'a [CodeTable],
@@ -236,14 +232,12 @@ pub struct CodedMatrix<'a> {
 }
 
 impl<'a> CodedMatrix<'a> {
-    /// The bf16 the matrix was coded from.
-    pub(super) fn bits(self) -> &'a [u16] {
-        self.bits
+    pub(super) fn elements(self) -> usize {
+        self.places.len() * self.in_dim
     }
 
     pub(super) fn rows(self, range: std::ops::Range<usize>) -> Self {
         CodedMatrix {
-            bits: &self.bits[range.start * self.in_dim..range.end * self.in_dim],
             places: &self.places[range],
             ..self
         }
@@ -263,6 +257,7 @@ pub(super) enum CodedRow<'a> {
 
 impl<'a> Matrix for CodedMatrix<'a> {
     type Row = CodedRow<'a>;
+    const WIDENS_IN_PAIRS: bool = true;
 
     #[inline(always)]
     fn row(self, r: usize, in_dim: usize) -> Self::Row {
@@ -375,7 +370,7 @@ mod tests {
             [Place::Coded(0), Place::Raw(0), Place::Coded(1)]
         );
         assert_eq!(coded.bytes(), 2 * (in_dim * 3 / 2 + 32) + 2 * in_dim);
-        let Packed::Coded(m) = coded.view(&bits) else {
+        let Packed::Coded(m) = coded.view() else {
             unreachable!()
         };
         for (r, row) in bits.chunks_exact(in_dim).enumerate() {
