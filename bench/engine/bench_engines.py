@@ -27,9 +27,12 @@ their summed time.
                 .tools/bench-model/bench-small-fp8, make_bench_model.py --fp8): not in the default
                 --engines; name it (--engines ours,ours-fp8). When both ran, ratios["ours-fp8/ours"]
                 gives its prefill, decode and peak-RSS ratios to ours.
-  ours-coded    ours with --cpu-decode-weights coded (a lossless 12-bit copy of the bf16
-                weights that decode reads; needs AVX-512 VBMI): not in the default --engines;
+  ours-coded    ours with --cpu-decode-weights coded (the bf16 weights recoded at load in a
+                lossless 12 bits a weight; needs AVX-512 VBMI): not in the default --engines;
                 ratios as ours', and against ours and ours-fp8.
+  ours-fp8-coded  ours-fp8 with --cpu-decode-weights coded (the FP8 checkpoint's bf16 tensors,
+                lm_head among them, coded): not in the default --engines; ratios against ours
+                and ours-coded.
 
 Also: this machine's memory read bandwidth (numpy float32 sum over 1 GiB, one thread, and
 torch.sum over the same array with `threads` threads; median of 7 passes each; the larger is used) and the decode bound
@@ -493,7 +496,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="llamacpp,transformers,ours",
-                    help="any of llamacpp, transformers, ours, ours-coded, ours-fp8 (comma-separated)")
+                    help="any of llamacpp, transformers, ours, ours-coded, ours-fp8, ours-fp8-coded "
+                         "(comma-separated)")
     ap.add_argument("--gguf-types", default="f16,bf16,f32", help="GGUF files bench-small-<type>.gguf in --model")
     ap.add_argument("--hf-dtypes", default="float32,bfloat16")
     ap.add_argument("--hf-experts", default="default", help="transformers experts_implementation")
@@ -592,7 +596,8 @@ def main() -> None:
             results["engines"][f"llamacpp-{gt}"] = r
     coded = ("--cpu-decode-weights", "coded")
     for name, model_dir, extra in (("ours", args.model, ()), ("ours-coded", args.model, coded),
-                                   ("ours-fp8", args.fp8_model, ())):
+                                   ("ours-fp8", args.fp8_model, ()),
+                                   ("ours-fp8-coded", args.fp8_model, coded)):
         if name not in engines:
             continue
         results["engines"][name] = run_ours(args, prompt, os.path.join(ldir, f"{name}.npy"), model_dir, name, extra)
@@ -627,6 +632,11 @@ def main() -> None:
         fp8r["agreement_vs_ours"] = agreement(oursr["tokens"], fp8r["tokens"], 8)
         if "ours-fp8" in logits and "ours" in logits:
             fp8r["last_prompt_logits_max_abs_diff_vs_ours"] = float(np.abs(logits["ours-fp8"] - logits["ours"]).max())
+    # a coded run reads the same weights as its stored twin: the same logits, bit for bit
+    for coded_name, twin in (("ours-coded", "ours"), ("ours-fp8-coded", "ours-fp8")):
+        if coded_name in logits and twin in logits:
+            results["engines"][coded_name]["same_logits_as_" + twin] = bool(
+                np.array_equal(logits[coded_name], logits[twin]))
 
     # ratios
     def ratio(a: dict, b: dict) -> dict:
@@ -642,7 +652,8 @@ def main() -> None:
         for name, r in measured.items():
             if ours in measured and not name.startswith("ours"):
                 ratios[f"{ours}/{name}"] = ratio(measured[ours], r)
-    for a, b in (("ours-coded", "ours"), ("ours-fp8", "ours"), ("ours-fp8", "ours-coded")):
+    for a, b in (("ours-coded", "ours"), ("ours-fp8", "ours"), ("ours-fp8", "ours-coded"),
+                 ("ours-fp8-coded", "ours"), ("ours-fp8-coded", "ours-coded")):
         if a in measured and b in measured:
             ratios[f"{a}/{b}"] = ratio(measured[a], measured[b])
     results["ratios"] = ratios
@@ -667,7 +678,7 @@ def main() -> None:
             lines.append(f"| {name} | | {r.get('skipped') or r.get('error')} | | | | | | | |")
             continue
         wt = ("f32" if name.endswith(("float32", "-f32")) else
-              "f16" if name.endswith("-f16") else "fp8" if name.endswith("-fp8") else "bf16")
+              "f16" if name.endswith("-f16") else "fp8" if "fp8" in name else "bf16")
         b = bound.get(wt if wt in ("f32", "fp8") else "bf16")
         ag = r.get("agreement_vs_" + ref_name, {})
         ld = r.get("last_prompt_logits_max_abs_diff_vs_" + ref_name)
