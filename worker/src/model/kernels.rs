@@ -1246,27 +1246,10 @@ mod x86 {
         // in_dim long: i + 32 ≤ whole ≤ in_dim.
         let mut acc = [[unsafe { L::zero() }; T]; R];
         let mut i = 0;
-        if R == 1 {
-            // One row: its weights widen 64 at a time (FP8 through a byte table, where the
-            // kernel has one), each half multiplied as below.
-            let row = rows[0];
-            while i + 2 * LANES <= whole {
-                let pair = unsafe {
-                    _mm_prefetch::<_MM_HINT_T1>(row.ahead(i, prefetch_ahead));
-                    _mm_prefetch::<_MM_HINT_T1>(row.ahead(i + LANES, prefetch_ahead));
-                    row.lanes_pair::<L>(i)
-                };
-                for (half, w) in pair.into_iter().enumerate() {
-                    for (acc, input) in acc[0].iter_mut().zip(inputs) {
-                        let x = unsafe { L::load(input.as_ptr().add(i + half * LANES)) };
-                        unsafe { acc.fma(w, x) };
-                    }
-                }
-                i += 2 * LANES;
-            }
-        } else if M::WIDENS_IN_PAIRS {
-            // Each row's pair widened once, then each input register loaded once for all the
-            // rows, a half at a time.
+        if R == 1 || M::WIDENS_IN_PAIRS {
+            // Weights widened 64 at a time (one row, or coded rows, which decode whole
+            // blocks; FP8 through a byte table, where the kernel has one): each row's pair
+            // once, then each input register loaded once for all the rows, a half at a time.
             while i + 2 * LANES <= whole {
                 let mut pairs = [[unsafe { L::zero() }; 2]; R];
                 for (pair, row) in pairs.iter_mut().zip(rows) {
